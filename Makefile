@@ -1,0 +1,49 @@
+# make bench | make test | make build | make lint | make gpu-check OUT=dir
+# Every target sets up what it needs: a .venv with the requirements, then the in-place build.
+
+PYTHON3 ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPS := $(VENV)/.deps-installed
+EXT_SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
+EXT_STAMP := rnn_fused/.built
+
+.PHONY: build test bench lint format gpu-check clean
+
+$(PY):
+	$(PYTHON3) -m venv $(VENV)
+
+$(DEPS): requirements.txt | $(PY)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+$(EXT_STAMP): $(DEPS) $(EXT_SOURCES)
+	$(PY) setup.py build_ext --inplace
+	touch $@
+
+build: $(EXT_STAMP)
+
+test: build
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) benchmarks/bench.py
+
+lint: $(DEPS)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(VENV)/bin/clang-format --dry-run -Werror $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
+
+format: $(DEPS)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+	$(VENV)/bin/clang-format -i $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
+
+# On a GPU machine with python3, torch and nvcc but no network: build in place with the
+# machine's own python3, run the CUDA tests and the benchmark, write results into OUT.
+gpu-check:
+	bash benchmarks/gpu_check.sh $(OUT)
+
+clean:
+	rm -rf build rnn_fused/_C*.so $(EXT_STAMP)

@@ -1,0 +1,91 @@
+"""The oracle: a plain PyTorch time loop for every cell, written straight from torch.nn's
+equations with no fusion and no shared code with the kernels. Slow, obviously right, and
+differentiable by autograd, so that every test can compare values and gradients with it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    y = x @ w.t()
+    return y if b is None else y + b
+
+
+def cell_step(
+    mode: str,
+    x: Tensor,
+    h: Tensor,
+    c: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    w_hr: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """One step of one cell: returns (h_t, c_t); c_t is None except for LSTM."""
+    gi = _linear(x, w_ih, b_ih)
+    gh = _linear(h, w_hh, b_hh)
+    if mode == "LSTM":
+        i, f, g, o = (gi + gh).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return (h if w_hr is None else h @ w_hr.t()), c
+    if mode == "GRU":
+        i_r, i_z, i_n = gi.chunk(3, dim=-1)
+        h_r, h_z, h_n = gh.chunk(3, dim=-1)
+        r = torch.sigmoid(i_r + h_r)
+        z = torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        return (1 - z) * n + z * h, None
+    if mode == "RNN_TANH":
+        return torch.tanh(gi + gh), None
+    if mode == "RNN_RELU":
+        return torch.relu(gi + gh), None
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def rnn_layer(
+    mode: str,
+    input: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    hx: Tensor | None = None,
+    cx: Tensor | None = None,
+    *,
+    w_hr: Tensor | None = None,
+    batch_sizes: Tensor | None = None,
+    reverse: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Same contract as rnn_fused.ops.rnn_layer, computed step by step."""
+    hidden = w_hh.shape[0] // {"LSTM": 4, "GRU": 3}.get(mode, 1)
+    out_size = w_hr.shape[0] if w_hr is not None else hidden
+    if batch_sizes is None:
+        steps = list(input.unbind(0))
+        sizes = [input.shape[1]] * input.shape[0]
+    else:
+        sizes = [int(s) for s in batch_sizes]
+        steps = list(input.split(sizes, dim=0))
+    batch = sizes[0]
+    h = hx if hx is not None else input.new_zeros(batch, out_size)
+    c = None
+    if mode == "LSTM":
+        c = cx if cx is not None else input.new_zeros(batch, hidden)
+    outputs: list[Tensor] = [input.new_empty(0)] * len(steps)
+    order = range(len(steps) - 1, -1, -1) if reverse else range(len(steps))
+    for t in order:
+        n = sizes[t]
+        # Sequences shorter than the batch are the last rows: only the first n step now.
+        h_t, c_t = cell_step(
+            mode, steps[t], h[:n], None if c is None else c[:n], w_ih, w_hh, b_ih, b_hh, w_hr
+        )
+        outputs[t] = h_t
+        h = torch.cat([h_t, h[n:]], dim=0)
+        if c is not None:
+            c = torch.cat([c_t, c[n:]], dim=0)
+    output = torch.stack(outputs) if batch_sizes is None else torch.cat(outputs, dim=0)
+    return output, h, c

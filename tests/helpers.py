@@ -1,0 +1,72 @@
+"""Random layers and inputs for the tests: fresh random values, odd sizes, never zeros."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rnn_fused.ops import GATES, MODES
+
+CELLS = MODES
+
+
+@dataclass
+class Layer:
+    mode: str
+    w_ih: Tensor
+    w_hh: Tensor
+    b_ih: Tensor | None
+    b_hh: Tensor | None
+    w_hr: Tensor | None = None
+
+    def tensors(self) -> list[Tensor]:
+        return [t for t in (self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.w_hr) if t is not None]
+
+
+def rand(*shape: int, dtype: torch.dtype, device: str = "cpu", scale: float = 0.5) -> Tensor:
+    return (torch.randn(*shape, dtype=dtype, device=device) * scale).requires_grad_()
+
+
+def make_layer(
+    mode: str,
+    input_size: int,
+    hidden: int,
+    *,
+    bias: bool = True,
+    proj: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: str = "cpu",
+) -> Layer:
+    gh = GATES[mode] * hidden
+    out = proj or hidden
+    return Layer(
+        mode,
+        rand(gh, input_size, dtype=dtype, device=device),
+        rand(gh, out, dtype=dtype, device=device),
+        rand(gh, dtype=dtype, device=device) if bias else None,
+        rand(gh, dtype=dtype, device=device) if bias else None,
+        rand(proj, hidden, dtype=dtype, device=device) if proj else None,
+    )
+
+
+def make_states(
+    layer: Layer, batch: int, *, dtype: torch.dtype, device: str = "cpu"
+) -> tuple[Tensor, Tensor | None]:
+    hidden = layer.w_ih.shape[0] // GATES[layer.mode]
+    out = layer.w_hr.shape[0] if layer.w_hr is not None else hidden
+    h0 = rand(batch, out, dtype=dtype, device=device)
+    c0 = rand(batch, hidden, dtype=dtype, device=device) if layer.mode == "LSTM" else None
+    return h0, c0
+
+
+def weighted_sum(outputs: tuple[Tensor | None, ...], weights: list[Tensor]) -> Tensor:
+    """A scalar loss that gives every output element its own random gradient."""
+    return sum((o * w).sum() for o, w in zip(outputs, weights) if o is not None)
+
+
+def seed(*key: object) -> None:
+    """Seeds torch from a test's parameters: fresh values per case, same values per run."""
+    torch.manual_seed(zlib.crc32(repr(key).encode()))

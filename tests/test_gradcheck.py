@@ -1,0 +1,63 @@
+"""gradcheck in float64 of the forward operator: every cell, bias on/off, h0 given or not,
+both directions, at small odd sizes; plus packed input and the LSTM projection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import CELLS, make_layer, make_states, rand, seed
+from tolerances import GRADCHECK
+
+from rnn_fused.ops import rnn_layer
+
+SHAPES = [(5, 3, 7, 6), (1, 1, 2, 3)]  # (T, B, I, H)
+
+
+def _check(mode, x, layer, h0, c0, **kw):
+    def fn(x, *params):
+        it = iter(params)
+        w_ih, w_hh = next(it), next(it)
+        b_ih, b_hh = (next(it), next(it)) if layer.b_ih is not None else (None, None)
+        w_hr = next(it) if layer.w_hr is not None else None
+        h = next(it) if h0 is not None else None
+        c = next(it) if c0 is not None else None
+        out = rnn_layer(mode, x, w_ih, w_hh, b_ih, b_hh, h, c, w_hr=w_hr, **kw)
+        return tuple(o for o in out if o is not None)
+
+    inputs = [x, *layer.tensors(), *(t for t in (h0, c0) if t is not None)]
+    assert torch.autograd.gradcheck(fn, inputs, **GRADCHECK)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("with_h0", [True, False], ids=["h0", "noh0"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("mode", CELLS)
+def test_gradcheck(mode, bias, with_h0, reverse, shape):
+    seed(mode, bias, with_h0, reverse, shape)
+    T, B, I, H = shape
+    dt = torch.float64
+    layer = make_layer(mode, I, H, bias=bias, dtype=dt)
+    h0, c0 = make_states(layer, B, dtype=dt) if with_h0 else (None, None)
+    _check(mode, rand(T, B, I, dtype=dt), layer, h0, c0, reverse=reverse)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("mode", CELLS)
+def test_gradcheck_packed(mode, reverse):
+    torch.manual_seed(7)
+    dt = torch.float64
+    batch_sizes = torch.tensor([3, 3, 2, 1])
+    layer = make_layer(mode, 4, 5, dtype=dt)
+    h0, c0 = make_states(layer, 3, dtype=dt)
+    x = rand(int(batch_sizes.sum()), 4, dtype=dt)
+    _check(mode, x, layer, h0, c0, batch_sizes=batch_sizes, reverse=reverse)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_gradcheck_lstm_projection(reverse):
+    torch.manual_seed(11)
+    dt = torch.float64
+    layer = make_layer("LSTM", 4, 5, proj=3, dtype=dt)
+    h0, c0 = make_states(layer, 2, dtype=dt)
+    _check("LSTM", rand(4, 2, 4, dtype=dt), layer, h0, c0, reverse=reverse)

@@ -1,0 +1,121 @@
+"""Values and every gradient against reference.py and against torch.nn with the same
+weights, in float64 and float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import CELLS, make_layer, make_states, rand, seed, weighted_sum
+from tolerances import assert_close
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from rnn_fused import reference
+from rnn_fused.ops import rnn_layer
+
+DTYPES = [torch.float64, torch.float32]
+
+
+def _outputs_and_grads(fn, x, layer, h0, c0, weights, **kw):
+    out = fn(layer.mode, x, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh, h0, c0, w_hr=layer.w_hr, **kw)
+    inputs = [x, *layer.tensors(), *(t for t in (h0, c0) if t is not None)]
+    grads = torch.autograd.grad(weighted_sum(out, weights), inputs)
+    return [o for o in out if o is not None], grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(T=7, B=3, I=5, H=33),
+        dict(T=7, B=3, I=5, H=33, reverse=True),
+        dict(T=4, B=2, I=3, H=17, bias=False, h0=False),
+        dict(T=6, B=5, I=4, H=9, packed=[6, 4, 4, 2, 1]),
+        dict(T=6, B=4, I=4, H=9, packed=[6, 5, 3, 1], reverse=True),
+    ],
+    ids=["H33", "H33-rev", "nobias-noh0", "packed", "packed-rev"],
+)
+@pytest.mark.parametrize("mode", CELLS)
+def test_matches_reference(mode, case, dtype):
+    seed(mode, case, dtype)
+    T, B, I, H = case["T"], case["B"], case["I"], case["H"]
+    layer = make_layer(mode, I, H, bias=case.get("bias", True), dtype=dtype)
+    h0, c0 = make_states(layer, B, dtype=dtype) if case.get("h0", True) else (None, None)
+    kw = dict(reverse=case.get("reverse", False))
+    if "packed" in case:
+        lengths = torch.tensor(case["packed"])
+        kw["batch_sizes"] = torch.tensor([(lengths > t).sum().item() for t in range(T)])
+        x = rand(int(lengths.sum()), I, dtype=dtype)
+    else:
+        x = rand(T, B, I, dtype=dtype)
+    out_ref = reference.rnn_layer(
+        mode, x, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh, h0, c0, **kw
+    )
+    weights = [torch.randn_like(o) for o in out_ref if o is not None]
+    ours, ours_g = _outputs_and_grads(rnn_layer, x, layer, h0, c0, weights, **kw)
+    ref, ref_g = _outputs_and_grads(reference.rnn_layer, x, layer, h0, c0, weights, **kw)
+    names = ["output", "h_n", "c_n"]
+    for name, a, b in zip(names, ours, ref):
+        assert_close(a, b, name)
+    for i, (a, b) in enumerate(zip(ours_g, ref_g)):
+        assert_close(a, b, f"grad {i}")
+
+
+def _torch_module(mode: str, I: int, H: int, bias: bool, proj: int, dtype) -> nn.Module:
+    kw = dict(bias=bias, bidirectional=True, dtype=dtype)
+    if mode == "LSTM":
+        return nn.LSTM(I, H, proj_size=proj, **kw)
+    if mode == "GRU":
+        return nn.GRU(I, H, **kw)
+    return nn.RNN(I, H, nonlinearity=mode[4:].lower(), **kw)
+
+
+def _ours_bidirectional(mode, module, x, h0, c0, batch_sizes=None):
+    outs, hs, cs = [], [], []
+    for d, suffix in enumerate(["", "_reverse"]):
+        p = {n: getattr(module, f"{n}_l0{suffix}", None) for n in ["weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"]}
+        out, h, c = rnn_layer(
+            mode, x, p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"], h0[d],
+            None if c0 is None else c0[d], w_hr=p["weight_hr"], batch_sizes=batch_sizes, reverse=d == 1,
+        )
+        outs.append(out)
+        hs.append(h)
+        cs.append(c)
+    result = [torch.cat(outs, -1), torch.stack(hs)]
+    return result + ([torch.stack(cs)] if c0 is not None else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("mode", [*CELLS, "LSTM-proj"])
+def test_matches_torch_nn(mode, bias, packed, dtype):
+    seed(mode, bias, packed, dtype)
+    proj = 4 if mode == "LSTM-proj" else 0
+    mode = mode.removesuffix("-proj")
+    T, B, I, H = 7, 3, 5, 11
+    module = _torch_module(mode, I, H, bias, proj, dtype)
+    out_size = proj or H
+    x = rand(T, B, I, dtype=dtype)
+    h0 = rand(2, B, out_size, dtype=dtype)
+    c0 = rand(2, B, H, dtype=dtype) if mode == "LSTM" else None
+    hx = (h0, c0) if c0 is not None else h0
+    if packed:
+        lengths = torch.tensor([7, 5, 2])
+        seq = pack_padded_sequence(x, lengths)
+        expected = module(seq, hx)
+        exp = [expected[0].data, *(expected[1] if c0 is not None else (expected[1],))]
+        ours = _ours_bidirectional(mode, module, seq.data, h0, c0, seq.batch_sizes)
+    else:
+        expected = module(x, hx)
+        exp = [expected[0], *(expected[1] if c0 is not None else (expected[1],))]
+        ours = _ours_bidirectional(mode, module, x, h0, c0)
+    for name, a, b in zip(["output", "h_n", "c_n"], ours, exp):
+        assert_close(a, b, name)
+    weights = [torch.randn_like(e) for e in exp]
+    inputs = [x, h0, *([c0] if c0 is not None else []), *module.parameters()]
+    # retain_graph: with packed input both sides share the packing's graph.
+    g_ours = torch.autograd.grad(weighted_sum(tuple(ours), weights), inputs, retain_graph=True)
+    g_exp = torch.autograd.grad(weighted_sum(tuple(exp), weights), inputs)
+    for i, (a, b) in enumerate(zip(g_ours, g_exp)):
+        assert_close(a, b, f"grad {i}")

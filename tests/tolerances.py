@@ -1,0 +1,30 @@
+"""The one table of tolerances, and the comparison every test uses.
+
+Errors are relative norms, ||actual - expected|| / ||expected||, against a reference computed
+in the same dtype (or in float64 where a test says so). DESIGN.md: fp32 < 1e-5.
+"""
+
+from __future__ import annotations
+
+import torch
+
+REL_TOL = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+}
+
+# gradcheck in float64 (torch.autograd.gradcheck's own defaults are eps=1e-6, atol=1e-5).
+GRADCHECK = {"eps": 1e-6, "atol": 1e-7, "rtol": 1e-5}
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    diff = (actual.double() - expected.double()).norm().item()
+    scale = expected.double().norm().item()
+    return diff / max(scale, 1e-30) if scale > 0 else diff
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    tol = REL_TOL[expected.dtype]
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e} ({expected.dtype})"
