@@ -14,7 +14,6 @@ $(PY):
 	$(PYTHON3) -m venv $(VENV)
 
 $(DEPS): requirements.txt | $(PY)
-	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -r requirements.txt
 	touch $@
 
