@@ -7,10 +7,10 @@ TORCH_LIBRARY(rnn_fused, m) {
   // batch_sizes [T] (then hx is required). Returns output ([T, B, H_out] or [N, H_out]),
   // h_n [B, H_out], c_n [B, H] (LSTM; an empty tensor otherwise), and two workspaces for
   // the backward: saved [N, k*H] (per-row gate values) and h_prev [N, H_out] (the state each
-  // row started from).
+  // row started from). With train false nothing is kept: both have 0 rows.
   m.def(
       "forward(str mode, Tensor input, Tensor? hx, Tensor? cx, Tensor w_ih, Tensor w_hh, "
-      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse) -> "
+      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, bool train) -> "
       "(Tensor output, Tensor h_n, Tensor c_n, Tensor saved, Tensor h_prev)");
   // Gradients of forward for every tensor input; grad_cx and grad_w_hr are empty tensors
   // when the forward had no cx / w_hr. A missing incoming gradient counts as zeros.

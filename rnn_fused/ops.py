@@ -36,7 +36,7 @@ def _sizes(mode: str, w_ih: Tensor, w_hr: Tensor | None) -> tuple[int, int]:
 
 @torch.library.register_fake("rnn_fused::forward")
 def _forward_fake(
-    mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse
+    mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     hidden, out_size = _sizes(mode, w_ih, w_hr)
     if batch_sizes is not None:
@@ -48,12 +48,13 @@ def _forward_fake(
         output = input.new_empty(input.shape[0], batch, out_size)
     c_n = input.new_empty(batch, hidden) if mode == "LSTM" else input.new_empty(0)
     saved_width = (SAVED_BLOCKS[mode] + (w_hr is not None)) * hidden
+    kept_rows = rows if train else 0
     return (
         output,
         input.new_empty(batch, out_size),
         c_n,
-        input.new_empty(rows, saved_width),
-        input.new_empty(rows, out_size),
+        input.new_empty(kept_rows, saved_width),
+        input.new_empty(kept_rows, out_size),
     )
 
 
@@ -89,7 +90,7 @@ def _backward_fake(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse = inputs
+    mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, _train = inputs
     _, _, _, saved, h_prev = output
     ctx.mode = mode
     ctx.reverse = reverse
@@ -129,6 +130,7 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_saved, _grad_h_prev):
         g_whr if has_proj else None,
         None,
         None,
+        None,
     )
 
 
@@ -165,7 +167,10 @@ def rnn_layer(
         (output, h_n, c_n): output [T, B, H_out] (or [N, H_out]), h_n [B, H_out], and c_n
         [B, H] for LSTM, else None.
     """
+    tensors = (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr)
+    # Keep what the backward needs only when autograd will ask for it.
+    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     output, h_n, c_n, _, _ = _ops.forward(
-        mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse
+        mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train
     )
     return output, h_n, (c_n if mode == "LSTM" else None)

@@ -31,7 +31,7 @@ def _forward_args(mode: str, case: str) -> tuple:
     if case == "no-optionals":
         h0, c0 = None, None
     return (mode, x, h0, c0, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh, layer.w_hr,
-            batch_sizes, case == "reverse")
+            batch_sizes, case == "reverse", True)
 
 
 @pytest.mark.parametrize(("mode", "case"), CASES)
@@ -46,7 +46,7 @@ def test_opcheck_backward(mode, case):
     args = _forward_args(mode, case)
     with torch.no_grad():
         out, h_n, c_n, saved, h_prev = torch.ops.rnn_fused.forward(*args)
-    mode, x, h0, _c0, w_ih, w_hh, _b_ih, _b_hh, w_hr, batch_sizes, reverse = args
+    mode, x, h0, _c0, w_ih, w_hh, _b_ih, _b_hh, w_hr, batch_sizes, reverse, _train = args
     grad_c_n = torch.randn_like(c_n) if mode == "LSTM" else None
     bwd_args = (mode, torch.randn_like(out), torch.randn_like(h_n), grad_c_n, x.detach(), h0,
                 w_ih.detach(), w_hh.detach(), w_hr, batch_sizes, reverse, saved, h_prev)

@@ -1,0 +1,113 @@
+// The fused pointwise passes of the CPU recurrence: one row of one step at a time, the
+// cell math of cell_math.h on SIMD vectors of hidden units and a scalar tail.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../cell_math.h"
+#include "vec_math.h"
+
+namespace rnn_fused::cpu {
+
+// A pointwise pass stays on one thread below this many elements: waking the other
+// threads costs more than the math.
+constexpr int64_t kParallelGrain = 16384;
+
+template <class F>
+void for_each_row(int64_t n, int64_t width, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(width, 1));
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) f(i);
+  });
+}
+
+// Pointers into one row of the forward's buffers.
+template <class T>
+struct ForwardRow {
+  const T* x;       // input-side pre-activations, without bias [gates*H]
+  const T* hh;      // hidden-side pre-activations, without bias [gates*H]
+  const T* b_ih;    // or nullptr
+  const T* b_hh;    // or nullptr
+  const T* h_prev;  // [H], read by cells with kUsesPrevH
+  T* c;             // cell state [H]: c_{t-1} in, c_t out (LSTM)
+  T* saved;         // [saved_blocks*H], or nullptr when nothing is kept for a backward
+  T* h;             // h_t out [H]
+  T* h_copy;        // a second destination of h_t, or nullptr
+};
+
+// The cell on units j .. j + lanes of one row; V is a SIMD vector or a scalar (the tail).
+template <class Cell, class V, class T>
+inline void forward_units(const ForwardRow<T>& r, int64_t H, int64_t j) {
+  using L = Lanes<V>;
+  V x[Cell::kGates], hh[Cell::kGates], saved[Cell::kSaved];
+  for (int k = 0; k < Cell::kGates; ++k) {
+    x[k] = L::load(r.x + k * H + j);
+    hh[k] = L::load(r.hh + k * H + j);
+    if (r.b_ih != nullptr) {
+      x[k] = x[k] + L::load(r.b_ih + k * H + j);
+      hh[k] = hh[k] + L::load(r.b_hh + k * H + j);
+    }
+  }
+  V h_prev(T(0)), c_prev(T(0)), h(T(0)), c(T(0));
+  if constexpr (Cell::kUsesPrevH) h_prev = L::load(r.h_prev + j);
+  if constexpr (Cell::kCellState) c_prev = L::load(r.c + j);
+  Cell::forward(x, hh, h_prev, c_prev, h, c, saved);
+  if (r.saved != nullptr)
+    for (int k = 0; k < Cell::kSaved; ++k) L::store(saved[k], r.saved + k * H + j);
+  if constexpr (Cell::kCellState) L::store(c, r.c + j);
+  L::store(h, r.h + j);
+  if (r.h_copy != nullptr) L::store(h, r.h_copy + j);
+}
+
+template <template <class> class CellT, class T>
+void forward_row(const ForwardRow<T>& r, int64_t H) {
+  using Vec = at::vec::Vectorized<T>;
+  int64_t j = 0;
+  for (; j + Vec::size() <= H; j += Vec::size()) forward_units<CellT<Vec>, Vec>(r, H, j);
+  for (; j < H; ++j) forward_units<CellT<T>, T>(r, H, j);
+}
+
+// Pointers into one row of the backward's buffers.
+template <class T>
+struct BackwardRow {
+  const T* dh;      // dL/dh_t: the sum of dh and dh_extra
+  const T* dh_extra;  // or nullptr
+  T* dc;            // dL/dc_t in, dL/dc_{t-1} out (LSTM)
+  const T* saved;
+  const T* h_prev;
+  T* dx;            // input-side pre-activation gradients out [gates*H]
+  T* dhh;           // hidden-side ones out (cells with kSplitGrads)
+  T* dh_prev;       // the part of dL/dh_{t-1} not through W_hh (cells with kUsesPrevH)
+};
+
+template <class Cell, class V, class T>
+inline void backward_units(const BackwardRow<T>& r, int64_t H, int64_t j) {
+  using L = Lanes<V>;
+  V saved[Cell::kSaved], dx[Cell::kGates], dhh[Cell::kGates];
+  for (int k = 0; k < Cell::kSaved; ++k) saved[k] = L::load(r.saved + k * H + j);
+  V dh = L::load(r.dh + j);
+  if (r.dh_extra != nullptr) dh = dh + L::load(r.dh_extra + j);
+  V h_prev(T(0)), dc(T(0)), dh_prev(T(0)), dc_prev(T(0));
+  if constexpr (Cell::kUsesPrevH) h_prev = L::load(r.h_prev + j);
+  if constexpr (Cell::kCellState) dc = L::load(r.dc + j);
+  Cell::backward(dh, dc, saved, h_prev, dx, dhh, dh_prev, dc_prev);
+  for (int k = 0; k < Cell::kGates; ++k) {
+    L::store(dx[k], r.dx + k * H + j);
+    if constexpr (Cell::kSplitGrads) L::store(dhh[k], r.dhh + k * H + j);
+  }
+  if constexpr (Cell::kCellState) L::store(dc_prev, r.dc + j);
+  if constexpr (Cell::kUsesPrevH) L::store(dh_prev, r.dh_prev + j);
+}
+
+template <template <class> class CellT, class T>
+void backward_row(const BackwardRow<T>& r, int64_t H) {
+  using Vec = at::vec::Vectorized<T>;
+  int64_t j = 0;
+  for (; j + Vec::size() <= H; j += Vec::size()) backward_units<CellT<Vec>, Vec>(r, H, j);
+  for (; j < H; ++j) backward_units<CellT<T>, T>(r, H, j);
+}
+
+}  // namespace rnn_fused::cpu
