@@ -1,7 +1,7 @@
 #include "gemm.h"
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
@@ -23,33 +23,105 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace rnn_fused::cpu {
 namespace {
 
-// Block sizes of C and of the reduction. A [kBlockK, kBlockN] panel of B (128 KiB) stays
-// in L2 while the blocks of A stream past it. On the 2-core AVX-512 CPU of DESIGN.md the
-// per-step 64x512x2048 product runs at about 430 GFLOP/s this way, MKL's sgemm at 175.
+// Block sizes of C and of the reduction for brgemm. On the 2-core AVX-512 CPU of
+// DESIGN.md the per-step 64x512x2048 product runs at about 430 GFLOP/s this way, MKL's
+// sgemm at 175 (MKL takes its AVX2 path on that CPU).
 constexpr int64_t kBlockM = 64;
-constexpr int64_t kBlockN = 64;
+constexpr int64_t kBlockN = Panels::kPanel;
 constexpr int64_t kBlockK = 512;
+
+// Products with at most this many rows (batches of 1 to 4) are matrix-vector work bound by
+// reading B; a register-blocked loop over B's rows beats a GEMM kernel's set-up there.
+constexpr int64_t kSmallRows = 4;
 
 bool use_brgemm() {
   static const bool ok = __builtin_cpu_supports("avx512f");
   return ok;
 }
 
-void matmul_brgemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-                   int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+void brgemm_blocks(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                   int64_t ldb, float* C, int64_t ldc, bool accumulate, bool panels) {
   const int64_t mb = (M + kBlockM - 1) / kBlockM, nb = (N + kBlockN - 1) / kBlockN;
   at::parallel_for(0, mb * nb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       // Column-block-major order: consecutive blocks of a thread reuse one panel of B.
-      const int64_t i = (blk % mb) * kBlockM, j = (blk / mb) * kBlockN;
+      const int64_t ib = blk % mb, jb = blk / mb;
+      const int64_t i = ib * kBlockM, j = jb * kBlockN;
       const int64_t m = std::min(kBlockM, M - i), n = std::min(kBlockN, N - j);
+      const float* b = panels ? B + jb * K * kBlockN : B + j;
+      const int64_t ld_b = panels ? kBlockN : ldb;
       for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
-        at::native::cpublas::brgemm(m, n, std::min(kBlockK, K - k0), lda, ldb, ldc,
-                                    accumulate || k0 > 0, A + i * lda + k0, B + k0 * ldb + j,
+        at::native::cpublas::brgemm(m, n, std::min(kBlockK, K - k0), lda, ld_b, ldc,
+                                    accumulate || k0 > 0, A + i * lda + k0, b + k0 * ld_b,
                                     C + i * ldc + j, /*is_vnni=*/false);
       }
     }
     at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+  });
+}
+
+// C[0:kRows, 0:width] (+)= A[0:kRows, :] @ B[:, 0:width] for width <= kPanel. With a full
+// panel the trip counts are constants and the accumulators live in registers.
+template <class T, int64_t kRows, bool kFull>
+void small_rows_block(int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                      int64_t ldc, bool accumulate, int64_t width) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t kVecs = Panels::kPanel / Vec::size();
+  const auto lanes = [&](int64_t v) {
+    return kFull ? Vec::size() : std::clamp<int64_t>(width - v * Vec::size(), 0, Vec::size());
+  };
+  Vec acc[kRows][kVecs];
+  for (int64_t m = 0; m < kRows; ++m)
+    for (int64_t v = 0; v < kVecs; ++v) acc[m][v] = Vec(T(0));
+  for (int64_t k = 0; k < K; ++k) {
+    const T* b = B + k * ldb;
+    Vec bv[kVecs];
+    for (int64_t v = 0; v < kVecs; ++v)
+      bv[v] = kFull ? Vec::loadu(b + v * Vec::size()) : Vec::loadu(b + v * Vec::size(), lanes(v));
+    for (int64_t m = 0; m < kRows; ++m) {
+      const Vec a(A[m * lda + k]);
+      for (int64_t v = 0; v < kVecs; ++v) acc[m][v] = at::vec::fmadd(a, bv[v], acc[m][v]);
+    }
+  }
+  for (int64_t m = 0; m < kRows; ++m) {
+    T* c = C + m * ldc;
+    for (int64_t v = 0; v < kVecs; ++v) {
+      if (lanes(v) == 0) continue;
+      Vec out = acc[m][v];
+      if (accumulate) out = out + Vec::loadu(c + v * Vec::size(), lanes(v));
+      out.store(c + v * Vec::size(), lanes(v));
+    }
+  }
+}
+
+template <class T, int64_t kRows>
+void small_rows(int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
+                bool accumulate, int64_t width) {
+  if (width == Panels::kPanel)
+    small_rows_block<T, kRows, true>(K, A, lda, B, ldb, C, ldc, accumulate, width);
+  else
+    small_rows_block<T, kRows, false>(K, A, lda, B, ldb, C, ldc, accumulate, width);
+}
+
+// M <= kSmallRows. Threads split the column panels, so a thread reads the same panels of a
+// per-step weight at every step and keeps them in its cache.
+template <class T>
+void matmul_small_rows(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+                       int64_t ldb, T* C, int64_t ldc, bool accumulate, bool panels) {
+  const int64_t nb = (N + Panels::kPanel - 1) / Panels::kPanel;
+  at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t jb = begin; jb < end; ++jb) {
+      const int64_t j = jb * Panels::kPanel, width = std::min(Panels::kPanel, N - j);
+      const T* b = panels ? B + jb * K * Panels::kPanel : B + j;
+      const int64_t ld_b = panels ? Panels::kPanel : ldb;
+      T* c = C + j;
+      switch (M) {
+        case 1: small_rows<T, 1>(K, A, lda, b, ld_b, c, ldc, accumulate, width); break;
+        case 2: small_rows<T, 2>(K, A, lda, b, ld_b, c, ldc, accumulate, width); break;
+        case 3: small_rows<T, 3>(K, A, lda, b, ld_b, c, ldc, accumulate, width); break;
+        default: small_rows<T, 4>(K, A, lda, b, ld_b, c, ldc, accumulate, width);
+      }
+    }
   });
 }
 
@@ -79,26 +151,56 @@ void matmul_blas(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const
   accumulate ? c.addmm_(a, b) : c.copy_(at::mm(a, b));
 }
 
-}  // namespace
-
+// Shared by both forms: B is either row-major with ldb, or panels (ldb unused).
 template <class T>
-void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
-            T* C, int64_t ldc, bool accumulate) {
+void product(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+             T* C, int64_t ldc, bool accumulate, bool panels) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     if (!accumulate)
       for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, T(0));
     return;
   }
+  if (M <= kSmallRows)
+    return matmul_small_rows<T>(M, N, K, A, lda, B, ldb, C, ldc, accumulate, panels);
   if constexpr (std::is_same_v<T, float>) {
-    if (use_brgemm()) return matmul_brgemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+    if (use_brgemm()) return brgemm_blocks(M, N, K, A, lda, B, ldb, C, ldc, accumulate, panels);
   }
-  matmul_blas<T>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  if (!panels) return matmul_blas<T>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  for (int64_t j = 0, jb = 0; j < N; j += Panels::kPanel, ++jb) {
+    matmul_blas<T>(M, std::min(Panels::kPanel, N - j), K, A, lda, B + jb * K * Panels::kPanel,
+                   Panels::kPanel, C + j, ldc, accumulate);
+  }
 }
 
-template void matmul<float>(int64_t, int64_t, int64_t, const float*, int64_t, const float*,
-                            int64_t, float*, int64_t, bool);
-template void matmul<double>(int64_t, int64_t, int64_t, const double*, int64_t, const double*,
-                             int64_t, double*, int64_t, bool);
+}  // namespace
+
+template <class T>
+void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+            T* C, int64_t ldc, bool accumulate) {
+  product<T>(M, N, K, A, lda, B, ldb, C, ldc, accumulate, /*panels=*/false);
+}
+
+template <class T>
+void matmul(int64_t M, const T* A, int64_t lda, const Panels& B, T* C, int64_t ldc,
+            bool accumulate) {
+  product<T>(M, B.N, B.K, A, lda, B.data.data_ptr<T>(), 0, C, ldc, accumulate, /*panels=*/true);
+}
+
+Panels pack_panels(const at::Tensor& b) {
+  const int64_t K = b.size(0), N = b.size(1), P = Panels::kPanel;
+  const int64_t np = (N + P - 1) / P;
+  at::Tensor padded = b;
+  if (np * P != N) padded = at::constant_pad_nd(b, {0, np * P - N});
+  return {padded.reshape({K, np, P}).permute({1, 0, 2}).contiguous(), K, N};
+}
+
+#define RF_INSTANTIATE(T)                                                                  \
+  template void matmul<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, \
+                          T*, int64_t, bool);                                              \
+  template void matmul<T>(int64_t, const T*, int64_t, const Panels&, T*, int64_t, bool);
+RF_INSTANTIATE(float)
+RF_INSTANTIATE(double)
+#undef RF_INSTANTIATE
 
 }  // namespace rnn_fused::cpu

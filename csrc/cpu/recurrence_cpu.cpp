@@ -87,8 +87,9 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
   const auto opts = input.options();
   const std::vector<Chunk> chunks = make_chunks(p, sizeof(T));
   // The products take weights transposed: [in, out], row-major.
-  const at::Tensor w_ih_t = w_ih.t().contiguous(), w_hh_t = w_hh.t().contiguous();
-  const at::Tensor w_hr_t = p.proj ? w_hr->t().contiguous() : at::Tensor();
+  const at::Tensor w_ih_t = w_ih.t().contiguous();
+  const Panels w_hh_t = pack_panels(w_hh.t());
+  const Panels w_hr_t = p.proj ? pack_panels(w_hr->t()) : Panels();
   at::Tensor xg = at::empty({max_rows(chunks), GH}, opts);
   at::Tensor hg = at::empty({p.batch, GH}, opts);
   // Unprojected h of a step when it is not kept in `saved`.
@@ -96,8 +97,6 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
 
   const T* x_p = input.data_ptr<T>();
   const T* w_ih_t_p = w_ih_t.data_ptr<T>();
-  const T* w_hh_t_p = w_hh_t.data_ptr<T>();
-  const T* w_hr_t_p = p.proj ? w_hr_t.data_ptr<T>() : nullptr;
   const T* b_ih_p = ptr_or_null<T>(b_ih);
   const T* b_hh_p = ptr_or_null<T>(b_hh);
   T* xg_p = xg.data_ptr<T>();
@@ -118,7 +117,7 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
         std::memcpy(hprev_p + r0 * Hout, h_p, sizeof(T) * n * Hout);
         h_prev = hprev_p + r0 * Hout;
       }
-      matmul<T>(n, GH, Hout, h_prev, Hout, w_hh_t_p, GH, hg_p, GH, false);
+      matmul<T>(n, h_prev, Hout, w_hh_t, hg_p, GH, false);
       // With a projection the cell's h is unprojected: kept in the last saved block.
       T* h_unproj = !p.proj ? nullptr
                     : train ? saved_p + r0 * SW + Cell::kSaved * H
@@ -138,7 +137,7 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
       });
       if (p.proj) {
         T* out_rows = out_p + r0 * Hout;
-        matmul<T>(n, Hout, H, h_unproj, h_unproj_ld, w_hr_t_p, Hout, out_rows, Hout, false);
+        matmul<T>(n, h_unproj, h_unproj_ld, w_hr_t, out_rows, Hout, false);
         std::memcpy(h_p, out_rows, sizeof(T) * n * Hout);
       }
     }
@@ -209,8 +208,8 @@ void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output
 
   const T* gout_p = ptr_or_null<T>(grad_output);
   const T* w_ih_p = w_ih.data_ptr<T>();
-  const T* w_hh_p = w_hh.data_ptr<T>();
-  const T* w_hr_p = ptr_or_null<T>(w_hr);
+  const Panels w_hh_panels = pack_panels(w_hh);
+  const Panels w_hr_panels = p.proj ? pack_panels(*w_hr) : Panels();
   const T* saved_p = saved.data_ptr<T>();
   const T* hprev_p = h_prev_all.data_ptr<T>();
   T* gin_p = g.grad_input.data_ptr<T>();
@@ -230,7 +229,7 @@ void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output
         T* dr_rows = dr_p + local * Hout;
         for (int64_t e = 0; e < n * Hout; ++e)
           dr_rows[e] = dh_p[e] + (gout_p != nullptr ? gout_p[r0 * Hout + e] : T(0));
-        matmul<T>(n, H, Hout, dr_rows, Hout, w_hr_p, H, dh_step_p, H, false);
+        matmul<T>(n, dr_rows, Hout, w_hr_panels, dh_step_p, H, false);
       }
       for_each_row(n, GH, [&](int64_t i) {
         BackwardRow<T> row{
@@ -245,7 +244,7 @@ void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output
         backward_row<CellT, T>(row, H);
       });
       // dL/dh_{t-1} = (hidden-side gate gradients) W_hh [+ the direct part the cell wrote].
-      matmul<T>(n, Hout, GH, dhg_p + local * GH, GH, w_hh_p, Hout, dh_p, Hout, Cell::kUsesPrevH);
+      matmul<T>(n, dhg_p + local * GH, GH, w_hh_panels, dh_p, Hout, Cell::kUsesPrevH);
     }
     // The chunk's share of dX and of the weight and bias gradients (W^T += A^T dG).
     const int64_t rb = ch->row_begin, rows = ch->rows;
