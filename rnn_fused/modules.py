@@ -1,0 +1,509 @@
+"""Drop-in replacements for torch.nn.LSTM / GRU / RNN and LSTMCell / GRUCell / RNNCell.
+
+Same constructors, parameter names, shapes, order and initialisation, same inputs
+(batched, unbatched, batch_first, PackedSequence), outputs and errors as torch.nn; every
+layer and direction runs through one rnn_fused operator call. The classes derive from
+nn.Module, not nn.RNNBase, because TorchDynamo will not trace nn.RNNBase instances.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from .ops import GATES, rnn_layer
+
+_PARAM_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+
+
+def _check_type(value: object, kind: type, name: str) -> None:
+    if not isinstance(value, kind):
+        raise TypeError(f"{name} should be of type {kind.__name__}, got: {type(value).__name__}")
+
+
+def _scalar_name(dtype: torch.dtype) -> str:
+    """torch.float64 -> 'Double', the name ATen's own messages use."""
+    return torch.empty(0, dtype=dtype).type().rsplit(".", 1)[-1].removesuffix("Tensor")
+
+
+class _Convertible:
+    """from_torch / to_torch between a torch.nn recurrent module and ours."""
+
+    _torch_class: type[nn.Module]
+
+    def _init_kwargs(self) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def from_torch(cls, module: nn.Module):
+        """The rnn_fused module equivalent to a torch.nn one, sharing its parameters' data."""
+        if type(module) is not cls._torch_class:
+            raise TypeError(
+                f"{cls.__name__}.from_torch expects a {cls._torch_class.__name__}, got "
+                f"{type(module).__name__}"
+            )
+        new = cls(**cls._init_kwargs(module), device="meta")
+        new.load_state_dict(module.state_dict(), assign=True)
+        return new.train(module.training)
+
+    def to_torch(self) -> nn.Module:
+        """The torch.nn module equivalent to this one, sharing its parameters' data."""
+        new = self._torch_class(**self._init_kwargs(self), device="meta")
+        new.load_state_dict(self.state_dict(), assign=True)
+        return new.train(self.training)
+
+
+def _permute(t: Tensor, order: Tensor | None) -> Tensor:
+    """Reorders the batch (dim 1) of a stacked state."""
+    return t if order is None else t.index_select(1, order)
+
+
+class _RNNBase(_Convertible, nn.Module):
+    """Layers, directions, dropout and input forms around the per-layer operator."""
+
+    @staticmethod
+    def _init_kwargs(m) -> dict:
+        kw = {k: getattr(m, k) for k in ("input_size", "hidden_size", "num_layers", "bias",
+                                         "batch_first", "dropout", "bidirectional")}
+        if m.mode == "LSTM":
+            kw["proj_size"] = m.proj_size
+        if m.mode.startswith("RNN"):
+            kw["nonlinearity"] = "tanh" if m.mode == "RNN_TANH" else "relu"
+        return kw
+
+    def __init__(
+        self,
+        mode: str,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+            raise ValueError(
+                "dropout should be a number in range [0, 1] representing the probability of "
+                "an element being zeroed"
+            )
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                "dropout option adds dropout after all but last recurrent layer, so non-zero "
+                f"dropout expects num_layers greater than 1, but got dropout={dropout} and "
+                f"num_layers={num_layers}",
+                stacklevel=3,
+            )
+        _check_type(bias, bool, "bias")
+        _check_type(batch_first, bool, "batch_first")
+        _check_type(input_size, int, "input_size")
+        if input_size <= 0:
+            raise ValueError("input_size must be greater than zero")
+        _check_type(hidden_size, int, "hidden_size")
+        if hidden_size <= 0:
+            raise ValueError("hidden_size must be greater than zero")
+        if num_layers <= 0:
+            raise ValueError("num_layers must be greater than zero")
+        if proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable projections")
+        if proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
+        if mode not in GATES:
+            raise ValueError("Unrecognized RNN mode: " + mode)
+
+        self.mode = mode
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+
+        factory = {"device": device, "dtype": dtype}
+        gate_size = GATES[mode] * hidden_size
+        out_size = proj_size or hidden_size
+        directions = 2 if bidirectional else 1
+        self._flat_weights_names: list[str] = []
+        self._all_weights: list[list[str]] = []
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else out_size * directions
+            for direction in range(directions):
+                shapes = {
+                    "weight_ih": (gate_size, layer_input),
+                    "weight_hh": (gate_size, out_size),
+                    "bias_ih": (gate_size,) if bias else None,
+                    "bias_hh": (gate_size,) if bias else None,
+                    "weight_hr": (proj_size, hidden_size) if proj_size else None,
+                }
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                names = []
+                for base in _PARAM_NAMES:
+                    if shapes[base] is not None:
+                        setattr(self, base + suffix, nn.Parameter(torch.empty(shapes[base], **factory)))
+                        names.append(base + suffix)
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    def flatten_parameters(self) -> None:
+        """Kept for torch.nn compatibility: the operators take the parameters as they are."""
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size != 0:
+            s += f", proj_size={self.proj_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if self.bias is not True:
+            s += f", bias={self.bias}"
+        if self.batch_first is not False:
+            s += f", batch_first={self.batch_first}"
+        if self.dropout != 0:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional is not False:
+            s += f", bidirectional={self.bidirectional}"
+        return s
+
+    # --- checks, with torch.nn's exception types and messages ---------------------------
+
+    def _check_input(self, input: Tensor, batch_sizes: Tensor | None) -> None:
+        weight_dtype = self.weight_ih_l0.dtype
+        if input.dtype != weight_dtype and not torch._C._is_any_autocast_enabled():
+            raise ValueError(
+                f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight_dtype}). "
+                f"Convert input: input.to({weight_dtype}), or convert model: model.to({input.dtype})"
+            )
+        expected_dim = 2 if batch_sizes is not None else 3
+        if input.dim() != expected_dim:
+            raise RuntimeError(f"input must have {expected_dim} dimensions, got {input.dim()}")
+        if self.input_size != input.size(-1):
+            raise RuntimeError(
+                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
+                f"got {input.size(-1)}"
+            )
+
+    def _check_state(self, state: Tensor, batch: int, size: int, msg: str) -> None:
+        expected = (self.num_layers * (2 if self.bidirectional else 1), batch, size)
+        if state.size() != expected:
+            raise RuntimeError(msg.format(expected, list(state.size())))
+
+    # --- forward --------------------------------------------------------------------------
+
+    def _zeros(self, input: Tensor, batch: int, size: int) -> Tensor:
+        layers = self.num_layers * (2 if self.bidirectional else 1)
+        return torch.zeros(layers, batch, size, dtype=input.dtype, device=input.device)
+
+    def forward(self, input, hx=None):
+        is_lstm = self.mode == "LSTM"
+        out_size = self.proj_size or self.hidden_size
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            batch = int(batch_sizes[0])
+            is_batched = True
+        else:
+            data, batch_sizes, sorted_indices, unsorted_indices = input, None, None, None
+            name = "LSTM" if is_lstm else ("GRU" if self.mode == "GRU" else "RNN")
+            if data.dim() not in (2, 3):
+                tail = "D instead" if name != "RNN" else "D tensor instead"
+                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {data.dim()}{tail}")
+            is_batched = data.dim() == 3
+            if not is_batched:
+                data = data.unsqueeze(0 if self.batch_first else 1)
+            if self.batch_first:
+                data = data.transpose(0, 1)
+            batch = data.size(1)
+        hx = self._prepare_state(data, hx, batch, out_size, is_batched, packed, sorted_indices)
+        self._check_input(data, batch_sizes)
+        h0, c0 = hx if is_lstm else (hx, None)
+        if is_lstm:
+            self._check_state(h0, batch, out_size, "Expected hidden[0] size {}, got {}")
+            self._check_state(c0, batch, self.hidden_size, "Expected hidden[1] size {}, got {}")
+        else:
+            self._check_state(h0, batch, out_size, "Expected hidden size {}, got {}")
+        if not packed and data.size(0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+
+        output, h_n, c_n = self._run_layers(data, h0, c0, batch_sizes)
+
+        hidden = (h_n, c_n) if is_lstm else h_n
+        if packed:
+            output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+            return output, self._restore_order(hidden, unsorted_indices)
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not is_batched:
+            output = output.squeeze(0 if self.batch_first else 1)
+            hidden = (h_n.squeeze(1), c_n.squeeze(1)) if is_lstm else h_n.squeeze(1)
+        return output, hidden
+
+    def _prepare_state(self, data, hx, batch, out_size, is_batched, packed, sorted_indices):
+        is_lstm = self.mode == "LSTM"
+        if hx is None:
+            h0 = self._zeros(data, batch, out_size)
+            return (h0, self._zeros(data, batch, self.hidden_size)) if is_lstm else h0
+        if not packed:
+            dims = [t.dim() for t in hx] if is_lstm else [hx.dim()]
+            want = 3 if is_batched else 2
+            if any(d != want for d in dims):
+                kind = "batched 3-D" if is_batched else "unbatched 2-D"
+                if is_lstm:
+                    raise RuntimeError(
+                        f"For {kind} input, hx and cx should also be {want}-D but got "
+                        f"({dims[0]}-D, {dims[1]}-D) tensors"
+                    )
+                raise RuntimeError(
+                    f"For {kind} input, hx should also be {want}-D but got {dims[0]}-D tensor"
+                )
+            if not is_batched:
+                hx = tuple(t.unsqueeze(1) for t in hx) if is_lstm else hx.unsqueeze(1)
+        if is_lstm:
+            return tuple(_permute(t, sorted_indices) for t in hx)
+        return _permute(hx, sorted_indices)
+
+    def _restore_order(self, hidden, unsorted_indices):
+        if isinstance(hidden, tuple):
+            return tuple(_permute(t, unsorted_indices) for t in hidden)
+        return _permute(hidden, unsorted_indices)
+
+    def _run_layers(self, x: Tensor, h0: Tensor, c0: Tensor | None, batch_sizes: Tensor | None):
+        directions = 2 if self.bidirectional else 1
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            if layer > 0 and self.dropout > 0 and self.training:
+                x = F.dropout(x, self.dropout, training=True)
+            outputs = []
+            for direction in range(directions):
+                k = layer * directions + direction
+                params = [getattr(self, n, None) for n in self._param_names(layer, direction)]
+                w_ih, w_hh, b_ih, b_hh, w_hr = params
+                out, h, c = rnn_layer(
+                    self.mode, x, w_ih, w_hh, b_ih, b_hh, h0[k], None if c0 is None else c0[k],
+                    w_hr=w_hr, batch_sizes=batch_sizes, reverse=direction == 1,
+                )
+                outputs.append(out)
+                h_n.append(h)
+                c_n.append(c)
+            x = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)
+        return x, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
+
+    def _param_names(self, layer: int, direction: int) -> list[str]:
+        suffix = f"_l{layer}" + ("_reverse" if direction else "")
+        return [base + suffix for base in _PARAM_NAMES]
+
+
+class RNN(_RNNBase):
+    """Drop-in for torch.nn.RNN (tanh or relu)."""
+
+    _torch_class = nn.RNN
+
+    def __init__(self, *args, **kwargs) -> None:
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(
+                f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'."
+            )
+        self.nonlinearity = nonlinearity
+        super().__init__("RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU", *args, **kwargs)
+
+
+class GRU(_RNNBase):
+    """Drop-in for torch.nn.GRU."""
+
+    _torch_class = nn.GRU
+
+    def __init__(self, *args, **kwargs) -> None:
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
+
+
+class LSTM(_RNNBase):
+    """Drop-in for torch.nn.LSTM, with proj_size."""
+
+    _torch_class = nn.LSTM
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__("LSTM", *args, **kwargs)
+
+
+class _CellBase(_Convertible, nn.Module):
+    """One step of a cell: the layer operator over a sequence of length 1."""
+
+    @staticmethod
+    def _init_kwargs(m) -> dict:
+        kw = {"input_size": m.input_size, "hidden_size": m.hidden_size, "bias": m.bias}
+        if hasattr(m, "nonlinearity"):
+            kw["nonlinearity"] = m.nonlinearity
+        return kw
+
+    def __init__(
+        self, mode: str, input_size: int, hidden_size: int, bias: bool, device=None, dtype=None
+    ) -> None:
+        super().__init__()
+        self.mode = mode
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        factory = {"device": device, "dtype": dtype}
+        gate_size = GATES[mode] * hidden_size
+        self.weight_ih = nn.Parameter(torch.empty((gate_size, input_size), **factory))
+        self.weight_hh = nn.Parameter(torch.empty((gate_size, hidden_size), **factory))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(gate_size, **factory))
+            self.bias_hh = nn.Parameter(torch.empty(gate_size, **factory))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.bias is not True:
+            s += f", bias={self.bias}"
+        if getattr(self, "nonlinearity", "tanh") != "tanh":
+            s += f", nonlinearity={self.nonlinearity}"
+        return s
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    def _check_step(self, input: Tensor, states: list[Tensor]) -> None:
+        """torch.nn's cell checks, in its order and words; states are [B, H] each."""
+        if input.size(1) != self.input_size:
+            raise RuntimeError(
+                f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}"
+            )
+        for label, state in enumerate(states):
+            if input.size(0) != state.size(0):
+                raise RuntimeError(
+                    f"Input batch size {input.size(0)} doesn't match hidden{label} batch size "
+                    f"{state.size(0)}"
+                )
+            if state.size(1) != self.hidden_size:
+                raise RuntimeError(
+                    f"hidden{label} has inconsistent hidden_size: got {state.size(1)}, expected "
+                    f"{self.hidden_size}"
+                )
+        if torch._C._is_any_autocast_enabled():
+            return
+        for t in (self.weight_ih, *states):
+            if t.dtype != input.dtype:
+                raise RuntimeError(
+                    "mat1 and mat2 must have the same dtype, but got "
+                    f"{_scalar_name(input.dtype)} and {_scalar_name(t.dtype)}"
+                )
+
+    def _step(self, input: Tensor, h: Tensor, c: Tensor | None):
+        out, h_n, c_n = rnn_layer(
+            self.mode, input.unsqueeze(0), self.weight_ih, self.weight_hh, self.bias_ih,
+            self.bias_hh, h, c,
+        )
+        return h_n, c_n
+
+    def _inputs(self, name: str, input: Tensor, states: list[Tensor | None], labels: list[str]):
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        for label, state in zip(labels, states):
+            if state is not None and state.dim() not in (1, 2):
+                raise ValueError(
+                    f"{name}: Expected {label} to be 1D or 2D, got {state.dim()}D instead"
+                )
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        zeros = input.new_zeros(input.size(0), self.hidden_size)
+        states = [
+            zeros if s is None else (s if is_batched else s.unsqueeze(0)) for s in states
+        ]
+        self._check_step(input, states)
+        return input, states, is_batched
+
+
+class RNNCell(_CellBase):
+    """Drop-in for torch.nn.RNNCell."""
+
+    _torch_class = nn.RNNCell
+
+    def __init__(
+        self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
+        device=None, dtype=None,
+    ) -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise RuntimeError(f"Unknown nonlinearity: {nonlinearity}")
+        self.nonlinearity = nonlinearity
+        mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
+        super().__init__(mode, input_size, hidden_size, bias, device, dtype)
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        input, (h,), is_batched = self._inputs("RNNCell", input, [hx], ["hidden"])
+        h, _ = self._step(input, h, None)
+        return h if is_batched else h.squeeze(0)
+
+
+class GRUCell(_CellBase):
+    """Drop-in for torch.nn.GRUCell."""
+
+    _torch_class = nn.GRUCell
+
+    def __init__(
+        self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None
+    ) -> None:
+        super().__init__("GRU", input_size, hidden_size, bias, device, dtype)
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        input, (h,), is_batched = self._inputs("GRUCell", input, [hx], ["hidden"])
+        h, _ = self._step(input, h, None)
+        return h if is_batched else h.squeeze(0)
+
+
+class LSTMCell(_CellBase):
+    """Drop-in for torch.nn.LSTMCell."""
+
+    _torch_class = nn.LSTMCell
+
+    def __init__(
+        self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None
+    ) -> None:
+        super().__init__("LSTM", input_size, hidden_size, bias, device, dtype)
+
+    def forward(
+        self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        states = [None, None] if hx is None else list(hx)
+        input, (h, c), is_batched = self._inputs("LSTMCell", input, states, ["hx[0]", "hx[1]"])
+        h, c = self._step(input, h, c)
+        return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))

@@ -1,0 +1,229 @@
+"""The drop-in contract: rnn_fused modules against torch.nn with the same weights, over a
+seeded random sweep of configurations, plus construction, state and conversion."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import random
+
+import pytest
+import torch
+from helpers import seed
+from tolerances import assert_close
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import rnn_fused
+
+LAYERS = {"LSTM": (nn.LSTM, rnn_fused.LSTM), "GRU": (nn.GRU, rnn_fused.GRU),
+          "RNN_TANH": (nn.RNN, rnn_fused.RNN), "RNN_RELU": (nn.RNN, rnn_fused.RNN)}
+
+
+def _pair(cell: str, dtype=torch.float64, **kw):
+    """A torch.nn module and ours with the same weights."""
+    theirs_cls, ours_cls = LAYERS[cell]
+    if cell.startswith("RNN"):
+        kw["nonlinearity"] = cell[4:].lower()
+    theirs = theirs_cls(**kw, dtype=dtype)
+    ours = ours_cls(**kw, dtype=dtype)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+def _flat(out) -> list[torch.Tensor]:
+    """Every tensor in a module output (PackedSequence and tuples flattened)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, nn.utils.rnn.PackedSequence):
+        return [out.data]
+    return [t for o in out for t in _flat(o)]
+
+
+def _compare(theirs, ours, make_args, dtype) -> None:
+    args_t, args_o = make_args(), make_args()
+    out_t, out_o = _flat(theirs(*args_t)), _flat(ours(*args_o))
+    assert len(out_t) == len(out_o)
+    for i, (a, b) in enumerate(zip(out_o, out_t)):
+        assert_close(a, b, f"output {i}")
+    weights = [torch.randn_like(t) for t in out_t]
+    leaves_t = [t for t in _flat(args_t) if t.requires_grad] + list(theirs.parameters())
+    leaves_o = [t for t in _flat(args_o) if t.requires_grad] + list(ours.parameters())
+    loss_t = sum((o * w).sum() for o, w in zip(out_t, weights))
+    loss_o = sum((o * w).sum() for o, w in zip(out_o, weights))
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(loss_o, leaves_o),
+                                   torch.autograd.grad(loss_t, leaves_t))):
+        assert_close(a, b, f"grad {i}")
+
+
+def _sweep_case(index: int):
+    rng = random.Random(index)
+    cell = rng.choice(list(LAYERS))
+    kw = dict(input_size=rng.randint(1, 7), hidden_size=rng.randint(2, 9),
+              num_layers=rng.randint(1, 3), bias=rng.random() < 0.8,
+              batch_first=rng.random() < 0.5, bidirectional=rng.random() < 0.5)
+    if cell == "LSTM" and rng.random() < 0.3:
+        kw["proj_size"] = rng.randint(1, kw["hidden_size"] - 1)
+    form = rng.choice(["batched", "batched", "unbatched", "packed", "packed-unsorted"])
+    T, B = rng.randint(1, 6), rng.randint(1, 4)
+    lengths = sorted((rng.randint(1, T) for _ in range(B)), reverse=True)
+    lengths[0] = T
+    if form == "packed-unsorted":
+        rng.shuffle(lengths)
+    return cell, kw, form, T, B, lengths, rng.random() < 0.5
+
+
+@pytest.mark.parametrize("index", range(200))
+def test_sweep_matches_torch_nn_float64(index):
+    cell, kw, form, T, B, lengths, with_hx = _sweep_case(index)
+    seed("sweep", index)
+    dtype = torch.float64
+    theirs, ours = _pair(cell, dtype, **kw)
+    D = (2 if kw["bidirectional"] else 1) * kw["num_layers"]
+    out_size = kw.get("proj_size") or kw["hidden_size"]
+    x = torch.randn(T, B, kw["input_size"], dtype=dtype)
+    batch = B if form != "unbatched" else None
+    h0 = torch.randn(D, *([batch] if batch else []), out_size, dtype=dtype)
+    c0 = torch.randn(D, *([batch] if batch else []), kw["hidden_size"], dtype=dtype)
+
+    def make_args():
+        xi = x.clone().requires_grad_()
+        if form == "unbatched":
+            inp = xi[:, 0]
+        elif form.startswith("packed"):
+            inp = pack_padded_sequence(xi, torch.tensor(lengths),
+                                       enforce_sorted=form == "packed")
+        else:
+            inp = xi.transpose(0, 1) if kw["batch_first"] else xi
+        if not with_hx:
+            return (inp,)
+        h = h0.clone().requires_grad_()
+        if cell != "LSTM":
+            return (inp, h)
+        return (inp, (h, c0.clone().requires_grad_()))
+
+    _compare(theirs, ours, make_args, dtype)
+
+
+@pytest.mark.parametrize("index", range(0, 200, 10))
+def test_sweep_matches_torch_nn_float32(index):
+    cell, kw, form, T, B, lengths, with_hx = _sweep_case(index)
+    seed("sweep32", index)
+    theirs, ours = _pair(cell, torch.float32, **kw)
+    x = torch.randn(T, B, kw["input_size"])
+    _compare(theirs, ours, lambda: (x.clone().requires_grad_(),) if not kw["batch_first"]
+             else (x.transpose(0, 1).clone().requires_grad_(),), torch.float32)
+
+
+@pytest.mark.parametrize("cell", list(LAYERS))
+def test_same_parameters_and_init_as_torch_nn(cell):
+    kw = dict(input_size=3, hidden_size=5, num_layers=2, bidirectional=True)
+    if cell.startswith("RNN"):
+        kw["nonlinearity"] = cell[4:].lower()
+    torch.manual_seed(3)
+    theirs = LAYERS[cell][0](**kw)
+    torch.manual_seed(3)
+    ours = LAYERS[cell][1](**kw)
+    assert [(n, p.shape) for n, p in theirs.named_parameters()] == [
+        (n, p.shape) for n, p in ours.named_parameters()]
+    for (n, a), b in zip(theirs.named_parameters(), ours.parameters()):
+        assert torch.equal(a, b), n
+    assert repr(theirs) == repr(ours)
+    assert [[p.shape for p in ws] for ws in theirs.all_weights] == [
+        [p.shape for p in ws] for ws in ours.all_weights]
+    theirs.load_state_dict(ours.state_dict())  # both ways, no converter
+    ours.load_state_dict(theirs.state_dict())
+
+
+def test_lstm_projection_parameters_and_state_dict():
+    theirs, ours = _pair("LSTM", torch.float64, input_size=3, hidden_size=6, proj_size=2,
+                         num_layers=2)
+    assert list(theirs.state_dict()) == list(ours.state_dict())
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    out_t, (h_t, c_t) = theirs(x)
+    out_o, (h_o, c_o) = ours(x)
+    assert out_o.shape == (4, 2, 2) and h_o.shape == (2, 2, 2) and c_o.shape == (2, 2, 6)
+    assert_close(out_o, out_t)
+
+
+def test_save_load_pickle_deepcopy_and_dtype_moves():
+    ours = rnn_fused.GRU(3, 4, num_layers=2)
+    x = torch.randn(5, 2, 3)
+    expected = ours(x)[0]
+    buf = io.BytesIO()
+    torch.save(ours, buf)
+    buf.seek(0)
+    for clone in (torch.load(buf, weights_only=False), pickle.loads(pickle.dumps(ours)),
+                  copy.deepcopy(ours)):
+        assert torch.equal(clone(x)[0], expected)
+    doubled = copy.deepcopy(ours).double()
+    assert doubled.weight_ih_l0.dtype == torch.float64
+    assert_close(doubled(x.double())[0].float(), expected)
+    ours.flatten_parameters()
+
+
+def test_meta_construction_and_to_empty():
+    m = rnn_fused.LSTM(3, 4, device="meta")
+    assert m.weight_ih_l0.is_meta
+    m.to_empty(device="cpu")
+    m.reset_parameters()
+    assert m(torch.randn(2, 1, 3))[0].shape == (2, 1, 4)
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN_TANH"])
+def test_dropout_between_layers_only_in_training(cell):
+    theirs, ours = _pair(cell, torch.float64, input_size=3, hidden_size=4, num_layers=3,
+                         dropout=0.5)
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    ours.eval()
+    theirs.eval()
+    assert_close(ours(x)[0], theirs(x)[0])
+    ours.train()
+    a, b = ours(x)[0], ours(x)[0]
+    assert not torch.equal(a, b), "training mode must drop out"
+    ours.dropout = theirs.dropout = 0.0  # changeable after construction
+    theirs.train()
+    assert_close(ours(x)[0], theirs(x)[0])
+
+
+def test_dropout_scaling_with_unit_weights():
+    # All weights 1: the first layer's output is the same in every unit, so after dropout
+    # the second layer sees 0 or 1/(1-p) times it; the layer output shows the mask.
+    ours = rnn_fused.RNN(1, 1000, num_layers=2, dropout=0.4, nonlinearity="relu", bias=False)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.fill_(1)
+        ours.weight_hh_l0.zero_()
+        ours.weight_hh_l1.zero_()
+        ours.weight_ih_l1.fill_(1e-3)
+    x = torch.ones(1, 1, 1)
+    out = ours(x)[0].flatten()
+    kept = out[0].item() / (1e-3 * 1000 / 0.6)
+    assert 0.45 < kept < 0.75, kept  # the fraction kept, about 1 - p
+    assert torch.allclose(out, out[0])
+
+
+def test_replace_rnns_and_conversions():
+    model = nn.Sequential(nn.LSTM(3, 4), nn.Sequential(nn.GRUCell(4, 4), nn.RNN(4, 2)))
+    x = torch.randn(5, 2, 3)
+    replaced = rnn_fused.replace_rnns(copy.deepcopy(model))
+    assert isinstance(replaced[0], rnn_fused.LSTM)
+    assert isinstance(replaced[1][0], rnn_fused.GRUCell)
+    assert isinstance(replaced[1][1], rnn_fused.RNN)
+    assert_close(replaced[0](x)[0], model[0](x)[0])
+    back = replaced[0].to_torch()
+    assert type(back) is nn.LSTM
+    assert_close(back(x)[0], model[0](x)[0])
+    with pytest.raises(TypeError, match="expects a GRU"):
+        rnn_fused.GRU.from_torch(nn.LSTM(3, 4))
+
+
+def test_backward_in_eval_mode_and_retain_graph():
+    ours = rnn_fused.LSTM(3, 4, num_layers=2).eval()
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    out = ours(x)[0].sum()
+    out.backward(retain_graph=True)
+    first = x.grad.clone()
+    out.backward()
+    assert_close(x.grad, 2 * first)
