@@ -34,7 +34,8 @@ struct Chunk {
 };
 
 std::vector<Chunk> make_chunks(const Problem& p, int64_t elem_size) {
-  const int64_t max_rows = std::max<int64_t>(1, kChunkBytes / (p.gate_width() * elem_size));
+  const int64_t row_bytes = std::max<int64_t>(p.gate_width(), 1) * elem_size;
+  const int64_t max_rows = std::max<int64_t>(1, kChunkBytes / row_bytes);
   std::vector<Chunk> chunks;
   Chunk c{0, 0, 0, 0};
   for (int64_t s = 0; s < p.steps; ++s) {

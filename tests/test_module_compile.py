@@ -1,0 +1,71 @@
+"""torch.compile(fullgraph=True) and torch.export on every module class: no graph break,
+the eager outputs and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import seed
+from tolerances import assert_close
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import rnn_fused
+
+MODULES = {
+    "LSTM": lambda: rnn_fused.LSTM(3, 5, num_layers=2, bidirectional=True, proj_size=2),
+    "GRU": lambda: rnn_fused.GRU(3, 5, batch_first=True),
+    "RNN": lambda: rnn_fused.RNN(3, 5, nonlinearity="relu", num_layers=2),
+    "LSTMCell": lambda: rnn_fused.LSTMCell(3, 5),
+    "GRUCell": lambda: rnn_fused.GRUCell(3, 5),
+    "RNNCell": lambda: rnn_fused.RNNCell(3, 5),
+}
+
+
+def _input(name):
+    return torch.randn(4, 3) if name.endswith("Cell") else torch.randn(4, 2, 3)
+
+
+def _tensors(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, torch.nn.utils.rnn.PackedSequence):
+        return [out.data]
+    return [t for o in out for t in _tensors(o)]
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_compile_fullgraph(name):
+    seed(name)
+    torch._dynamo.reset()
+    module = MODULES[name]()
+    x = _input(name)
+    eager = _tensors(module(x))
+    g_eager = torch.autograd.grad(sum(o.sum() for o in eager), list(module.parameters()))
+    compiled = _tensors(torch.compile(module, fullgraph=True)(x))
+    g_comp = torch.autograd.grad(sum(o.sum() for o in compiled), list(module.parameters()))
+    for a, b in zip(compiled, eager):
+        assert_close(a, b, "output")
+    for a, b in zip(g_comp, g_eager):
+        assert_close(a, b, "grad")
+
+
+def test_compile_fullgraph_packed():
+    torch._dynamo.reset()
+    module = rnn_fused.GRU(3, 4, bidirectional=True)
+    seq = pack_padded_sequence(torch.randn(5, 3, 3), torch.tensor([5, 2, 4]), enforce_sorted=False)
+    eager = _tensors(module(seq))
+    compiled = _tensors(torch.compile(module, fullgraph=True)(seq))
+    for a, b in zip(compiled, eager):
+        assert_close(a, b, "output")
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_export(name):
+    seed("export", name)
+    module = MODULES[name]().eval()
+    x = _input(name)
+    program = torch.export.export(module, (x,))
+    nodes = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert any("rnn_fused" in str(t) for t in nodes), nodes
+    for a, b in zip(_tensors(program.module()(x)), _tensors(module(x))):
+        assert_close(a, b, "output")
