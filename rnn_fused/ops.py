@@ -100,6 +100,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_saved, _grad_h_prev):
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "rnn_fused: double backward (backward with create_graph=True, as used by "
+            "gradgradcheck and gradient penalties) is not supported"
+        )
     input, hx, w_ih, w_hh, w_hr, batch_sizes, saved, h_prev = ctx.saved_tensors
     has_hx, has_cx, has_bias, has_proj = ctx.given
     grads = _ops.backward(
