@@ -62,7 +62,7 @@ def find_cuda_home() -> str | None:
     nvcc = shutil.which("nvcc")
     if nvcc:
         candidates += _roots_from_nvcc(nvcc)
-    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    candidates += ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
     return next((c for c in candidates if _is_toolkit_root(c)), None)
 
 

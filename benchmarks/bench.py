@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from rnn_fused.ops import rnn_layer  # noqa: E402
+from rnn_fused.ops import rnn_layer
 
 CELLS = {"LSTM": "LSTM", "GRU": "GRU", "RNN": "RNN_TANH"}
 
@@ -42,7 +42,11 @@ class Shape:
 
     def __str__(self) -> str:
         s = f"{self.T},{self.B},{self.I},{self.H}"
-        return s + (f" L{self.layers}" if self.layers > 1 else "") + (" bi" if self.bidirectional else "")
+        return (
+            s
+            + (f" L{self.layers}" if self.layers > 1 else "")
+            + (" bi" if self.bidirectional else "")
+        )
 
 
 # DESIGN.md's CPU grid: (T, B, I, H, layers, bidirectional).
@@ -145,8 +149,15 @@ def bench_row(cell: str, s: Shape, device: str, rounds: int) -> list[dict]:
         r, o = (r, o) if isinstance(r, list) else ([r], [o])
         diff = max((a - b).abs().max().item() for a, b in zip(r, o))
         rows.append(
-            dict(cell=cell, shape=str(s), kind=kind, torch_ms=t_ref, ours_ms=t_ours,
-                 speedup=t_ref / t_ours, max_abs_diff=diff)
+            dict(
+                cell=cell,
+                shape=str(s),
+                kind=kind,
+                torch_ms=t_ref,
+                ours_ms=t_ours,
+                speedup=t_ref / t_ours,
+                max_abs_diff=diff,
+            )
         )
     return rows
 
@@ -166,11 +177,16 @@ def main() -> None:
         device = "cpu"
     grid = QUICK_GRID if args.quick else CPU_GRID
 
-    print(f"rnn_fused vs torch.nn on {device}: torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"{dt.date.today()}")
+    print(
+        f"rnn_fused vs torch.nn on {device}: torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+        f"{dt.date.today()}"
+    )
     print("median ms of", args.rounds, "interleaved rounds; speedup = torch / ours (> 1: faster)")
-    header = f"{'cell':5} {'shape':20} {'kind':8} {'torch.nn':>9} {'rnn_fused':>9} {'speedup':>8} {'max|diff|':>10}"
+    header = (
+        f"{'cell':5} {'shape':20} {'kind':8} {'torch.nn':>9} {'rnn_fused':>9} "
+        f"{'speedup':>8} {'max|diff|':>10}"
+    )
     print(header)
     print("-" * len(header))
     rows = []
@@ -178,16 +194,20 @@ def main() -> None:
         for cell in CELLS:
             for r in bench_row(cell, s, device, args.rounds):
                 rows.append(r)
-                print(f"{r['cell']:5} {r['shape']:20} {r['kind']:8} {r['torch_ms']:9.2f} "
-                      f"{r['ours_ms']:9.2f} {r['speedup']:8.2f} {r['max_abs_diff']:10.1e}",
-                      flush=True)
+                print(
+                    f"{r['cell']:5} {r['shape']:20} {r['kind']:8} {r['torch_ms']:9.2f} "
+                    f"{r['ours_ms']:9.2f} {r['speedup']:8.2f} {r['max_abs_diff']:10.1e}",
+                    flush=True,
+                )
     path = Path(args.csv)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*rows[0].keys(), "device", "torch", "date"])
         writer.writeheader()
         for r in rows:
-            writer.writerow({**r, "device": device, "torch": torch.__version__, "date": dt.date.today()})
+            writer.writerow(
+                {**r, "device": device, "torch": torch.__version__, "date": dt.date.today()}
+            )
     print(f"wrote {path}")
 
 

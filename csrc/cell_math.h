@@ -66,8 +66,7 @@ struct LstmCell {
   static constexpr bool kUsesPrevH = false;
   static constexpr bool kSplitGrads = false;
 
-  RF_HD static void forward(const V* x, const V* hh, V /*h_prev*/, V c_prev, V& h, V& c,
-                            V* saved) {
+  RF_HD static void forward(const V* x, const V* hh, V /*h_prev*/, V c_prev, V& h, V& c, V* saved) {
     using M = MathOps<V>;
     const V i = M::sigmoid(x[0] + hh[0]);
     const V f = M::sigmoid(x[1] + hh[1]);
@@ -120,8 +119,8 @@ struct GruCell {
     saved[3] = hh[2];
   }
 
-  RF_HD static void backward(V dh, V /*dc*/, const V* saved, V h_prev, V* dx, V* dhh,
-                             V& dh_prev, V& /*dc_prev*/) {
+  RF_HD static void backward(V dh, V /*dc*/, const V* saved, V h_prev, V* dx, V* dhh, V& dh_prev,
+                             V& /*dc_prev*/) {
     const V one(1);
     const V r = saved[0], z = saved[1], n = saved[2], hh_n = saved[3];
     const V dn = dh * (one - z) * (one - n * n);
@@ -145,8 +144,8 @@ struct RnnCell {
   static constexpr bool kUsesPrevH = false;
   static constexpr bool kSplitGrads = false;
 
-  RF_HD static void forward(const V* x, const V* hh, V /*h_prev*/, V /*c_prev*/, V& h,
-                            V& /*c*/, V* saved) {
+  RF_HD static void forward(const V* x, const V* hh, V /*h_prev*/, V /*c_prev*/, V& h, V& /*c*/,
+                            V* saved) {
     using M = MathOps<V>;
     h = kRelu ? M::relu(x[0] + hh[0]) : M::tanh(x[0] + hh[0]);
     saved[0] = h;

@@ -26,16 +26,14 @@ bool cpu_has_build_simd() {
 }
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
-                          "rnn_fused operators (imported for their registration)", -1,
-                          nullptr};
+                          "rnn_fused operators (imported for their registration)", -1, nullptr};
 
 }  // namespace
 
 PyMODINIT_FUNC PyInit__C(void) {
   if (!cpu_has_build_simd()) {
-    PyErr_SetString(PyExc_ImportError,
-                    "rnn_fused was built for a CPU with " RF_BUILD_SIMD
-                    " and this CPU lacks it; rebuild here with `make build`");
+    PyErr_SetString(PyExc_ImportError, "rnn_fused was built for a CPU with " RF_BUILD_SIMD
+                                       " and this CPU lacks it; rebuild here with `make build`");
     return nullptr;
   }
   return PyModule_Create(&module_def);

@@ -12,14 +12,13 @@ std::string shape_str(at::IntArrayRef s) {
 }
 
 void check_shape(const at::Tensor& t, const char* name, std::vector<int64_t> expected) {
-  TORCH_CHECK(t.sizes() == at::IntArrayRef(expected), "rnn_fused: ", name,
-              " must have shape ", shape_str(expected), ", got ", shape_str(t.sizes()));
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(expected), "rnn_fused: ", name, " must have shape ",
+              shape_str(expected), ", got ", shape_str(t.sizes()));
 }
 
 void check_like(const at::Tensor& t, const char* name, const at::Tensor& input) {
   TORCH_CHECK(t.scalar_type() == input.scalar_type(), "rnn_fused: ", name,
-              " must have the dtype of input (", input.scalar_type(), "), got ",
-              t.scalar_type());
+              " must have the dtype of input (", input.scalar_type(), "), got ", t.scalar_type());
   TORCH_CHECK(t.device() == input.device(), "rnn_fused: ", name,
               " must be on the device of input (", input.device(), "), got ", t.device());
 }
@@ -31,20 +30,18 @@ CellKind parse_mode(const std::string& mode) {
   if (mode == "GRU") return CellKind::GRU;
   if (mode == "RNN_TANH") return CellKind::RNN_TANH;
   if (mode == "RNN_RELU") return CellKind::RNN_RELU;
-  TORCH_CHECK(false, "rnn_fused: mode must be one of LSTM, GRU, RNN_TANH, RNN_RELU, got '",
-              mode, "'");
+  TORCH_CHECK(false, "rnn_fused: mode must be one of LSTM, GRU, RNN_TANH, RNN_RELU, got '", mode,
+              "'");
 }
 
 int64_t gates_of(CellKind kind) {
-  return dispatch_cell(kind, [](auto tag) -> int64_t {
-    return decltype(tag)::template Cell<float>::kGates;
-  });
+  return dispatch_cell(
+      kind, [](auto tag) -> int64_t { return decltype(tag)::template Cell<float>::kGates; });
 }
 
 int64_t saved_blocks_of(CellKind kind, bool proj) {
-  const int64_t base = dispatch_cell(kind, [](auto tag) -> int64_t {
-    return decltype(tag)::template Cell<float>::kSaved;
-  });
+  const int64_t base = dispatch_cell(
+      kind, [](auto tag) -> int64_t { return decltype(tag)::template Cell<float>::kSaved; });
   return base + (proj ? 1 : 0);
 }
 
@@ -70,8 +67,8 @@ Problem make_problem(const std::string& mode, const at::Tensor& input,
   TORCH_CHECK(!cx.has_value() || p.kind == CellKind::LSTM,
               "rnn_fused: cx is only used by mode LSTM, got a cx for mode ", mode);
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble ||
-                  (input.is_cuda() && (input.scalar_type() == at::kHalf ||
-                                       input.scalar_type() == at::kBFloat16)),
+                  (input.is_cuda() &&
+                   (input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16)),
               "rnn_fused: input dtype must be float32 or float64 (or float16/bfloat16 on "
               "CUDA), got ",
               input.scalar_type(), " on ", input.device());
@@ -103,8 +100,8 @@ Problem make_problem(const std::string& mode, const at::Tensor& input,
   if (p.packed) {
     const at::Tensor& bs = *batch_sizes;
     TORCH_CHECK(bs.dim() == 1 && bs.scalar_type() == at::kLong && bs.device().is_cpu(),
-                "rnn_fused: batch_sizes must be a 1-D int64 CPU tensor, got ", bs.dim(),
-                "-D ", bs.scalar_type(), " on ", bs.device());
+                "rnn_fused: batch_sizes must be a 1-D int64 CPU tensor, got ", bs.dim(), "-D ",
+                bs.scalar_type(), " on ", bs.device());
     TORCH_CHECK(input.dim() == 2, "rnn_fused: packed input must be 2-D [rows, input_size], got ",
                 input.dim(), "-D");
     TORCH_CHECK(hx.has_value(), "rnn_fused: hx is required with packed input (batch_sizes)");
@@ -123,8 +120,9 @@ Problem make_problem(const std::string& mode, const at::Tensor& input,
       row += v[t];
     }
     p.rows = row;
-    TORCH_CHECK(input.size(0) == p.rows, "rnn_fused: packed input must have sum(batch_sizes) = ",
-                p.rows, " rows, got ", input.size(0));
+    TORCH_CHECK(input.size(0) == p.rows,
+                "rnn_fused: packed input must have sum(batch_sizes) = ", p.rows, " rows, got ",
+                input.size(0));
     TORCH_CHECK(p.steps == 0 || p.batch_sizes[0] == p.batch,
                 "rnn_fused: batch_sizes[0] must equal the batch of hx (", p.batch, "), got ",
                 p.steps ? p.batch_sizes[0] : 0);
@@ -159,9 +157,8 @@ void check_backward_args(const Problem& p, const std::optional<at::Tensor>& grad
                          const std::optional<at::Tensor>& grad_c_n, const at::Tensor& saved,
                          const at::Tensor& h_prev) {
   if (grad_output.has_value()) {
-    TORCH_CHECK(grad_output->numel() == p.rows * p.out_size,
-                "rnn_fused: grad_output must have ", p.rows * p.out_size, " elements, got ",
-                grad_output->numel());
+    TORCH_CHECK(grad_output->numel() == p.rows * p.out_size, "rnn_fused: grad_output must have ",
+                p.rows * p.out_size, " elements, got ", grad_output->numel());
   }
   if (grad_h_n.has_value()) check_shape(*grad_h_n, "grad_h_n", {p.batch, p.out_size});
   if (grad_c_n.has_value()) {

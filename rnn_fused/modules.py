@@ -69,8 +69,18 @@ class _RNNBase(_Convertible, nn.Module):
 
     @staticmethod
     def _init_kwargs(m) -> dict:
-        kw = {k: getattr(m, k) for k in ("input_size", "hidden_size", "num_layers", "bias",
-                                         "batch_first", "dropout", "bidirectional")}
+        kw = {
+            k: getattr(m, k)
+            for k in (
+                "input_size",
+                "hidden_size",
+                "num_layers",
+                "bias",
+                "batch_first",
+                "dropout",
+                "bidirectional",
+            )
+        }
         if m.mode == "LSTM":
             kw["proj_size"] = m.proj_size
         if m.mode.startswith("RNN"):
@@ -92,7 +102,11 @@ class _RNNBase(_Convertible, nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+        if (
+            not isinstance(dropout, numbers.Number)
+            or isinstance(dropout, bool)
+            or not 0 <= dropout <= 1
+        ):
             raise ValueError(
                 "dropout should be a number in range [0, 1] representing the probability of "
                 "an element being zeroed"
@@ -115,7 +129,9 @@ class _RNNBase(_Convertible, nn.Module):
         if num_layers <= 0:
             raise ValueError("num_layers must be greater than zero")
         if proj_size < 0:
-            raise ValueError("proj_size should be a positive integer or zero to disable projections")
+            raise ValueError(
+                "proj_size should be a positive integer or zero to disable projections"
+            )
         if proj_size >= hidden_size:
             raise ValueError("proj_size has to be smaller than hidden_size")
         if mode not in GATES:
@@ -151,7 +167,9 @@ class _RNNBase(_Convertible, nn.Module):
                 names = []
                 for base in _PARAM_NAMES:
                     if shapes[base] is not None:
-                        setattr(self, base + suffix, nn.Parameter(torch.empty(shapes[base], **factory)))
+                        setattr(
+                            self, base + suffix, nn.Parameter(torch.empty(shapes[base], **factory))
+                        )
                         names.append(base + suffix)
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
@@ -196,7 +214,8 @@ class _RNNBase(_Convertible, nn.Module):
         if input.dtype != weight_dtype and not torch._C._is_any_autocast_enabled():
             raise ValueError(
                 f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight_dtype}). "
-                f"Convert input: input.to({weight_dtype}), or convert model: model.to({input.dtype})"
+                f"Convert input: input.to({weight_dtype}), "
+                f"or convert model: model.to({input.dtype})"
             )
         expected_dim = 2 if batch_sizes is not None else 3
         if input.dim() != expected_dim:
@@ -303,8 +322,17 @@ class _RNNBase(_Convertible, nn.Module):
                 params = [getattr(self, n, None) for n in self._param_names(layer, direction)]
                 w_ih, w_hh, b_ih, b_hh, w_hr = params
                 out, h, c = rnn_layer(
-                    self.mode, x, w_ih, w_hh, b_ih, b_hh, h0[k], None if c0 is None else c0[k],
-                    w_hr=w_hr, batch_sizes=batch_sizes, reverse=direction == 1,
+                    self.mode,
+                    x,
+                    w_ih,
+                    w_hh,
+                    b_ih,
+                    b_hh,
+                    h0[k],
+                    None if c0 is None else c0[k],
+                    w_hr=w_hr,
+                    batch_sizes=batch_sizes,
+                    reverse=direction == 1,
                 )
                 outputs.append(out)
                 h_n.append(h)
@@ -428,9 +456,15 @@ class _CellBase(_Convertible, nn.Module):
                 )
 
     def _step(self, input: Tensor, h: Tensor, c: Tensor | None):
-        out, h_n, c_n = rnn_layer(
-            self.mode, input.unsqueeze(0), self.weight_ih, self.weight_hh, self.bias_ih,
-            self.bias_hh, h, c,
+        _, h_n, c_n = rnn_layer(
+            self.mode,
+            input.unsqueeze(0),
+            self.weight_ih,
+            self.weight_hh,
+            self.bias_ih,
+            self.bias_hh,
+            h,
+            c,
         )
         return h_n, c_n
 
@@ -446,9 +480,7 @@ class _CellBase(_Convertible, nn.Module):
         if not is_batched:
             input = input.unsqueeze(0)
         zeros = input.new_zeros(input.size(0), self.hidden_size)
-        states = [
-            zeros if s is None else (s if is_batched else s.unsqueeze(0)) for s in states
-        ]
+        states = [zeros if s is None else (s if is_batched else s.unsqueeze(0)) for s in states]
         self._check_step(input, states)
         return input, states, is_batched
 
@@ -459,8 +491,13 @@ class RNNCell(_CellBase):
     _torch_class = nn.RNNCell
 
     def __init__(
-        self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
-        device=None, dtype=None,
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        nonlinearity: str = "tanh",
+        device=None,
+        dtype=None,
     ) -> None:
         if nonlinearity not in ("tanh", "relu"):
             raise RuntimeError(f"Unknown nonlinearity: {nonlinearity}")

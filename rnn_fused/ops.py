@@ -90,7 +90,7 @@ def _backward_fake(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, _train = inputs
+    mode, input, hx, cx, w_ih, w_hh, b_ih, _, w_hr, batch_sizes, reverse, _ = inputs
     _, _, _, saved, h_prev = output
     ctx.mode = mode
     ctx.reverse = reverse
@@ -173,6 +173,27 @@ def rnn_layer(
         [B, H] for LSTM, else None.
     """
     tensors = (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr)
+    device_type = input.device.type
+    if device_type == "cuda" and torch.is_autocast_enabled(device_type):
+        # As torch.nn's recurrent layers: run in the autocast dtype, autocast off inside.
+        dtype = torch.get_autocast_dtype(device_type)
+        input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr = (
+            None if t is None else t.to(dtype) for t in tensors
+        )
+        with torch.autocast(device_type, enabled=False):
+            return rnn_layer(
+                mode,
+                input,
+                w_ih,
+                w_hh,
+                b_ih,
+                b_hh,
+                hx,
+                cx,
+                w_hr=w_hr,
+                batch_sizes=batch_sizes,
+                reverse=reverse,
+            )
     # Keep what the backward needs only when autograd will ask for it.
     train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     output, h_n, c_n, _, _ = _ops.forward(

@@ -12,8 +12,18 @@ from rnn_fused.ops import rnn_layer
 
 
 def _run(fn, mode, x, layer, h0, c0, batch_sizes):
-    return fn(mode, x, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh, h0, c0,
-              batch_sizes=batch_sizes, reverse=True)
+    return fn(
+        mode,
+        x,
+        layer.w_ih,
+        layer.w_hh,
+        layer.b_ih,
+        layer.b_hh,
+        h0,
+        c0,
+        batch_sizes=batch_sizes,
+        reverse=True,
+    )
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])

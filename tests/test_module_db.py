@@ -154,7 +154,7 @@ def _as_function(module, args):
     def fn(*flat):
         it = iter(flat[: len(leaves)])
         new_args = _map_tensors(args, lambda t: next(it) if t.requires_grad else t)
-        params = dict(zip(names, flat[len(leaves):]))
+        params = dict(zip(names, flat[len(leaves) :]))
         return tuple(_tensors(torch.func.functional_call(module, params, new_args)))
 
     return fn, [*leaves, *module.parameters()]
@@ -173,5 +173,5 @@ def test_gradgradcheck_is_a_clear_error(info):
     sample = _samples(info)[0]
     ours, _ = _build(info, sample)
     fn, inputs = _as_function(ours, sample.forward_input.args)
-    with pytest.raises(RuntimeError, match="double backward .* is not supported"):
+    with pytest.raises(RuntimeError, match=r"double backward .* is not supported"):
         torch.autograd.gradgradcheck(fn, inputs)

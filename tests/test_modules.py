@@ -17,8 +17,12 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnn_fused
 
-LAYERS = {"LSTM": (nn.LSTM, rnn_fused.LSTM), "GRU": (nn.GRU, rnn_fused.GRU),
-          "RNN_TANH": (nn.RNN, rnn_fused.RNN), "RNN_RELU": (nn.RNN, rnn_fused.RNN)}
+LAYERS = {
+    "LSTM": (nn.LSTM, rnn_fused.LSTM),
+    "GRU": (nn.GRU, rnn_fused.GRU),
+    "RNN_TANH": (nn.RNN, rnn_fused.RNN),
+    "RNN_RELU": (nn.RNN, rnn_fused.RNN),
+}
 
 
 def _pair(cell: str, dtype=torch.float64, **kw):
@@ -52,17 +56,23 @@ def _compare(theirs, ours, make_args, dtype) -> None:
     leaves_o = [t for t in _flat(args_o) if t.requires_grad] + list(ours.parameters())
     loss_t = sum((o * w).sum() for o, w in zip(out_t, weights))
     loss_o = sum((o * w).sum() for o, w in zip(out_o, weights))
-    for i, (a, b) in enumerate(zip(torch.autograd.grad(loss_o, leaves_o),
-                                   torch.autograd.grad(loss_t, leaves_t))):
+    for i, (a, b) in enumerate(
+        zip(torch.autograd.grad(loss_o, leaves_o), torch.autograd.grad(loss_t, leaves_t))
+    ):
         assert_close(a, b, f"grad {i}")
 
 
 def _sweep_case(index: int):
     rng = random.Random(index)
     cell = rng.choice(list(LAYERS))
-    kw = dict(input_size=rng.randint(1, 7), hidden_size=rng.randint(2, 9),
-              num_layers=rng.randint(1, 3), bias=rng.random() < 0.8,
-              batch_first=rng.random() < 0.5, bidirectional=rng.random() < 0.5)
+    kw = dict(
+        input_size=rng.randint(1, 7),
+        hidden_size=rng.randint(2, 9),
+        num_layers=rng.randint(1, 3),
+        bias=rng.random() < 0.8,
+        batch_first=rng.random() < 0.5,
+        bidirectional=rng.random() < 0.5,
+    )
     if cell == "LSTM" and rng.random() < 0.3:
         kw["proj_size"] = rng.randint(1, kw["hidden_size"] - 1)
     form = rng.choice(["batched", "batched", "unbatched", "packed", "packed-unsorted"])
@@ -92,8 +102,7 @@ def test_sweep_matches_torch_nn_float64(index):
         if form == "unbatched":
             inp = xi[:, 0]
         elif form.startswith("packed"):
-            inp = pack_padded_sequence(xi, torch.tensor(lengths),
-                                       enforce_sorted=form == "packed")
+            inp = pack_padded_sequence(xi, torch.tensor(lengths), enforce_sorted=form == "packed")
         else:
             inp = xi.transpose(0, 1) if kw["batch_first"] else xi
         if not with_hx:
@@ -108,12 +117,20 @@ def test_sweep_matches_torch_nn_float64(index):
 
 @pytest.mark.parametrize("index", range(0, 200, 10))
 def test_sweep_matches_torch_nn_float32(index):
-    cell, kw, form, T, B, lengths, with_hx = _sweep_case(index)
+    cell, kw, _, T, B, _, _ = _sweep_case(index)
     seed("sweep32", index)
     theirs, ours = _pair(cell, torch.float32, **kw)
     x = torch.randn(T, B, kw["input_size"])
-    _compare(theirs, ours, lambda: (x.clone().requires_grad_(),) if not kw["batch_first"]
-             else (x.transpose(0, 1).clone().requires_grad_(),), torch.float32)
+    _compare(
+        theirs,
+        ours,
+        lambda: (
+            (x.clone().requires_grad_(),)
+            if not kw["batch_first"]
+            else (x.transpose(0, 1).clone().requires_grad_(),)
+        ),
+        torch.float32,
+    )
 
 
 @pytest.mark.parametrize("cell", list(LAYERS))
@@ -126,22 +143,25 @@ def test_same_parameters_and_init_as_torch_nn(cell):
     torch.manual_seed(3)
     ours = LAYERS[cell][1](**kw)
     assert [(n, p.shape) for n, p in theirs.named_parameters()] == [
-        (n, p.shape) for n, p in ours.named_parameters()]
+        (n, p.shape) for n, p in ours.named_parameters()
+    ]
     for (n, a), b in zip(theirs.named_parameters(), ours.parameters()):
         assert torch.equal(a, b), n
     assert repr(theirs) == repr(ours)
     assert [[p.shape for p in ws] for ws in theirs.all_weights] == [
-        [p.shape for p in ws] for ws in ours.all_weights]
+        [p.shape for p in ws] for ws in ours.all_weights
+    ]
     theirs.load_state_dict(ours.state_dict())  # both ways, no converter
     ours.load_state_dict(theirs.state_dict())
 
 
 def test_lstm_projection_parameters_and_state_dict():
-    theirs, ours = _pair("LSTM", torch.float64, input_size=3, hidden_size=6, proj_size=2,
-                         num_layers=2)
+    theirs, ours = _pair(
+        "LSTM", torch.float64, input_size=3, hidden_size=6, proj_size=2, num_layers=2
+    )
     assert list(theirs.state_dict()) == list(ours.state_dict())
     x = torch.randn(4, 2, 3, dtype=torch.float64)
-    out_t, (h_t, c_t) = theirs(x)
+    out_t, _ = theirs(x)
     out_o, (h_o, c_o) = ours(x)
     assert out_o.shape == (4, 2, 2) and h_o.shape == (2, 2, 2) and c_o.shape == (2, 2, 6)
     assert_close(out_o, out_t)
@@ -154,8 +174,11 @@ def test_save_load_pickle_deepcopy_and_dtype_moves():
     buf = io.BytesIO()
     torch.save(ours, buf)
     buf.seek(0)
-    for clone in (torch.load(buf, weights_only=False), pickle.loads(pickle.dumps(ours)),
-                  copy.deepcopy(ours)):
+    for clone in (
+        torch.load(buf, weights_only=False),
+        pickle.loads(pickle.dumps(ours)),
+        copy.deepcopy(ours),
+    ):
         assert torch.equal(clone(x)[0], expected)
     doubled = copy.deepcopy(ours).double()
     assert doubled.weight_ih_l0.dtype == torch.float64
@@ -173,8 +196,9 @@ def test_meta_construction_and_to_empty():
 
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN_TANH"])
 def test_dropout_between_layers_only_in_training(cell):
-    theirs, ours = _pair(cell, torch.float64, input_size=3, hidden_size=4, num_layers=3,
-                         dropout=0.5)
+    theirs, ours = _pair(
+        cell, torch.float64, input_size=3, hidden_size=4, num_layers=3, dropout=0.5
+    )
     x = torch.randn(6, 2, 3, dtype=torch.float64)
     ours.eval()
     theirs.eval()

@@ -30,8 +30,20 @@ def _forward_args(mode: str, case: str) -> tuple:
         x = rand(4, 3, 4, dtype=dt)
     if case == "no-optionals":
         h0, c0 = None, None
-    return (mode, x, h0, c0, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh, layer.w_hr,
-            batch_sizes, case == "reverse", True)
+    return (
+        mode,
+        x,
+        h0,
+        c0,
+        layer.w_ih,
+        layer.w_hh,
+        layer.b_ih,
+        layer.b_hh,
+        layer.w_hr,
+        batch_sizes,
+        case == "reverse",
+        True,
+    )
 
 
 @pytest.mark.parametrize(("mode", "case"), CASES)
@@ -48,7 +60,20 @@ def test_opcheck_backward(mode, case):
         out, h_n, c_n, saved, h_prev = torch.ops.rnn_fused.forward(*args)
     mode, x, h0, _c0, w_ih, w_hh, _b_ih, _b_hh, w_hr, batch_sizes, reverse, _train = args
     grad_c_n = torch.randn_like(c_n) if mode == "LSTM" else None
-    bwd_args = (mode, torch.randn_like(out), torch.randn_like(h_n), grad_c_n, x.detach(), h0,
-                w_ih.detach(), w_hh.detach(), w_hr, batch_sizes, reverse, saved, h_prev)
+    bwd_args = (
+        mode,
+        torch.randn_like(out),
+        torch.randn_like(h_n),
+        grad_c_n,
+        x.detach(),
+        h0,
+        w_ih.detach(),
+        w_hh.detach(),
+        w_hr,
+        batch_sizes,
+        reverse,
+        saved,
+        h_prev,
+    )
     bwd_args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in bwd_args)
     torch.library.opcheck(torch.ops.rnn_fused.backward.default, bwd_args)

@@ -17,7 +17,9 @@ DTYPES = [torch.float64, torch.float32]
 
 
 def _outputs_and_grads(fn, x, layer, h0, c0, weights, **kw):
-    out = fn(layer.mode, x, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh, h0, c0, w_hr=layer.w_hr, **kw)
+    out = fn(
+        layer.mode, x, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh, h0, c0, w_hr=layer.w_hr, **kw
+    )
     inputs = [x, *layer.tensors(), *(t for t in (h0, c0) if t is not None)]
     grads = torch.autograd.grad(weighted_sum(out, weights), inputs)
     return [o for o in out if o is not None], grads
@@ -73,10 +75,22 @@ def _torch_module(mode: str, I: int, H: int, bias: bool, proj: int, dtype) -> nn
 def _ours_bidirectional(mode, module, x, h0, c0, batch_sizes=None):
     outs, hs, cs = [], [], []
     for d, suffix in enumerate(["", "_reverse"]):
-        p = {n: getattr(module, f"{n}_l0{suffix}", None) for n in ["weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"]}
+        p = {
+            n: getattr(module, f"{n}_l0{suffix}", None)
+            for n in ["weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"]
+        }
         out, h, c = rnn_layer(
-            mode, x, p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"], h0[d],
-            None if c0 is None else c0[d], w_hr=p["weight_hr"], batch_sizes=batch_sizes, reverse=d == 1,
+            mode,
+            x,
+            p["weight_ih"],
+            p["weight_hh"],
+            p["bias_ih"],
+            p["bias_hh"],
+            h0[d],
+            None if c0 is None else c0[d],
+            w_hr=p["weight_hr"],
+            batch_sizes=batch_sizes,
+            reverse=d == 1,
         )
         outs.append(out)
         hs.append(h)

@@ -15,9 +15,8 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
             const float* beta, float* c, const int* ldc) __attribute__((weak));
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b,
-            const int* ldb, const double* beta, double* c, const int* ldc)
-    __attribute__((weak));
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc) __attribute__((weak));
 }
 
 namespace rnn_fused::cpu {
@@ -116,10 +115,17 @@ void matmul_small_rows(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
       const int64_t ld_b = panels ? Panels::kPanel : ldb;
       T* c = C + j;
       switch (M) {
-        case 1: small_rows<T, 1>(K, A, lda, b, ld_b, c, ldc, accumulate, width); break;
-        case 2: small_rows<T, 2>(K, A, lda, b, ld_b, c, ldc, accumulate, width); break;
-        case 3: small_rows<T, 3>(K, A, lda, b, ld_b, c, ldc, accumulate, width); break;
-        default: small_rows<T, 4>(K, A, lda, b, ld_b, c, ldc, accumulate, width);
+        case 1:
+          small_rows<T, 1>(K, A, lda, b, ld_b, c, ldc, accumulate, width);
+          break;
+        case 2:
+          small_rows<T, 2>(K, A, lda, b, ld_b, c, ldc, accumulate, width);
+          break;
+        case 3:
+          small_rows<T, 3>(K, A, lda, b, ld_b, c, ldc, accumulate, width);
+          break;
+        default:
+          small_rows<T, 4>(K, A, lda, b, ld_b, c, ldc, accumulate, width);
       }
     }
   });
@@ -132,8 +138,8 @@ int blas_int(int64_t v) {
 }
 
 template <class T>
-void matmul_blas(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
-                 int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+void matmul_blas(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+                 T* C, int64_t ldc, bool accumulate) {
   // Row-major C = A B is column-major C^T = B^T A^T: pass B first.
   const char no = 'N';
   const int m = blas_int(N), n = blas_int(M), k = blas_int(K);
@@ -176,8 +182,8 @@ void product(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
 }  // namespace
 
 template <class T>
-void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
-            T* C, int64_t ldc, bool accumulate) {
+void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+            int64_t ldc, bool accumulate) {
   product<T>(M, N, K, A, lda, B, ldb, C, ldc, accumulate, /*panels=*/false);
 }
 
@@ -195,9 +201,9 @@ Panels pack_panels(const at::Tensor& b) {
   return {padded.reshape({K, np, P}).permute({1, 0, 2}).contiguous(), K, N};
 }
 
-#define RF_INSTANTIATE(T)                                                                  \
-  template void matmul<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, \
-                          T*, int64_t, bool);                                              \
+#define RF_INSTANTIATE(T)                                                                      \
+  template void matmul<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*, \
+                          int64_t, bool);                                                      \
   template void matmul<T>(int64_t, const T*, int64_t, const Panels&, T*, int64_t, bool);
 RF_INSTANTIATE(float)
 RF_INSTANTIATE(double)

@@ -13,8 +13,8 @@ namespace rnn_fused::cpu {
 // float32 runs oneDNN's JIT micro-kernels (through ATen's brgemm) in cache blocks split
 // over threads where the CPU has AVX-512; float64 and other CPUs use libtorch's BLAS.
 template <class T>
-void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
-            T* C, int64_t ldc, bool accumulate);
+void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+            int64_t ldc, bool accumulate);
 
 // A right-hand side used at every step, repacked as column panels: panel p holds
 // B[:, p*kPanel : (p+1)*kPanel] as a contiguous [K, kPanel] block (zero padded). Read

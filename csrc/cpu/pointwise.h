@@ -73,14 +73,14 @@ void forward_row(const ForwardRow<T>& r, int64_t H) {
 // Pointers into one row of the backward's buffers.
 template <class T>
 struct BackwardRow {
-  const T* dh;      // dL/dh_t: the sum of dh and dh_extra
+  const T* dh;        // dL/dh_t: the sum of dh and dh_extra
   const T* dh_extra;  // or nullptr
-  T* dc;            // dL/dc_t in, dL/dc_{t-1} out (LSTM)
+  T* dc;              // dL/dc_t in, dL/dc_{t-1} out (LSTM)
   const T* saved;
   const T* h_prev;
-  T* dx;            // input-side pre-activation gradients out [gates*H]
-  T* dhh;           // hidden-side ones out (cells with kSplitGrads)
-  T* dh_prev;       // the part of dL/dh_{t-1} not through W_hh (cells with kUsesPrevH)
+  T* dx;       // input-side pre-activation gradients out [gates*H]
+  T* dhh;      // hidden-side ones out (cells with kSplitGrads)
+  T* dh_prev;  // the part of dL/dh_{t-1} not through W_hh (cells with kUsesPrevH)
 };
 
 template <class Cell, class V, class T>

@@ -148,9 +148,9 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 ForwardResult forward_cpu(c10::string_view mode, const at::Tensor& input_,
-                          const std::optional<at::Tensor>& hx,
-                          const std::optional<at::Tensor>& cx, const at::Tensor& w_ih_,
-                          const at::Tensor& w_hh_, const std::optional<at::Tensor>& b_ih_,
+                          const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
+                          const at::Tensor& w_ih_, const at::Tensor& w_hh_,
+                          const std::optional<at::Tensor>& b_ih_,
                           const std::optional<at::Tensor>& b_hh_,
                           const std::optional<at::Tensor>& w_hr_,
                           const std::optional<at::Tensor>& batch_sizes, bool reverse, bool train) {
@@ -175,8 +175,7 @@ ForwardResult forward_cpu(c10::string_view mode, const at::Tensor& input_,
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_fused_forward_cpu", [&] {
     dispatch_cell(p.kind, [&](auto tag) {
       using Tag = decltype(tag);
-      run_forward<Tag::template Cell, scalar_t>(p, train, input, w_ih, w_hh, b_ih, b_hh, w_hr,
-                                                out);
+      run_forward<Tag::template Cell, scalar_t>(p, train, input, w_ih, w_hh, b_ih, b_hh, w_hr, out);
     });
   });
   return {out.output, out.h_state, out.c_state, out.saved, out.h_prev};
@@ -233,15 +232,14 @@ void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output
         matmul<T>(n, dr_rows, Hout, w_hr_panels, dh_step_p, H, false);
       }
       for_each_row(n, GH, [&](int64_t i) {
-        BackwardRow<T> row{
-            p.proj ? dh_step_p + i * H : dh_p + i * Hout,
-            !p.proj && gout_p != nullptr ? gout_p + (r0 + i) * Hout : nullptr,
-            dc_p == nullptr ? nullptr : dc_p + i * H,
-            saved_p + (r0 + i) * SW,
-            hprev_p + (r0 + i) * Hout,
-            dxg_p + (local + i) * GH,
-            dhg_p + (local + i) * GH,
-            dh_p + i * Hout};
+        BackwardRow<T> row{p.proj ? dh_step_p + i * H : dh_p + i * Hout,
+                           !p.proj && gout_p != nullptr ? gout_p + (r0 + i) * Hout : nullptr,
+                           dc_p == nullptr ? nullptr : dc_p + i * H,
+                           saved_p + (r0 + i) * SW,
+                           hprev_p + (r0 + i) * Hout,
+                           dxg_p + (local + i) * GH,
+                           dhg_p + (local + i) * GH,
+                           dh_p + i * Hout};
         backward_row<CellT, T>(row, H);
       });
       // dL/dh_{t-1} = (hidden-side gate gradients) W_hh [+ the direct part the cell wrote].
@@ -254,14 +252,14 @@ void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output
     matmul<T>(I, GH, rows, x_t.data_ptr<T>(), rows, dxg_p, GH, g.grad_w_ih_t.data_ptr<T>(), GH,
               true);
     const at::Tensor h_t = rows_transposed(h_prev_all, rb, rows);
-    matmul<T>(Hout, GH, rows, h_t.data_ptr<T>(), rows, dhg_p, GH, g.grad_w_hh_t.data_ptr<T>(),
-              GH, true);
+    matmul<T>(Hout, GH, rows, h_t.data_ptr<T>(), rows, dhg_p, GH, g.grad_w_hh_t.data_ptr<T>(), GH,
+              true);
     g.grad_b_ih.add_(dxg.narrow(0, 0, rows).sum(0));
     if (Cell::kSplitGrads) g.grad_b_hh.add_(dhg.narrow(0, 0, rows).sum(0));
     if (p.proj) {
       const at::Tensor hu_t = rows_transposed(saved.narrow(1, h_block, H), rb, rows);
-      matmul<T>(H, Hout, rows, hu_t.data_ptr<T>(), rows, dr_p, Hout,
-                g.grad_w_hr_t.data_ptr<T>(), Hout, true);
+      matmul<T>(H, Hout, rows, hu_t.data_ptr<T>(), rows, dr_p, Hout, g.grad_w_hr_t.data_ptr<T>(),
+                Hout, true);
     }
   }
   if (!Cell::kSplitGrads) g.grad_b_hh.copy_(g.grad_b_ih);
