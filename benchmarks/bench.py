@@ -28,7 +28,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rnn_fused.ops import rnn_layer
 
-CELLS = {"LSTM": "LSTM", "GRU": "GRU", "RNN": "RNN_TANH"}
+CELLS = ("LSTM", "GRU", "RNN")
 
 
 @dataclass(frozen=True)
@@ -64,27 +64,6 @@ def torch_module(cell: str, s: Shape, device: str) -> nn.Module:
     return cls(s.I, s.H, num_layers=s.layers, bidirectional=s.bidirectional).to(device)
 
 
-def fused_forward(mode: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The module's layers and directions run through rnn_fused's operator."""
-    dirs = 2 if module.bidirectional else 1
-    for layer in range(module.num_layers):
-        outs = []
-        for d in range(dirs):
-            sfx = f"l{layer}" + ("_reverse" if d else "")
-            out, _, _ = rnn_layer(
-                mode,
-                x,
-                getattr(module, f"weight_ih_{sfx}"),
-                getattr(module, f"weight_hh_{sfx}"),
-                getattr(module, f"bias_ih_{sfx}"),
-                getattr(module, f"bias_hh_{sfx}"),
-                reverse=d == 1,
-            )
-            outs.append(out)
-        x = torch.cat(outs, dim=-1) if dirs == 2 else outs[0]
-    return x
-
-
 def timer(device: str) -> Callable[[Callable[[], object]], float]:
     if device == "cuda":
 
@@ -118,10 +97,10 @@ def side_by_side(a: Callable[[], object], b: Callable[[], object], device: str, 
 
 def bench_row(cell: str, s: Shape, device: str, rounds: int) -> list[dict]:
     torch.manual_seed(0)
-    mode = CELLS[cell]
     module = torch_module(cell, s, device)
+    fused = rnn_fused.replace_rnns(torch_module(cell, s, device))
+    fused.load_state_dict(module.state_dict())
     x = torch.randn(s.T, s.B, s.I, device=device)
-    params = list(module.parameters())
 
     def ref_fwd():
         with torch.no_grad():
@@ -129,18 +108,17 @@ def bench_row(cell: str, s: Shape, device: str, rounds: int) -> list[dict]:
 
     def our_fwd():
         with torch.no_grad():
-            return fused_forward(mode, module, x)
+            return fused(x)[0]
 
-    def train(run: Callable[[], torch.Tensor]) -> Callable[[], list[torch.Tensor]]:
+    def train(m: nn.Module) -> Callable[[], list[torch.Tensor]]:
         def step():
             xg = x.detach().requires_grad_()
-            out = run(xg)
-            return [out, *torch.autograd.grad(out.sum(), [xg, *params])]
+            out = m(xg)[0]
+            return [out, *torch.autograd.grad(out.sum(), [xg, *m.parameters()])]
 
         return step
 
-    ref_train = train(lambda xg: module(xg)[0])
-    our_train = train(lambda xg: fused_forward(mode, module, xg))
+    ref_train, our_train = train(module), train(fused)
 
     rows = []
     for kind, ref, ours in [("fwd", ref_fwd, our_fwd), ("fwd+bwd", ref_train, our_train)]:
