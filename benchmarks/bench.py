@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from rnn_fused.ops import rnn_layer
+import rnn_fused
 
 CELLS = ("LSTM", "GRU", "RNN")
 
