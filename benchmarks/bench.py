@@ -4,7 +4,8 @@ For each grid row and cell it times inference (forward, no grad) and training
 (forward + backward) of torch.nn and of rnn_fused with the same weights and inputs: warm-up,
 then rounds that alternate the two sides (A, B, A, B) so that machine drift hits both, and
 the median of each. Prints a table (times in ms, speed ratio torch/ours, so > 1 means we
-are faster, and the largest absolute difference of outputs and gradients) and writes a CSV.
+are faster, the largest absolute difference of outputs and gradients, and the largest
+relative error ||ours - torch|| / ||torch|| over them) and writes a CSV.
 
     python benchmarks/bench.py [--device cpu|cuda] [--rounds N] [--csv PATH] [--quick]
 """
@@ -126,6 +127,7 @@ def bench_row(cell: str, s: Shape, device: str, rounds: int) -> list[dict]:
         r, o = ref(), ours()
         r, o = (r, o) if isinstance(r, list) else ([r], [o])
         diff = max((a - b).abs().max().item() for a, b in zip(r, o))
+        rel = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(r, o))
         rows.append(
             dict(
                 cell=cell,
@@ -135,6 +137,7 @@ def bench_row(cell: str, s: Shape, device: str, rounds: int) -> list[dict]:
                 ours_ms=t_ours,
                 speedup=t_ref / t_ours,
                 max_abs_diff=diff,
+                max_rel_err=rel,
             )
         )
     return rows
@@ -163,7 +166,7 @@ def main() -> None:
     print("median ms of", args.rounds, "interleaved rounds; speedup = torch / ours (> 1: faster)")
     header = (
         f"{'cell':5} {'shape':20} {'kind':8} {'torch.nn':>9} {'rnn_fused':>9} "
-        f"{'speedup':>8} {'max|diff|':>10}"
+        f"{'speedup':>8} {'max|diff|':>10} {'rel err':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -174,7 +177,8 @@ def main() -> None:
                 rows.append(r)
                 print(
                     f"{r['cell']:5} {r['shape']:20} {r['kind']:8} {r['torch_ms']:9.2f} "
-                    f"{r['ours_ms']:9.2f} {r['speedup']:8.2f} {r['max_abs_diff']:10.1e}",
+                    f"{r['ours_ms']:9.2f} {r['speedup']:8.2f} {r['max_abs_diff']:10.1e} "
+                    f"{r['max_rel_err']:8.1e}",
                     flush=True,
                 )
     path = Path(args.csv)
