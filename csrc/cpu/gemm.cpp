@@ -190,21 +190,68 @@ void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B
 template <class T>
 void matmul(int64_t M, const T* A, int64_t lda, const Panels& B, T* C, int64_t ldc,
             bool accumulate) {
+  TORCH_INTERNAL_ASSERT(B.group == B.N, "a full product needs panels packed in one group");
   product<T>(M, B.N, B.K, A, lda, B.data.data_ptr<T>(), 0, C, ldc, accumulate, /*panels=*/true);
 }
 
-Panels pack_panels(const at::Tensor& b) {
+template <class T>
+void panel_product(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t width,
+                   T* C, int64_t ldc) {
+  constexpr int64_t P = Panels::kPanel;
+  if (M == 0 || width == 0) return;
+  if (K == 0) {
+    for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + width, T(0));
+    return;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (M > kSmallRows && use_brgemm()) {
+      for (int64_t i = 0; i < M; i += kBlockM) {
+        for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
+          at::native::cpublas::brgemm(std::min(kBlockM, M - i), width, std::min(kBlockK, K - k0),
+                                      lda, P, ldc, k0 > 0, A + i * lda + k0, panel + k0 * P,
+                                      C + i * ldc, /*is_vnni=*/false);
+        }
+      }
+      at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+      return;
+    }
+  }
+  for (int64_t i = 0; i < M; i += kSmallRows) {
+    const T* a = A + i * lda;
+    T* c = C + i * ldc;
+    switch (std::min(kSmallRows, M - i)) {
+      case 1:
+        small_rows<T, 1>(K, a, lda, panel, P, c, ldc, false, width);
+        break;
+      case 2:
+        small_rows<T, 2>(K, a, lda, panel, P, c, ldc, false, width);
+        break;
+      case 3:
+        small_rows<T, 3>(K, a, lda, panel, P, c, ldc, false, width);
+        break;
+      default:
+        small_rows<T, 4>(K, a, lda, panel, P, c, ldc, false, width);
+    }
+  }
+}
+
+Panels pack_panels(const at::Tensor& b, int64_t group) {
   const int64_t K = b.size(0), N = b.size(1), P = Panels::kPanel;
-  const int64_t np = (N + P - 1) / P;
-  at::Tensor padded = b;
-  if (np * P != N) padded = at::constant_pad_nd(b, {0, np * P - N});
-  return {padded.reshape({K, np, P}).permute({1, 0, 2}).contiguous(), K, N};
+  group = group > 0 ? group : std::max<int64_t>(N, 1);
+  TORCH_INTERNAL_ASSERT(N % group == 0);
+  const int64_t groups = N / group, per_group = (group + P - 1) / P;
+  at::Tensor grouped = b.reshape({K, groups, group});
+  if (per_group * P != group) grouped = at::constant_pad_nd(grouped, {0, per_group * P - group});
+  at::Tensor data = grouped.reshape({K, groups, per_group, P}).permute({1, 2, 0, 3}).contiguous();
+  return {data, K, N, group, per_group};
 }
 
 #define RF_INSTANTIATE(T)                                                                      \
   template void matmul<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*, \
                           int64_t, bool);                                                      \
-  template void matmul<T>(int64_t, const T*, int64_t, const Panels&, T*, int64_t, bool);
+  template void matmul<T>(int64_t, const T*, int64_t, const Panels&, T*, int64_t, bool);       \
+  template void panel_product<T>(int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*,   \
+                                 int64_t);
 RF_INSTANTIATE(float)
 RF_INSTANTIATE(double)
 #undef RF_INSTANTIATE

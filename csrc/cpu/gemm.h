@@ -16,22 +16,35 @@ template <class T>
 void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
             int64_t ldc, bool accumulate);
 
-// A right-hand side used at every step, repacked as column panels: panel p holds
-// B[:, p*kPanel : (p+1)*kPanel] as a contiguous [K, kPanel] block (zero padded). Read
-// step after step, a panel streams in order and stays in the cache of the thread that
-// owns it; a plain row-major B with a power-of-two row length would thrash cache sets.
+// A right-hand side used at every step, repacked as column panels. Its N columns form
+// groups of `group` columns (the gates of a weight: i, f, g, o); panel j of group g holds
+// columns g*group + j*kPanel .. + kPanel as a contiguous [K, kPanel] block, zero padded at
+// the end of each group. Read step after step, a panel streams in order and stays in the
+// cache of the thread that owns it (a plain row-major B whose row length is a power of two
+// would thrash cache sets), and one thread can own the same units of every gate.
 struct Panels {
   static constexpr int64_t kPanel = 64;
-  at::Tensor data;  // [ceil(N / kPanel), K, kPanel]
-  int64_t K = 0, N = 0;
+  at::Tensor data;  // [groups, panels_per_group, K, kPanel]
+  int64_t K = 0, N = 0, group = 0, per_group = 0;
+
+  template <class T>
+  const T* panel(int64_t g, int64_t j) const {
+    return data.data_ptr<T>() + (g * per_group + j) * K * kPanel;
+  }
 };
 
-// b: [K, N] with any strides (a transposed view is fine).
-Panels pack_panels(const at::Tensor& b);
+// b: [K, N] with any strides (a transposed view is fine); group must divide N (default N).
+Panels pack_panels(const at::Tensor& b, int64_t group = 0);
 
-// C[M, N] = A[M, K] @ B (accumulate: C += ...).
+// C[M, N] = A[M, K] @ B (accumulate: C += ...), B packed with one group.
 template <class T>
 void matmul(int64_t M, const T* A, int64_t lda, const Panels& B, T* C, int64_t ldc,
             bool accumulate);
+
+// C[M, width] = A[M, K] @ one panel (width <= kPanel), on the calling thread: for work
+// already split over threads by the caller.
+template <class T>
+void panel_product(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t width,
+                   T* C, int64_t ldc);
 
 }  // namespace rnn_fused::cpu

@@ -62,12 +62,13 @@ inline void forward_units(const ForwardRow<T>& r, int64_t H, int64_t j) {
   if (r.h_copy != nullptr) L::store(h, r.h_copy + j);
 }
 
+// Units [begin, end) of a row (begin a multiple of the vector width).
 template <template <class> class CellT, class T>
-void forward_row(const ForwardRow<T>& r, int64_t H) {
+void forward_row(const ForwardRow<T>& r, int64_t H, int64_t begin, int64_t end) {
   using Vec = at::vec::Vectorized<T>;
-  int64_t j = 0;
-  for (; j + Vec::size() <= H; j += Vec::size()) forward_units<CellT<Vec>, Vec>(r, H, j);
-  for (; j < H; ++j) forward_units<CellT<T>, T>(r, H, j);
+  int64_t j = begin;
+  for (; j + Vec::size() <= end; j += Vec::size()) forward_units<CellT<Vec>, Vec>(r, H, j);
+  for (; j < end; ++j) forward_units<CellT<T>, T>(r, H, j);
 }
 
 // Pointers into one row of the backward's buffers.

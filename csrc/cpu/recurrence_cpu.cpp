@@ -31,6 +31,8 @@ namespace {
 // them whole (LSTM T=100 B=64 H=512 on the 2-core CPU of DESIGN.md: 8 MiB 140 ms, 1 MiB 170).
 constexpr int64_t kForwardChunkBytes = int64_t(1) << 20;
 constexpr int64_t kBackwardChunkBytes = int64_t(8) << 20;
+// Rows of a forward step task (see run_forward).
+constexpr int64_t kStepRows = 32;
 
 // Consecutive processing steps [s_begin, s_end) whose rows are [row_begin, row_begin + rows).
 struct Chunk {
@@ -93,10 +95,13 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
   const std::vector<Chunk> chunks = make_chunks(p, sizeof(T), kForwardChunkBytes);
   // The products take weights transposed: [in, out], row-major.
   const at::Tensor w_ih_t = w_ih.t().contiguous();
-  const Panels w_hh_t = pack_panels(w_hh.t());
+  const Panels w_hh_t = pack_panels(w_hh.t(), /*group=*/H);  // a group per gate
   const Panels w_hr_t = p.proj ? pack_panels(w_hr->t()) : Panels();
   at::Tensor xg = at::empty({max_rows(chunks), GH}, opts);
   at::Tensor hg = at::empty({p.batch, GH}, opts);
+  // The state a step starts from, when it is not kept for the backward: the step's threads
+  // overwrite h_state while others still read it.
+  at::Tensor h_start = train ? at::Tensor() : at::empty({p.batch, Hout}, opts);
   // Unprojected h of a step when it is not kept in `saved`.
   at::Tensor h_scratch = p.proj && !train ? at::empty({p.batch, H}, opts) : at::Tensor();
 
@@ -116,29 +121,40 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
     matmul<T>(ch.rows, GH, I, x_p + ch.row_begin * I, I, w_ih_t_p, GH, xg_p, GH, false);
     for (int64_t s = ch.s_begin; s < ch.s_end; ++s) {
       const int64_t t = p.step_at(s), n = p.batch_sizes[t], r0 = p.offsets[t];
-      // In training the state each row starts from is kept for the backward.
-      const T* h_prev = h_p;
-      if (train) {
-        std::memcpy(hprev_p + r0 * Hout, h_p, sizeof(T) * n * Hout);
-        h_prev = hprev_p + r0 * Hout;
-      }
-      matmul<T>(n, h_prev, Hout, w_hh_t, hg_p, GH, false);
+      // The state each row starts from; in training it is kept for the backward.
+      T* h_prev = train ? hprev_p + r0 * Hout : h_start.data_ptr<T>();
+      std::memcpy(h_prev, h_p, sizeof(T) * n * Hout);
       // With a projection the cell's h is unprojected: kept in the last saved block.
       T* h_unproj = !p.proj ? nullptr
                     : train ? saved_p + r0 * SW + Cell::kSaved * H
                             : h_scratch.data_ptr<T>();
       const int64_t h_unproj_ld = train ? SW : H;
-      for_each_row(n, GH, [&](int64_t i) {
-        ForwardRow<T> row{xg_p + (r0 - ch.row_begin + i) * GH,
-                          hg_p + i * GH,
-                          b_ih_p,
-                          b_hh_p,
-                          h_prev + i * Hout,
-                          c_p == nullptr ? nullptr : c_p + i * H,
-                          train ? saved_p + (r0 + i) * SW : nullptr,
-                          p.proj ? h_unproj + i * h_unproj_ld : out_p + (r0 + i) * Hout,
-                          p.proj ? nullptr : h_p + i * Hout};
-        forward_row<CellT, T>(row, H);
+      // One task per block of rows and kPanel hidden units: the hidden-side products of its
+      // units in every gate, then the cell math of those units while they are in cache.
+      // Tasks go row block by row block, so that threads mostly write rows of their own.
+      const int64_t row_blocks = (n + kStepRows - 1) / kStepRows, unit_blocks = w_hh_t.per_group;
+      at::parallel_for(0, row_blocks * unit_blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t i0 = (task / unit_blocks) * kStepRows, rows = std::min(kStepRows, n - i0);
+          const int64_t jb = task % unit_blocks;
+          const int64_t u0 = jb * Panels::kPanel, u1 = std::min(H, u0 + Panels::kPanel);
+          for (int64_t k = 0; k < Cell::kGates; ++k) {
+            panel_product<T>(rows, Hout, h_prev + i0 * Hout, Hout, w_hh_t.panel<T>(k, jb), u1 - u0,
+                             hg_p + i0 * GH + k * H + u0, GH);
+          }
+          for (int64_t i = i0; i < i0 + rows; ++i) {
+            ForwardRow<T> row{xg_p + (r0 - ch.row_begin + i) * GH,
+                              hg_p + i * GH,
+                              b_ih_p,
+                              b_hh_p,
+                              h_prev + i * Hout,
+                              c_p == nullptr ? nullptr : c_p + i * H,
+                              train ? saved_p + (r0 + i) * SW : nullptr,
+                              p.proj ? h_unproj + i * h_unproj_ld : out_p + (r0 + i) * Hout,
+                              p.proj ? nullptr : h_p + i * Hout};
+            forward_row<CellT, T>(row, H, u0, u1);
+          }
+        }
       });
       if (p.proj) {
         T* out_rows = out_p + r0 * Hout;
