@@ -12,15 +12,24 @@
 
 namespace rnn_fused::cpu {
 
-// A pointwise pass stays on one thread below this many elements: waking the other
-// threads costs more than the math.
-constexpr int64_t kParallelGrain = 16384;
+// Tiles of a step: kTileRows rows by kTileUnits hidden units. Tiles go row block by row
+// block, so that with a static split threads mostly write rows of their own.
+constexpr int64_t kTileRows = 32;
+constexpr int64_t kTileUnits = 64;
 
+// fn(first row, rows, first unit, end unit) for every tile of an n x H step, split over
+// threads when the step has at least min_parallel units of work (n * H * weight).
 template <class F>
-void for_each_row(int64_t n, int64_t width, const F& f) {
-  const int64_t grain = std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(width, 1));
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) f(i);
+void for_each_tile(int64_t n, int64_t H, int64_t min_parallel, const F& fn) {
+  const int64_t row_blocks = (n + kTileRows - 1) / kTileRows;
+  const int64_t unit_blocks = (H + kTileUnits - 1) / kTileUnits;
+  const int64_t tiles = row_blocks * unit_blocks;
+  const int64_t grain = n * H >= min_parallel ? 1 : std::max<int64_t>(tiles, 1);
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t i0 = (tile / unit_blocks) * kTileRows, u0 = (tile % unit_blocks) * kTileUnits;
+      fn(i0, std::min(kTileRows, n - i0), u0, std::min(H, u0 + kTileUnits));
+    }
   });
 }
 
@@ -103,12 +112,13 @@ inline void backward_units(const BackwardRow<T>& r, int64_t H, int64_t j) {
   if constexpr (Cell::kUsesPrevH) L::store(dh_prev, r.dh_prev + j);
 }
 
+// Units [begin, end) of a row (begin a multiple of the vector width).
 template <template <class> class CellT, class T>
-void backward_row(const BackwardRow<T>& r, int64_t H) {
+void backward_row(const BackwardRow<T>& r, int64_t H, int64_t begin, int64_t end) {
   using Vec = at::vec::Vectorized<T>;
-  int64_t j = 0;
-  for (; j + Vec::size() <= H; j += Vec::size()) backward_units<CellT<Vec>, Vec>(r, H, j);
-  for (; j < H; ++j) backward_units<CellT<T>, T>(r, H, j);
+  int64_t j = begin;
+  for (; j + Vec::size() <= end; j += Vec::size()) backward_units<CellT<Vec>, Vec>(r, H, j);
+  for (; j < end; ++j) backward_units<CellT<T>, T>(r, H, j);
 }
 
 }  // namespace rnn_fused::cpu

@@ -31,8 +31,9 @@ namespace {
 // them whole (LSTM T=100 B=64 H=512 on the 2-core CPU of DESIGN.md: 8 MiB 140 ms, 1 MiB 170).
 constexpr int64_t kForwardChunkBytes = int64_t(1) << 20;
 constexpr int64_t kBackwardChunkBytes = int64_t(8) << 20;
-// Rows of a forward step task (see run_forward).
-constexpr int64_t kStepRows = 32;
+// A backward step's cell derivatives run on one thread below this many units of work:
+// waking the other threads costs more than the math.
+constexpr int64_t kParallelBackwardUnits = 4096;
 
 // Consecutive processing steps [s_begin, s_end) whose rows are [row_begin, row_begin + rows).
 struct Chunk {
@@ -129,33 +130,29 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
                     : train ? saved_p + r0 * SW + Cell::kSaved * H
                             : h_scratch.data_ptr<T>();
       const int64_t h_unproj_ld = train ? SW : H;
-      // One task per block of rows and kPanel hidden units: the hidden-side products of its
-      // units in every gate, then the cell math of those units while they are in cache.
-      // Tasks go row block by row block, so that threads mostly write rows of their own.
-      const int64_t row_blocks = (n + kStepRows - 1) / kStepRows, unit_blocks = w_hh_t.per_group;
-      at::parallel_for(0, row_blocks * unit_blocks, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t task = begin; task < end; ++task) {
-          const int64_t i0 = (task / unit_blocks) * kStepRows, rows = std::min(kStepRows, n - i0);
-          const int64_t jb = task % unit_blocks;
-          const int64_t u0 = jb * Panels::kPanel, u1 = std::min(H, u0 + Panels::kPanel);
-          for (int64_t k = 0; k < Cell::kGates; ++k) {
-            panel_product<T>(rows, Hout, h_prev + i0 * Hout, Hout, w_hh_t.panel<T>(k, jb), u1 - u0,
-                             hg_p + i0 * GH + k * H + u0, GH);
-          }
-          for (int64_t i = i0; i < i0 + rows; ++i) {
-            ForwardRow<T> row{xg_p + (r0 - ch.row_begin + i) * GH,
-                              hg_p + i * GH,
-                              b_ih_p,
-                              b_hh_p,
-                              h_prev + i * Hout,
-                              c_p == nullptr ? nullptr : c_p + i * H,
-                              train ? saved_p + (r0 + i) * SW : nullptr,
-                              p.proj ? h_unproj + i * h_unproj_ld : out_p + (r0 + i) * Hout,
-                              p.proj ? nullptr : h_p + i * Hout};
-            forward_row<CellT, T>(row, H, u0, u1);
-          }
-        }
-      });
+      // Per tile of rows and hidden units: the hidden-side products of its units in every
+      // gate, then the cell math of those units while they are in cache.
+      static_assert(kTileUnits == Panels::kPanel, "a tile's units are one panel per gate");
+      for_each_tile(
+          n, H, /*min_parallel=*/0, [&](int64_t i0, int64_t rows, int64_t u0, int64_t u1) {
+            for (int64_t k = 0; k < Cell::kGates; ++k) {
+              panel_product<T>(rows, Hout, h_prev + i0 * Hout, Hout,
+                               w_hh_t.panel<T>(k, u0 / Panels::kPanel), u1 - u0,
+                               hg_p + i0 * GH + k * H + u0, GH);
+            }
+            for (int64_t i = i0; i < i0 + rows; ++i) {
+              ForwardRow<T> row{xg_p + (r0 - ch.row_begin + i) * GH,
+                                hg_p + i * GH,
+                                b_ih_p,
+                                b_hh_p,
+                                h_prev + i * Hout,
+                                c_p == nullptr ? nullptr : c_p + i * H,
+                                train ? saved_p + (r0 + i) * SW : nullptr,
+                                p.proj ? h_unproj + i * h_unproj_ld : out_p + (r0 + i) * Hout,
+                                p.proj ? nullptr : h_p + i * Hout};
+              forward_row<CellT, T>(row, H, u0, u1);
+            }
+          });
       if (p.proj) {
         T* out_rows = out_p + r0 * Hout;
         matmul<T>(n, h_unproj, h_unproj_ld, w_hr_t, out_rows, Hout, false);
@@ -251,17 +248,20 @@ void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output
           dr_rows[e] = dh_p[e] + (gout_p != nullptr ? gout_p[r0 * Hout + e] : T(0));
         matmul<T>(n, dr_rows, Hout, w_hr_panels, dh_step_p, H, false);
       }
-      for_each_row(n, GH, [&](int64_t i) {
-        BackwardRow<T> row{p.proj ? dh_step_p + i * H : dh_p + i * Hout,
-                           !p.proj && gout_p != nullptr ? gout_p + (r0 + i) * Hout : nullptr,
-                           dc_p == nullptr ? nullptr : dc_p + i * H,
-                           saved_p + (r0 + i) * SW,
-                           hprev_p + (r0 + i) * Hout,
-                           dxg_p + (local + i) * GH,
-                           dhg_p + (local + i) * GH,
-                           dh_p + i * Hout};
-        backward_row<CellT, T>(row, H);
-      });
+      for_each_tile(
+          n, H, kParallelBackwardUnits, [&](int64_t i0, int64_t rows, int64_t u0, int64_t u1) {
+            for (int64_t i = i0; i < i0 + rows; ++i) {
+              BackwardRow<T> row{p.proj ? dh_step_p + i * H : dh_p + i * Hout,
+                                 !p.proj && gout_p != nullptr ? gout_p + (r0 + i) * Hout : nullptr,
+                                 dc_p == nullptr ? nullptr : dc_p + i * H,
+                                 saved_p + (r0 + i) * SW,
+                                 hprev_p + (r0 + i) * Hout,
+                                 dxg_p + (local + i) * GH,
+                                 dhg_p + (local + i) * GH,
+                                 dh_p + i * Hout};
+              backward_row<CellT, T>(row, H, u0, u1);
+            }
+          });
       // dL/dh_{t-1} = (hidden-side gate gradients) W_hh [+ the direct part the cell wrote].
       matmul<T>(n, dhg_p + local * GH, GH, w_hh_panels, dh_p, Hout, Cell::kUsesPrevH);
     }
