@@ -468,6 +468,12 @@ class _CellBase(_Convertible, nn.Module):
         )
         return h_n, c_n
 
+    def _forward_hidden_only(self, name: str, input: Tensor, hx: Tensor | None) -> Tensor:
+        """forward of the cells whose only state is h (GRUCell, RNNCell)."""
+        input, (h,), is_batched = self._inputs(name, input, [hx], ["hidden"])
+        h, _ = self._step(input, h, None)
+        return h if is_batched else h.squeeze(0)
+
     def _inputs(self, name: str, input: Tensor, states: list[Tensor | None], labels: list[str]):
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
@@ -506,9 +512,7 @@ class RNNCell(_CellBase):
         super().__init__(mode, input_size, hidden_size, bias, device, dtype)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
-        input, (h,), is_batched = self._inputs("RNNCell", input, [hx], ["hidden"])
-        h, _ = self._step(input, h, None)
-        return h if is_batched else h.squeeze(0)
+        return self._forward_hidden_only("RNNCell", input, hx)
 
 
 class GRUCell(_CellBase):
@@ -522,9 +526,7 @@ class GRUCell(_CellBase):
         super().__init__("GRU", input_size, hidden_size, bias, device, dtype)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
-        input, (h,), is_batched = self._inputs("GRUCell", input, [hx], ["hidden"])
-        h, _ = self._step(input, h, None)
-        return h if is_batched else h.squeeze(0)
+        return self._forward_hidden_only("GRUCell", input, hx)
 
 
 class LSTMCell(_CellBase):

@@ -102,6 +102,22 @@ void small_rows(int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* 
     small_rows_block<T, kRows, false>(K, A, lda, B, ldb, C, ldc, accumulate, width);
 }
 
+// M rows, 1 <= M <= kSmallRows.
+template <class T>
+void small_rows(int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                int64_t ldc, bool accumulate, int64_t width) {
+  switch (M) {
+    case 1:
+      return small_rows<T, 1>(K, A, lda, B, ldb, C, ldc, accumulate, width);
+    case 2:
+      return small_rows<T, 2>(K, A, lda, B, ldb, C, ldc, accumulate, width);
+    case 3:
+      return small_rows<T, 3>(K, A, lda, B, ldb, C, ldc, accumulate, width);
+    default:
+      return small_rows<T, 4>(K, A, lda, B, ldb, C, ldc, accumulate, width);
+  }
+}
+
 // M <= kSmallRows. Threads split the column panels, so a thread reads the same panels of a
 // per-step weight at every step and keeps them in its cache.
 template <class T>
@@ -113,20 +129,7 @@ void matmul_small_rows(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
       const int64_t j = jb * Panels::kPanel, width = std::min(Panels::kPanel, N - j);
       const T* b = panels ? B + jb * K * Panels::kPanel : B + j;
       const int64_t ld_b = panels ? Panels::kPanel : ldb;
-      T* c = C + j;
-      switch (M) {
-        case 1:
-          small_rows<T, 1>(K, A, lda, b, ld_b, c, ldc, accumulate, width);
-          break;
-        case 2:
-          small_rows<T, 2>(K, A, lda, b, ld_b, c, ldc, accumulate, width);
-          break;
-        case 3:
-          small_rows<T, 3>(K, A, lda, b, ld_b, c, ldc, accumulate, width);
-          break;
-        default:
-          small_rows<T, 4>(K, A, lda, b, ld_b, c, ldc, accumulate, width);
-      }
+      small_rows<T>(M, K, A, lda, b, ld_b, C + j, ldc, accumulate, width);
     }
   });
 }
@@ -217,21 +220,8 @@ void panel_product(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel
     }
   }
   for (int64_t i = 0; i < M; i += kSmallRows) {
-    const T* a = A + i * lda;
-    T* c = C + i * ldc;
-    switch (std::min(kSmallRows, M - i)) {
-      case 1:
-        small_rows<T, 1>(K, a, lda, panel, P, c, ldc, false, width);
-        break;
-      case 2:
-        small_rows<T, 2>(K, a, lda, panel, P, c, ldc, false, width);
-        break;
-      case 3:
-        small_rows<T, 3>(K, a, lda, panel, P, c, ldc, false, width);
-        break;
-      default:
-        small_rows<T, 4>(K, a, lda, panel, P, c, ldc, false, width);
-    }
+    small_rows<T>(std::min(kSmallRows, M - i), K, A + i * lda, lda, panel, P, C + i * ldc, ldc,
+                  false, width);
   }
 }
 
