@@ -33,8 +33,26 @@ constexpr int64_t kBlockK = 512;
 // reading B; a register-blocked loop over B's rows beats a GEMM kernel's set-up there.
 constexpr int64_t kSmallRows = 4;
 
+// ATen's fp32 brgemm (oneDNN micro-kernels) came with torch 2.6, which defines
+// CPUBLAS_BRGEMM_F32F32F32 with it; older builds take the BLAS path.
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
+constexpr bool kHasBrgemm = true;
+void brgemm(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add_c,
+            const float* A, const float* B, float* C) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add_c, A, B, C, /*is_vnni=*/false);
+}
+void brgemm_release() { at::native::cpublas::brgemm_release(/*is_vnni=*/false); }
+#else
+constexpr bool kHasBrgemm = false;
+void brgemm(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, const float*, const float*,
+            float*) {
+  TORCH_INTERNAL_ASSERT(false, "brgemm used without ATen's fp32 brgemm");
+}
+void brgemm_release() {}
+#endif
+
 bool use_brgemm() {
-  static const bool ok = __builtin_cpu_supports("avx512f");
+  static const bool ok = kHasBrgemm && __builtin_cpu_supports("avx512f");
   return ok;
 }
 
@@ -50,12 +68,11 @@ void brgemm_blocks(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
       const float* b = panels ? B + jb * K * kBlockN : B + j;
       const int64_t ld_b = panels ? kBlockN : ldb;
       for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
-        at::native::cpublas::brgemm(m, n, std::min(kBlockK, K - k0), lda, ld_b, ldc,
-                                    accumulate || k0 > 0, A + i * lda + k0, b + k0 * ld_b,
-                                    C + i * ldc + j, /*is_vnni=*/false);
+        brgemm(m, n, std::min(kBlockK, K - k0), lda, ld_b, ldc, accumulate || k0 > 0,
+               A + i * lda + k0, b + k0 * ld_b, C + i * ldc + j);
       }
     }
-    at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+    brgemm_release();
   });
 }
 
@@ -210,12 +227,11 @@ void panel_product(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel
     if (M > kSmallRows && use_brgemm()) {
       for (int64_t i = 0; i < M; i += kBlockM) {
         for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
-          at::native::cpublas::brgemm(std::min(kBlockM, M - i), width, std::min(kBlockK, K - k0),
-                                      lda, P, ldc, k0 > 0, A + i * lda + k0, panel + k0 * P,
-                                      C + i * ldc, /*is_vnni=*/false);
+          brgemm(std::min(kBlockM, M - i), width, std::min(kBlockK, K - k0), lda, P, ldc, k0 > 0,
+                 A + i * lda + k0, panel + k0 * P, C + i * ldc);
         }
       }
-      at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+      brgemm_release();
       return;
     }
   }

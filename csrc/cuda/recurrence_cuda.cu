@@ -1,0 +1,295 @@
+// The CUDA recurrence, standard path: the input projection of all rows as one GEMM; per
+// step one GEMM h W_hh^T (cuBLAS on the current stream and handle) and one fused pointwise
+// kernel; backward per step one pointwise kernel and one GEMM dG W_hh, then dX and the
+// weight and bias gradients over all rows. No allocation, synchronisation or atomics
+// inside the loops, so runs are bitwise reproducible and capturable in a CUDA graph.
+//
+// Half types: GEMMs accumulate in float and write float pre-activations; the cell state
+// and the carried gradients stay in float (A = at::opmath_type<T>).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <tuple>
+#include <type_traits>
+
+#include "../problem.h"
+#include "step_kernels.cuh"
+
+namespace rnn_fused::cuda {
+namespace {
+
+template <class T>
+constexpr cudaDataType_t cuda_type() {
+  if constexpr (std::is_same_v<T, double>) return CUDA_R_64F;
+  if constexpr (std::is_same_v<T, float>) return CUDA_R_32F;
+  if constexpr (std::is_same_v<T, at::Half>) return CUDA_R_16F;
+  return CUDA_R_16BF;
+}
+
+int blas_int(int64_t v) {
+  TORCH_CHECK(v >= 0 && v <= INT_MAX, "rnn_fused: matrix size ", v, " does not fit cuBLAS");
+  return static_cast<int>(v);
+}
+
+// Row-major C[M, N] = A[M, K] @ (trans_b ? B^T : B), or C += ...; A and B of type T, C of
+// type CT (T, or float for half types). cuBLAS is column-major: compute C^T = op(B)^T A^T,
+// on PyTorch's handle for the current stream (which also carries its TF32 setting).
+template <class T, class CT>
+void gemm(bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+          int64_t ldb, CT* C, int64_t ldc, bool accumulate) {
+  if (M == 0 || N == 0) return;
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const int m = blas_int(N), n = blas_int(M), k = blas_int(K);
+  const int la = blas_int(std::max<int64_t>(ldb, 1)), lb = blas_int(std::max<int64_t>(lda, 1));
+  const int lc = blas_int(ldc);
+  if constexpr (std::is_same_v<T, double> || std::is_same_v<T, float>) {
+    static_assert(std::is_same_v<T, CT>);
+    const T one = 1, beta = accumulate ? 1 : 0;
+    if constexpr (std::is_same_v<T, double>) {
+      TORCH_CUDABLAS_CHECK(
+          cublasDgemm(handle, op_b, CUBLAS_OP_N, m, n, k, &one, B, la, A, lb, &beta, C, lc));
+    } else {
+      TORCH_CUDABLAS_CHECK(
+          cublasSgemm(handle, op_b, CUBLAS_OP_N, m, n, k, &one, B, la, A, lb, &beta, C, lc));
+    }
+  } else {
+    const float one = 1, beta = accumulate ? 1 : 0;
+    TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, op_b, CUBLAS_OP_N, m, n, k, &one, B, cuda_type<T>(),
+                                      la, A, cuda_type<T>(), lb, &beta, C, cuda_type<CT>(), lc,
+                                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
+}
+
+template <class T>
+const T* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
+void copy_rows(void* dst, const void* src, int64_t bytes, cudaStream_t stream) {
+  if (bytes > 0) {
+    C10_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream));
+  }
+}
+
+struct ForwardBuffers {
+  at::Tensor output, h_state, c_state, saved, h_prev, xg, hg, h_start, h_scratch;
+};
+
+template <template <class> class CellT, class T>
+void run_forward(const Problem& p, bool train, const at::Tensor& input, const at::Tensor& w_ih,
+                 const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                 const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+                 ForwardBuffers& f) {
+  using A = at::opmath_type<T>;
+  using Cell = CellT<A>;
+  const int64_t H = p.hidden, Hout = p.out_size, GH = p.gate_width(), SW = p.saved_width();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const T* w_hh_p = w_hh.data_ptr<T>();
+  const T* w_hr_p = ptr_or_null<T>(w_hr);
+  const T* b_ih_p = ptr_or_null<T>(b_ih);
+  const T* b_hh_p = ptr_or_null<T>(b_hh);
+  A* xg = f.xg.data_ptr<A>();
+  A* hg = f.hg.data_ptr<A>();
+  T* out = f.output.data_ptr<T>();
+  T* h_state = f.h_state.data_ptr<T>();
+  A* c_state = Cell::kCellState ? f.c_state.data_ptr<A>() : nullptr;
+  T* saved = train ? f.saved.data_ptr<T>() : nullptr;
+
+  gemm<T, A>(true, p.rows, GH, p.input_size, input.data_ptr<T>(), p.input_size, w_ih.data_ptr<T>(),
+             p.input_size, xg, GH, false);
+  for (int64_t s = 0; s < p.steps; ++s) {
+    const int64_t t = p.step_at(s), n = p.batch_sizes[t], r0 = p.offsets[t];
+    // The state the step starts from: the pointwise kernel overwrites h_state.
+    T* h_prev = train ? f.h_prev.data_ptr<T>() + r0 * Hout : f.h_start.data_ptr<T>();
+    copy_rows(h_prev, h_state, sizeof(T) * n * Hout, stream);
+    gemm<T, A>(true, n, GH, Hout, h_prev, Hout, w_hh_p, Hout, hg, GH, false);
+    // With a projection the cell's h is unprojected: kept in the last saved block.
+    T* h_unproj = !p.proj ? nullptr
+                  : train ? saved + r0 * SW + Cell::kSaved * H
+                          : f.h_scratch.data_ptr<T>();
+    const int64_t ld_unproj = train ? SW : H;
+    if (n * H > 0) {
+      forward_step_kernel<Cell, T, A><<<blocks_for(n * H), kThreads, 0, stream>>>(
+          n, H, xg + r0 * GH, hg, b_ih_p, b_hh_p, h_prev, Hout, c_state,
+          train ? saved + r0 * SW : nullptr, SW, p.proj ? h_unproj : out + r0 * Hout,
+          p.proj ? ld_unproj : Hout, p.proj ? nullptr : h_state, Hout);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (p.proj) {
+      gemm<T, T>(true, n, Hout, H, h_unproj, ld_unproj, w_hr_p, H, out + r0 * Hout, Hout, false);
+      copy_rows(h_state, out + r0 * Hout, sizeof(T) * n * Hout, stream);
+    }
+  }
+}
+
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+ForwardResult forward_cuda(c10::string_view mode, const at::Tensor& input_,
+                           const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
+                           const at::Tensor& w_ih_, const at::Tensor& w_hh_,
+                           const std::optional<at::Tensor>& b_ih_,
+                           const std::optional<at::Tensor>& b_hh_,
+                           const std::optional<at::Tensor>& w_hr_,
+                           const std::optional<at::Tensor>& batch_sizes, bool reverse, bool train) {
+  const Problem p = make_problem(std::string(mode.data(), mode.size()), input_, hx, cx, w_ih_,
+                                 w_hh_, b_ih_, b_hh_, w_hr_, batch_sizes, reverse);
+  const c10::cuda::CUDAGuard guard(input_.device());
+  const at::Tensor input = input_.contiguous(), w_ih = w_ih_.contiguous(),
+                   w_hh = w_hh_.contiguous();
+  const auto b_ih = contiguous(b_ih_), b_hh = contiguous(b_hh_), w_hr = contiguous(w_hr_);
+  const auto opts = input.options();
+  const auto acc = opts.dtype(at::toOpMathType(input.scalar_type()));
+  const bool lstm = p.kind == CellKind::LSTM;
+  const int64_t kept_rows = train ? p.rows : 0;
+
+  ForwardBuffers f;
+  f.output = p.packed ? at::empty({p.rows, p.out_size}, opts)
+                      : at::empty({p.steps, p.batch, p.out_size}, opts);
+  f.h_state = hx.has_value() ? hx->contiguous().clone() : at::zeros({p.batch, p.out_size}, opts);
+  f.c_state = !lstm            ? at::empty({0}, acc)
+              : cx.has_value() ? cx->to(acc.dtype()).contiguous().clone()
+                               : at::zeros({p.batch, p.hidden}, acc);
+  f.saved = at::empty({kept_rows, p.saved_width()}, opts);
+  f.h_prev = at::empty({kept_rows, p.out_size}, opts);
+  f.xg = at::empty({p.rows, p.gate_width()}, acc);
+  f.hg = at::empty({p.batch, p.gate_width()}, acc);
+  f.h_start = at::empty({train ? 0 : p.batch, p.out_size}, opts);
+  f.h_scratch = at::empty({p.proj && !train ? p.batch : 0, p.hidden}, opts);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "rnn_fused_forward_cuda", [&] {
+                                    dispatch_cell(p.kind, [&](auto tag) {
+                                      using Tag = decltype(tag);
+                                      run_forward<Tag::template Cell, scalar_t>(
+                                          p, train, input, w_ih, w_hh, b_ih, b_hh, w_hr, f);
+                                    });
+                                  });
+  at::Tensor c_n = lstm ? f.c_state.to(input.scalar_type()) : at::empty({0}, opts);
+  return {f.output, f.h_state, c_n, f.saved, f.h_prev};
+}
+
+struct BackwardBuffers {
+  at::Tensor dh_state, dc_state, dxg, dhg, dr, dh_step;
+};
+
+template <template <class> class CellT, class T>
+void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output,
+                  const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                  const at::Tensor& saved, const at::Tensor& h_prev_all, BackwardBuffers& g) {
+  using A = at::opmath_type<T>;
+  using Cell = CellT<A>;
+  const int64_t H = p.hidden, Hout = p.out_size, GH = p.gate_width(), SW = p.saved_width();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const T* gout = ptr_or_null<T>(grad_output);
+  const T* w_hh_p = w_hh.data_ptr<T>();
+  const T* w_hr_p = ptr_or_null<T>(w_hr);
+  const T* saved_p = saved.data_ptr<T>();
+  const T* hprev = h_prev_all.data_ptr<T>();
+  A* dh_state = g.dh_state.data_ptr<A>();
+  A* dc = Cell::kCellState ? g.dc_state.data_ptr<A>() : nullptr;
+  T* dxg = g.dxg.data_ptr<T>();
+  T* dhg = g.dhg.data_ptr<T>();
+  T* dr = p.proj ? g.dr.data_ptr<T>() : nullptr;
+  A* dh_step = p.proj ? g.dh_step.data_ptr<A>() : nullptr;
+
+  for (int64_t s = p.steps - 1; s >= 0; --s) {
+    const int64_t t = p.step_at(s), n = p.batch_sizes[t], r0 = p.offsets[t];
+    if (p.proj && n * Hout > 0) {
+      // dL/dr_t = grad_output_t + dL/dr_t carried from the next step; then through W_hr.
+      add_rows_kernel<T, A><<<blocks_for(n * Hout), kThreads, 0, stream>>>(
+          n * Hout, gout == nullptr ? nullptr : gout + r0 * Hout, dh_state, dr + r0 * Hout);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      gemm<T, A>(false, n, H, Hout, dr + r0 * Hout, Hout, w_hr_p, H, dh_step, H, false);
+    }
+    if (n * H > 0) {
+      backward_step_kernel<Cell, T, A><<<blocks_for(n * H), kThreads, 0, stream>>>(
+          n, H, p.proj ? dh_step : dh_state, p.proj ? H : Hout,
+          !p.proj && gout != nullptr ? gout + r0 * Hout : nullptr, Hout, dc, saved_p + r0 * SW, SW,
+          hprev + r0 * Hout, Hout, dxg + r0 * GH, dhg + r0 * GH);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    // dL/dh_{t-1} = (hidden-side gate gradients) W_hh [+ the direct part the kernel wrote].
+    gemm<T, A>(false, n, Hout, GH, dhg + r0 * GH, GH, w_hh_p, Hout, dh_state, Hout,
+               Cell::kUsesPrevH);
+  }
+}
+
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                  at::Tensor, at::Tensor, at::Tensor>;
+
+BackwardResult backward_cuda(c10::string_view mode, const std::optional<at::Tensor>& grad_output_,
+                             const std::optional<at::Tensor>& grad_h_n,
+                             const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input_,
+                             const std::optional<at::Tensor>& hx, const at::Tensor& w_ih_,
+                             const at::Tensor& w_hh_, const std::optional<at::Tensor>& w_hr_,
+                             const std::optional<at::Tensor>& batch_sizes, bool reverse,
+                             const at::Tensor& saved_, const at::Tensor& h_prev_) {
+  const Problem p =
+      make_problem(std::string(mode.data(), mode.size()), input_, hx, std::nullopt, w_ih_, w_hh_,
+                   std::nullopt, std::nullopt, w_hr_, batch_sizes, reverse);
+  check_backward_args(p, grad_output_, grad_h_n, grad_c_n, saved_, h_prev_);
+  const c10::cuda::CUDAGuard guard(input_.device());
+  const at::Tensor input = input_.contiguous(), w_ih = w_ih_.contiguous(),
+                   w_hh = w_hh_.contiguous(), saved = saved_.contiguous(),
+                   h_prev_all = h_prev_.contiguous();
+  const auto w_hr = contiguous(w_hr_), grad_output = contiguous(grad_output_);
+  const auto opts = input.options();
+  const auto acc = opts.dtype(at::toOpMathType(input.scalar_type()));
+  const bool lstm = p.kind == CellKind::LSTM, split = p.kind == CellKind::GRU;
+
+  BackwardBuffers g;
+  g.dh_state = grad_h_n.has_value() ? grad_h_n->to(acc.dtype()).contiguous().clone()
+                                    : at::zeros({p.batch, p.out_size}, acc);
+  g.dc_state = !lstm                  ? at::empty({0}, acc)
+               : grad_c_n.has_value() ? grad_c_n->to(acc.dtype()).contiguous().clone()
+                                      : at::zeros({p.batch, p.hidden}, acc);
+  g.dxg = at::empty({p.rows, p.gate_width()}, opts);
+  g.dhg = split ? at::empty({p.rows, p.gate_width()}, opts) : g.dxg;
+  g.dr = p.proj ? at::empty({p.rows, p.out_size}, opts) : at::Tensor();
+  g.dh_step = p.proj ? at::empty({p.batch, p.hidden}, acc) : at::Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "rnn_fused_backward_cuda", [&] {
+                                    dispatch_cell(p.kind, [&](auto tag) {
+                                      using Tag = decltype(tag);
+                                      run_backward<Tag::template Cell, scalar_t>(
+                                          p, grad_output, w_hh, w_hr, saved, h_prev_all, g);
+                                    });
+                                  });
+
+  const at::Tensor x2d = input.reshape({p.rows, p.input_size});
+  at::Tensor grad_w_hr = at::empty({0}, opts);
+  if (p.proj) {
+    const int64_t h_block = saved_blocks_of(p.kind, false) * p.hidden;
+    grad_w_hr = at::mm(g.dr.t(), saved.narrow(1, h_block, p.hidden));
+  }
+  at::Tensor grad_b_ih = g.dxg.sum(0);
+  return {at::mm(g.dxg, w_ih).view(input.sizes()),
+          g.dh_state.to(input.scalar_type()),
+          lstm ? g.dc_state.to(input.scalar_type()) : at::empty({0}, opts),
+          at::mm(g.dxg.t(), x2d),
+          at::mm(g.dhg.t(), h_prev_all),
+          grad_b_ih,
+          split ? g.dhg.sum(0) : grad_b_ih.clone(),
+          grad_w_hr};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rnn_fused, CUDA, m) {
+  m.impl("forward", &forward_cuda);
+  m.impl("backward", &backward_cuda);
+}
+
+}  // namespace rnn_fused::cuda

@@ -1,0 +1,170 @@
+"""The CUDA operators: every cell, dtype, bias, h0, direction, packed and projection
+against reference.py in float64; gradcheck on CUDA; CPU and CUDA agree; every output
+element written; bitwise reproducible; non-default streams and CUDA graph capture. These
+run wherever a GPU is present."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import CELLS, Layer, make_layer, make_states, rand, seed, weighted_sum
+from tolerances import GRADCHECK, assert_close, rel_err
+
+from rnn_fused import reference
+from rnn_fused.ops import rnn_layer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+DEV = "cuda"
+
+
+def _case(mode, dtype, *, bias=True, with_h0=True, reverse=False, packed=False, proj=0):
+    layer = make_layer(mode, 5, 33, bias=bias, proj=proj, dtype=dtype, device=DEV)
+    h0, c0 = make_states(layer, 3, dtype=dtype, device=DEV) if with_h0 or packed else (None, None)
+    kw = dict(reverse=reverse, w_hr=layer.w_hr)
+    if packed:
+        kw["batch_sizes"] = torch.tensor([3, 3, 2, 2, 1, 1, 1])
+        x = rand(13, 5, dtype=dtype, device=DEV)
+    else:
+        x = rand(7, 3, 5, dtype=dtype, device=DEV)
+    return layer, x, h0, c0, kw
+
+
+def _run(fn, layer, x, h0, c0, kw, weights=None):
+    out = fn(layer.mode, x, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh, h0, c0, **kw)
+    leaves = [x, *layer.tensors(), *(t for t in (h0, c0) if t is not None)]
+    weights = weights or [torch.randn_like(o) for o in out if o is not None]
+    return (
+        [o for o in out if o is not None],
+        torch.autograd.grad(weighted_sum(out, weights), leaves),
+        weights,
+    )
+
+
+def _to64(layer, x, h0, c0, kw):
+    def conv(t):
+        return None if t is None else t.detach().double().requires_grad_()
+
+    l64 = Layer(
+        layer.mode,
+        *(conv(t) for t in (layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh)),
+        conv(layer.w_hr),
+    )
+    kw64 = dict(kw, w_hr=l64.w_hr)
+    return l64, conv(x), conv(h0), conv(c0), kw64
+
+
+FEATURES = ["plain", "nobias", "noh0", "reverse", "packed", "packed-reverse", "proj"]
+CASES = [(m, f) for m in CELLS for f in FEATURES if f != "proj" or m == "LSTM"]
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str
+)
+@pytest.mark.parametrize(("mode", "feature"), CASES)
+def test_cuda_matches_float64_reference(mode, feature, dtype):
+    seed(mode, feature, dtype)
+    case = _case(
+        mode,
+        dtype,
+        bias=feature != "nobias",
+        with_h0=feature != "noh0",
+        reverse="reverse" in feature,
+        packed="packed" in feature,
+        proj=2 if feature == "proj" else 0,
+    )
+    out, grads, weights = _run(rnn_layer, *case)
+    case64 = _to64(*case)
+    w64 = [w.double() for w in weights]
+    ref, ref_grads, _ = _run(reference.rnn_layer, *case64, weights=w64)
+    if dtype in (torch.float32, torch.float64):
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        for a, b in zip([*out, *grads], [*ref, *ref_grads]):
+            assert rel_err(a, b) < tol
+        return
+    # Half types: no worse than twice the error of the reference run in the same dtype.
+    same, same_grads, _ = _run(reference.rnn_layer, *case, weights=weights)
+    for a, s, b in zip([*out, *grads], [*same, *same_grads], [*ref, *ref_grads]):
+        assert rel_err(a, b) <= 2 * rel_err(s, b) + 1e-3
+
+
+@pytest.mark.parametrize("mode", CELLS)
+def test_cuda_gradcheck(mode):
+    seed("gradcheck", mode)
+    layer, x, h0, c0, kw = _case(mode, torch.float64, packed=True, reverse=True)
+
+    def fn(x, *params):
+        return tuple(o for o in rnn_layer(mode, x, *params[:4], *params[4:], **kw) if o is not None)
+
+    inputs = [
+        x,
+        layer.w_ih,
+        layer.w_hh,
+        layer.b_ih,
+        layer.b_hh,
+        h0,
+        *([c0] if c0 is not None else []),
+    ]
+    assert torch.autograd.gradcheck(fn, inputs, **GRADCHECK)
+
+
+@pytest.mark.parametrize("mode", CELLS)
+def test_cpu_and_cuda_agree(mode):
+    seed("cpu-cuda", mode)
+    case = _case(mode, torch.float64, packed=True)
+    out, grads, weights = _run(rnn_layer, *case)
+    layer, x, h0, c0, kw = case
+
+    def cpu(t):
+        return None if t is None else t.detach().cpu().requires_grad_()
+
+    lc = Layer(mode, *(cpu(t) for t in (layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh)), None)
+    out_c, grads_c, _ = _run(
+        rnn_layer, lc, cpu(x), cpu(h0), cpu(c0), kw, weights=[w.cpu() for w in weights]
+    )
+    for a, b in zip([*out, *grads], [*out_c, *grads_c]):
+        assert_close(a.cpu(), b)
+
+
+@pytest.mark.parametrize("mode", CELLS)
+def test_outputs_fully_written_and_reproducible(mode):
+    seed("poison", mode)
+    layer, x, h0, c0, kw = _case(mode, torch.float32)
+    # A NaN-filled block goes back to the caching allocator, for the outputs to reuse.
+    poison = torch.full((1 << 22,), float("nan"), device=DEV)
+    del poison
+    first, grads, weights = _run(rnn_layer, layer, x, h0, c0, kw)
+    for t in [*first, *grads]:
+        assert torch.isfinite(t).all()
+    second, grads2, _ = _run(rnn_layer, layer, x, h0, c0, kw, weights=weights)
+    for a, b in zip([*first, *grads], [*second, *grads2]):
+        assert torch.equal(a, b), "two runs must agree bit for bit"
+
+
+def test_non_default_stream_and_graph_capture():
+    seed("graph")
+    layer, x, h0, c0, kw = _case("LSTM", torch.float32)
+    expected, expected_grads, weights = _run(rnn_layer, layer, x, h0, c0, kw)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out, grads, _ = _run(rnn_layer, layer, x, h0, c0, kw, weights=weights)
+    torch.cuda.current_stream().wait_stream(stream)
+    for a, b in zip([*out, *grads], [*expected, *expected_grads]):
+        assert torch.equal(a, b)
+
+    static_x = x.detach().clone().requires_grad_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):  # warm-up on the capture stream
+        _run(rnn_layer, layer, static_x, h0, c0, kw, weights=weights)
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        g_out, g_grads, _ = _run(rnn_layer, layer, static_x, h0, c0, kw, weights=weights)
+    new_x = rand(*x.shape, dtype=x.dtype, device=DEV)
+    static_x.data.copy_(new_x)
+    graph.replay()
+    ref_out, ref_grads, _ = _run(
+        rnn_layer, layer, new_x.requires_grad_(), h0, c0, kw, weights=weights
+    )
+    for a, b in zip([*g_out, *g_grads], [*ref_out, *ref_grads]):
+        assert_close(a, b)
