@@ -2,12 +2,18 @@
 
 For each grid row and cell it times inference (forward, no grad) and training
 (forward + backward) of torch.nn and of rnn_fused with the same weights and inputs: warm-up,
-then rounds that alternate the two sides (A, B, A, B) so that machine drift hits both, and
-the median of each. Prints a table (times in ms, speed ratio torch/ours, so > 1 means we
-are faster, the largest absolute difference of outputs and gradients, and the largest
-relative error ||ours - torch|| / ||torch|| over them) and writes a CSV.
+then rounds that alternate the sides (A, B, A, B) so that machine drift hits all of them,
+and the median of each. CPU times with perf_counter, CUDA with events. Prints a table
+(times in ms; speedup = baseline / ours, so > 1 means we are faster; the largest absolute
+difference of outputs and gradients and the largest relative error ||ours - base|| /
+||base||) and writes a CSV (and, with --markdown, a markdown table).
 
-    python benchmarks/bench.py [--device cpu|cuda] [--rounds N] [--csv PATH] [--quick]
+On CUDA the baseline is eager cuDNN in the same dtype (fp32 with TF32 off on both sides,
+and bf16), and the table adds cuDNN replayed from a CUDA graph (forward) and torch.nn with
+cuDNN disabled.
+
+    python benchmarks/bench.py [--device cpu|cuda] [--rounds N] [--csv PATH]
+                               [--markdown PATH] [--quick]
 """
 
 from __future__ import annotations
@@ -50,19 +56,30 @@ class Shape:
         )
 
 
-# DESIGN.md's CPU grid: (T, B, I, H, layers, bidirectional).
+# DESIGN.md's grids: (T, B, I, H, layers, bidirectional).
 CPU_GRID = [
     Shape(100, 64, 512, 512),
     Shape(100, 1, 256, 256),
     Shape(200, 16, 128, 128),
     Shape(50, 32, 256, 256, 2, True),
 ]
+CUDA_GRID = [
+    Shape(100, 64, 512, 512),
+    Shape(100, 1, 512, 512),
+    Shape(100, 8, 512, 512),
+    Shape(100, 1, 1024, 1024),
+    Shape(50, 256, 1024, 1024),
+    Shape(1000, 16, 128, 128),
+    Shape(100, 32, 256, 256, 2, True),
+    Shape(25, 64, 1024, 1024),
+]
 QUICK_GRID = [Shape(20, 4, 32, 32), Shape(10, 1, 16, 16, 2, True)]
 
 
-def torch_module(cell: str, s: Shape, device: str) -> nn.Module:
+def torch_module(cell: str, s: Shape, device: str, dtype: torch.dtype) -> nn.Module:
     cls = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN}[cell]
-    return cls(s.I, s.H, num_layers=s.layers, bidirectional=s.bidirectional).to(device)
+    m = cls(s.I, s.H, num_layers=s.layers, bidirectional=s.bidirectional)
+    return m.to(device=device, dtype=dtype)
 
 
 def timer(device: str) -> Callable[[Callable[[], object]], float]:
@@ -86,60 +103,121 @@ def timer(device: str) -> Callable[[Callable[[], object]], float]:
     return cpu_time
 
 
-def side_by_side(a: Callable[[], object], b: Callable[[], object], device: str, rounds: int):
+def interleaved(sides: dict[str, Callable[[], object]], device: str, rounds: int):
+    """Median ms of each side, the sides alternating within every round, after a warm-up."""
     measure = timer(device)
-    a(), b()  # warm-up
-    ta, tb = [], []
+    for fn in sides.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(rounds):
-        ta.append(measure(a))
-        tb.append(measure(b))
-    return statistics.median(ta), statistics.median(tb)
+        for name, fn in sides.items():
+            times[name].append(measure(fn))
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def bench_row(cell: str, s: Shape, device: str, rounds: int) -> list[dict]:
+def compare(base: list[torch.Tensor], ours: list[torch.Tensor]) -> tuple[float, float]:
+    """Largest absolute difference and largest relative error over pairs of tensors."""
+    diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(ours, base))
+    rel = max(
+        ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+        for a, b in zip(ours, base)
+    )
+    return diff, rel
+
+
+def inference(m: nn.Module, x: torch.Tensor) -> Callable[[], list[torch.Tensor]]:
+    def run():
+        with torch.no_grad():
+            return [m(x)[0]]
+
+    return run
+
+
+def training(m: nn.Module, x: torch.Tensor) -> Callable[[], list[torch.Tensor]]:
+    def run():
+        xg = x.detach().requires_grad_()
+        out = m(xg)[0]
+        return [out, *torch.autograd.grad(out.float().sum(), [xg, *m.parameters()])]
+
+    return run
+
+
+def bench_cpu(cell: str, s: Shape, rounds: int) -> list[dict]:
     torch.manual_seed(0)
-    module = torch_module(cell, s, device)
-    fused = rnn_fused.replace_rnns(torch_module(cell, s, device))
+    module = torch_module(cell, s, "cpu", torch.float32)
+    fused = rnn_fused.replace_rnns(torch_module(cell, s, "cpu", torch.float32))
     fused.load_state_dict(module.state_dict())
-    x = torch.randn(s.T, s.B, s.I, device=device)
-
-    def ref_fwd():
-        with torch.no_grad():
-            return module(x)[0]
-
-    def our_fwd():
-        with torch.no_grad():
-            return fused(x)[0]
-
-    def train(m: nn.Module) -> Callable[[], list[torch.Tensor]]:
-        def step():
-            xg = x.detach().requires_grad_()
-            out = m(xg)[0]
-            return [out, *torch.autograd.grad(out.sum(), [xg, *m.parameters()])]
-
-        return step
-
-    ref_train, our_train = train(module), train(fused)
-
+    x = torch.randn(s.T, s.B, s.I)
     rows = []
-    for kind, ref, ours in [("fwd", ref_fwd, our_fwd), ("fwd+bwd", ref_train, our_train)]:
-        t_ref, t_ours = side_by_side(ref, ours, device, rounds)
-        r, o = ref(), ours()
-        r, o = (r, o) if isinstance(r, list) else ([r], [o])
-        diff = max((a - b).abs().max().item() for a, b in zip(r, o))
-        rel = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(r, o))
+    for kind, make in [("fwd", inference), ("fwd+bwd", training)]:
+        base, ours = make(module, x), make(fused, x)
+        t = interleaved({"torch.nn": base, "rnn_fused": ours}, "cpu", rounds)
+        diff, rel = compare(base(), ours())
         rows.append(
             dict(
                 cell=cell,
                 shape=str(s),
+                dtype="fp32",
                 kind=kind,
-                torch_ms=t_ref,
-                ours_ms=t_ours,
-                speedup=t_ref / t_ours,
+                **t,
+                speedup=t["torch.nn"] / t["rnn_fused"],
                 max_abs_diff=diff,
                 max_rel_err=rel,
             )
         )
+    return rows
+
+
+def cudnn_graph(m: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """m's forward captured in a CUDA graph: cuDNN without the host's launch overhead."""
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(2):
+            m(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        m(static_x)
+    return graph.replay
+
+
+def bench_cuda(cell: str, s: Shape, rounds: int) -> list[dict]:
+    rows = []
+    for dtype, name in [(torch.float32, "fp32"), (torch.bfloat16, "bf16")]:
+        torch.manual_seed(0)
+        module = torch_module(cell, s, "cuda", dtype)
+        fused = rnn_fused.replace_rnns(torch_module(cell, s, "cuda", dtype))
+        fused.load_state_dict(module.state_dict())
+        x = torch.randn(s.T, s.B, s.I, device="cuda", dtype=dtype)
+
+        def no_cudnn(run):
+            def wrapped():
+                with torch.backends.cudnn.flags(enabled=False):
+                    return run()
+
+            return wrapped
+
+        for kind, make in [("fwd", inference), ("fwd+bwd", training)]:
+            base, ours = make(module, x), make(fused, x)
+            sides = {"cuDNN": base, "rnn_fused": ours, "cuDNN off": no_cudnn(make(module, x))}
+            if kind == "fwd":
+                sides["cuDNN graph"] = cudnn_graph(module, x)
+            t = interleaved(sides, "cuda", rounds)
+            diff, rel = compare(base(), ours())
+            rows.append(
+                dict(
+                    cell=cell,
+                    shape=str(s),
+                    dtype=name,
+                    kind=kind,
+                    **t,
+                    speedup=t["cuDNN"] / t["rnn_fused"],
+                    max_abs_diff=diff,
+                    max_rel_err=rel,
+                )
+            )
     return rows
 
 
@@ -148,49 +226,85 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--csv", default="benchmarks/out/bench.csv")
+    parser.add_argument("--markdown", default=None, help="also write a markdown table here")
     parser.add_argument("--quick", action="store_true", help="a tiny grid, for a smoke run")
     args = parser.parse_args()
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    has_cuda_kernels = torch._C._dispatch_has_kernel_for_dispatch_key("rnn_fused::forward", "CUDA")
-    if device == "cuda" and not has_cuda_kernels:
-        print("rnn_fused has no CUDA kernels yet: benchmarking on the CPU instead")
-        device = "cpu"
-    grid = QUICK_GRID if args.quick else CPU_GRID
-
-    print(
-        f"rnn_fused vs torch.nn on {device}: torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-        f"{dt.date.today()}"
-    )
-    print("median ms of", args.rounds, "interleaved rounds; speedup = torch / ours (> 1: faster)")
+    if device == "cuda":
+        # Same precision on both sides: fp32 without TF32 (bf16 rows are bf16 on both).
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        grid = QUICK_GRID if args.quick else CUDA_GRID
+        columns = ["cuDNN", "rnn_fused", "cuDNN graph", "cuDNN off"]
+        what = (
+            f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, "
+            f"cuDNN {torch.backends.cudnn.version()}"
+        )
+    else:
+        grid = QUICK_GRID if args.quick else CPU_GRID
+        columns = ["torch.nn", "rnn_fused"]
+        what = f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
     header = (
-        f"{'cell':5} {'shape':20} {'kind':8} {'torch.nn':>9} {'rnn_fused':>9} "
-        f"{'speedup':>8} {'max|diff|':>10} {'rel err':>8}"
+        f"rnn_fused vs torch.nn on {device}: torch {torch.__version__}, {what}, {dt.date.today()}"
     )
     print(header)
-    print("-" * len(header))
+    print(f"median ms of {args.rounds} interleaved rounds; speedup = {columns[0]} / rnn_fused")
+    names = ["cell", "shape", "dtype", "kind", *columns, "speedup", "max|diff|", "rel err"]
+    widths = [5, 20, 5, 8, *[11] * len(columns), 8, 10, 8]
+    print(
+        " ".join(
+            f"{n:>{w}}" if i > 3 else f"{n:{w}}" for i, (n, w) in enumerate(zip(names, widths))
+        )
+    )
     rows = []
     for s in grid:
         for cell in CELLS:
-            for r in bench_row(cell, s, device, args.rounds):
+            for r in (bench_cuda if device == "cuda" else bench_cpu)(cell, s, args.rounds):
                 rows.append(r)
+                cells = [r["cell"], r["shape"], r["dtype"], r["kind"]]
+                cells += [f"{r.get(c, float('nan')):.2f}" for c in columns]
+                cells += [
+                    f"{r['speedup']:.2f}",
+                    f"{r['max_abs_diff']:.1e}",
+                    f"{r['max_rel_err']:.1e}",
+                ]
                 print(
-                    f"{r['cell']:5} {r['shape']:20} {r['kind']:8} {r['torch_ms']:9.2f} "
-                    f"{r['ours_ms']:9.2f} {r['speedup']:8.2f} {r['max_abs_diff']:10.1e} "
-                    f"{r['max_rel_err']:8.1e}",
+                    " ".join(
+                        f"{c:>{w}}" if i > 3 else f"{c:{w}}"
+                        for i, (c, w) in enumerate(zip(cells, widths))
+                    ),
                     flush=True,
                 )
+    write_outputs(rows, columns, header, args)
+
+
+def write_outputs(rows: list[dict], columns: list[str], header: str, args) -> None:
     path = Path(args.csv)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fields = ["cell", "shape", "dtype", "kind", *columns, "speedup", "max_abs_diff", "max_rel_err"]
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*rows[0].keys(), "device", "torch", "date"])
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
-        for r in rows:
-            writer.writerow(
-                {**r, "device": device, "torch": torch.__version__, "date": dt.date.today()}
-            )
+        writer.writerows(rows)
     print(f"wrote {path}")
+    if args.markdown:
+        lines = [
+            f"# {header}",
+            "",
+            f"Median ms of {args.rounds} interleaved rounds; speedup = "
+            f"{columns[0]} / rnn_fused (> 1: rnn_fused faster).",
+            "",
+            "| " + " | ".join(fields) + " |",
+            "|" + "---|" * len(fields),
+        ]
+        for r in rows:
+            vals = [r["cell"], r["shape"], r["dtype"], r["kind"]]
+            vals += [f"{r.get(c, float('nan')):.3f}" for c in columns]
+            vals += [f"{r['speedup']:.2f}", f"{r['max_abs_diff']:.1e}", f"{r['max_rel_err']:.1e}"]
+            lines.append("| " + " | ".join(vals) + " |")
+        Path(args.markdown).write_text("\n".join(lines) + "\n")
+        print(f"wrote {args.markdown}")
 
 
 if __name__ == "__main__":
