@@ -97,6 +97,9 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.given = (hx is not None, cx is not None, b_ih is not None, w_hr is not None)
     ctx.save_for_backward(input, hx, w_ih, w_hh, w_hr, batch_sizes, saved, h_prev)
     ctx.mark_non_differentiable(saved, h_prev)
+    # Outputs without a gradient reach the backward as None instead of zero-filled tensors
+    # (the saved workspace alone is several times the output).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_saved, _grad_h_prev):
