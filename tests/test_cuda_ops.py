@@ -130,8 +130,10 @@ def test_cpu_and_cuda_agree(mode):
 def test_outputs_fully_written_and_reproducible(mode):
     seed("poison", mode)
     layer, x, h0, c0, kw = _case(mode, torch.float32)
-    # A NaN-filled block goes back to the caching allocator, for the outputs to reuse.
-    poison = torch.full((1 << 22,), float("nan"), device=DEV)
+    # NaN-filled blocks go back to the caching allocator's small pool (blocks up to 1 MiB),
+    # where the outputs and gradients of this size are then carved from.
+    torch.cuda.empty_cache()
+    poison = [torch.full((1 << 18,), float("nan"), device=DEV) for _ in range(16)]
     del poison
     first, grads, weights = _run(rnn_layer, layer, x, h0, c0, kw)
     for t in [*first, *grads]:
@@ -161,7 +163,8 @@ def test_non_default_stream_and_graph_capture():
     with torch.cuda.graph(graph):
         g_out, g_grads, _ = _run(rnn_layer, layer, static_x, h0, c0, kw, weights=weights)
     new_x = rand(*x.shape, dtype=x.dtype, device=DEV)
-    static_x.data.copy_(new_x)
+    with torch.no_grad():
+        static_x.copy_(new_x)
     graph.replay()
     ref_out, ref_grads, _ = _run(
         rnn_layer, layer, new_x.requires_grad_(), h0, c0, kw, weights=weights

@@ -39,12 +39,12 @@ int blas_int(int64_t v) {
 
 // Row-major C[M, N] = A[M, K] @ (trans_b ? B^T : B), or C += ...; A and B of type T, C of
 // type CT (T, or float for half types). cuBLAS is column-major: compute C^T = op(B)^T A^T,
-// on PyTorch's handle for the current stream (which also carries its TF32 setting).
+// on PyTorch's handle for the current stream (at::cuda::getCurrentCUDABlasHandle(), which
+// also carries PyTorch's TF32 setting), fetched once per operator call.
 template <class T, class CT>
-void gemm(bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
-          int64_t ldb, CT* C, int64_t ldc, bool accumulate) {
+void gemm(cublasHandle_t handle, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
+          int64_t lda, const T* B, int64_t ldb, CT* C, int64_t ldc, bool accumulate) {
   if (M == 0 || N == 0) return;
-  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
   const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   const int m = blas_int(N), n = blas_int(M), k = blas_int(K);
   const int la = blas_int(std::max<int64_t>(ldb, 1)), lb = blas_int(std::max<int64_t>(lda, 1));
@@ -95,6 +95,7 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
   using Cell = CellT<A>;
   const int64_t H = p.hidden, Hout = p.out_size, GH = p.gate_width(), SW = p.saved_width();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cublasHandle_t blas = at::cuda::getCurrentCUDABlasHandle();
   const T* w_hh_p = w_hh.data_ptr<T>();
   const T* w_hr_p = ptr_or_null<T>(w_hr);
   const T* b_ih_p = ptr_or_null<T>(b_ih);
@@ -106,14 +107,18 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
   A* c_state = Cell::kCellState ? f.c_state.data_ptr<A>() : nullptr;
   T* saved = train ? f.saved.data_ptr<T>() : nullptr;
 
-  gemm<T, A>(true, p.rows, GH, p.input_size, input.data_ptr<T>(), p.input_size, w_ih.data_ptr<T>(),
-             p.input_size, xg, GH, false);
+  gemm<T, A>(blas, true, p.rows, GH, p.input_size, input.data_ptr<T>(), p.input_size,
+             w_ih.data_ptr<T>(), p.input_size, xg, GH, false);
   for (int64_t s = 0; s < p.steps; ++s) {
     const int64_t t = p.step_at(s), n = p.batch_sizes[t], r0 = p.offsets[t];
-    // The state the step starts from: the pointwise kernel overwrites h_state.
-    T* h_prev = train ? f.h_prev.data_ptr<T>() + r0 * Hout : f.h_start.data_ptr<T>();
-    copy_rows(h_prev, h_state, sizeof(T) * n * Hout, stream);
-    gemm<T, A>(true, n, GH, Hout, h_prev, Hout, w_hh_p, Hout, hg, GH, false);
+    // The state the step starts from: kept for the backward in training, and copied for a
+    // cell whose kernel reads it (GRU) while other threads overwrite h_state.
+    T* h_prev = h_state;
+    if (train || Cell::kUsesPrevH) {
+      h_prev = train ? f.h_prev.data_ptr<T>() + r0 * Hout : f.h_start.data_ptr<T>();
+      copy_rows(h_prev, h_state, sizeof(T) * n * Hout, stream);
+    }
+    gemm<T, A>(blas, true, n, GH, Hout, h_prev, Hout, w_hh_p, Hout, hg, GH, false);
     // With a projection the cell's h is unprojected: kept in the last saved block.
     T* h_unproj = !p.proj ? nullptr
                   : train ? saved + r0 * SW + Cell::kSaved * H
@@ -127,7 +132,8 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (p.proj) {
-      gemm<T, T>(true, n, Hout, H, h_unproj, ld_unproj, w_hr_p, H, out + r0 * Hout, Hout, false);
+      gemm<T, T>(blas, true, n, Hout, H, h_unproj, ld_unproj, w_hr_p, H, out + r0 * Hout, Hout,
+                 false);
       copy_rows(h_state, out + r0 * Hout, sizeof(T) * n * Hout, stream);
     }
   }
@@ -191,6 +197,7 @@ void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output
   using Cell = CellT<A>;
   const int64_t H = p.hidden, Hout = p.out_size, GH = p.gate_width(), SW = p.saved_width();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cublasHandle_t blas = at::cuda::getCurrentCUDABlasHandle();
   const T* gout = ptr_or_null<T>(grad_output);
   const T* w_hh_p = w_hh.data_ptr<T>();
   const T* w_hr_p = ptr_or_null<T>(w_hr);
@@ -210,7 +217,7 @@ void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output
       add_rows_kernel<T, A><<<blocks_for(n * Hout), kThreads, 0, stream>>>(
           n * Hout, gout == nullptr ? nullptr : gout + r0 * Hout, dh_state, dr + r0 * Hout);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      gemm<T, A>(false, n, H, Hout, dr + r0 * Hout, Hout, w_hr_p, H, dh_step, H, false);
+      gemm<T, A>(blas, false, n, H, Hout, dr + r0 * Hout, Hout, w_hr_p, H, dh_step, H, false);
     }
     if (n * H > 0) {
       backward_step_kernel<Cell, T, A><<<blocks_for(n * H), kThreads, 0, stream>>>(
@@ -220,7 +227,7 @@ void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     // dL/dh_{t-1} = (hidden-side gate gradients) W_hh [+ the direct part the kernel wrote].
-    gemm<T, A>(false, n, Hout, GH, dhg + r0 * GH, GH, w_hh_p, Hout, dh_state, Hout,
+    gemm<T, A>(blas, false, n, Hout, GH, dhg + r0 * GH, GH, w_hh_p, Hout, dh_state, Hout,
                Cell::kUsesPrevH);
   }
 }
