@@ -86,24 +86,35 @@ void small_rows_block(int64_t K, const T* A, int64_t lda, const T* B, int64_t ld
   const auto lanes = [&](int64_t v) {
     return kFull ? Vec::size() : std::clamp<int64_t>(width - v * Vec::size(), 0, Vec::size());
   };
-  Vec acc[kRows][kVecs];
-  for (int64_t m = 0; m < kRows; ++m)
-    for (int64_t v = 0; v < kVecs; ++v) acc[m][v] = Vec(T(0));
-  for (int64_t k = 0; k < K; ++k) {
+  // With one or two rows, 4 or 8 chains of dependent FMAs cannot fill the FMA units: run
+  // two sets of accumulators over alternate rows of B and add them at the end.
+  constexpr int64_t kSets = kRows <= 2 ? 2 : 1;
+  Vec acc[kSets][kRows][kVecs];
+  for (int64_t s = 0; s < kSets; ++s)
+    for (int64_t m = 0; m < kRows; ++m)
+      for (int64_t v = 0; v < kVecs; ++v) acc[s][m][v] = Vec(T(0));
+  const auto step = [&](int64_t k, Vec(&sum)[kRows][kVecs]) {
     const T* b = B + k * ldb;
     Vec bv[kVecs];
     for (int64_t v = 0; v < kVecs; ++v)
       bv[v] = kFull ? Vec::loadu(b + v * Vec::size()) : Vec::loadu(b + v * Vec::size(), lanes(v));
     for (int64_t m = 0; m < kRows; ++m) {
       const Vec a(A[m * lda + k]);
-      for (int64_t v = 0; v < kVecs; ++v) acc[m][v] = at::vec::fmadd(a, bv[v], acc[m][v]);
+      for (int64_t v = 0; v < kVecs; ++v) sum[m][v] = at::vec::fmadd(a, bv[v], sum[m][v]);
     }
-  }
+  };
+  int64_t k = 0;
+  for (; k + kSets <= K; k += kSets)
+    for (int64_t s = 0; s < kSets; ++s) step(k + s, acc[s]);
+  for (; k < K; ++k) step(k, acc[0]);
+  for (int64_t s = 1; s < kSets; ++s)
+    for (int64_t m = 0; m < kRows; ++m)
+      for (int64_t v = 0; v < kVecs; ++v) acc[0][m][v] = acc[0][m][v] + acc[s][m][v];
   for (int64_t m = 0; m < kRows; ++m) {
     T* c = C + m * ldc;
     for (int64_t v = 0; v < kVecs; ++v) {
       if (lanes(v) == 0) continue;
-      Vec out = acc[m][v];
+      Vec out = acc[0][m][v];
       if (accumulate) out = out + Vec::loadu(c + v * Vec::size(), lanes(v));
       out.store(c + v * Vec::size(), lanes(v));
     }
