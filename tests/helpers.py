@@ -11,6 +11,8 @@ from torch import Tensor
 from rnn_fused.ops import GATES, MODES
 
 CELLS = MODES
+# Module-level tests run on every device present: CUDA variants wherever a GPU is.
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
 @dataclass

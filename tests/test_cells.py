@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import seed
+from helpers import DEVICES, seed
 from tolerances import assert_close
 from torch import nn
 
@@ -18,10 +18,10 @@ CELLS = {
 }
 
 
-def _pair(name, hidden=5, bias=True, dtype=torch.float64):
+def _pair(name, hidden=5, bias=True, dtype=torch.float64, device="cpu"):
     theirs_cls, ours_cls, kw = CELLS[name]
-    theirs = theirs_cls(3, hidden, bias=bias, dtype=dtype, **kw)
-    ours = ours_cls(3, hidden, bias=bias, dtype=dtype, **kw)
+    theirs = theirs_cls(3, hidden, bias=bias, dtype=dtype, device=device, **kw)
+    ours = ours_cls(3, hidden, bias=bias, dtype=dtype, device=device, **kw)
     ours.load_state_dict(theirs.state_dict())
     return theirs, ours
 
@@ -30,18 +30,19 @@ def _tensors(out):
     return list(out) if isinstance(out, tuple) else [out]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("form", ["batched", "unbatched", "no-hx"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("name", list(CELLS))
-def test_cell_matches_torch_nn(name, bias, form, dtype):
+def test_cell_matches_torch_nn(name, bias, form, dtype, device):
     seed(name, bias, form, dtype)
-    theirs, ours = _pair(name, bias=bias, dtype=dtype)
+    theirs, ours = _pair(name, bias=bias, dtype=dtype, device=device)
     shape = (3,) if form == "unbatched" else (4, 3)
     state_shape = (5,) if form == "unbatched" else (4, 5)
-    x = torch.randn(*shape, dtype=dtype)
-    h = torch.randn(*state_shape, dtype=dtype)
-    c = torch.randn(*state_shape, dtype=dtype)
+    x = torch.randn(*shape, dtype=dtype, device=device)
+    h = torch.randn(*state_shape, dtype=dtype, device=device)
+    c = torch.randn(*state_shape, dtype=dtype, device=device)
 
     def run(module):
         xi = x.clone().requires_grad_()

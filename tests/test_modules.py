@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from helpers import seed
+from helpers import DEVICES, seed
 from tolerances import assert_close
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -25,13 +25,13 @@ LAYERS = {
 }
 
 
-def _pair(cell: str, dtype=torch.float64, **kw):
+def _pair(cell: str, dtype=torch.float64, device="cpu", **kw):
     """A torch.nn module and ours with the same weights."""
     theirs_cls, ours_cls = LAYERS[cell]
     if cell.startswith("RNN"):
         kw["nonlinearity"] = cell[4:].lower()
-    theirs = theirs_cls(**kw, dtype=dtype)
-    ours = ours_cls(**kw, dtype=dtype)
+    theirs = theirs_cls(**kw, dtype=dtype, device=device)
+    ours = ours_cls(**kw, dtype=dtype, device=device)
     ours.load_state_dict(theirs.state_dict())
     return theirs, ours
 
@@ -45,7 +45,7 @@ def _flat(out) -> list[torch.Tensor]:
     return [t for o in out for t in _flat(o)]
 
 
-def _compare(theirs, ours, make_args, dtype) -> None:
+def _compare(theirs, ours, make_args) -> None:
     args_t, args_o = make_args(), make_args()
     out_t, out_o = _flat(theirs(*args_t)), _flat(ours(*args_o))
     assert len(out_t) == len(out_o)
@@ -84,18 +84,19 @@ def _sweep_case(index: int):
     return cell, kw, form, T, B, lengths, rng.random() < 0.5
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("index", range(200))
-def test_sweep_matches_torch_nn_float64(index):
+def test_sweep_matches_torch_nn_float64(index, device):
     cell, kw, form, T, B, lengths, with_hx = _sweep_case(index)
     seed("sweep", index)
-    dtype = torch.float64
-    theirs, ours = _pair(cell, dtype, **kw)
+    dt = dict(dtype=torch.float64, device=device)
+    theirs, ours = _pair(cell, **dt, **kw)
     D = (2 if kw["bidirectional"] else 1) * kw["num_layers"]
     out_size = kw.get("proj_size") or kw["hidden_size"]
-    x = torch.randn(T, B, kw["input_size"], dtype=dtype)
+    x = torch.randn(T, B, kw["input_size"], **dt)
     batch = B if form != "unbatched" else None
-    h0 = torch.randn(D, *([batch] if batch else []), out_size, dtype=dtype)
-    c0 = torch.randn(D, *([batch] if batch else []), kw["hidden_size"], dtype=dtype)
+    h0 = torch.randn(D, *([batch] if batch else []), out_size, **dt)
+    c0 = torch.randn(D, *([batch] if batch else []), kw["hidden_size"], **dt)
 
     def make_args():
         xi = x.clone().requires_grad_()
@@ -112,7 +113,7 @@ def test_sweep_matches_torch_nn_float64(index):
             return (inp, h)
         return (inp, (h, c0.clone().requires_grad_()))
 
-    _compare(theirs, ours, make_args, dtype)
+    _compare(theirs, ours, make_args)
 
 
 @pytest.mark.parametrize("index", range(0, 200, 10))
@@ -129,7 +130,6 @@ def test_sweep_matches_torch_nn_float32(index):
             if not kw["batch_first"]
             else (x.transpose(0, 1).clone().requires_grad_(),)
         ),
-        torch.float32,
     )
 
 
