@@ -61,4 +61,14 @@ void check_backward_args(const Problem& p, const std::optional<at::Tensor>& grad
                          const std::optional<at::Tensor>& grad_c_n, const at::Tensor& saved,
                          const at::Tensor& h_prev);
 
+// Argument helpers of the engines.
+template <class T>
+const T* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+inline std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
 }  // namespace rnn_fused

@@ -3,8 +3,9 @@
 // Steps run in chunks of consecutive steps (their rows are contiguous) sized so that a
 // chunk's gate buffer stays in cache:
 //   forward:  per chunk, the input projection X W_ih^T of all its rows as one product;
-//             per step, one product h W_hh^T and one fused pass of the cell math, keeping
-//             what the backward needs (in training).
+//             per step and tile of rows and hidden units, the product h W_hh^T for the
+//             tile's units in every gate, then the cell math of those units, keeping what
+//             the backward needs (in training).
 //   backward: per step, one fused pass of the cell derivative and one product dG W_hh;
 //             per chunk, dX = dG W_ih and the weight and bias gradients accumulated.
 // Chunking keeps the large per-row gate matrices out of memory: only the per-row values
@@ -64,15 +65,6 @@ int64_t max_rows(const std::vector<Chunk>& chunks) {
   int64_t m = 0;
   for (const Chunk& c : chunks) m = std::max(m, c.rows);
   return m;
-}
-
-template <class T>
-const T* ptr_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<T>() : nullptr;
-}
-
-std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
 }
 
 // Rows [begin, begin + n) of a 2-D tensor, transposed into a new contiguous tensor.

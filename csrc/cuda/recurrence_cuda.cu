@@ -67,15 +67,6 @@ void gemm(cublasHandle_t handle, bool trans_b, int64_t M, int64_t N, int64_t K, 
   }
 }
 
-template <class T>
-const T* ptr_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<T>() : nullptr;
-}
-
-std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
-}
-
 void copy_rows(void* dst, const void* src, int64_t bytes, cudaStream_t stream) {
   if (bytes > 0) {
     C10_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream));
