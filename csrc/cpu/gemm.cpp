@@ -227,19 +227,20 @@ void matmul(int64_t M, const T* A, int64_t lda, const Panels& B, T* C, int64_t l
 
 template <class T>
 void panel_product(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t width,
-                   T* C, int64_t ldc) {
+                   T* C, int64_t ldc, bool accumulate) {
   constexpr int64_t P = Panels::kPanel;
   if (M == 0 || width == 0) return;
   if (K == 0) {
-    for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + width, T(0));
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + width, T(0));
     return;
   }
   if constexpr (std::is_same_v<T, float>) {
     if (M > kSmallRows && use_brgemm()) {
       for (int64_t i = 0; i < M; i += kBlockM) {
         for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
-          brgemm(std::min(kBlockM, M - i), width, std::min(kBlockK, K - k0), lda, P, ldc, k0 > 0,
-                 A + i * lda + k0, panel + k0 * P, C + i * ldc);
+          brgemm(std::min(kBlockM, M - i), width, std::min(kBlockK, K - k0), lda, P, ldc,
+                 accumulate || k0 > 0, A + i * lda + k0, panel + k0 * P, C + i * ldc);
         }
       }
       brgemm_release();
@@ -248,7 +249,7 @@ void panel_product(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel
   }
   for (int64_t i = 0; i < M; i += kSmallRows) {
     small_rows<T>(std::min(kSmallRows, M - i), K, A + i * lda, lda, panel, P, C + i * ldc, ldc,
-                  false, width);
+                  accumulate, width);
   }
 }
 
@@ -268,7 +269,7 @@ Panels pack_panels(const at::Tensor& b, int64_t group) {
                           int64_t, bool);                                                      \
   template void matmul<T>(int64_t, const T*, int64_t, const Panels&, T*, int64_t, bool);       \
   template void panel_product<T>(int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*,   \
-                                 int64_t);
+                                 int64_t, bool);
 RF_INSTANTIATE(float)
 RF_INSTANTIATE(double)
 #undef RF_INSTANTIATE

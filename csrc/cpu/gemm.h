@@ -41,10 +41,10 @@ template <class T>
 void matmul(int64_t M, const T* A, int64_t lda, const Panels& B, T* C, int64_t ldc,
             bool accumulate);
 
-// C[M, width] = A[M, K] @ one panel (width <= kPanel), on the calling thread: for work
-// already split over threads by the caller.
+// C[M, width] = A[M, K] @ one panel (width <= kPanel), or C += ..., on the calling thread:
+// for work already split over threads by the caller.
 template <class T>
 void panel_product(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t width,
-                   T* C, int64_t ldc);
+                   T* C, int64_t ldc, bool accumulate = false);
 
 }  // namespace rnn_fused::cpu

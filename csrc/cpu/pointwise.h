@@ -2,8 +2,6 @@
 // cell math of cell_math.h on SIMD vectors of hidden units and a scalar tail.
 #pragma once
 
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <cstdint>
 
@@ -12,25 +10,22 @@
 
 namespace rnn_fused::cpu {
 
-// Tiles of a step: kTileRows rows by kTileUnits hidden units. Tiles go row block by row
-// block, so that with a static split threads mostly write rows of their own.
+// Tiles of a step: kTileRows rows by kTileUnits hidden units, numbered row block by row
+// block, so that a static split gives each thread mostly rows of its own.
 constexpr int64_t kTileRows = 32;
 constexpr int64_t kTileUnits = 64;
 
-// fn(first row, rows, first unit, end unit) for every tile of an n x H step, split over
-// threads when the step has at least min_parallel units of work (n * H * weight).
-template <class F>
-void for_each_tile(int64_t n, int64_t H, int64_t min_parallel, const F& fn) {
-  const int64_t row_blocks = (n + kTileRows - 1) / kTileRows;
-  const int64_t unit_blocks = (H + kTileUnits - 1) / kTileUnits;
-  const int64_t tiles = row_blocks * unit_blocks;
-  const int64_t grain = n * H >= min_parallel ? 1 : std::max<int64_t>(tiles, 1);
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t i0 = (tile / unit_blocks) * kTileRows, u0 = (tile % unit_blocks) * kTileUnits;
-      fn(i0, std::min(kTileRows, n - i0), u0, std::min(H, u0 + kTileUnits));
-    }
-  });
+struct Tile {
+  int64_t i0, rows, u0, u1;  // rows [i0, i0 + rows), units [u0, u1)
+};
+
+inline int64_t unit_blocks(int64_t H) { return (H + kTileUnits - 1) / kTileUnits; }
+inline int64_t tile_count(int64_t n, int64_t H) {
+  return (n + kTileRows - 1) / kTileRows * unit_blocks(H);
+}
+inline Tile tile_at(int64_t tile, int64_t n, int64_t H) {
+  const int64_t i0 = tile / unit_blocks(H) * kTileRows, u0 = tile % unit_blocks(H) * kTileUnits;
+  return {i0, std::min(kTileRows, n - i0), u0, std::min(H, u0 + kTileUnits)};
 }
 
 // Pointers into one row of the forward's buffers.

@@ -22,6 +22,7 @@
 #include "../problem.h"
 #include "gemm.h"
 #include "pointwise.h"
+#include "team.h"
 
 namespace rnn_fused::cpu {
 namespace {
@@ -32,9 +33,14 @@ namespace {
 // them whole (LSTM T=100 B=64 H=512 on the 2-core CPU of DESIGN.md: 8 MiB 140 ms, 1 MiB 170).
 constexpr int64_t kForwardChunkBytes = int64_t(1) << 20;
 constexpr int64_t kBackwardChunkBytes = int64_t(8) << 20;
-// A backward step's cell derivatives run on one thread below this many units of work:
-// waking the other threads costs more than the math.
-constexpr int64_t kParallelBackwardUnits = 4096;
+// Steps with fewer multiply-adds than this run on one thread: below it a barrier between
+// threads costs more than the work it splits.
+constexpr int64_t kParallelStepWork = 32768;
+
+int step_threads(const Problem& p) {
+  const int64_t work = p.batch * p.gate_width() * (p.out_size + 8);
+  return work < kParallelStepWork ? 1 : at::get_num_threads();
+}
 
 // Consecutive processing steps [s_begin, s_end) whose rows are [row_begin, row_begin + rows).
 struct Chunk {
@@ -110,47 +116,58 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
   T* saved_p = train ? out.saved.data_ptr<T>() : nullptr;
   T* hprev_p = train ? out.h_prev.data_ptr<T>() : nullptr;
 
+  static_assert(kTileUnits == Panels::kPanel, "a tile's units are one panel per gate");
   for (const Chunk& ch : chunks) {
     matmul<T>(ch.rows, GH, I, x_p + ch.row_begin * I, I, w_ih_t_p, GH, xg_p, GH, false);
-    for (int64_t s = ch.s_begin; s < ch.s_end; ++s) {
-      const int64_t t = p.step_at(s), n = p.batch_sizes[t], r0 = p.offsets[t];
-      // The state each row starts from; in training it is kept for the backward.
-      T* h_prev = train ? hprev_p + r0 * Hout : h_start.data_ptr<T>();
-      std::memcpy(h_prev, h_p, sizeof(T) * n * Hout);
-      // With a projection the cell's h is unprojected: kept in the last saved block.
-      T* h_unproj = !p.proj ? nullptr
-                    : train ? saved_p + r0 * SW + Cell::kSaved * H
-                            : h_scratch.data_ptr<T>();
-      const int64_t h_unproj_ld = train ? SW : H;
-      // Per tile of rows and hidden units: the hidden-side products of its units in every
-      // gate, then the cell math of those units while they are in cache.
-      static_assert(kTileUnits == Panels::kPanel, "a tile's units are one panel per gate");
-      for_each_tile(
-          n, H, /*min_parallel=*/0, [&](int64_t i0, int64_t rows, int64_t u0, int64_t u1) {
-            for (int64_t k = 0; k < Cell::kGates; ++k) {
-              panel_product<T>(rows, Hout, h_prev + i0 * Hout, Hout,
-                               w_hh_t.panel<T>(k, u0 / Panels::kPanel), u1 - u0,
-                               hg_p + i0 * GH + k * H + u0, GH);
-            }
-            for (int64_t i = i0; i < i0 + rows; ++i) {
-              ForwardRow<T> row{xg_p + (r0 - ch.row_begin + i) * GH,
-                                hg_p + i * GH,
-                                b_ih_p,
-                                b_hh_p,
-                                h_prev + i * Hout,
-                                c_p == nullptr ? nullptr : c_p + i * H,
-                                train ? saved_p + (r0 + i) * SW : nullptr,
-                                p.proj ? h_unproj + i * h_unproj_ld : out_p + (r0 + i) * Hout,
-                                p.proj ? nullptr : h_p + i * Hout};
-              forward_row<CellT, T>(row, H, u0, u1);
-            }
-          });
-      if (p.proj) {
-        T* out_rows = out_p + r0 * Hout;
-        matmul<T>(n, h_unproj, h_unproj_ld, w_hr_t, out_rows, Hout, false);
-        std::memcpy(h_p, out_rows, sizeof(T) * n * Hout);
+    with_team(step_threads(p), [&](const Team& team) {
+      for (int64_t s = ch.s_begin; s < ch.s_end; ++s) {
+        const int64_t t = p.step_at(s), n = p.batch_sizes[t], r0 = p.offsets[t];
+        // The state each row starts from; in training it is kept for the backward.
+        T* h_prev = train ? hprev_p + r0 * Hout : h_start.data_ptr<T>();
+        if (team.id == 0) std::memcpy(h_prev, h_p, sizeof(T) * n * Hout);
+        team.barrier();
+        // With a projection the cell's h is unprojected: kept in the last saved block.
+        T* h_unproj = !p.proj ? nullptr
+                      : train ? saved_p + r0 * SW + Cell::kSaved * H
+                              : h_scratch.data_ptr<T>();
+        const int64_t h_unproj_ld = train ? SW : H;
+        // Per tile of rows and hidden units: the hidden-side products of its units in every
+        // gate, then the cell math of those units while they are in cache.
+        const int64_t tiles = tile_count(n, H);
+        for (int64_t k_tile = team.begin(tiles); k_tile < team.end(tiles); ++k_tile) {
+          const Tile tl = tile_at(k_tile, n, H);
+          for (int64_t k = 0; k < Cell::kGates; ++k) {
+            panel_product<T>(tl.rows, Hout, h_prev + tl.i0 * Hout, Hout,
+                             w_hh_t.panel<T>(k, tl.u0 / Panels::kPanel), tl.u1 - tl.u0,
+                             hg_p + tl.i0 * GH + k * H + tl.u0, GH);
+          }
+          for (int64_t i = tl.i0; i < tl.i0 + tl.rows; ++i) {
+            ForwardRow<T> row{xg_p + (r0 - ch.row_begin + i) * GH,
+                              hg_p + i * GH,
+                              b_ih_p,
+                              b_hh_p,
+                              h_prev + i * Hout,
+                              c_p == nullptr ? nullptr : c_p + i * H,
+                              train ? saved_p + (r0 + i) * SW : nullptr,
+                              p.proj ? h_unproj + i * h_unproj_ld : out_p + (r0 + i) * Hout,
+                              p.proj ? nullptr : h_p + i * Hout};
+            forward_row<CellT, T>(row, H, tl.u0, tl.u1);
+          }
+        }
+        team.barrier();
+        if (p.proj) {
+          T* out_rows = out_p + r0 * Hout;
+          const int64_t panels = w_hr_t.per_group;
+          for (int64_t jb = team.begin(panels); jb < team.end(panels); ++jb) {
+            const int64_t j = jb * Panels::kPanel;
+            panel_product<T>(n, H, h_unproj, h_unproj_ld, w_hr_t.panel<T>(0, jb),
+                             std::min(Panels::kPanel, Hout - j), out_rows + j, Hout);
+          }
+          team.barrier();
+          if (team.id == 0) std::memcpy(h_p, out_rows, sizeof(T) * n * Hout);
+        }
       }
-    }
+    });
   }
 }
 
@@ -230,33 +247,52 @@ void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output
   T* dh_step_p = p.proj ? dh_step.data_ptr<T>() : nullptr;
 
   for (auto ch = chunks.rbegin(); ch != chunks.rend(); ++ch) {
-    for (int64_t s = ch->s_end - 1; s >= ch->s_begin; --s) {
-      const int64_t t = p.step_at(s), n = p.batch_sizes[t], r0 = p.offsets[t];
-      const int64_t local = r0 - ch->row_begin;  // first row of the step in chunk buffers
-      if (p.proj) {
-        // dL/dr_t = grad_output_t + dL/dr_t carried from the next step; then through W_hr.
-        T* dr_rows = dr_p + local * Hout;
-        for (int64_t e = 0; e < n * Hout; ++e)
-          dr_rows[e] = dh_p[e] + (gout_p != nullptr ? gout_p[r0 * Hout + e] : T(0));
-        matmul<T>(n, dr_rows, Hout, w_hr_panels, dh_step_p, H, false);
+    with_team(step_threads(p), [&](const Team& team) {
+      for (int64_t s = ch->s_end - 1; s >= ch->s_begin; --s) {
+        const int64_t t = p.step_at(s), n = p.batch_sizes[t], r0 = p.offsets[t];
+        const int64_t local = r0 - ch->row_begin;  // first row of the step in chunk buffers
+        if (p.proj) {
+          // dL/dr_t = grad_output_t + dL/dr_t carried from the next step; then through W_hr.
+          T* dr_rows = dr_p + local * Hout;
+          if (team.id == 0) {
+            for (int64_t e = 0; e < n * Hout; ++e)
+              dr_rows[e] = dh_p[e] + (gout_p != nullptr ? gout_p[r0 * Hout + e] : T(0));
+          }
+          team.barrier();
+          const int64_t panels = w_hr_panels.per_group;
+          for (int64_t jb = team.begin(panels); jb < team.end(panels); ++jb) {
+            const int64_t j = jb * Panels::kPanel;
+            panel_product<T>(n, Hout, dr_rows, Hout, w_hr_panels.panel<T>(0, jb),
+                             std::min(Panels::kPanel, H - j), dh_step_p + j, H);
+          }
+          team.barrier();
+        }
+        const int64_t tiles = tile_count(n, H);
+        for (int64_t k_tile = team.begin(tiles); k_tile < team.end(tiles); ++k_tile) {
+          const Tile tl = tile_at(k_tile, n, H);
+          for (int64_t i = tl.i0; i < tl.i0 + tl.rows; ++i) {
+            BackwardRow<T> row{p.proj ? dh_step_p + i * H : dh_p + i * Hout,
+                               !p.proj && gout_p != nullptr ? gout_p + (r0 + i) * Hout : nullptr,
+                               dc_p == nullptr ? nullptr : dc_p + i * H,
+                               saved_p + (r0 + i) * SW,
+                               hprev_p + (r0 + i) * Hout,
+                               dxg_p + (local + i) * GH,
+                               dhg_p + (local + i) * GH,
+                               dh_p + i * Hout};
+            backward_row<CellT, T>(row, H, tl.u0, tl.u1);
+          }
+        }
+        team.barrier();
+        // dL/dh_{t-1} = (hidden-side gate gradients) W_hh [+ the direct part the cell wrote].
+        const int64_t panels = w_hh_panels.per_group;
+        for (int64_t jb = team.begin(panels); jb < team.end(panels); ++jb) {
+          const int64_t j = jb * Panels::kPanel;
+          panel_product<T>(n, GH, dhg_p + local * GH, GH, w_hh_panels.panel<T>(0, jb),
+                           std::min(Panels::kPanel, Hout - j), dh_p + j, Hout, Cell::kUsesPrevH);
+        }
+        team.barrier();
       }
-      for_each_tile(
-          n, H, kParallelBackwardUnits, [&](int64_t i0, int64_t rows, int64_t u0, int64_t u1) {
-            for (int64_t i = i0; i < i0 + rows; ++i) {
-              BackwardRow<T> row{p.proj ? dh_step_p + i * H : dh_p + i * Hout,
-                                 !p.proj && gout_p != nullptr ? gout_p + (r0 + i) * Hout : nullptr,
-                                 dc_p == nullptr ? nullptr : dc_p + i * H,
-                                 saved_p + (r0 + i) * SW,
-                                 hprev_p + (r0 + i) * Hout,
-                                 dxg_p + (local + i) * GH,
-                                 dhg_p + (local + i) * GH,
-                                 dh_p + i * Hout};
-              backward_row<CellT, T>(row, H, u0, u1);
-            }
-          });
-      // dL/dh_{t-1} = (hidden-side gate gradients) W_hh [+ the direct part the cell wrote].
-      matmul<T>(n, dhg_p + local * GH, GH, w_hh_panels, dh_p, Hout, Cell::kUsesPrevH);
-    }
+    });
     // The chunk's share of dX and of the weight and bias gradients (W^T += A^T dG).
     const int64_t rb = ch->row_begin, rows = ch->rows;
     matmul<T>(rows, I, GH, dxg_p, GH, w_ih_p, I, gin_p + rb * I, I, false);
