@@ -293,21 +293,23 @@ void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output
         team.barrier();
       }
     });
-    // The chunk's share of dX and of the weight and bias gradients (W^T += A^T dG).
+    // The chunk's share of dX and of the weight and bias gradients (W^T += A^T dG); the
+    // first chunk processed writes the gradients, the others add to them.
     const int64_t rb = ch->row_begin, rows = ch->rows;
+    const bool add = ch != chunks.rbegin();
     matmul<T>(rows, I, GH, dxg_p, GH, w_ih_p, I, gin_p + rb * I, I, false);
     const at::Tensor x_t = rows_transposed(x2d, rb, rows);
     matmul<T>(I, GH, rows, x_t.data_ptr<T>(), rows, dxg_p, GH, g.grad_w_ih_t.data_ptr<T>(), GH,
-              true);
+              add);
     const at::Tensor h_t = rows_transposed(h_prev_all, rb, rows);
     matmul<T>(Hout, GH, rows, h_t.data_ptr<T>(), rows, dhg_p, GH, g.grad_w_hh_t.data_ptr<T>(), GH,
-              true);
+              add);
     g.grad_b_ih.add_(dxg.narrow(0, 0, rows).sum(0));
     if (Cell::kSplitGrads) g.grad_b_hh.add_(dhg.narrow(0, 0, rows).sum(0));
     if (p.proj) {
       const at::Tensor hu_t = rows_transposed(saved.narrow(1, h_block, H), rb, rows);
       matmul<T>(H, Hout, rows, hu_t.data_ptr<T>(), rows, dr_p, Hout, g.grad_w_hr_t.data_ptr<T>(),
-                Hout, true);
+                Hout, add);
     }
   }
   if (!Cell::kSplitGrads) g.grad_b_hh.copy_(g.grad_b_ih);
@@ -341,11 +343,11 @@ BackwardResult backward_cpu(c10::string_view mode, const std::optional<at::Tenso
   g.dc_state = p.kind != CellKind::LSTM ? at::empty({0}, opts)
                : grad_c_n.has_value()   ? grad_c_n->contiguous().clone()
                                         : at::zeros({p.batch, p.hidden}, opts);
-  g.grad_w_ih_t = at::zeros({p.input_size, GH}, opts);
-  g.grad_w_hh_t = at::zeros({p.out_size, GH}, opts);
+  g.grad_w_ih_t = at::empty({p.input_size, GH}, opts);
+  g.grad_w_hh_t = at::empty({p.out_size, GH}, opts);
   g.grad_b_ih = at::zeros({GH}, opts);
   g.grad_b_hh = at::zeros({GH}, opts);
-  g.grad_w_hr_t = p.proj ? at::zeros({p.hidden, p.out_size}, opts) : at::Tensor();
+  g.grad_w_hr_t = p.proj ? at::empty({p.hidden, p.out_size}, opts) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_fused_backward_cpu", [&] {
     dispatch_cell(p.kind, [&](auto tag) {
