@@ -41,16 +41,18 @@ def make_layer(
     proj: int = 0,
     dtype: torch.dtype = torch.float64,
     device: str = "cpu",
+    scale: float = 0.5,
 ) -> Layer:
     gh = GATES[mode] * hidden
     out = proj or hidden
+    kw = dict(dtype=dtype, device=device, scale=scale)
     return Layer(
         mode,
-        rand(gh, input_size, dtype=dtype, device=device),
-        rand(gh, out, dtype=dtype, device=device),
-        rand(gh, dtype=dtype, device=device) if bias else None,
-        rand(gh, dtype=dtype, device=device) if bias else None,
-        rand(proj, hidden, dtype=dtype, device=device) if proj else None,
+        rand(gh, input_size, **kw),
+        rand(gh, out, **kw),
+        rand(gh, **kw) if bias else None,
+        rand(gh, **kw) if bias else None,
+        rand(proj, hidden, **kw) if proj else None,
     )
 
 

@@ -19,7 +19,8 @@ DEV = "cuda"
 
 
 def _case(mode, dtype, *, bias=True, with_h0=True, reverse=False, packed=False, proj=0):
-    layer = make_layer(mode, 5, 33, bias=bias, proj=proj, dtype=dtype, device=DEV)
+    # Weights small enough that relu runs stay far from float16's range in 7 steps.
+    layer = make_layer(mode, 5, 33, bias=bias, proj=proj, dtype=dtype, device=DEV, scale=0.25)
     h0, c0 = make_states(layer, 3, dtype=dtype, device=DEV) if with_h0 or packed else (None, None)
     kw = dict(reverse=reverse, w_hr=layer.w_hr)
     if packed:
