@@ -1,5 +1,6 @@
-// The fused pointwise passes of the CPU recurrence: one row of one step at a time, the
-// cell math of cell_math.h on SIMD vectors of hidden units and a scalar tail.
+// The fused pointwise passes of the CPU recurrence, and the tiles of rows and hidden units
+// that a step is split into: the cell math of cell_math.h on SIMD vectors of units, with a
+// scalar tail.
 #pragma once
 
 #include <algorithm>
