@@ -61,7 +61,7 @@ struct MathOps<double> {
 template <class V>
 struct LstmCell {
   static constexpr int kGates = 4;  // i, f, g, o
-  static constexpr int kSaved = 6;  // i, f, g, o, c_{t-1}, tanh(c_t)
+  static constexpr int kSaved = 5;  // i, f, g, o, c_{t-1} (the backward recomputes tanh(c_t))
   static constexpr bool kCellState = true;
   static constexpr bool kUsesPrevH = false;
   static constexpr bool kSplitGrads = false;
@@ -80,14 +80,15 @@ struct LstmCell {
     saved[2] = g;
     saved[3] = o;
     saved[4] = c_prev;
-    saved[5] = tc;
   }
 
   RF_HD static void backward(V dh, V dc, const V* saved, V /*h_prev*/, V* dx, V* /*dhh*/,
                              V& dh_prev, V& dc_prev) {
+    using M = MathOps<V>;
     const V one(1);
     const V i = saved[0], f = saved[1], g = saved[2], o = saved[3];
-    const V c_prev = saved[4], tc = saved[5];
+    const V c_prev = saved[4];
+    const V tc = M::tanh(f * c_prev + i * g);
     const V dct = dc + dh * o * (one - tc * tc);
     dx[0] = dct * g * i * (one - i);
     dx[1] = dct * c_prev * f * (one - f);

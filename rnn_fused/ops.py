@@ -22,7 +22,7 @@ MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
 # Gate blocks of width H per row (csrc/cell_math.h, kGates).
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 # Blocks of width H the forward saves per row (kSaved; an LSTM projection adds one).
-SAVED_BLOCKS = {"LSTM": 6, "GRU": 4, "RNN_TANH": 1, "RNN_RELU": 1}
+SAVED_BLOCKS = {"LSTM": 5, "GRU": 4, "RNN_TANH": 1, "RNN_RELU": 1}
 
 _ops = torch.ops.rnn_fused
 
