@@ -90,12 +90,12 @@ def _backward_fake(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    mode, input, hx, cx, w_ih, w_hh, b_ih, _, w_hr, batch_sizes, reverse, _ = inputs
+    mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, _ = inputs
     _, _, _, saved, h_prev = output
     ctx.mode = mode
     ctx.reverse = reverse
     ctx.given = (hx is not None, cx is not None, b_ih is not None, w_hr is not None)
-    ctx.save_for_backward(input, hx, w_ih, w_hh, w_hr, batch_sizes, saved, h_prev)
+    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, saved, h_prev)
     ctx.mark_non_differentiable(saved, h_prev)
     # Outputs without a gradient reach the backward as None instead of zero-filled tensors
     # (the saved workspace alone is several times the output).
@@ -103,12 +103,29 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_saved, _grad_h_prev):
+    input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, saved, h_prev = ctx.saved_tensors
     if torch.is_grad_enabled():
-        raise RuntimeError(
-            "rnn_fused: double backward (backward with create_graph=True, as used by "
-            "gradgradcheck and gradient penalties) is not supported"
+        # create_graph=True (double backward, e.g. gradient penalties): the kernels' backward
+        # is not itself differentiable, so differentiate the plain PyTorch time loop instead.
+        return (
+            None,
+            *_differentiable_grads(
+                ctx,
+                (grad_output, grad_h_n, grad_c_n),
+                input,
+                hx,
+                cx,
+                w_ih,
+                w_hh,
+                b_ih,
+                b_hh,
+                w_hr,
+                batch_sizes,
+            ),
+            None,
+            None,
+            None,
         )
-    input, hx, w_ih, w_hh, w_hr, batch_sizes, saved, h_prev = ctx.saved_tensors
     has_hx, has_cx, has_bias, has_proj = ctx.given
     grads = _ops.backward(
         ctx.mode,
@@ -140,6 +157,39 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_saved, _grad_h_prev):
         None,
         None,
     )
+
+
+def _differentiable_grads(ctx, grads_out, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes):
+    """Gradients of the tensor inputs (in the operator's order) that autograd can
+    differentiate again, from reference.rnn_layer run on the same inputs."""
+    from . import reference
+
+    tensors = (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr)
+    wanted = [t is not None and t.requires_grad for t in tensors]
+    with torch.enable_grad():
+        outputs = reference.rnn_layer(
+            ctx.mode,
+            input,
+            w_ih,
+            w_hh,
+            b_ih,
+            b_hh,
+            hx,
+            cx,
+            w_hr=w_hr,
+            batch_sizes=batch_sizes,
+            reverse=ctx.reverse,
+        )
+        pairs = [(o, g) for o, g in zip(outputs, grads_out) if o is not None and g is not None]
+        found = torch.autograd.grad(
+            [o for o, _ in pairs],
+            [t for t, w in zip(tensors, wanted) if w],
+            [g for _, g in pairs],
+            create_graph=True,
+            allow_unused=True,
+        )
+    it = iter(found)
+    return tuple(next(it) if w else None for w in wanted)
 
 
 torch.library.register_autograd("rnn_fused::forward", _backward, setup_context=_setup_context)

@@ -1,5 +1,6 @@
 """gradcheck in float64 of the forward operator: every cell, bias on/off, h0 given or not,
-both directions, at small odd sizes; plus packed input and the LSTM projection."""
+both directions, at small odd sizes; plus packed input and the LSTM projection; and
+gradgradcheck (double backward)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from rnn_fused.ops import rnn_layer
 SHAPES = [(5, 3, 7, 6), (1, 1, 2, 3)]  # (T, B, I, H)
 
 
-def _check(mode, x, layer, h0, c0, **kw):
+def _check(mode, x, layer, h0, c0, check=torch.autograd.gradcheck, **kw):
     def fn(x, *params):
         it = iter(params)
         w_ih, w_hh = next(it), next(it)
@@ -25,7 +26,7 @@ def _check(mode, x, layer, h0, c0, **kw):
         return tuple(o for o in out if o is not None)
 
     inputs = [x, *layer.tensors(), *(t for t in (h0, c0) if t is not None)]
-    assert torch.autograd.gradcheck(fn, inputs, **GRADCHECK)
+    assert check(fn, inputs, **GRADCHECK)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
@@ -61,3 +62,26 @@ def test_gradcheck_lstm_projection(reverse):
     layer = make_layer("LSTM", 4, 5, proj=3, dtype=dt)
     h0, c0 = make_states(layer, 2, dtype=dt)
     _check("LSTM", rand(4, 2, 4, dtype=dt), layer, h0, c0, reverse=reverse)
+
+
+GRADGRAD_CASES = [
+    (mode, case)
+    for mode in CELLS
+    for case in ["padded", "packed-reverse", "proj"]
+    if case != "proj" or mode == "LSTM"  # the projection exists for LSTM only
+]
+
+
+@pytest.mark.parametrize(("mode", "case"), GRADGRAD_CASES)
+def test_gradgradcheck(mode, case):
+    seed("gradgrad", mode, case)
+    dt = torch.float64
+    layer = make_layer(mode, 3, 4, proj=2 if case == "proj" else 0, dtype=dt)
+    h0, c0 = make_states(layer, 2, dtype=dt)
+    kw = {}
+    if case == "packed-reverse":
+        kw = dict(batch_sizes=torch.tensor([2, 2, 1]), reverse=True)
+        x = rand(5, 3, dtype=dt)
+    else:
+        x = rand(3, 2, 3, dtype=dt)
+    _check(mode, x, layer, h0, c0, check=torch.autograd.gradgradcheck, **kw)
