@@ -85,11 +85,13 @@ def _sweep_case(index: int):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("index", range(200))
-def test_sweep_matches_torch_nn_float64(index, device):
+def test_sweep_matches_torch_nn(index, dtype, device):
+    """Outputs, final states and every gradient; tolerances per dtype (tolerances.py)."""
     cell, kw, form, T, B, lengths, with_hx = _sweep_case(index)
     seed("sweep", index)
-    dt = dict(dtype=torch.float64, device=device)
+    dt = dict(dtype=dtype, device=device)
     theirs, ours = _pair(cell, **dt, **kw)
     D = (2 if kw["bidirectional"] else 1) * kw["num_layers"]
     out_size = kw.get("proj_size") or kw["hidden_size"]
@@ -114,23 +116,6 @@ def test_sweep_matches_torch_nn_float64(index, device):
         return (inp, (h, c0.clone().requires_grad_()))
 
     _compare(theirs, ours, make_args)
-
-
-@pytest.mark.parametrize("index", range(0, 200, 10))
-def test_sweep_matches_torch_nn_float32(index):
-    cell, kw, _, T, B, _, _ = _sweep_case(index)
-    seed("sweep32", index)
-    theirs, ours = _pair(cell, torch.float32, **kw)
-    x = torch.randn(T, B, kw["input_size"])
-    _compare(
-        theirs,
-        ours,
-        lambda: (
-            (x.clone().requires_grad_(),)
-            if not kw["batch_first"]
-            else (x.transpose(0, 1).clone().requires_grad_(),)
-        ),
-    )
 
 
 @pytest.mark.parametrize("cell", list(LAYERS))
