@@ -255,7 +255,8 @@ void panel_product(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel
 
 Panels pack_panels(const at::Tensor& b, int64_t group) {
   const int64_t K = b.size(0), N = b.size(1), P = Panels::kPanel;
-  group = group > 0 ? group : std::max<int64_t>(N, 1);
+  group = group > 0 ? group : N;
+  if (N == 0 || group == 0) return {at::empty({0, 0, K, P}, b.options()), K, N, group, 0};
   TORCH_INTERNAL_ASSERT(N % group == 0);
   const int64_t groups = N / group, per_group = (group + P - 1) / P;
   at::Tensor grouped = b.reshape({K, groups, group});
