@@ -169,22 +169,26 @@ int blas_int(int64_t v) {
 }
 
 template <class T>
-void matmul_blas(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
-                 T* C, int64_t ldc, bool accumulate) {
-  // Row-major C = A B is column-major C^T = B^T A^T: pass B first.
-  const char no = 'N';
+void matmul_blas(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
+                 int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: pass B first.
+  const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
   const int m = blas_int(N), n = blas_int(M), k = blas_int(K);
-  const int la = blas_int(ldb), lb = blas_int(lda), lc = blas_int(ldc);
+  const int la = blas_int(std::max<int64_t>(ldb, 1)), lb = blas_int(std::max<int64_t>(lda, 1));
+  const int lc = blas_int(ldc);
   const T one = 1, beta = accumulate ? 1 : 0;
   if constexpr (std::is_same_v<T, float>) {
-    if (sgemm_ != nullptr) return sgemm_(&no, &no, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+    if (sgemm_ != nullptr) return sgemm_(&ta, &tb, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
   } else {
-    if (dgemm_ != nullptr) return dgemm_(&no, &no, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+    if (dgemm_ != nullptr) return dgemm_(&ta, &tb, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
   }
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  auto a = at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts);
-  auto b = at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts);
+  auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, bool t) {
+    auto v = at::from_blob(const_cast<T*>(p), {t ? cols : rows, t ? rows : cols}, {ld, 1}, opts);
+    return t ? v.t() : v;
+  };
   auto c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
+  auto a = view(A, M, K, lda, trans_a), b = view(B, K, N, ldb, trans_b);
   accumulate ? c.addmm_(a, b) : c.copy_(at::mm(a, b));
 }
 
@@ -203,10 +207,10 @@ void product(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
   if constexpr (std::is_same_v<T, float>) {
     if (use_brgemm()) return brgemm_blocks(M, N, K, A, lda, B, ldb, C, ldc, accumulate, panels);
   }
-  if (!panels) return matmul_blas<T>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  if (!panels) return matmul_blas<T>(false, false, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
   for (int64_t j = 0, jb = 0; j < N; j += Panels::kPanel, ++jb) {
-    matmul_blas<T>(M, std::min(Panels::kPanel, N - j), K, A, lda, B + jb * K * Panels::kPanel,
-                   Panels::kPanel, C + j, ldc, accumulate);
+    matmul_blas<T>(false, false, M, std::min(Panels::kPanel, N - j), K, A, lda,
+                   B + jb * K * Panels::kPanel, Panels::kPanel, C + j, ldc, accumulate);
   }
 }
 
@@ -223,6 +227,18 @@ void matmul(int64_t M, const T* A, int64_t lda, const Panels& B, T* C, int64_t l
             bool accumulate) {
   TORCH_INTERNAL_ASSERT(B.group == B.N, "a full product needs panels packed in one group");
   product<T>(M, B.N, B.K, A, lda, B.data.data_ptr<T>(), 0, C, ldc, accumulate, /*panels=*/true);
+}
+
+template <class T>
+void blas_product(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
+                  int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, T(0));
+    return;
+  }
+  matmul_blas<T>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
 template <class T>
@@ -269,6 +285,8 @@ Panels pack_panels(const at::Tensor& b, int64_t group) {
   template void matmul<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*, \
                           int64_t, bool);                                                      \
   template void matmul<T>(int64_t, const T*, int64_t, const Panels&, T*, int64_t, bool);       \
+  template void blas_product<T>(bool, bool, int64_t, int64_t, int64_t, const T*, int64_t,      \
+                                const T*, int64_t, T*, int64_t, bool);                         \
   template void panel_product<T>(int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*,   \
                                  int64_t, bool);
 RF_INSTANTIATE(float)

@@ -16,6 +16,13 @@ template <class T>
 void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
             int64_t ldc, bool accumulate);
 
+// C = op(A) @ op(B) (accumulate: C += ...) through libtorch's BLAS, on the operands as they
+// are stored (op(X) is X^T when trans_x): for small problems, where transposing or packing a
+// weight would cost more than the products that read it.
+template <class T>
+void blas_product(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
+                  int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate);
+
 // A right-hand side used at every step, repacked as column panels. Its N columns form
 // groups of `group` columns (the gates of a weight: i, f, g, o); panel j of group g holds
 // columns g*group + j*kPanel .. + kPanel as a contiguous [K, kPanel] block, zero padded at

@@ -37,7 +37,14 @@ constexpr int64_t kBackwardChunkBytes = int64_t(8) << 20;
 // threads costs more than the work it splits.
 constexpr int64_t kParallelStepWork = 32768;
 
+// Problems with at most this many rows (steps x batch) skip the weight packing: its cost,
+// about that of reading each weight a few times, would exceed the products of so few rows
+// (an LSTMCell step, a short sequence at batch 1). Their products go to BLAS as stored.
+constexpr int64_t kSmallProblemRows = 32;
+bool small_problem(const Problem& p) { return p.rows <= kSmallProblemRows; }
+
 int step_threads(const Problem& p) {
+  if (small_problem(p)) return 1;
   const int64_t work = p.batch * p.gate_width() * (p.out_size + 8);
   return work < kParallelStepWork ? 1 : at::get_num_threads();
 }
@@ -93,9 +100,10 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
   const auto opts = input.options();
   const std::vector<Chunk> chunks = make_chunks(p, sizeof(T), kForwardChunkBytes);
   // The products take weights transposed: [in, out], row-major.
-  const at::Tensor w_ih_t = w_ih.t().contiguous();
-  const Panels w_hh_t = pack_panels(w_hh.t(), /*group=*/H);  // a group per gate
-  const Panels w_hr_t = p.proj ? pack_panels(w_hr->t()) : Panels();
+  const bool small = small_problem(p);
+  const at::Tensor w_ih_t = small ? at::Tensor() : w_ih.t().contiguous();
+  const Panels w_hh_t = small ? Panels() : pack_panels(w_hh.t(), /*group=*/H);  // per gate
+  const Panels w_hr_t = p.proj && !small ? pack_panels(w_hr->t()) : Panels();
   at::Tensor xg = at::empty({max_rows(chunks), GH}, opts);
   at::Tensor hg = at::empty({p.batch, GH}, opts);
   // The state a step starts from, when it is not kept for the backward: the step's threads
@@ -105,7 +113,9 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
   at::Tensor h_scratch = p.proj && !train ? at::empty({p.batch, H}, opts) : at::Tensor();
 
   const T* x_p = input.data_ptr<T>();
-  const T* w_ih_t_p = w_ih_t.data_ptr<T>();
+  const T* w_ih_p = w_ih.data_ptr<T>();
+  const T* w_hh_p = w_hh.data_ptr<T>();
+  const T* w_hr_p = ptr_or_null<T>(w_hr);
   const T* b_ih_p = ptr_or_null<T>(b_ih);
   const T* b_hh_p = ptr_or_null<T>(b_hh);
   T* xg_p = xg.data_ptr<T>();
@@ -118,13 +128,22 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
 
   static_assert(kTileUnits == Panels::kPanel, "a tile's units are one panel per gate");
   for (const Chunk& ch : chunks) {
-    matmul<T>(ch.rows, GH, I, x_p + ch.row_begin * I, I, w_ih_t_p, GH, xg_p, GH, false);
+    if (small) {
+      blas_product<T>(false, true, ch.rows, GH, I, x_p + ch.row_begin * I, I, w_ih_p, I, xg_p, GH,
+                      false);
+    } else {
+      matmul<T>(ch.rows, GH, I, x_p + ch.row_begin * I, I, w_ih_t.data_ptr<T>(), GH, xg_p, GH,
+                false);
+    }
     with_team(step_threads(p), [&](const Team& team) {
       for (int64_t s = ch.s_begin; s < ch.s_end; ++s) {
         const int64_t t = p.step_at(s), n = p.batch_sizes[t], r0 = p.offsets[t];
         // The state each row starts from; in training it is kept for the backward.
         T* h_prev = train ? hprev_p + r0 * Hout : h_start.data_ptr<T>();
         if (team.id == 0) std::memcpy(h_prev, h_p, sizeof(T) * n * Hout);
+        // A small problem runs on one thread: the whole hidden-side product first.
+        if (small)
+          blas_product<T>(false, true, n, GH, Hout, h_prev, Hout, w_hh_p, Hout, hg_p, GH, false);
         team.barrier();
         // With a projection the cell's h is unprojected: kept in the last saved block.
         T* h_unproj = !p.proj ? nullptr
@@ -136,7 +155,7 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
         const int64_t tiles = tile_count(n, H);
         for (int64_t k_tile = team.begin(tiles); k_tile < team.end(tiles); ++k_tile) {
           const Tile tl = tile_at(k_tile, n, H);
-          for (int64_t k = 0; k < Cell::kGates; ++k) {
+          for (int64_t k = 0; k < Cell::kGates && !small; ++k) {
             panel_product<T>(tl.rows, Hout, h_prev + tl.i0 * Hout, Hout,
                              w_hh_t.panel<T>(k, tl.u0 / Panels::kPanel), tl.u1 - tl.u0,
                              hg_p + tl.i0 * GH + k * H + tl.u0, GH);
@@ -157,7 +176,10 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
         team.barrier();
         if (p.proj) {
           T* out_rows = out_p + r0 * Hout;
-          const int64_t panels = w_hr_t.per_group;
+          if (small)
+            blas_product<T>(false, true, n, Hout, H, h_unproj, h_unproj_ld, w_hr_p, H, out_rows,
+                            Hout, false);
+          const int64_t panels = small ? 0 : w_hr_t.per_group;
           for (int64_t jb = team.begin(panels); jb < team.end(panels); ++jb) {
             const int64_t j = jb * Panels::kPanel;
             panel_product<T>(n, H, h_unproj, h_unproj_ld, w_hr_t.panel<T>(0, jb),
@@ -209,7 +231,9 @@ ForwardResult forward_cpu(c10::string_view mode, const at::Tensor& input_,
 
 struct BackwardBuffers {
   at::Tensor grad_input, dh_state, dc_state;
-  at::Tensor grad_w_ih_t, grad_w_hh_t, grad_b_ih, grad_b_hh, grad_w_hr_t;  // accumulated
+  // Accumulated weight gradients: transposed ([in, out]) for large problems, as the
+  // weights ([out, in]) for small ones (see small_problem).
+  at::Tensor grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr;
 };
 
 template <template <class> class CellT, class T>
@@ -234,8 +258,11 @@ void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output
 
   const T* gout_p = ptr_or_null<T>(grad_output);
   const T* w_ih_p = w_ih.data_ptr<T>();
-  const Panels w_hh_panels = pack_panels(w_hh);
-  const Panels w_hr_panels = p.proj ? pack_panels(*w_hr) : Panels();
+  const bool small = small_problem(p);
+  const Panels w_hh_panels = small ? Panels() : pack_panels(w_hh);
+  const Panels w_hr_panels = p.proj && !small ? pack_panels(*w_hr) : Panels();
+  const T* w_hh_p = w_hh.data_ptr<T>();
+  const T* w_hr_p = ptr_or_null<T>(w_hr);
   const T* saved_p = saved.data_ptr<T>();
   const T* hprev_p = h_prev_all.data_ptr<T>();
   T* gin_p = g.grad_input.data_ptr<T>();
@@ -258,8 +285,11 @@ void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output
             for (int64_t e = 0; e < n * Hout; ++e)
               dr_rows[e] = dh_p[e] + (gout_p != nullptr ? gout_p[r0 * Hout + e] : T(0));
           }
+          if (small)
+            blas_product<T>(false, false, n, H, Hout, dr_rows, Hout, w_hr_p, H, dh_step_p, H,
+                            false);
           team.barrier();
-          const int64_t panels = w_hr_panels.per_group;
+          const int64_t panels = small ? 0 : w_hr_panels.per_group;
           for (int64_t jb = team.begin(panels); jb < team.end(panels); ++jb) {
             const int64_t j = jb * Panels::kPanel;
             panel_product<T>(n, Hout, dr_rows, Hout, w_hr_panels.panel<T>(0, jb),
@@ -284,7 +314,10 @@ void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output
         }
         team.barrier();
         // dL/dh_{t-1} = (hidden-side gate gradients) W_hh [+ the direct part the cell wrote].
-        const int64_t panels = w_hh_panels.per_group;
+        if (small)
+          blas_product<T>(false, false, n, Hout, GH, dhg_p + local * GH, GH, w_hh_p, Hout, dh_p,
+                          Hout, Cell::kUsesPrevH);
+        const int64_t panels = small ? 0 : w_hh_panels.per_group;
         for (int64_t jb = team.begin(panels); jb < team.end(panels); ++jb) {
           const int64_t j = jb * Panels::kPanel;
           panel_product<T>(n, GH, dhg_p + local * GH, GH, w_hh_panels.panel<T>(0, jb),
@@ -298,17 +331,28 @@ void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output
     const int64_t rb = ch->row_begin, rows = ch->rows;
     const bool add = ch != chunks.rbegin();
     matmul<T>(rows, I, GH, dxg_p, GH, w_ih_p, I, gin_p + rb * I, I, false);
-    const at::Tensor x_t = rows_transposed(x2d, rb, rows);
-    matmul<T>(I, GH, rows, x_t.data_ptr<T>(), rows, dxg_p, GH, g.grad_w_ih_t.data_ptr<T>(), GH,
-              add);
-    const at::Tensor h_t = rows_transposed(h_prev_all, rb, rows);
-    matmul<T>(Hout, GH, rows, h_t.data_ptr<T>(), rows, dhg_p, GH, g.grad_w_hh_t.data_ptr<T>(), GH,
-              add);
+    if (small) {
+      const T* x_rows = x2d.data_ptr<T>() + rb * I;
+      blas_product<T>(true, false, GH, I, rows, dxg_p, GH, x_rows, I, g.grad_w_ih.data_ptr<T>(), I,
+                      add);
+      blas_product<T>(true, false, GH, Hout, rows, dhg_p, GH, hprev_p + rb * Hout, Hout,
+                      g.grad_w_hh.data_ptr<T>(), Hout, add);
+    } else {
+      const at::Tensor x_t = rows_transposed(x2d, rb, rows);
+      matmul<T>(I, GH, rows, x_t.data_ptr<T>(), rows, dxg_p, GH, g.grad_w_ih.data_ptr<T>(), GH,
+                add);
+      const at::Tensor h_t = rows_transposed(h_prev_all, rb, rows);
+      matmul<T>(Hout, GH, rows, h_t.data_ptr<T>(), rows, dhg_p, GH, g.grad_w_hh.data_ptr<T>(), GH,
+                add);
+    }
     g.grad_b_ih.add_(dxg.narrow(0, 0, rows).sum(0));
     if (Cell::kSplitGrads) g.grad_b_hh.add_(dhg.narrow(0, 0, rows).sum(0));
-    if (p.proj) {
+    if (p.proj && small) {
+      blas_product<T>(true, false, Hout, H, rows, dr_p, Hout, saved_p + rb * SW + h_block, SW,
+                      g.grad_w_hr.data_ptr<T>(), H, add);
+    } else if (p.proj) {
       const at::Tensor hu_t = rows_transposed(saved.narrow(1, h_block, H), rb, rows);
-      matmul<T>(H, Hout, rows, hu_t.data_ptr<T>(), rows, dr_p, Hout, g.grad_w_hr_t.data_ptr<T>(),
+      matmul<T>(H, Hout, rows, hu_t.data_ptr<T>(), rows, dr_p, Hout, g.grad_w_hr.data_ptr<T>(),
                 Hout, add);
     }
   }
@@ -343,11 +387,14 @@ BackwardResult backward_cpu(c10::string_view mode, const std::optional<at::Tenso
   g.dc_state = p.kind != CellKind::LSTM ? at::empty({0}, opts)
                : grad_c_n.has_value()   ? grad_c_n->contiguous().clone()
                                         : at::zeros({p.batch, p.hidden}, opts);
-  g.grad_w_ih_t = at::empty({p.input_size, GH}, opts);
-  g.grad_w_hh_t = at::empty({p.out_size, GH}, opts);
+  const bool small = small_problem(p);
+  g.grad_w_ih = small ? at::empty({GH, p.input_size}, opts) : at::empty({p.input_size, GH}, opts);
+  g.grad_w_hh = small ? at::empty({GH, p.out_size}, opts) : at::empty({p.out_size, GH}, opts);
   g.grad_b_ih = at::zeros({GH}, opts);
   g.grad_b_hh = at::zeros({GH}, opts);
-  g.grad_w_hr_t = p.proj ? at::empty({p.hidden, p.out_size}, opts) : at::Tensor();
+  g.grad_w_hr = !p.proj ? at::Tensor()
+                : small ? at::empty({p.out_size, p.hidden}, opts)
+                        : at::empty({p.hidden, p.out_size}, opts);
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_fused_backward_cpu", [&] {
     dispatch_cell(p.kind, [&](auto tag) {
@@ -356,14 +403,15 @@ BackwardResult backward_cpu(c10::string_view mode, const std::optional<at::Tenso
                                                  h_prev_all, g);
     });
   });
+  const auto as_weight = [&](const at::Tensor& t) { return small ? t : t.t().contiguous(); };
   return {g.grad_input,
           g.dh_state,
           g.dc_state,
-          g.grad_w_ih_t.t().contiguous(),
-          g.grad_w_hh_t.t().contiguous(),
+          as_weight(g.grad_w_ih),
+          as_weight(g.grad_w_hh),
           g.grad_b_ih,
           g.grad_b_hh,
-          p.proj ? g.grad_w_hr_t.t().contiguous() : at::empty({0}, opts)};
+          p.proj ? as_weight(g.grad_w_hr) : at::empty({0}, opts)};
 }
 
 }  // namespace
