@@ -152,10 +152,16 @@ Problem make_problem(const std::string& mode, const at::Tensor& input,
   return p;
 }
 
-void check_backward_args(const Problem& p, const std::optional<at::Tensor>& grad_output,
-                         const std::optional<at::Tensor>& grad_h_n,
-                         const std::optional<at::Tensor>& grad_c_n, const at::Tensor& saved,
-                         const at::Tensor& h_prev) {
+Problem make_backward_problem(c10::string_view mode, const std::optional<at::Tensor>& grad_output,
+                              const std::optional<at::Tensor>& grad_h_n,
+                              const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
+                              const std::optional<at::Tensor>& hx, const at::Tensor& w_ih,
+                              const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                              const std::optional<at::Tensor>& batch_sizes, bool reverse,
+                              const at::Tensor& saved, const at::Tensor& h_prev) {
+  const Problem p =
+      make_problem(std::string(mode.data(), mode.size()), input, hx, std::nullopt, w_ih, w_hh,
+                   std::nullopt, std::nullopt, w_hr, batch_sizes, reverse);
   if (grad_output.has_value()) {
     TORCH_CHECK(grad_output->numel() == p.rows * p.out_size, "rnn_fused: grad_output must have ",
                 p.rows * p.out_size, " elements, got ", grad_output->numel());
@@ -167,6 +173,7 @@ void check_backward_args(const Problem& p, const std::optional<at::Tensor>& grad
   }
   check_shape(saved, "saved", {p.rows, p.saved_width()});
   check_shape(h_prev, "h_prev", {p.rows, p.out_size});
+  return p;
 }
 
 }  // namespace rnn_fused

@@ -11,6 +11,7 @@
 
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cell_math.h"
@@ -55,11 +56,19 @@ Problem make_problem(const std::string& mode, const at::Tensor& input,
                      const std::optional<at::Tensor>& w_hr,
                      const std::optional<at::Tensor>& batch_sizes, bool reverse);
 
-// Checks the backward operator's tensors against the problem of its forward.
-void check_backward_args(const Problem& p, const std::optional<at::Tensor>& grad_output,
-                         const std::optional<at::Tensor>& grad_h_n,
-                         const std::optional<at::Tensor>& grad_c_n, const at::Tensor& saved,
-                         const at::Tensor& h_prev);
+// Validates the backward operator's arguments against the problem of its forward.
+Problem make_backward_problem(c10::string_view mode, const std::optional<at::Tensor>& grad_output,
+                              const std::optional<at::Tensor>& grad_h_n,
+                              const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
+                              const std::optional<at::Tensor>& hx, const at::Tensor& w_ih,
+                              const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                              const std::optional<at::Tensor>& batch_sizes, bool reverse,
+                              const at::Tensor& saved, const at::Tensor& h_prev);
+
+// What the operators return (ops.cpp has the schemas).
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                  at::Tensor, at::Tensor, at::Tensor>;
 
 // Argument helpers of the engines.
 template <class T>

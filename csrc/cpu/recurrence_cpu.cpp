@@ -193,8 +193,6 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
   }
 }
 
-using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
 ForwardResult forward_cpu(c10::string_view mode, const at::Tensor& input_,
                           const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
                           const at::Tensor& w_ih_, const at::Tensor& w_hh_,
@@ -359,9 +357,6 @@ void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output
   if (!Cell::kSplitGrads) g.grad_b_hh.copy_(g.grad_b_ih);
 }
 
-using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                  at::Tensor, at::Tensor, at::Tensor>;
-
 BackwardResult backward_cpu(c10::string_view mode, const std::optional<at::Tensor>& grad_output_,
                             const std::optional<at::Tensor>& grad_h_n,
                             const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input_,
@@ -369,10 +364,8 @@ BackwardResult backward_cpu(c10::string_view mode, const std::optional<at::Tenso
                             const at::Tensor& w_hh_, const std::optional<at::Tensor>& w_hr_,
                             const std::optional<at::Tensor>& batch_sizes, bool reverse,
                             const at::Tensor& saved_, const at::Tensor& h_prev_) {
-  const Problem p =
-      make_problem(std::string(mode.data(), mode.size()), input_, hx, std::nullopt, w_ih_, w_hh_,
-                   std::nullopt, std::nullopt, w_hr_, batch_sizes, reverse);
-  check_backward_args(p, grad_output_, grad_h_n, grad_c_n, saved_, h_prev_);
+  const Problem p = make_backward_problem(mode, grad_output_, grad_h_n, grad_c_n, input_, hx, w_ih_,
+                                          w_hh_, w_hr_, batch_sizes, reverse, saved_, h_prev_);
   const at::Tensor input = input_.contiguous(), w_ih = w_ih_.contiguous(),
                    w_hh = w_hh_.contiguous(), saved = saved_.contiguous(),
                    h_prev_all = h_prev_.contiguous();
