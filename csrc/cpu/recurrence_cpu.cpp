@@ -22,6 +22,7 @@
 #include "../problem.h"
 #include "gemm.h"
 #include "pointwise.h"
+#include "step_weight.h"
 #include "team.h"
 
 namespace rnn_fused::cpu {
@@ -99,11 +100,12 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
   const int64_t I = p.input_size;
   const auto opts = input.options();
   const std::vector<Chunk> chunks = make_chunks(p, sizeof(T), kForwardChunkBytes);
-  // The products take weights transposed: [in, out], row-major.
-  const bool small = small_problem(p);
-  const at::Tensor w_ih_t = small ? at::Tensor() : w_ih.t().contiguous();
-  const Panels w_hh_t = small ? Panels() : pack_panels(w_hh.t(), /*group=*/H);  // per gate
-  const Panels w_hr_t = p.proj && !small ? pack_panels(w_hr->t()) : Panels();
+  // Products with the transposed weights ([in, out]); W_hh's panels are grouped by gate.
+  const bool pack = !small_problem(p);
+  const StepWeight<T> w_ih_t(w_ih, /*transpose=*/true, pack);
+  const StepWeight<T> w_hh_t(w_hh, /*transpose=*/true, pack, /*group=*/H);
+  const std::optional<StepWeight<T>> w_hr_t =
+      p.proj ? std::optional<StepWeight<T>>(std::in_place, *w_hr, true, pack) : std::nullopt;
   at::Tensor xg = at::empty({max_rows(chunks), GH}, opts);
   at::Tensor hg = at::empty({p.batch, GH}, opts);
   // The state a step starts from, when it is not kept for the backward: the step's threads
@@ -113,9 +115,6 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
   at::Tensor h_scratch = p.proj && !train ? at::empty({p.batch, H}, opts) : at::Tensor();
 
   const T* x_p = input.data_ptr<T>();
-  const T* w_ih_p = w_ih.data_ptr<T>();
-  const T* w_hh_p = w_hh.data_ptr<T>();
-  const T* w_hr_p = ptr_or_null<T>(w_hr);
   const T* b_ih_p = ptr_or_null<T>(b_ih);
   const T* b_hh_p = ptr_or_null<T>(b_hh);
   T* xg_p = xg.data_ptr<T>();
@@ -128,23 +127,19 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
 
   static_assert(kTileUnits == Panels::kPanel, "a tile's units are one panel per gate");
   for (const Chunk& ch : chunks) {
-    if (small) {
-      blas_product<T>(false, true, ch.rows, GH, I, x_p + ch.row_begin * I, I, w_ih_p, I, xg_p, GH,
-                      false);
-    } else {
-      matmul<T>(ch.rows, GH, I, x_p + ch.row_begin * I, I, w_ih_t.data_ptr<T>(), GH, xg_p, GH,
-                false);
-    }
+    w_ih_t.product(ch.rows, x_p + ch.row_begin * I, I, xg_p, GH, false);
     with_team(step_threads(p), [&](const Team& team) {
       for (int64_t s = ch.s_begin; s < ch.s_end; ++s) {
         const int64_t t = p.step_at(s), n = p.batch_sizes[t], r0 = p.offsets[t];
         // The state each row starts from; in training it is kept for the backward.
         T* h_prev = train ? hprev_p + r0 * Hout : h_start.data_ptr<T>();
         if (team.id == 0) std::memcpy(h_prev, h_p, sizeof(T) * n * Hout);
-        // A small problem runs on one thread: the whole hidden-side product first.
-        if (small)
-          blas_product<T>(false, true, n, GH, Hout, h_prev, Hout, w_hh_p, Hout, hg_p, GH, false);
         team.barrier();
+        // Unpacked (a small problem), the hidden-side product comes first, whole.
+        if (!w_hh_t.packed()) {
+          w_hh_t.product(team, n, h_prev, Hout, hg_p, GH, false);
+          team.barrier();
+        }
         // With a projection the cell's h is unprojected: kept in the last saved block.
         T* h_unproj = !p.proj ? nullptr
                       : train ? saved_p + r0 * SW + Cell::kSaved * H
@@ -155,10 +150,10 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
         const int64_t tiles = tile_count(n, H);
         for (int64_t k_tile = team.begin(tiles); k_tile < team.end(tiles); ++k_tile) {
           const Tile tl = tile_at(k_tile, n, H);
-          for (int64_t k = 0; k < Cell::kGates && !small; ++k) {
+          for (int64_t k = 0; k < Cell::kGates && w_hh_t.packed(); ++k) {
             panel_product<T>(tl.rows, Hout, h_prev + tl.i0 * Hout, Hout,
-                             w_hh_t.panel<T>(k, tl.u0 / Panels::kPanel), tl.u1 - tl.u0,
-                             hg_p + tl.i0 * GH + k * H + tl.u0, GH);
+                             w_hh_t.panels().template panel<T>(k, tl.u0 / Panels::kPanel),
+                             tl.u1 - tl.u0, hg_p + tl.i0 * GH + k * H + tl.u0, GH);
           }
           for (int64_t i = tl.i0; i < tl.i0 + tl.rows; ++i) {
             ForwardRow<T> row{xg_p + (r0 - ch.row_begin + i) * GH,
@@ -176,15 +171,7 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
         team.barrier();
         if (p.proj) {
           T* out_rows = out_p + r0 * Hout;
-          if (small)
-            blas_product<T>(false, true, n, Hout, H, h_unproj, h_unproj_ld, w_hr_p, H, out_rows,
-                            Hout, false);
-          const int64_t panels = small ? 0 : w_hr_t.per_group;
-          for (int64_t jb = team.begin(panels); jb < team.end(panels); ++jb) {
-            const int64_t j = jb * Panels::kPanel;
-            panel_product<T>(n, H, h_unproj, h_unproj_ld, w_hr_t.panel<T>(0, jb),
-                             std::min(Panels::kPanel, Hout - j), out_rows + j, Hout);
-          }
+          w_hr_t->product(team, n, h_unproj, h_unproj_ld, out_rows, Hout, false);
           team.barrier();
           if (team.id == 0) std::memcpy(h_p, out_rows, sizeof(T) * n * Hout);
         }
@@ -257,10 +244,9 @@ void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output
   const T* gout_p = ptr_or_null<T>(grad_output);
   const T* w_ih_p = w_ih.data_ptr<T>();
   const bool small = small_problem(p);
-  const Panels w_hh_panels = small ? Panels() : pack_panels(w_hh);
-  const Panels w_hr_panels = p.proj && !small ? pack_panels(*w_hr) : Panels();
-  const T* w_hh_p = w_hh.data_ptr<T>();
-  const T* w_hr_p = ptr_or_null<T>(w_hr);
+  const StepWeight<T> w_hh_b(w_hh, /*transpose=*/false, !small);
+  const std::optional<StepWeight<T>> w_hr_b =
+      p.proj ? std::optional<StepWeight<T>>(std::in_place, *w_hr, false, !small) : std::nullopt;
   const T* saved_p = saved.data_ptr<T>();
   const T* hprev_p = h_prev_all.data_ptr<T>();
   T* gin_p = g.grad_input.data_ptr<T>();
@@ -283,16 +269,8 @@ void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output
             for (int64_t e = 0; e < n * Hout; ++e)
               dr_rows[e] = dh_p[e] + (gout_p != nullptr ? gout_p[r0 * Hout + e] : T(0));
           }
-          if (small)
-            blas_product<T>(false, false, n, H, Hout, dr_rows, Hout, w_hr_p, H, dh_step_p, H,
-                            false);
           team.barrier();
-          const int64_t panels = small ? 0 : w_hr_panels.per_group;
-          for (int64_t jb = team.begin(panels); jb < team.end(panels); ++jb) {
-            const int64_t j = jb * Panels::kPanel;
-            panel_product<T>(n, Hout, dr_rows, Hout, w_hr_panels.panel<T>(0, jb),
-                             std::min(Panels::kPanel, H - j), dh_step_p + j, H);
-          }
+          w_hr_b->product(team, n, dr_rows, Hout, dh_step_p, H, false);
           team.barrier();
         }
         const int64_t tiles = tile_count(n, H);
@@ -312,15 +290,7 @@ void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output
         }
         team.barrier();
         // dL/dh_{t-1} = (hidden-side gate gradients) W_hh [+ the direct part the cell wrote].
-        if (small)
-          blas_product<T>(false, false, n, Hout, GH, dhg_p + local * GH, GH, w_hh_p, Hout, dh_p,
-                          Hout, Cell::kUsesPrevH);
-        const int64_t panels = small ? 0 : w_hh_panels.per_group;
-        for (int64_t jb = team.begin(panels); jb < team.end(panels); ++jb) {
-          const int64_t j = jb * Panels::kPanel;
-          panel_product<T>(n, GH, dhg_p + local * GH, GH, w_hh_panels.panel<T>(0, jb),
-                           std::min(Panels::kPanel, Hout - j), dh_p + j, Hout, Cell::kUsesPrevH);
-        }
+        w_hh_b.product(team, n, dhg_p + local * GH, GH, dh_p, Hout, Cell::kUsesPrevH);
         team.barrier();
       }
     });

@@ -1,0 +1,63 @@
+// The right-hand side B of the products a recurrence makes with a weight W at every step:
+// B = W^T or W. Packed into column panels when a problem repays the packing; otherwise W is
+// read as stored, through BLAS (see small_problem in recurrence_cpu.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "gemm.h"
+#include "team.h"
+
+namespace rnn_fused::cpu {
+
+template <class T>
+class StepWeight {
+ public:
+  // group: columns of B per gate (panels never straddle two gates); 0 for all of them.
+  StepWeight(const at::Tensor& w, bool transpose, bool pack, int64_t group = 0)
+      : w_(w.data_ptr<T>()),
+        ld_(w.size(1)),
+        transpose_(transpose),
+        K_(transpose ? w.size(1) : w.size(0)),
+        N_(transpose ? w.size(0) : w.size(1)) {
+    if (pack) panels_ = pack_panels(transpose ? w.t() : w, group);
+  }
+
+  bool packed() const { return panels_.data.defined(); }
+  const Panels& panels() const { return panels_; }
+
+  // C[M, N] = A[M, K] @ B (accumulate: C += ...) on all threads; called outside a team.
+  void product(int64_t M, const T* A, int64_t lda, T* C, int64_t ldc, bool accumulate) const {
+    if (packed()) return matmul<T>(M, A, lda, panels_, C, ldc, accumulate);
+    blas_product<T>(false, transpose_, M, N_, K_, A, lda, w_, ld_, C, ldc, accumulate);
+  }
+
+  // The same, split over a team by column panels (unpacked: by its first thread). The caller
+  // puts a barrier after it before C is read.
+  void product(const Team& team, int64_t M, const T* A, int64_t lda, T* C, int64_t ldc,
+               bool accumulate) const {
+    if (!packed()) {
+      if (team.id == 0) product(M, A, lda, C, ldc, accumulate);
+      return;
+    }
+    const int64_t per_group = panels_.per_group, panels = N_ / panels_.group * per_group;
+    for (int64_t i = team.begin(panels); i < team.end(panels); ++i) {
+      const int64_t g = i / per_group, jb = i % per_group, j = jb * Panels::kPanel;
+      panel_product<T>(M, K_, A, lda, panels_.template panel<T>(g, jb),
+                       std::min(Panels::kPanel, panels_.group - j), C + g * panels_.group + j, ldc,
+                       accumulate);
+    }
+  }
+
+ private:
+  const T* w_;
+  int64_t ld_;
+  bool transpose_;
+  int64_t K_, N_;
+  Panels panels_;
+};
+
+}  // namespace rnn_fused::cpu
