@@ -9,8 +9,9 @@ difference of outputs and gradients and the largest relative error ||ours - base
 ||base||) and writes a CSV (and, with --markdown, a markdown table).
 
 On CUDA the baseline is eager cuDNN in the same dtype (fp32 with TF32 off on both sides,
-and bf16), and the table adds cuDNN replayed from a CUDA graph (forward) and torch.nn with
-cuDNN disabled.
+and bf16), and the table adds cuDNN replayed from a CUDA graph (forward), torch.nn with
+cuDNN disabled, and for fp32 both sides with TF32 allowed (cuDNN's default in PyTorch;
+ours with torch.backends.cuda.matmul.allow_tf32).
 
     python benchmarks/bench.py [--device cpu|cuda] [--rounds N] [--csv PATH]
                                [--markdown PATH] [--quick]
@@ -25,6 +26,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,15 +65,18 @@ CPU_GRID = [
     Shape(200, 16, 128, 128),
     Shape(50, 32, 256, 256, 2, True),
 ]
-CUDA_GRID = [
-    Shape(100, 64, 512, 512),
-    Shape(100, 1, 512, 512),
-    Shape(100, 8, 512, 512),
-    Shape(100, 1, 1024, 1024),
-    Shape(50, 256, 1024, 1024),
-    Shape(1000, 16, 128, 128),
-    Shape(100, 32, 256, 256, 2, True),
-    Shape(25, 64, 1024, 1024),
+# On CUDA each row names the cells it runs: DESIGN.md's grids, the DeepBench rows for the
+# cell DeepBench gives them.
+ALL = CELLS
+CUDA_GRID: list[tuple[Shape, tuple[str, ...]]] = [
+    (Shape(100, 64, 512, 512), ALL),  # fastrnns default
+    *((Shape(100, b, h, h), ALL) for b in (1, 8) for h in (256, 512, 1024)),  # small batch
+    (Shape(50, 256, 1024, 1024), ALL),  # large
+    (Shape(1000, 16, 128, 128), ALL),  # long sequence
+    (Shape(100, 32, 256, 256, 2, True), ALL),  # deep bidirectional
+    *((Shape(25, b, h, h), ("LSTM",)) for h in (512, 1024, 2048) for b in (16, 32, 64, 128)),
+    (Shape(1500, 32, 1024, 1024), ("GRU",)),  # DeepBench GRU
+    *((Shape(25, b, 1024, 1024), ("LSTM", "GRU")) for b in (1, 2, 4)),  # DeepBench inference
 ]
 QUICK_GRID = [Shape(20, 4, 32, 32), Shape(10, 1, 16, 16, 2, True)]
 
@@ -183,6 +188,22 @@ def cudnn_graph(m: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     return graph.replay
 
 
+def with_flags(run: Callable[[], object], *, cudnn: bool = True, tf32: bool = False):
+    """run under the given cuDNN switch and TF32 flags (restored afterwards)."""
+
+    def wrapped():
+        matmul = torch.backends.cuda.matmul
+        saved = matmul.allow_tf32
+        matmul.allow_tf32 = tf32
+        try:
+            with torch.backends.cudnn.flags(enabled=cudnn, allow_tf32=tf32):
+                return run()
+        finally:
+            matmul.allow_tf32 = saved
+
+    return wrapped
+
+
 def bench_cuda(cell: str, s: Shape, rounds: int) -> list[dict]:
     rows = []
     for dtype, name in [(torch.float32, "fp32"), (torch.bfloat16, "bf16")]:
@@ -191,17 +212,16 @@ def bench_cuda(cell: str, s: Shape, rounds: int) -> list[dict]:
         fused = rnn_fused.replace_rnns(torch_module(cell, s, "cuda", dtype))
         fused.load_state_dict(module.state_dict())
         x = torch.randn(s.T, s.B, s.I, device="cuda", dtype=dtype)
-
-        def no_cudnn(run):
-            def wrapped():
-                with torch.backends.cudnn.flags(enabled=False):
-                    return run()
-
-            return wrapped
-
         for kind, make in [("fwd", inference), ("fwd+bwd", training)]:
             base, ours = make(module, x), make(fused, x)
-            sides = {"cuDNN": base, "rnn_fused": ours, "cuDNN off": no_cudnn(make(module, x))}
+            sides = {
+                "cuDNN": base,
+                "rnn_fused": ours,
+                "cuDNN off": with_flags(make(module, x), cudnn=False),
+            }
+            if dtype == torch.float32:  # PyTorch's defaults let cuDNN's RNNs use TF32
+                sides["cuDNN tf32"] = with_flags(base, tf32=True)
+                sides["ours tf32"] = with_flags(ours, tf32=True)
             if kind == "fwd":
                 sides["cuDNN graph"] = cudnn_graph(module, x)
             t = interleaved(sides, "cuda", rounds)
@@ -214,6 +234,11 @@ def bench_cuda(cell: str, s: Shape, rounds: int) -> list[dict]:
                     kind=kind,
                     **t,
                     speedup=t["cuDNN"] / t["rnn_fused"],
+                    **(
+                        {"tf32 speedup": t["cuDNN tf32"] / t["ours tf32"]}
+                        if "ours tf32" in t
+                        else {}
+                    ),
                     max_abs_diff=diff,
                     max_rel_err=rel,
                 )
@@ -235,65 +260,77 @@ def main() -> None:
         # Same precision on both sides: fp32 without TF32 (bf16 rows are bf16 on both).
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-        grid = QUICK_GRID if args.quick else CUDA_GRID
-        columns = ["cuDNN", "rnn_fused", "cuDNN graph", "cuDNN off"]
+        grid = [(g, CELLS) for g in QUICK_GRID] if args.quick else CUDA_GRID
+        columns = ["cuDNN", "rnn_fused", "cuDNN graph", "cuDNN off", "cuDNN tf32", "ours tf32"]
         what = (
             f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, "
             f"cuDNN {torch.backends.cudnn.version()}"
         )
     else:
-        grid = QUICK_GRID if args.quick else CPU_GRID
+        grid = [(g, CELLS) for g in (QUICK_GRID if args.quick else CPU_GRID)]
         columns = ["torch.nn", "rnn_fused"]
         what = f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    ratios = ["speedup", *(["tf32 speedup"] if device == "cuda" else [])]
     header = (
         f"rnn_fused vs torch.nn on {device}: torch {torch.__version__}, {what}, {dt.date.today()}"
     )
     print(header)
-    print(f"median ms of {args.rounds} interleaved rounds; speedup = {columns[0]} / rnn_fused")
-    names = ["cell", "shape", "dtype", "kind", *columns, "speedup", "max|diff|", "rel err"]
-    widths = [5, 20, 5, 8, *[11] * len(columns), 8, 10, 8]
     print(
-        " ".join(
-            f"{n:>{w}}" if i > 3 else f"{n:{w}}" for i, (n, w) in enumerate(zip(names, widths))
-        )
+        f"median ms of {args.rounds} interleaved rounds; speedup = {columns[0]} / rnn_fused"
+        + ("; tf32 speedup = cuDNN tf32 / ours tf32" if device == "cuda" else "")
     )
-    rows = []
-    for s in grid:
-        for cell in CELLS:
-            for r in (bench_cuda if device == "cuda" else bench_cpu)(cell, s, args.rounds):
+    names = ["cell", "shape", "dtype", "kind", *columns, *ratios, "max|diff|", "rel err"]
+    widths = [5, 20, 5, 8, *[11] * len(columns), *[12] * len(ratios), 10, 8]
+
+    def print_line(values: list[str]) -> None:
+        print(
+            " ".join(
+                f"{v:>{w}}" if i > 3 else f"{v:{w}}" for i, (v, w) in enumerate(zip(values, widths))
+            ),
+            flush=True,
+        )
+
+    print_line(names)
+    rows, failed = [], []
+    for s, cells in grid:
+        for cell in cells:
+            # A failing row is reported and the grid goes on; the files are rewritten after
+            # every row, so a run cut short still leaves what it measured.
+            try:
+                measured = (bench_cuda if device == "cuda" else bench_cpu)(cell, s, args.rounds)
+            except Exception:
+                failed.append(f"{cell} {s}")
+                traceback.print_exc()
+                continue
+            for r in measured:
                 rows.append(r)
-                cells = [r["cell"], r["shape"], r["dtype"], r["kind"]]
-                cells += [f"{r.get(c, float('nan')):.2f}" for c in columns]
-                cells += [
-                    f"{r['speedup']:.2f}",
-                    f"{r['max_abs_diff']:.1e}",
-                    f"{r['max_rel_err']:.1e}",
-                ]
-                print(
-                    " ".join(
-                        f"{c:>{w}}" if i > 3 else f"{c:{w}}"
-                        for i, (c, w) in enumerate(zip(cells, widths))
-                    ),
-                    flush=True,
-                )
-    write_outputs(rows, columns, header, args)
+                line = [r["cell"], r["shape"], r["dtype"], r["kind"]]
+                line += [f"{r.get(c, float('nan')):.2f}" for c in [*columns, *ratios]]
+                line += [f"{r['max_abs_diff']:.1e}", f"{r['max_rel_err']:.1e}"]
+                print_line(line)
+            write_outputs(rows, columns, ratios, header, args)
+    print(f"wrote {args.csv}" + (f" and {args.markdown}" if args.markdown else ""))
+    if failed:
+        sys.exit(f"failed rows: {', '.join(failed)}")
 
 
-def write_outputs(rows: list[dict], columns: list[str], header: str, args) -> None:
+def write_outputs(
+    rows: list[dict], columns: list[str], ratios: list[str], header: str, args
+) -> None:
     path = Path(args.csv)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields = ["cell", "shape", "dtype", "kind", *columns, "speedup", "max_abs_diff", "max_rel_err"]
+    fields = ["cell", "shape", "dtype", "kind", *columns, *ratios, "max_abs_diff", "max_rel_err"]
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    print(f"wrote {path}")
     if args.markdown:
         lines = [
             f"# {header}",
             "",
             f"Median ms of {args.rounds} interleaved rounds; speedup = "
-            f"{columns[0]} / rnn_fused (> 1: rnn_fused faster).",
+            f"{columns[0]} / rnn_fused (> 1: rnn_fused faster)"
+            + ("; tf32 speedup = cuDNN tf32 / ours tf32." if len(ratios) > 1 else "."),
             "",
             "| " + " | ".join(fields) + " |",
             "|" + "---|" * len(fields),
@@ -301,10 +338,10 @@ def write_outputs(rows: list[dict], columns: list[str], header: str, args) -> No
         for r in rows:
             vals = [r["cell"], r["shape"], r["dtype"], r["kind"]]
             vals += [f"{r.get(c, float('nan')):.3f}" for c in columns]
-            vals += [f"{r['speedup']:.2f}", f"{r['max_abs_diff']:.1e}", f"{r['max_rel_err']:.1e}"]
+            vals += [f"{r.get(c, float('nan')):.2f}" for c in ratios]
+            vals += [f"{r['max_abs_diff']:.1e}", f"{r['max_rel_err']:.1e}"]
             lines.append("| " + " | ".join(vals) + " |")
         Path(args.markdown).write_text("\n".join(lines) + "\n")
-        print(f"wrote {args.markdown}")
 
 
 if __name__ == "__main__":

@@ -37,20 +37,19 @@ echo "tests: $(( $(date +%s) - start )) s, exit $tests_rc"
 bench_rc=$?
 echo "bench: $(( $(date +%s) - start )) s, exit $bench_rc"
 
+"$py" benchmarks/profile_cuda.py > "$out/profile.txt" 2>&1
+profile_rc=$?
+echo "profile: $(( $(date +%s) - start )) s, exit $profile_rc"
+{
+  "$py" -c 'import sys, torch; print("python", sys.version.split()[0]); print("torch", torch.__version__, "CUDA", torch.version.cuda, "cuDNN", torch.backends.cudnn.version())'
+  nvcc --version | tail -n 2
+  git rev-parse HEAD 2>/dev/null || echo "commit: not a git checkout"
+} > "$out/versions.txt" 2>&1
+
 echo
 echo "== tests (last lines; log: $out/tests.log)"
 tail -n 15 "$out/tests.log"
 echo
-echo "== benchmark summary (table: $out/bench.md)"
-"$py" - "$out/bench.csv" <<'PY'
-import csv, sys
-try:
-    rows = list(csv.DictReader(open(sys.argv[1])))
-except OSError:
-    sys.exit("no benchmark CSV")
-print(f"{'cell':5} {'shape':18} {'dtype':5} {'kind':8} {'cuDNN':>8} {'ours':>8} {'graph':>8} {'speedup':>7}")
-for r in rows:
-    print(f"{r['cell']:5} {r['shape']:18} {r['dtype']:5} {r['kind']:8} {float(r['cuDNN']):8.3f} "
-          f"{float(r['rnn_fused']):8.3f} {float(r['cuDNN graph'] or 'nan'):8.3f} {float(r['speedup']):7.2f}")
-PY
+echo "== benchmark (table: $out/bench.md; kernels: $out/profile.txt)"
+"$py" benchmarks/summarize.py "$out/bench.csv"
 exit $(( tests_rc != 0 || bench_rc != 0 ))

@@ -74,7 +74,7 @@ void copy_rows(void* dst, const void* src, int64_t bytes, cudaStream_t stream) {
 }
 
 struct ForwardBuffers {
-  at::Tensor output, h_state, c_state, saved, h_prev, xg, hg, h_start, h_scratch;
+  at::Tensor output, h_state, c_state, saved, h_prev, xg, hg, h_scratch;
 };
 
 template <template <class> class CellT, class T>
@@ -100,15 +100,31 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
 
   gemm<T, A>(blas, true, p.rows, GH, p.input_size, input.data_ptr<T>(), p.input_size,
              w_ih.data_ptr<T>(), p.input_size, xg, GH, false);
+  // In training each step starts from its rows of h_prev, which the backward reads again.
+  // The kernel of a step also writes the rows the next step continues with, so a copy from
+  // the state is needed only for rows that start there: all rows of the first step, and the
+  // rows a growing packed batch (reverse direction) adds. Without training the GEMM reads
+  // h_state itself; GRU's kernel reads and then writes the same element of it per thread.
+  T* const h_prev_all = train ? f.h_prev.data_ptr<T>() : nullptr;
+  int64_t ready = 0;  // leading rows of this step's h_prev written by the previous kernel
   for (int64_t s = 0; s < p.steps; ++s) {
     const int64_t t = p.step_at(s), n = p.batch_sizes[t], r0 = p.offsets[t];
-    // The state the step starts from: kept for the backward in training, and copied for a
-    // cell whose kernel reads it (GRU) while other threads overwrite h_state.
     T* h_prev = h_state;
-    if (train || Cell::kUsesPrevH) {
-      h_prev = train ? f.h_prev.data_ptr<T>() + r0 * Hout : f.h_start.data_ptr<T>();
-      copy_rows(h_prev, h_state, sizeof(T) * n * Hout, stream);
+    if (train) {
+      h_prev = h_prev_all + r0 * Hout;
+      if (n > ready) {
+        copy_rows(h_prev + ready * Hout, h_state + ready * Hout, sizeof(T) * (n - ready) * Hout,
+                  stream);
+      }
     }
+    T* h_next = nullptr;
+    int64_t n_next = 0;
+    if (train && !p.proj && s + 1 < p.steps) {
+      const int64_t t1 = p.step_at(s + 1);
+      h_next = h_prev_all + p.offsets[t1] * Hout;
+      n_next = std::min(n, p.batch_sizes[t1]);
+    }
+    ready = n_next;
     gemm<T, A>(blas, true, n, GH, Hout, h_prev, Hout, w_hh_p, Hout, hg, GH, false);
     // With a projection the cell's h is unprojected: kept in the last saved block.
     T* h_unproj = !p.proj ? nullptr
@@ -119,7 +135,7 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
       forward_step_kernel<Cell, T, A><<<blocks_for(n * H), kThreads, 0, stream>>>(
           n, H, xg + r0 * GH, hg, b_ih_p, b_hh_p, h_prev, Hout, c_state,
           train ? saved + r0 * SW : nullptr, SW, p.proj ? h_unproj : out + r0 * Hout,
-          p.proj ? ld_unproj : Hout, p.proj ? nullptr : h_state, Hout);
+          p.proj ? ld_unproj : Hout, p.proj ? nullptr : h_state, h_next, n_next, Hout);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (p.proj) {
@@ -159,7 +175,6 @@ ForwardResult forward_cuda(c10::string_view mode, const at::Tensor& input_,
   f.h_prev = at::empty({kept_rows, p.out_size}, opts);
   f.xg = at::empty({p.rows, p.gate_width()}, acc);
   f.hg = at::empty({p.batch, p.gate_width()}, acc);
-  f.h_start = at::empty({train ? 0 : p.batch, p.out_size}, opts);
   f.h_scratch = at::empty({p.proj && !train ? p.batch : 0, p.hidden}, opts);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),

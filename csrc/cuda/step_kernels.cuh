@@ -17,14 +17,16 @@ inline int blocks_for(int64_t elements) {
 // Forward of one step over rows [0, n). xg / hg: input- and hidden-side pre-activations of
 // the step's rows (without bias), [n, gates*H]. c: the cell state [n, H], c_{t-1} in, c_t
 // out. saved (nullable): the step's rows of the backward's values. h: where h_t goes
-// (output rows, or the unprojected h), h_copy (nullable): the state.
+// (output rows, or the unprojected h). h_state (nullable) and the first n_next rows of
+// h_next (the next step's starting rows in training) receive h_t as well; all three share
+// the row stride ld_state. h_prev may be h_state: each thread reads its element first.
 template <class Cell, class T, class A>
 __global__ void forward_step_kernel(int64_t n, int64_t H, const A* __restrict__ xg,
                                     const A* __restrict__ hg, const T* __restrict__ b_ih,
-                                    const T* __restrict__ b_hh, const T* __restrict__ h_prev,
-                                    int64_t ld_h_prev, A* __restrict__ c, T* __restrict__ saved,
-                                    int64_t ld_saved, T* __restrict__ h, int64_t ld_h,
-                                    T* __restrict__ h_copy, int64_t ld_h_copy) {
+                                    const T* __restrict__ b_hh, const T* h_prev, int64_t ld_h_prev,
+                                    A* __restrict__ c, T* __restrict__ saved, int64_t ld_saved,
+                                    T* __restrict__ h, int64_t ld_h, T* h_state,
+                                    T* __restrict__ h_next, int64_t n_next, int64_t ld_state) {
   const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (idx >= n * H) return;
   const int64_t i = idx / H, j = idx % H, GH = Cell::kGates * H;
@@ -48,8 +50,10 @@ __global__ void forward_step_kernel(int64_t n, int64_t H, const A* __restrict__ 
       saved[i * ld_saved + k * H + j] = static_cast<T>(kept[k]);
   }
   if constexpr (Cell::kCellState) c[i * H + j] = c_new;
-  h[i * ld_h + j] = static_cast<T>(h_new);
-  if (h_copy != nullptr) h_copy[i * ld_h_copy + j] = static_cast<T>(h_new);
+  const T h_out = static_cast<T>(h_new);
+  h[i * ld_h + j] = h_out;
+  if (h_state != nullptr) h_state[i * ld_state + j] = h_out;
+  if (i < n_next) h_next[i * ld_state + j] = h_out;
 }
 
 // Backward of one step over rows [0, n). dh (+ grad_out when given) is dL/dh_t;
