@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
 EXT_SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 EXT_STAMP := rnn_fused/.built
+CXX_FILES = $(shell find csrc tests/emulation -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
 .PHONY: build test bench lint format gpu-check clean
 
@@ -32,12 +33,12 @@ bench: build
 lint: $(DEPS)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(VENV)/bin/clang-format --dry-run -Werror $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+	$(VENV)/bin/clang-format --dry-run -Werror $(CXX_FILES)
 
 format: $(DEPS)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
-	$(VENV)/bin/clang-format -i $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+	$(VENV)/bin/clang-format -i $(CXX_FILES)
 
 # On a GPU machine with python3, torch and nvcc but no network: build in place with the
 # machine's own python3, run the CUDA tests and the benchmark, write results into OUT.

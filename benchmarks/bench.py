@@ -10,8 +10,9 @@ difference of outputs and gradients and the largest relative error ||ours - base
 
 On CUDA the baseline is eager cuDNN in the same dtype (fp32 with TF32 off on both sides,
 and bf16), and the table adds cuDNN replayed from a CUDA graph (forward), torch.nn with
-cuDNN disabled, and for fp32 both sides with TF32 allowed (cuDNN's default in PyTorch;
-ours with torch.backends.cuda.matmul.allow_tf32).
+cuDNN disabled, for fp32 both sides with TF32 allowed (cuDNN's default in PyTorch;
+ours with torch.backends.cuda.matmul.allow_tf32), and ours with each CUDA path forced
+(rnn_fused itself picks one by batch size).
 
     python benchmarks/bench.py [--device cpu|cuda] [--rounds N] [--csv PATH]
                                [--markdown PATH] [--quick]
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import os
 import platform
 import statistics
 import sys
@@ -204,6 +206,23 @@ def with_flags(run: Callable[[], object], *, cudnn: bool = True, tf32: bool = Fa
     return wrapped
 
 
+def with_path(run: Callable[[], object], path: str):
+    """run with rnn_fused's CUDA path forced (RNN_FUSED_CUDA_PATH: fused or standard)."""
+
+    def wrapped():
+        before = os.environ.get("RNN_FUSED_CUDA_PATH")
+        os.environ["RNN_FUSED_CUDA_PATH"] = path
+        try:
+            return run()
+        finally:
+            if before is None:
+                del os.environ["RNN_FUSED_CUDA_PATH"]
+            else:
+                os.environ["RNN_FUSED_CUDA_PATH"] = before
+
+    return wrapped
+
+
 def bench_cuda(cell: str, s: Shape, rounds: int) -> list[dict]:
     rows = []
     for dtype, name in [(torch.float32, "fp32"), (torch.bfloat16, "bf16")]:
@@ -218,6 +237,8 @@ def bench_cuda(cell: str, s: Shape, rounds: int) -> list[dict]:
                 "cuDNN": base,
                 "rnn_fused": ours,
                 "cuDNN off": with_flags(make(module, x), cudnn=False),
+                "ours fused": with_path(ours, "fused"),
+                "ours standard": with_path(ours, "standard"),
             }
             if dtype == torch.float32:  # PyTorch's defaults let cuDNN's RNNs use TF32
                 sides["cuDNN tf32"] = with_flags(base, tf32=True)
@@ -261,7 +282,16 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         grid = [(g, CELLS) for g in QUICK_GRID] if args.quick else CUDA_GRID
-        columns = ["cuDNN", "rnn_fused", "cuDNN graph", "cuDNN off", "cuDNN tf32", "ours tf32"]
+        columns = [
+            "cuDNN",
+            "rnn_fused",
+            "cuDNN graph",
+            "cuDNN off",
+            "cuDNN tf32",
+            "ours tf32",
+            "ours fused",
+            "ours standard",
+        ]
         what = (
             f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, "
             f"cuDNN {torch.backends.cudnn.version()}"

@@ -21,6 +21,8 @@ COLUMNS = [
     ("bf16", "fwd+bwd", "speedup"),
     ("fp32", "fwd+bwd", "tf32 speedup"),
 ]
+# Per-path times (ms) of fp32 fwd+bwd: which path wins where.
+PATHS = ["ours fused", "ours standard"]
 
 
 def ratio(row: dict | None, field: str = "speedup") -> float:
@@ -36,12 +38,17 @@ def main(path: str) -> None:
     print("speedup = eager cuDNN / rnn_fused (> 1: ours faster); tf32: both sides with TF32")
     print(
         f"{'cell':5} {'shape':20} {'fp32 fwd':>8} {'fp32 f+b':>8} {'bf16 fwd':>8} "
-        f"{'bf16 f+b':>8} {'tf32 f+b':>8} {'ours f+b ms':>11}"
+        f"{'bf16 f+b':>8} {'tf32 f+b':>8} {'ours f+b ms':>11} {'fused':>8} {'standard':>8}"
     )
     for cell, shape in pairs:
         values = [ratio(by_key.get((cell, shape, d, k)), f) for d, k, f in COLUMNS]
-        ours_ms = ratio(by_key.get((cell, shape, "fp32", "fwd+bwd")), "rnn_fused")
-        print(f"{cell:5} {shape:20} " + " ".join(f"{v:8.2f}" for v in values) + f" {ours_ms:11.3f}")
+        f32 = by_key.get((cell, shape, "fp32", "fwd+bwd"))
+        ms = [ratio(f32, "rnn_fused"), *(ratio(f32, p) for p in PATHS)]
+        print(
+            f"{cell:5} {shape:20} "
+            + " ".join(f"{v:8.2f}" for v in values)
+            + f" {ms[0]:11.3f} {ms[1]:8.3f} {ms[2]:8.3f}"
+        )
 
     print(f"\ntarget rows ({TARGET_SHAPE}, fwd+bwd, need >= 1.00):")
     for cell in ("LSTM", "GRU"):

@@ -18,6 +18,13 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 DEV = "cuda"
 
 
+@pytest.fixture(params=["fused", "standard"])
+def path(request, monkeypatch):
+    """Both CUDA paths: fused step kernels, and cuBLAS plus pointwise kernels."""
+    monkeypatch.setenv("RNN_FUSED_CUDA_PATH", request.param)
+    return request.param
+
+
 def _case(mode, dtype, *, bias=True, with_h0=True, reverse=False, packed=False, proj=0):
     # Weights small enough that relu runs stay far from float16's range in 7 steps.
     layer = make_layer(mode, 5, 33, bias=bias, proj=proj, dtype=dtype, device=DEV, scale=0.25)
@@ -63,7 +70,7 @@ CASES = [(m, f) for m in CELLS for f in FEATURES if f != "proj" or m == "LSTM"]
     "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str
 )
 @pytest.mark.parametrize(("mode", "feature"), CASES)
-def test_cuda_matches_float64_reference(mode, feature, dtype):
+def test_cuda_matches_float64_reference(mode, feature, dtype, path):
     seed(mode, feature, dtype)
     case = _case(
         mode,
@@ -89,8 +96,35 @@ def test_cuda_matches_float64_reference(mode, feature, dtype):
         assert rel_err(a, b) <= 2 * rel_err(s, b) + 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("mode", CELLS)
-def test_cuda_gradcheck(mode):
+def test_cuda_tile_edges(mode, packed, dtype, path):
+    """Sizes past the fused kernels' blocks (32 and 8 rows, 8 and 32 units, a staged chunk
+    of K) in both directions, against reference.py in float64."""
+    seed("tile-edges", mode, packed, dtype)
+    layer = make_layer(mode, 20, 130, dtype=dtype, device=DEV, scale=0.1)
+    h0, c0 = make_states(layer, 37, dtype=dtype, device=DEV)
+    for reverse in (False, True):
+        kw = dict(reverse=reverse, w_hr=None)
+        if packed:
+            sizes = [37, 37, 33, 20, 9, 1]
+            kw["batch_sizes"] = torch.tensor(sizes)
+            x = rand(sum(sizes), 20, dtype=dtype, device=DEV)
+        else:
+            x = rand(5, 37, 20, dtype=dtype, device=DEV)
+        case = (layer, x, h0, c0, kw)
+        out, grads, weights = _run(rnn_layer, *case)
+        ref, ref_grads, _ = _run(
+            reference.rnn_layer, *_to64(*case), weights=[w.double() for w in weights]
+        )
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        for a, b in zip([*out, *grads], [*ref, *ref_grads]):
+            assert rel_err(a, b) < tol
+
+
+@pytest.mark.parametrize("mode", CELLS)
+def test_cuda_gradcheck(mode, path):
     seed("gradcheck", mode)
     layer, x, h0, c0, kw = _case(mode, torch.float64, packed=True, reverse=True)
 
@@ -110,7 +144,7 @@ def test_cuda_gradcheck(mode):
 
 
 @pytest.mark.parametrize("mode", CELLS)
-def test_cpu_and_cuda_agree(mode):
+def test_cpu_and_cuda_agree(mode, path):
     seed("cpu-cuda", mode)
     case = _case(mode, torch.float64, packed=True)
     out, grads, weights = _run(rnn_layer, *case)
@@ -128,7 +162,7 @@ def test_cpu_and_cuda_agree(mode):
 
 
 @pytest.mark.parametrize("mode", CELLS)
-def test_outputs_fully_written_and_reproducible(mode):
+def test_outputs_fully_written_and_reproducible(mode, path):
     seed("poison", mode)
     layer, x, h0, c0, kw = _case(mode, torch.float32)
     # NaN-filled blocks go back to the caching allocator's small pool (blocks up to 1 MiB),
@@ -144,7 +178,7 @@ def test_outputs_fully_written_and_reproducible(mode):
         assert torch.equal(a, b), "two runs must agree bit for bit"
 
 
-def test_non_default_stream_and_graph_capture():
+def test_non_default_stream_and_graph_capture(path):
     seed("graph")
     layer, x, h0, c0, kw = _case("LSTM", torch.float32)
     expected, expected_grads, weights = _run(rnn_layer, layer, x, h0, c0, kw)

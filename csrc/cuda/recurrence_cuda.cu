@@ -15,10 +15,13 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 
 #include "../problem.h"
+#include "fused_step.cuh"
 #include "step_kernels.cuh"
 
 namespace rnn_fused::cuda {
@@ -30,6 +33,13 @@ constexpr cudaDataType_t cuda_type() {
   if constexpr (std::is_same_v<T, float>) return CUDA_R_32F;
   if constexpr (std::is_same_v<T, at::Half>) return CUDA_R_16F;
   return CUDA_R_16BF;
+}
+
+// Batches up to this size take the fused path (use_fused_path).
+constexpr int64_t kFusedMaxBatch = 64;
+
+int blocks_of(int64_t count, int64_t per_block) {
+  return static_cast<int>((count + per_block - 1) / per_block);
 }
 
 int blas_int(int64_t v) {
@@ -73,15 +83,48 @@ void copy_rows(void* dst, const void* src, int64_t bytes, cudaStream_t stream) {
   }
 }
 
+// Whether a call runs the fused path (one kernel per step, the recurrent product inside
+// it, CUDA cores only: for small batches, where a step is a few microseconds of work) or the
+// standard one (a cuBLAS GEMM and a pointwise kernel per step). RNN_FUSED_CUDA_PATH=fused or
+// =standard forces one, for tests and measurements.
+bool use_fused_path(const Problem& p) {
+  if (p.proj) return false;
+  const char* forced = std::getenv("RNN_FUSED_CUDA_PATH");
+  if (forced != nullptr && std::strcmp(forced, "standard") == 0) return false;
+  if (forced != nullptr && std::strcmp(forced, "fused") == 0) return true;
+  return p.batch <= kFusedMaxBatch;
+}
+
+template <class Cell, class T, class A>
+void launch_fused_forward(const ForwardStep<T, A>& s, const T* w_hh, cudaStream_t stream) {
+  using Shape = fused::ForwardShape<Cell::kGates>;
+  if (s.n * s.H == 0) return;
+  const dim3 grid(blocks_of(s.H, Shape::BU), blocks_of(s.n, Shape::BM));
+  fused_forward_step_kernel<Cell, T, A><<<grid, fused::kBlock, 0, stream>>>(s, w_hh);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <class Cell, class T, class A>
+void launch_fused_backward(const BackwardStep<T, A>& s, const T* dg_next, int64_t rows_gemm,
+                           const T* w_hh, cudaStream_t stream) {
+  using Shape = fused::BackwardShape;
+  const int64_t rows = std::max(s.n, rows_gemm);
+  if (rows * s.H == 0) return;
+  const dim3 grid(blocks_of(s.H, Shape::BC), blocks_of(rows, Shape::BM));
+  fused_backward_step_kernel<Cell, T, A>
+      <<<grid, fused::kBlock, 0, stream>>>(s, dg_next, rows_gemm, w_hh);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 struct ForwardBuffers {
-  at::Tensor output, h_state, c_state, saved, h_prev, xg, hg, h_scratch;
+  at::Tensor output, h_state, c_state, saved, h_prev, xg, hg, h_scratch, h_ping;
 };
 
 template <template <class> class CellT, class T>
-void run_forward(const Problem& p, bool train, const at::Tensor& input, const at::Tensor& w_ih,
-                 const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-                 const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
-                 ForwardBuffers& f) {
+void run_forward(const Problem& p, bool train, bool fused, const at::Tensor& input,
+                 const at::Tensor& w_ih, const at::Tensor& w_hh,
+                 const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                 const std::optional<at::Tensor>& w_hr, ForwardBuffers& f) {
   using A = at::opmath_type<T>;
   using Cell = CellT<A>;
   const int64_t H = p.hidden, Hout = p.out_size, GH = p.gate_width(), SW = p.saved_width();
@@ -89,23 +132,32 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
   const cublasHandle_t blas = at::cuda::getCurrentCUDABlasHandle();
   const T* w_hh_p = w_hh.data_ptr<T>();
   const T* w_hr_p = ptr_or_null<T>(w_hr);
-  const T* b_ih_p = ptr_or_null<T>(b_ih);
-  const T* b_hh_p = ptr_or_null<T>(b_hh);
   A* xg = f.xg.data_ptr<A>();
-  A* hg = f.hg.data_ptr<A>();
   T* out = f.output.data_ptr<T>();
   T* h_state = f.h_state.data_ptr<T>();
-  A* c_state = Cell::kCellState ? f.c_state.data_ptr<A>() : nullptr;
   T* saved = train ? f.saved.data_ptr<T>() : nullptr;
 
   gemm<T, A>(blas, true, p.rows, GH, p.input_size, input.data_ptr<T>(), p.input_size,
              w_ih.data_ptr<T>(), p.input_size, xg, GH, false);
+
+  ForwardStep<T, A> step{};
+  step.H = H;
+  step.b_ih = ptr_or_null<T>(b_ih);
+  step.b_hh = ptr_or_null<T>(b_hh);
+  step.ld_h_prev = Hout;
+  step.c = Cell::kCellState ? f.c_state.data_ptr<A>() : nullptr;
+  step.ld_saved = SW;
+  step.ld_state = Hout;
   // In training each step starts from its rows of h_prev, which the backward reads again.
   // The kernel of a step also writes the rows the next step continues with, so a copy from
   // the state is needed only for rows that start there: all rows of the first step, and the
-  // rows a growing packed batch (reverse direction) adds. Without training the GEMM reads
-  // h_state itself; GRU's kernel reads and then writes the same element of it per thread.
+  // rows a growing packed batch (reverse direction) adds. Without training the standard
+  // path's GEMM reads h_state itself (GRU's kernel reads, then writes, its own element of
+  // it); the fused path's blocks read whole rows that other blocks write, so it alternates
+  // two copies of the state (both start as h0, for the rows a packed batch adds).
   T* const h_prev_all = train ? f.h_prev.data_ptr<T>() : nullptr;
+  T* const ping[2] = {fused && !train ? f.h_ping[0].data_ptr<T>() : nullptr,
+                      fused && !train ? f.h_ping[1].data_ptr<T>() : nullptr};
   int64_t ready = 0;  // leading rows of this step's h_prev written by the previous kernel
   for (int64_t s = 0; s < p.steps; ++s) {
     const int64_t t = p.step_at(s), n = p.batch_sizes[t], r0 = p.offsets[t];
@@ -116,26 +168,43 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
         copy_rows(h_prev + ready * Hout, h_state + ready * Hout, sizeof(T) * (n - ready) * Hout,
                   stream);
       }
+    } else if (fused) {
+      h_prev = ping[s % 2];
     }
-    T* h_next = nullptr;
-    int64_t n_next = 0;
+    step.h_next = nullptr;
+    step.n_next = 0;
     if (train && !p.proj && s + 1 < p.steps) {
       const int64_t t1 = p.step_at(s + 1);
-      h_next = h_prev_all + p.offsets[t1] * Hout;
-      n_next = std::min(n, p.batch_sizes[t1]);
+      step.h_next = h_prev_all + p.offsets[t1] * Hout;
+      step.n_next = std::min(n, p.batch_sizes[t1]);
+    } else if (!train && fused) {
+      step.h_next = ping[(s + 1) % 2];
+      step.n_next = n;
     }
-    ready = n_next;
+    ready = train ? step.n_next : 0;
+    step.n = n;
+    step.xg = xg + r0 * GH;
+    step.h_prev = h_prev;
+    step.saved = train ? saved + r0 * SW : nullptr;
+    if (fused) {
+      step.h = out + r0 * Hout;
+      step.ld_h = Hout;
+      step.h_state = h_state;
+      launch_fused_forward<Cell>(step, w_hh_p, stream);
+      continue;
+    }
+    A* hg = f.hg.data_ptr<A>();
     gemm<T, A>(blas, true, n, GH, Hout, h_prev, Hout, w_hh_p, Hout, hg, GH, false);
     // With a projection the cell's h is unprojected: kept in the last saved block.
     T* h_unproj = !p.proj ? nullptr
                   : train ? saved + r0 * SW + Cell::kSaved * H
                           : f.h_scratch.data_ptr<T>();
     const int64_t ld_unproj = train ? SW : H;
+    step.h = p.proj ? h_unproj : out + r0 * Hout;
+    step.ld_h = p.proj ? ld_unproj : Hout;
+    step.h_state = p.proj ? nullptr : h_state;
     if (n * H > 0) {
-      forward_step_kernel<Cell, T, A><<<blocks_for(n * H), kThreads, 0, stream>>>(
-          n, H, xg + r0 * GH, hg, b_ih_p, b_hh_p, h_prev, Hout, c_state,
-          train ? saved + r0 * SW : nullptr, SW, p.proj ? h_unproj : out + r0 * Hout,
-          p.proj ? ld_unproj : Hout, p.proj ? nullptr : h_state, h_next, n_next, Hout);
+      forward_step_kernel<Cell><<<blocks_for(n * H), kThreads, 0, stream>>>(step, hg);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (p.proj) {
@@ -163,6 +232,7 @@ ForwardResult forward_cuda(c10::string_view mode, const at::Tensor& input_,
   const auto acc = opts.dtype(at::toOpMathType(input.scalar_type()));
   const bool lstm = p.kind == CellKind::LSTM;
   const int64_t kept_rows = train ? p.rows : 0;
+  const bool fused = use_fused_path(p);
 
   ForwardBuffers f;
   f.output = p.packed ? at::empty({p.rows, p.out_size}, opts)
@@ -174,7 +244,8 @@ ForwardResult forward_cuda(c10::string_view mode, const at::Tensor& input_,
   f.saved = at::empty({kept_rows, p.saved_width()}, opts);
   f.h_prev = at::empty({kept_rows, p.out_size}, opts);
   f.xg = at::empty({p.rows, p.gate_width()}, acc);
-  f.hg = at::empty({p.batch, p.gate_width()}, acc);
+  f.hg = at::empty({fused ? 0 : p.batch, p.gate_width()}, acc);
+  f.h_ping = fused && !train ? f.h_state.unsqueeze(0).repeat({2, 1, 1}) : at::Tensor();
   f.h_scratch = at::empty({p.proj && !train ? p.batch : 0, p.hidden}, opts);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
@@ -182,7 +253,7 @@ ForwardResult forward_cuda(c10::string_view mode, const at::Tensor& input_,
                                     dispatch_cell(p.kind, [&](auto tag) {
                                       using Tag = decltype(tag);
                                       run_forward<Tag::template Cell, scalar_t>(
-                                          p, train, input, w_ih, w_hh, b_ih, b_hh, w_hr, f);
+                                          p, train, fused, input, w_ih, w_hh, b_ih, b_hh, w_hr, f);
                                     });
                                   });
   at::Tensor c_n = lstm ? f.c_state.to(input.scalar_type()) : at::empty({0}, opts);
@@ -194,7 +265,7 @@ struct BackwardBuffers {
 };
 
 template <template <class> class CellT, class T>
-void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output,
+void run_backward(const Problem& p, bool fused, const std::optional<at::Tensor>& grad_output,
                   const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                   const at::Tensor& saved, const at::Tensor& h_prev_all, BackwardBuffers& g) {
   using A = at::opmath_type<T>;
@@ -205,17 +276,37 @@ void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output
   const T* gout = ptr_or_null<T>(grad_output);
   const T* w_hh_p = w_hh.data_ptr<T>();
   const T* w_hr_p = ptr_or_null<T>(w_hr);
-  const T* saved_p = saved.data_ptr<T>();
-  const T* hprev = h_prev_all.data_ptr<T>();
   A* dh_state = g.dh_state.data_ptr<A>();
-  A* dc = Cell::kCellState ? g.dc_state.data_ptr<A>() : nullptr;
-  T* dxg = g.dxg.data_ptr<T>();
   T* dhg = g.dhg.data_ptr<T>();
   T* dr = p.proj ? g.dr.data_ptr<T>() : nullptr;
   A* dh_step = p.proj ? g.dh_step.data_ptr<A>() : nullptr;
 
+  BackwardStep<T, A> step{};
+  step.H = H;
+  step.dh = p.proj ? dh_step : dh_state;
+  step.ld_dh = p.proj ? H : Hout;
+  step.ld_grad_out = Hout;
+  step.dc = Cell::kCellState ? g.dc_state.data_ptr<A>() : nullptr;
+  step.ld_saved = SW;
+  step.ld_h_prev = Hout;
+  // Fused: the kernel of a step first adds the product of the step processed before it
+  // (dg_next W_hh over its rows_gemm rows) to what dh carries.
+  const T* dg_next = nullptr;
+  int64_t rows_gemm = 0;
   for (int64_t s = p.steps - 1; s >= 0; --s) {
     const int64_t t = p.step_at(s), n = p.batch_sizes[t], r0 = p.offsets[t];
+    step.n = n;
+    step.grad_out = !p.proj && gout != nullptr ? gout + r0 * Hout : nullptr;
+    step.saved = saved.data_ptr<T>() + r0 * SW;
+    step.h_prev = h_prev_all.data_ptr<T>() + r0 * Hout;
+    step.dx = g.dxg.data_ptr<T>() + r0 * GH;
+    step.dhh = dhg + r0 * GH;
+    if (fused) {
+      launch_fused_backward<Cell>(step, dg_next, rows_gemm, w_hh_p, stream);
+      dg_next = dhg + r0 * GH;
+      rows_gemm = n;
+      continue;
+    }
     if (p.proj && n * Hout > 0) {
       // dL/dr_t = grad_output_t + dL/dr_t carried from the next step; then through W_hr.
       add_rows_kernel<T, A><<<blocks_for(n * Hout), kThreads, 0, stream>>>(
@@ -224,15 +315,17 @@ void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output
       gemm<T, A>(blas, false, n, H, Hout, dr + r0 * Hout, Hout, w_hr_p, H, dh_step, H, false);
     }
     if (n * H > 0) {
-      backward_step_kernel<Cell, T, A><<<blocks_for(n * H), kThreads, 0, stream>>>(
-          n, H, p.proj ? dh_step : dh_state, p.proj ? H : Hout,
-          !p.proj && gout != nullptr ? gout + r0 * Hout : nullptr, Hout, dc, saved_p + r0 * SW, SW,
-          hprev + r0 * Hout, Hout, dxg + r0 * GH, dhg + r0 * GH);
+      backward_step_kernel<Cell><<<blocks_for(n * H), kThreads, 0, stream>>>(step);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     // dL/dh_{t-1} = (hidden-side gate gradients) W_hh [+ the direct part the kernel wrote].
     gemm<T, A>(blas, false, n, Hout, GH, dhg + r0 * GH, GH, w_hh_p, Hout, dh_state, Hout,
                Cell::kUsesPrevH);
+  }
+  if (fused) {  // the product of the last step processed: dL/dh of the initial states
+    step.n = 0;
+    step.grad_out = nullptr;
+    launch_fused_backward<Cell>(step, dg_next, rows_gemm, w_hh_p, stream);
   }
 }
 
@@ -265,14 +358,14 @@ BackwardResult backward_cuda(c10::string_view mode, const std::optional<at::Tens
   g.dr = p.proj ? at::empty({p.rows, p.out_size}, opts) : at::Tensor();
   g.dh_step = p.proj ? at::empty({p.batch, p.hidden}, acc) : at::Tensor();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
-                                  "rnn_fused_backward_cuda", [&] {
-                                    dispatch_cell(p.kind, [&](auto tag) {
-                                      using Tag = decltype(tag);
-                                      run_backward<Tag::template Cell, scalar_t>(
-                                          p, grad_output, w_hh, w_hr, saved, h_prev_all, g);
-                                    });
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "rnn_fused_backward_cuda", [&] {
+        dispatch_cell(p.kind, [&](auto tag) {
+          using Tag = decltype(tag);
+          run_backward<Tag::template Cell, scalar_t>(p, use_fused_path(p), grad_output, w_hh, w_hr,
+                                                     saved, h_prev_all, g);
+        });
+      });
 
   const at::Tensor x2d = input.reshape({p.rows, p.input_size});
   at::Tensor grad_w_hr = at::empty({0}, opts);

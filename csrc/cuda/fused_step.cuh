@@ -1,0 +1,220 @@
+// Fused step kernels: a step's recurrent product and its cell math in one kernel, so that a
+// step of a small batch costs one launch instead of a GEMM launch plus a pointwise launch.
+//
+// A block owns BM rows x BC columns of the step's product C = X Y^T, with X [rows, K] (the
+// previous state, or the previous step's gate gradients) and Y [columns, K] (the matching
+// rows of W_hh, or of its transpose), both staged in shared memory in chunks of K. The 8
+// warps split every chunk's K range; each lane keeps a TM x TC tile of C in registers. The
+// warps' partial tiles are then summed in a fixed order (no atomics: bitwise reproducible)
+// and each of the 256 threads applies the cell to one (row, hidden unit) of the block.
+//
+// Forward: C = h_{t-1} W_hh^T; a block's columns are the G gates of BU hidden units, so a
+// unit's gates meet in one lane. Backward: C = dG_{t+1} W_hh (the part of dL/dh_t that goes
+// through W_hh); the block's columns are hidden units, and the cell's derivative follows.
+//
+// Written in the subset of CUDA that tests/emulation runs on the CPU: no warp intrinsics.
+#pragma once
+
+#include <cstdint>
+
+#include "step_kernels.cuh"
+
+namespace rnn_fused::cuda {
+
+namespace fused {
+
+constexpr int kWarps = 8;
+constexpr int kBlock = kWarps * 32;
+
+// K per warp per staged chunk; a chunk covers kWarps of those. Rows of the staged tiles are
+// kStride apart: a multiple of 4 values (16-byte loads stay aligned) that is 4 banks off 32,
+// so that the lanes' rows and columns fall into different banks.
+template <class A>
+struct Chunk {
+  static constexpr int kSub = sizeof(A) == 8 ? 8 : 16;
+  static constexpr int kLen = kWarps * kSub;
+  static constexpr int kStride = kLen + 4;
+};
+
+// The block shapes. Lanes: LM along rows x LC along columns; lane (lm, lc) holds rows
+// r * LM + lm (r < TM) and columns c * LC + lc (c < TC). TM * (threads' share) is set so
+// that the 256 threads of the epilogue meet exactly BM x (hidden units of the block).
+template <int kGates>
+struct ForwardShape {
+  static constexpr int LM = 4, LC = 8, TM = 8, TC = kGates;
+  static constexpr int BM = LM * TM, BU = LC, BC = TC * LC;  // 32 rows, 8 units
+};
+struct BackwardShape {
+  static constexpr int LM = 4, LC = 8, TM = 2, TC = 4;
+  static constexpr int BM = LM * TM, BC = TC * LC;  // 8 rows, 32 units
+};
+
+// Four consecutive values of a staged row: one 16-byte shared-memory load per 16 bytes.
+template <class A>
+__device__ __forceinline__ void load4(const A* p, A (&v)[4]) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(A) == 4) {
+    const float4 q = *reinterpret_cast<const float4*>(p);
+    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+  } else {
+    const double2 a = *reinterpret_cast<const double2*>(p);
+    const double2 b = *reinterpret_cast<const double2*>(p + 2);
+    v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
+  }
+#else
+  for (int q = 0; q < 4; ++q) v[q] = p[q];
+#endif
+}
+
+// acc += X Y^T over this warp's share [k0, k0 + kSub) of a staged chunk. xs: [BM][kStride],
+// ys: [BC][kStride].
+template <class A, int TM, int TC, int LM, int LC>
+__device__ __forceinline__ void accumulate(const A* xs, const A* ys, int lm, int lc, int k0,
+                                           A (&acc)[TM][TC]) {
+  constexpr int S = Chunk<A>::kStride;
+  for (int k = k0; k < k0 + Chunk<A>::kSub; k += 4) {
+    A xv[TM][4], yv[TC][4];
+#pragma unroll
+    for (int r = 0; r < TM; ++r) load4(xs + (r * LM + lm) * S + k, xv[r]);
+#pragma unroll
+    for (int c = 0; c < TC; ++c) load4(ys + (c * LC + lc) * S + k, yv[c]);
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+#pragma unroll
+      for (int r = 0; r < TM; ++r)
+#pragma unroll
+        for (int c = 0; c < TC; ++c) acc[r][c] += xv[r][q] * yv[c][q];
+  }
+}
+
+// Sums the warps' tiles into smem as [TM * TC][32 lanes], warp 1's tile added to warp 0's,
+// after warps 4..7 into 0..3 and 2..3 into 0..1: the same order in every run.
+template <class A, int TM, int TC>
+__device__ __forceinline__ void reduce_warps(A* smem, int warp, int lane, A (&acc)[TM][TC]) {
+  constexpr int kTile = TM * TC;
+  for (int half = kWarps / 2; half >= 1; half /= 2) {
+    __syncthreads();
+    if (warp >= half && warp < 2 * half) {
+#pragma unroll
+      for (int e = 0; e < kTile; ++e)
+        smem[(e * half + (warp - half)) * 32 + lane] = acc[e / TC][e % TC];
+    }
+    __syncthreads();
+    if (warp < half) {
+#pragma unroll
+      for (int e = 0; e < kTile; ++e) acc[e / TC][e % TC] += smem[(e * half + warp) * 32 + lane];
+    }
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int e = 0; e < kTile; ++e) smem[e * 32 + lane] = acc[e / TC][e % TC];
+  }
+  __syncthreads();
+}
+
+}  // namespace fused
+
+// Forward of one step over rows [0, s.n), the hidden-side product included: the block
+// (blockIdx.x, blockIdx.y) computes units [8 x, 8 x + 8) of rows [32 y, 32 y + 32).
+// s.h_prev ([n, H], row stride s.ld_h_prev) is the product's X; w_hh [G*H, H].
+template <class Cell, class T, class A>
+__global__ void fused_forward_step_kernel(ForwardStep<T, A> s, const T* __restrict__ w_hh) {
+  using Shape = fused::ForwardShape<Cell::kGates>;
+  using C = fused::Chunk<A>;
+  constexpr int BM = Shape::BM, BU = Shape::BU, BC = Shape::BC;
+  static_assert(Shape::TM == fused::kWarps, "one epilogue row per warp of threads");
+  static_assert(fused::kWarps / 2 * 32 * Shape::TM * Shape::TC <= (BM + BC) * C::kStride);
+  __shared__ __align__(16) A smem[(BM + BC) * C::kStride];
+  A* xs = smem;
+  A* ys = smem + BM * C::kStride;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int lm = lane / Shape::LC, lc = lane % Shape::LC;
+  const int64_t H = s.H, K = s.H, row0 = int64_t(blockIdx.y) * BM, u0 = int64_t(blockIdx.x) * BU;
+  A acc[Shape::TM][Shape::TC] = {};
+  for (int64_t k0 = 0; k0 < K; k0 += C::kLen) {
+    __syncthreads();  // the previous chunk is no longer read
+    for (int e = tid; e < BM * C::kLen; e += fused::kBlock) {
+      const int m = e / C::kLen, kk = e % C::kLen;
+      const int64_t i = row0 + m, k = k0 + kk;
+      xs[m * C::kStride + kk] =
+          i < s.n && k < K ? static_cast<A>(s.h_prev[i * s.ld_h_prev + k]) : A(0);
+    }
+    for (int e = tid; e < BC * C::kLen; e += fused::kBlock) {
+      const int c = e / C::kLen, kk = e % C::kLen;
+      const int64_t u = u0 + c % BU, k = k0 + kk;
+      ys[c * C::kStride + kk] =
+          u < H && k < K ? static_cast<A>(w_hh[((c / BU) * H + u) * K + k]) : A(0);
+    }
+    __syncthreads();
+    fused::accumulate<A, Shape::TM, Shape::TC, Shape::LM, Shape::LC>(xs, ys, lm, lc, warp * C::kSub,
+                                                                     acc);
+  }
+  fused::reduce_warps<A, Shape::TM, Shape::TC>(smem, warp, lane, acc);
+
+  // Thread (warp r, lane): row r * LM + lm and unit lc of the block, every gate.
+  const int64_t i = row0 + warp * Shape::LM + lm, j = u0 + lc;
+  if (i >= s.n || j >= H) return;
+  A hh[Cell::kGates];
+#pragma unroll
+  for (int g = 0; g < Cell::kGates; ++g) hh[g] = smem[(warp * Shape::TC + g) * 32 + lane];
+  forward_unit<Cell>(s, i, j, hh);
+}
+
+// Backward of one step (rows [0, s.n)) together with the product of the step processed
+// before it: dh_t = dG_{t+1} W_hh over rows [0, rows_gemm) (dg_next [rows_gemm, G*H], the
+// previous step's hidden-side gate gradients), plus what s.dh carries (grad_h_n, or the
+// part of dL/dh_t that bypasses W_hh). Rows in [s.n, rows_gemm) have no step here: their
+// sum is final (the gradient of a sequence's initial state) and goes to s.dh. The block
+// (x, y) covers units [32 x, 32 x + 32) of rows [8 y, 8 y + 8) of max(s.n, rows_gemm).
+template <class Cell, class T, class A>
+__global__ void fused_backward_step_kernel(BackwardStep<T, A> s, const T* __restrict__ dg_next,
+                                           int64_t rows_gemm, const T* __restrict__ w_hh) {
+  using Shape = fused::BackwardShape;
+  using C = fused::Chunk<A>;
+  constexpr int BM = Shape::BM, BC = Shape::BC;
+  static_assert(Shape::TM * Shape::TC == fused::kWarps, "one epilogue value per thread");
+  static_assert(fused::kWarps / 2 * 32 * Shape::TM * Shape::TC <= (BM + BC) * C::kStride);
+  __shared__ __align__(16) A smem[(BM + BC) * C::kStride];
+  A* xs = smem;
+  A* ys = smem + BM * C::kStride;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int lm = lane / Shape::LC, lc = lane % Shape::LC;
+  const int64_t H = s.H, K = Cell::kGates * s.H;
+  const int64_t row0 = int64_t(blockIdx.y) * BM, u0 = int64_t(blockIdx.x) * BC;
+  A acc[Shape::TM][Shape::TC] = {};
+  // Blocks whose rows all lie past rows_gemm skip the product (uniform per block).
+  const int64_t k_end = row0 < rows_gemm ? K : 0;
+  for (int64_t k0 = 0; k0 < k_end; k0 += C::kLen) {
+    __syncthreads();
+    for (int e = tid; e < BM * C::kLen; e += fused::kBlock) {
+      const int m = e / C::kLen, kk = e % C::kLen;
+      const int64_t i = row0 + m, k = k0 + kk;
+      xs[m * C::kStride + kk] = i < rows_gemm && k < K ? static_cast<A>(dg_next[i * K + k]) : A(0);
+    }
+    for (int e = tid; e < BC * C::kLen; e += fused::kBlock) {
+      const int c = e % BC, kk = e / BC;
+      const int64_t u = u0 + c, k = k0 + kk;
+      ys[c * C::kStride + kk] = u < H && k < K ? static_cast<A>(w_hh[k * H + u]) : A(0);
+    }
+    __syncthreads();
+    fused::accumulate<A, Shape::TM, Shape::TC, Shape::LM, Shape::LC>(xs, ys, lm, lc, warp * C::kSub,
+                                                                     acc);
+  }
+  fused::reduce_warps<A, Shape::TM, Shape::TC>(smem, warp, lane, acc);
+
+  // Thread (warp = r * TC + c, lane): row r * LM + lm and unit c * LC + lc of the block.
+  const int r = warp / Shape::TC, c = warp % Shape::TC;
+  const int64_t i = row0 + r * Shape::LM + lm, j = u0 + c * Shape::LC + lc;
+  if (j >= H || i >= (s.n > rows_gemm ? s.n : rows_gemm)) return;
+  const A total = smem[warp * 32 + lane] + s.dh[i * s.ld_dh + j];
+  if (i < s.n) {
+    backward_unit<Cell>(s, i, j, total);
+  } else {
+    s.dh[i * s.ld_dh + j] = total;
+  }
+}
+
+}  // namespace rnn_fused::cuda
