@@ -31,8 +31,11 @@ def ratio(row: dict | None, field: str = "speedup") -> float:
 
 
 def main(path: str) -> None:
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        sys.exit(f"no benchmark results: {e}")
     by_key = {(r["cell"], r["shape"], r["dtype"], r["kind"]): r for r in rows}
     pairs = list(dict.fromkeys((r["cell"], r["shape"]) for r in rows))
     print("speedup = eager cuDNN / rnn_fused (> 1: ours faster); tf32: both sides with TF32")

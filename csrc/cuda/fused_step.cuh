@@ -87,6 +87,41 @@ __device__ __forceinline__ void accumulate(const A* xs, const A* ys, int lm, int
   }
 }
 
+// One thread's share of a staged [Rows][kLen] tile, fetched from global memory a chunk ahead
+// (into registers, so that chunk c + 1's loads are in flight while chunk c is computed) and
+// then stored to shared memory. Consecutive threads take consecutive K (kRowsFast false) or
+// consecutive rows (true: for sources whose rows are adjacent in memory, like W_hh's
+// columns), so that a warp's loads are coalesced.
+template <class A, int Rows, bool kRowsFast>
+struct Stager {
+  static constexpr int kLen = Chunk<A>::kLen, kPer = Rows * kLen / kBlock;
+  static_assert(Rows * kLen % kBlock == 0, "a tile splits evenly over the block");
+  A v[kPer];
+
+  __device__ __forceinline__ static void coords(int e, int& r, int& kk) {
+    r = kRowsFast ? e % Rows : e / kLen;
+    kk = kRowsFast ? e / Rows : e % kLen;
+  }
+  // value(r, kk): the element at row r and K offset kk of the chunk (0 past the edges).
+  template <class Value>
+  __device__ __forceinline__ void fetch(int tid, const Value& value) {
+#pragma unroll
+    for (int q = 0; q < kPer; ++q) {
+      int r, kk;
+      coords(tid + q * kBlock, r, kk);
+      v[q] = value(r, kk);
+    }
+  }
+  __device__ __forceinline__ void store(int tid, A* tile) const {
+#pragma unroll
+    for (int q = 0; q < kPer; ++q) {
+      int r, kk;
+      coords(tid + q * kBlock, r, kk);
+      tile[r * Chunk<A>::kStride + kk] = v[q];
+    }
+  }
+};
+
 // Sums the warps' tiles into smem as [TM * TC][32 lanes], warp 1's tile added to warp 0's,
 // after warps 4..7 into 0..3 and 2..3 into 0..1: the same order in every run.
 template <class A, int TM, int TC>
@@ -119,7 +154,8 @@ __device__ __forceinline__ void reduce_warps(A* smem, int warp, int lane, A (&ac
 // (blockIdx.x, blockIdx.y) computes units [8 x, 8 x + 8) of rows [32 y, 32 y + 32).
 // s.h_prev ([n, H], row stride s.ld_h_prev) is the product's X; w_hh [G*H, H].
 template <class Cell, class T, class A>
-__global__ void fused_forward_step_kernel(ForwardStep<T, A> s, const T* __restrict__ w_hh) {
+__global__ void __launch_bounds__(fused::kBlock)
+    fused_forward_step_kernel(ForwardStep<T, A> s, const T* __restrict__ w_hh) {
   using Shape = fused::ForwardShape<Cell::kGates>;
   using C = fused::Chunk<A>;
   constexpr int BM = Shape::BM, BU = Shape::BU, BC = Shape::BC;
@@ -133,21 +169,25 @@ __global__ void fused_forward_step_kernel(ForwardStep<T, A> s, const T* __restri
   const int lm = lane / Shape::LC, lc = lane % Shape::LC;
   const int64_t H = s.H, K = s.H, row0 = int64_t(blockIdx.y) * BM, u0 = int64_t(blockIdx.x) * BU;
   A acc[Shape::TM][Shape::TC] = {};
+  fused::Stager<A, BM, false> x_stage;
+  fused::Stager<A, BC, false> y_stage;
+  const auto fetch = [&](int64_t k0) {
+    x_stage.fetch(tid, [&](int m, int kk) {
+      const int64_t i = row0 + m, k = k0 + kk;
+      return i < s.n && k < K ? static_cast<A>(s.h_prev[i * s.ld_h_prev + k]) : A(0);
+    });
+    y_stage.fetch(tid, [&](int c, int kk) {  // column c: gate c / BU of unit u0 + c % BU
+      const int64_t u = u0 + c % BU, k = k0 + kk;
+      return u < H && k < K ? static_cast<A>(w_hh[((c / BU) * H + u) * K + k]) : A(0);
+    });
+  };
+  fetch(0);
   for (int64_t k0 = 0; k0 < K; k0 += C::kLen) {
     __syncthreads();  // the previous chunk is no longer read
-    for (int e = tid; e < BM * C::kLen; e += fused::kBlock) {
-      const int m = e / C::kLen, kk = e % C::kLen;
-      const int64_t i = row0 + m, k = k0 + kk;
-      xs[m * C::kStride + kk] =
-          i < s.n && k < K ? static_cast<A>(s.h_prev[i * s.ld_h_prev + k]) : A(0);
-    }
-    for (int e = tid; e < BC * C::kLen; e += fused::kBlock) {
-      const int c = e / C::kLen, kk = e % C::kLen;
-      const int64_t u = u0 + c % BU, k = k0 + kk;
-      ys[c * C::kStride + kk] =
-          u < H && k < K ? static_cast<A>(w_hh[((c / BU) * H + u) * K + k]) : A(0);
-    }
+    x_stage.store(tid, xs);
+    y_stage.store(tid, ys);
     __syncthreads();
+    if (k0 + C::kLen < K) fetch(k0 + C::kLen);
     fused::accumulate<A, Shape::TM, Shape::TC, Shape::LM, Shape::LC>(xs, ys, lm, lc, warp * C::kSub,
                                                                      acc);
   }
@@ -169,8 +209,9 @@ __global__ void fused_forward_step_kernel(ForwardStep<T, A> s, const T* __restri
 // sum is final (the gradient of a sequence's initial state) and goes to s.dh. The block
 // (x, y) covers units [32 x, 32 x + 32) of rows [8 y, 8 y + 8) of max(s.n, rows_gemm).
 template <class Cell, class T, class A>
-__global__ void fused_backward_step_kernel(BackwardStep<T, A> s, const T* __restrict__ dg_next,
-                                           int64_t rows_gemm, const T* __restrict__ w_hh) {
+__global__ void __launch_bounds__(fused::kBlock)
+    fused_backward_step_kernel(BackwardStep<T, A> s, const T* __restrict__ dg_next,
+                               int64_t rows_gemm, const T* __restrict__ w_hh) {
   using Shape = fused::BackwardShape;
   using C = fused::Chunk<A>;
   constexpr int BM = Shape::BM, BC = Shape::BC;
@@ -187,19 +228,25 @@ __global__ void fused_backward_step_kernel(BackwardStep<T, A> s, const T* __rest
   A acc[Shape::TM][Shape::TC] = {};
   // Blocks whose rows all lie past rows_gemm skip the product (uniform per block).
   const int64_t k_end = row0 < rows_gemm ? K : 0;
+  fused::Stager<A, BM, false> x_stage;
+  fused::Stager<A, BC, true> y_stage;
+  const auto fetch = [&](int64_t k0) {
+    x_stage.fetch(tid, [&](int m, int kk) {
+      const int64_t i = row0 + m, k = k0 + kk;
+      return i < rows_gemm && k < K ? static_cast<A>(dg_next[i * K + k]) : A(0);
+    });
+    y_stage.fetch(tid, [&](int c, int kk) {  // column c: unit u0 + c, a column of W_hh
+      const int64_t u = u0 + c, k = k0 + kk;
+      return u < H && k < K ? static_cast<A>(w_hh[k * H + u]) : A(0);
+    });
+  };
+  if (k_end > 0) fetch(0);
   for (int64_t k0 = 0; k0 < k_end; k0 += C::kLen) {
     __syncthreads();
-    for (int e = tid; e < BM * C::kLen; e += fused::kBlock) {
-      const int m = e / C::kLen, kk = e % C::kLen;
-      const int64_t i = row0 + m, k = k0 + kk;
-      xs[m * C::kStride + kk] = i < rows_gemm && k < K ? static_cast<A>(dg_next[i * K + k]) : A(0);
-    }
-    for (int e = tid; e < BC * C::kLen; e += fused::kBlock) {
-      const int c = e % BC, kk = e / BC;
-      const int64_t u = u0 + c, k = k0 + kk;
-      ys[c * C::kStride + kk] = u < H && k < K ? static_cast<A>(w_hh[k * H + u]) : A(0);
-    }
+    x_stage.store(tid, xs);
+    y_stage.store(tid, ys);
     __syncthreads();
+    if (k0 + C::kLen < k_end) fetch(k0 + C::kLen);
     fused::accumulate<A, Shape::TM, Shape::TC, Shape::LM, Shape::LC>(xs, ys, lm, lc, warp * C::kSub,
                                                                      acc);
   }

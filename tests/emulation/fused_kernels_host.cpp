@@ -76,6 +76,7 @@ using emulation::threadIdx;
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __launch_bounds__(threads)
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 #define __syncthreads() emulation::syncthreads()
