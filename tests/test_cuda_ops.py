@@ -82,24 +82,36 @@ def test_cuda_matches_float64_reference(mode, feature, dtype, path):
         proj=2 if feature == "proj" else 0,
     )
     out, grads, weights = _run(rnn_layer, *case)
+    # Inference keeps no workspace and reads its state from other buffers: checked too.
+    layer, x, h0, c0, kw = case
+    with torch.no_grad():
+        out_ng = rnn_layer(mode, x, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh, h0, c0, **kw)
+    out_ng = [o for o in out_ng if o is not None]
     case64 = _to64(*case)
     w64 = [w.double() for w in weights]
     ref, ref_grads, _ = _run(reference.rnn_layer, *case64, weights=w64)
     if dtype in (torch.float32, torch.float64):
         tol = 1e-12 if dtype == torch.float64 else 1e-5
-        for a, b in zip([*out, *grads], [*ref, *ref_grads]):
+        for a, b in zip([*out, *grads, *out_ng], [*ref, *ref_grads, *ref]):
             assert rel_err(a, b) < tol
         return
     # Half types: no worse than twice the error of the reference run in the same dtype.
     same, same_grads, _ = _run(reference.rnn_layer, *case, weights=weights)
-    for a, s, b in zip([*out, *grads], [*same, *same_grads], [*ref, *ref_grads]):
+    for a, s, b in zip(
+        [*out, *grads, *out_ng], [*same, *same_grads, *same], [*ref, *ref_grads, *ref]
+    ):
         assert rel_err(a, b) <= 2 * rel_err(s, b) + 1e-3
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+# float32 relu is left out here: among the ~10^5 pre-activations of a case, one within float32
+# rounding of zero flips relu's derivative against the float64 reference (float64 covers it).
+TILE_CASES = [(m, d) for m in CELLS for d in (torch.float64, torch.float32)]
+TILE_CASES.remove(("RNN_RELU", torch.float32))
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-@pytest.mark.parametrize("mode", CELLS)
-def test_cuda_tile_edges(mode, packed, dtype, path):
+@pytest.mark.parametrize(("mode", "dtype"), TILE_CASES, ids=str)
+def test_cuda_tile_edges(mode, dtype, packed, path):
     """Sizes past the fused kernels' blocks (32 and 8 rows, 8 and 32 units, a staged chunk
     of K) in both directions, against reference.py in float64."""
     seed("tile-edges", mode, packed, dtype)

@@ -31,15 +31,21 @@ def kernels(tmp_path_factory):
     )
 
 
-TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
+# Half types store in their dtype and compute in float: the expected values come from the
+# same rounded inputs in float, so the tolerance covers the rounding of what is stored.
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+HALF = (torch.bfloat16, torch.float16)
 # (rows, hidden): one partial block; rows past 32 (forward) and 8 (backward) blocks; hidden
 # past a chunk of K (64 values in float64, 128 in float32) and past 8 / 32 units.
 SIZES = [(3, 33), (1, 5), (37, 9), (9, 70), (40, 130)]
+CASES = [(n, H, d) for n, H in SIZES for d in (torch.float64, torch.float32)]
+CASES += [(n, H, d) for n, H in [(3, 33), (40, 130)] for d in HALF]
 
 
-def close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+def close(actual: torch.Tensor, expected: torch.Tensor, what: str, dtype: torch.dtype) -> None:
+    actual, expected = actual.to(expected.dtype), expected.detach()
     err = (actual - expected).norm() / expected.norm().clamp_min(1e-30)
-    assert err <= TOL[expected.dtype], f"{what}: relative error {err:.2e}"
+    assert err <= TOL[dtype], f"{what}: relative error {err:.2e}"
 
 
 def _cell(mode: str, x: torch.Tensor, hh: torch.Tensor, h_prev, c_prev):
@@ -60,74 +66,88 @@ def _cell(mode: str, x: torch.Tensor, hh: torch.Tensor, h_prev, c_prev):
     return h, None, h
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize(("n", "H"), SIZES)
+@pytest.mark.parametrize(("n", "H", "dtype"), CASES, ids=str)
 @pytest.mark.parametrize("mode", CELLS)
 def test_fused_forward_step(kernels, mode, n, H, dtype):
     seed("fused-forward", mode, n, H, dtype)
     G = GATES[mode]
-    kw = dict(dtype=dtype)
-    h_prev, xg = torch.randn(n, H, **kw), torch.randn(n, G * H, **kw)
-    w_hh = torch.randn(G * H, H, **kw) / H**0.5
+    acc = torch.float32 if dtype in HALF else dtype  # what the kernels compute in
+    kw, akw = dict(dtype=dtype), dict(dtype=acc)
+    h_prev, xg = torch.randn(n, H, **kw), torch.randn(n, G * H, **akw)
+    w_hh = (torch.randn(G * H, H, **akw) / H**0.5).to(dtype)
     b_ih, b_hh = torch.randn(G * H, **kw), torch.randn(G * H, **kw)
-    c = torch.randn(n, H, **kw) if mode == "LSTM" else torch.empty(0, **kw)
+    c = torch.randn(n, H, **akw) if mode == "LSTM" else torch.empty(0, **akw)
     c_prev = c.clone()
     width = {"LSTM": 5, "GRU": 4}.get(mode, 1) * H
     saved, h, h_state, h_next = (torch.full((n, w), NAN, **kw) for w in (width, H, H, H))
     n_next = (n + 1) // 2
     kernels.forward_step(mode, h_prev, w_hh, xg, b_ih, b_hh, c, saved, h, h_state, h_next, n_next)
 
-    hh = h_prev @ w_hh.t() + b_hh
-    exp_h, exp_c, exp_saved = _cell(mode, xg + b_ih, hh, h_prev, c_prev)
-    close(h, exp_h, "h")
-    close(h_state, exp_h, "h_state")
-    close(h_next[:n_next], exp_h[:n_next], "h_next")
+    hp = h_prev.to(acc)
+    hh = hp @ w_hh.to(acc).t() + b_hh.to(acc)
+    exp_h, exp_c, exp_saved = _cell(mode, xg + b_ih.to(acc), hh, hp, c_prev)
+    close(h, exp_h, "h", dtype)
+    close(h_state, exp_h, "h_state", dtype)
+    close(h_next[:n_next], exp_h[:n_next], "h_next", dtype)
     assert h_next[n_next:].isnan().all(), "rows past n_next must stay untouched"
-    close(saved, exp_saved, "saved")
+    close(saved, exp_saved, "saved", dtype)
     if mode == "LSTM":
-        close(c, exp_c, "c")
+        close(c, exp_c, "c", dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize(("n", "H"), SIZES)
+@pytest.mark.parametrize(("n", "H", "dtype"), CASES, ids=str)
 @pytest.mark.parametrize("rows_gemm", ["none", "fewer", "more"])
 @pytest.mark.parametrize("mode", CELLS)
 def test_fused_backward_step(kernels, mode, rows_gemm, n, H, dtype):
     seed("fused-backward", mode, rows_gemm, n, H, dtype)
     G = GATES[mode]
-    kw = dict(dtype=dtype)
+    acc = torch.float32 if dtype in HALF else dtype
+    kw, akw = dict(dtype=dtype), dict(dtype=acc)
     m = {"none": 0, "fewer": (n + 1) // 2, "more": n + 5}[rows_gemm]
     rows = max(n, m)
-    # A forward step from random pre-activations gives saved values the backward trusts.
-    x, hh = torch.randn(n, G * H, **kw), torch.randn(n, G * H, **kw)
-    h_prev, c_prev = torch.randn(n, H, **kw), torch.randn(n, H, **kw)
+    # A forward step from random pre-activations gives saved values the backward trusts
+    # (half types: rounded to the dtype, as the engine stores them).
+    x, hh = torch.randn(n, G * H, **akw), torch.randn(n, G * H, **akw)
+    h_prev, c_prev = torch.randn(n, H, **kw).to(acc), torch.randn(n, H, **akw)
     leaves = [t.clone().requires_grad_() for t in (x, hh, h_prev, c_prev)]
     h, c, saved = _cell(mode, *leaves[:2], leaves[2], leaves[3] if mode == "LSTM" else None)
 
     dg_next = torch.randn(m, G * H, **kw)
-    w_hh = torch.randn(G * H, H, **kw) / H**0.5
-    dh = torch.randn(rows + 2, H, **kw)  # two rows past every step: must stay untouched
+    w_hh = (torch.randn(G * H, H, **akw) / H**0.5).to(dtype)
+    dh = torch.randn(rows + 2, H, **akw)  # two rows past every step: must stay untouched
     grad_out = torch.randn(n, H, **kw)
-    dc = torch.randn(rows, H, **kw) if mode == "LSTM" else torch.empty(0, **kw)
+    dc = torch.randn(rows, H, **akw) if mode == "LSTM" else torch.empty(0, **akw)
     dh_in, dc_in = dh.clone(), dc.clone()
     dx = torch.full((n, G * H), NAN, **kw)
     dhh = torch.full((n, G * H), NAN, **kw) if mode == "GRU" else torch.empty(0, **kw)
-    kernels.backward_step(mode, n, dg_next, w_hh, dh, grad_out, dc, saved.detach(), h_prev, dx, dhh)
+    kernels.backward_step(
+        mode,
+        n,
+        dg_next,
+        w_hh,
+        dh,
+        grad_out,
+        dc,
+        saved.detach().to(dtype),
+        h_prev.to(dtype),
+        dx,
+        dhh,
+    )
 
     total = dh_in[:rows].clone()
-    total[:m] += dg_next @ w_hh
-    upstream = total[:n] + grad_out
+    total[:m] += dg_next.to(acc) @ w_hh.to(acc)
+    upstream = total[:n] + grad_out.to(acc)
     loss = (h * upstream).sum() + ((c * dc_in[:n]).sum() if mode == "LSTM" else 0)
     gx, ghh, gh_prev, gc_prev = torch.autograd.grad(loss, leaves, allow_unused=True)
-    close(dx, gx, "dx")
+    close(dx, gx, "dx", dtype)
     if mode == "GRU":
-        close(dhh, ghh, "dhh")
-        close(dh[:n], gh_prev, "dh carried (GRU: the part bypassing W_hh)")
+        close(dhh, ghh, "dhh", dtype)
+        close(dh[:n], gh_prev, "dh carried (GRU: the part bypassing W_hh)", dtype)
     else:
         assert (dh[:n] == 0).all(), "nothing bypasses W_hh in this cell"
     if mode == "LSTM":
-        close(dc[:n], gc_prev, "dc")
+        close(dc[:n], gc_prev, "dc", dtype)
         assert torch.equal(dc[n:], dc_in[n:])
     if m > n:
-        close(dh[n:rows], total[n:rows], "rows past the step: the finished sums")
+        close(dh[n:rows], total[n:rows], "rows past the step: the finished sums", dtype)
     assert torch.equal(dh[rows:], dh_in[rows:]), "rows past both must stay untouched"

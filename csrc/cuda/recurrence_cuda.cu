@@ -35,8 +35,10 @@ constexpr cudaDataType_t cuda_type() {
   return CUDA_R_16BF;
 }
 
-// Batches up to this size take the fused path (use_fused_path).
+// Batches up to this size take the fused path (use_fused_path); it can take at most
+// kFusedMaxRows (its grids have at most 65535 blocks of 8 rows).
 constexpr int64_t kFusedMaxBatch = 64;
+constexpr int64_t kFusedMaxRows = 65535 * 8;
 
 int blocks_of(int64_t count, int64_t per_block) {
   return static_cast<int>((count + per_block - 1) / per_block);
@@ -88,7 +90,7 @@ void copy_rows(void* dst, const void* src, int64_t bytes, cudaStream_t stream) {
 // standard one (a cuBLAS GEMM and a pointwise kernel per step). RNN_FUSED_CUDA_PATH=fused or
 // =standard forces one, for tests and measurements.
 bool use_fused_path(const Problem& p) {
-  if (p.proj) return false;
+  if (p.proj || p.batch > kFusedMaxRows) return false;
   const char* forced = std::getenv("RNN_FUSED_CUDA_PATH");
   if (forced != nullptr && std::strcmp(forced, "standard") == 0) return false;
   if (forced != nullptr && std::strcmp(forced, "fused") == 0) return true;
@@ -323,9 +325,11 @@ void run_backward(const Problem& p, bool fused, const std::optional<at::Tensor>&
                Cell::kUsesPrevH);
   }
   if (fused) {  // the product of the last step processed: dL/dh of the initial states
-    step.n = 0;
-    step.grad_out = nullptr;
-    launch_fused_backward<Cell>(step, dg_next, rows_gemm, w_hh_p, stream);
+    BackwardStep<T, A> tail{};  // no rows of a step: only the product's rows of dh
+    tail.H = H;
+    tail.dh = step.dh;
+    tail.ld_dh = step.ld_dh;
+    launch_fused_backward<Cell>(tail, dg_next, rows_gemm, w_hh_p, stream);
   }
 }
 

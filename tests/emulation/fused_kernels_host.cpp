@@ -4,6 +4,7 @@
 // threads of a block share (the blocks of a launch run one after another). It checks the
 // kernels' indexing, staging, cross-warp reduction and cell epilogues on machines without
 // a GPU (tests/test_fused_kernels_emulated.py); it says nothing about their speed.
+#include <ATen/OpMathType.h>
 #include <torch/extension.h>
 
 #include <condition_variable>
@@ -106,71 +107,77 @@ T* ptr(const at::Tensor& t) {
 }
 
 // One fused forward step over h_prev's rows; writes into the given tensors, which the test
-// allocates (poisoned) so that it can see every element written or left alone.
+// allocates (poisoned) so that it can see every element written or left alone. Half types
+// take xg and c in float, as the engine keeps them.
 void forward_step(const std::string& mode, const at::Tensor& h_prev, const at::Tensor& w_hh,
                   const at::Tensor& xg, const at::Tensor& b_ih, const at::Tensor& b_hh,
                   const at::Tensor& c, const at::Tensor& saved, const at::Tensor& h,
                   const at::Tensor& h_state, const at::Tensor& h_next, int64_t n_next) {
-  AT_DISPATCH_FLOATING_TYPES(h_prev.scalar_type(), "forward_step", [&] {
-    using T = scalar_t;
-    ForwardStep<T, T> s{};
-    s.n = h_prev.size(0);
-    s.H = h_prev.size(1);
-    s.xg = ptr<T>(xg);
-    s.b_ih = ptr<T>(b_ih);
-    s.b_hh = ptr<T>(b_hh);
-    s.h_prev = ptr<T>(h_prev);
-    s.ld_h_prev = s.H;
-    s.c = ptr<T>(c);
-    s.saved = ptr<T>(saved);
-    s.ld_saved = saved.numel() == 0 ? 0 : saved.size(1);
-    s.h = ptr<T>(h);
-    s.ld_h = s.H;
-    s.h_state = ptr<T>(h_state);
-    s.h_next = ptr<T>(h_next);
-    s.n_next = n_next;
-    s.ld_state = s.H;
-    dispatch_cell(kind_of(mode), [&](auto tag) {
-      using Cell = typename decltype(tag)::template Cell<T>;
-      using Shape = fused::ForwardShape<Cell::kGates>;
-      emulation::launch(blocks(s.H, Shape::BU), blocks(s.n, Shape::BM),
-                        [&] { fused_forward_step_kernel<Cell, T, T>(s, w_hh.data_ptr<T>()); });
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, h_prev.scalar_type(), "forward_step", [&] {
+        using T = scalar_t;
+        using A = at::opmath_type<T>;
+        ForwardStep<T, A> s{};
+        s.n = h_prev.size(0);
+        s.H = h_prev.size(1);
+        s.xg = ptr<A>(xg);
+        s.b_ih = ptr<T>(b_ih);
+        s.b_hh = ptr<T>(b_hh);
+        s.h_prev = ptr<T>(h_prev);
+        s.ld_h_prev = s.H;
+        s.c = ptr<A>(c);
+        s.saved = ptr<T>(saved);
+        s.ld_saved = saved.numel() == 0 ? 0 : saved.size(1);
+        s.h = ptr<T>(h);
+        s.ld_h = s.H;
+        s.h_state = ptr<T>(h_state);
+        s.h_next = ptr<T>(h_next);
+        s.n_next = n_next;
+        s.ld_state = s.H;
+        dispatch_cell(kind_of(mode), [&](auto tag) {
+          using Cell = typename decltype(tag)::template Cell<A>;
+          using Shape = fused::ForwardShape<Cell::kGates>;
+          emulation::launch(blocks(s.H, Shape::BU), blocks(s.n, Shape::BM),
+                            [&] { fused_forward_step_kernel<Cell, T, A>(s, w_hh.data_ptr<T>()); });
+        });
+      });
 }
 
 // One fused backward step: rows [0, n) of the step, the product dg_next W_hh over
-// dg_next's rows.
+// dg_next's rows. Half types take dh and dc in float.
 void backward_step(const std::string& mode, int64_t n, const at::Tensor& dg_next,
                    const at::Tensor& w_hh, const at::Tensor& dh, const at::Tensor& grad_out,
                    const at::Tensor& dc, const at::Tensor& saved, const at::Tensor& h_prev,
                    const at::Tensor& dx, const at::Tensor& dhh) {
-  AT_DISPATCH_FLOATING_TYPES(dh.scalar_type(), "backward_step", [&] {
-    using T = scalar_t;
-    BackwardStep<T, T> s{};
-    s.n = n;
-    s.H = dh.size(1);
-    s.dh = ptr<T>(dh);
-    s.ld_dh = s.H;
-    s.grad_out = ptr<T>(grad_out);
-    s.ld_grad_out = s.H;
-    s.dc = ptr<T>(dc);
-    s.saved = ptr<T>(saved);
-    s.ld_saved = saved.numel() == 0 ? 0 : saved.size(1);
-    s.h_prev = ptr<T>(h_prev);
-    s.ld_h_prev = s.H;
-    s.dx = ptr<T>(dx);
-    s.dhh = ptr<T>(dhh);
-    const int64_t rows_gemm = dg_next.size(0);
-    dispatch_cell(kind_of(mode), [&](auto tag) {
-      using Cell = typename decltype(tag)::template Cell<T>;
-      using Shape = fused::BackwardShape;
-      const int64_t rows = std::max(n, rows_gemm);
-      emulation::launch(blocks(s.H, Shape::BC), blocks(rows, Shape::BM), [&] {
-        fused_backward_step_kernel<Cell, T, T>(s, ptr<T>(dg_next), rows_gemm, w_hh.data_ptr<T>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, saved.scalar_type(), "backward_step", [&] {
+        using T = scalar_t;
+        using A = at::opmath_type<T>;
+        BackwardStep<T, A> s{};
+        s.n = n;
+        s.H = dh.size(1);
+        s.dh = ptr<A>(dh);
+        s.ld_dh = s.H;
+        s.grad_out = ptr<T>(grad_out);
+        s.ld_grad_out = s.H;
+        s.dc = ptr<A>(dc);
+        s.saved = ptr<T>(saved);
+        s.ld_saved = saved.numel() == 0 ? 0 : saved.size(1);
+        s.h_prev = ptr<T>(h_prev);
+        s.ld_h_prev = s.H;
+        s.dx = ptr<T>(dx);
+        s.dhh = ptr<T>(dhh);
+        const int64_t rows_gemm = dg_next.size(0);
+        dispatch_cell(kind_of(mode), [&](auto tag) {
+          using Cell = typename decltype(tag)::template Cell<A>;
+          using Shape = fused::BackwardShape;
+          const int64_t rows = std::max(n, rows_gemm);
+          emulation::launch(blocks(s.H, Shape::BC), blocks(rows, Shape::BM), [&] {
+            fused_backward_step_kernel<Cell, T, A>(s, ptr<T>(dg_next), rows_gemm,
+                                                   w_hh.data_ptr<T>());
+          });
+        });
       });
-    });
-  });
 }
 
 }  // namespace
