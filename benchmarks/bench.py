@@ -15,7 +15,7 @@ ours with torch.backends.cuda.matmul.allow_tf32), and ours with each CUDA path f
 (rnn_fused itself picks one by batch size).
 
     python benchmarks/bench.py [--device cpu|cuda] [--rounds N] [--csv PATH]
-                               [--markdown PATH] [--quick]
+                               [--markdown PATH] [--quick] [--only T,B,I,H ...]
 """
 
 from __future__ import annotations
@@ -274,6 +274,9 @@ def main() -> None:
     parser.add_argument("--csv", default="benchmarks/out/bench.csv")
     parser.add_argument("--markdown", default=None, help="also write a markdown table here")
     parser.add_argument("--quick", action="store_true", help="a tiny grid, for a smoke run")
+    parser.add_argument(
+        "--only", action="append", metavar="T,B,I,H", help="only these rows of the grid"
+    )
     args = parser.parse_args()
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -300,6 +303,10 @@ def main() -> None:
         grid = [(g, CELLS) for g in (QUICK_GRID if args.quick else CPU_GRID)]
         columns = ["torch.nn", "rnn_fused"]
         what = f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    if args.only:
+        grid = [(g, cells) for g, cells in grid if str(g) in args.only]
+        if not grid:
+            sys.exit(f"no grid row is one of {args.only}")
     ratios = ["speedup", *(["tf32 speedup"] if device == "cuda" else [])]
     header = (
         f"rnn_fused vs torch.nn on {device}: torch {torch.__version__}, {what}, {dt.date.today()}"

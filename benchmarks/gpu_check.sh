@@ -5,6 +5,9 @@
 # OUT; a short summary is printed last.
 #
 #   benchmarks/gpu_check.sh OUT        (or: make gpu-check OUT=dir)
+#
+# QUICK=1 (make gpu-check OUT=dir QUICK=1), for a rerun after a fix: only the CUDA tests
+# and the benchmark's issue-4 rows (100,64,512,512 and 100,1,512,512).
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -30,12 +33,19 @@ ignore=()
 "$py" -c "import expecttest" 2>/dev/null || ignore=(--ignore=tests/test_module_db.py)
 # The CPU emulation of the fused kernels is for machines without a GPU; here they run.
 ignore+=(--ignore=tests/test_fused_kernels_emulated.py)
-"$py" -m pytest -q --maxfail=30 -p no:cacheprovider tests "${ignore[@]}" > "$out/tests.log" 2>&1
+select=()
+only=()
+if [ "${QUICK:-0}" = 1 ]; then
+  select=(-k cuda)
+  only=(--only 100,64,512,512 --only 100,1,512,512)
+fi
+"$py" -m pytest -q --maxfail=30 -p no:cacheprovider tests "${ignore[@]}" ${select[@]+"${select[@]}"} \
+  > "$out/tests.log" 2>&1
 tests_rc=$?
 echo "tests: $(( $(date +%s) - start )) s, exit $tests_rc"
 
 "$py" benchmarks/bench.py --device cuda --csv "$out/bench.csv" --markdown "$out/bench.md" \
-  > "$out/bench.log" 2>&1
+  ${only[@]+"${only[@]}"} > "$out/bench.log" 2>&1
 bench_rc=$?
 echo "bench: $(( $(date +%s) - start )) s, exit $bench_rc"
 
