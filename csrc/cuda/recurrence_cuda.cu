@@ -39,6 +39,8 @@ constexpr cudaDataType_t cuda_type() {
 // kFusedMaxRows (its grids have at most 65535 blocks of 8 rows).
 constexpr int64_t kFusedMaxBatch = 64;
 constexpr int64_t kFusedMaxRows = 65535 * 8;
+// With tensor cores, steps whose product has more multiply-adds than this go to cuBLAS.
+constexpr int64_t kFusedMaxTensorCoreMacs = int64_t(1) << 27;
 
 int blocks_of(int64_t count, int64_t per_block) {
   return static_cast<int>((count + per_block - 1) / per_block);
@@ -86,15 +88,19 @@ void copy_rows(void* dst, const void* src, int64_t bytes, cudaStream_t stream) {
 }
 
 // Whether a call runs the fused path (one kernel per step, the recurrent product inside
-// it, CUDA cores only: for small batches, where a step is a few microseconds of work) or the
-// standard one (a cuBLAS GEMM and a pointwise kernel per step). RNN_FUSED_CUDA_PATH=fused or
-// =standard forces one, for tests and measurements.
-bool use_fused_path(const Problem& p) {
+// it, on CUDA cores: for small batches, where a step is a few microseconds of work) or the
+// standard one (a cuBLAS GEMM and a pointwise kernel per step). Where cuBLAS has tensor
+// cores (half types, or float32 with TF32 allowed) it wins once a step's product is large.
+// RNN_FUSED_CUDA_PATH=fused or =standard forces one, for tests and measurements.
+bool use_fused_path(const Problem& p, at::ScalarType dtype) {
   if (p.proj || p.batch > kFusedMaxRows) return false;
   const char* forced = std::getenv("RNN_FUSED_CUDA_PATH");
   if (forced != nullptr && std::strcmp(forced, "standard") == 0) return false;
   if (forced != nullptr && std::strcmp(forced, "fused") == 0) return true;
-  return p.batch <= kFusedMaxBatch;
+  if (p.batch > kFusedMaxBatch) return false;
+  const bool tensor_cores = dtype == at::kHalf || dtype == at::kBFloat16 ||
+                            (dtype == at::kFloat && at::globalContext().allowTF32CuBLAS());
+  return !tensor_cores || p.batch * p.gate_width() * p.out_size <= kFusedMaxTensorCoreMacs;
 }
 
 template <class Cell, class T, class A>
@@ -234,7 +240,7 @@ ForwardResult forward_cuda(c10::string_view mode, const at::Tensor& input_,
   const auto acc = opts.dtype(at::toOpMathType(input.scalar_type()));
   const bool lstm = p.kind == CellKind::LSTM;
   const int64_t kept_rows = train ? p.rows : 0;
-  const bool fused = use_fused_path(p);
+  const bool fused = use_fused_path(p, input.scalar_type());
 
   ForwardBuffers f;
   f.output = p.packed ? at::empty({p.rows, p.out_size}, opts)
@@ -366,8 +372,8 @@ BackwardResult backward_cuda(c10::string_view mode, const std::optional<at::Tens
       at::kHalf, at::kBFloat16, input.scalar_type(), "rnn_fused_backward_cuda", [&] {
         dispatch_cell(p.kind, [&](auto tag) {
           using Tag = decltype(tag);
-          run_backward<Tag::template Cell, scalar_t>(p, use_fused_path(p), grad_output, w_hh, w_hr,
-                                                     saved, h_prev_all, g);
+          run_backward<Tag::template Cell, scalar_t>(p, use_fused_path(p, input.scalar_type()),
+                                                     grad_output, w_hh, w_hr, saved, h_prev_all, g);
         });
       });
 
