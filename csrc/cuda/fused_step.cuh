@@ -148,6 +148,38 @@ __device__ __forceinline__ void reduce_warps(A* smem, int warp, int lane, A (&ac
   __syncthreads();
 }
 
+// The block's tile of X Y^T over [0, K), summed over the warps into smem as
+// [TM * TC][32 lanes] (reduce_warps). x_at(m, k) and y_at(c, k) give the block's elements
+// (0 past the edges); smem holds (BM + BC) * kStride values.
+template <class A, class Shape, bool kYRowsFast, class XAt, class YAt>
+__device__ __forceinline__ void block_product(int64_t K, const XAt& x_at, const YAt& y_at,
+                                              A* smem) {
+  using C = Chunk<A>;
+  static_assert(kWarps / 2 * 32 * Shape::TM * Shape::TC <= (Shape::BM + Shape::BC) * C::kStride,
+                "the warps' partial tiles fit in the staging space");
+  A* xs = smem;
+  A* ys = smem + Shape::BM * C::kStride;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  A acc[Shape::TM][Shape::TC] = {};
+  Stager<A, Shape::BM, false> x_stage;
+  Stager<A, Shape::BC, kYRowsFast> y_stage;
+  const auto fetch = [&](int64_t k0) {
+    x_stage.fetch(tid, [&](int m, int kk) { return x_at(m, k0 + kk); });
+    y_stage.fetch(tid, [&](int c, int kk) { return y_at(c, k0 + kk); });
+  };
+  if (K > 0) fetch(0);
+  for (int64_t k0 = 0; k0 < K; k0 += C::kLen) {
+    __syncthreads();  // the previous chunk is no longer read
+    x_stage.store(tid, xs);
+    y_stage.store(tid, ys);
+    __syncthreads();
+    if (k0 + C::kLen < K) fetch(k0 + C::kLen);
+    accumulate<A, Shape::TM, Shape::TC, Shape::LM, Shape::LC>(
+        xs, ys, lane / Shape::LC, lane % Shape::LC, warp * C::kSub, acc);
+  }
+  reduce_warps<A, Shape::TM, Shape::TC>(smem, warp, lane, acc);
+}
+
 }  // namespace fused
 
 // Forward of one step over rows [0, s.n), the hidden-side product included: the block
@@ -160,38 +192,21 @@ __global__ void __launch_bounds__(fused::kBlock)
   using C = fused::Chunk<A>;
   constexpr int BM = Shape::BM, BU = Shape::BU, BC = Shape::BC;
   static_assert(Shape::TM == fused::kWarps, "one epilogue row per warp of threads");
-  static_assert(fused::kWarps / 2 * 32 * Shape::TM * Shape::TC <= (BM + BC) * C::kStride);
   __shared__ __align__(16) A smem[(BM + BC) * C::kStride];
-  A* xs = smem;
-  A* ys = smem + BM * C::kStride;
-
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int lm = lane / Shape::LC, lc = lane % Shape::LC;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, lm = lane / Shape::LC,
+            lc = lane % Shape::LC;
   const int64_t H = s.H, K = s.H, row0 = int64_t(blockIdx.y) * BM, u0 = int64_t(blockIdx.x) * BU;
-  A acc[Shape::TM][Shape::TC] = {};
-  fused::Stager<A, BM, false> x_stage;
-  fused::Stager<A, BC, false> y_stage;
-  const auto fetch = [&](int64_t k0) {
-    x_stage.fetch(tid, [&](int m, int kk) {
-      const int64_t i = row0 + m, k = k0 + kk;
-      return i < s.n && k < K ? static_cast<A>(s.h_prev[i * s.ld_h_prev + k]) : A(0);
-    });
-    y_stage.fetch(tid, [&](int c, int kk) {  // column c: gate c / BU of unit u0 + c % BU
-      const int64_t u = u0 + c % BU, k = k0 + kk;
-      return u < H && k < K ? static_cast<A>(w_hh[((c / BU) * H + u) * K + k]) : A(0);
-    });
-  };
-  fetch(0);
-  for (int64_t k0 = 0; k0 < K; k0 += C::kLen) {
-    __syncthreads();  // the previous chunk is no longer read
-    x_stage.store(tid, xs);
-    y_stage.store(tid, ys);
-    __syncthreads();
-    if (k0 + C::kLen < K) fetch(k0 + C::kLen);
-    fused::accumulate<A, Shape::TM, Shape::TC, Shape::LM, Shape::LC>(xs, ys, lm, lc, warp * C::kSub,
-                                                                     acc);
-  }
-  fused::reduce_warps<A, Shape::TM, Shape::TC>(smem, warp, lane, acc);
+  fused::block_product<A, Shape, false>(
+      K,
+      [&](int m, int64_t k) {
+        const int64_t i = row0 + m;
+        return i < s.n && k < K ? static_cast<A>(s.h_prev[i * s.ld_h_prev + k]) : A(0);
+      },
+      [&](int c, int64_t k) {  // column c: gate c / BU of unit u0 + c % BU
+        const int64_t u = u0 + c % BU;
+        return u < H && k < K ? static_cast<A>(w_hh[((c / BU) * H + u) * K + k]) : A(0);
+      },
+      smem);
 
   // Thread (warp r, lane): row r * LM + lm and unit lc of the block, every gate.
   const int64_t i = row0 + warp * Shape::LM + lm, j = u0 + lc;
@@ -216,41 +231,23 @@ __global__ void __launch_bounds__(fused::kBlock)
   using C = fused::Chunk<A>;
   constexpr int BM = Shape::BM, BC = Shape::BC;
   static_assert(Shape::TM * Shape::TC == fused::kWarps, "one epilogue value per thread");
-  static_assert(fused::kWarps / 2 * 32 * Shape::TM * Shape::TC <= (BM + BC) * C::kStride);
   __shared__ __align__(16) A smem[(BM + BC) * C::kStride];
-  A* xs = smem;
-  A* ys = smem + BM * C::kStride;
-
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int lm = lane / Shape::LC, lc = lane % Shape::LC;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, lm = lane / Shape::LC,
+            lc = lane % Shape::LC;
   const int64_t H = s.H, K = Cell::kGates * s.H;
   const int64_t row0 = int64_t(blockIdx.y) * BM, u0 = int64_t(blockIdx.x) * BC;
-  A acc[Shape::TM][Shape::TC] = {};
   // Blocks whose rows all lie past rows_gemm skip the product (uniform per block).
-  const int64_t k_end = row0 < rows_gemm ? K : 0;
-  fused::Stager<A, BM, false> x_stage;
-  fused::Stager<A, BC, true> y_stage;
-  const auto fetch = [&](int64_t k0) {
-    x_stage.fetch(tid, [&](int m, int kk) {
-      const int64_t i = row0 + m, k = k0 + kk;
-      return i < rows_gemm && k < K ? static_cast<A>(dg_next[i * K + k]) : A(0);
-    });
-    y_stage.fetch(tid, [&](int c, int kk) {  // column c: unit u0 + c, a column of W_hh
-      const int64_t u = u0 + c, k = k0 + kk;
-      return u < H && k < K ? static_cast<A>(w_hh[k * H + u]) : A(0);
-    });
-  };
-  if (k_end > 0) fetch(0);
-  for (int64_t k0 = 0; k0 < k_end; k0 += C::kLen) {
-    __syncthreads();
-    x_stage.store(tid, xs);
-    y_stage.store(tid, ys);
-    __syncthreads();
-    if (k0 + C::kLen < k_end) fetch(k0 + C::kLen);
-    fused::accumulate<A, Shape::TM, Shape::TC, Shape::LM, Shape::LC>(xs, ys, lm, lc, warp * C::kSub,
-                                                                     acc);
-  }
-  fused::reduce_warps<A, Shape::TM, Shape::TC>(smem, warp, lane, acc);
+  fused::block_product<A, Shape, true>(
+      row0 < rows_gemm ? K : 0,
+      [&](int m, int64_t k) {
+        const int64_t i = row0 + m;
+        return i < rows_gemm && k < K ? static_cast<A>(dg_next[i * K + k]) : A(0);
+      },
+      [&](int c, int64_t k) {  // column c: unit u0 + c, a column of W_hh
+        const int64_t u = u0 + c;
+        return u < H && k < K ? static_cast<A>(w_hh[k * H + u]) : A(0);
+      },
+      smem);
 
   // Thread (warp = r * TC + c, lane): row r * LM + lm and unit c * LC + lc of the block.
   const int r = warp / Shape::TC, c = warp % Shape::TC;
