@@ -66,9 +66,10 @@ def _cell(mode: str, x: torch.Tensor, hh: torch.Tensor, h_prev, c_prev):
     return h, None, h
 
 
+@pytest.mark.parametrize("block_rows", [8, 32])
 @pytest.mark.parametrize(("n", "H", "dtype"), CASES, ids=str)
 @pytest.mark.parametrize("mode", CELLS)
-def test_fused_forward_step(kernels, mode, n, H, dtype):
+def test_fused_forward_step(kernels, mode, n, H, dtype, block_rows):
     seed("fused-forward", mode, n, H, dtype)
     G = GATES[mode]
     acc = torch.float32 if dtype in HALF else dtype  # what the kernels compute in
@@ -81,7 +82,9 @@ def test_fused_forward_step(kernels, mode, n, H, dtype):
     width = {"LSTM": 5, "GRU": 4}.get(mode, 1) * H
     saved, h, h_state, h_next = (torch.full((n, w), NAN, **kw) for w in (width, H, H, H))
     n_next = (n + 1) // 2
-    kernels.forward_step(mode, h_prev, w_hh, xg, b_ih, b_hh, c, saved, h, h_state, h_next, n_next)
+    kernels.forward_step(
+        mode, h_prev, w_hh, xg, b_ih, b_hh, c, saved, h, h_state, h_next, n_next, block_rows
+    )
 
     hp = h_prev.to(acc)
     hh = hp @ w_hh.to(acc).t() + b_hh.to(acc)

@@ -37,12 +37,13 @@ struct Chunk {
 };
 
 // The block shapes. Lanes: LM along rows x LC along columns; lane (lm, lc) holds rows
-// r * LM + lm (r < TM) and columns c * LC + lc (c < TC). TM * (threads' share) is set so
-// that the 256 threads of the epilogue meet exactly BM x (hidden units of the block).
-template <int kGates>
+// r * LM + lm (r < TM) and columns c * LC + lc (c < TC). Forward blocks take 8 hidden units
+// and 32 rows, or 8 rows for steps of at most 8 (less work on rows that are not there).
+template <int kGates, int kRows>
 struct ForwardShape {
-  static constexpr int LM = 4, LC = 8, TM = 8, TC = kGates;
-  static constexpr int BM = LM * TM, BU = LC, BC = TC * LC;  // 32 rows, 8 units
+  static constexpr int LM = 4, LC = 8, TM = kRows / LM, TC = kGates;
+  static constexpr int BM = LM * TM, BU = LC, BC = TC * LC;
+  static_assert(TM <= kWarps, "one epilogue row per warp of threads");
 };
 struct BackwardShape {
   static constexpr int LM = 4, LC = 8, TM = 2, TC = 4;
@@ -183,15 +184,14 @@ __device__ __forceinline__ void block_product(int64_t K, const XAt& x_at, const 
 }  // namespace fused
 
 // Forward of one step over rows [0, s.n), the hidden-side product included: the block
-// (blockIdx.x, blockIdx.y) computes units [8 x, 8 x + 8) of rows [32 y, 32 y + 32).
+// (blockIdx.x, blockIdx.y) computes units [8 x, 8 x + 8) of rows [kRows y, kRows (y + 1)).
 // s.h_prev ([n, H], row stride s.ld_h_prev) is the product's X; w_hh [G*H, H].
-template <class Cell, class T, class A>
+template <class Cell, class T, class A, int kRows>
 __global__ void __launch_bounds__(fused::kBlock)
     fused_forward_step_kernel(ForwardStep<T, A> s, const T* __restrict__ w_hh) {
-  using Shape = fused::ForwardShape<Cell::kGates>;
+  using Shape = fused::ForwardShape<Cell::kGates, kRows>;
   using C = fused::Chunk<A>;
   constexpr int BM = Shape::BM, BU = Shape::BU, BC = Shape::BC;
-  static_assert(Shape::TM == fused::kWarps, "one epilogue row per warp of threads");
   __shared__ __align__(16) A smem[(BM + BC) * C::kStride];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, lm = lane / Shape::LC,
             lc = lane % Shape::LC;
@@ -208,9 +208,9 @@ __global__ void __launch_bounds__(fused::kBlock)
       },
       smem);
 
-  // Thread (warp r, lane): row r * LM + lm and unit lc of the block, every gate.
+  // Thread (warp r < TM, lane): row r * LM + lm and unit lc of the block, every gate.
   const int64_t i = row0 + warp * Shape::LM + lm, j = u0 + lc;
-  if (i >= s.n || j >= H) return;
+  if (warp >= Shape::TM || i >= s.n || j >= H) return;
   A hh[Cell::kGates];
 #pragma unroll
   for (int g = 0; g < Cell::kGates; ++g) hh[g] = smem[(warp * Shape::TC + g) * 32 + lane];

@@ -103,13 +103,22 @@ bool use_fused_path(const Problem& p, at::ScalarType dtype) {
   return !tensor_cores || p.batch * p.gate_width() * p.out_size <= kFusedMaxTensorCoreMacs;
 }
 
+template <class Cell, class T, class A, int kRows>
+void launch_fused_forward_rows(const ForwardStep<T, A>& s, const T* w_hh, cudaStream_t stream) {
+  using Shape = fused::ForwardShape<Cell::kGates, kRows>;
+  const dim3 grid(blocks_of(s.H, Shape::BU), blocks_of(s.n, Shape::BM));
+  fused_forward_step_kernel<Cell, T, A, kRows><<<grid, fused::kBlock, 0, stream>>>(s, w_hh);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <class Cell, class T, class A>
 void launch_fused_forward(const ForwardStep<T, A>& s, const T* w_hh, cudaStream_t stream) {
-  using Shape = fused::ForwardShape<Cell::kGates>;
   if (s.n * s.H == 0) return;
-  const dim3 grid(blocks_of(s.H, Shape::BU), blocks_of(s.n, Shape::BM));
-  fused_forward_step_kernel<Cell, T, A><<<grid, fused::kBlock, 0, stream>>>(s, w_hh);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (s.n <= 8) {
+    launch_fused_forward_rows<Cell, T, A, 8>(s, w_hh, stream);
+  } else {
+    launch_fused_forward_rows<Cell, T, A, 32>(s, w_hh, stream);
+  }
 }
 
 template <class Cell, class T, class A>

@@ -1,17 +1,17 @@
 // The fused CUDA step kernels (csrc/cuda/fused_step.cuh) compiled for the CPU and run under
-// a small emulation of CUDA's block model: the 256 threads of a block are real threads,
-// __syncthreads is a barrier among them, and a __shared__ array is a static one that the
-// threads of a block share (the blocks of a launch run one after another). It checks the
+// a small emulation of CUDA's block model: the 256 threads of a block are fibers that
+// __syncthreads switches between, and a __shared__ array is a static one that the threads
+// of a block share (the blocks of a launch run one after another). It checks the
 // kernels' indexing, staging, cross-warp reduction and cell epilogues on machines without
 // a GPU (tests/test_fused_kernels_emulated.py); it says nothing about their speed.
 #include <ATen/OpMathType.h>
 #include <torch/extension.h>
+#include <ucontext.h>
 
-#include <condition_variable>
 #include <cstdint>
-#include <mutex>
+#include <functional>
 #include <string>
-#include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace emulation {
@@ -20,51 +20,61 @@ struct Dim3 {
   unsigned x = 0, y = 0, z = 0;
 };
 
-thread_local Dim3 threadIdx, blockIdx;
+// The threads of a block are fibers on the calling thread: the scheduler resumes each in
+// turn until it reaches __syncthreads (or ends), so after a round every thread of the
+// block stands at the same barrier, which is what __syncthreads promises.
+Dim3 threadIdx, blockIdx;
 Dim3 blockDim{256, 1, 1};
 
-class Barrier {
- public:
-  explicit Barrier(int count) : count_(count) {}
-  void wait() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    const int64_t generation = generation_;
-    if (++arrived_ == count_) {
-      arrived_ = 0;
-      ++generation_;
-      cv_.notify_all();
-    } else {
-      cv_.wait(lock, [&] { return generation_ != generation; });
-    }
-  }
+constexpr size_t kStackBytes = 256 * 1024;
+ucontext_t scheduler;
+std::vector<ucontext_t> fibers;
+std::vector<std::vector<char>> stacks;
+std::vector<char> finished;
+unsigned current = 0;
+const std::function<void()>* body = nullptr;
 
- private:
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  int count_, arrived_ = 0;
-  int64_t generation_ = 0;
-};
+void syncthreads() { swapcontext(&fibers[current], &scheduler); }
 
-Barrier* block_barrier = nullptr;
+void fiber_main() {
+  (*body)();
+  finished[current] = 1;
+  swapcontext(&fibers[current], &scheduler);  // never resumed again
+}
 
-inline void syncthreads() { block_barrier->wait(); }
-
-// Runs kernel() as every thread of every block of a grid(x, y) launch of 256-thread blocks.
-template <class Kernel>
-void launch(unsigned grid_x, unsigned grid_y, const Kernel& kernel) {
+// Runs kernel() as every thread of every block of a grid(x, y) launch of 256-thread
+// blocks, one block after another.
+void launch(unsigned grid_x, unsigned grid_y, const std::function<void()>& kernel) {
+  const unsigned n = blockDim.x;
+  fibers.resize(n);
+  stacks.resize(n);
+  finished.assign(n, 0);
+  body = &kernel;
   for (unsigned by = 0; by < grid_y; ++by) {
     for (unsigned bx = 0; bx < grid_x; ++bx) {
-      Barrier barrier(static_cast<int>(blockDim.x));
-      block_barrier = &barrier;
-      std::vector<std::thread> threads;
-      for (unsigned t = 0; t < blockDim.x; ++t) {
-        threads.emplace_back([&, t] {
-          threadIdx = {t, 0, 0};
-          blockIdx = {bx, by, 0};
-          kernel();
-        });
+      blockIdx = {bx, by, 0};
+      for (unsigned t = 0; t < n; ++t) {
+        stacks[t].resize(kStackBytes);
+        getcontext(&fibers[t]);
+        fibers[t].uc_stack.ss_sp = stacks[t].data();
+        fibers[t].uc_stack.ss_size = kStackBytes;
+        fibers[t].uc_link = nullptr;
+        makecontext(&fibers[t], fiber_main, 0);
+        finished[t] = 0;
       }
-      for (auto& thread : threads) thread.join();
+      // Between barriers the threads run one after another, in turn forwards and backwards,
+      // so that a read of another thread's write lacking a barrier goes wrong one way.
+      for (bool running = true, forwards = true; running; forwards = !forwards) {
+        running = false;
+        for (unsigned k = 0; k < n; ++k) {
+          const unsigned t = forwards ? k : n - 1 - k;
+          if (finished[t]) continue;
+          current = t;
+          threadIdx = {t, 0, 0};
+          swapcontext(&scheduler, &fibers[t]);
+          running = running || !finished[t];
+        }
+      }
     }
   }
 }
@@ -108,11 +118,13 @@ T* ptr(const at::Tensor& t) {
 
 // One fused forward step over h_prev's rows; writes into the given tensors, which the test
 // allocates (poisoned) so that it can see every element written or left alone. Half types
-// take xg and c in float, as the engine keeps them.
+// take xg and c in float, as the engine keeps them. block_rows: the rows of a block (8 or
+// 32; the engine takes 8 for steps of at most 8 rows).
 void forward_step(const std::string& mode, const at::Tensor& h_prev, const at::Tensor& w_hh,
                   const at::Tensor& xg, const at::Tensor& b_ih, const at::Tensor& b_hh,
                   const at::Tensor& c, const at::Tensor& saved, const at::Tensor& h,
-                  const at::Tensor& h_state, const at::Tensor& h_next, int64_t n_next) {
+                  const at::Tensor& h_state, const at::Tensor& h_next, int64_t n_next,
+                  int64_t block_rows) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, h_prev.scalar_type(), "forward_step", [&] {
         using T = scalar_t;
@@ -136,9 +148,19 @@ void forward_step(const std::string& mode, const at::Tensor& h_prev, const at::T
         s.ld_state = s.H;
         dispatch_cell(kind_of(mode), [&](auto tag) {
           using Cell = typename decltype(tag)::template Cell<A>;
-          using Shape = fused::ForwardShape<Cell::kGates>;
-          emulation::launch(blocks(s.H, Shape::BU), blocks(s.n, Shape::BM),
-                            [&] { fused_forward_step_kernel<Cell, T, A>(s, w_hh.data_ptr<T>()); });
+          const auto run = [&](auto rows) {
+            constexpr int kRows = decltype(rows)::value;
+            using Shape = fused::ForwardShape<Cell::kGates, kRows>;
+            emulation::launch(blocks(s.H, Shape::BU), blocks(s.n, Shape::BM), [&] {
+              fused_forward_step_kernel<Cell, T, A, kRows>(s, w_hh.data_ptr<T>());
+            });
+          };
+          TORCH_CHECK(block_rows == 8 || block_rows == 32, "block_rows: 8 or 32");
+          if (block_rows == 8) {
+            run(std::integral_constant<int, 8>{});
+          } else {
+            run(std::integral_constant<int, 32>{});
+          }
         });
       });
 }
