@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "step_kernels.cuh"
 
@@ -45,6 +46,16 @@ struct ForwardShape {
   static constexpr int BM = LM * TM, BU = LC, BC = TC * LC;
   static_assert(TM <= kWarps, "one epilogue row per warp of threads");
 };
+// Calls f with std::integral_constant<int, rows>: the forward block's rows for a step of n.
+template <class F>
+void with_forward_rows(int64_t n, F&& f) {
+  if (n <= 8) {
+    f(std::integral_constant<int, 8>{});
+  } else {
+    f(std::integral_constant<int, 32>{});
+  }
+}
+
 struct BackwardShape {
   static constexpr int LM = 4, LC = 8, TM = 2, TC = 4;
   static constexpr int BM = LM * TM, BC = TC * LC;  // 8 rows, 32 units

@@ -1,14 +1,15 @@
-// The fused CUDA step kernels (csrc/cuda/fused_step.cuh) compiled for the CPU and run under
-// a small emulation of CUDA's block model: the 256 threads of a block are fibers that
+// The CUDA engine (csrc/cuda/recurrence_engine.h) and its kernels compiled for the CPU and
+// run under a small emulation of CUDA's block model: the 256 threads of a block are fibers that
 // __syncthreads switches between, and a __shared__ array is a static one that the threads
-// of a block share (the blocks of a launch run one after another). It checks the
-// kernels' indexing, staging, cross-warp reduction and cell epilogues on machines without
-// a GPU (tests/test_fused_kernels_emulated.py); it says nothing about their speed.
+// of a block share (the blocks of a launch run one after another). It checks the engine's
+// loops and the kernels' indexing, staging, cross-warp reduction and cell epilogues on
+// machines without a GPU (tests/test_cuda_emulated.py); it says nothing about speed.
 #include <ATen/OpMathType.h>
 #include <torch/extension.h>
 #include <ucontext.h>
 
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <string>
 #include <type_traits>
@@ -93,19 +94,14 @@ using emulation::threadIdx;
 #define __syncthreads() emulation::syncthreads()
 
 #include "cuda/fused_step.cuh"
+#include "cuda/recurrence_engine.h"
 
 namespace {
 
 using namespace rnn_fused;
 using namespace rnn_fused::cuda;
 
-CellKind kind_of(const std::string& mode) {
-  if (mode == "LSTM") return CellKind::LSTM;
-  if (mode == "GRU") return CellKind::GRU;
-  if (mode == "RNN_TANH") return CellKind::RNN_TANH;
-  TORCH_CHECK(mode == "RNN_RELU", "unknown mode ", mode);
-  return CellKind::RNN_RELU;
-}
+CellKind kind_of(const std::string& mode) { return parse_mode(mode); }
 
 unsigned blocks(int64_t count, int64_t per_block) {
   return static_cast<unsigned>((count + per_block - 1) / per_block);
@@ -202,9 +198,89 @@ void backward_step(const std::string& mode, int64_t n, const at::Tensor& dg_next
       });
 }
 
+// The engine's device here: products as plain loops (in the accumulation type), copies
+// with memcpy, and the same kernels as on the GPU under the block emulation above.
+struct HostDevice {
+  template <class T, class CT>
+  void gemm(bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+            int64_t ldb, CT* C, int64_t ldc, bool accumulate) {
+    using Acc = at::opmath_type<T>;
+    for (int64_t i = 0; i < M; ++i) {
+      for (int64_t j = 0; j < N; ++j) {
+        Acc sum = accumulate ? static_cast<Acc>(C[i * ldc + j]) : Acc(0);
+        for (int64_t k = 0; k < K; ++k) {
+          const T b = trans_b ? B[j * ldb + k] : B[k * ldb + j];
+          sum += static_cast<Acc>(A[i * lda + k]) * static_cast<Acc>(b);
+        }
+        C[i * ldc + j] = static_cast<CT>(sum);
+      }
+    }
+  }
+  void copy(void* dst, const void* src, int64_t bytes) { std::memcpy(dst, src, bytes); }
+
+  template <class Cell, class T, class A>
+  void forward_pointwise(const ForwardStep<T, A>& s, const A* hg) {
+    emulation::launch(blocks(s.n * s.H, kThreads), 1, [&] { forward_step_kernel<Cell>(s, hg); });
+  }
+  template <class Cell, class T, class A>
+  void backward_pointwise(const BackwardStep<T, A>& s) {
+    emulation::launch(blocks(s.n * s.H, kThreads), 1, [&] { backward_step_kernel<Cell>(s); });
+  }
+  template <class T, class A>
+  void add_rows(int64_t count, const T* grad_out, const A* state, T* out) {
+    emulation::launch(blocks(count, kThreads), 1,
+                      [&] { add_rows_kernel<T, A>(count, grad_out, state, out); });
+  }
+  template <class Cell, class T, class A>
+  void fused_forward(const ForwardStep<T, A>& s, const T* w_hh) {
+    fused::with_forward_rows(s.n, [&](auto rows) {
+      constexpr int kRows = decltype(rows)::value;
+      using Shape = fused::ForwardShape<Cell::kGates, kRows>;
+      emulation::launch(blocks(s.H, Shape::BU), blocks(s.n, Shape::BM),
+                        [&] { fused_forward_step_kernel<Cell, T, A, kRows>(s, w_hh); });
+    });
+  }
+  template <class Cell, class T, class A>
+  void fused_backward(const BackwardStep<T, A>& s, const T* dg_next, int64_t rows_gemm,
+                      const T* w_hh) {
+    using Shape = fused::BackwardShape;
+    emulation::launch(blocks(s.H, Shape::BC), blocks(std::max(s.n, rows_gemm), Shape::BM),
+                      [&] { fused_backward_step_kernel<Cell, T, A>(s, dg_next, rows_gemm, w_hh); });
+  }
+};
+
+// The CUDA operators' host code on CPU tensors (same arguments and results).
+ForwardResult engine_forward(const std::string& mode, const at::Tensor& input,
+                             const std::optional<at::Tensor>& hx,
+                             const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
+                             const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                             const std::optional<at::Tensor>& b_hh,
+                             const std::optional<at::Tensor>& w_hr,
+                             const std::optional<at::Tensor>& batch_sizes, bool reverse,
+                             bool train) {
+  HostDevice dev;
+  return forward_op(dev, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
+                    train);
+}
+
+BackwardResult engine_backward(const std::string& mode,
+                               const std::optional<at::Tensor>& grad_output,
+                               const std::optional<at::Tensor>& grad_h_n,
+                               const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
+                               const std::optional<at::Tensor>& hx, const at::Tensor& w_ih,
+                               const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                               const std::optional<at::Tensor>& batch_sizes, bool reverse,
+                               const at::Tensor& saved, const at::Tensor& h_prev) {
+  HostDevice dev;
+  return backward_op(dev, mode, grad_output, grad_h_n, grad_c_n, input, hx, w_ih, w_hh, w_hr,
+                     batch_sizes, reverse, saved, h_prev);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_step", &forward_step);
   m.def("backward_step", &backward_step);
+  m.def("forward", &engine_forward);
+  m.def("backward", &engine_backward);
 }

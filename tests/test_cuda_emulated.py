@@ -1,8 +1,14 @@
-"""The fused CUDA step kernels run on the CPU under an emulation of CUDA's block model
-(tests/emulation/fused_kernels_host.cpp), against the step computed with torch: forward
-products and cell math, backward products and the cell's derivative taken by autograd.
-Shapes cross every tile edge (rows past a block of 32 or 8, units past 8 or 32, K past a
-staged chunk); outputs start poisoned so that unwritten or overwritten elements show."""
+"""The CUDA engine and kernels run on the CPU under an emulation of CUDA's block model
+(tests/emulation/cuda_host.cpp).
+
+Kernels, one step at a time, against the step computed with torch: forward products and
+cell math, backward products and the cell's derivative taken by autograd. Shapes cross
+every tile edge (rows past a block of 32 or 8, units past 8 or 32, K past a staged chunk);
+outputs start poisoned so that unwritten or overwritten elements show.
+
+The engine, whole layers on both paths (fused and standard), against reference.py in
+float64: every cell, bias or not, h0 or not, reverse, packed both ways, projection,
+training and inference, forward and backward."""
 
 from __future__ import annotations
 
@@ -10,9 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CELLS, seed
+from helpers import CELLS, make_layer, make_states, rand, seed
 from torch.utils.cpp_extension import load
 
+from rnn_fused import reference
 from rnn_fused.ops import GATES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,8 +29,11 @@ NAN = float("nan")
 @pytest.fixture(scope="module")
 def kernels(tmp_path_factory):
     return load(
-        name="rnn_fused_emulated_kernels",
-        sources=[str(ROOT / "tests" / "emulation" / "fused_kernels_host.cpp")],
+        name="rnn_fused_emulated_cuda",
+        sources=[
+            str(ROOT / "tests" / "emulation" / "cuda_host.cpp"),
+            str(ROOT / "csrc" / "problem.cpp"),
+        ],
         extra_include_paths=[str(ROOT / "csrc")],
         extra_cflags=["-O2", "-Wno-unknown-pragmas"],
         extra_ldflags=["-pthread"],
@@ -154,3 +164,80 @@ def test_fused_backward_step(kernels, mode, rows_gemm, n, H, dtype):
     if m > n:
         close(dh[n:rows], total[n:rows], "rows past the step: the finished sums", dtype)
     assert torch.equal(dh[rows:], dh_in[rows:]), "rows past both must stay untouched"
+
+
+FEATURES = ["plain", "nobias", "noh0", "reverse", "packed", "packed-reverse", "proj"]
+ENGINE_CASES = [(m, f) for m in CELLS for f in FEATURES if f != "proj" or m == "LSTM"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize(("mode", "feature"), ENGINE_CASES)
+@pytest.mark.parametrize("path", ["fused", "standard"])
+def test_engine_matches_reference(kernels, monkeypatch, path, mode, feature, dtype):
+    monkeypatch.setenv("RNN_FUSED_CUDA_PATH", path)
+    seed("engine", mode, feature, dtype)
+    packed, reverse = "packed" in feature, "reverse" in feature
+    layer = make_layer(
+        mode, 5, 33, bias=feature != "nobias", proj=2 if feature == "proj" else 0, dtype=dtype
+    )
+    # 9 rows at the first step: past a fused forward block of 8 rows.
+    h0, c0 = make_states(layer, 9, dtype=dtype)
+    if feature == "noh0":
+        h0 = c0 = None
+    batch_sizes = torch.tensor([9, 9, 7, 4, 4, 1]) if packed else None
+    x = rand(int(batch_sizes.sum()), 5, dtype=dtype) if packed else rand(6, 9, 5, dtype=dtype)
+    args = (layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh, layer.w_hr, batch_sizes, reverse)
+
+    def f64(t):
+        return None if t is None else t.detach().double().requires_grad_()
+
+    leaves = [f64(t) for t in (x, h0, c0, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh)]
+    w_hr64 = f64(layer.w_hr)
+    ref = reference.rnn_layer(
+        mode,
+        *(leaves[i] for i in (0, 3, 4, 5, 6, 1, 2)),
+        w_hr=w_hr64,
+        batch_sizes=batch_sizes,
+        reverse=reverse,
+    )
+    tol = TOL[dtype] if dtype == torch.float64 else 1e-5
+    for train in (False, True):  # the training run last: its workspace feeds the backward
+        output, h_n, c_n, saved, h_prev = kernels.forward(
+            mode, x.detach(), _d(h0), _d(c0), *(_d(a) for a in args[:5]), *args[5:], train
+        )
+        assert rel(output, ref[0]) < tol and rel(h_n, ref[1]) < tol
+        if mode == "LSTM":
+            assert rel(c_n, ref[2]) < tol
+
+    # Backward from the training forward's workspace, against autograd through reference.py.
+    upstream = [torch.randn_like(r) for r in ref if r is not None]
+    grads = kernels.backward(
+        mode,
+        upstream[0].to(dtype),
+        upstream[1].to(dtype),
+        upstream[2].to(dtype) if mode == "LSTM" else None,
+        x.detach(),
+        _d(h0),
+        _d(layer.w_ih),
+        _d(layer.w_hh),
+        _d(layer.w_hr),
+        batch_sizes,
+        reverse,
+        saved,
+        h_prev,
+    )
+    wanted = [t for t in (*leaves, w_hr64) if t is not None]
+    expected = iter(torch.autograd.grad([r for r in ref if r is not None], wanted, upstream))
+    for got, leaf in zip(grads, (*leaves, w_hr64)):
+        if leaf is not None:
+            assert rel(got, next(expected)) < tol
+
+
+def _d(t):
+    return None if t is None else t.detach()
+
+
+def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    assert actual.shape == expected.shape
+    e = expected.detach().double()
+    return ((actual.double() - e).norm() / e.norm().clamp_min(1e-30)).item()

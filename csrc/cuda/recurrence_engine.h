@@ -1,0 +1,326 @@
+// The CUDA recurrence's host side, written once over a device Dev that runs its GEMMs,
+// copies and kernels: recurrence_cuda.cu gives it cuBLAS and CUDA launches on the current
+// stream; tests/emulation gives it plain loops and an emulation of CUDA blocks, so that the
+// whole engine runs on machines without a GPU.
+//
+// Two paths (use_fused_path). Standard: the input projection of all rows as one GEMM; per
+// step one GEMM h W_hh^T and one pointwise kernel; backward per step one pointwise kernel
+// and one GEMM dG W_hh. Fused (small batches): per step one kernel that computes the
+// recurrent product and applies the cell (fused_step.cuh). Both then take dX and the weight
+// and bias gradients over all rows. No allocation, synchronisation or atomics inside the
+// loops, so runs are bitwise reproducible and capturable in a CUDA graph.
+//
+// Half types: products accumulate in float and write float pre-activations; the cell state
+// and the carried gradients stay in float (A = at::opmath_type<T>).
+//
+// Dev provides:
+//   gemm<T, CT>(trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate)
+//       row-major C[M, N] (+)= A[M, K] @ (trans_b ? B^T : B), C of type CT
+//   copy(dst, src, bytes)
+//   forward_pointwise<Cell>(step, hg), backward_pointwise<Cell>(step),
+//   add_rows(count, grad_out, state, out): the standard path's kernels (step_kernels.cuh)
+//   fused_forward<Cell>(step, w_hh), fused_backward<Cell>(step, dg_next, rows_gemm, w_hh)
+// and is called only with work to do (no empty launches).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+
+#include "../problem.h"
+#include "step_kernels.cuh"
+
+namespace rnn_fused::cuda {
+
+// Batches up to this size take the fused path (use_fused_path); it can take at most
+// kFusedMaxRows (its grids have at most 65535 blocks of 8 rows).
+constexpr int64_t kFusedMaxBatch = 64;
+constexpr int64_t kFusedMaxRows = 65535 * 8;
+// With tensor cores, steps whose product has more multiply-adds than this go to cuBLAS.
+constexpr int64_t kFusedMaxTensorCoreMacs = int64_t(1) << 27;
+
+// Whether a call runs the fused path (one kernel per step, the recurrent product inside
+// it, on CUDA cores: for small batches, where a step is a few microseconds of work) or the
+// standard one (a cuBLAS GEMM and a pointwise kernel per step). Where cuBLAS has tensor
+// cores (half types, or float32 with TF32 allowed) it wins once a step's product is large.
+// RNN_FUSED_CUDA_PATH=fused or =standard forces one, for tests and measurements.
+inline bool use_fused_path(const Problem& p, at::ScalarType dtype) {
+  if (p.proj || p.batch > kFusedMaxRows) return false;
+  const char* forced = std::getenv("RNN_FUSED_CUDA_PATH");
+  if (forced != nullptr && std::strcmp(forced, "standard") == 0) return false;
+  if (forced != nullptr && std::strcmp(forced, "fused") == 0) return true;
+  if (p.batch > kFusedMaxBatch) return false;
+  const bool tensor_cores = dtype == at::kHalf || dtype == at::kBFloat16 ||
+                            (dtype == at::kFloat && at::globalContext().allowTF32CuBLAS());
+  return !tensor_cores || p.batch * p.gate_width() * p.out_size <= kFusedMaxTensorCoreMacs;
+}
+
+struct ForwardBuffers {
+  at::Tensor output, h_state, c_state, saved, h_prev, xg, hg, h_scratch, h_ping;
+};
+
+template <template <class> class CellT, class T, class Dev>
+void run_forward(Dev& dev, const Problem& p, bool train, bool fused, const at::Tensor& input,
+                 const at::Tensor& w_ih, const at::Tensor& w_hh,
+                 const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                 const std::optional<at::Tensor>& w_hr, ForwardBuffers& f) {
+  using A = at::opmath_type<T>;
+  using Cell = CellT<A>;
+  const int64_t H = p.hidden, Hout = p.out_size, GH = p.gate_width(), SW = p.saved_width();
+  const T* w_hh_p = w_hh.data_ptr<T>();
+  const T* w_hr_p = ptr_or_null<T>(w_hr);
+  A* xg = f.xg.data_ptr<A>();
+  T* out = f.output.data_ptr<T>();
+  T* h_state = f.h_state.data_ptr<T>();
+  T* saved = train ? f.saved.data_ptr<T>() : nullptr;
+
+  dev.template gemm<T, A>(true, p.rows, GH, p.input_size, input.data_ptr<T>(), p.input_size,
+                          w_ih.data_ptr<T>(), p.input_size, xg, GH, false);
+
+  ForwardStep<T, A> step{};
+  step.H = H;
+  step.b_ih = ptr_or_null<T>(b_ih);
+  step.b_hh = ptr_or_null<T>(b_hh);
+  step.ld_h_prev = Hout;
+  step.c = Cell::kCellState ? f.c_state.data_ptr<A>() : nullptr;
+  step.ld_saved = SW;
+  step.ld_state = Hout;
+  // In training each step starts from its rows of h_prev, which the backward reads again.
+  // The kernel of a step also writes the rows the next step continues with, so a copy from
+  // the state is needed only for rows that start there: all rows of the first step, and the
+  // rows a growing packed batch (reverse direction) adds. Without training the standard
+  // path's GEMM reads h_state itself (GRU's kernel reads, then writes, its own element of
+  // it); the fused path's blocks read whole rows that other blocks write, so it alternates
+  // two copies of the state (both start as h0, for the rows a packed batch adds).
+  T* const h_prev_all = train ? f.h_prev.data_ptr<T>() : nullptr;
+  T* const ping[2] = {fused && !train ? f.h_ping[0].data_ptr<T>() : nullptr,
+                      fused && !train ? f.h_ping[1].data_ptr<T>() : nullptr};
+  int64_t ready = 0;  // leading rows of this step's h_prev written by the previous kernel
+  for (int64_t s = 0; s < p.steps; ++s) {
+    const int64_t t = p.step_at(s), n = p.batch_sizes[t], r0 = p.offsets[t];
+    T* h_prev = h_state;
+    if (train) {
+      h_prev = h_prev_all + r0 * Hout;
+      if (n > ready) {
+        dev.copy(h_prev + ready * Hout, h_state + ready * Hout, sizeof(T) * (n - ready) * Hout);
+      }
+    } else if (fused) {
+      h_prev = ping[s % 2];
+    }
+    step.h_next = nullptr;
+    step.n_next = 0;
+    if (train && !p.proj && s + 1 < p.steps) {
+      const int64_t t1 = p.step_at(s + 1);
+      step.h_next = h_prev_all + p.offsets[t1] * Hout;
+      step.n_next = std::min(n, p.batch_sizes[t1]);
+    } else if (!train && fused) {
+      step.h_next = ping[(s + 1) % 2];
+      step.n_next = n;
+    }
+    ready = train ? step.n_next : 0;
+    step.n = n;
+    step.xg = xg + r0 * GH;
+    step.h_prev = h_prev;
+    step.saved = train ? saved + r0 * SW : nullptr;
+    if (fused) {
+      step.h = out + r0 * Hout;
+      step.ld_h = Hout;
+      step.h_state = h_state;
+      if (n * H > 0) dev.template fused_forward<Cell>(step, w_hh_p);
+      continue;
+    }
+    A* hg = f.hg.data_ptr<A>();
+    dev.template gemm<T, A>(true, n, GH, Hout, h_prev, Hout, w_hh_p, Hout, hg, GH, false);
+    // With a projection the cell's h is unprojected: kept in the last saved block.
+    T* h_unproj = !p.proj ? nullptr
+                  : train ? saved + r0 * SW + Cell::kSaved * H
+                          : f.h_scratch.data_ptr<T>();
+    const int64_t ld_unproj = train ? SW : H;
+    step.h = p.proj ? h_unproj : out + r0 * Hout;
+    step.ld_h = p.proj ? ld_unproj : Hout;
+    step.h_state = p.proj ? nullptr : h_state;
+    if (n * H > 0) dev.template forward_pointwise<Cell>(step, hg);
+    if (p.proj) {
+      dev.template gemm<T, T>(true, n, Hout, H, h_unproj, ld_unproj, w_hr_p, H, out + r0 * Hout,
+                              Hout, false);
+      dev.copy(h_state, out + r0 * Hout, sizeof(T) * n * Hout);
+    }
+  }
+}
+
+template <class Dev>
+ForwardResult forward_op(Dev& dev, c10::string_view mode, const at::Tensor& input_,
+                         const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
+                         const at::Tensor& w_ih_, const at::Tensor& w_hh_,
+                         const std::optional<at::Tensor>& b_ih_,
+                         const std::optional<at::Tensor>& b_hh_,
+                         const std::optional<at::Tensor>& w_hr_,
+                         const std::optional<at::Tensor>& batch_sizes, bool reverse, bool train) {
+  const Problem p = make_problem(std::string(mode.data(), mode.size()), input_, hx, cx, w_ih_,
+                                 w_hh_, b_ih_, b_hh_, w_hr_, batch_sizes, reverse);
+  const at::Tensor input = input_.contiguous(), w_ih = w_ih_.contiguous(),
+                   w_hh = w_hh_.contiguous();
+  const auto b_ih = contiguous(b_ih_), b_hh = contiguous(b_hh_), w_hr = contiguous(w_hr_);
+  const auto opts = input.options();
+  const auto acc = opts.dtype(at::toOpMathType(input.scalar_type()));
+  const bool lstm = p.kind == CellKind::LSTM;
+  const int64_t kept_rows = train ? p.rows : 0;
+  const bool fused = use_fused_path(p, input.scalar_type());
+
+  ForwardBuffers f;
+  f.output = p.packed ? at::empty({p.rows, p.out_size}, opts)
+                      : at::empty({p.steps, p.batch, p.out_size}, opts);
+  f.h_state = hx.has_value() ? hx->contiguous().clone() : at::zeros({p.batch, p.out_size}, opts);
+  f.c_state = !lstm            ? at::empty({0}, acc)
+              : cx.has_value() ? cx->to(acc.dtype()).contiguous().clone()
+                               : at::zeros({p.batch, p.hidden}, acc);
+  f.saved = at::empty({kept_rows, p.saved_width()}, opts);
+  f.h_prev = at::empty({kept_rows, p.out_size}, opts);
+  f.xg = at::empty({p.rows, p.gate_width()}, acc);
+  f.hg = at::empty({fused ? 0 : p.batch, p.gate_width()}, acc);
+  f.h_ping = fused && !train ? f.h_state.unsqueeze(0).repeat({2, 1, 1}) : at::Tensor();
+  f.h_scratch = at::empty({p.proj && !train ? p.batch : 0, p.hidden}, opts);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "rnn_fused_forward", [&] {
+        dispatch_cell(p.kind, [&](auto tag) {
+          using Tag = decltype(tag);
+          run_forward<Tag::template Cell, scalar_t>(dev, p, train, fused, input, w_ih, w_hh, b_ih,
+                                                    b_hh, w_hr, f);
+        });
+      });
+  at::Tensor c_n = lstm ? f.c_state.to(input.scalar_type()) : at::empty({0}, opts);
+  return {f.output, f.h_state, c_n, f.saved, f.h_prev};
+}
+
+struct BackwardBuffers {
+  at::Tensor dh_state, dc_state, dxg, dhg, dr, dh_step;
+};
+
+template <template <class> class CellT, class T, class Dev>
+void run_backward(Dev& dev, const Problem& p, bool fused,
+                  const std::optional<at::Tensor>& grad_output, const at::Tensor& w_hh,
+                  const std::optional<at::Tensor>& w_hr, const at::Tensor& saved,
+                  const at::Tensor& h_prev_all, BackwardBuffers& g) {
+  using A = at::opmath_type<T>;
+  using Cell = CellT<A>;
+  const int64_t H = p.hidden, Hout = p.out_size, GH = p.gate_width(), SW = p.saved_width();
+  const T* gout = ptr_or_null<T>(grad_output);
+  const T* w_hh_p = w_hh.data_ptr<T>();
+  const T* w_hr_p = ptr_or_null<T>(w_hr);
+  A* dh_state = g.dh_state.data_ptr<A>();
+  T* dhg = g.dhg.data_ptr<T>();
+  T* dr = p.proj ? g.dr.data_ptr<T>() : nullptr;
+  A* dh_step = p.proj ? g.dh_step.data_ptr<A>() : nullptr;
+
+  BackwardStep<T, A> step{};
+  step.H = H;
+  step.dh = p.proj ? dh_step : dh_state;
+  step.ld_dh = p.proj ? H : Hout;
+  step.ld_grad_out = Hout;
+  step.dc = Cell::kCellState ? g.dc_state.data_ptr<A>() : nullptr;
+  step.ld_saved = SW;
+  step.ld_h_prev = Hout;
+  // Fused: the kernel of a step first adds the product of the step processed before it
+  // (dg_next W_hh over its rows_gemm rows) to what dh carries.
+  const T* dg_next = nullptr;
+  int64_t rows_gemm = 0;
+  for (int64_t s = p.steps - 1; s >= 0; --s) {
+    const int64_t t = p.step_at(s), n = p.batch_sizes[t], r0 = p.offsets[t];
+    step.n = n;
+    step.grad_out = !p.proj && gout != nullptr ? gout + r0 * Hout : nullptr;
+    step.saved = saved.data_ptr<T>() + r0 * SW;
+    step.h_prev = h_prev_all.data_ptr<T>() + r0 * Hout;
+    step.dx = g.dxg.data_ptr<T>() + r0 * GH;
+    step.dhh = dhg + r0 * GH;
+    if (fused) {
+      if (std::max(n, rows_gemm) * H > 0) {
+        dev.template fused_backward<Cell>(step, dg_next, rows_gemm, w_hh_p);
+      }
+      dg_next = dhg + r0 * GH;
+      rows_gemm = n;
+      continue;
+    }
+    if (p.proj && n * Hout > 0) {
+      // dL/dr_t = grad_output_t + dL/dr_t carried from the next step; then through W_hr.
+      dev.add_rows(n * Hout, gout == nullptr ? nullptr : gout + r0 * Hout, dh_state,
+                   dr + r0 * Hout);
+      dev.template gemm<T, A>(false, n, H, Hout, dr + r0 * Hout, Hout, w_hr_p, H, dh_step, H,
+                              false);
+    }
+    if (n * H > 0) dev.template backward_pointwise<Cell>(step);
+    // dL/dh_{t-1} = (hidden-side gate gradients) W_hh [+ the direct part the kernel wrote].
+    dev.template gemm<T, A>(false, n, Hout, GH, dhg + r0 * GH, GH, w_hh_p, Hout, dh_state, Hout,
+                            Cell::kUsesPrevH);
+  }
+  if (fused) {  // the product of the last step processed: dL/dh of the initial states
+    BackwardStep<T, A> tail{};  // no rows of a step: only the product's rows of dh
+    tail.H = H;
+    tail.dh = step.dh;
+    tail.ld_dh = step.ld_dh;
+    if (rows_gemm * H > 0) dev.template fused_backward<Cell>(tail, dg_next, rows_gemm, w_hh_p);
+  }
+}
+
+template <class Dev>
+BackwardResult backward_op(Dev& dev, c10::string_view mode,
+                           const std::optional<at::Tensor>& grad_output_,
+                           const std::optional<at::Tensor>& grad_h_n,
+                           const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input_,
+                           const std::optional<at::Tensor>& hx, const at::Tensor& w_ih_,
+                           const at::Tensor& w_hh_, const std::optional<at::Tensor>& w_hr_,
+                           const std::optional<at::Tensor>& batch_sizes, bool reverse,
+                           const at::Tensor& saved_, const at::Tensor& h_prev_) {
+  const Problem p = make_backward_problem(mode, grad_output_, grad_h_n, grad_c_n, input_, hx, w_ih_,
+                                          w_hh_, w_hr_, batch_sizes, reverse, saved_, h_prev_);
+  const at::Tensor input = input_.contiguous(), w_ih = w_ih_.contiguous(),
+                   w_hh = w_hh_.contiguous(), saved = saved_.contiguous(),
+                   h_prev_all = h_prev_.contiguous();
+  const auto w_hr = contiguous(w_hr_), grad_output = contiguous(grad_output_);
+  const auto opts = input.options();
+  const auto acc = opts.dtype(at::toOpMathType(input.scalar_type()));
+  const bool lstm = p.kind == CellKind::LSTM, split = p.kind == CellKind::GRU;
+
+  BackwardBuffers g;
+  g.dh_state = grad_h_n.has_value() ? grad_h_n->to(acc.dtype()).contiguous().clone()
+                                    : at::zeros({p.batch, p.out_size}, acc);
+  g.dc_state = !lstm                  ? at::empty({0}, acc)
+               : grad_c_n.has_value() ? grad_c_n->to(acc.dtype()).contiguous().clone()
+                                      : at::zeros({p.batch, p.hidden}, acc);
+  g.dxg = at::empty({p.rows, p.gate_width()}, opts);
+  g.dhg = split ? at::empty({p.rows, p.gate_width()}, opts) : g.dxg;
+  g.dr = p.proj ? at::empty({p.rows, p.out_size}, opts) : at::Tensor();
+  g.dh_step = p.proj ? at::empty({p.batch, p.hidden}, acc) : at::Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "rnn_fused_backward", [&] {
+        dispatch_cell(p.kind, [&](auto tag) {
+          using Tag = decltype(tag);
+          run_backward<Tag::template Cell, scalar_t>(dev, p, use_fused_path(p, input.scalar_type()),
+                                                     grad_output, w_hh, w_hr, saved, h_prev_all, g);
+        });
+      });
+
+  const at::Tensor x2d = input.reshape({p.rows, p.input_size});
+  at::Tensor grad_w_hr = at::empty({0}, opts);
+  if (p.proj) {
+    const int64_t h_block = saved_blocks_of(p.kind, false) * p.hidden;
+    grad_w_hr = at::mm(g.dr.t(), saved.narrow(1, h_block, p.hidden));
+  }
+  at::Tensor grad_b_ih = g.dxg.sum(0);
+  return {at::mm(g.dxg, w_ih).view(input.sizes()),
+          g.dh_state.to(input.scalar_type()),
+          lstm ? g.dc_state.to(input.scalar_type()) : at::empty({0}, opts),
+          at::mm(g.dxg.t(), x2d),
+          at::mm(g.dhg.t(), h_prev_all),
+          grad_b_ih,
+          split ? g.dhg.sum(0) : grad_b_ih.clone(),
+          grad_w_hr};
+}
+
+}  // namespace rnn_fused::cuda
