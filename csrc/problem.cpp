@@ -45,7 +45,7 @@ int64_t saved_blocks_of(CellKind kind, bool proj) {
   return base + (proj ? 1 : 0);
 }
 
-Problem make_problem(const std::string& mode, const at::Tensor& input,
+Problem make_problem(bool half_types, const std::string& mode, const at::Tensor& input,
                      const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
                      const at::Tensor& w_ih, const at::Tensor& w_hh,
                      const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
@@ -67,7 +67,7 @@ Problem make_problem(const std::string& mode, const at::Tensor& input,
   TORCH_CHECK(!cx.has_value() || p.kind == CellKind::LSTM,
               "rnn_fused: cx is only used by mode LSTM, got a cx for mode ", mode);
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble ||
-                  (input.is_cuda() &&
+                  (half_types &&
                    (input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16)),
               "rnn_fused: input dtype must be float32 or float64 (or float16/bfloat16 on "
               "CUDA), got ",
@@ -152,7 +152,8 @@ Problem make_problem(const std::string& mode, const at::Tensor& input,
   return p;
 }
 
-Problem make_backward_problem(c10::string_view mode, const std::optional<at::Tensor>& grad_output,
+Problem make_backward_problem(bool half_types, c10::string_view mode,
+                              const std::optional<at::Tensor>& grad_output,
                               const std::optional<at::Tensor>& grad_h_n,
                               const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
                               const std::optional<at::Tensor>& hx, const at::Tensor& w_ih,
@@ -160,8 +161,8 @@ Problem make_backward_problem(c10::string_view mode, const std::optional<at::Ten
                               const std::optional<at::Tensor>& batch_sizes, bool reverse,
                               const at::Tensor& saved, const at::Tensor& h_prev) {
   const Problem p =
-      make_problem(std::string(mode.data(), mode.size()), input, hx, std::nullopt, w_ih, w_hh,
-                   std::nullopt, std::nullopt, w_hr, batch_sizes, reverse);
+      make_problem(half_types, std::string(mode.data(), mode.size()), input, hx, std::nullopt, w_ih,
+                   w_hh, std::nullopt, std::nullopt, w_hr, batch_sizes, reverse);
   if (grad_output.has_value()) {
     TORCH_CHECK(grad_output->numel() == p.rows * p.out_size, "rnn_fused: grad_output must have ",
                 p.rows * p.out_size, " elements, got ", grad_output->numel());

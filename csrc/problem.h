@@ -48,8 +48,9 @@ int64_t gates_of(CellKind kind);
 int64_t saved_blocks_of(CellKind kind, bool proj);
 
 // Validates the forward operator's arguments and describes the call. Every error names
-// the argument, the expected and the actual value.
-Problem make_problem(const std::string& mode, const at::Tensor& input,
+// the argument, the expected and the actual value. half_types: whether the calling engine
+// runs float16 and bfloat16 (the CUDA one) besides float32 and float64.
+Problem make_problem(bool half_types, const std::string& mode, const at::Tensor& input,
                      const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
                      const at::Tensor& w_ih, const at::Tensor& w_hh,
                      const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
@@ -57,7 +58,8 @@ Problem make_problem(const std::string& mode, const at::Tensor& input,
                      const std::optional<at::Tensor>& batch_sizes, bool reverse);
 
 // Validates the backward operator's arguments against the problem of its forward.
-Problem make_backward_problem(c10::string_view mode, const std::optional<at::Tensor>& grad_output,
+Problem make_backward_problem(bool half_types, c10::string_view mode,
+                              const std::optional<at::Tensor>& grad_output,
                               const std::optional<at::Tensor>& grad_h_n,
                               const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
                               const std::optional<at::Tensor>& hx, const at::Tensor& w_ih,

@@ -187,8 +187,8 @@ ForwardResult forward_cpu(c10::string_view mode, const at::Tensor& input_,
                           const std::optional<at::Tensor>& b_hh_,
                           const std::optional<at::Tensor>& w_hr_,
                           const std::optional<at::Tensor>& batch_sizes, bool reverse, bool train) {
-  const Problem p = make_problem(std::string(mode.data(), mode.size()), input_, hx, cx, w_ih_,
-                                 w_hh_, b_ih_, b_hh_, w_hr_, batch_sizes, reverse);
+  const Problem p = make_problem(false, std::string(mode.data(), mode.size()), input_, hx, cx,
+                                 w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, batch_sizes, reverse);
   const at::Tensor input = input_.contiguous(), w_ih = w_ih_.contiguous(),
                    w_hh = w_hh_.contiguous();
   const auto b_ih = contiguous(b_ih_), b_hh = contiguous(b_hh_), w_hr = contiguous(w_hr_);
@@ -334,8 +334,9 @@ BackwardResult backward_cpu(c10::string_view mode, const std::optional<at::Tenso
                             const at::Tensor& w_hh_, const std::optional<at::Tensor>& w_hr_,
                             const std::optional<at::Tensor>& batch_sizes, bool reverse,
                             const at::Tensor& saved_, const at::Tensor& h_prev_) {
-  const Problem p = make_backward_problem(mode, grad_output_, grad_h_n, grad_c_n, input_, hx, w_ih_,
-                                          w_hh_, w_hr_, batch_sizes, reverse, saved_, h_prev_);
+  const Problem p =
+      make_backward_problem(false, mode, grad_output_, grad_h_n, grad_c_n, input_, hx, w_ih_, w_hh_,
+                            w_hr_, batch_sizes, reverse, saved_, h_prev_);
   const at::Tensor input = input_.contiguous(), w_ih = w_ih_.contiguous(),
                    w_hh = w_hh_.contiguous(), saved = saved_.contiguous(),
                    h_prev_all = h_prev_.contiguous();

@@ -161,7 +161,7 @@ ForwardResult forward_op(Dev& dev, c10::string_view mode, const at::Tensor& inpu
                          const std::optional<at::Tensor>& b_hh_,
                          const std::optional<at::Tensor>& w_hr_,
                          const std::optional<at::Tensor>& batch_sizes, bool reverse, bool train) {
-  const Problem p = make_problem(std::string(mode.data(), mode.size()), input_, hx, cx, w_ih_,
+  const Problem p = make_problem(true, std::string(mode.data(), mode.size()), input_, hx, cx, w_ih_,
                                  w_hh_, b_ih_, b_hh_, w_hr_, batch_sizes, reverse);
   const at::Tensor input = input_.contiguous(), w_ih = w_ih_.contiguous(),
                    w_hh = w_hh_.contiguous();
@@ -276,8 +276,9 @@ BackwardResult backward_op(Dev& dev, c10::string_view mode,
                            const at::Tensor& w_hh_, const std::optional<at::Tensor>& w_hr_,
                            const std::optional<at::Tensor>& batch_sizes, bool reverse,
                            const at::Tensor& saved_, const at::Tensor& h_prev_) {
-  const Problem p = make_backward_problem(mode, grad_output_, grad_h_n, grad_c_n, input_, hx, w_ih_,
-                                          w_hh_, w_hr_, batch_sizes, reverse, saved_, h_prev_);
+  const Problem p =
+      make_backward_problem(true, mode, grad_output_, grad_h_n, grad_c_n, input_, hx, w_ih_, w_hh_,
+                            w_hr_, batch_sizes, reverse, saved_, h_prev_);
   const at::Tensor input = input_.contiguous(), w_ih = w_ih_.contiguous(),
                    w_hh = w_hh_.contiguous(), saved = saved_.contiguous(),
                    h_prev_all = h_prev_.contiguous();
