@@ -152,7 +152,9 @@ def test_cuda_gradcheck(mode, path):
         h0,
         *([c0] if c0 is not None else []),
     ]
-    assert torch.autograd.gradcheck(fn, inputs, **GRADCHECK)
+    # fast_mode: random projections instead of one forward pair per input element (about
+    # 10^4 of them here, each a dozen launches); the full check runs on the CPU engine.
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True, **GRADCHECK)
 
 
 @pytest.mark.parametrize("mode", CELLS)
