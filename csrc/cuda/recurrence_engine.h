@@ -60,6 +60,9 @@ inline bool use_fused_path(const Problem& p, at::ScalarType dtype) {
   return !tensor_cores || p.batch * p.gate_width() * p.out_size <= kFusedMaxTensorCoreMacs;
 }
 
+// What the forward writes: the operator's results, its state, and the per-call workspaces
+// (hg: the standard path's per-step product; h_ping: the fused path's two inference
+// states; h_scratch: the unprojected h of an inference step).
 struct ForwardBuffers {
   at::Tensor output, h_state, c_state, saved, h_prev, xg, hg, h_scratch, h_ping;
 };
@@ -153,6 +156,7 @@ void run_forward(Dev& dev, const Problem& p, bool train, bool fused, const at::T
   }
 }
 
+// The forward operator (ops.cpp's schema) on a device: buffers, then the loop of one path.
 template <class Dev>
 ForwardResult forward_op(Dev& dev, c10::string_view mode, const at::Tensor& input_,
                          const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
@@ -198,6 +202,9 @@ ForwardResult forward_op(Dev& dev, c10::string_view mode, const at::Tensor& inpu
   return {f.output, f.h_state, c_n, f.saved, f.h_prev};
 }
 
+// The backward's carried gradients (dh, dc; float for half types), the gate gradients of
+// all rows (dhg: GRU's hidden side, else dxg itself), and the projection's dL/dr rows and
+// per-step dL/dh.
 struct BackwardBuffers {
   at::Tensor dh_state, dc_state, dxg, dhg, dr, dh_step;
 };
@@ -267,6 +274,8 @@ void run_backward(Dev& dev, const Problem& p, bool fused,
   }
 }
 
+// The backward operator on a device: the loop of one path, then the gradients of the
+// input, the weights and the biases as products and sums over all rows.
 template <class Dev>
 BackwardResult backward_op(Dev& dev, c10::string_view mode,
                            const std::optional<at::Tensor>& grad_output_,
