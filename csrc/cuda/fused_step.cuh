@@ -27,12 +27,13 @@ namespace fused {
 constexpr int kWarps = 8;
 constexpr int kBlock = kWarps * 32;
 
-// K per warp per staged chunk; a chunk covers kWarps of those. Rows of the staged tiles are
-// kStride apart: a multiple of 4 values (16-byte loads stay aligned) that is 4 banks off 32,
-// so that the lanes' rows and columns fall into different banks.
-template <class A>
+// K per warp per staged chunk (kFloatSub for 4-byte values, half that for doubles, so that
+// the staged tiles take the same bytes); a chunk covers kWarps of those. Rows of the staged
+// tiles are kStride apart: a multiple of 4 values (16-byte loads stay aligned) that is 4
+// banks off 32, so that the lanes' rows and columns fall into different banks.
+template <class A, int kFloatSub>
 struct Chunk {
-  static constexpr int kSub = sizeof(A) == 8 ? 8 : 16;
+  static constexpr int kSub = sizeof(A) == 8 ? kFloatSub / 2 : kFloatSub;
   static constexpr int kLen = kWarps * kSub;
   static constexpr int kStride = kLen + 4;
 };
@@ -42,7 +43,7 @@ struct Chunk {
 // and 32 rows, or 8 rows for steps of at most 8 (less work on rows that are not there).
 template <int kGates, int kRows>
 struct ForwardShape {
-  static constexpr int LM = 4, LC = 8, TM = kRows / LM, TC = kGates;
+  static constexpr int LM = 4, LC = 8, TM = kRows / LM, TC = kGates, kFloatSub = 16;
   static constexpr int BM = LM * TM, BU = LC, BC = TC * LC;
   static_assert(TM <= kWarps, "one epilogue row per warp of threads");
 };
@@ -56,8 +57,10 @@ void with_forward_rows(int64_t n, F&& f) {
   }
 }
 
+// Backward blocks: 8 rows x 32 units over K = gates * H, with longer chunks of K (each
+// chunk's compute is short here, so fewer round trips to global memory pay).
 struct BackwardShape {
-  static constexpr int LM = 4, LC = 8, TM = 2, TC = 4;
+  static constexpr int LM = 4, LC = 8, TM = 2, TC = 4, kFloatSub = 32;
   static constexpr int BM = LM * TM, BC = TC * LC;  // 8 rows, 32 units
 };
 
@@ -80,11 +83,11 @@ __device__ __forceinline__ void load4(const A* p, A (&v)[4]) {
 
 // acc += X Y^T over this warp's share [k0, k0 + kSub) of a staged chunk. xs: [BM][kStride],
 // ys: [BC][kStride].
-template <class A, int TM, int TC, int LM, int LC>
+template <class A, class C, int TM, int TC, int LM, int LC>
 __device__ __forceinline__ void accumulate(const A* xs, const A* ys, int lm, int lc, int k0,
                                            A (&acc)[TM][TC]) {
-  constexpr int S = Chunk<A>::kStride;
-  for (int k = k0; k < k0 + Chunk<A>::kSub; k += 4) {
+  constexpr int S = C::kStride;
+  for (int k = k0; k < k0 + C::kSub; k += 4) {
     A xv[TM][4], yv[TC][4];
 #pragma unroll
     for (int r = 0; r < TM; ++r) load4(xs + (r * LM + lm) * S + k, xv[r]);
@@ -104,9 +107,9 @@ __device__ __forceinline__ void accumulate(const A* xs, const A* ys, int lm, int
 // then stored to shared memory. Consecutive threads take consecutive K (kRowsFast false) or
 // consecutive rows (true: for sources whose rows are adjacent in memory, like W_hh's
 // columns), so that a warp's loads are coalesced.
-template <class A, int Rows, bool kRowsFast>
+template <class A, class C, int Rows, bool kRowsFast>
 struct Stager {
-  static constexpr int kLen = Chunk<A>::kLen, kPer = Rows * kLen / kBlock;
+  static constexpr int kLen = C::kLen, kPer = Rows * kLen / kBlock;
   static_assert(Rows * kLen % kBlock == 0, "a tile splits evenly over the block");
   A v[kPer];
 
@@ -129,7 +132,7 @@ struct Stager {
     for (int q = 0; q < kPer; ++q) {
       int r, kk;
       coords(tid + q * kBlock, r, kk);
-      tile[r * Chunk<A>::kStride + kk] = v[q];
+      tile[r * C::kStride + kk] = v[q];
     }
   }
 };
@@ -166,15 +169,15 @@ __device__ __forceinline__ void reduce_warps(A* smem, int warp, int lane, A (&ac
 template <class A, class Shape, bool kYRowsFast, class XAt, class YAt>
 __device__ __forceinline__ void block_product(int64_t K, const XAt& x_at, const YAt& y_at,
                                               A* smem) {
-  using C = Chunk<A>;
+  using C = Chunk<A, Shape::kFloatSub>;
   static_assert(kWarps / 2 * 32 * Shape::TM * Shape::TC <= (Shape::BM + Shape::BC) * C::kStride,
                 "the warps' partial tiles fit in the staging space");
   A* xs = smem;
   A* ys = smem + Shape::BM * C::kStride;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   A acc[Shape::TM][Shape::TC] = {};
-  Stager<A, Shape::BM, false> x_stage;
-  Stager<A, Shape::BC, kYRowsFast> y_stage;
+  Stager<A, C, Shape::BM, false> x_stage;
+  Stager<A, C, Shape::BC, kYRowsFast> y_stage;
   const auto fetch = [&](int64_t k0) {
     x_stage.fetch(tid, [&](int m, int kk) { return x_at(m, k0 + kk); });
     y_stage.fetch(tid, [&](int c, int kk) { return y_at(c, k0 + kk); });
@@ -186,7 +189,7 @@ __device__ __forceinline__ void block_product(int64_t K, const XAt& x_at, const 
     y_stage.store(tid, ys);
     __syncthreads();
     if (k0 + C::kLen < K) fetch(k0 + C::kLen);
-    accumulate<A, Shape::TM, Shape::TC, Shape::LM, Shape::LC>(
+    accumulate<A, C, Shape::TM, Shape::TC, Shape::LM, Shape::LC>(
         xs, ys, lane / Shape::LC, lane % Shape::LC, warp * C::kSub, acc);
   }
   reduce_warps<A, Shape::TM, Shape::TC>(smem, warp, lane, acc);
@@ -201,7 +204,7 @@ template <class Cell, class T, class A, int kRows>
 __global__ void __launch_bounds__(fused::kBlock)
     fused_forward_step_kernel(ForwardStep<T, A> s, const T* __restrict__ w_hh) {
   using Shape = fused::ForwardShape<Cell::kGates, kRows>;
-  using C = fused::Chunk<A>;
+  using C = fused::Chunk<A, Shape::kFloatSub>;
   constexpr int BM = Shape::BM, BU = Shape::BU, BC = Shape::BC;
   __shared__ __align__(16) A smem[(BM + BC) * C::kStride];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, lm = lane / Shape::LC,
@@ -239,7 +242,7 @@ __global__ void __launch_bounds__(fused::kBlock)
     fused_backward_step_kernel(BackwardStep<T, A> s, const T* __restrict__ dg_next,
                                int64_t rows_gemm, const T* __restrict__ w_hh) {
   using Shape = fused::BackwardShape;
-  using C = fused::Chunk<A>;
+  using C = fused::Chunk<A, Shape::kFloatSub>;
   constexpr int BM = Shape::BM, BC = Shape::BC;
   static_assert(Shape::TM * Shape::TC == fused::kWarps, "one epilogue value per thread");
   __shared__ __align__(16) A smem[(BM + BC) * C::kStride];
