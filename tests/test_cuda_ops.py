@@ -13,7 +13,12 @@ from tolerances import GRADCHECK, assert_close, rel_err
 from rnn_fused import reference
 from rnn_fused.ops import rnn_layer
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+HAS_CUDA_KERNELS = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "rnn_fused::forward", "CUDA"
+)
+pytestmark = pytest.mark.skipif(
+    not HAS_CUDA_KERNELS, reason="needs a CUDA device and rnn_fused's CUDA kernels"
+)
 
 DEV = "cuda"
 
@@ -206,7 +211,7 @@ def test_non_default_stream_and_graph_capture(path):
 
     static_x = x.detach().clone().requires_grad_()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream):  # warm-up on the capture stream
+    with torch.cuda.stream(stream):  # warm-up on a side stream, as torch.cuda.graph asks
         _run(rnn_layer, layer, static_x, h0, c0, kw, weights=weights)
     torch.cuda.current_stream().wait_stream(stream)
     with torch.cuda.graph(graph):

@@ -142,17 +142,17 @@ struct Stager {
 template <class A, int TM, int TC>
 __device__ __forceinline__ void reduce_warps(A* smem, int warp, int lane, A (&acc)[TM][TC]) {
   constexpr int kTile = TM * TC;
-  for (int half = kWarps / 2; half >= 1; half /= 2) {
+  for (int width = kWarps / 2; width >= 1; width /= 2) {  // warps w + width into w
     __syncthreads();
-    if (warp >= half && warp < 2 * half) {
+    if (warp >= width && warp < 2 * width) {
 #pragma unroll
       for (int e = 0; e < kTile; ++e)
-        smem[(e * half + (warp - half)) * 32 + lane] = acc[e / TC][e % TC];
+        smem[(e * width + (warp - width)) * 32 + lane] = acc[e / TC][e % TC];
     }
     __syncthreads();
-    if (warp < half) {
+    if (warp < width) {
 #pragma unroll
-      for (int e = 0; e < kTile; ++e) acc[e / TC][e % TC] += smem[(e * half + warp) * 32 + lane];
+      for (int e = 0; e < kTile; ++e) acc[e / TC][e % TC] += smem[(e * width + warp) * 32 + lane];
     }
   }
   __syncthreads();

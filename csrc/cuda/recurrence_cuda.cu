@@ -88,6 +88,13 @@ class CudaDevice {
     cuda::gemm<T, CT>(blas_, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
   }
   void copy(void* dst, const void* src, int64_t bytes) { copy_rows(dst, src, bytes, stream_); }
+  // PyTorch sets the handle's math mode from its TF32 flags (old or new API) when it hands
+  // the handle out, so the handle itself says whether float32 GEMMs take tensor cores.
+  bool tf32() const {
+    cublasMath_t mode = CUBLAS_DEFAULT_MATH;
+    TORCH_CUDABLAS_CHECK(cublasGetMathMode(blas_, &mode));
+    return (static_cast<int>(mode) & 0xF) == CUBLAS_TF32_TENSOR_OP_MATH;
+  }
 
   template <class Cell, class T, class A>
   void forward_pointwise(const ForwardStep<T, A>& s, const A* hg) {

@@ -20,6 +20,7 @@
 //   forward_pointwise<Cell>(step, hg), backward_pointwise<Cell>(step),
 //   add_rows(count, grad_out, state, out): the standard path's kernels (step_kernels.cuh)
 //   fused_forward<Cell>(step, w_hh), fused_backward<Cell>(step, dg_next, rows_gemm, w_hh)
+//   tf32(): whether its float32 GEMMs use TF32 tensor cores
 // and is called only with work to do (no empty launches).
 #pragma once
 
@@ -47,16 +48,17 @@ constexpr int64_t kFusedMaxTensorCoreMacs = int64_t(1) << 27;
 // Whether a call runs the fused path (one kernel per step, the recurrent product inside
 // it, on CUDA cores: for small batches, where a step is a few microseconds of work) or the
 // standard one (a cuBLAS GEMM and a pointwise kernel per step). Where cuBLAS has tensor
-// cores (half types, or float32 with TF32 allowed) it wins once a step's product is large.
-// RNN_FUSED_CUDA_PATH=fused or =standard forces one, for tests and measurements.
-inline bool use_fused_path(const Problem& p, at::ScalarType dtype) {
+// cores (half types, or float32 with TF32 allowed: tf32, which the device reads from its
+// GEMM setup) it wins once a step's product is large. RNN_FUSED_CUDA_PATH=fused or
+// =standard forces one, for tests and measurements.
+inline bool use_fused_path(const Problem& p, at::ScalarType dtype, bool tf32) {
   if (p.proj || p.batch > kFusedMaxRows) return false;
   const char* forced = std::getenv("RNN_FUSED_CUDA_PATH");
   if (forced != nullptr && std::strcmp(forced, "standard") == 0) return false;
   if (forced != nullptr && std::strcmp(forced, "fused") == 0) return true;
   if (p.batch > kFusedMaxBatch) return false;
-  const bool tensor_cores = dtype == at::kHalf || dtype == at::kBFloat16 ||
-                            (dtype == at::kFloat && at::globalContext().allowTF32CuBLAS());
+  const bool tensor_cores =
+      dtype == at::kHalf || dtype == at::kBFloat16 || (dtype == at::kFloat && tf32);
   return !tensor_cores || p.batch * p.gate_width() * p.out_size <= kFusedMaxTensorCoreMacs;
 }
 
@@ -174,7 +176,7 @@ ForwardResult forward_op(Dev& dev, c10::string_view mode, const at::Tensor& inpu
   const auto acc = opts.dtype(at::toOpMathType(input.scalar_type()));
   const bool lstm = p.kind == CellKind::LSTM;
   const int64_t kept_rows = train ? p.rows : 0;
-  const bool fused = use_fused_path(p, input.scalar_type());
+  const bool fused = use_fused_path(p, input.scalar_type(), dev.tf32());
 
   ForwardBuffers f;
   f.output = p.packed ? at::empty({p.rows, p.out_size}, opts)
@@ -311,8 +313,9 @@ BackwardResult backward_op(Dev& dev, c10::string_view mode,
       at::kHalf, at::kBFloat16, input.scalar_type(), "rnn_fused_backward", [&] {
         dispatch_cell(p.kind, [&](auto tag) {
           using Tag = decltype(tag);
-          run_backward<Tag::template Cell, scalar_t>(dev, p, use_fused_path(p, input.scalar_type()),
-                                                     grad_output, w_hh, w_hr, saved, h_prev_all, g);
+          run_backward<Tag::template Cell, scalar_t>(
+              dev, p, use_fused_path(p, input.scalar_type(), dev.tf32()), grad_output, w_hh, w_hr,
+              saved, h_prev_all, g);
         });
       });
 

@@ -217,6 +217,7 @@ struct HostDevice {
     }
   }
   void copy(void* dst, const void* src, int64_t bytes) { std::memcpy(dst, src, bytes); }
+  bool tf32() const { return false; }
 
   template <class Cell, class T, class A>
   void forward_pointwise(const ForwardStep<T, A>& s, const A* hg) {
