@@ -39,17 +39,19 @@ if [ "${QUICK:-0}" = 1 ]; then
   select=(-k cuda)
   only=(--only 100,64,512,512 --only 100,1,512,512)
 fi
-"$py" -m pytest -q --maxfail=30 -p no:cacheprovider tests "${ignore[@]}" ${select[@]+"${select[@]}"} \
+# Each stage has a time limit, so that a hang cannot spend the machine's whole lease; the
+# benchmark writes its files after every row, so a cut-short run keeps what it measured.
+timeout 240 "$py" -m pytest -q --maxfail=30 -p no:cacheprovider tests "${ignore[@]}" ${select[@]+"${select[@]}"} \
   > "$out/tests.log" 2>&1
 tests_rc=$?
 echo "tests: $(( $(date +%s) - start )) s, exit $tests_rc"
 
-"$py" benchmarks/bench.py --device cuda --csv "$out/bench.csv" --markdown "$out/bench.md" \
+timeout 300 "$py" benchmarks/bench.py --device cuda --csv "$out/bench.csv" --markdown "$out/bench.md" \
   ${only[@]+"${only[@]}"} > "$out/bench.log" 2>&1
 bench_rc=$?
 echo "bench: $(( $(date +%s) - start )) s, exit $bench_rc"
 
-"$py" benchmarks/profile_cuda.py > "$out/profile.txt" 2>&1
+timeout 60 "$py" benchmarks/profile_cuda.py > "$out/profile.txt" 2>&1
 profile_rc=$?
 echo "profile: $(( $(date +%s) - start )) s, exit $profile_rc"
 {
