@@ -9,9 +9,6 @@
 
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
-#include <cstring>
-#include <tuple>
 #include <type_traits>
 
 #include "../problem.h"
@@ -69,12 +66,6 @@ void gemm(cublasHandle_t handle, bool trans_b, int64_t M, int64_t N, int64_t K, 
   }
 }
 
-void copy_rows(void* dst, const void* src, int64_t bytes, cudaStream_t stream) {
-  if (bytes > 0) {
-    C10_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream));
-  }
-}
-
 // The engine's device on CUDA: cuBLAS on PyTorch's handle and kernels on the current
 // stream, both fetched once per operator call.
 class CudaDevice {
@@ -87,7 +78,9 @@ class CudaDevice {
             int64_t ldb, CT* C, int64_t ldc, bool accumulate) {
     cuda::gemm<T, CT>(blas_, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
   }
-  void copy(void* dst, const void* src, int64_t bytes) { copy_rows(dst, src, bytes, stream_); }
+  void copy(void* dst, const void* src, int64_t bytes) {
+    C10_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_));
+  }
   // PyTorch sets the handle's math mode from its TF32 flags (old or new API) when it hands
   // the handle out, so the handle itself says whether float32 GEMMs take tensor cores.
   bool tf32() const {

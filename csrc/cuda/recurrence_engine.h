@@ -83,6 +83,8 @@ void run_forward(Dev& dev, const Problem& p, bool train, bool fused, const at::T
   T* out = f.output.data_ptr<T>();
   T* h_state = f.h_state.data_ptr<T>();
   T* saved = train ? f.saved.data_ptr<T>() : nullptr;
+  A* const hg = fused ? nullptr : f.hg.data_ptr<A>();
+  T* const h_scratch = p.proj && !train ? f.h_scratch.data_ptr<T>() : nullptr;
 
   dev.template gemm<T, A>(true, p.rows, GH, p.input_size, input.data_ptr<T>(), p.input_size,
                           w_ih.data_ptr<T>(), p.input_size, xg, GH, false);
@@ -139,12 +141,9 @@ void run_forward(Dev& dev, const Problem& p, bool train, bool fused, const at::T
       if (n * H > 0) dev.template fused_forward<Cell>(step, w_hh_p);
       continue;
     }
-    A* hg = f.hg.data_ptr<A>();
     dev.template gemm<T, A>(true, n, GH, Hout, h_prev, Hout, w_hh_p, Hout, hg, GH, false);
     // With a projection the cell's h is unprojected: kept in the last saved block.
-    T* h_unproj = !p.proj ? nullptr
-                  : train ? saved + r0 * SW + Cell::kSaved * H
-                          : f.h_scratch.data_ptr<T>();
+    T* h_unproj = !p.proj ? nullptr : train ? saved + r0 * SW + Cell::kSaved * H : h_scratch;
     const int64_t ld_unproj = train ? SW : H;
     step.h = p.proj ? h_unproj : out + r0 * Hout;
     step.ld_h = p.proj ? ld_unproj : Hout;
@@ -153,7 +152,7 @@ void run_forward(Dev& dev, const Problem& p, bool train, bool fused, const at::T
     if (p.proj) {
       dev.template gemm<T, T>(true, n, Hout, H, h_unproj, ld_unproj, w_hr_p, H, out + r0 * Hout,
                               Hout, false);
-      dev.copy(h_state, out + r0 * Hout, sizeof(T) * n * Hout);
+      if (n > 0) dev.copy(h_state, out + r0 * Hout, sizeof(T) * n * Hout);
     }
   }
 }
@@ -224,6 +223,9 @@ void run_backward(Dev& dev, const Problem& p, bool fused,
   const T* w_hr_p = ptr_or_null<T>(w_hr);
   A* dh_state = g.dh_state.data_ptr<A>();
   T* dhg = g.dhg.data_ptr<T>();
+  T* dxg = g.dxg.data_ptr<T>();
+  const T* saved_p = saved.data_ptr<T>();
+  const T* h_prev_p = h_prev_all.data_ptr<T>();
   T* dr = p.proj ? g.dr.data_ptr<T>() : nullptr;
   A* dh_step = p.proj ? g.dh_step.data_ptr<A>() : nullptr;
 
@@ -243,9 +245,9 @@ void run_backward(Dev& dev, const Problem& p, bool fused,
     const int64_t t = p.step_at(s), n = p.batch_sizes[t], r0 = p.offsets[t];
     step.n = n;
     step.grad_out = !p.proj && gout != nullptr ? gout + r0 * Hout : nullptr;
-    step.saved = saved.data_ptr<T>() + r0 * SW;
-    step.h_prev = h_prev_all.data_ptr<T>() + r0 * Hout;
-    step.dx = g.dxg.data_ptr<T>() + r0 * GH;
+    step.saved = saved_p + r0 * SW;
+    step.h_prev = h_prev_p + r0 * Hout;
+    step.dx = dxg + r0 * GH;
     step.dhh = dhg + r0 * GH;
     if (fused) {
       if (std::max(n, rows_gemm) * H > 0) {
