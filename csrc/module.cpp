@@ -1,6 +1,10 @@
 // The Python module rnn_fused._C. Importing it loads this library, whose static
-// registrations (ops.cpp, cpu/, cuda/) add the operators to torch.ops.rnn_fused.
-#include <Python.h>
+// registrations (ops.cpp, autograd.cpp, cpu/, cuda/) add the operators to torch.ops.rnn_fused,
+// and gives Python a direct door to rnn_fused::layer (through the dispatcher, without the
+// per-call cost of torch.ops' argument matching) and the cells' layout facts.
+#include <torch/extension.h>
+
+#include "op_adapters.h"
 
 namespace {
 
@@ -25,16 +29,23 @@ bool cpu_has_build_simd() {
 #endif
 }
 
-PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
-                          "rnn_fused operators (imported for their registration)", -1, nullptr};
-
 }  // namespace
 
-PyMODINIT_FUNC PyInit__C(void) {
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   if (!cpu_has_build_simd()) {
-    PyErr_SetString(PyExc_ImportError, "rnn_fused was built for a CPU with " RF_BUILD_SIMD
-                                       " and this CPU lacks it; rebuild here with `make build`");
-    return nullptr;
+    throw pybind11::import_error("rnn_fused was built for a CPU with " RF_BUILD_SIMD
+                                 " and this CPU lacks it; rebuild here with `make build`");
   }
-  return PyModule_Create(&module_def);
+  using namespace rnn_fused;
+  m.def("layer", &layer_adapter<call_layer>, pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "rnn_fused::layer called through the dispatcher: (output, h_n, c_n).");
+  m.def(
+      "gates", [](std::string_view mode) { return gates_of(parse_mode(mode)); },
+      "Gate blocks of width hidden_size per row of a cell's pre-activations.");
+  m.def(
+      "saved_blocks",
+      [](std::string_view mode, bool proj) {
+        return saved_layout(parse_mode(mode), proj, 1).blocks();
+      },
+      "Blocks of width hidden_size per row of the forward's `saved` workspace.");
 }

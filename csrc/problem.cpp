@@ -25,7 +25,31 @@ void check_like(const at::Tensor& t, const char* name, const at::Tensor& input) 
 
 }  // namespace
 
-CellKind parse_mode(const std::string& mode) {
+LayerArgs LayerArgs::contiguous() const {
+  LayerArgs c = *this;
+  c.input = input.contiguous();
+  c.w_ih = w_ih.contiguous();
+  c.w_hh = w_hh.contiguous();
+  c.hx = rnn_fused::contiguous(hx);
+  c.cx = rnn_fused::contiguous(cx);
+  c.b_ih = rnn_fused::contiguous(b_ih);
+  c.b_hh = rnn_fused::contiguous(b_hh);
+  c.w_hr = rnn_fused::contiguous(w_hr);
+  return c;
+}
+
+BackwardArgs BackwardArgs::contiguous() const {
+  BackwardArgs c = *this;
+  c.layer = layer.contiguous();
+  c.grad_output = rnn_fused::contiguous(grad_output);
+  c.grad_h_n = rnn_fused::contiguous(grad_h_n);
+  c.grad_c_n = rnn_fused::contiguous(grad_c_n);
+  c.saved = saved.contiguous();
+  c.h_prev = h_prev.contiguous();
+  return c;
+}
+
+CellKind parse_mode(std::string_view mode) {
   if (mode == "LSTM") return CellKind::LSTM;
   if (mode == "GRU") return CellKind::GRU;
   if (mode == "RNN_TANH") return CellKind::RNN_TANH;
@@ -39,18 +63,14 @@ int64_t gates_of(CellKind kind) {
       kind, [](auto tag) -> int64_t { return decltype(tag)::template Cell<float>::kGates; });
 }
 
-int64_t saved_blocks_of(CellKind kind, bool proj) {
-  const int64_t base = dispatch_cell(
+SavedLayout saved_layout(CellKind kind, bool proj, int64_t hidden) {
+  const int64_t blocks = dispatch_cell(
       kind, [](auto tag) -> int64_t { return decltype(tag)::template Cell<float>::kSaved; });
-  return base + (proj ? 1 : 0);
+  return SavedLayout{blocks, proj, hidden};
 }
 
-Problem make_problem(bool half_types, const std::string& mode, const at::Tensor& input,
-                     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
-                     const at::Tensor& w_ih, const at::Tensor& w_hh,
-                     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-                     const std::optional<at::Tensor>& w_hr,
-                     const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+Problem make_problem(bool half_types, const LayerArgs& a) {
+  const auto& [mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse] = a;
   Problem p;
   p.kind = parse_mode(mode);
   p.gates = gates_of(p.kind);
@@ -104,11 +124,12 @@ Problem make_problem(bool half_types, const std::string& mode, const at::Tensor&
                 bs.scalar_type(), " on ", bs.device());
     TORCH_CHECK(input.dim() == 2, "rnn_fused: packed input must be 2-D [rows, input_size], got ",
                 input.dim(), "-D");
-    TORCH_CHECK(hx.has_value(), "rnn_fused: hx is required with packed input (batch_sizes)");
     auto bsc = bs.contiguous();
     const int64_t* v = bsc.data_ptr<int64_t>();
     p.steps = bs.numel();
-    p.batch = hx->dim() == 2 ? hx->size(0) : -1;
+    TORCH_CHECK(p.steps > 0, "rnn_fused: the sequence length must be at least 1, got 0");
+    // The batch is hx's when given, else the first step's.
+    p.batch = !hx.has_value() ? v[0] : hx->dim() == 2 ? hx->size(0) : -1;
     int64_t row = 0;
     for (int64_t t = 0; t < p.steps; ++t) {
       TORCH_CHECK(v[t] > 0 && v[t] <= p.batch && (t == 0 || v[t] <= v[t - 1]),
@@ -123,19 +144,18 @@ Problem make_problem(bool half_types, const std::string& mode, const at::Tensor&
     TORCH_CHECK(input.size(0) == p.rows,
                 "rnn_fused: packed input must have sum(batch_sizes) = ", p.rows, " rows, got ",
                 input.size(0));
-    TORCH_CHECK(p.steps == 0 || p.batch_sizes[0] == p.batch,
+    TORCH_CHECK(p.batch_sizes[0] == p.batch,
                 "rnn_fused: batch_sizes[0] must equal the batch of hx (", p.batch, "), got ",
-                p.steps ? p.batch_sizes[0] : 0);
+                p.batch_sizes[0]);
   } else {
     TORCH_CHECK(input.dim() == 3, "rnn_fused: input must be 3-D [seq_len, batch, input_size], got ",
                 input.dim(), "-D");
     p.steps = input.size(0);
     p.batch = input.size(1);
     p.rows = p.steps * p.batch;
-    for (int64_t t = 0; t < p.steps; ++t) {
-      p.batch_sizes.push_back(p.batch);
-      p.offsets.push_back(t * p.batch);
-    }
+    p.batch_sizes.assign(p.steps, p.batch);
+    p.offsets.resize(p.steps);
+    for (int64_t t = 0; t < p.steps; ++t) p.offsets[t] = t * p.batch;
   }
   TORCH_CHECK(p.steps > 0, "rnn_fused: the sequence length must be at least 1, got ", p.steps);
   TORCH_CHECK(input.size(-1) == p.input_size, "rnn_fused: input.size(-1) must equal w_ih.size(1) (",
@@ -148,32 +168,38 @@ Problem make_problem(bool half_types, const std::string& mode, const at::Tensor&
     check_like(*cx, "cx", input);
     check_shape(*cx, "cx", {p.batch, p.hidden});
   }
-  p.saved_blocks = saved_blocks_of(p.kind, p.proj);
+  p.layout = saved_layout(p.kind, p.proj, p.hidden);
   return p;
 }
 
-Problem make_backward_problem(bool half_types, c10::string_view mode,
-                              const std::optional<at::Tensor>& grad_output,
-                              const std::optional<at::Tensor>& grad_h_n,
-                              const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
-                              const std::optional<at::Tensor>& hx, const at::Tensor& w_ih,
-                              const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
-                              const std::optional<at::Tensor>& batch_sizes, bool reverse,
-                              const at::Tensor& saved, const at::Tensor& h_prev) {
-  const Problem p =
-      make_problem(half_types, std::string(mode.data(), mode.size()), input, hx, std::nullopt, w_ih,
-                   w_hh, std::nullopt, std::nullopt, w_hr, batch_sizes, reverse);
-  if (grad_output.has_value()) {
-    TORCH_CHECK(grad_output->numel() == p.rows * p.out_size, "rnn_fused: grad_output must have ",
-                p.rows * p.out_size, " elements, got ", grad_output->numel());
+Problem make_problem(bool half_types, const BackwardArgs& a) {
+  TORCH_CHECK(!a.layer.hx && !a.layer.cx && !a.layer.b_ih && !a.layer.b_hh,
+              "rnn_fused: the backward takes no states or biases");
+  const Problem p = make_problem(half_types, a.layer);
+  const at::Tensor& input = a.layer.input;
+  if (a.grad_output.has_value()) {
+    const std::vector<int64_t> shape = p.packed
+                                           ? std::vector<int64_t>{p.rows, p.out_size}
+                                           : std::vector<int64_t>{p.steps, p.batch, p.out_size};
+    check_shape(*a.grad_output, "grad_output", shape);
+    check_like(*a.grad_output, "grad_output", input);
   }
-  if (grad_h_n.has_value()) check_shape(*grad_h_n, "grad_h_n", {p.batch, p.out_size});
-  if (grad_c_n.has_value()) {
+  if (a.grad_h_n.has_value()) {
+    check_shape(*a.grad_h_n, "grad_h_n", {p.batch, p.out_size});
+    check_like(*a.grad_h_n, "grad_h_n", input);
+  }
+  if (a.grad_c_n.has_value()) {
     TORCH_CHECK(p.kind == CellKind::LSTM, "rnn_fused: grad_c_n is only used by mode LSTM");
-    check_shape(*grad_c_n, "grad_c_n", {p.batch, p.hidden});
+    check_shape(*a.grad_c_n, "grad_c_n", {p.batch, p.hidden});
+    check_like(*a.grad_c_n, "grad_c_n", input);
   }
-  check_shape(saved, "saved", {p.rows, p.saved_width()});
-  check_shape(h_prev, "h_prev", {p.rows, p.out_size});
+  TORCH_CHECK(a.batch.expect_int() == p.batch,
+              "rnn_fused: batch must equal the batch of the forward (", p.batch, "), got ",
+              a.batch);
+  check_shape(a.saved, "saved", {p.rows, p.saved_width()});
+  check_like(a.saved, "saved", input);
+  check_shape(a.h_prev, "h_prev", {p.rows, p.out_size});
+  check_like(a.h_prev, "h_prev", input);
   return p;
 }
 

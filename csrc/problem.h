@@ -1,16 +1,27 @@
-// The shape of one recurrence call (one layer, one direction), checked once on the host
-// and shared by the CPU and CUDA engines.
+// One recurrence call (one layer, one direction): its arguments by name, checked once on the
+// host into a Problem, and the layout of the workspace the forward keeps for the backward.
+// Shared by the CPU and CUDA engines, the CUDA emulation and the autograd kernel.
 //
 // Rows: the input is either padded [T, B, I] or packed [N, I] with per-step batch sizes
 // (non-increasing, as torch.nn.utils.rnn.pack_padded_sequence makes them). Both are seen
 // as rows: step t owns rows offsets[t] .. offsets[t] + batch_sizes[t] of every per-row
 // buffer (input, output, saved values), and the first batch_sizes[t] rows of the state.
+//
+// Packed rows: a state row whose sequence has ended (row >= batch_sizes[t]) is not touched
+// by step t, so it carries its last value forward to h_n / c_n, and in the backward its
+// incoming dL/dh_n waits in the carried gradient until the step where the sequence ends
+// (one buffer serves as dh and dh_prev). In reverse order the batch grows instead: rows
+// added at a step start from the initial state. The CUDA engine picks its path per call,
+// so a forward and its backward may take different paths (use_fused_path reads the
+// problem, the dtype and TF32, which the backward sees as the forward did, except where
+// the user changes TF32 in between); both paths keep this same workspace.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <optional>
-#include <string>
+#include <string_view>
 #include <tuple>
 #include <vector>
 
@@ -18,16 +29,66 @@
 
 namespace rnn_fused {
 
+using OptTensor = std::optional<at::Tensor>;
+
+// The arguments of a layer call (the `forward` operator's, ops.cpp), by name.
+struct LayerArgs {
+  std::string_view mode;  // LSTM, GRU, RNN_TANH, RNN_RELU
+  at::Tensor input;       // [T, B, I], or packed rows [N, I] with batch_sizes
+  OptTensor hx, cx;       // initial states [B, H_out] and [B, H] (LSTM); zeros when absent
+  at::Tensor w_ih, w_hh;  // torch.nn's weights of the layer, gates stacked in its order
+  OptTensor b_ih, b_hh;   // given together or not at all
+  OptTensor w_hr;         // LSTM projection [H_out, H]
+  OptTensor batch_sizes;  // int64 CPU [T] for packed input
+  bool reverse = false;
+
+  // The same call with every tensor contiguous (what the engines read through pointers).
+  LayerArgs contiguous() const;
+};
+
+// Which gradients a backward computes: of the input, of the initial states, of the
+// weights and biases (autograd's needs_input_grad, grouped).
+struct GradMask {
+  bool input = true, state = true, weights = true;
+};
+
+// The arguments of the `backward` operator: the forward's call less what the backward
+// never reads (states, biases), the incoming gradients, and the forward's workspace.
+struct BackwardArgs {
+  LayerArgs layer;                            // hx, cx, b_ih, b_hh absent
+  OptTensor grad_output, grad_h_n, grad_c_n;  // absent: zeros
+  at::Tensor saved, h_prev;
+  c10::SymInt batch = 0;  // rows of the states (h_n's); symbolic only while tracing
+  GradMask mask;
+
+  BackwardArgs contiguous() const;
+};
+
+// The forward's workspace for the backward, in one place. `saved` [rows, width()] holds per
+// row the cell's kSaved blocks of width H (cell_math.h names them), then, for a projected
+// LSTM, the unprojected h (at unprojected_offset()), which the gradient of W_hr needs;
+// `h_prev` [rows, H_out] holds the state each row started from. Inference keeps 0 rows.
+struct SavedLayout {
+  int64_t cell_blocks = 0;  // the cell's kSaved
+  bool proj = false;
+  int64_t hidden = 0;
+
+  int64_t blocks() const { return cell_blocks + (proj ? 1 : 0); }
+  int64_t width() const { return blocks() * hidden; }
+  int64_t unprojected_offset() const { return cell_blocks * hidden; }
+};
+SavedLayout saved_layout(CellKind kind, bool proj, int64_t hidden);
+
 struct Problem {
   CellKind kind;
-  int64_t gates;         // gate blocks per row (4 LSTM, 3 GRU, 1 RNN)
-  int64_t saved_blocks;  // blocks of width `hidden` saved per row for the backward
-  int64_t steps;         // T
-  int64_t batch;         // B: rows of the state (the largest per-step batch)
-  int64_t rows;          // N: rows of input and output over all steps
-  int64_t input_size;    // I
-  int64_t hidden;        // H
-  int64_t out_size;      // H_out: proj_size for a projected LSTM, else H
+  int64_t gates;       // gate blocks per row (4 LSTM, 3 GRU, 1 RNN)
+  SavedLayout layout;  // what the forward keeps per row
+  int64_t steps;       // T
+  int64_t batch;       // B: rows of the state (the largest per-step batch)
+  int64_t rows;        // N: rows of input and output over all steps
+  int64_t input_size;  // I
+  int64_t hidden;      // H
+  int64_t out_size;    // H_out: proj_size for a projected LSTM, else H
   bool packed;
   bool reverse;
   bool proj;
@@ -36,36 +97,20 @@ struct Problem {
   std::vector<int64_t> offsets;      // first row of each step
 
   int64_t gate_width() const { return gates * hidden; }
-  int64_t saved_width() const { return saved_blocks * hidden; }
+  int64_t saved_width() const { return layout.width(); }
   // Time index of the s-th step processed by the forward.
   int64_t step_at(int64_t s) const { return reverse ? steps - 1 - s : s; }
 };
 
-CellKind parse_mode(const std::string& mode);
+CellKind parse_mode(std::string_view mode);
 int64_t gates_of(CellKind kind);
-// Width in units of H of the per-row values the forward saves (LSTM with projection also
-// keeps the unprojected h for the gradient of W_hr).
-int64_t saved_blocks_of(CellKind kind, bool proj);
 
-// Validates the forward operator's arguments and describes the call. Every error names
-// the argument, the expected and the actual value. half_types: whether the calling engine
-// runs float16 and bfloat16 (the CUDA one) besides float32 and float64.
-Problem make_problem(bool half_types, const std::string& mode, const at::Tensor& input,
-                     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
-                     const at::Tensor& w_ih, const at::Tensor& w_hh,
-                     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-                     const std::optional<at::Tensor>& w_hr,
-                     const std::optional<at::Tensor>& batch_sizes, bool reverse);
-
-// Validates the backward operator's arguments against the problem of its forward.
-Problem make_backward_problem(bool half_types, c10::string_view mode,
-                              const std::optional<at::Tensor>& grad_output,
-                              const std::optional<at::Tensor>& grad_h_n,
-                              const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
-                              const std::optional<at::Tensor>& hx, const at::Tensor& w_ih,
-                              const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
-                              const std::optional<at::Tensor>& batch_sizes, bool reverse,
-                              const at::Tensor& saved, const at::Tensor& h_prev);
+// Validates a layer call and describes it. Every error names the argument, the expected and
+// the actual value. half_types: whether the calling engine runs float16 and bfloat16 (the
+// CUDA one) besides float32 and float64.
+Problem make_problem(bool half_types, const LayerArgs& a);
+// Validates the backward's arguments against the problem of its forward.
+Problem make_problem(bool half_types, const BackwardArgs& a);
 
 // What the operators return (ops.cpp has the schemas).
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -74,12 +119,12 @@ using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
 
 // Argument helpers of the engines.
 template <class T>
-const T* ptr_or_null(const std::optional<at::Tensor>& t) {
+const T* ptr_or_null(const OptTensor& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
 }
 
-inline std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+inline OptTensor contiguous(const OptTensor& t) {
+  return t.has_value() ? OptTensor(t->contiguous()) : std::nullopt;
 }
 
 }  // namespace rnn_fused

@@ -485,8 +485,10 @@ class _CellBase(_Convertible, nn.Module):
         is_batched = input.dim() == 2
         if not is_batched:
             input = input.unsqueeze(0)
-        zeros = input.new_zeros(input.size(0), self.hidden_size)
-        states = [zeros if s is None else (s if is_batched else s.unsqueeze(0)) for s in states]
+            states = [s if s is None else s.unsqueeze(0) for s in states]
+        if any(s is None for s in states):
+            zeros = input.new_zeros(input.size(0), self.hidden_size)
+            states = [zeros if s is None else s for s in states]
         self._check_step(input, states)
         return input, states, is_batched
 

@@ -1,17 +1,22 @@
 """The only door from Python to the compiled operators torch.ops.rnn_fused.*.
 
-`rnn_layer` runs one layer in one direction over a whole sequence. This module also
-registers, for both operators, the fake (meta) kernels that torch.compile and torch.export
-trace with, and the autograd formula of the forward (its backward is itself an operator).
+`rnn_layer` runs one layer in one direction over a whole sequence through the operator
+`rnn_fused::layer`, whose autograd is in C++ (csrc/autograd.cpp). In eager mode it enters
+through `_C.layer`, a direct call into the dispatcher that skips torch.ops' per-call
+argument matching; under torch.compile and torch.export it goes through torch.ops, which
+those trace. This module also registers the operators' fake kernels (what torch.compile and
+torch.export trace with) and the differentiable gradients of a double backward.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 try:
-    from . import _C  # noqa: F401  (its import registers torch.ops.rnn_fused.*)
+    from . import _C  # its import registers torch.ops.rnn_fused.*
 except ImportError as err:  # pragma: no cover - depends on the build
     raise ImportError(
         f"rnn_fused: the compiled extension rnn_fused._C could not be loaded ({err}). "
@@ -19,12 +24,45 @@ except ImportError as err:  # pragma: no cover - depends on the build
     ) from err
 
 MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
-# Gate blocks of width H per row (csrc/cell_math.h, kGates).
-GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
-# Blocks of width H the forward saves per row (kSaved; an LSTM projection adds one).
-SAVED_BLOCKS = {"LSTM": 5, "GRU": 4, "RNN_TANH": 1, "RNN_RELU": 1}
+# Gate blocks of width H per row, as the kernels define them (csrc/cell_math.h, kGates).
+GATES = {mode: _C.gates(mode) for mode in MODES}
 
 _ops = torch.ops.rnn_fused
+
+
+class LayerCall(NamedTuple):
+    """The arguments of rnn_fused::layer (and the first ones of rnn_fused::forward)."""
+
+    mode: str
+    input: Tensor
+    hx: Tensor | None
+    cx: Tensor | None
+    w_ih: Tensor
+    w_hh: Tensor
+    b_ih: Tensor | None
+    b_hh: Tensor | None
+    w_hr: Tensor | None
+    batch_sizes: Tensor | None
+    reverse: bool
+
+
+class BackwardCall(NamedTuple):
+    """The arguments of rnn_fused::backward."""
+
+    mode: str
+    grad_output: Tensor | None
+    grad_h_n: Tensor | None
+    grad_c_n: Tensor | None
+    input: Tensor
+    w_ih: Tensor
+    w_hh: Tensor
+    w_hr: Tensor | None
+    batch_sizes: Tensor | None
+    reverse: bool
+    saved: Tensor
+    h_prev: Tensor
+    batch: int
+    output_mask: list[bool]
 
 
 def _sizes(mode: str, w_ih: Tensor, w_hr: Tensor | None) -> tuple[int, int]:
@@ -34,165 +72,131 @@ def _sizes(mode: str, w_ih: Tensor, w_hr: Tensor | None) -> tuple[int, int]:
     return hidden, (w_hr.shape[0] if w_hr is not None else hidden)
 
 
-@torch.library.register_fake("rnn_fused::forward")
-def _forward_fake(
-    mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    hidden, out_size = _sizes(mode, w_ih, w_hr)
-    if batch_sizes is not None:
-        rows, batch = input.shape[0], hx.shape[0]
-        output = input.new_empty(rows, out_size)
+def _check_like(input: Tensor, **tensors: Tensor | None) -> None:
+    """The kernels' dtype and device checks (csrc/problem.cpp), for the fake kernels."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.dtype != input.dtype:
+            raise RuntimeError(
+                f"rnn_fused: {name} must have the dtype of input ({input.dtype}), got {t.dtype}"
+            )
+        if t.device != input.device:
+            raise RuntimeError(
+                f"rnn_fused: {name} must be on the device of input ({input.device}), got {t.device}"
+            )
+
+
+def _layer_outputs(call: LayerCall) -> tuple[Tensor, Tensor, Tensor, int, int]:
+    """Fake output, h_n and c_n of a layer call, with its rows and hidden size."""
+    c = call
+    _check_like(c.input, hx=c.hx, cx=c.cx, w_ih=c.w_ih, w_hh=c.w_hh, b_ih=c.b_ih, b_hh=c.b_hh)
+    _check_like(c.input, w_hr=c.w_hr)
+    hidden, out_size = _sizes(c.mode, c.w_ih, c.w_hr)
+    if c.batch_sizes is not None:
+        rows = c.input.shape[0]
+        # Without hx the batch is the first step's size: a value a fake tensor lacks.
+        batch = c.hx.shape[0] if c.hx is not None else torch.library.get_ctx().new_dynamic_size()
+        output = c.input.new_empty(rows, out_size)
     else:
-        batch = input.shape[1]
-        rows = input.shape[0] * batch
-        output = input.new_empty(input.shape[0], batch, out_size)
-    c_n = input.new_empty(batch, hidden) if mode == "LSTM" else input.new_empty(0)
-    saved_width = (SAVED_BLOCKS[mode] + (w_hr is not None)) * hidden
+        batch = c.input.shape[1]
+        rows = c.input.shape[0] * batch
+        output = c.input.new_empty(c.input.shape[0], batch, out_size)
+    c_n = c.input.new_empty(batch, hidden) if c.mode == "LSTM" else c.input.new_empty(0)
+    return output, c.input.new_empty(batch, out_size), c_n, rows, hidden
+
+
+@torch.library.register_fake("rnn_fused::layer")
+def _layer_fake(*args) -> tuple[Tensor, Tensor, Tensor]:
+    output, h_n, c_n, _, _ = _layer_outputs(LayerCall(*args))
+    return output, h_n, c_n
+
+
+@torch.library.register_fake("rnn_fused::forward")
+def _forward_fake(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    call, train = LayerCall(*args[:-1]), args[-1]
+    output, h_n, c_n, rows, hidden = _layer_outputs(call)
     kept_rows = rows if train else 0
+    saved_width = _C.saved_blocks(call.mode, call.w_hr is not None) * hidden
     return (
         output,
-        input.new_empty(batch, out_size),
+        h_n,
         c_n,
-        input.new_empty(kept_rows, saved_width),
-        input.new_empty(kept_rows, out_size),
+        call.input.new_empty(kept_rows, saved_width),
+        call.input.new_empty(kept_rows, output.shape[-1]),
     )
 
 
 @torch.library.register_fake("rnn_fused::backward")
-def _backward_fake(
-    mode,
-    grad_output,
-    grad_h_n,
-    grad_c_n,
-    input,
-    hx,
-    w_ih,
-    w_hh,
-    w_hr,
-    batch_sizes,
-    reverse,
-    saved,
-    h_prev,
-) -> tuple[Tensor, ...]:
-    hidden, out_size = _sizes(mode, w_ih, w_hr)
-    batch = hx.shape[0] if hx is not None else input.shape[1]
-    gate_width = w_ih.shape[0]
+def _backward_fake(*args) -> tuple[Tensor, ...]:
+    c = BackwardCall(*args)
+    _check_like(c.input, w_ih=c.w_ih, w_hh=c.w_hh, w_hr=c.w_hr, saved=c.saved, h_prev=c.h_prev)
+    _check_like(c.input, grad_output=c.grad_output, grad_h_n=c.grad_h_n, grad_c_n=c.grad_c_n)
+    hidden, out_size = _sizes(c.mode, c.w_ih, c.w_hr)
+    batch = c.batch
+    need_input, need_state, need_weights = c.output_mask
+    gate_width = c.w_ih.shape[0]
+
+    def new(wanted: bool, *shape) -> Tensor:
+        return c.input.new_empty(*shape) if wanted else c.input.new_empty(0)
+
     return (
-        input.new_empty(input.shape),
-        input.new_empty(batch, out_size),
-        input.new_empty(batch, hidden) if mode == "LSTM" else input.new_empty(0),
-        w_ih.new_empty(w_ih.shape),
-        w_hh.new_empty(w_hh.shape),
-        w_ih.new_empty(gate_width),
-        w_ih.new_empty(gate_width),
-        w_hr.new_empty(w_hr.shape) if w_hr is not None else w_ih.new_empty(0),
+        new(need_input, c.input.shape),
+        new(need_state, batch, out_size),
+        new(need_state and c.mode == "LSTM", batch, hidden),
+        new(need_weights, c.w_ih.shape),
+        new(need_weights, c.w_hh.shape),
+        new(need_weights, gate_width),
+        new(need_weights, gate_width),
+        new(need_weights and c.w_hr is not None, (out_size, hidden)),
     )
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, _ = inputs
-    _, _, _, saved, h_prev = output
-    ctx.mode = mode
-    ctx.reverse = reverse
-    ctx.given = (hx is not None, cx is not None, b_ih is not None, w_hr is not None)
-    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, saved, h_prev)
-    ctx.mark_non_differentiable(saved, h_prev)
-    # Outputs without a gradient reach the backward as None instead of zero-filled tensors
-    # (the saved workspace alone is several times the output).
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_saved, _grad_h_prev):
-    input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, saved, h_prev = ctx.saved_tensors
-    if torch.is_grad_enabled():
-        # create_graph=True (double backward, e.g. gradient penalties): the kernels' backward
-        # is not itself differentiable, so differentiate the plain PyTorch time loop instead.
-        return (
-            None,
-            *_differentiable_grads(
-                ctx,
-                (grad_output, grad_h_n, grad_c_n),
-                input,
-                hx,
-                cx,
-                w_ih,
-                w_hh,
-                b_ih,
-                b_hh,
-                w_hr,
-                batch_sizes,
-            ),
-            None,
-            None,
-            None,
-        )
-    has_hx, has_cx, has_bias, has_proj = ctx.given
-    grads = _ops.backward(
-        ctx.mode,
-        grad_output,
-        grad_h_n,
-        grad_c_n if ctx.mode == "LSTM" else None,
-        input,
-        hx,
-        w_ih,
-        w_hh,
-        w_hr,
-        batch_sizes,
-        ctx.reverse,
-        saved,
-        h_prev,
-    )
-    g_in, g_hx, g_cx, g_wih, g_whh, g_bih, g_bhh, g_whr = grads
-    return (
-        None,
-        g_in,
-        g_hx if has_hx else None,
-        g_cx if has_cx else None,
-        g_wih,
-        g_whh,
-        g_bih if has_bias else None,
-        g_bhh if has_bias else None,
-        g_whr if has_proj else None,
-        None,
-        None,
-        None,
-    )
-
-
-def _differentiable_grads(ctx, grads_out, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes):
-    """Gradients of the tensor inputs (in the operator's order) that autograd can
-    differentiate again, from reference.rnn_layer run on the same inputs."""
+def _reference_grads(*args) -> list[Tensor]:
+    """rnn_fused::reference_grads: gradients of a layer call's tensor inputs that autograd
+    can differentiate again (double backward), from reference.py's loop on the same inputs."""
     from . import reference
 
-    tensors = (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr)
-    wanted = [t is not None and t.requires_grad for t in tensors]
+    call, grads_out = LayerCall(*args[:11]), args[11:]
+    c = call
+    tensors = (c.input, c.hx, c.cx, c.w_ih, c.w_hh, c.b_ih, c.b_hh, c.w_hr)
+    wanted = [t for t in tensors if t is not None and t.requires_grad]
+    found: tuple[Tensor | None, ...] = ()
     with torch.enable_grad():
         outputs = reference.rnn_layer(
-            ctx.mode,
-            input,
-            w_ih,
-            w_hh,
-            b_ih,
-            b_hh,
-            hx,
-            cx,
-            w_hr=w_hr,
-            batch_sizes=batch_sizes,
-            reverse=ctx.reverse,
+            c.mode,
+            c.input,
+            c.w_ih,
+            c.w_hh,
+            c.b_ih,
+            c.b_hh,
+            c.hx,
+            c.cx,
+            w_hr=c.w_hr,
+            batch_sizes=c.batch_sizes,
+            reverse=c.reverse,
         )
         pairs = [(o, g) for o, g in zip(outputs, grads_out) if o is not None and g is not None]
-        found = torch.autograd.grad(
-            [o for o, _ in pairs],
-            [t for t, w in zip(tensors, wanted) if w],
-            [g for _, g in pairs],
-            create_graph=True,
-            allow_unused=True,
-        )
-    it = iter(found)
-    return tuple(next(it) if w else None for w in wanted)
+        if wanted and pairs:
+            found = torch.autograd.grad(
+                [o for o, _ in pairs],
+                wanted,
+                [g for _, g in pairs],
+                create_graph=True,
+                allow_unused=True,
+            )
+    by_id = {id(t): g for t, g in zip(wanted, found)}
+    result = []
+    for t in tensors:
+        g = by_id.get(id(t)) if t is not None else None
+        if g is None:
+            g = torch.empty(0) if t is None else torch.zeros_like(t)
+        result.append(g)
+    return result
 
 
-torch.library.register_autograd("rnn_fused::forward", _backward, setup_context=_setup_context)
+_impl = torch.library.Library("rnn_fused", "IMPL")
+_impl.impl("reference_grads", _reference_grads, "CompositeImplicitAutograd")
 
 
 def rnn_layer(
@@ -215,7 +219,7 @@ def rnn_layer(
         mode: "LSTM", "GRU", "RNN_TANH" or "RNN_RELU".
         input: [T, B, I], or packed rows [N, I] when `batch_sizes` is given.
         w_ih, w_hh, b_ih, b_hh: torch.nn's weights of the layer (gates stacked in its order).
-        hx: initial hidden state [B, H_out] (zeros when None; required with batch_sizes).
+        hx: initial hidden state [B, H_out] (zeros when None).
         cx: initial cell state [B, H] (LSTM only; zeros when None).
         w_hr: LSTM projection [proj_size, H].
         batch_sizes: per-step batch sizes of a PackedSequence (int64, CPU).
@@ -225,31 +229,22 @@ def rnn_layer(
         (output, h_n, c_n): output [T, B, H_out] (or [N, H_out]), h_n [B, H_out], and c_n
         [B, H] for LSTM, else None.
     """
-    tensors = (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr)
     device_type = input.device.type
     if device_type == "cuda" and torch.is_autocast_enabled(device_type):
         # As torch.nn's recurrent layers: run in the autocast dtype, autocast off inside.
         dtype = torch.get_autocast_dtype(device_type)
         input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr = (
-            None if t is None else t.to(dtype) for t in tensors
+            None if t is None else t.to(dtype)
+            for t in (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr)
         )
         with torch.autocast(device_type, enabled=False):
             return rnn_layer(
-                mode,
-                input,
-                w_ih,
-                w_hh,
-                b_ih,
-                b_hh,
-                hx,
-                cx,
-                w_hr=w_hr,
-                batch_sizes=batch_sizes,
-                reverse=reverse,
-            )
-    # Keep what the backward needs only when autograd will ask for it.
-    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    output, h_n, c_n, _, _ = _ops.forward(
-        mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train
-    )
+                mode, input, w_ih, w_hh, b_ih, b_hh, hx, cx,
+                w_hr=w_hr, batch_sizes=batch_sizes, reverse=reverse,
+            )  # fmt: skip
+    call = LayerCall(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
+    if torch.compiler.is_compiling():
+        output, h_n, c_n = _ops.layer(*call)
+    else:
+        output, h_n, c_n = _C.layer(*call)
     return output, h_n, (c_n if mode == "LSTM" else None)

@@ -226,7 +226,6 @@ def test_engine_matches_reference(kernels, monkeypatch, path, mode, feature, dty
         *(u.to(dtype) for u in upstream),
         *([] if mode == "LSTM" else [None]),
         d[0],
-        d[1],
         d[3],
         d[4],
         d[7],
@@ -234,6 +233,8 @@ def test_engine_matches_reference(kernels, monkeypatch, path, mode, feature, dty
         reverse,
         saved,
         h_prev,
+        h_n.shape[0],
+        [True, True, True],
     )
     ours += [g for g, t in zip(grads, inputs) if t is not None]
     expected = [*exact, *exact, *(g for g in exact_grads(upstream) if g is not None)]

@@ -1,5 +1,6 @@
-"""torch.library.opcheck on both operators: schema, fake kernel, autograd registration and
-AOT dispatch, for every cell, padded and packed, with and without optional inputs."""
+"""torch.library.opcheck on the operators: schema, fake kernel, autograd registration and
+AOT dispatch, for every cell, padded and packed, with and without optional inputs. `layer`
+is the public one (autograd in C++); `forward` and `backward` are the kernels under it."""
 
 from __future__ import annotations
 
@@ -42,23 +43,36 @@ def _forward_args(mode: str, case: str) -> tuple:
         layer.w_hr,
         batch_sizes,
         case == "reverse",
-        True,
     )
 
 
 @pytest.mark.parametrize(("mode", "case"), CASES)
-def test_opcheck_forward(mode, case):
+def test_opcheck_layer(mode, case):
     seed(mode, case)
-    torch.library.opcheck(torch.ops.rnn_fused.forward.default, _forward_args(mode, case))
+    torch.library.opcheck(torch.ops.rnn_fused.layer.default, _forward_args(mode, case))
 
 
 @pytest.mark.parametrize(("mode", "case"), CASES)
-def test_opcheck_backward(mode, case):
-    seed(mode, case)
+@pytest.mark.parametrize("train", [True, False])
+def test_opcheck_forward(mode, case, train):
+    """forward is the kernel under layer's autograd: it is called on tensors below autograd."""
+    seed(mode, case, train)
+    args = tuple(_detached(a) for a in _forward_args(mode, case))
+    torch.library.opcheck(torch.ops.rnn_fused.forward.default, (*args, train))
+
+
+def _detached(a):
+    return a.detach() if isinstance(a, torch.Tensor) else a
+
+
+@pytest.mark.parametrize(("mode", "case"), CASES)
+@pytest.mark.parametrize("mask", [(True, True, True), (True, False, False), (False, True, True)])
+def test_opcheck_backward(mode, case, mask):
+    seed(mode, case, mask)
     args = _forward_args(mode, case)
     with torch.no_grad():
-        out, h_n, c_n, saved, h_prev = torch.ops.rnn_fused.forward(*args)
-    mode, x, h0, _c0, w_ih, w_hh, _b_ih, _b_hh, w_hr, batch_sizes, reverse, _train = args
+        out, h_n, c_n, saved, h_prev = torch.ops.rnn_fused.forward(*args, True)
+    mode, x, _h0, _c0, w_ih, w_hh, _b_ih, _b_hh, w_hr, batch_sizes, reverse = args
     grad_c_n = torch.randn_like(c_n) if mode == "LSTM" else None
     bwd_args = (
         mode,
@@ -66,7 +80,6 @@ def test_opcheck_backward(mode, case):
         torch.randn_like(h_n),
         grad_c_n,
         x.detach(),
-        h0,
         w_ih.detach(),
         w_hh.detach(),
         w_hr,
@@ -74,6 +87,8 @@ def test_opcheck_backward(mode, case):
         reverse,
         saved,
         h_prev,
+        h_n.shape[0],
+        list(mask),
     )
-    bwd_args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in bwd_args)
+    bwd_args = tuple(_detached(a) for a in bwd_args)
     torch.library.opcheck(torch.ops.rnn_fused.backward.default, bwd_args)

@@ -19,6 +19,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../op_adapters.h"
 #include "../problem.h"
 #include "gemm.h"
 #include "pointwise.h"
@@ -91,10 +92,9 @@ struct ForwardBuffers {
 };
 
 template <template <class> class CellT, class T>
-void run_forward(const Problem& p, bool train, const at::Tensor& input, const at::Tensor& w_ih,
-                 const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-                 const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
-                 ForwardBuffers& out) {
+void run_forward(const Problem& p, bool train, const LayerArgs& a, ForwardBuffers& out) {
+  const at::Tensor &input = a.input, &w_ih = a.w_ih, &w_hh = a.w_hh;
+  const OptTensor &b_ih = a.b_ih, &b_hh = a.b_hh, &w_hr = a.w_hr;
   using Cell = CellT<T>;
   const int64_t H = p.hidden, Hout = p.out_size, GH = p.gate_width(), SW = p.saved_width();
   const int64_t I = p.input_size;
@@ -142,7 +142,7 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
         }
         // With a projection the cell's h is unprojected: kept in the last saved block.
         T* h_unproj = !p.proj ? nullptr
-                      : train ? saved_p + r0 * SW + Cell::kSaved * H
+                      : train ? saved_p + r0 * SW + p.layout.unprojected_offset()
                               : h_scratch.data_ptr<T>();
         const int64_t h_unproj_ld = train ? SW : H;
         // Per tile of rows and hidden units: the hidden-side products of its units in every
@@ -180,35 +180,24 @@ void run_forward(const Problem& p, bool train, const at::Tensor& input, const at
   }
 }
 
-ForwardResult forward_cpu(c10::string_view mode, const at::Tensor& input_,
-                          const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
-                          const at::Tensor& w_ih_, const at::Tensor& w_hh_,
-                          const std::optional<at::Tensor>& b_ih_,
-                          const std::optional<at::Tensor>& b_hh_,
-                          const std::optional<at::Tensor>& w_hr_,
-                          const std::optional<at::Tensor>& batch_sizes, bool reverse, bool train) {
-  const Problem p = make_problem(false, std::string(mode.data(), mode.size()), input_, hx, cx,
-                                 w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, batch_sizes, reverse);
-  const at::Tensor input = input_.contiguous(), w_ih = w_ih_.contiguous(),
-                   w_hh = w_hh_.contiguous();
-  const auto b_ih = contiguous(b_ih_), b_hh = contiguous(b_hh_), w_hr = contiguous(w_hr_);
-  const auto opts = input.options();
+ForwardResult forward_cpu(const Problem& p, const LayerArgs& a, bool train) {
+  const auto opts = a.input.options();
   const int64_t kept_rows = train ? p.rows : 0;
 
   ForwardBuffers out;
   out.output = p.packed ? at::empty({p.rows, p.out_size}, opts)
                         : at::empty({p.steps, p.batch, p.out_size}, opts);
-  out.h_state = hx.has_value() ? hx->contiguous().clone() : at::zeros({p.batch, p.out_size}, opts);
+  out.h_state = a.hx.has_value() ? a.hx->clone() : at::zeros({p.batch, p.out_size}, opts);
   out.c_state = p.kind != CellKind::LSTM ? at::empty({0}, opts)
-                : cx.has_value()         ? cx->contiguous().clone()
+                : a.cx.has_value()       ? a.cx->clone()
                                          : at::zeros({p.batch, p.hidden}, opts);
   out.saved = at::empty({kept_rows, p.saved_width()}, opts);
   out.h_prev = at::empty({kept_rows, p.out_size}, opts);
 
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_fused_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(a.input.scalar_type(), "rnn_fused_forward_cpu", [&] {
     dispatch_cell(p.kind, [&](auto tag) {
       using Tag = decltype(tag);
-      run_forward<Tag::template Cell, scalar_t>(p, train, input, w_ih, w_hh, b_ih, b_hh, w_hr, out);
+      run_forward<Tag::template Cell, scalar_t>(p, train, a, out);
     });
   });
   return {out.output, out.h_state, out.c_state, out.saved, out.h_prev};
@@ -222,10 +211,10 @@ struct BackwardBuffers {
 };
 
 template <template <class> class CellT, class T>
-void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output,
-                  const at::Tensor& input, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                  const std::optional<at::Tensor>& w_hr, const at::Tensor& saved,
-                  const at::Tensor& h_prev_all, BackwardBuffers& g) {
+void run_backward(const Problem& p, const BackwardArgs& a, BackwardBuffers& g) {
+  const at::Tensor &input = a.layer.input, &w_ih = a.layer.w_ih, &w_hh = a.layer.w_hh;
+  const at::Tensor &saved = a.saved, &h_prev_all = a.h_prev;
+  const OptTensor& w_hr = a.layer.w_hr;
   using Cell = CellT<T>;
   const int64_t H = p.hidden, Hout = p.out_size, GH = p.gate_width(), SW = p.saved_width();
   const int64_t I = p.input_size;
@@ -239,9 +228,9 @@ void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output
   // With a projection: dL/dr of a chunk's rows, and dL/dh of the current step.
   at::Tensor dr = p.proj ? at::empty({chunk_rows, Hout}, opts) : at::Tensor();
   at::Tensor dh_step = p.proj ? at::empty({p.batch, H}, opts) : at::Tensor();
-  const int64_t h_block = Cell::kSaved * H;  // the unprojected h within a saved row
+  const int64_t h_block = p.layout.unprojected_offset();
 
-  const T* gout_p = ptr_or_null<T>(grad_output);
+  const T* gout_p = ptr_or_null<T>(a.grad_output);
   const T* w_ih_p = w_ih.data_ptr<T>();
   const bool small = small_problem(p);
   const StepWeight<T> w_hh_b(w_hh, /*transpose=*/false, !small);
@@ -249,7 +238,7 @@ void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output
       p.proj ? std::optional<StepWeight<T>>(std::in_place, *w_hr, false, !small) : std::nullopt;
   const T* saved_p = saved.data_ptr<T>();
   const T* hprev_p = h_prev_all.data_ptr<T>();
-  T* gin_p = g.grad_input.data_ptr<T>();
+  T* gin_p = a.mask.input ? g.grad_input.data_ptr<T>() : nullptr;
   T* dh_p = g.dh_state.data_ptr<T>();
   T* dc_p = Cell::kCellState ? g.dc_state.data_ptr<T>() : nullptr;
   T* dxg_p = dxg.data_ptr<T>();
@@ -298,7 +287,8 @@ void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output
     // first chunk processed writes the gradients, the others add to them.
     const int64_t rb = ch->row_begin, rows = ch->rows;
     const bool add = ch != chunks.rbegin();
-    matmul<T>(rows, I, GH, dxg_p, GH, w_ih_p, I, gin_p + rb * I, I, false);
+    if (a.mask.input) matmul<T>(rows, I, GH, dxg_p, GH, w_ih_p, I, gin_p + rb * I, I, false);
+    if (!a.mask.weights) continue;
     if (small) {
       const T* x_rows = x2d.data_ptr<T>() + rb * I;
       blas_product<T>(true, false, GH, I, rows, dxg_p, GH, x_rows, I, g.grad_w_ih.data_ptr<T>(), I,
@@ -324,65 +314,58 @@ void run_backward(const Problem& p, const std::optional<at::Tensor>& grad_output
                 Hout, add);
     }
   }
-  if (!Cell::kSplitGrads) g.grad_b_hh.copy_(g.grad_b_ih);
+  if (!Cell::kSplitGrads && a.mask.weights) g.grad_b_hh.copy_(g.grad_b_ih);
 }
 
-BackwardResult backward_cpu(c10::string_view mode, const std::optional<at::Tensor>& grad_output_,
-                            const std::optional<at::Tensor>& grad_h_n,
-                            const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input_,
-                            const std::optional<at::Tensor>& hx, const at::Tensor& w_ih_,
-                            const at::Tensor& w_hh_, const std::optional<at::Tensor>& w_hr_,
-                            const std::optional<at::Tensor>& batch_sizes, bool reverse,
-                            const at::Tensor& saved_, const at::Tensor& h_prev_) {
-  const Problem p =
-      make_backward_problem(false, mode, grad_output_, grad_h_n, grad_c_n, input_, hx, w_ih_, w_hh_,
-                            w_hr_, batch_sizes, reverse, saved_, h_prev_);
-  const at::Tensor input = input_.contiguous(), w_ih = w_ih_.contiguous(),
-                   w_hh = w_hh_.contiguous(), saved = saved_.contiguous(),
-                   h_prev_all = h_prev_.contiguous();
-  const auto w_hr = contiguous(w_hr_), grad_output = contiguous(grad_output_);
+BackwardResult backward_cpu(const Problem& p, const BackwardArgs& a) {
+  const at::Tensor& input = a.layer.input;
   const auto opts = input.options();
   const int64_t GH = p.gate_width();
 
   BackwardBuffers g;
-  g.grad_input = at::empty(input.sizes(), opts);
-  g.dh_state = grad_h_n.has_value() ? grad_h_n->contiguous().clone()
-                                    : at::zeros({p.batch, p.out_size}, opts);
+  g.grad_input = at::empty(a.mask.input ? input.sizes() : at::IntArrayRef{0}, opts);
+  g.dh_state =
+      a.grad_h_n.has_value() ? a.grad_h_n->clone() : at::zeros({p.batch, p.out_size}, opts);
   g.dc_state = p.kind != CellKind::LSTM ? at::empty({0}, opts)
-               : grad_c_n.has_value()   ? grad_c_n->contiguous().clone()
+               : a.grad_c_n.has_value() ? a.grad_c_n->clone()
                                         : at::zeros({p.batch, p.hidden}, opts);
-  const bool small = small_problem(p);
-  g.grad_w_ih = small ? at::empty({GH, p.input_size}, opts) : at::empty({p.input_size, GH}, opts);
-  g.grad_w_hh = small ? at::empty({GH, p.out_size}, opts) : at::empty({p.out_size, GH}, opts);
-  g.grad_b_ih = at::zeros({GH}, opts);
-  g.grad_b_hh = at::zeros({GH}, opts);
-  g.grad_w_hr = !p.proj ? at::Tensor()
-                : small ? at::empty({p.out_size, p.hidden}, opts)
-                        : at::empty({p.hidden, p.out_size}, opts);
+  const bool small = small_problem(p), weights = a.mask.weights;
+  const auto weight_grad = [&](int64_t rows, int64_t cols) {
+    return !weights ? at::empty({0}, opts)
+           : small  ? at::empty({rows, cols}, opts)
+                    : at::empty({cols, rows}, opts);
+  };
+  g.grad_w_ih = weight_grad(GH, p.input_size);
+  g.grad_w_hh = weight_grad(GH, p.out_size);
+  g.grad_b_ih = weights ? at::zeros({GH}, opts) : at::empty({0}, opts);
+  g.grad_b_hh = weights ? at::zeros({GH}, opts) : at::empty({0}, opts);
+  g.grad_w_hr = p.proj ? weight_grad(p.out_size, p.hidden) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_fused_backward_cpu", [&] {
     dispatch_cell(p.kind, [&](auto tag) {
       using Tag = decltype(tag);
-      run_backward<Tag::template Cell, scalar_t>(p, grad_output, input, w_ih, w_hh, w_hr, saved,
-                                                 h_prev_all, g);
+      run_backward<Tag::template Cell, scalar_t>(p, a, g);
     });
   });
-  const auto as_weight = [&](const at::Tensor& t) { return small ? t : t.t().contiguous(); };
+  const auto as_weight = [&](const at::Tensor& t) {
+    return small || !weights ? t : t.t().contiguous();
+  };
+  const auto none = [&] { return at::empty({0}, opts); };  // a new one each: outputs never alias
   return {g.grad_input,
-          g.dh_state,
-          g.dc_state,
+          a.mask.state ? g.dh_state : none(),
+          a.mask.state ? g.dc_state : none(),
           as_weight(g.grad_w_ih),
           as_weight(g.grad_w_hh),
           g.grad_b_ih,
           g.grad_b_hh,
-          p.proj ? as_weight(g.grad_w_hr) : at::empty({0}, opts)};
+          p.proj ? as_weight(g.grad_w_hr) : none()};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rnn_fused, CPU, m) {
-  m.impl("forward", &forward_cpu);
-  m.impl("backward", &backward_cpu);
+  m.impl("forward", &forward_adapter<forward_cpu, /*half_types=*/false>);
+  m.impl("backward", &backward_adapter<backward_cpu, /*half_types=*/false>);
 }
 
 }  // namespace rnn_fused::cpu

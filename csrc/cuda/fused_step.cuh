@@ -15,6 +15,7 @@
 // Written in the subset of CUDA that tests/emulation runs on the CPU: no warp intrinsics.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -63,6 +64,25 @@ struct BackwardShape {
   static constexpr int LM = 4, LC = 8, TM = 2, TC = 4, kFloatSub = 32;
   static constexpr int BM = LM * TM, BC = TC * LC;  // 8 rows, 32 units
 };
+
+// The launch geometry of the fused kernels, computed here only: the GPU's launches and the
+// emulation's (tests/emulation) both ask for it, so the tests run the grid that runs.
+struct Grid {
+  int64_t x, y;  // blocks along hidden units, along rows; kBlock threads each
+};
+inline int64_t blocks_of(int64_t count, int64_t per_block) {
+  return (count + per_block - 1) / per_block;
+}
+// A forward step of n rows: kRows as with_forward_rows chooses for n.
+template <int kGates, int kRows>
+Grid forward_grid(int64_t n, int64_t H) {
+  using Shape = ForwardShape<kGates, kRows>;
+  return {blocks_of(H, Shape::BU), blocks_of(n, Shape::BM)};
+}
+// A backward step of n rows whose kernel also takes the product over rows_gemm rows.
+inline Grid backward_grid(int64_t n, int64_t rows_gemm, int64_t H) {
+  return {blocks_of(H, BackwardShape::BC), blocks_of(std::max(n, rows_gemm), BackwardShape::BM)};
+}
 
 // Four consecutive values of a staged row: one 16-byte shared-memory load per 16 bytes.
 template <class A>

@@ -11,6 +11,7 @@
 #include <climits>
 #include <type_traits>
 
+#include "../op_adapters.h"
 #include "../problem.h"
 #include "fused_step.cuh"
 #include "recurrence_engine.h"
@@ -25,10 +26,6 @@ constexpr cudaDataType_t cuda_type() {
   if constexpr (std::is_same_v<T, float>) return CUDA_R_32F;
   if constexpr (std::is_same_v<T, at::Half>) return CUDA_R_16F;
   return CUDA_R_16BF;
-}
-
-int blocks_of(int64_t count, int64_t per_block) {
-  return static_cast<int>((count + per_block - 1) / per_block);
 }
 
 int blas_int(int64_t v) {
@@ -108,19 +105,18 @@ class CudaDevice {
   void fused_forward(const ForwardStep<T, A>& s, const T* w_hh) {
     fused::with_forward_rows(s.n, [&](auto rows) {
       constexpr int kRows = decltype(rows)::value;
-      using Shape = fused::ForwardShape<Cell::kGates, kRows>;
-      const dim3 grid(blocks_of(s.H, Shape::BU), blocks_of(s.n, Shape::BM));
-      fused_forward_step_kernel<Cell, T, A, kRows><<<grid, fused::kBlock, 0, stream_>>>(s, w_hh);
+      const fused::Grid g = fused::forward_grid<Cell::kGates, kRows>(s.n, s.H);
+      fused_forward_step_kernel<Cell, T, A, kRows>
+          <<<dim3(g.x, g.y), fused::kBlock, 0, stream_>>>(s, w_hh);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   template <class Cell, class T, class A>
   void fused_backward(const BackwardStep<T, A>& s, const T* dg_next, int64_t rows_gemm,
                       const T* w_hh) {
-    using Shape = fused::BackwardShape;
-    const dim3 grid(blocks_of(s.H, Shape::BC), blocks_of(std::max(s.n, rows_gemm), Shape::BM));
+    const fused::Grid g = fused::backward_grid(s.n, rows_gemm, s.H);
     fused_backward_step_kernel<Cell, T, A>
-        <<<grid, fused::kBlock, 0, stream_>>>(s, dg_next, rows_gemm, w_hh);
+        <<<dim3(g.x, g.y), fused::kBlock, 0, stream_>>>(s, dg_next, rows_gemm, w_hh);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
@@ -129,37 +125,23 @@ class CudaDevice {
   cublasHandle_t blas_;
 };
 
-ForwardResult forward_cuda(c10::string_view mode, const at::Tensor& input,
-                           const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
-                           const at::Tensor& w_ih, const at::Tensor& w_hh,
-                           const std::optional<at::Tensor>& b_ih,
-                           const std::optional<at::Tensor>& b_hh,
-                           const std::optional<at::Tensor>& w_hr,
-                           const std::optional<at::Tensor>& batch_sizes, bool reverse, bool train) {
-  const c10::cuda::CUDAGuard guard(input.device());
+ForwardResult forward_cuda(const Problem& p, const LayerArgs& a, bool train) {
+  const c10::cuda::CUDAGuard guard(a.input.device());
   CudaDevice dev;
-  return forward_op(dev, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
-                    train);
+  return forward_engine(dev, p, a, train);
 }
 
-BackwardResult backward_cuda(c10::string_view mode, const std::optional<at::Tensor>& grad_output,
-                             const std::optional<at::Tensor>& grad_h_n,
-                             const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
-                             const std::optional<at::Tensor>& hx, const at::Tensor& w_ih,
-                             const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
-                             const std::optional<at::Tensor>& batch_sizes, bool reverse,
-                             const at::Tensor& saved, const at::Tensor& h_prev) {
-  const c10::cuda::CUDAGuard guard(input.device());
+BackwardResult backward_cuda(const Problem& p, const BackwardArgs& a) {
+  const c10::cuda::CUDAGuard guard(a.layer.input.device());
   CudaDevice dev;
-  return backward_op(dev, mode, grad_output, grad_h_n, grad_c_n, input, hx, w_ih, w_hh, w_hr,
-                     batch_sizes, reverse, saved, h_prev);
+  return backward_engine(dev, p, a);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rnn_fused, CUDA, m) {
-  m.impl("forward", &forward_cuda);
-  m.impl("backward", &backward_cuda);
+  m.impl("forward", &forward_adapter<forward_cuda, /*half_types=*/true>);
+  m.impl("backward", &backward_adapter<backward_cuda, /*half_types=*/true>);
 }
 
 }  // namespace rnn_fused::cuda

@@ -143,7 +143,9 @@ void run_forward(Dev& dev, const Problem& p, bool train, bool fused, const at::T
     }
     dev.template gemm<T, A>(true, n, GH, Hout, h_prev, Hout, w_hh_p, Hout, hg, GH, false);
     // With a projection the cell's h is unprojected: kept in the last saved block.
-    T* h_unproj = !p.proj ? nullptr : train ? saved + r0 * SW + Cell::kSaved * H : h_scratch;
+    T* h_unproj = !p.proj ? nullptr
+                  : train ? saved + r0 * SW + p.layout.unprojected_offset()
+                          : h_scratch;
     const int64_t ld_unproj = train ? SW : H;
     step.h = p.proj ? h_unproj : out + r0 * Hout;
     step.ld_h = p.proj ? ld_unproj : Hout;
@@ -159,18 +161,9 @@ void run_forward(Dev& dev, const Problem& p, bool train, bool fused, const at::T
 
 // The forward operator (ops.cpp's schema) on a device: buffers, then the loop of one path.
 template <class Dev>
-ForwardResult forward_op(Dev& dev, c10::string_view mode, const at::Tensor& input_,
-                         const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
-                         const at::Tensor& w_ih_, const at::Tensor& w_hh_,
-                         const std::optional<at::Tensor>& b_ih_,
-                         const std::optional<at::Tensor>& b_hh_,
-                         const std::optional<at::Tensor>& w_hr_,
-                         const std::optional<at::Tensor>& batch_sizes, bool reverse, bool train) {
-  const Problem p = make_problem(true, std::string(mode.data(), mode.size()), input_, hx, cx, w_ih_,
-                                 w_hh_, b_ih_, b_hh_, w_hr_, batch_sizes, reverse);
-  const at::Tensor input = input_.contiguous(), w_ih = w_ih_.contiguous(),
-                   w_hh = w_hh_.contiguous();
-  const auto b_ih = contiguous(b_ih_), b_hh = contiguous(b_hh_), w_hr = contiguous(w_hr_);
+ForwardResult forward_engine(Dev& dev, const Problem& p, const LayerArgs& a, bool train) {
+  const at::Tensor &input = a.input, &w_ih = a.w_ih, &w_hh = a.w_hh;
+  const OptTensor &hx = a.hx, &cx = a.cx, &b_ih = a.b_ih, &b_hh = a.b_hh, &w_hr = a.w_hr;
   const auto opts = input.options();
   const auto acc = opts.dtype(at::toOpMathType(input.scalar_type()));
   const bool lstm = p.kind == CellKind::LSTM;
@@ -180,9 +173,9 @@ ForwardResult forward_op(Dev& dev, c10::string_view mode, const at::Tensor& inpu
   ForwardBuffers f;
   f.output = p.packed ? at::empty({p.rows, p.out_size}, opts)
                       : at::empty({p.steps, p.batch, p.out_size}, opts);
-  f.h_state = hx.has_value() ? hx->contiguous().clone() : at::zeros({p.batch, p.out_size}, opts);
+  f.h_state = hx.has_value() ? hx->clone() : at::zeros({p.batch, p.out_size}, opts);
   f.c_state = !lstm            ? at::empty({0}, acc)
-              : cx.has_value() ? cx->to(acc.dtype()).contiguous().clone()
+              : cx.has_value() ? cx->to(acc.dtype(), /*non_blocking=*/false, /*copy=*/true)
                                : at::zeros({p.batch, p.hidden}, acc);
   f.saved = at::empty({kept_rows, p.saved_width()}, opts);
   f.h_prev = at::empty({kept_rows, p.out_size}, opts);
@@ -279,32 +272,25 @@ void run_backward(Dev& dev, const Problem& p, bool fused,
 }
 
 // The backward operator on a device: the loop of one path, then the gradients of the
-// input, the weights and the biases as products and sums over all rows.
+// input, the weights and the biases (as a.mask asks) as products and sums over all rows.
 template <class Dev>
-BackwardResult backward_op(Dev& dev, c10::string_view mode,
-                           const std::optional<at::Tensor>& grad_output_,
-                           const std::optional<at::Tensor>& grad_h_n,
-                           const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input_,
-                           const std::optional<at::Tensor>& hx, const at::Tensor& w_ih_,
-                           const at::Tensor& w_hh_, const std::optional<at::Tensor>& w_hr_,
-                           const std::optional<at::Tensor>& batch_sizes, bool reverse,
-                           const at::Tensor& saved_, const at::Tensor& h_prev_) {
-  const Problem p =
-      make_backward_problem(true, mode, grad_output_, grad_h_n, grad_c_n, input_, hx, w_ih_, w_hh_,
-                            w_hr_, batch_sizes, reverse, saved_, h_prev_);
-  const at::Tensor input = input_.contiguous(), w_ih = w_ih_.contiguous(),
-                   w_hh = w_hh_.contiguous(), saved = saved_.contiguous(),
-                   h_prev_all = h_prev_.contiguous();
-  const auto w_hr = contiguous(w_hr_), grad_output = contiguous(grad_output_);
+BackwardResult backward_engine(Dev& dev, const Problem& p, const BackwardArgs& a) {
+  const at::Tensor &input = a.layer.input, &w_ih = a.layer.w_ih, &w_hh = a.layer.w_hh;
+  const at::Tensor &saved = a.saved, &h_prev_all = a.h_prev;
+  const OptTensor &w_hr = a.layer.w_hr, &grad_output = a.grad_output;
+  const OptTensor &grad_h_n = a.grad_h_n, &grad_c_n = a.grad_c_n;
   const auto opts = input.options();
   const auto acc = opts.dtype(at::toOpMathType(input.scalar_type()));
   const bool lstm = p.kind == CellKind::LSTM, split = p.kind == CellKind::GRU;
 
   BackwardBuffers g;
-  g.dh_state = grad_h_n.has_value() ? grad_h_n->to(acc.dtype()).contiguous().clone()
-                                    : at::zeros({p.batch, p.out_size}, acc);
+  const auto copy_as_acc = [&](const at::Tensor& t) {
+    return t.to(acc.dtype(), /*non_blocking=*/false, /*copy=*/true);
+  };
+  g.dh_state =
+      grad_h_n.has_value() ? copy_as_acc(*grad_h_n) : at::zeros({p.batch, p.out_size}, acc);
   g.dc_state = !lstm                  ? at::empty({0}, acc)
-               : grad_c_n.has_value() ? grad_c_n->to(acc.dtype()).contiguous().clone()
+               : grad_c_n.has_value() ? copy_as_acc(*grad_c_n)
                                       : at::zeros({p.batch, p.hidden}, acc);
   g.dxg = at::empty({p.rows, p.gate_width()}, opts);
   g.dhg = split ? at::empty({p.rows, p.gate_width()}, opts) : g.dxg;
@@ -321,20 +307,26 @@ BackwardResult backward_op(Dev& dev, c10::string_view mode,
         });
       });
 
-  const at::Tensor x2d = input.reshape({p.rows, p.input_size});
-  at::Tensor grad_w_hr = at::empty({0}, opts);
-  if (p.proj) {
-    const int64_t h_block = saved_blocks_of(p.kind, false) * p.hidden;
-    grad_w_hr = at::mm(g.dr.t(), saved.narrow(1, h_block, p.hidden));
+  const auto none = [&] { return at::empty({0}, opts); };  // a new one each: outputs never alias
+  at::Tensor grad_input = none(), grad_w_ih = none(), grad_w_hh = none(), grad_b_ih = none(),
+             grad_b_hh = none(), grad_w_hr = none();
+  if (a.mask.input) grad_input = at::mm(g.dxg, w_ih).view(input.sizes());
+  if (a.mask.weights) {
+    grad_w_ih = at::mm(g.dxg.t(), input.reshape({p.rows, p.input_size}));
+    grad_w_hh = at::mm(g.dhg.t(), h_prev_all);
+    grad_b_ih = g.dxg.sum(0);
+    grad_b_hh = split ? g.dhg.sum(0) : grad_b_ih.clone();
+    if (p.proj) {
+      grad_w_hr = at::mm(g.dr.t(), saved.narrow(1, p.layout.unprojected_offset(), p.hidden));
+    }
   }
-  at::Tensor grad_b_ih = g.dxg.sum(0);
-  return {at::mm(g.dxg, w_ih).view(input.sizes()),
-          g.dh_state.to(input.scalar_type()),
-          lstm ? g.dc_state.to(input.scalar_type()) : at::empty({0}, opts),
-          at::mm(g.dxg.t(), x2d),
-          at::mm(g.dhg.t(), h_prev_all),
+  return {grad_input,
+          a.mask.state ? g.dh_state.to(input.scalar_type()) : none(),
+          lstm && a.mask.state ? g.dc_state.to(input.scalar_type()) : none(),
+          grad_w_ih,
+          grad_w_hh,
           grad_b_ih,
-          split ? g.dhg.sum(0) : grad_b_ih.clone(),
+          grad_b_hh,
           grad_w_hr};
 }
 

@@ -95,6 +95,7 @@ using emulation::threadIdx;
 
 #include "cuda/fused_step.cuh"
 #include "cuda/recurrence_engine.h"
+#include "op_adapters.h"
 
 namespace {
 
@@ -103,8 +104,8 @@ using namespace rnn_fused::cuda;
 
 CellKind kind_of(const std::string& mode) { return parse_mode(mode); }
 
-unsigned blocks(int64_t count, int64_t per_block) {
-  return static_cast<unsigned>((count + per_block - 1) / per_block);
+void launch(const fused::Grid& g, const std::function<void()>& kernel) {
+  emulation::launch(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), kernel);
 }
 
 template <class T>
@@ -146,10 +147,8 @@ void forward_step(const std::string& mode, const at::Tensor& h_prev, const at::T
           using Cell = typename decltype(tag)::template Cell<A>;
           const auto run = [&](auto rows) {
             constexpr int kRows = decltype(rows)::value;
-            using Shape = fused::ForwardShape<Cell::kGates, kRows>;
-            emulation::launch(blocks(s.H, Shape::BU), blocks(s.n, Shape::BM), [&] {
-              fused_forward_step_kernel<Cell, T, A, kRows>(s, w_hh.data_ptr<T>());
-            });
+            launch(fused::forward_grid<Cell::kGates, kRows>(s.n, s.H),
+                   [&] { fused_forward_step_kernel<Cell, T, A, kRows>(s, w_hh.data_ptr<T>()); });
           };
           TORCH_CHECK(block_rows == 8 || block_rows == 32, "block_rows: 8 or 32");
           if (block_rows == 8) {
@@ -167,35 +166,33 @@ void backward_step(const std::string& mode, int64_t n, const at::Tensor& dg_next
                    const at::Tensor& w_hh, const at::Tensor& dh, const at::Tensor& grad_out,
                    const at::Tensor& dc, const at::Tensor& saved, const at::Tensor& h_prev,
                    const at::Tensor& dx, const at::Tensor& dhh) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, saved.scalar_type(), "backward_step", [&] {
-        using T = scalar_t;
-        using A = at::opmath_type<T>;
-        BackwardStep<T, A> s{};
-        s.n = n;
-        s.H = dh.size(1);
-        s.dh = ptr<A>(dh);
-        s.ld_dh = s.H;
-        s.grad_out = ptr<T>(grad_out);
-        s.ld_grad_out = s.H;
-        s.dc = ptr<A>(dc);
-        s.saved = ptr<T>(saved);
-        s.ld_saved = saved.numel() == 0 ? 0 : saved.size(1);
-        s.h_prev = ptr<T>(h_prev);
-        s.ld_h_prev = s.H;
-        s.dx = ptr<T>(dx);
-        s.dhh = ptr<T>(dhh);
-        const int64_t rows_gemm = dg_next.size(0);
-        dispatch_cell(kind_of(mode), [&](auto tag) {
-          using Cell = typename decltype(tag)::template Cell<A>;
-          using Shape = fused::BackwardShape;
-          const int64_t rows = std::max(n, rows_gemm);
-          emulation::launch(blocks(s.H, Shape::BC), blocks(rows, Shape::BM), [&] {
-            fused_backward_step_kernel<Cell, T, A>(s, ptr<T>(dg_next), rows_gemm,
-                                                   w_hh.data_ptr<T>());
-          });
-        });
-      });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "backward_step",
+                                  [&] {
+                                    using T = scalar_t;
+                                    using A = at::opmath_type<T>;
+                                    BackwardStep<T, A> s{};
+                                    s.n = n;
+                                    s.H = dh.size(1);
+                                    s.dh = ptr<A>(dh);
+                                    s.ld_dh = s.H;
+                                    s.grad_out = ptr<T>(grad_out);
+                                    s.ld_grad_out = s.H;
+                                    s.dc = ptr<A>(dc);
+                                    s.saved = ptr<T>(saved);
+                                    s.ld_saved = saved.numel() == 0 ? 0 : saved.size(1);
+                                    s.h_prev = ptr<T>(h_prev);
+                                    s.ld_h_prev = s.H;
+                                    s.dx = ptr<T>(dx);
+                                    s.dhh = ptr<T>(dhh);
+                                    const int64_t rows_gemm = dg_next.size(0);
+                                    dispatch_cell(kind_of(mode), [&](auto tag) {
+                                      using Cell = typename decltype(tag)::template Cell<A>;
+                                      launch(fused::backward_grid(n, rows_gemm, s.H), [&] {
+                                        fused_backward_step_kernel<Cell, T, A>(
+                                            s, ptr<T>(dg_next), rows_gemm, w_hh.data_ptr<T>());
+                                      });
+                                    });
+                                  });
 }
 
 // The engine's device here: products as plain loops (in the accumulation type), copies
@@ -221,60 +218,42 @@ struct HostDevice {
 
   template <class Cell, class T, class A>
   void forward_pointwise(const ForwardStep<T, A>& s, const A* hg) {
-    emulation::launch(blocks(s.n * s.H, kThreads), 1, [&] { forward_step_kernel<Cell>(s, hg); });
+    emulation::launch(blocks_for(s.n * s.H), 1, [&] { forward_step_kernel<Cell>(s, hg); });
   }
   template <class Cell, class T, class A>
   void backward_pointwise(const BackwardStep<T, A>& s) {
-    emulation::launch(blocks(s.n * s.H, kThreads), 1, [&] { backward_step_kernel<Cell>(s); });
+    emulation::launch(blocks_for(s.n * s.H), 1, [&] { backward_step_kernel<Cell>(s); });
   }
   template <class T, class A>
   void add_rows(int64_t count, const T* grad_out, const A* state, T* out) {
-    emulation::launch(blocks(count, kThreads), 1,
+    emulation::launch(blocks_for(count), 1,
                       [&] { add_rows_kernel<T, A>(count, grad_out, state, out); });
   }
   template <class Cell, class T, class A>
   void fused_forward(const ForwardStep<T, A>& s, const T* w_hh) {
     fused::with_forward_rows(s.n, [&](auto rows) {
       constexpr int kRows = decltype(rows)::value;
-      using Shape = fused::ForwardShape<Cell::kGates, kRows>;
-      emulation::launch(blocks(s.H, Shape::BU), blocks(s.n, Shape::BM),
-                        [&] { fused_forward_step_kernel<Cell, T, A, kRows>(s, w_hh); });
+      launch(fused::forward_grid<Cell::kGates, kRows>(s.n, s.H),
+             [&] { fused_forward_step_kernel<Cell, T, A, kRows>(s, w_hh); });
     });
   }
   template <class Cell, class T, class A>
   void fused_backward(const BackwardStep<T, A>& s, const T* dg_next, int64_t rows_gemm,
                       const T* w_hh) {
-    using Shape = fused::BackwardShape;
-    emulation::launch(blocks(s.H, Shape::BC), blocks(std::max(s.n, rows_gemm), Shape::BM),
-                      [&] { fused_backward_step_kernel<Cell, T, A>(s, dg_next, rows_gemm, w_hh); });
+    launch(fused::backward_grid(s.n, rows_gemm, s.H),
+           [&] { fused_backward_step_kernel<Cell, T, A>(s, dg_next, rows_gemm, w_hh); });
   }
 };
 
 // The CUDA operators' host code on CPU tensors (same arguments and results).
-ForwardResult engine_forward(const std::string& mode, const at::Tensor& input,
-                             const std::optional<at::Tensor>& hx,
-                             const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
-                             const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-                             const std::optional<at::Tensor>& b_hh,
-                             const std::optional<at::Tensor>& w_hr,
-                             const std::optional<at::Tensor>& batch_sizes, bool reverse,
-                             bool train) {
+ForwardResult engine_forward(const Problem& p, const LayerArgs& a, bool train) {
   HostDevice dev;
-  return forward_op(dev, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
-                    train);
+  return forward_engine(dev, p, a, train);
 }
 
-BackwardResult engine_backward(const std::string& mode,
-                               const std::optional<at::Tensor>& grad_output,
-                               const std::optional<at::Tensor>& grad_h_n,
-                               const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
-                               const std::optional<at::Tensor>& hx, const at::Tensor& w_ih,
-                               const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
-                               const std::optional<at::Tensor>& batch_sizes, bool reverse,
-                               const at::Tensor& saved, const at::Tensor& h_prev) {
+BackwardResult engine_backward(const Problem& p, const BackwardArgs& a) {
   HostDevice dev;
-  return backward_op(dev, mode, grad_output, grad_h_n, grad_c_n, input, hx, w_ih, w_hh, w_hr,
-                     batch_sizes, reverse, saved, h_prev);
+  return backward_engine(dev, p, a);
 }
 
 }  // namespace
@@ -282,6 +261,6 @@ BackwardResult engine_backward(const std::string& mode,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_step", &forward_step);
   m.def("backward_step", &backward_step);
-  m.def("forward", &engine_forward);
-  m.def("backward", &engine_backward);
+  m.def("forward", &forward_adapter<engine_forward, /*half_types=*/true>);
+  m.def("backward", &backward_adapter<engine_backward, /*half_types=*/true>);
 }

@@ -1,0 +1,176 @@
+// Autograd of rnn_fused::layer, in C++ so that a call costs no Python: a layer call that
+// needs gradients runs `forward` keeping its workspace and records a node whose backward
+// runs the `backward` operator for the gradients autograd asks for; any other call runs
+// `forward` keeping nothing.
+//
+// Saved for the backward: what the backward operator reads (input, w_ih, w_hh, w_hr, the
+// workspace), with autograd's check that none was changed in place. The states and biases
+// are read only by a double backward (create_graph=True), which differentiates the plain
+// time loop of reference.py (rnn_fused::reference_grads, in Python): they are kept aside
+// with their versions, and only that path reads and checks them.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <array>
+#include <string>
+
+#include "op_adapters.h"
+
+namespace rnn_fused {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The differentiable inputs of a layer call in the operator's order, which is also the
+// order of the gradients the node's backward returns (after one for the LayerArgs).
+enum Slot { kInput, kHx, kCx, kWIh, kWHh, kBIh, kBHh, kWHr, kSlots };
+// The slots only a double backward reads, and their names in saved_data.
+constexpr std::array<Slot, 4> kAsideSlots{kHx, kCx, kBIh, kBHh};
+constexpr std::array<const char*, 4> kAsideNames{"hx", "cx", "b_ih", "b_hh"};
+
+std::array<OptTensor, kSlots> slots_of(const LayerArgs& a) {
+  return {a.input, a.hx, a.cx, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.w_hr};
+}
+
+bool needs_graph(const LayerArgs& a) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const OptTensor& t : slots_of(a)) {
+    if (t && t->requires_grad()) return true;
+  }
+  return false;
+}
+
+struct LayerFunction : public torch::autograd::Function<LayerFunction> {
+  // The tensors after `a` are a's own, passed again so that autograd records them as inputs.
+  template <class... Tensors>
+  static variable_list forward(AutogradContext* ctx, const LayerArgs& a, const Tensors&...) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [output, h_n, c_n, saved, h_prev] = call_forward(a, /*train=*/true);
+    ctx->save_for_backward({a.input, a.w_ih, a.w_hh, a.w_hr.value_or(at::Tensor()), saved, h_prev});
+    auto& data = ctx->saved_data;
+    data["mode"] = std::string(a.mode);
+    data["reverse"] = a.reverse;
+    data["batch_sizes"] = a.batch_sizes;
+    int64_t present = 0;
+    const auto slots = slots_of(a);
+    for (int k = 0; k < kSlots; ++k) present |= int64_t(slots[k].has_value()) << k;
+    data["present"] = present;
+    data["batch"] = h_n.sym_size(0);
+    for (size_t k = 0; k < kAsideSlots.size(); ++k) {
+      const OptTensor& t = slots[kAsideSlots[k]];
+      data[kAsideNames[k]] = t;
+      data[std::string(kAsideNames[k]) + ".version"] = t ? t->_version() : int64_t(0);
+    }
+    ctx->set_materialize_grads(false);  // unused outputs' gradients stay undefined, unfilled
+    return {output, h_n, c_n};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    auto& data = ctx->saved_data;
+    const std::string mode = data["mode"].toStringRef();
+    const int64_t present = data["present"].toInt();
+    LayerArgs a;
+    a.mode = mode;
+    a.input = s[0];
+    a.w_ih = s[1];
+    a.w_hh = s[2];
+    a.w_hr = s[3].defined() ? OptTensor(s[3]) : std::nullopt;
+    a.batch_sizes = data["batch_sizes"].toOptional<at::Tensor>();
+    a.reverse = data["reverse"].toBool();
+    const auto grad = [&](int k) {
+      return grads[k].defined() ? OptTensor(grads[k]) : std::nullopt;
+    };
+    const OptTensor grad_c_n = mode == "LSTM" ? grad(2) : std::nullopt;
+
+    std::array<at::Tensor, kSlots> found;
+    if (at::GradMode::is_enabled()) {
+      found = reference_grads(ctx, a, grad(0), grad(1), grad_c_n);
+    } else {
+      // The node's edges are the present slots, in order.
+      std::array<bool, kSlots> need{};
+      for (int k = 0, edge = 0; k < kSlots; ++k) {
+        if (present >> k & 1) need[k] = ctx->needs_input_grad(edge++);
+      }
+      BackwardArgs b;
+      b.layer = a;
+      b.grad_output = grad(0);
+      b.grad_h_n = grad(1);
+      b.grad_c_n = grad_c_n;
+      b.saved = s[4];
+      b.h_prev = s[5];
+      b.batch = data["batch"].toSymInt();
+      b.mask = GradMask{need[kInput], need[kHx] || need[kCx],
+                        need[kWIh] || need[kWHh] || need[kBIh] || need[kBHh] || need[kWHr]};
+      const auto r = call_backward(b);
+      found = {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r),
+               std::get<4>(r), std::get<5>(r), std::get<6>(r), std::get<7>(r)};
+      for (int k = 0; k < kSlots; ++k) {
+        if (!need[k]) found[k] = at::Tensor();
+      }
+    }
+    variable_list result(1 + kSlots);  // the first for the LayerArgs argument
+    for (int k = 0; k < kSlots; ++k) {
+      if (present >> k & 1) result[1 + k] = found[k];
+    }
+    return result;
+  }
+
+  // Differentiable gradients of every slot from reference.py's loop.
+  static std::array<at::Tensor, kSlots> reference_grads(AutogradContext* ctx, LayerArgs a,
+                                                        const OptTensor& grad_output,
+                                                        const OptTensor& grad_h_n,
+                                                        const OptTensor& grad_c_n) {
+    auto& data = ctx->saved_data;
+    std::array<OptTensor, 4> aside;
+    for (size_t k = 0; k < kAsideSlots.size(); ++k) {
+      aside[k] = data[kAsideNames[k]].toOptional<at::Tensor>();
+      TORCH_CHECK(!aside[k] || aside[k]->_version() ==
+                                   data[std::string(kAsideNames[k]) + ".version"].toInt(),
+                  "rnn_fused: ", kAsideNames[k],
+                  " was modified by an inplace operation between the forward and a double "
+                  "backward (create_graph=True), which reads it again");
+    }
+    using Sig = std::vector<at::Tensor>(
+        std::string_view, const at::Tensor&, const OptTensor&, const OptTensor&, const at::Tensor&,
+        const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+        bool, const OptTensor&, const OptTensor&, const OptTensor&);
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("rnn_fused::reference_grads", "")
+                               .typed<Sig>();
+    const std::vector<at::Tensor> g =
+        op.call(a.mode, a.input, aside[0], aside[1], a.w_ih, a.w_hh, aside[2], aside[3], a.w_hr,
+                a.batch_sizes, a.reverse, grad_output, grad_h_n, grad_c_n);
+    TORCH_CHECK(g.size() == kSlots, "rnn_fused: reference_grads returned ", g.size(),
+                " gradients, expected ", int(kSlots));
+    return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]};
+  }
+};
+
+// Without gradients to record (or below autograd): forward keeping no workspace.
+LayerResult layer_without_graph(const LayerArgs& a) {
+  auto [output, h_n, c_n, saved, h_prev] = call_forward(a, /*train=*/false);
+  return {output, h_n, c_n};
+}
+
+LayerResult layer_autograd(const LayerArgs& a) {
+  if (!needs_graph(a)) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return layer_without_graph(a);
+  }
+  const variable_list out =
+      LayerFunction::apply(a, a.input, a.hx, a.cx, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.w_hr);
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rnn_fused, Autograd, m) { m.impl("layer", &layer_adapter<layer_autograd>); }
+
+TORCH_LIBRARY_IMPL(rnn_fused, CompositeExplicitAutograd, m) {
+  m.impl("layer", &layer_adapter<layer_without_graph>);
+}
+
+}  // namespace rnn_fused

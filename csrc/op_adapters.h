@@ -1,0 +1,70 @@
+// The operators' positional signatures (ops.cpp's schemas) in C++, written once: adapters
+// that bundle an operator's arguments into LayerArgs / BackwardArgs, check them into a
+// Problem and hand both to an engine (CPU, CUDA, or the CUDA emulation of the tests), and
+// typed handles that call the operators through the dispatcher from bundled arguments.
+#pragma once
+
+#include <array>
+#include <string_view>
+
+#include "problem.h"
+
+namespace rnn_fused {
+
+// An engine runs one checked call; its tensors are contiguous.
+using ForwardEngine = ForwardResult (*)(const Problem&, const LayerArgs&, bool train);
+using BackwardEngine = BackwardResult (*)(const Problem&, const BackwardArgs&);
+
+// rnn_fused::forward on an engine. half_types: whether the engine runs float16/bfloat16.
+template <ForwardEngine Engine, bool kHalfTypes>
+ForwardResult forward_adapter(std::string_view mode, const at::Tensor& input, const OptTensor& hx,
+                              const OptTensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                              const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
+                              const OptTensor& batch_sizes, bool reverse, bool train) {
+  const LayerArgs a{mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse};
+  const Problem p = make_problem(kHalfTypes, a);
+  return Engine(p, a.contiguous(), train);
+}
+
+// rnn_fused::backward on an engine.
+template <BackwardEngine Engine, bool kHalfTypes>
+BackwardResult backward_adapter(std::string_view mode, const OptTensor& grad_output,
+                                const OptTensor& grad_h_n, const OptTensor& grad_c_n,
+                                const at::Tensor& input, const at::Tensor& w_ih,
+                                const at::Tensor& w_hh, const OptTensor& w_hr,
+                                const OptTensor& batch_sizes, bool reverse, const at::Tensor& saved,
+                                const at::Tensor& h_prev, int64_t batch,
+                                std::array<bool, 3> output_mask) {
+  BackwardArgs a;
+  a.layer = LayerArgs{mode,         input,        std::nullopt, std::nullopt, w_ih,   w_hh,
+                      std::nullopt, std::nullopt, w_hr,         batch_sizes,  reverse};
+  a.grad_output = grad_output;
+  a.grad_h_n = grad_h_n;
+  a.grad_c_n = grad_c_n;
+  a.saved = saved;
+  a.h_prev = h_prev;
+  a.batch = batch;
+  a.mask = GradMask{output_mask[0], output_mask[1], output_mask[2]};
+  const Problem p = make_problem(kHalfTypes, a);
+  return Engine(p, a.contiguous());
+}
+
+// rnn_fused::layer, the public operator: one layer call's (output, h_n, c_n), with autograd.
+using LayerResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using LayerImpl = LayerResult (*)(const LayerArgs&);
+
+template <LayerImpl Impl>
+LayerResult layer_adapter(std::string_view mode, const at::Tensor& input, const OptTensor& hx,
+                          const OptTensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                          const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
+                          const OptTensor& batch_sizes, bool reverse) {
+  return Impl(LayerArgs{mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse});
+}
+
+// The operators called through the dispatcher (so every dispatch key applies: autograd,
+// fake tensors, functionalization, tracing) from bundled arguments.
+ForwardResult call_forward(const LayerArgs& a, bool train);
+BackwardResult call_backward(const BackwardArgs& a);
+LayerResult call_layer(const LayerArgs& a);
+
+}  // namespace rnn_fused
