@@ -38,6 +38,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import rnn_fused
+from benchmarks import per_call
 
 CELLS = ("LSTM", "GRU", "RNN")
 
@@ -60,14 +61,14 @@ class Shape:
         )
 
 
-# DESIGN.md's grids: (T, B, I, H, layers, bidirectional).
+# The grids of ARCHITECTURE.md: (T, B, I, H, layers, bidirectional).
 CPU_GRID = [
     Shape(100, 64, 512, 512),
     Shape(100, 1, 256, 256),
     Shape(200, 16, 128, 128),
     Shape(50, 32, 256, 256, 2, True),
 ]
-# On CUDA each row names the cells it runs: DESIGN.md's grids, the DeepBench rows for the
+# On CUDA each row names the cells it runs: the project's grids, the DeepBench rows for the
 # cell DeepBench gives them.
 ALL = CELLS
 CUDA_GRID: list[tuple[Shape, tuple[str, ...]]] = [
@@ -347,8 +348,19 @@ def main() -> None:
                 print_line(line)
             write_outputs(rows, columns, ratios, header, args)
     print(f"wrote {args.csv}" + (f" and {args.markdown}" if args.markdown else ""))
+    if device == "cpu" and not args.only:
+        calls = per_call.run(args.rounds, calls=50 if args.quick else 500, client=not args.quick)
+        write_per_call(calls, Path(args.csv).with_name("per_call.csv"))
     if failed:
         sys.exit(f"failed rows: {', '.join(failed)}")
+
+
+def write_per_call(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["name", "kind", "base", "ours", "speedup"])
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
 
 
 def write_outputs(

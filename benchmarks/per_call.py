@@ -206,22 +206,23 @@ def client_rows(rounds: int, steps: int = 1000, batch: int = 97) -> list[dict]:
 
 
 def run(rounds: int, calls: int = 500, client: bool = True) -> list[dict]:
+    """Every per-call row, printed as it is measured."""
+    print("\nper call (us; client rows: us per step); speedup = torch.nn (or torch.mm) / ours")
+    print(f"{'case':44} {'kind':20} {'torch':>10} {'rnn_fused':>10} {'speedup':>8}")
     rows = []
     for name, kind, make in cases():
         t = per_call_us({"torch.nn": make(nn), "rnn_fused": make(rnn_fused)}, calls, rounds)
-        rows.append(dict(name=name, kind=kind, base=t["torch.nn"], ours=t["rnn_fused"]))
-    rows += bare_operator_rows(rounds)
+        rows.append(_printed(dict(name=name, kind=kind, base=t["torch.nn"], ours=t["rnn_fused"])))
+    rows += [_printed(r) for r in bare_operator_rows(rounds)]
     if client:
-        rows += client_rows(rounds)
+        rows += [_printed(r) for r in client_rows(rounds)]
     return rows
 
 
-def print_rows(rows: list[dict]) -> None:
-    print("per call (us; client rows: us per step); speedup = torch.nn (or torch.mm) / rnn_fused")
-    print(f"{'case':44} {'kind':20} {'torch':>10} {'rnn_fused':>10} {'speedup':>8}")
-    for r in rows:
-        print(
-            f"{r['name']:44} {r['kind']:20} {r['base']:10.1f} {r['ours']:10.1f} "
-            f"{r['base'] / r['ours']:8.2f}",
-            flush=True,
-        )
+def _printed(r: dict) -> dict:
+    r["speedup"] = r["base"] / r["ours"]
+    print(
+        f"{r['name']:44} {r['kind']:20} {r['base']:10.1f} {r['ours']:10.1f} {r['speedup']:8.2f}",
+        flush=True,
+    )
+    return r

@@ -319,7 +319,8 @@ class _RNNBase(_Convertible, nn.Module):
             outputs = []
             for direction in range(directions):
                 k = layer * directions + direction
-                params = [getattr(self, n, None) for n in self._param_names(layer, direction)]
+                # self._parameters, not getattr: nn.Module's __getattr__ costs a call each.
+                params = [self._parameters.get(n) for n in self._param_names(layer, direction)]
                 w_ih, w_hh, b_ih, b_hh, w_hr = params
                 out, h, c = rnn_layer(
                     self.mode,
@@ -456,20 +457,34 @@ class _CellBase(_Convertible, nn.Module):
                 )
 
     def _step(self, input: Tensor, h: Tensor, c: Tensor | None):
+        p = self._parameters  # not self.weight_ih: nn.Module's __getattr__ costs a call
         _, h_n, c_n = rnn_layer(
             self.mode,
             input.unsqueeze(0),
-            self.weight_ih,
-            self.weight_hh,
-            self.bias_ih,
-            self.bias_hh,
+            p["weight_ih"],
+            p["weight_hh"],
+            p["bias_ih"],
+            p["bias_hh"],
             h,
             c,
         )
         return h_n, c_n
 
+    def _fast_step(self, input: Tensor, h: Tensor, c: Tensor | None):
+        """One step of the common call (batched input, states given) with no checks of its
+        own: the operator checks every argument, and on a failure it returns None so that
+        the caller runs torch.nn's checks and raises torch.nn's error. Eager mode only."""
+        if torch.compiler.is_compiling() or input.dim() != 2:
+            return None
+        try:
+            return self._step(input, h, c)
+        except RuntimeError:
+            return None
+
     def _forward_hidden_only(self, name: str, input: Tensor, hx: Tensor | None) -> Tensor:
         """forward of the cells whose only state is h (GRUCell, RNNCell)."""
+        if hx is not None and (done := self._fast_step(input, hx, None)) is not None:
+            return done[0]
         input, (h,), is_batched = self._inputs(name, input, [hx], ["hidden"])
         h, _ = self._step(input, h, None)
         return h if is_batched else h.squeeze(0)
@@ -544,6 +559,9 @@ class LSTMCell(_CellBase):
     def forward(
         self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, Tensor]:
+        if type(hx) is tuple and len(hx) == 2:
+            if (done := self._fast_step(input, *hx)) is not None:
+                return done
         states = [None, None] if hx is None else list(hx)
         input, (h, c), is_batched = self._inputs("LSTMCell", input, states, ["hx[0]", "hx[1]"])
         h, c = self._step(input, h, c)

@@ -229,22 +229,19 @@ def rnn_layer(
         (output, h_n, c_n): output [T, B, H_out] (or [N, H_out]), h_n [B, H_out], and c_n
         [B, H] for LSTM, else None.
     """
-    device_type = input.device.type
-    if device_type == "cuda" and torch.is_autocast_enabled(device_type):
+    if input.is_cuda and torch.is_autocast_enabled("cuda"):
         # As torch.nn's recurrent layers: run in the autocast dtype, autocast off inside.
-        dtype = torch.get_autocast_dtype(device_type)
+        dtype = torch.get_autocast_dtype("cuda")
         input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr = (
             None if t is None else t.to(dtype)
             for t in (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr)
         )
-        with torch.autocast(device_type, enabled=False):
+        with torch.autocast("cuda", enabled=False):
             return rnn_layer(
                 mode, input, w_ih, w_hh, b_ih, b_hh, hx, cx,
                 w_hr=w_hr, batch_sizes=batch_sizes, reverse=reverse,
             )  # fmt: skip
-    call = LayerCall(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
-    if torch.compiler.is_compiling():
-        output, h_n, c_n = _ops.layer(*call)
-    else:
-        output, h_n, c_n = _C.layer(*call)
+    # The arguments in LayerCall's order; a call per step costs its every microsecond.
+    door = _ops.layer if torch.compiler.is_compiling() else _C.layer
+    output, h_n, c_n = door(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
     return output, h_n, (c_n if mode == "LSTM" else None)

@@ -1,7 +1,7 @@
 """The one table of tolerances, and the comparison every test uses.
 
 Errors are relative norms, ||actual - expected|| / ||expected||, against a reference computed
-in the same dtype (or in float64 where a test says so). DESIGN.md: fp32 < 1e-5.
+in the same dtype (or in float64 where a test says so). ARCHITECTURE.md: fp32 < 1e-5.
 """
 
 from __future__ import annotations

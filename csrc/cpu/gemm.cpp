@@ -23,7 +23,7 @@ namespace rnn_fused::cpu {
 namespace {
 
 // Block sizes of C and of the reduction for brgemm. On the 2-core AVX-512 CPU of
-// DESIGN.md the per-step 64x512x2048 product runs at about 430 GFLOP/s this way, MKL's
+// the project (AMD EPYC) the per-step 64x512x2048 product runs at about 430 GFLOP/s this way, MKL's
 // sgemm at 175 (MKL takes its AVX2 path on that CPU).
 constexpr int64_t kBlockM = 64;
 constexpr int64_t kBlockN = Panels::kPanel;

@@ -32,18 +32,23 @@ namespace {
 // Target size of a chunk's gate buffer. Forward: about half the L2 cache of a core, so the
 // input projection is still cached when the steps read it. Backward: larger, because the
 // weight gradients are accumulated once per chunk and each accumulation reads and writes
-// them whole (LSTM T=100 B=64 H=512 on the 2-core CPU of DESIGN.md: 8 MiB 140 ms, 1 MiB 170).
+// them whole (LSTM T=100 B=64 H=512 on a 2-core AMD EPYC: 8 MiB 140 ms, 1 MiB 170).
 constexpr int64_t kForwardChunkBytes = int64_t(1) << 20;
 constexpr int64_t kBackwardChunkBytes = int64_t(8) << 20;
 // Steps with fewer multiply-adds than this run on one thread: below it a barrier between
 // threads costs more than the work it splits.
 constexpr int64_t kParallelStepWork = 32768;
 
-// Problems with at most this many rows (steps x batch) skip the weight packing: its cost,
-// about that of reading each weight a few times, would exceed the products of so few rows
-// (an LSTMCell step, a short sequence at batch 1). Their products go to BLAS as stored.
+// Small problems skip the weight packing and the team of threads: calls of at most this
+// many rows (steps x batch), or of at most this many steps (a cell's step at any batch).
+// Packing costs about a few reads of each weight, which so few rows, or a weight read at
+// so few steps, cannot repay; their products go to BLAS as stored, whose own threads split
+// a large product without a team's barriers.
 constexpr int64_t kSmallProblemRows = 32;
-bool small_problem(const Problem& p) { return p.rows <= kSmallProblemRows; }
+constexpr int64_t kSmallProblemSteps = 2;
+bool small_problem(const Problem& p) {
+  return p.rows <= kSmallProblemRows || p.steps <= kSmallProblemSteps;
+}
 
 int step_threads(const Problem& p) {
   if (small_problem(p)) return 1;

@@ -1,0 +1,117 @@
+"""The door from Python to the kernels: the public operator rnn_fused::layer with autograd
+in C++, what its backward saves and computes, and the checks of the backward operator."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import CELLS, make_layer, make_states, rand, seed
+
+import rnn_fused
+from rnn_fused import reference
+from rnn_fused.ops import rnn_layer
+
+DT = torch.float64
+
+
+@pytest.mark.parametrize("mode", CELLS)
+def test_bias_changed_in_place_between_forward_and_backward(mode):
+    """The backward never reads the biases, so (as with torch.nn) changing one in place
+    after the forward leaves the gradients of the forward's values."""
+    seed(mode)
+    layer = make_layer(mode, 4, 7, dtype=DT)
+    x = rand(5, 3, 4, dtype=DT)
+    out, _, _ = rnn_layer(mode, x, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh)
+    expected = reference.rnn_layer(mode, x, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh)
+    want = torch.autograd.grad(expected[0].sum(), [x, layer.w_ih, layer.w_hh, layer.b_ih])
+    with torch.no_grad():
+        layer.b_ih.add_(1.0)
+    got = torch.autograd.grad(out.sum(), [x, layer.w_ih, layer.w_hh, layer.b_ih])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_double_backward_refuses_a_bias_changed_in_place():
+    seed("double")
+    layer = make_layer("GRU", 4, 7, dtype=DT)
+    x = rand(5, 3, 4, dtype=DT)
+    out, _, _ = rnn_layer("GRU", x, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh)
+    with torch.no_grad():
+        layer.b_hh.mul_(2.0)
+    # With create_graph the backward differentiates reference.py's time loop, which needs
+    # the biases of the forward.
+    with pytest.raises(RuntimeError, match=r"b_hh was modified by an inplace operation"):
+        torch.autograd.grad(out.sum(), [x], create_graph=True)
+
+
+@pytest.mark.parametrize("wanted", ["input", "weights", "state"])
+def test_only_the_gradients_asked_for(wanted):
+    """Gradients of one kind of input only: equal to reference.py's, the others absent."""
+    seed(wanted)
+    layer = make_layer("LSTM", 4, 9, dtype=DT)
+    h0, c0 = make_states(layer, 3, dtype=DT)
+    x = rand(6, 3, 4, dtype=DT)
+    leaves = {"input": [x], "weights": layer.tensors(), "state": [h0, c0]}[wanted]
+    for group in ({"input": [x], "weights": layer.tensors(), "state": [h0, c0]}).values():
+        for t in group:
+            t.requires_grad_(any(t is w for w in leaves))
+    args = (x, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh, h0, c0)
+    ours = rnn_layer("LSTM", *args)
+    exact = reference.rnn_layer("LSTM", *args)
+    upstream = [torch.randn_like(o) for o in exact]
+    got = torch.autograd.grad(ours, leaves, upstream)
+    want = torch.autograd.grad(exact, leaves, upstream)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_backward_operator_checks_the_layout_of_grad_output():
+    """A grad_output of the right size in the wrong shape is refused, naming it."""
+    seed("layout")
+    layer = make_layer("GRU", 4, 5, dtype=DT)
+    x = rand(6, 3, 4, dtype=DT).detach()
+    w_ih, w_hh = layer.w_ih.detach(), layer.w_hh.detach()
+    _, _, _, saved, h_prev = torch.ops.rnn_fused.forward(
+        "GRU", x, None, None, w_ih, w_hh, None, None, None, None, False, True
+    )
+    for wrong in (torch.randn(3, 6, 5, dtype=DT), torch.randn(90, dtype=DT)):
+        with pytest.raises(RuntimeError, match=r"grad_output must have shape \[6, 3, 5\]"):
+            torch.ops.rnn_fused.backward(
+                "GRU", wrong, None, None, x, w_ih, w_hh, None, None, False, saved, h_prev, 3,
+                [True, True, True],
+            )  # fmt: skip
+
+
+def test_packed_input_without_initial_state():
+    """Packed input needs no hx: the batch is the first step's, the state starts at zero."""
+    seed("packed")
+    layer = make_layer("RNN_TANH", 4, 5, dtype=DT)
+    batch_sizes = torch.tensor([3, 2, 2, 1])
+    x = rand(8, 4, dtype=DT)
+    ours = rnn_layer("RNN_TANH", x, layer.w_ih, layer.w_hh, batch_sizes=batch_sizes)
+    exact = reference.rnn_layer("RNN_TANH", x, layer.w_ih, layer.w_hh, batch_sizes=batch_sizes)
+    torch.testing.assert_close(ours[0], exact[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours[1], exact[1], rtol=1e-12, atol=1e-12)
+
+
+def test_eager_and_dispatcher_doors_agree():
+    """_C.layer (eager) and torch.ops.rnn_fused.layer (what torch.compile traces) run the
+    same operator: the same bits."""
+    seed("doors")
+    layer = make_layer("LSTM", 4, 6, dtype=torch.float32)
+    h0, c0 = make_states(layer, 2, dtype=torch.float32)
+    x = rand(5, 2, 4, dtype=torch.float32)
+    args = ("LSTM", x, h0, c0, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh, None, None, True)
+    for a, b in zip(rnn_fused.ops._C.layer(*args), torch.ops.rnn_fused.layer(*args), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_cell_fast_path_keeps_torch_nn_errors():
+    """The cells' unchecked fast path falls back to torch.nn's checks and messages."""
+    ours, theirs = rnn_fused.LSTMCell(4, 6), torch.nn.LSTMCell(4, 6)
+    x, h = torch.randn(3, 4), torch.randn(2, 6)
+    with pytest.raises(RuntimeError) as e_ours:
+        ours(x, (h, h))
+    with pytest.raises(RuntimeError) as e_theirs:
+        theirs(x, (h, h))
+    assert str(e_ours.value) == str(e_theirs.value)
