@@ -84,6 +84,24 @@ CUDA_GRID: list[tuple[Shape, tuple[str, ...]]] = [
 QUICK_GRID = [Shape(20, 4, 32, 32), Shape(10, 1, 16, 16, 2, True)]
 
 
+def cpu_description() -> str:
+    """The CPU's name and the features its kernels choose by (a speed result holds for the
+    kind of CPU it was measured on)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    wanted = ["avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile"]
+    return f"{name} ({', '.join(f for f in wanted if f in flags) or 'no AVX-512'})"
+
+
 def torch_module(cell: str, s: Shape, device: str, dtype: torch.dtype) -> nn.Module:
     cls = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN}[cell]
     m = cls(s.I, s.H, num_layers=s.layers, bidirectional=s.bidirectional)
@@ -303,7 +321,7 @@ def main() -> None:
     else:
         grid = [(g, CELLS) for g in (QUICK_GRID if args.quick else CPU_GRID)]
         columns = ["torch.nn", "rnn_fused"]
-        what = f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+        what = f"{torch.get_num_threads()} threads, {cpu_description()}"
     if args.only:
         grid = [(g, cells) for g, cells in grid if str(g) in args.only]
         if not grid:

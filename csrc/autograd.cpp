@@ -104,6 +104,7 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
       b.batch = data["batch"].toSymInt();
       b.mask = GradMask{need[kInput], need[kHx] || need[kCx],
                         need[kWIh] || need[kWHh] || need[kBIh] || need[kBHh] || need[kWHr]};
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the kernel has none
       const auto r = call_backward(b);
       found = {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r),
                std::get<4>(r), std::get<5>(r), std::get<6>(r), std::get<7>(r)};
@@ -155,7 +156,19 @@ LayerResult layer_without_graph(const LayerArgs& a) {
   return {output, h_n, c_n};
 }
 
+// Forward-mode AD has no formula here yet: refuse dual tensors rather than return outputs
+// without tangents (which would read as zero tangents).
+void refuse_forward_ad(const LayerArgs& a) {
+  for (const OptTensor& t : slots_of(a)) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!t || !t->_fw_grad(/*level=*/0).defined(),
+                                "rnn_fused: forward-mode AD (torch.func.jvp, "
+                                "torch.autograd.forward_ad) is not supported by rnn_fused "
+                                "layers yet; got a dual tensor among the inputs");
+  }
+}
+
 LayerResult layer_autograd(const LayerArgs& a) {
+  refuse_forward_ad(a);
   if (!needs_graph(a)) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     return layer_without_graph(a);

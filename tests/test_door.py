@@ -115,3 +115,16 @@ def test_cell_fast_path_keeps_torch_nn_errors():
     with pytest.raises(RuntimeError) as e_theirs:
         theirs(x, (h, h))
     assert str(e_ours.value) == str(e_theirs.value)
+
+
+def test_forward_ad_is_refused_not_silently_zero():
+    """Dual inputs raise instead of giving outputs whose tangents read as zero."""
+    import torch.autograd.forward_ad as fwAD
+
+    seed("fwad")
+    layer = make_layer("LSTM", 4, 5, dtype=DT)
+    x = rand(3, 2, 4, dtype=DT).detach()
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.randn_like(x))
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            rnn_layer("LSTM", dual, layer.w_ih.detach(), layer.w_hh.detach())

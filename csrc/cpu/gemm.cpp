@@ -17,6 +17,12 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
             const double* beta, double* c, const int* ldc) __attribute__((weak));
+void sgemv_(const char* trans, const int* m, const int* n, const float* alpha, const float* a,
+            const int* lda, const float* x, const int* incx, const float* beta, float* y,
+            const int* incy) __attribute__((weak));
+void dgemv_(const char* trans, const int* m, const int* n, const double* alpha, const double* a,
+            const int* lda, const double* x, const int* incx, const double* beta, double* y,
+            const int* incy) __attribute__((weak));
 }
 
 namespace rnn_fused::cpu {
@@ -177,6 +183,20 @@ void matmul_blas(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, co
   const int la = blas_int(std::max<int64_t>(ldb, 1)), lb = blas_int(std::max<int64_t>(lda, 1));
   const int lc = blas_int(ldc);
   const T one = 1, beta = accumulate ? 1 : 0;
+  if (M == 1) {
+    // One row (a cell's step at batch 1): a matrix-vector product, which BLAS runs faster
+    // than a GEMM of one row. Column-major, B is op(B)^T, an N x K matrix (transposed for
+    // trans_b: then stored K x N); the row of A has stride lda when trans_a.
+    const char tv = trans_b ? 'T' : 'N';
+    const int rows = trans_b ? k : m, cols = trans_b ? m : k, inc_a = trans_a ? lb : 1, inc_c = 1;
+    if constexpr (std::is_same_v<T, float>) {
+      if (sgemv_ != nullptr)
+        return sgemv_(&tv, &rows, &cols, &one, B, &la, A, &inc_a, &beta, C, &inc_c);
+    } else {
+      if (dgemv_ != nullptr)
+        return dgemv_(&tv, &rows, &cols, &one, B, &la, A, &inc_a, &beta, C, &inc_c);
+    }
+  }
   if constexpr (std::is_same_v<T, float>) {
     if (sgemm_ != nullptr) return sgemm_(&ta, &tb, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
   } else {
