@@ -29,6 +29,8 @@ enum Slot { kInput, kHx, kCx, kWIh, kWHh, kBIh, kBHh, kWHr, kSlots };
 // The slots only a double backward reads, and their names in saved_data.
 constexpr std::array<Slot, 4> kAsideSlots{kHx, kCx, kBIh, kBHh};
 constexpr std::array<const char*, 4> kAsideNames{"hx", "cx", "b_ih", "b_hh"};
+// saved_data["flags"]: a bit per present slot, and this one for reverse.
+constexpr int64_t kReverseFlag = int64_t(1) << 16;
 
 std::array<OptTensor, kSlots> slots_of(const LayerArgs& a) {
   return {a.input, a.hx, a.cx, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.w_hr};
@@ -49,20 +51,23 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [output, h_n, c_n, saved, h_prev] = call_forward(a, /*train=*/true);
     ctx->save_for_backward({a.input, a.w_ih, a.w_hh, a.w_hr.value_or(at::Tensor()), saved, h_prev});
+    // Few entries: each costs a string key and a hash-map node at every call.
     auto& data = ctx->saved_data;
     data["mode"] = std::string(a.mode);
-    data["reverse"] = a.reverse;
     data["batch_sizes"] = a.batch_sizes;
-    int64_t present = 0;
-    const auto slots = slots_of(a);
-    for (int k = 0; k < kSlots; ++k) present |= int64_t(slots[k].has_value()) << k;
-    data["present"] = present;
     data["batch"] = h_n.sym_size(0);
-    for (size_t k = 0; k < kAsideSlots.size(); ++k) {
-      const OptTensor& t = slots[kAsideSlots[k]];
-      data[kAsideNames[k]] = t;
-      data[std::string(kAsideNames[k]) + ".version"] = t ? t->_version() : int64_t(0);
+    int64_t flags = a.reverse ? kReverseFlag : 0;  // with a bit per present slot
+    const auto slots = slots_of(a);
+    for (int k = 0; k < kSlots; ++k) flags |= int64_t(slots[k].has_value()) << k;
+    data["flags"] = flags;
+    c10::List<OptTensor> aside;
+    c10::List<int64_t> versions;
+    for (const Slot k : kAsideSlots) {
+      aside.push_back(slots[k]);
+      versions.push_back(slots[k] ? slots[k]->_version() : 0);
     }
+    data["aside"] = aside;
+    data["versions"] = versions;
     ctx->set_materialize_grads(false);  // unused outputs' gradients stay undefined, unfilled
     return {output, h_n, c_n};
   }
@@ -71,7 +76,7 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     const variable_list s = ctx->get_saved_variables();
     auto& data = ctx->saved_data;
     const std::string mode = data["mode"].toStringRef();
-    const int64_t present = data["present"].toInt();
+    const int64_t flags = data["flags"].toInt();
     LayerArgs a;
     a.mode = mode;
     a.input = s[0];
@@ -79,7 +84,7 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     a.w_hh = s[2];
     a.w_hr = s[3].defined() ? OptTensor(s[3]) : std::nullopt;
     a.batch_sizes = data["batch_sizes"].toOptional<at::Tensor>();
-    a.reverse = data["reverse"].toBool();
+    a.reverse = (flags & kReverseFlag) != 0;
     const auto grad = [&](int k) {
       return grads[k].defined() ? OptTensor(grads[k]) : std::nullopt;
     };
@@ -92,7 +97,7 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
       // The node's edges are the present slots, in order.
       std::array<bool, kSlots> need{};
       for (int k = 0, edge = 0; k < kSlots; ++k) {
-        if (present >> k & 1) need[k] = ctx->needs_input_grad(edge++);
+        if (flags >> k & 1) need[k] = ctx->needs_input_grad(edge++);
       }
       BackwardArgs b;
       b.layer = a;
@@ -114,7 +119,7 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     }
     variable_list result(1 + kSlots);  // the first for the LayerArgs argument
     for (int k = 0; k < kSlots; ++k) {
-      if (present >> k & 1) result[1 + k] = found[k];
+      if (flags >> k & 1) result[1 + k] = found[k];
     }
     return result;
   }
@@ -125,11 +130,12 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
                                                         const OptTensor& grad_h_n,
                                                         const OptTensor& grad_c_n) {
     auto& data = ctx->saved_data;
+    const auto kept = data["aside"].to<c10::List<OptTensor>>();
+    const auto versions = data["versions"].toIntList();
     std::array<OptTensor, 4> aside;
     for (size_t k = 0; k < kAsideSlots.size(); ++k) {
-      aside[k] = data[kAsideNames[k]].toOptional<at::Tensor>();
-      TORCH_CHECK(!aside[k] || aside[k]->_version() ==
-                                   data[std::string(kAsideNames[k]) + ".version"].toInt(),
+      aside[k] = kept.get(k);
+      TORCH_CHECK(!aside[k] || aside[k]->_version() == versions.get(k),
                   "rnn_fused: ", kAsideNames[k],
                   " was modified by an inplace operation between the forward and a double "
                   "backward (create_graph=True), which reads it again");

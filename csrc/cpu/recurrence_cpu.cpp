@@ -92,6 +92,18 @@ at::Tensor rows_transposed(const at::Tensor& m, int64_t begin, int64_t n) {
   return m.narrow(0, begin, n).t().contiguous();
 }
 
+// Sums of the columns of rows [0, rows) of m (rows ld apart) into sum, or added to it: the
+// bias gradients of a chunk, on the calling thread (a reduction op per chunk costs more
+// than the sums of a short call's few rows, and is no faster on a chunk of long ones).
+template <class T>
+void column_sums(int64_t rows, int64_t cols, const T* m, int64_t ld, T* sum, bool add) {
+  if (!add) std::fill(sum, sum + cols, T(0));
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* row = m + i * ld;
+    for (int64_t j = 0; j < cols; ++j) sum[j] += row[j];
+  }
+}
+
 struct ForwardBuffers {
   at::Tensor output, h_state, c_state, saved, h_prev;  // saved / h_prev: empty unless train
 };
@@ -308,8 +320,8 @@ void run_backward(const Problem& p, const BackwardArgs& a, BackwardBuffers& g) {
       matmul<T>(Hout, GH, rows, h_t.data_ptr<T>(), rows, dhg_p, GH, g.grad_w_hh.data_ptr<T>(), GH,
                 add);
     }
-    g.grad_b_ih.add_(dxg.narrow(0, 0, rows).sum(0));
-    if (Cell::kSplitGrads) g.grad_b_hh.add_(dhg.narrow(0, 0, rows).sum(0));
+    column_sums<T>(rows, GH, dxg_p, GH, g.grad_b_ih.data_ptr<T>(), add);
+    if (Cell::kSplitGrads) column_sums<T>(rows, GH, dhg_p, GH, g.grad_b_hh.data_ptr<T>(), add);
     if (p.proj && small) {
       blas_product<T>(true, false, Hout, H, rows, dr_p, Hout, saved_p + rb * SW + h_block, SW,
                       g.grad_w_hr.data_ptr<T>(), H, add);
@@ -319,7 +331,9 @@ void run_backward(const Problem& p, const BackwardArgs& a, BackwardBuffers& g) {
                 Hout, add);
     }
   }
-  if (!Cell::kSplitGrads && a.mask.weights) g.grad_b_hh.copy_(g.grad_b_ih);
+  if (!Cell::kSplitGrads && a.mask.weights) {
+    std::memcpy(g.grad_b_hh.data_ptr<T>(), g.grad_b_ih.data_ptr<T>(), sizeof(T) * GH);
+  }
 }
 
 BackwardResult backward_cpu(const Problem& p, const BackwardArgs& a) {
@@ -342,8 +356,8 @@ BackwardResult backward_cpu(const Problem& p, const BackwardArgs& a) {
   };
   g.grad_w_ih = weight_grad(GH, p.input_size);
   g.grad_w_hh = weight_grad(GH, p.out_size);
-  g.grad_b_ih = weights ? at::zeros({GH}, opts) : at::empty({0}, opts);
-  g.grad_b_hh = weights ? at::zeros({GH}, opts) : at::empty({0}, opts);
+  g.grad_b_ih = at::empty({weights ? GH : 0}, opts);  // written by the first chunk
+  g.grad_b_hh = at::empty({weights ? GH : 0}, opts);
   g.grad_w_hr = p.proj ? weight_grad(p.out_size, p.hidden) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_fused_backward_cpu", [&] {
