@@ -92,6 +92,10 @@ at::Tensor rows_transposed(const at::Tensor& m, int64_t begin, int64_t n) {
   return m.narrow(0, begin, n).t().contiguous();
 }
 
+// A buffer's size rounded up to a multiple of 16 values (whole 64-byte lines), so that
+// buffers carved out of one allocation start on cache lines of their own.
+inline int64_t padded(int64_t elements) { return (elements + 15) / 16 * 16; }
+
 // Sums of the columns of rows [0, rows) of m (rows ld apart) into sum, or added to it: the
 // bias gradients of a chunk, on the calling thread (a reduction op per chunk costs more
 // than the sums of a short call's few rows, and is no faster on a chunk of long ones).
@@ -123,19 +127,22 @@ void run_forward(const Problem& p, bool train, const LayerArgs& a, ForwardBuffer
   const StepWeight<T> w_hh_t(w_hh, /*transpose=*/true, pack, /*group=*/H);
   const std::optional<StepWeight<T>> w_hr_t =
       p.proj ? std::optional<StepWeight<T>>(std::in_place, *w_hr, true, pack) : std::nullopt;
-  at::Tensor xg = at::empty({max_rows(chunks), GH}, opts);
-  at::Tensor hg = at::empty({p.batch, GH}, opts);
-  // The state a step starts from, when it is not kept for the backward: the step's threads
-  // overwrite h_state while others still read it.
-  at::Tensor h_start = train ? at::Tensor() : at::empty({p.batch, Hout}, opts);
-  // Unprojected h of a step when it is not kept in `saved`.
-  at::Tensor h_scratch = p.proj && !train ? at::empty({p.batch, H}, opts) : at::Tensor();
+  // One scratch allocation (a short call pays for each): xg, the input-side pre-activations
+  // of a chunk; hg, a step's hidden-side ones; h_start, the state a step starts from when it
+  // is not kept for the backward (the step's threads overwrite h_state while others still
+  // read it); h_scratch, the unprojected h of a step when it is not kept in `saved`.
+  const int64_t xg_size = padded(max_rows(chunks) * GH), hg_size = padded(p.batch * GH);
+  const int64_t h_start_size = train ? 0 : padded(p.batch * Hout);
+  const int64_t h_scratch_size = p.proj && !train ? padded(p.batch * H) : 0;
+  const at::Tensor scratch = at::empty({xg_size + hg_size + h_start_size + h_scratch_size}, opts);
+  T* const xg_p = scratch.data_ptr<T>();
+  T* const hg_p = xg_p + xg_size;
+  T* const h_start_p = hg_p + hg_size;
+  T* const h_scratch_p = h_start_p + h_start_size;
 
   const T* x_p = input.data_ptr<T>();
   const T* b_ih_p = ptr_or_null<T>(b_ih);
   const T* b_hh_p = ptr_or_null<T>(b_hh);
-  T* xg_p = xg.data_ptr<T>();
-  T* hg_p = hg.data_ptr<T>();
   T* out_p = out.output.data_ptr<T>();
   T* h_p = out.h_state.data_ptr<T>();
   T* c_p = Cell::kCellState ? out.c_state.data_ptr<T>() : nullptr;
@@ -149,7 +156,7 @@ void run_forward(const Problem& p, bool train, const LayerArgs& a, ForwardBuffer
       for (int64_t s = ch.s_begin; s < ch.s_end; ++s) {
         const int64_t t = p.step_at(s), n = p.batch_sizes[t], r0 = p.offsets[t];
         // The state each row starts from; in training it is kept for the backward.
-        T* h_prev = train ? hprev_p + r0 * Hout : h_start.data_ptr<T>();
+        T* h_prev = train ? hprev_p + r0 * Hout : h_start_p;
         if (team.id == 0) std::memcpy(h_prev, h_p, sizeof(T) * n * Hout);
         team.barrier();
         // Unpacked (a small problem), the hidden-side product comes first, whole.
@@ -160,7 +167,7 @@ void run_forward(const Problem& p, bool train, const LayerArgs& a, ForwardBuffer
         // With a projection the cell's h is unprojected: kept in the last saved block.
         T* h_unproj = !p.proj ? nullptr
                       : train ? saved_p + r0 * SW + p.layout.unprojected_offset()
-                              : h_scratch.data_ptr<T>();
+                              : h_scratch_p;
         const int64_t h_unproj_ld = train ? SW : H;
         // Per tile of rows and hidden units: the hidden-side products of its units in every
         // gate, then the cell math of those units while they are in cache.
