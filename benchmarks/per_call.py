@@ -65,8 +65,9 @@ def _layer_call(m: nn.Module, x: torch.Tensor, grad: bool) -> Callable[[], objec
     return train
 
 
-def cases() -> list[tuple[str, str, Callable[[nn.Module | None], Callable[[], object]]]]:
-    """(name, kind, make(namespace) -> one call) for every per-call row."""
+def cases() -> list[tuple[str, str, Callable[[object], Callable[[], object]]]]:
+    """(name, kind, make(namespace) -> one call) for every per-call row; the namespace is
+    torch.nn or rnn_fused."""
     rows = []
     for H in (32, 256):
         for cell in ("LSTMCell", "GRUCell", "RNNCell"):

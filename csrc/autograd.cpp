@@ -8,12 +8,12 @@
 // are read only by a double backward (create_graph=True), which differentiates the plain
 // time loop of reference.py (rnn_fused::reference_grads, in Python): they are kept aside
 // with their versions, and only that path reads and checks them.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <array>
 #include <string>
+#include <tuple>
 
 #include "op_adapters.h"
 
@@ -36,12 +36,20 @@ std::array<OptTensor, kSlots> slots_of(const LayerArgs& a) {
   return {a.input, a.hx, a.cx, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.w_hr};
 }
 
+// Whether a call records a node: grad mode on and an input that requires grad. Refuses dual
+// tensors: forward-mode AD has no formula here yet, and outputs without tangents would read
+// as zero tangents.
 bool needs_graph(const LayerArgs& a) {
-  if (!at::GradMode::is_enabled()) return false;
+  bool requires_grad = false;
   for (const OptTensor& t : slots_of(a)) {
-    if (t && t->requires_grad()) return true;
+    if (!t) continue;
+    requires_grad = requires_grad || t->requires_grad();
+    TORCH_CHECK_NOT_IMPLEMENTED(!t->_fw_grad(/*level=*/0).defined(),
+                                "rnn_fused: forward-mode AD (torch.func.jvp, "
+                                "torch.autograd.forward_ad) is not supported by rnn_fused "
+                                "layers yet; got a dual tensor among the inputs");
   }
-  return false;
+  return requires_grad && at::GradMode::is_enabled();
 }
 
 struct LayerFunction : public torch::autograd::Function<LayerFunction> {
@@ -140,16 +148,8 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
                   " was modified by an inplace operation between the forward and a double "
                   "backward (create_graph=True), which reads it again");
     }
-    using Sig = std::vector<at::Tensor>(
-        std::string_view, const at::Tensor&, const OptTensor&, const OptTensor&, const at::Tensor&,
-        const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-        bool, const OptTensor&, const OptTensor&, const OptTensor&);
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("rnn_fused::reference_grads", "")
-                               .typed<Sig>();
-    const std::vector<at::Tensor> g =
-        op.call(a.mode, a.input, aside[0], aside[1], a.w_ih, a.w_hh, aside[2], aside[3], a.w_hr,
-                a.batch_sizes, a.reverse, grad_output, grad_h_n, grad_c_n);
+    std::tie(a.hx, a.cx, a.b_ih, a.b_hh) = std::tie(aside[0], aside[1], aside[2], aside[3]);
+    const std::vector<at::Tensor> g = call_reference_grads(a, grad_output, grad_h_n, grad_c_n);
     TORCH_CHECK(g.size() == kSlots, "rnn_fused: reference_grads returned ", g.size(),
                 " gradients, expected ", int(kSlots));
     return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]};
@@ -162,19 +162,7 @@ LayerResult layer_without_graph(const LayerArgs& a) {
   return {output, h_n, c_n};
 }
 
-// Forward-mode AD has no formula here yet: refuse dual tensors rather than return outputs
-// without tangents (which would read as zero tangents).
-void refuse_forward_ad(const LayerArgs& a) {
-  for (const OptTensor& t : slots_of(a)) {
-    TORCH_CHECK_NOT_IMPLEMENTED(!t || !t->_fw_grad(/*level=*/0).defined(),
-                                "rnn_fused: forward-mode AD (torch.func.jvp, "
-                                "torch.autograd.forward_ad) is not supported by rnn_fused "
-                                "layers yet; got a dual tensor among the inputs");
-  }
-}
-
 LayerResult layer_autograd(const LayerArgs& a) {
-  refuse_forward_ad(a);
   if (!needs_graph(a)) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     return layer_without_graph(a);

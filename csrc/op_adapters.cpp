@@ -19,33 +19,46 @@ using LayerSig = LayerResult(std::string_view, const at::Tensor&, const OptTenso
                              const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                              bool);
 
+using GradsSig = std::vector<at::Tensor>(std::string_view, const at::Tensor&, const OptTensor&,
+                                         const OptTensor&, const at::Tensor&, const at::Tensor&,
+                                         const OptTensor&, const OptTensor&, const OptTensor&,
+                                         const OptTensor&, bool, const OptTensor&, const OptTensor&,
+                                         const OptTensor&);
+
+// Each caller keeps the handle in a static of its own: a lookup by name costs more than a
+// small call.
 template <class Sig>
-const c10::TypedOperatorHandle<Sig>& handle(const char* name) {
-  // Looked up once per operator: a lookup by name costs more than a small call.
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-  return op;
+c10::TypedOperatorHandle<Sig> find(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
 }  // namespace
 
 ForwardResult call_forward(const LayerArgs& a, bool train) {
-  return handle<ForwardSig>("rnn_fused::forward")
-      .call(a.mode, a.input, a.hx, a.cx, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.w_hr, a.batch_sizes,
-            a.reverse, train);
+  static const auto op = find<ForwardSig>("rnn_fused::forward");
+  return op.call(a.mode, a.input, a.hx, a.cx, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.w_hr, a.batch_sizes,
+                 a.reverse, train);
 }
 
 BackwardResult call_backward(const BackwardArgs& a) {
   const LayerArgs& l = a.layer;
-  return handle<BackwardSig>("rnn_fused::backward")
-      .call(l.mode, a.grad_output, a.grad_h_n, a.grad_c_n, l.input, l.w_ih, l.w_hh, l.w_hr,
-            l.batch_sizes, l.reverse, a.saved, a.h_prev, a.batch,
-            {a.mask.input, a.mask.state, a.mask.weights});
+  static const auto op = find<BackwardSig>("rnn_fused::backward");
+  return op.call(l.mode, a.grad_output, a.grad_h_n, a.grad_c_n, l.input, l.w_ih, l.w_hh, l.w_hr,
+                 l.batch_sizes, l.reverse, a.saved, a.h_prev, a.batch,
+                 {a.mask.input, a.mask.state, a.mask.weights});
 }
 
 LayerResult call_layer(const LayerArgs& a) {
-  return handle<LayerSig>("rnn_fused::layer")
-      .call(a.mode, a.input, a.hx, a.cx, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.w_hr, a.batch_sizes,
-            a.reverse);
+  static const auto op = find<LayerSig>("rnn_fused::layer");
+  return op.call(a.mode, a.input, a.hx, a.cx, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.w_hr, a.batch_sizes,
+                 a.reverse);
+}
+
+std::vector<at::Tensor> call_reference_grads(const LayerArgs& a, const OptTensor& grad_output,
+                                             const OptTensor& grad_h_n, const OptTensor& grad_c_n) {
+  static const auto op = find<GradsSig>("rnn_fused::reference_grads");
+  return op.call(a.mode, a.input, a.hx, a.cx, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.w_hr, a.batch_sizes,
+                 a.reverse, grad_output, grad_h_n, grad_c_n);
 }
 
 }  // namespace rnn_fused

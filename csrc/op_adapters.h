@@ -6,6 +6,7 @@
 
 #include <array>
 #include <string_view>
+#include <vector>
 
 #include "problem.h"
 
@@ -66,5 +67,9 @@ LayerResult layer_adapter(std::string_view mode, const at::Tensor& input, const 
 ForwardResult call_forward(const LayerArgs& a, bool train);
 BackwardResult call_backward(const BackwardArgs& a);
 LayerResult call_layer(const LayerArgs& a);
+// rnn_fused::reference_grads: the gradients of a's tensor inputs (empty for absent ones),
+// differentiable again, for a double backward.
+std::vector<at::Tensor> call_reference_grads(const LayerArgs& a, const OptTensor& grad_output,
+                                             const OptTensor& grad_h_n, const OptTensor& grad_c_n);
 
 }  // namespace rnn_fused
