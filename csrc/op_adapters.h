@@ -16,19 +16,19 @@ namespace rnn_fused {
 using ForwardEngine = ForwardResult (*)(const Problem&, const LayerArgs&, bool train);
 using BackwardEngine = BackwardResult (*)(const Problem&, const BackwardArgs&);
 
-// rnn_fused::forward on an engine. half_types: whether the engine runs float16/bfloat16.
-template <ForwardEngine Engine, bool kHalfTypes>
+// rnn_fused::forward on an engine.
+template <ForwardEngine Engine>
 ForwardResult forward_adapter(std::string_view mode, const at::Tensor& input, const OptTensor& hx,
                               const OptTensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
                               const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
                               const OptTensor& batch_sizes, bool reverse, bool train) {
   const LayerArgs a{mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse};
-  const Problem p = make_problem(kHalfTypes, a);
+  const Problem p = make_problem(a);
   return Engine(p, a.contiguous(), train);
 }
 
 // rnn_fused::backward on an engine.
-template <BackwardEngine Engine, bool kHalfTypes>
+template <BackwardEngine Engine>
 BackwardResult backward_adapter(std::string_view mode, const OptTensor& grad_output,
                                 const OptTensor& grad_h_n, const OptTensor& grad_c_n,
                                 const at::Tensor& input, const at::Tensor& w_ih,
@@ -46,7 +46,7 @@ BackwardResult backward_adapter(std::string_view mode, const OptTensor& grad_out
   a.h_prev = h_prev;
   a.batch = batch;
   a.mask = GradMask{output_mask[0], output_mask[1], output_mask[2]};
-  const Problem p = make_problem(kHalfTypes, a);
+  const Problem p = make_problem(a);
   return Engine(p, a.contiguous());
 }
 

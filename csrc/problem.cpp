@@ -38,6 +38,30 @@ LayerArgs LayerArgs::contiguous() const {
   return c;
 }
 
+LayerArgs LayerArgs::to(at::ScalarType dtype) const {
+  LayerArgs c = *this;
+  c.input = input.to(dtype);
+  c.w_ih = w_ih.to(dtype);
+  c.w_hh = w_hh.to(dtype);
+  c.hx = rnn_fused::to(hx, dtype);
+  c.cx = rnn_fused::to(cx, dtype);
+  c.b_ih = rnn_fused::to(b_ih, dtype);
+  c.b_hh = rnn_fused::to(b_hh, dtype);
+  c.w_hr = rnn_fused::to(w_hr, dtype);
+  return c;
+}
+
+BackwardArgs BackwardArgs::to(at::ScalarType dtype) const {
+  BackwardArgs c = *this;
+  c.layer = layer.to(dtype);
+  c.grad_output = rnn_fused::to(grad_output, dtype);
+  c.grad_h_n = rnn_fused::to(grad_h_n, dtype);
+  c.grad_c_n = rnn_fused::to(grad_c_n, dtype);
+  c.saved = saved.to(dtype);
+  c.h_prev = h_prev.to(dtype);
+  return c;
+}
+
 BackwardArgs BackwardArgs::contiguous() const {
   BackwardArgs c = *this;
   c.layer = layer.contiguous();
@@ -69,7 +93,7 @@ SavedLayout saved_layout(CellKind kind, bool proj, int64_t hidden) {
   return SavedLayout{blocks, proj, hidden};
 }
 
-Problem make_problem(bool half_types, const LayerArgs& a) {
+Problem make_problem(const LayerArgs& a) {
   const auto& [mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse] = a;
   Problem p;
   p.kind = parse_mode(mode);
@@ -86,12 +110,10 @@ Problem make_problem(bool half_types, const LayerArgs& a) {
               "rnn_fused: w_hr (projection) is only supported for mode LSTM, got mode ", mode);
   TORCH_CHECK(!cx.has_value() || p.kind == CellKind::LSTM,
               "rnn_fused: cx is only used by mode LSTM, got a cx for mode ", mode);
-  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble ||
-                  (half_types &&
-                   (input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16)),
-              "rnn_fused: input dtype must be float32 or float64 (or float16/bfloat16 on "
-              "CUDA), got ",
-              input.scalar_type(), " on ", input.device());
+  const at::ScalarType dtype = input.scalar_type();
+  TORCH_CHECK(
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+      "rnn_fused: input dtype must be float32, float64, float16 or bfloat16, got ", dtype);
 
   TORCH_CHECK(w_ih.dim() == 2, "rnn_fused: w_ih must be 2-D [gates*hidden, input_size], got ",
               w_ih.dim(), "-D");
@@ -172,10 +194,10 @@ Problem make_problem(bool half_types, const LayerArgs& a) {
   return p;
 }
 
-Problem make_problem(bool half_types, const BackwardArgs& a) {
+Problem make_problem(const BackwardArgs& a) {
   TORCH_CHECK(!a.layer.hx && !a.layer.cx && !a.layer.b_ih && !a.layer.b_hh,
               "rnn_fused: the backward takes no states or biases");
-  const Problem p = make_problem(half_types, a.layer);
+  const Problem p = make_problem(a.layer);
   const at::Tensor& input = a.layer.input;
   if (a.grad_output.has_value()) {
     const std::vector<int64_t> shape = p.packed

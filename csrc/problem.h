@@ -44,6 +44,8 @@ struct LayerArgs {
 
   // The same call with every tensor contiguous (what the engines read through pointers).
   LayerArgs contiguous() const;
+  // The same call with every floating-point tensor converted to dtype.
+  LayerArgs to(at::ScalarType dtype) const;
 };
 
 // Which gradients a backward computes: of the input, of the initial states, of the
@@ -62,6 +64,7 @@ struct BackwardArgs {
   GradMask mask;
 
   BackwardArgs contiguous() const;
+  BackwardArgs to(at::ScalarType dtype) const;
 };
 
 // The forward's workspace for the backward, in one place. `saved` [rows, width()] holds per
@@ -106,11 +109,10 @@ CellKind parse_mode(std::string_view mode);
 int64_t gates_of(CellKind kind);
 
 // Validates a layer call and describes it. Every error names the argument, the expected and
-// the actual value. half_types: whether the calling engine runs float16 and bfloat16 (the
-// CUDA one) besides float32 and float64.
-Problem make_problem(bool half_types, const LayerArgs& a);
+// the actual value. Every engine runs float32, float64, float16 and bfloat16.
+Problem make_problem(const LayerArgs& a);
 // Validates the backward's arguments against the problem of its forward.
-Problem make_problem(bool half_types, const BackwardArgs& a);
+Problem make_problem(const BackwardArgs& a);
 
 // What the operators return (ops.cpp has the schemas).
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -125,6 +127,10 @@ const T* ptr_or_null(const OptTensor& t) {
 
 inline OptTensor contiguous(const OptTensor& t) {
   return t.has_value() ? OptTensor(t->contiguous()) : std::nullopt;
+}
+
+inline OptTensor to(const OptTensor& t, at::ScalarType dtype) {
+  return t.has_value() ? OptTensor(t->to(dtype)) : std::nullopt;
 }
 
 }  // namespace rnn_fused

@@ -467,6 +467,7 @@ class _CellBase(_Convertible, nn.Module):
             p["bias_hh"],
             h,
             c,
+            cell=True,
         )
         return h_n, c_n
 

@@ -212,6 +212,7 @@ def rnn_layer(
     w_hr: Tensor | None = None,
     batch_sizes: Tensor | None = None,
     reverse: bool = False,
+    cell: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One recurrent layer in one direction over all steps, with autograd.
 
@@ -224,24 +225,60 @@ def rnn_layer(
         w_hr: LSTM projection [proj_size, H].
         batch_sizes: per-step batch sizes of a PackedSequence (int64, CPU).
         reverse: run from the last step to the first.
+        cell: the call is a step of LSTMCell, GRUCell or RNNCell, whose results under CPU
+            autocast have other dtypes than a layer's (see _cpu_autocast_results).
 
     Returns:
         (output, h_n, c_n): output [T, B, H_out] (or [N, H_out]), h_n [B, H_out], and c_n
         [B, H] for LSTM, else None.
     """
-    if input.is_cuda and torch.is_autocast_enabled("cuda"):
-        # As torch.nn's recurrent layers: run in the autocast dtype, autocast off inside.
-        dtype = torch.get_autocast_dtype("cuda")
-        input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr = (
-            None if t is None else t.to(dtype)
-            for t in (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr)
-        )
-        with torch.autocast("cuda", enabled=False):
-            return rnn_layer(
-                mode, input, w_ih, w_hh, b_ih, b_hh, hx, cx,
-                w_hr=w_hr, batch_sizes=batch_sizes, reverse=reverse,
-            )  # fmt: skip
+    if torch._C._is_any_autocast_enabled() and torch.float32 in (input.dtype, w_ih.dtype):
+        call = LayerCall(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
+        if (done := _under_autocast(call, cell)) is not None:
+            return done
     # The arguments in LayerCall's order; a call per step costs its every microsecond.
     door = _ops.layer if torch.compiler.is_compiling() else _C.layer
     output, h_n, c_n = door(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
     return output, h_n, (c_n if mode == "LSTM" else None)
+
+
+def _under_autocast(call: LayerCall, cell: bool) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    """A float32 call (or one with float32 weights) under autocast, as torch.nn's recurrent
+    layers run it: products in the
+    autocast dtype, and results in the dtypes torch.nn's give. None: autocast is off for the
+    call's device."""
+    device = call.input.device.type
+    if not torch.is_autocast_enabled(device):
+        return None
+    low = torch.get_autocast_dtype(device)
+    low_h, low_c = (True, True) if device != "cpu" else _cpu_autocast_results(call, cell)
+    tensors = call[1:9]  # input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr
+    if low_h and low_c:
+        cast = [None if t is None else t.to(low) for t in tensors]
+    else:
+        # Float32 math on the operands rounded to the autocast dtype: the products see what
+        # torch.nn's see; the states stay float32, as in its cell math.
+        cast = [t if t is None or i in (1, 2) else t.to(low).float() for i, t in enumerate(tensors)]
+    with torch.autocast(device, enabled=False):
+        output, h_n, c_n = rnn_layer(
+            call.mode, cast[0], cast[3], cast[4], cast[5], cast[6], cast[1], cast[2],
+            w_hr=cast[7], batch_sizes=call.batch_sizes, reverse=call.reverse,
+        )  # fmt: skip
+    if low_h and not low_c:
+        output, h_n = output.to(low), h_n.to(low)
+    return output, h_n, c_n
+
+
+def _cpu_autocast_results(call: LayerCall, cell: bool) -> tuple[bool, bool]:
+    """Whether (output and h_n, c_n) come out in the autocast dtype from torch.nn's layer or
+    cell of the call on the CPU. Its products run in the autocast dtype there, and the rest
+    follows type promotion with the float32 states, except in oneDNN's LSTM."""
+    if call.mode in ("RNN_TANH", "RNN_RELU"):
+        return True, True  # h = act(x W + h W): products only
+    if call.mode == "GRU":
+        return False, False  # h = n + z (h_prev - n), with the float32 h_prev
+    if not cell and call.batch_sizes is None and call.w_hr is None:
+        return True, True  # a padded LSTM layer without projection runs oneDNN's LSTM whole
+    # c = f c_prev + i g with the float32 c_prev, h = o tanh(c): float32; a projection of h is
+    # a product again.
+    return call.w_hr is not None, False

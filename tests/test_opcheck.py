@@ -18,8 +18,7 @@ CASES = [
 ]
 
 
-def _forward_args(mode: str, case: str) -> tuple:
-    dt = torch.float64
+def _forward_args(mode: str, case: str, dt: torch.dtype = torch.float64) -> tuple:
     proj = 2 if case == "proj" else 0
     layer = make_layer(mode, 4, 5, bias=case != "no-optionals", proj=proj, dtype=dt)
     h0, c0 = make_states(layer, 3, dtype=dt)
@@ -46,10 +45,11 @@ def _forward_args(mode: str, case: str) -> tuple:
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(("mode", "case"), CASES)
-def test_opcheck_layer(mode, case):
-    seed(mode, case)
-    torch.library.opcheck(torch.ops.rnn_fused.layer.default, _forward_args(mode, case))
+def test_opcheck_layer(mode, case, dtype):
+    seed(mode, case, dtype)
+    torch.library.opcheck(torch.ops.rnn_fused.layer.default, _forward_args(mode, case, dtype))
 
 
 @pytest.mark.parametrize(("mode", "case"), CASES)

@@ -204,7 +204,8 @@ void run_forward(const Problem& p, bool train, const LayerArgs& a, ForwardBuffer
   }
 }
 
-ForwardResult forward_cpu(const Problem& p, const LayerArgs& a, bool train) {
+// forward_native and backward_native run float32 and float64 calls in their own dtype.
+ForwardResult forward_native(const Problem& p, const LayerArgs& a, bool train) {
   const auto opts = a.input.options();
   const int64_t kept_rows = train ? p.rows : 0;
 
@@ -343,7 +344,7 @@ void run_backward(const Problem& p, const BackwardArgs& a, BackwardBuffers& g) {
   }
 }
 
-BackwardResult backward_cpu(const Problem& p, const BackwardArgs& a) {
+BackwardResult backward_native(const Problem& p, const BackwardArgs& a) {
   const at::Tensor& input = a.layer.input;
   const auto opts = input.options();
   const int64_t GH = p.gate_width();
@@ -387,11 +388,34 @@ BackwardResult backward_cpu(const Problem& p, const BackwardArgs& a) {
           p.proj ? as_weight(g.grad_w_hr) : none()};
 }
 
+// float16 and bfloat16 calls run the float32 engine on float32 copies of their tensors
+// (each weight converted once per call) and round its results to their dtype: products,
+// cell state and gate math in float32, the workspace in the call's dtype, as on CUDA.
+bool half_type(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+template <class Result>
+Result rounded(Result r, at::ScalarType dtype) {
+  std::apply([&](auto&... t) { ((t = t.to(dtype)), ...); }, r);
+  return r;
+}
+
+ForwardResult forward_cpu(const Problem& p, const LayerArgs& a, bool train) {
+  const at::ScalarType dtype = a.input.scalar_type();
+  if (!half_type(dtype)) return forward_native(p, a, train);
+  return rounded(forward_native(p, a.to(at::kFloat), train), dtype);
+}
+
+BackwardResult backward_cpu(const Problem& p, const BackwardArgs& a) {
+  const at::ScalarType dtype = a.layer.input.scalar_type();
+  if (!half_type(dtype)) return backward_native(p, a);
+  return rounded(backward_native(p, a.to(at::kFloat)), dtype);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rnn_fused, CPU, m) {
-  m.impl("forward", &forward_adapter<forward_cpu, /*half_types=*/false>);
-  m.impl("backward", &backward_adapter<backward_cpu, /*half_types=*/false>);
+  m.impl("forward", &forward_adapter<forward_cpu>);
+  m.impl("backward", &backward_adapter<backward_cpu>);
 }
 
 }  // namespace rnn_fused::cpu

@@ -140,8 +140,8 @@ BackwardResult backward_cuda(const Problem& p, const BackwardArgs& a) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rnn_fused, CUDA, m) {
-  m.impl("forward", &forward_adapter<forward_cuda, /*half_types=*/true>);
-  m.impl("backward", &backward_adapter<backward_cuda, /*half_types=*/true>);
+  m.impl("forward", &forward_adapter<forward_cuda>);
+  m.impl("backward", &backward_adapter<backward_cuda>);
 }
 
 }  // namespace rnn_fused::cuda

@@ -261,6 +261,6 @@ BackwardResult engine_backward(const Problem& p, const BackwardArgs& a) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_step", &forward_step);
   m.def("backward_step", &backward_step);
-  m.def("forward", &forward_adapter<engine_forward, /*half_types=*/true>);
-  m.def("backward", &backward_adapter<engine_backward, /*half_types=*/true>);
+  m.def("forward", &forward_adapter<engine_forward>);
+  m.def("backward", &backward_adapter<engine_backward>);
 }

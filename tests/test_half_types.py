@@ -1,0 +1,144 @@
+"""float16 and bfloat16 on the CPU: every cell and layer feature against torch.nn under the
+half-type accuracy rule (half_cases.py), and the dtypes that come out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from half_cases import HALF_CONFIGS, HALF_TYPES, half_layer_errors, half_type_errors
+from helpers import seed
+from tolerances import rel_err
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import rnn_fused
+
+# Slack for errors at the level of float32 rounding, where "twice" means little.
+SLACK = 1e-4
+
+
+def _assert_rule(errors: list[tuple[float, float]]) -> None:
+    for i, (ours, theirs) in enumerate(errors):
+        assert ours <= 2 * theirs + SLACK, f"tensor {i}: ours {ours:.2e}, torch.nn {theirs:.2e}"
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize(("cell", "kw"), HALF_CONFIGS, ids=[c for c, _ in HALF_CONFIGS])
+def test_layer_no_worse_than_twice_torch_nn(cell, kw, dtype):
+    seed(cell, kw, dtype)
+    _assert_rule(half_layer_errors(cell, kw, dtype, "cpu"))
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cell_no_worse_than_twice_torch_nn(name, dtype):
+    seed(name, dtype)
+    theirs = getattr(nn, name)(5, 33).to(dtype)
+    ours = getattr(rnn_fused, name).from_torch(theirs)
+    exact = getattr(nn, name)(5, 33).double()
+    exact.load_state_dict({k: v.double() for k, v in theirs.state_dict().items()})
+    x = torch.randn(3, 5).to(dtype)
+    states = [torch.randn(3, 33).to(dtype) for _ in range(2 if name == "LSTMCell" else 1)]
+    _assert_rule(half_type_errors(ours, theirs, exact, x, states))
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+def test_packed_bidirectional_matches_float64(dtype):
+    seed("packed", dtype)
+    theirs = nn.LSTM(5, 33, bidirectional=True).to(dtype)
+    ours = rnn_fused.LSTM.from_torch(theirs)
+    exact = nn.LSTM(5, 33, bidirectional=True).double()
+    exact.load_state_dict({k: v.double() for k, v in theirs.state_dict().items()})
+    x = torch.randn(7, 3, 5).to(dtype)
+    lengths = [7, 4, 2]
+    out, (h_n, c_n) = ours(pack_padded_sequence(x, lengths))
+    ref, (h64, c64) = exact(pack_padded_sequence(x.double(), lengths))
+    base, _ = theirs(pack_padded_sequence(x, lengths))
+    assert out.data.dtype == h_n.dtype == c_n.dtype == dtype
+    got, want = pad_packed_sequence(out)[0], pad_packed_sequence(ref)[0]
+    assert rel_err(got, want) <= 2 * rel_err(pad_packed_sequence(base)[0], want) + SLACK
+    assert rel_err(h_n, h64) < 1e-2 and rel_err(c_n, c64) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+def test_operator_results_and_workspace_in_input_dtype(mode, dtype):
+    """The forward's results and its workspace come out in the call's dtype (its float32
+    math stays inside the call), and a backward from that workspace takes it back."""
+    seed(mode, dtype)
+    gates = rnn_fused.ops.GATES[mode]
+    x = torch.randn(4, 3, 6).to(dtype)
+    w_ih, w_hh = torch.randn(gates * 9, 6).to(dtype), torch.randn(gates * 9, 9).to(dtype)
+    outs = torch.ops.rnn_fused.forward(mode, x, None, None, w_ih, w_hh, None, None, None, None,
+                                       False, True)  # fmt: skip
+    lstm = mode == "LSTM"
+    assert all(t.dtype == dtype for t in outs if t.numel() or not lstm)
+    output, _, _, saved, h_prev = outs
+    grads = torch.ops.rnn_fused.backward(mode, torch.randn_like(output), None, None, x, w_ih,
+                                         w_hh, None, None, False, saved, h_prev, 3,
+                                         [True, True, True])  # fmt: skip
+    assert [g.dtype for g in grads] == [dtype] * len(grads)
+    assert grads[0].shape == x.shape and grads[3].shape == w_ih.shape
+
+
+AUTOCAST_CASES = [
+    ("LSTM", dict(num_layers=2, bidirectional=True), False),
+    ("LSTM", dict(num_layers=2, bidirectional=True), True),
+    ("LSTM", dict(num_layers=2, proj_size=3), False),
+    ("GRU", dict(num_layers=2), False),
+    ("GRU", dict(), True),
+    ("RNN", dict(nonlinearity="relu"), False),
+    ("RNN", dict(num_layers=2), True),
+    ("LSTMCell", dict(), False),
+    ("GRUCell", dict(), False),
+    ("RNNCell", dict(), False),
+]
+
+
+def _flat(result) -> list[torch.Tensor]:
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if hasattr(result, "batch_sizes"):
+        return [result.data]
+    return [t for r in result for t in _flat(r)]
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize(("name", "kw", "packed"), AUTOCAST_CASES)
+def test_cpu_autocast_like_torch_nn(name, kw, packed, dtype):
+    """A float32 module under torch.autocast("cpu"): the dtypes torch.nn's results have, and
+    values and parameter gradients within the accuracy rule against float64 on the rounded
+    operands."""
+    seed(name, kw, packed, dtype)
+    theirs = getattr(nn, name)(5, 33, **kw)
+    ours = rnn_fused.replace_rnns(getattr(nn, name)(5, 33, **kw))
+    ours.load_state_dict(theirs.state_dict())
+    exact = getattr(nn, name)(5, 33, **kw).double()
+    # The reference runs what autocast asks for: products of the operands rounded to dtype.
+    exact.load_state_dict({k: v.to(dtype).double() for k, v in theirs.state_dict().items()})
+    cell = name.endswith("Cell")
+    x = torch.randn(3, 5) if cell else torch.randn(7, 3, 5)
+
+    def run(module, inp):
+        if packed:
+            inp = pack_padded_sequence(inp, [7, 5, 2])
+        with torch.autocast("cpu", dtype=dtype):
+            outs = _flat(module(inp))
+        grads = torch.autograd.grad(sum(o.double().sum() for o in outs), list(module.parameters()))
+        return outs, list(grads)
+
+    got, got_grads = run(ours, x)
+    want, want_grads = run(exact, x.to(dtype).double())
+    try:
+        base, base_grads = run(theirs, x)
+    except RuntimeError:
+        # torch.nn's oneDNN LSTM refuses float16 on CPUs without float16 support; where it
+        # runs, its results are in the autocast dtype, as ours are.
+        assert dtype == torch.float16 and name == "LSTM" and not packed
+        assert all(o.dtype == dtype for o in got)
+        assert all(rel_err(o, w) < 1e-2 for o, w in zip(got, want))
+        return
+    assert [o.dtype for o in got] == [o.dtype for o in base]
+    assert [g.dtype for g in got_grads] == [torch.float32] * len(got_grads)
+    for a, b, r in zip(got + got_grads, base + base_grads, want + want_grads):
+        assert rel_err(a, r) <= 2 * rel_err(b, r) + SLACK
