@@ -4,6 +4,7 @@
 // per-call cost of torch.ops' argument matching) and the cells' layout facts.
 #include <torch/extension.h>
 
+#include "cpu/bf16_dot.h"
 #include "op_adapters.h"
 
 namespace {
@@ -48,4 +49,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return saved_layout(parse_mode(mode), proj, 1).blocks();
       },
       "Blocks of width hidden_size per row of the forward's `saved` workspace.");
+  m.def("cpu_bf16_dot", &cpu::has_bf16_dot,
+        "Whether bfloat16 products on this CPU run on AVX-512 BF16 dot products.");
 }

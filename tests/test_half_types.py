@@ -22,11 +22,36 @@ def _assert_rule(errors: list[tuple[float, float]]) -> None:
         assert ours <= 2 * theirs + SLACK, f"tensor {i}: ours {ours:.2e}, torch.nn {theirs:.2e}"
 
 
+# Short calls (21 rows) run unpacked weights through BLAS; long ones (65 rows) pack them, and
+# bfloat16 ones take the bfloat16 dot products where the CPU has them.
+LENGTHS = {"short": (7, 3), "long": (13, 5)}
+
+
+@pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
 @pytest.mark.parametrize(("cell", "kw"), HALF_CONFIGS, ids=[c for c, _ in HALF_CONFIGS])
-def test_layer_no_worse_than_twice_torch_nn(cell, kw, dtype):
-    seed(cell, kw, dtype)
-    _assert_rule(half_layer_errors(cell, kw, dtype, "cpu"))
+def test_layer_no_worse_than_twice_torch_nn(cell, kw, dtype, length):
+    seed(cell, kw, dtype, length)
+    _assert_rule(half_layer_errors(cell, kw, dtype, "cpu", *LENGTHS[length]))
+
+
+@pytest.mark.skipif(
+    not rnn_fused._C.cpu_bf16_dot(), reason="this CPU has no AVX-512 BF16 dot products"
+)
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_bf16_dot_products_run_and_match_float32_products(mode, monkeypatch):
+    """The bfloat16 dot-product path is the one taken (its bits differ from float32 products
+    of the same operands) and agrees with it to bfloat16 rounding of the recurrent state."""
+    seed("bf16 dot", mode)
+    gates = rnn_fused.ops.GATES[mode]
+    x = torch.randn(13, 5, 37).bfloat16()
+    w_ih, w_hh = torch.randn(gates * 67, 37).bfloat16(), torch.randn(gates * 67, 67).bfloat16()
+    w_ih, w_hh = w_ih / 6, w_hh / 8
+    dot = rnn_fused.rnn_layer(mode, x, w_ih, w_hh)[0]
+    monkeypatch.setenv("RNN_FUSED_BF16_DOT", "0")
+    plain = rnn_fused.rnn_layer(mode, x, w_ih, w_hh)[0]
+    assert not torch.equal(dot, plain)
+    assert rel_err(dot, plain.double()) < 2e-2
 
 
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)

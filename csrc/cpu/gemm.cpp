@@ -234,36 +234,10 @@ void product(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
   }
 }
 
-}  // namespace
-
+// C[M, width] (+)= A[M, K] @ one float panel (width <= kPanel).
 template <class T>
-void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
-            int64_t ldc, bool accumulate) {
-  product<T>(M, N, K, A, lda, B, ldb, C, ldc, accumulate, /*panels=*/false);
-}
-
-template <class T>
-void matmul(int64_t M, const T* A, int64_t lda, const Panels& B, T* C, int64_t ldc,
-            bool accumulate) {
-  TORCH_INTERNAL_ASSERT(B.group == B.N, "a full product needs panels packed in one group");
-  product<T>(M, B.N, B.K, A, lda, B.data.data_ptr<T>(), 0, C, ldc, accumulate, /*panels=*/true);
-}
-
-template <class T>
-void blas_product(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
-                  int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    if (!accumulate)
-      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, T(0));
-    return;
-  }
-  matmul_blas<T>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
-}
-
-template <class T>
-void panel_product(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t width,
-                   T* C, int64_t ldc, bool accumulate) {
+void one_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t width, T* C,
+               int64_t ldc, bool accumulate) {
   constexpr int64_t P = Panels::kPanel;
   if (M == 0 || width == 0) return;
   if (K == 0) {
@@ -289,25 +263,92 @@ void panel_product(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel
   }
 }
 
-Panels pack_panels(const at::Tensor& b, int64_t group) {
+// C (+)= A @ B on bfloat16 panels: blocks of rows and panels split over threads.
+void bf16_matmul(int64_t M, const float* A, int64_t lda, const Panels& B, float* C, int64_t ldc,
+                 bool accumulate) {
+  const int64_t mb = (M + kBlockM - 1) / kBlockM, nb = B.N / B.group * B.per_group;
+  at::parallel_for(0, mb * nb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t i = blk % mb * kBlockM, jb = blk / mb;
+      const int64_t g = jb / B.per_group, j = jb % B.per_group * Panels::kPanel;
+      bf16_panel_product(std::min(kBlockM, M - i), B.K, A + i * lda, lda,
+                         B.panel<at::BFloat16>(g, jb % B.per_group),
+                         std::min(Panels::kPanel, B.group - j), C + i * ldc + g * B.group + j, ldc,
+                         accumulate);
+    }
+  });
+}
+
+}  // namespace
+
+template <class T>
+void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+            int64_t ldc, bool accumulate) {
+  product<T>(M, N, K, A, lda, B, ldb, C, ldc, accumulate, /*panels=*/false);
+}
+
+template <class T>
+void matmul(int64_t M, const T* A, int64_t lda, const Panels& B, T* C, int64_t ldc,
+            bool accumulate) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (B.bf16()) return M == 0 ? void() : bf16_matmul(M, A, lda, B, C, ldc, accumulate);
+  }
+  TORCH_INTERNAL_ASSERT(B.group == B.N, "a full product needs panels packed in one group");
+  product<T>(M, B.N, B.K, A, lda, B.data.data_ptr<T>(), 0, C, ldc, accumulate, /*panels=*/true);
+}
+
+template <class T>
+void panel_product(int64_t M, const T* A, int64_t lda, const Panels& B, int64_t g, int64_t j, T* C,
+                   int64_t ldc, bool accumulate) {
+  const int64_t width = std::min(Panels::kPanel, B.group - j * Panels::kPanel);
+  if constexpr (std::is_same_v<T, float>) {
+    if (B.bf16()) {
+      return bf16_panel_product(M, B.K, A, lda, B.panel<at::BFloat16>(g, j), width, C, ldc,
+                                accumulate);
+    }
+  }
+  one_panel<T>(M, B.K, A, lda, B.panel<T>(g, j), width, C, ldc, accumulate);
+}
+
+template <class T>
+void blas_product(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
+                  int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, T(0));
+    return;
+  }
+  matmul_blas<T>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+Panels pack_panels(const at::Tensor& b, int64_t group, bool bf16) {
   const int64_t K = b.size(0), N = b.size(1), P = Panels::kPanel;
   group = group > 0 ? group : N;
-  if (N == 0 || group == 0) return {at::empty({0, 0, K, P}, b.options()), K, N, group, 0};
+  if (N == 0 || group == 0) {
+    return {at::empty({0}, b.options().dtype(bf16 ? at::kBFloat16 : b.scalar_type())), K, N, group,
+            0};
+  }
   TORCH_INTERNAL_ASSERT(N % group == 0);
   const int64_t groups = N / group, per_group = (group + P - 1) / P;
   at::Tensor grouped = b.reshape({K, groups, group});
   if (per_group * P != group) grouped = at::constant_pad_nd(grouped, {0, per_group * P - group});
-  at::Tensor data = grouped.reshape({K, groups, per_group, P}).permute({1, 2, 0, 3}).contiguous();
-  return {data, K, N, group, per_group};
+  at::Tensor data = grouped.reshape({K, groups, per_group, P}).permute({1, 2, 0, 3});
+  if (bf16) {
+    // Rows in pairs: [groups, per_group, K2, P, 2].
+    if (K % 2 != 0) data = at::constant_pad_nd(data, {0, 0, 0, 1});
+    data = data.to(at::kBFloat16).reshape({groups, per_group, (K + 1) / 2, 2, P}).transpose(3, 4);
+  }
+  return {data.contiguous(), K, N, group, per_group};
 }
 
-#define RF_INSTANTIATE(T)                                                                      \
-  template void matmul<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*, \
-                          int64_t, bool);                                                      \
-  template void matmul<T>(int64_t, const T*, int64_t, const Panels&, T*, int64_t, bool);       \
-  template void blas_product<T>(bool, bool, int64_t, int64_t, int64_t, const T*, int64_t,      \
-                                const T*, int64_t, T*, int64_t, bool);                         \
-  template void panel_product<T>(int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*,   \
+#define RF_INSTANTIATE(T)                                                                         \
+  template void matmul<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*,    \
+                          int64_t, bool);                                                         \
+  template void matmul<T>(int64_t, const T*, int64_t, const Panels&, T*, int64_t, bool);          \
+  template void blas_product<T>(bool, bool, int64_t, int64_t, int64_t, const T*, int64_t,         \
+                                const T*, int64_t, T*, int64_t, bool);                            \
+  template void panel_product<T>(int64_t, const T*, int64_t, const Panels&, int64_t, int64_t, T*, \
                                  int64_t, bool);
 RF_INSTANTIATE(float)
 RF_INSTANTIATE(double)

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "bf16_dot.h"
+
 namespace rnn_fused::cpu {
 
 // C[M, N] = A[M, K] @ B[K, N] (accumulate: C += ...), leading dimensions lda, ldb, ldc.
@@ -29,29 +31,39 @@ void blas_product(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, c
 // the end of each group. Read step after step, a panel streams in order and stays in the
 // cache of the thread that owns it (a plain row-major B whose row length is a power of two
 // would thrash cache sets), and one thread can own the same units of every gate.
+//
+// bfloat16 panels (for products on bfloat16 dot products, bf16_dot.h) hold each panel's K
+// rows in pairs: [ceil(K/2), kPanel, 2], an odd last row padded with zeros.
 struct Panels {
   static constexpr int64_t kPanel = 64;
-  at::Tensor data;  // [groups, panels_per_group, K, kPanel]
+  at::Tensor data;  // [groups, panels_per_group, K, kPanel], or the pairs of rows of bfloat16
   int64_t K = 0, N = 0, group = 0, per_group = 0;
 
+  bool bf16() const { return data.defined() && data.scalar_type() == at::kBFloat16; }
+  // Values of one panel: K rows, or K rounded up to even for bfloat16.
+  int64_t panel_size() const { return (bf16() ? (K + 1) / 2 * 2 : K) * kPanel; }
   template <class T>
   const T* panel(int64_t g, int64_t j) const {
-    return data.data_ptr<T>() + (g * per_group + j) * K * kPanel;
+    return data.data_ptr<T>() + (g * per_group + j) * panel_size();
   }
 };
 
-// b: [K, N] with any strides (a transposed view is fine); group must divide N (default N).
-Panels pack_panels(const at::Tensor& b, int64_t group = 0);
+static_assert(Panels::kPanel == kBf16Panel, "one panel width for both layouts");
 
-// C[M, N] = A[M, K] @ B (accumulate: C += ...), B packed with one group.
+// b: [K, N] with any strides (a transposed view is fine); group must divide N (default N).
+// bf16: bfloat16 panels of b's values rounded to nearest even.
+Panels pack_panels(const at::Tensor& b, int64_t group = 0, bool bf16 = false);
+
+// C[M, N] = A[M, K] @ B (accumulate: C += ...), B packed with one group. bfloat16 panels
+// take A rounded to bfloat16 (T is float32 then).
 template <class T>
 void matmul(int64_t M, const T* A, int64_t lda, const Panels& B, T* C, int64_t ldc,
             bool accumulate);
 
-// C[M, width] = A[M, K] @ one panel (width <= kPanel), or C += ..., on the calling thread:
-// for work already split over threads by the caller.
+// C[M, columns of panel j of group g] = A[M, K] @ that panel of B (accumulate: C += ...), on
+// the calling thread: for work already split over threads by the caller.
 template <class T>
-void panel_product(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t width,
-                   T* C, int64_t ldc, bool accumulate = false);
+void panel_product(int64_t M, const T* A, int64_t lda, const Panels& B, int64_t g, int64_t j, T* C,
+                   int64_t ldc, bool accumulate = false);
 
 }  // namespace rnn_fused::cpu

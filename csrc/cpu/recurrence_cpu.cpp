@@ -15,12 +15,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <tuple>
 #include <vector>
 
 #include "../op_adapters.h"
 #include "../problem.h"
+#include "bf16_dot.h"
 #include "gemm.h"
 #include "pointwise.h"
 #include "step_weight.h"
@@ -113,7 +115,7 @@ struct ForwardBuffers {
 };
 
 template <template <class> class CellT, class T>
-void run_forward(const Problem& p, bool train, const LayerArgs& a, ForwardBuffers& out) {
+void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, ForwardBuffers& out) {
   const at::Tensor &input = a.input, &w_ih = a.w_ih, &w_hh = a.w_hh;
   const OptTensor &b_ih = a.b_ih, &b_hh = a.b_hh, &w_hr = a.w_hr;
   using Cell = CellT<T>;
@@ -123,10 +125,11 @@ void run_forward(const Problem& p, bool train, const LayerArgs& a, ForwardBuffer
   const std::vector<Chunk> chunks = make_chunks(p, sizeof(T), kForwardChunkBytes);
   // Products with the transposed weights ([in, out]); W_hh's panels are grouped by gate.
   const bool pack = !small_problem(p);
-  const StepWeight<T> w_ih_t(w_ih, /*transpose=*/true, pack);
-  const StepWeight<T> w_hh_t(w_hh, /*transpose=*/true, pack, /*group=*/H);
+  const StepWeight<T> w_ih_t(w_ih, /*transpose=*/true, pack, 0, bf16);
+  const StepWeight<T> w_hh_t(w_hh, /*transpose=*/true, pack, /*group=*/H, bf16);
   const std::optional<StepWeight<T>> w_hr_t =
-      p.proj ? std::optional<StepWeight<T>>(std::in_place, *w_hr, true, pack) : std::nullopt;
+      p.proj ? std::optional<StepWeight<T>>(std::in_place, *w_hr, true, pack, 0, bf16)
+             : std::nullopt;
   // One scratch allocation (a short call pays for each): xg, the input-side pre-activations
   // of a chunk; hg, a step's hidden-side ones; h_start, the state a step starts from when it
   // is not kept for the backward (the step's threads overwrite h_state while others still
@@ -175,9 +178,8 @@ void run_forward(const Problem& p, bool train, const LayerArgs& a, ForwardBuffer
         for (int64_t k_tile = team.begin(tiles); k_tile < team.end(tiles); ++k_tile) {
           const Tile tl = tile_at(k_tile, n, H);
           for (int64_t k = 0; k < Cell::kGates && w_hh_t.packed(); ++k) {
-            panel_product<T>(tl.rows, Hout, h_prev + tl.i0 * Hout, Hout,
-                             w_hh_t.panels().template panel<T>(k, tl.u0 / Panels::kPanel),
-                             tl.u1 - tl.u0, hg_p + tl.i0 * GH + k * H + tl.u0, GH);
+            panel_product<T>(tl.rows, h_prev + tl.i0 * Hout, Hout, w_hh_t.panels(), k,
+                             tl.u0 / Panels::kPanel, hg_p + tl.i0 * GH + k * H + tl.u0, GH);
           }
           for (int64_t i = tl.i0; i < tl.i0 + tl.rows; ++i) {
             ForwardRow<T> row{xg_p + (r0 - ch.row_begin + i) * GH,
@@ -204,8 +206,10 @@ void run_forward(const Problem& p, bool train, const LayerArgs& a, ForwardBuffer
   }
 }
 
-// forward_native and backward_native run float32 and float64 calls in their own dtype.
-ForwardResult forward_native(const Problem& p, const LayerArgs& a, bool train) {
+// forward_native and backward_native run float32 and float64 calls in their own dtype. bf16:
+// the products of packed weights (and the backward's weight gradients) round their operands
+// to bfloat16 and run on bfloat16 dot products, for bfloat16 calls (float32 tensors then).
+ForwardResult forward_native(const Problem& p, const LayerArgs& a, bool train, bool bf16) {
   const auto opts = a.input.options();
   const int64_t kept_rows = train ? p.rows : 0;
 
@@ -222,7 +226,7 @@ ForwardResult forward_native(const Problem& p, const LayerArgs& a, bool train) {
   AT_DISPATCH_FLOATING_TYPES(a.input.scalar_type(), "rnn_fused_forward_cpu", [&] {
     dispatch_cell(p.kind, [&](auto tag) {
       using Tag = decltype(tag);
-      run_forward<Tag::template Cell, scalar_t>(p, train, a, out);
+      run_forward<Tag::template Cell, scalar_t>(p, train, bf16, a, out);
     });
   });
   return {out.output, out.h_state, out.c_state, out.saved, out.h_prev};
@@ -235,8 +239,19 @@ struct BackwardBuffers {
   at::Tensor grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr;
 };
 
+// C[M, N] (+)= A[M, K] @ B for B the first K rows of b ([.., N], contiguous); with bf16 on
+// bfloat16 panels of B.
+template <class T>
+void times_rows(int64_t M, const T* A, int64_t lda, const at::Tensor& b, int64_t K, T* C,
+                int64_t ldc, bool accumulate, bool bf16) {
+  const int64_t N = b.size(1);
+  if (bf16)
+    return matmul<T>(M, A, lda, pack_panels(b.narrow(0, 0, K), 0, true), C, ldc, accumulate);
+  matmul<T>(M, N, K, A, lda, b.data_ptr<T>(), N, C, ldc, accumulate);
+}
+
 template <template <class> class CellT, class T>
-void run_backward(const Problem& p, const BackwardArgs& a, BackwardBuffers& g) {
+void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBuffers& g) {
   const at::Tensor &input = a.layer.input, &w_ih = a.layer.w_ih, &w_hh = a.layer.w_hh;
   const at::Tensor &saved = a.saved, &h_prev_all = a.h_prev;
   const OptTensor& w_hr = a.layer.w_hr;
@@ -258,9 +273,15 @@ void run_backward(const Problem& p, const BackwardArgs& a, BackwardBuffers& g) {
   const T* gout_p = ptr_or_null<T>(a.grad_output);
   const T* w_ih_p = w_ih.data_ptr<T>();
   const bool small = small_problem(p);
-  const StepWeight<T> w_hh_b(w_hh, /*transpose=*/false, !small);
+  const StepWeight<T> w_hh_b(w_hh, /*transpose=*/false, !small, 0, bf16);
   const std::optional<StepWeight<T>> w_hr_b =
-      p.proj ? std::optional<StepWeight<T>>(std::in_place, *w_hr, false, !small) : std::nullopt;
+      p.proj ? std::optional<StepWeight<T>>(std::in_place, *w_hr, false, !small, 0, bf16)
+             : std::nullopt;
+  // dX = dG W_ih: on bfloat16 panels of W_ih, packed once, when products are in bfloat16.
+  const std::optional<StepWeight<T>> w_ih_b =
+      bf16 && !small && a.mask.input
+          ? std::optional<StepWeight<T>>(std::in_place, w_ih, false, true, 0, true)
+          : std::nullopt;
   const T* saved_p = saved.data_ptr<T>();
   const T* hprev_p = h_prev_all.data_ptr<T>();
   T* gin_p = a.mask.input ? g.grad_input.data_ptr<T>() : nullptr;
@@ -312,7 +333,11 @@ void run_backward(const Problem& p, const BackwardArgs& a, BackwardBuffers& g) {
     // first chunk processed writes the gradients, the others add to them.
     const int64_t rb = ch->row_begin, rows = ch->rows;
     const bool add = ch != chunks.rbegin();
-    if (a.mask.input) matmul<T>(rows, I, GH, dxg_p, GH, w_ih_p, I, gin_p + rb * I, I, false);
+    if (w_ih_b.has_value()) {
+      w_ih_b->product(rows, dxg_p, GH, gin_p + rb * I, I, false);
+    } else if (a.mask.input) {
+      matmul<T>(rows, I, GH, dxg_p, GH, w_ih_p, I, gin_p + rb * I, I, false);
+    }
     if (!a.mask.weights) continue;
     if (small) {
       const T* x_rows = x2d.data_ptr<T>() + rb * I;
@@ -322,11 +347,11 @@ void run_backward(const Problem& p, const BackwardArgs& a, BackwardBuffers& g) {
                       g.grad_w_hh.data_ptr<T>(), Hout, add);
     } else {
       const at::Tensor x_t = rows_transposed(x2d, rb, rows);
-      matmul<T>(I, GH, rows, x_t.data_ptr<T>(), rows, dxg_p, GH, g.grad_w_ih.data_ptr<T>(), GH,
-                add);
+      times_rows<T>(I, x_t.data_ptr<T>(), rows, dxg, rows, g.grad_w_ih.data_ptr<T>(), GH, add,
+                    bf16);
       const at::Tensor h_t = rows_transposed(h_prev_all, rb, rows);
-      matmul<T>(Hout, GH, rows, h_t.data_ptr<T>(), rows, dhg_p, GH, g.grad_w_hh.data_ptr<T>(), GH,
-                add);
+      times_rows<T>(Hout, h_t.data_ptr<T>(), rows, dhg, rows, g.grad_w_hh.data_ptr<T>(), GH, add,
+                    bf16);
     }
     column_sums<T>(rows, GH, dxg_p, GH, g.grad_b_ih.data_ptr<T>(), add);
     if (Cell::kSplitGrads) column_sums<T>(rows, GH, dhg_p, GH, g.grad_b_hh.data_ptr<T>(), add);
@@ -335,8 +360,8 @@ void run_backward(const Problem& p, const BackwardArgs& a, BackwardBuffers& g) {
                       g.grad_w_hr.data_ptr<T>(), H, add);
     } else if (p.proj) {
       const at::Tensor hu_t = rows_transposed(saved.narrow(1, h_block, H), rb, rows);
-      matmul<T>(H, Hout, rows, hu_t.data_ptr<T>(), rows, dr_p, Hout, g.grad_w_hr.data_ptr<T>(),
-                Hout, add);
+      times_rows<T>(H, hu_t.data_ptr<T>(), rows, dr, rows, g.grad_w_hr.data_ptr<T>(), Hout, add,
+                    bf16);
     }
   }
   if (!Cell::kSplitGrads && a.mask.weights) {
@@ -344,7 +369,7 @@ void run_backward(const Problem& p, const BackwardArgs& a, BackwardBuffers& g) {
   }
 }
 
-BackwardResult backward_native(const Problem& p, const BackwardArgs& a) {
+BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf16) {
   const at::Tensor& input = a.layer.input;
   const auto opts = input.options();
   const int64_t GH = p.gate_width();
@@ -371,7 +396,7 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a) {
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_fused_backward_cpu", [&] {
     dispatch_cell(p.kind, [&](auto tag) {
       using Tag = decltype(tag);
-      run_backward<Tag::template Cell, scalar_t>(p, a, g);
+      run_backward<Tag::template Cell, scalar_t>(p, bf16, a, g);
     });
   });
   const auto as_weight = [&](const at::Tensor& t) {
@@ -389,9 +414,20 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a) {
 }
 
 // float16 and bfloat16 calls run the float32 engine on float32 copies of their tensors
-// (each weight converted once per call) and round its results to their dtype: products,
-// cell state and gate math in float32, the workspace in the call's dtype, as on CUDA.
+// (each weight converted once per call) and round its results to their dtype: sums, cell
+// state and gate math in float32, the workspace in the call's dtype, as on CUDA. bfloat16
+// products run on bfloat16 dot products where the CPU has them (RNN_FUSED_BF16_DOT=0 turns
+// that off), float16 ones in float32 (no CPU of the project's has float16 dot products).
+// Except for ReLU RNNs: rounding the state to bfloat16 for the products flips the sign of
+// pre-activations near zero, where ReLU's derivative jumps (in 6 of 25 random layers of the
+// half-type tests a gradient came out more than twice as far off as torch.nn's).
 bool half_type(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+bool bf16_products(at::ScalarType dtype, CellKind kind) {
+  if (dtype != at::kBFloat16 || kind == CellKind::RNN_RELU || !has_bf16_dot()) return false;
+  const char* env = std::getenv("RNN_FUSED_BF16_DOT");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}
 
 template <class Result>
 Result rounded(Result r, at::ScalarType dtype) {
@@ -401,14 +437,14 @@ Result rounded(Result r, at::ScalarType dtype) {
 
 ForwardResult forward_cpu(const Problem& p, const LayerArgs& a, bool train) {
   const at::ScalarType dtype = a.input.scalar_type();
-  if (!half_type(dtype)) return forward_native(p, a, train);
-  return rounded(forward_native(p, a.to(at::kFloat), train), dtype);
+  if (!half_type(dtype)) return forward_native(p, a, train, false);
+  return rounded(forward_native(p, a.to(at::kFloat), train, bf16_products(dtype, p.kind)), dtype);
 }
 
 BackwardResult backward_cpu(const Problem& p, const BackwardArgs& a) {
   const at::ScalarType dtype = a.layer.input.scalar_type();
-  if (!half_type(dtype)) return backward_native(p, a);
-  return rounded(backward_native(p, a.to(at::kFloat)), dtype);
+  if (!half_type(dtype)) return backward_native(p, a, false);
+  return rounded(backward_native(p, a.to(at::kFloat), bf16_products(dtype, p.kind)), dtype);
 }
 
 }  // namespace

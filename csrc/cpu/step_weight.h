@@ -17,13 +17,14 @@ template <class T>
 class StepWeight {
  public:
   // group: columns of B per gate (panels never straddle two gates); 0 for all of them.
-  StepWeight(const at::Tensor& w, bool transpose, bool pack, int64_t group = 0)
+  // bf16: packed as bfloat16 panels, whose products round A to bfloat16 (T is float32).
+  StepWeight(const at::Tensor& w, bool transpose, bool pack, int64_t group = 0, bool bf16 = false)
       : w_(w.data_ptr<T>()),
         ld_(w.size(1)),
         transpose_(transpose),
         K_(transpose ? w.size(1) : w.size(0)),
         N_(transpose ? w.size(0) : w.size(1)) {
-    if (pack) panels_ = pack_panels(transpose ? w.t() : w, group);
+    if (pack) panels_ = pack_panels(transpose ? w.t() : w, group, bf16);
   }
 
   bool packed() const { return panels_.data.defined(); }
@@ -45,9 +46,8 @@ class StepWeight {
     }
     const int64_t per_group = panels_.per_group, panels = N_ / panels_.group * per_group;
     for (int64_t i = team.begin(panels); i < team.end(panels); ++i) {
-      const int64_t g = i / per_group, jb = i % per_group, j = jb * Panels::kPanel;
-      panel_product<T>(M, K_, A, lda, panels_.template panel<T>(g, jb),
-                       std::min(Panels::kPanel, panels_.group - j), C + g * panels_.group + j, ldc,
+      const int64_t g = i / per_group, jb = i % per_group;
+      panel_product<T>(M, A, lda, panels_, g, jb, C + g * panels_.group + jb * Panels::kPanel, ldc,
                        accumulate);
     }
   }

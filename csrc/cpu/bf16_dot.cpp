@@ -1,0 +1,108 @@
+// Products on AVX-512 BF16 dot-product instructions (vdpbf16ps: per float32 lane, the sum
+// of two bfloat16 products added to the lane). Compiled for that instruction set function by
+// function, whatever the rest of the build targets, and called only where the CPU has it.
+#include "bf16_dot.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace rnn_fused::cpu {
+namespace {
+
+#define RF_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+constexpr int64_t kVecs = kBf16Panel / 16;  // float32 vectors across a panel
+// K is taken in slices whose rounded A rows sit on the stack, kRows rows at a time.
+constexpr int64_t kSliceK = 512;
+constexpr int64_t kRows = 4;
+
+// Mask of the lanes of vector v that fall inside `width` columns.
+RF_BF16_TARGET inline __mmask16 lanes(int64_t width, int64_t v) {
+  const int64_t n = std::clamp<int64_t>(width - v * 16, 0, 16);
+  return static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// R rows of A (float32, rounded to bfloat16 here) times a panel, into R rows of C. The
+// accumulators stay in registers over all of K: full unrolling keeps them there.
+template <int R>
+RF_BF16_TARGET void rows_times_panel(int64_t K, const float* A, int64_t lda, const uint16_t* panel,
+                                     int64_t width, float* C, int64_t ldc, bool accumulate) {
+  __m512 acc[R][kVecs];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < kVecs; ++v) {
+      acc[r][v] = accumulate ? _mm512_maskz_loadu_ps(lanes(width, v), C + r * ldc + 16 * v)
+                             : _mm512_setzero_ps();
+    }
+  }
+  alignas(64) uint16_t a[R][kSliceK + 32];
+  for (int64_t k0 = 0; k0 < K; k0 += kSliceK) {
+    const int64_t k = std::min(kSliceK, K - k0), pairs = (k + 1) / 2;
+    for (int r = 0; r < R; ++r) {
+      const float* row = A + r * lda + k0;
+      int64_t j = 0;
+      for (; j + 16 <= k; j += 16) {
+        const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(row + j));
+        std::memcpy(a[r] + j, &h, sizeof(h));
+      }
+      if (j < k) {
+        const __mmask16 m = static_cast<__mmask16>((1u << (k - j)) - 1u);
+        const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, row + j));
+        std::memcpy(a[r] + j, &h, sizeof(h));  // zeros past k pad an odd last pair
+      }
+    }
+    const uint16_t* b = panel + k0 * kBf16Panel;  // k0 is even: pair rows k0/2 ..
+    for (int64_t p = 0; p < pairs; ++p) {
+      __m512i bv[kVecs];
+#pragma GCC unroll 4
+      for (int v = 0; v < kVecs; ++v) bv[v] = _mm512_loadu_si512(b + p * 2 * kBf16Panel + 32 * v);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, a[r] + 2 * p, sizeof(pair));
+        const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+        for (int v = 0; v < kVecs; ++v)
+          acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, (__m512bh)bv[v]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < kVecs; ++v)
+      _mm512_mask_storeu_ps(C + r * ldc + 16 * v, lanes(width, v), acc[r][v]);
+  }
+}
+
+}  // namespace
+
+bool has_bf16_dot() {
+  static const bool ok = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+  return ok;
+}
+
+void bf16_panel_product(int64_t M, int64_t K, const float* A, int64_t lda,
+                        const at::BFloat16* panel, int64_t width, float* C, int64_t ldc,
+                        bool accumulate) {
+  const auto* b = reinterpret_cast<const uint16_t*>(panel);
+  int64_t i = 0;
+  for (; i + kRows <= M; i += kRows)
+    rows_times_panel<kRows>(K, A + i * lda, lda, b, width, C + i * ldc, ldc, accumulate);
+  switch (M - i) {
+    case 3:
+      return rows_times_panel<3>(K, A + i * lda, lda, b, width, C + i * ldc, ldc, accumulate);
+    case 2:
+      return rows_times_panel<2>(K, A + i * lda, lda, b, width, C + i * ldc, ldc, accumulate);
+    case 1:
+      return rows_times_panel<1>(K, A + i * lda, lda, b, width, C + i * ldc, ldc, accumulate);
+    default:
+      return;
+  }
+}
+
+}  // namespace rnn_fused::cpu

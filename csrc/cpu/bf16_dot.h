@@ -1,0 +1,25 @@
+// Products with bfloat16 operands and float32 sums on AVX-512 BF16 dot products, for
+// bfloat16 calls on CPUs that have them (has_bf16_dot; others run such calls in float32).
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+
+namespace rnn_fused::cpu {
+
+// Columns of one bfloat16 panel (as Panels::kPanel for float32 panels).
+constexpr int64_t kBf16Panel = 64;
+
+// Whether this CPU has the AVX-512 BF16 dot-product instructions.
+bool has_bf16_dot();
+
+// C[M, width] = A[M, K] @ panel (accumulate: C += ...), width <= kBf16Panel. A is float32,
+// rounded to bfloat16 (to nearest even) as it is read; panel holds K rows of kBf16Panel
+// columns in pairs of rows ([ceil(K/2), kBf16Panel, 2], the pair of the last odd row padded
+// with zeros), as pack_panels lays them out. Runs on the calling thread.
+void bf16_panel_product(int64_t M, int64_t K, const float* A, int64_t lda,
+                        const at::BFloat16* panel, int64_t width, float* C, int64_t ldc,
+                        bool accumulate);
+
+}  // namespace rnn_fused::cpu
