@@ -39,6 +39,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import rnn_fused
 from benchmarks import per_call
+from benchmarks.chart import write_chart
 
 CELLS = ("LSTM", "GRU", "RNN")
 
@@ -82,6 +83,14 @@ CUDA_GRID: list[tuple[Shape, tuple[str, ...]]] = [
     *((Shape(25, b, 1024, 1024), ("LSTM", "GRU")) for b in (1, 2, 4)),  # DeepBench inference
 ]
 QUICK_GRID = [Shape(20, 4, 32, 32), Shape(10, 1, 16, 16, 2, True)]
+
+# What the two ratio columns of a device's table are.
+RATIOS = {
+    "tf32 speedup": "speedup = cuDNN / rnn_fused in the row's dtype; "
+    "tf32 speedup = cuDNN tf32 / ours tf32",
+    "vs fp32": "speedup = torch.nn / rnn_fused in the row's dtype; "
+    "vs fp32 = torch.nn fp32 / rnn_fused bf16",
+}
 
 
 def cpu_description() -> str:
@@ -169,28 +178,40 @@ def training(m: nn.Module, x: torch.Tensor) -> Callable[[], list[torch.Tensor]]:
 
 
 def bench_cpu(cell: str, s: Shape, rounds: int) -> list[dict]:
-    torch.manual_seed(0)
-    module = torch_module(cell, s, "cpu", torch.float32)
-    fused = rnn_fused.replace_rnns(torch_module(cell, s, "cpu", torch.float32))
-    fused.load_state_dict(module.state_dict())
-    x = torch.randn(s.T, s.B, s.I)
+    """fp32 rows, then bf16 rows: ours and torch.nn in bf16, and torch.nn in fp32 beside them
+    (what a user gains or loses by switching to bf16)."""
     rows = []
-    for kind, make in [("fwd", inference), ("fwd+bwd", training)]:
-        base, ours = make(module, x), make(fused, x)
-        t = interleaved({"torch.nn": base, "rnn_fused": ours}, "cpu", rounds)
-        diff, rel = compare(base(), ours())
-        rows.append(
-            dict(
-                cell=cell,
-                shape=str(s),
-                dtype="fp32",
-                kind=kind,
-                **t,
-                speedup=t["torch.nn"] / t["rnn_fused"],
-                max_abs_diff=diff,
-                max_rel_err=rel,
+    torch.manual_seed(0)
+    module32 = torch_module(cell, s, "cpu", torch.float32)
+    x32 = torch.randn(s.T, s.B, s.I)
+    for dtype, name in [(torch.float32, "fp32"), (torch.bfloat16, "bf16")]:
+        module = torch_module(cell, s, "cpu", dtype)
+        module.load_state_dict(module32.state_dict())
+        fused = rnn_fused.replace_rnns(torch_module(cell, s, "cpu", dtype))
+        fused.load_state_dict(module32.state_dict())
+        x = x32.to(dtype)
+        for kind, make in [("fwd", inference), ("fwd+bwd", training)]:
+            base, ours = make(module, x), make(fused, x)
+            sides = {"torch.nn": base, "rnn_fused": ours}
+            if dtype != torch.float32:
+                sides["torch.nn fp32"] = make(module32, x32)
+            t = interleaved(sides, "cpu", rounds)
+            diff, rel = compare(base(), ours())
+            ratios = {"speedup": t["torch.nn"] / t["rnn_fused"]}
+            if "torch.nn fp32" in t:
+                ratios["vs fp32"] = t["torch.nn fp32"] / t["rnn_fused"]
+            rows.append(
+                dict(
+                    cell=cell,
+                    shape=str(s),
+                    dtype=name,
+                    kind=kind,
+                    **t,
+                    **ratios,
+                    max_abs_diff=diff,
+                    max_rel_err=rel,
+                )
             )
-        )
     return rows
 
 
@@ -320,21 +341,18 @@ def main() -> None:
         )
     else:
         grid = [(g, CELLS) for g in (QUICK_GRID if args.quick else CPU_GRID)]
-        columns = ["torch.nn", "rnn_fused"]
+        columns = ["torch.nn", "rnn_fused", "torch.nn fp32"]
         what = f"{torch.get_num_threads()} threads, {cpu_description()}"
     if args.only:
         grid = [(g, cells) for g, cells in grid if str(g) in args.only]
         if not grid:
             sys.exit(f"no grid row is one of {args.only}")
-    ratios = ["speedup", *(["tf32 speedup"] if device == "cuda" else [])]
+    ratios = ["speedup", "tf32 speedup" if device == "cuda" else "vs fp32"]
     header = (
         f"rnn_fused vs torch.nn on {device}: torch {torch.__version__}, {what}, {dt.date.today()}"
     )
     print(header)
-    print(
-        f"median ms of {args.rounds} interleaved rounds; speedup = {columns[0]} / rnn_fused"
-        + ("; tf32 speedup = cuDNN tf32 / ours tf32" if device == "cuda" else "")
-    )
+    print(f"median ms of {args.rounds} interleaved rounds; {RATIOS[ratios[1]]}")
     names = ["cell", "shape", "dtype", "kind", *columns, *ratios, "max|diff|", "rel err"]
     widths = [5, 20, 5, 8, *[11] * len(columns), *[12] * len(ratios), 10, 8]
 
@@ -365,7 +383,9 @@ def main() -> None:
                 line += [f"{r['max_abs_diff']:.1e}", f"{r['max_rel_err']:.1e}"]
                 print_line(line)
             write_outputs(rows, columns, ratios, header, args)
-    print(f"wrote {args.csv}" + (f" and {args.markdown}" if args.markdown else ""))
+    chart = Path(args.csv).with_suffix(".png")
+    write_chart(rows, chart, header)
+    print(f"wrote {args.csv}, {chart}" + (f" and {args.markdown}" if args.markdown else ""))
     if device == "cpu" and not args.only:
         calls = per_call.run(args.rounds, calls=50 if args.quick else 500, client=not args.quick)
         write_per_call(calls, Path(args.csv).with_name("per_call.csv"))
@@ -395,9 +415,8 @@ def write_outputs(
         lines = [
             f"# {header}",
             "",
-            f"Median ms of {args.rounds} interleaved rounds; speedup = "
-            f"{columns[0]} / rnn_fused (> 1: rnn_fused faster)"
-            + ("; tf32 speedup = cuDNN tf32 / ours tf32." if len(ratios) > 1 else "."),
+            f"Median ms of {args.rounds} interleaved rounds; {RATIOS[ratios[1]]} "
+            "(> 1: rnn_fused faster).",
             "",
             "| " + " | ".join(fields) + " |",
             "|" + "---|" * len(fields),

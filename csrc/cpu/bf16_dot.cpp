@@ -25,11 +25,28 @@ RF_BF16_TARGET inline __mmask16 lanes(int64_t width, int64_t v) {
   return static_cast<__mmask16>((1u << n) - 1u);
 }
 
-// R rows of A (float32, rounded to bfloat16 here) times a panel, into R rows of C. The
+// Rounds k values of a float32 row to bfloat16 (to nearest even), padded with one zero when
+// k is odd so that the row splits into pairs.
+RF_BF16_TARGET void round_row(int64_t k, const float* row, uint16_t* out) {
+  int64_t j = 0;
+  for (; j + 16 <= k; j += 16) {
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(row + j));
+    std::memcpy(out + j, &h, sizeof(h));
+  }
+  if (j < k) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (k - j)) - 1u);
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, row + j));
+    // Lanes past k are zeros: one of them pads an odd row.
+    std::memcpy(out + j, &h, sizeof(uint16_t) * std::min<int64_t>((k + 1) / 2 * 2 - j, 16));
+  }
+}
+
+// R rows of A (bfloat16, rows split into `pairs` pairs) times a panel, into R rows of C. The
 // accumulators stay in registers over all of K: full unrolling keeps them there.
 template <int R>
-RF_BF16_TARGET void rows_times_panel(int64_t K, const float* A, int64_t lda, const uint16_t* panel,
-                                     int64_t width, float* C, int64_t ldc, bool accumulate) {
+RF_BF16_TARGET void rows_times_panel(int64_t pairs, const uint16_t* A, int64_t lda,
+                                     const uint16_t* panel, int64_t width, float* C, int64_t ldc,
+                                     bool accumulate) {
   __m512 acc[R][kVecs];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
@@ -39,36 +56,17 @@ RF_BF16_TARGET void rows_times_panel(int64_t K, const float* A, int64_t lda, con
                              : _mm512_setzero_ps();
     }
   }
-  alignas(64) uint16_t a[R][kSliceK + 32];
-  for (int64_t k0 = 0; k0 < K; k0 += kSliceK) {
-    const int64_t k = std::min(kSliceK, K - k0), pairs = (k + 1) / 2;
-    for (int r = 0; r < R; ++r) {
-      const float* row = A + r * lda + k0;
-      int64_t j = 0;
-      for (; j + 16 <= k; j += 16) {
-        const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(row + j));
-        std::memcpy(a[r] + j, &h, sizeof(h));
-      }
-      if (j < k) {
-        const __mmask16 m = static_cast<__mmask16>((1u << (k - j)) - 1u);
-        const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, row + j));
-        std::memcpy(a[r] + j, &h, sizeof(h));  // zeros past k pad an odd last pair
-      }
-    }
-    const uint16_t* b = panel + k0 * kBf16Panel;  // k0 is even: pair rows k0/2 ..
-    for (int64_t p = 0; p < pairs; ++p) {
-      __m512i bv[kVecs];
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512i bv[kVecs];
 #pragma GCC unroll 4
-      for (int v = 0; v < kVecs; ++v) bv[v] = _mm512_loadu_si512(b + p * 2 * kBf16Panel + 32 * v);
+    for (int v = 0; v < kVecs; ++v) bv[v] = _mm512_loadu_si512(panel + p * 2 * kBf16Panel + 32 * v);
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        int32_t pair;
-        std::memcpy(&pair, a[r] + 2 * p, sizeof(pair));
-        const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, A + r * lda + 2 * p, sizeof(pair));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
 #pragma GCC unroll 4
-        for (int v = 0; v < kVecs; ++v)
-          acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, (__m512bh)bv[v]);
-      }
+      for (int v = 0; v < kVecs; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, (__m512bh)bv[v]);
     }
   }
 #pragma GCC unroll 8
@@ -79,6 +77,25 @@ RF_BF16_TARGET void rows_times_panel(int64_t K, const float* A, int64_t lda, con
   }
 }
 
+// Rows [0, M) of bfloat16 A in blocks of kRows.
+void rows_times_panel_all(int64_t M, int64_t pairs, const uint16_t* A, int64_t lda,
+                          const uint16_t* b, int64_t width, float* C, int64_t ldc,
+                          bool accumulate) {
+  int64_t i = 0;
+  for (; i + kRows <= M; i += kRows)
+    rows_times_panel<kRows>(pairs, A + i * lda, lda, b, width, C + i * ldc, ldc, accumulate);
+  switch (M - i) {
+    case 3:
+      return rows_times_panel<3>(pairs, A + i * lda, lda, b, width, C + i * ldc, ldc, accumulate);
+    case 2:
+      return rows_times_panel<2>(pairs, A + i * lda, lda, b, width, C + i * ldc, ldc, accumulate);
+    case 1:
+      return rows_times_panel<1>(pairs, A + i * lda, lda, b, width, C + i * ldc, ldc, accumulate);
+    default:
+      return;
+  }
+}
+
 }  // namespace
 
 bool has_bf16_dot() {
@@ -86,22 +103,35 @@ bool has_bf16_dot() {
   return ok;
 }
 
+void bf16_round_rows(int64_t M, int64_t K, const float* A, int64_t lda, at::BFloat16* out,
+                     int64_t ld_out) {
+  for (int64_t i = 0; i < M; ++i)
+    round_row(K, A + i * lda, reinterpret_cast<uint16_t*>(out) + i * ld_out);
+}
+
+void bf16_panel_product(int64_t M, int64_t K, const at::BFloat16* A, int64_t lda,
+                        const at::BFloat16* panel, int64_t width, float* C, int64_t ldc,
+                        bool accumulate) {
+  rows_times_panel_all(M, (K + 1) / 2, reinterpret_cast<const uint16_t*>(A), lda,
+                       reinterpret_cast<const uint16_t*>(panel), width, C, ldc, accumulate);
+}
+
 void bf16_panel_product(int64_t M, int64_t K, const float* A, int64_t lda,
                         const at::BFloat16* panel, int64_t width, float* C, int64_t ldc,
                         bool accumulate) {
+  // K in slices whose rounded rows, kRows at a time, sit on the stack.
+  alignas(64) uint16_t a[kRows * (kSliceK + 32)];
   const auto* b = reinterpret_cast<const uint16_t*>(panel);
-  int64_t i = 0;
-  for (; i + kRows <= M; i += kRows)
-    rows_times_panel<kRows>(K, A + i * lda, lda, b, width, C + i * ldc, ldc, accumulate);
-  switch (M - i) {
-    case 3:
-      return rows_times_panel<3>(K, A + i * lda, lda, b, width, C + i * ldc, ldc, accumulate);
-    case 2:
-      return rows_times_panel<2>(K, A + i * lda, lda, b, width, C + i * ldc, ldc, accumulate);
-    case 1:
-      return rows_times_panel<1>(K, A + i * lda, lda, b, width, C + i * ldc, ldc, accumulate);
-    default:
-      return;
+  for (int64_t i = 0; i < M; i += kRows) {
+    const int64_t rows = std::min(kRows, M - i);
+    for (int64_t k0 = 0; k0 < K; k0 += kSliceK) {
+      const int64_t k = std::min(kSliceK, K - k0);
+      for (int64_t r = 0; r < rows; ++r)
+        round_row(k, A + (i + r) * lda + k0, a + r * (kSliceK + 32));
+      // k0 is even: the slice starts at pair row k0 / 2 of the panel.
+      rows_times_panel_all(rows, (k + 1) / 2, a, kSliceK + 32, b + k0 * kBf16Panel, width,
+                           C + i * ldc, ldc, accumulate || k0 > 0);
+    }
   }
 }
 

@@ -22,4 +22,15 @@ void bf16_panel_product(int64_t M, int64_t K, const float* A, int64_t lda,
                         const at::BFloat16* panel, int64_t width, float* C, int64_t ldc,
                         bool accumulate);
 
+// The same on A rounded beforehand (bf16_round_rows, lda even): for an A that many panels
+// read.
+void bf16_panel_product(int64_t M, int64_t K, const at::BFloat16* A, int64_t lda,
+                        const at::BFloat16* panel, int64_t width, float* C, int64_t ldc,
+                        bool accumulate);
+
+// out[M, K rounded up to even] = A[M, K] rounded to bfloat16 (to nearest even), a zero after
+// each row of odd K; ld_out even.
+void bf16_round_rows(int64_t M, int64_t K, const float* A, int64_t lda, at::BFloat16* out,
+                     int64_t ld_out);
+
 }  // namespace rnn_fused::cpu

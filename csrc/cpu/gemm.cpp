@@ -263,18 +263,24 @@ void one_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, in
   }
 }
 
-// C (+)= A @ B on bfloat16 panels: blocks of rows and panels split over threads.
+// C (+)= A @ B on bfloat16 panels: A rounded once, then blocks of rows and panels split over
+// threads.
 void bf16_matmul(int64_t M, const float* A, int64_t lda, const Panels& B, float* C, int64_t ldc,
                  bool accumulate) {
+  const int64_t K = B.K, ld = (K + 1) / 2 * 2;
+  const at::Tensor rounded = at::empty({M, ld}, at::kBFloat16);
+  at::BFloat16* a = rounded.data_ptr<at::BFloat16>();
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    bf16_round_rows(end - begin, K, A + begin * lda, lda, a + begin * ld, ld);
+  });
   const int64_t mb = (M + kBlockM - 1) / kBlockM, nb = B.N / B.group * B.per_group;
   at::parallel_for(0, mb * nb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t i = blk % mb * kBlockM, jb = blk / mb;
       const int64_t g = jb / B.per_group, j = jb % B.per_group * Panels::kPanel;
-      bf16_panel_product(std::min(kBlockM, M - i), B.K, A + i * lda, lda,
-                         B.panel<at::BFloat16>(g, jb % B.per_group),
-                         std::min(Panels::kPanel, B.group - j), C + i * ldc + g * B.group + j, ldc,
-                         accumulate);
+      bf16_panel_product(
+          std::min(kBlockM, M - i), K, a + i * ld, ld, B.panel<at::BFloat16>(g, jb % B.per_group),
+          std::min(Panels::kPanel, B.group - j), C + i * ldc + g * B.group + j, ldc, accumulate);
     }
   });
 }
