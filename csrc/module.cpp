@@ -49,6 +49,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return saved_layout(parse_mode(mode), proj, 1).blocks();
       },
       "Blocks of width hidden_size per row of the forward's `saved` workspace.");
+  m.def(
+      "workspace_dtype",
+      [](const std::string& device, at::ScalarType dtype) {
+        return workspace_dtype(c10::Device(device).type(), dtype);
+      },
+      "The dtype of the forward's workspace (saved, h_prev) for an input on device of dtype.");
   m.def("cpu_bf16_dot", &cpu::has_bf16_dot,
         "Whether bfloat16 products on this CPU run on AVX-512 BF16 dot products.");
 }

@@ -23,6 +23,18 @@ void check_like(const at::Tensor& t, const char* name, const at::Tensor& input) 
               " must be on the device of input (", input.device(), "), got ", t.device());
 }
 
+// The workspace in workspace_dtype, or in the input's dtype (the CUDA engine's, which the
+// tests also run on the CPU under emulation; the CPU engine reads either).
+void check_workspace(const at::Tensor& t, const char* name, const at::Tensor& input) {
+  const at::ScalarType dtype = workspace_dtype(input.device().type(), input.scalar_type());
+  TORCH_CHECK(t.scalar_type() == dtype || t.scalar_type() == input.scalar_type(),
+              "rnn_fused: ", name, " must have dtype ", dtype, " or ", input.scalar_type(),
+              " (the workspace of a ", input.scalar_type(), " input on ", input.device().type(),
+              "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), "rnn_fused: ", name,
+              " must be on the device of input (", input.device(), "), got ", t.device());
+}
+
 }  // namespace
 
 LayerArgs LayerArgs::contiguous() const {
@@ -85,6 +97,11 @@ CellKind parse_mode(std::string_view mode) {
 int64_t gates_of(CellKind kind) {
   return dispatch_cell(
       kind, [](auto tag) -> int64_t { return decltype(tag)::template Cell<float>::kGates; });
+}
+
+at::ScalarType workspace_dtype(c10::DeviceType device, at::ScalarType dtype) {
+  const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
+  return device == c10::DeviceType::CPU && half ? at::kFloat : dtype;
 }
 
 SavedLayout saved_layout(CellKind kind, bool proj, int64_t hidden) {
@@ -219,9 +236,9 @@ Problem make_problem(const BackwardArgs& a) {
               "rnn_fused: batch must equal the batch of the forward (", p.batch, "), got ",
               a.batch);
   check_shape(a.saved, "saved", {p.rows, p.saved_width()});
-  check_like(a.saved, "saved", input);
+  check_workspace(a.saved, "saved", input);
   check_shape(a.h_prev, "h_prev", {p.rows, p.out_size});
-  check_like(a.h_prev, "h_prev", input);
+  check_workspace(a.h_prev, "h_prev", input);
   return p;
 }
 

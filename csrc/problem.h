@@ -82,6 +82,11 @@ struct SavedLayout {
 };
 SavedLayout saved_layout(CellKind kind, bool proj, int64_t hidden);
 
+// The dtype of the workspace (saved, h_prev) of a call whose input has `dtype`: float32 for
+// float16 and bfloat16 on the CPU, whose engine runs those calls in float32 (rounding the
+// workspace would cost a conversion pass over it each way, and accuracy); else `dtype`.
+at::ScalarType workspace_dtype(c10::DeviceType device, at::ScalarType dtype);
+
 struct Problem {
   CellKind kind;
   int64_t gates;       // gate blocks per row (4 LSTM, 3 GRU, 1 RNN)

@@ -118,19 +118,27 @@ def _forward_fake(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     output, h_n, c_n, rows, hidden = _layer_outputs(call)
     kept_rows = rows if train else 0
     saved_width = _C.saved_blocks(call.mode, call.w_hr is not None) * hidden
+    workspace = _C.workspace_dtype(str(call.input.device), call.input.dtype)
     return (
         output,
         h_n,
         c_n,
-        call.input.new_empty(kept_rows, saved_width),
-        call.input.new_empty(kept_rows, output.shape[-1]),
+        call.input.new_empty(kept_rows, saved_width, dtype=workspace),
+        call.input.new_empty(kept_rows, output.shape[-1], dtype=workspace),
     )
 
 
 @torch.library.register_fake("rnn_fused::backward")
 def _backward_fake(*args) -> tuple[Tensor, ...]:
     c = BackwardCall(*args)
-    _check_like(c.input, w_ih=c.w_ih, w_hh=c.w_hh, w_hr=c.w_hr, saved=c.saved, h_prev=c.h_prev)
+    _check_like(c.input, w_ih=c.w_ih, w_hh=c.w_hh, w_hr=c.w_hr)
+    workspace = _C.workspace_dtype(str(c.input.device), c.input.dtype)
+    for name, t in (("saved", c.saved), ("h_prev", c.h_prev)):
+        if t.dtype != workspace or t.device != c.input.device:
+            raise RuntimeError(
+                f"rnn_fused: {name} must be a {workspace} tensor on {c.input.device} (the "
+                f"workspace of a {c.input.dtype} input), got {t.dtype} on {t.device}"
+            )
     _check_like(c.input, grad_output=c.grad_output, grad_h_n=c.grad_h_n, grad_c_n=c.grad_c_n)
     hidden, out_size = _sizes(c.mode, c.w_ih, c.w_hr)
     batch = c.batch

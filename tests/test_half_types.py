@@ -87,18 +87,18 @@ def test_packed_bidirectional_matches_float64(dtype):
 
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
-def test_operator_results_and_workspace_in_input_dtype(mode, dtype):
-    """The forward's results and its workspace come out in the call's dtype (its float32
-    math stays inside the call), and a backward from that workspace takes it back."""
+def test_operator_results_in_input_dtype_and_workspace_in_float32(mode, dtype):
+    """The forward's results come out in the call's dtype and its workspace in float32 (the
+    engine's dtype for half types on the CPU), and a backward takes that workspace back."""
     seed(mode, dtype)
     gates = rnn_fused.ops.GATES[mode]
     x = torch.randn(4, 3, 6).to(dtype)
     w_ih, w_hh = torch.randn(gates * 9, 6).to(dtype), torch.randn(gates * 9, 9).to(dtype)
     outs = torch.ops.rnn_fused.forward(mode, x, None, None, w_ih, w_hh, None, None, None, None,
                                        False, True)  # fmt: skip
-    lstm = mode == "LSTM"
-    assert all(t.dtype == dtype for t in outs if t.numel() or not lstm)
-    output, _, _, saved, h_prev = outs
+    output, h_n, c_n, saved, h_prev = outs
+    assert output.dtype == h_n.dtype == c_n.dtype == dtype
+    assert saved.dtype == h_prev.dtype == torch.float32
     grads = torch.ops.rnn_fused.backward(mode, torch.randn_like(output), None, None, x, w_ih,
                                          w_hh, None, None, False, saved, h_prev, 3,
                                          [True, True, True])  # fmt: skip

@@ -415,7 +415,7 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
 
 // float16 and bfloat16 calls run the float32 engine on float32 copies of their tensors
 // (each weight converted once per call) and round its results to their dtype: sums, cell
-// state and gate math in float32, the workspace in the call's dtype, as on CUDA. bfloat16
+// state and gate math in float32, and the workspace kept in float32. bfloat16
 // products run on bfloat16 dot products where the CPU has them (RNN_FUSED_BF16_DOT=0 turns
 // that off), float16 ones in float32 (no CPU of the project's has float16 dot products).
 // Except for ReLU RNNs: rounding the state to bfloat16 for the products flips the sign of
@@ -435,10 +435,17 @@ Result rounded(Result r, at::ScalarType dtype) {
   return r;
 }
 
+// The forward's results rounded, but its workspace kept in float32 (workspace_dtype).
+ForwardResult rounded_forward(ForwardResult r, at::ScalarType dtype) {
+  for (at::Tensor* t : {&std::get<0>(r), &std::get<1>(r), &std::get<2>(r)}) *t = t->to(dtype);
+  return r;
+}
+
 ForwardResult forward_cpu(const Problem& p, const LayerArgs& a, bool train) {
   const at::ScalarType dtype = a.input.scalar_type();
   if (!half_type(dtype)) return forward_native(p, a, train, false);
-  return rounded(forward_native(p, a.to(at::kFloat), train, bf16_products(dtype, p.kind)), dtype);
+  return rounded_forward(forward_native(p, a.to(at::kFloat), train, bf16_products(dtype, p.kind)),
+                         dtype);
 }
 
 BackwardResult backward_cpu(const Problem& p, const BackwardArgs& a) {
