@@ -50,22 +50,24 @@ LayerArgs LayerArgs::contiguous() const {
   return c;
 }
 
-LayerArgs LayerArgs::to(at::ScalarType dtype) const {
+LayerArgs LayerArgs::to(at::ScalarType dtype, bool weights) const {
   LayerArgs c = *this;
   c.input = input.to(dtype);
-  c.w_ih = w_ih.to(dtype);
-  c.w_hh = w_hh.to(dtype);
   c.hx = rnn_fused::to(hx, dtype);
   c.cx = rnn_fused::to(cx, dtype);
   c.b_ih = rnn_fused::to(b_ih, dtype);
   c.b_hh = rnn_fused::to(b_hh, dtype);
-  c.w_hr = rnn_fused::to(w_hr, dtype);
+  if (weights) {
+    c.w_ih = w_ih.to(dtype);
+    c.w_hh = w_hh.to(dtype);
+    c.w_hr = rnn_fused::to(w_hr, dtype);
+  }
   return c;
 }
 
-BackwardArgs BackwardArgs::to(at::ScalarType dtype) const {
+BackwardArgs BackwardArgs::to(at::ScalarType dtype, bool weights) const {
   BackwardArgs c = *this;
-  c.layer = layer.to(dtype);
+  c.layer = layer.to(dtype, weights);
   c.grad_output = rnn_fused::to(grad_output, dtype);
   c.grad_h_n = rnn_fused::to(grad_h_n, dtype);
   c.grad_c_n = rnn_fused::to(grad_c_n, dtype);

@@ -44,8 +44,9 @@ struct LayerArgs {
 
   // The same call with every tensor contiguous (what the engines read through pointers).
   LayerArgs contiguous() const;
-  // The same call with every floating-point tensor converted to dtype.
-  LayerArgs to(at::ScalarType dtype) const;
+  // The same call with every floating-point tensor converted to dtype (but the weights w_ih,
+  // w_hh and w_hr only if `weights`).
+  LayerArgs to(at::ScalarType dtype, bool weights = true) const;
 };
 
 // Which gradients a backward computes: of the input, of the initial states, of the
@@ -64,7 +65,7 @@ struct BackwardArgs {
   GradMask mask;
 
   BackwardArgs contiguous() const;
-  BackwardArgs to(at::ScalarType dtype) const;
+  BackwardArgs to(at::ScalarType dtype, bool weights = true) const;
 };
 
 // The forward's workspace for the backward, in one place. `saved` [rows, width()] holds per

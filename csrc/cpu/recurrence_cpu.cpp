@@ -271,7 +271,6 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
   const int64_t h_block = p.layout.unprojected_offset();
 
   const T* gout_p = ptr_or_null<T>(a.grad_output);
-  const T* w_ih_p = w_ih.data_ptr<T>();
   const bool small = small_problem(p);
   const StepWeight<T> w_hh_b(w_hh, /*transpose=*/false, !small, 0, bf16);
   const std::optional<StepWeight<T>> w_hr_b =
@@ -336,7 +335,7 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
     if (w_ih_b.has_value()) {
       w_ih_b->product(rows, dxg_p, GH, gin_p + rb * I, I, false);
     } else if (a.mask.input) {
-      matmul<T>(rows, I, GH, dxg_p, GH, w_ih_p, I, gin_p + rb * I, I, false);
+      matmul<T>(rows, I, GH, dxg_p, GH, w_ih.data_ptr<T>(), I, gin_p + rb * I, I, false);
     }
     if (!a.mask.weights) continue;
     if (small) {
@@ -423,8 +422,11 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
 // half-type tests a gradient came out more than twice as far off as torch.nn's).
 bool half_type(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
-bool bf16_products(at::ScalarType dtype, CellKind kind) {
-  if (dtype != at::kBFloat16 || kind == CellKind::RNN_RELU || !has_bf16_dot()) return false;
+// Only calls that pack their weights (not small_problem) run the dot products; their weights
+// stay in bfloat16 until packed (bf16 in LayerArgs::to).
+bool bf16_products(at::ScalarType dtype, const Problem& p) {
+  if (dtype != at::kBFloat16 || p.kind == CellKind::RNN_RELU || small_problem(p)) return false;
+  if (!has_bf16_dot()) return false;
   const char* env = std::getenv("RNN_FUSED_BF16_DOT");
   return env == nullptr || std::strcmp(env, "0") != 0;
 }
@@ -444,14 +446,15 @@ ForwardResult rounded_forward(ForwardResult r, at::ScalarType dtype) {
 ForwardResult forward_cpu(const Problem& p, const LayerArgs& a, bool train) {
   const at::ScalarType dtype = a.input.scalar_type();
   if (!half_type(dtype)) return forward_native(p, a, train, false);
-  return rounded_forward(forward_native(p, a.to(at::kFloat), train, bf16_products(dtype, p.kind)),
-                         dtype);
+  const bool bf16 = bf16_products(dtype, p);
+  return rounded_forward(forward_native(p, a.to(at::kFloat, !bf16), train, bf16), dtype);
 }
 
 BackwardResult backward_cpu(const Problem& p, const BackwardArgs& a) {
   const at::ScalarType dtype = a.layer.input.scalar_type();
   if (!half_type(dtype)) return backward_native(p, a, false);
-  return rounded(backward_native(p, a.to(at::kFloat), bf16_products(dtype, p.kind)), dtype);
+  const bool bf16 = bf16_products(dtype, p);
+  return rounded(backward_native(p, a.to(at::kFloat, !bf16), bf16), dtype);
 }
 
 }  // namespace

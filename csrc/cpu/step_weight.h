@@ -17,9 +17,10 @@ template <class T>
 class StepWeight {
  public:
   // group: columns of B per gate (panels never straddle two gates); 0 for all of them.
-  // bf16: packed as bfloat16 panels, whose products round A to bfloat16 (T is float32).
+  // bf16: packed as bfloat16 panels, whose products round A to bfloat16 (T is float32). A
+  // weight that is packed may have another dtype than T (it is read only to be packed).
   StepWeight(const at::Tensor& w, bool transpose, bool pack, int64_t group = 0, bool bf16 = false)
-      : w_(w.data_ptr<T>()),
+      : w_(pack ? nullptr : w.data_ptr<T>()),
         ld_(w.size(1)),
         transpose_(transpose),
         K_(transpose ? w.size(1) : w.size(0)),
