@@ -57,6 +57,21 @@ void brgemm(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, const fl
 void brgemm_release() {}
 #endif
 
+// Multiply-adds a thread takes at the least before a product is split over threads: below
+// it a parallel region costs more than it saves, and a process that never opens one stays
+// safe to fork (libgomp's threads do not survive a fork: a child's first parallel region
+// would wait for them forever; torch.nn's small products do not open one either).
+constexpr int64_t kMinParallelMacs = int64_t(1) << 16;
+
+// f(begin, end) over items [0, n) of `macs` multiply-adds each: split over threads when
+// every thread gets at least kMinParallelMacs, else on the calling thread, no region opened.
+template <class F>
+void split(int64_t n, int64_t macs, const F& f) {
+  macs = std::max<int64_t>(macs, 1);
+  if (n * macs < 2 * kMinParallelMacs || at::get_num_threads() == 1) return f(0, n);
+  at::parallel_for(0, n, (kMinParallelMacs + macs - 1) / macs, f);
+}
+
 bool use_brgemm() {
   static const bool ok = kHasBrgemm && __builtin_cpu_supports("avx512f");
   return ok;
@@ -65,7 +80,7 @@ bool use_brgemm() {
 void brgemm_blocks(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
                    int64_t ldb, float* C, int64_t ldc, bool accumulate, bool panels) {
   const int64_t mb = (M + kBlockM - 1) / kBlockM, nb = (N + kBlockN - 1) / kBlockN;
-  at::parallel_for(0, mb * nb, 1, [&](int64_t begin, int64_t end) {
+  split(mb * nb, std::min(M, kBlockM) * kBlockN * K, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       // Column-block-major order: consecutive blocks of a thread reuse one panel of B.
       const int64_t ib = blk % mb, jb = blk / mb;
@@ -158,7 +173,7 @@ template <class T>
 void matmul_small_rows(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
                        int64_t ldb, T* C, int64_t ldc, bool accumulate, bool panels) {
   const int64_t nb = (N + Panels::kPanel - 1) / Panels::kPanel;
-  at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+  split(nb, M * Panels::kPanel * K, [&](int64_t begin, int64_t end) {
     for (int64_t jb = begin; jb < end; ++jb) {
       const int64_t j = jb * Panels::kPanel, width = std::min(Panels::kPanel, N - j);
       const T* b = panels ? B + jb * K * Panels::kPanel : B + j;
@@ -270,11 +285,11 @@ void bf16_matmul(int64_t M, const float* A, int64_t lda, const Panels& B, float*
   const int64_t K = B.K, ld = (K + 1) / 2 * 2;
   const at::Tensor rounded = at::empty({M, ld}, at::kBFloat16);
   at::BFloat16* a = rounded.data_ptr<at::BFloat16>();
-  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+  split(M, K, [&](int64_t begin, int64_t end) {
     bf16_round_rows(end - begin, K, A + begin * lda, lda, a + begin * ld, ld);
   });
   const int64_t mb = (M + kBlockM - 1) / kBlockM, nb = B.N / B.group * B.per_group;
-  at::parallel_for(0, mb * nb, 1, [&](int64_t begin, int64_t end) {
+  split(mb * nb, std::min(M, kBlockM) * Panels::kPanel * K, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t i = blk % mb * kBlockM, jb = blk / mb;
       const int64_t g = jb / B.per_group, j = jb % B.per_group * Panels::kPanel;
