@@ -51,7 +51,7 @@ def outputs_and_grads(module: torch.nn.Module, x: Tensor, states: list[Tensor], 
     else:
         result = module(xi, tuple(given) if len(given) > 1 else given[0])
     outs = _flat(result)
-    loss = sum((o.double() * w).sum() for o, w in zip(outs, weights))
+    loss = sum((o.double() * w).sum() for o, w in zip(outs, weights, strict=True))
     return outs + list(torch.autograd.grad(loss, [xi, *given, *module.parameters()]))
 
 
@@ -71,7 +71,8 @@ def half_type_errors(ours, theirs, exact, x: Tensor, states: list[Tensor]):
     on_device = [w.to(x.device) for w in weights]
     got = outputs_and_grads(ours, x, states, on_device)
     base = outputs_and_grads(theirs, x, states, on_device)
-    return [(rel_err(a.cpu(), r), rel_err(b.cpu(), r)) for a, b, r in zip(got, base, ref)]
+    pairs = zip(got, base, ref, strict=True)
+    return [(rel_err(a.cpu(), r), rel_err(b.cpu(), r)) for a, b, r in pairs]
 
 
 def _state_arg(states: list[Tensor]) -> tuple:

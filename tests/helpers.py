@@ -5,14 +5,20 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
+import pytest
 import torch
 from torch import Tensor
 
 from rnn_fused.ops import GATES, MODES
 
 CELLS = MODES
-# Module-level tests run on every device present: CUDA variants wherever a GPU is.
-DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+# Module-level tests run on every device; CUDA variants are reported as skipped without a GPU.
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+    ),
+]
 
 
 @dataclass
@@ -67,8 +73,10 @@ def make_states(
 
 
 def weighted_sum(outputs: tuple[Tensor | None, ...], weights: list[Tensor]) -> Tensor:
-    """A scalar loss that gives every output element its own random gradient."""
-    return sum((o * w).sum() for o, w in zip(outputs, weights) if o is not None)
+    """A scalar loss that gives every output element its own random gradient; weights pair
+    with the outputs that are not None, in order."""
+    present = [o for o in outputs if o is not None]
+    return sum((o * w).sum() for o, w in zip(present, weights, strict=True))
 
 
 def seed(*key: object) -> None:

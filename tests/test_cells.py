@@ -59,13 +59,13 @@ def test_cell_matches_torch_nn(name, bias, form, dtype, device):
             out = module(xi, hi)
         outs = _tensors(out)
         weights = [torch.ones_like(o) * (i + 1.5) for i, o in enumerate(outs)]
-        loss = sum((o * w).sum() for o, w in zip(outs, weights))
+        loss = sum((o * w).sum() for o, w in zip(outs, weights, strict=True))
         return outs, torch.autograd.grad(loss, leaves + list(module.parameters()))
 
     (out_o, g_o), (out_t, g_t) = run(ours), run(theirs)
-    for a, b in zip(out_o, out_t):
+    for a, b in zip(out_o, out_t, strict=True):
         assert_close(a, b, "output")
-    for i, (a, b) in enumerate(zip(g_o, g_t)):
+    for i, (a, b) in enumerate(zip(g_o, g_t, strict=True)):
         assert_close(a, b, f"grad {i}")
 
 
@@ -73,7 +73,7 @@ def test_cell_matches_torch_nn(name, bias, form, dtype, device):
 def test_cell_hidden_size_zero(name):
     theirs, ours = _pair(name, hidden=0)
     x = torch.randn(2, 3, dtype=torch.float64)
-    for a, b in zip(_tensors(ours(x)), _tensors(theirs(x))):
+    for a, b in zip(_tensors(ours(x)), _tensors(theirs(x)), strict=True):
         assert a.shape == b.shape == (2, 0)
 
 
@@ -83,7 +83,7 @@ def test_lstm_cell_backward_through_one_output():
     for pick in (0, 1):
         g_o = torch.autograd.grad(ours(x)[pick].sum(), list(ours.parameters()))
         g_t = torch.autograd.grad(theirs(x)[pick].sum(), list(theirs.parameters()))
-        for a, b in zip(g_o, g_t):
+        for a, b in zip(g_o, g_t, strict=True):
             assert_close(a, b, f"grad through output {pick}")
 
 

@@ -46,8 +46,8 @@ def test_compile_fullgraph_matches_eager(mode, packed):
     compiled = _run(compiled_fn, mode, x, layer, h0, c0, batch_sizes)
     g_compiled = torch.autograd.grad(weighted_sum(compiled, weights), inputs)
 
-    for a, b in zip(compiled, eager):
+    for a, b in zip(compiled, eager, strict=True):
         if b is not None:
             assert_close(a, b, "output")
-    for i, (a, b) in enumerate(zip(g_compiled, g_eager)):
+    for i, (a, b) in enumerate(zip(g_compiled, g_eager, strict=True)):
         assert_close(a, b, f"grad {i}")

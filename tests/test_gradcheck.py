@@ -1,6 +1,9 @@
 """gradcheck in float64 of the forward operator: every cell, bias on/off, h0 given or not,
 both directions, at small odd sizes; plus packed input and the LSTM projection; and
-gradgradcheck (double backward)."""
+gradgradcheck (double backward). A double backward differentiates rnn_fused::reference_grads,
+the plain time loop of reference.py (README: where it differs from torch.nn), so
+gradgradcheck checks that fallback and the autograd kernel's routing to it, not a fused
+second-order kernel (there is none)."""
 
 from __future__ import annotations
 

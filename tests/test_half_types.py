@@ -7,14 +7,13 @@ import pytest
 import torch
 from half_cases import HALF_CONFIGS, HALF_TYPES, half_layer_errors, half_type_errors
 from helpers import seed
-from tolerances import rel_err
+from tolerances import HALF_SLACK, rel_err
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnn_fused
 
-# Slack for errors at the level of float32 rounding, where "twice" means little.
-SLACK = 1e-4
+SLACK = HALF_SLACK
 
 
 def _assert_rule(errors: list[tuple[float, float]]) -> None:

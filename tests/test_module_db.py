@@ -70,12 +70,12 @@ def test_forward_matches_references(info):
         ours, theirs = _build(info, sample)
         args, kwargs = sample.forward_input.args, sample.forward_input.kwargs
         out = _tensors(ours(*args, **kwargs))
-        for a, b in zip(out, _tensors(theirs(*args, **kwargs))):
+        for a, b in zip(out, _tensors(theirs(*args, **kwargs)), strict=True):
             assert_close(a, b, f"{sample.desc} vs torch.nn")
         # The unbatched reference of common_modules batchifies plain tensors only.
         if sample.reference_fn is not None and not isinstance(args[0], PackedSequence):
             ref = sample.reference_fn(ours, *args, **kwargs)  # it adds the parameters
-            for a, b in zip(out, _tensors(ref)):
+            for a, b in zip(out, _tensors(ref), strict=True):
                 assert_close(a, b, f"{sample.desc} vs reference_fn")
 
 
@@ -100,7 +100,7 @@ def test_repr_and_save_load(info):
         buf.seek(0)
         loaded = torch.load(buf, weights_only=False)
         args = sample.forward_input.args
-        for a, b in zip(_tensors(loaded(*args)), _tensors(ours(*args))):
+        for a, b in zip(_tensors(loaded(*args)), _tensors(ours(*args)), strict=True):
             assert torch.equal(a, b)
 
 
@@ -119,13 +119,13 @@ def test_non_contiguous_inputs(info):
         args = sample.forward_input.args
         strided = _map_tensors(args, _non_contiguous)
         out, out_s = _tensors(ours(*args)), _tensors(ours(*strided))
-        for a, b in zip(out_s, out):
+        for a, b in zip(out_s, out, strict=True):
             assert_close(a, b, sample.desc)
         leaves = [t for t in _tensors(args) if t.requires_grad]
         leaves_s = [t for t in _tensors(strided) if t.requires_grad]
         g = torch.autograd.grad(sum(o.sum() for o in out), leaves)
         g_s = torch.autograd.grad(sum(o.sum() for o in out_s), leaves_s)
-        for a, b in zip(g_s, g):
+        for a, b in zip(g_s, g, strict=True):
             assert_close(a, b, f"{sample.desc} grad")
 
 
@@ -154,7 +154,7 @@ def _as_function(module, args):
     def fn(*flat):
         it = iter(flat[: len(leaves)])
         new_args = _map_tensors(args, lambda t: next(it) if t.requires_grad else t)
-        params = dict(zip(names, flat[len(leaves) :]))
+        params = dict(zip(names, flat[len(leaves) :], strict=True))
         return tuple(_tensors(torch.func.functional_call(module, params, new_args)))
 
     return fn, [*leaves, *module.parameters()]

@@ -169,7 +169,21 @@ def test_save_load_pickle_deepcopy_and_dtype_moves():
     doubled = copy.deepcopy(ours).double()
     assert doubled.weight_ih_l0.dtype == torch.float64
     assert_close(doubled(x.double())[0].float(), expected)
-    ours.flatten_parameters()
+
+
+def test_flatten_parameters_changes_nothing():
+    """torch.nn's flatten_parameters packs cuDNN's weight buffer; ours has none to pack, so
+    the call must leave the parameters (storage and values) and the results as they were."""
+    torch.manual_seed(3)
+    ours = rnn_fused.LSTM(3, 5, num_layers=2)
+    x = torch.randn(4, 2, 3)
+    before = [(p.data_ptr(), p.detach().clone()) for p in ours.parameters()]
+    expected = ours(x)[0]
+    assert ours.flatten_parameters() is None
+    after = list(ours.parameters())
+    assert [p.data_ptr() for p in after] == [ptr for ptr, _ in before]
+    assert all(torch.equal(p, v) for p, (_, v) in zip(after, before, strict=True))
+    assert torch.equal(ours(x)[0], expected)
 
 
 def test_meta_construction_and_to_empty():
