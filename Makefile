@@ -43,8 +43,9 @@ format: $(DEPS)
 # On a GPU machine with python3, torch and nvcc but no network: build in place with the
 # machine's own python3, run the CUDA tests and the benchmark, write results into OUT.
 # QUICK=1: only the CUDA tests and the issue-4 benchmark rows (a rerun after a fix).
+# SANITIZE=1: only compute-sanitizer memcheck and racecheck over every kernel.
 gpu-check:
-	QUICK=$(QUICK) bash benchmarks/gpu_check.sh $(OUT)
+	QUICK=$(QUICK) SANITIZE=$(SANITIZE) bash benchmarks/gpu_check.sh $(OUT)
 
 clean:
 	rm -rf build rnn_fused/_C*.so $(EXT_STAMP)

@@ -7,7 +7,8 @@
 #   benchmarks/gpu_check.sh OUT        (or: make gpu-check OUT=dir)
 #
 # QUICK=1 (make gpu-check OUT=dir QUICK=1), for a rerun after a fix: only the CUDA tests
-# and the benchmark's issue-4 rows (100,64,512,512 and 100,1,512,512).
+# and the benchmark's issue-4 rows (100,64,512,512 and 100,1,512,512). SANITIZE=1: only
+# compute-sanitizer over every kernel (a run of its own: it takes minutes).
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -19,13 +20,30 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 py=${PYTHON:-python3}
 
 start=$(date +%s)
-nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+nvidia-smi > "$out/versions.txt" 2>&1
 if ! FORCE_CUDA=1 "$py" setup.py build_ext --inplace > "$out/build.log" 2>&1; then
   tail -n 40 "$out/build.log"
   echo "gpu-check: build failed (log: $out/build.log)"
   exit 1
 fi
 echo "build: $(( $(date +%s) - start )) s"
+
+# SANITIZE=1: instead of the tests and the benchmark, compute-sanitizer (memcheck, then
+# racecheck) over small calls of every kernel, without the caching allocator so that
+# memcheck sees each buffer's own bounds; its report goes to OUT/sanitizer.txt.
+if [ "${SANITIZE:-0}" = 1 ]; then
+  rc=0
+  for tool in memcheck racecheck; do
+    echo "== compute-sanitizer --tool $tool" >> "$out/sanitizer.txt"
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 240 compute-sanitizer --tool "$tool" \
+      --error-exitcode 9 "$py" benchmarks/sanitize_cuda.py >> "$out/sanitizer.txt" 2>&1
+    tool_rc=$?
+    echo "sanitizer $tool: $(( $(date +%s) - start )) s, exit $tool_rc"
+    rc=$(( rc || tool_rc ))
+  done
+  tail -n 20 "$out/sanitizer.txt"
+  exit $rc
+fi
 
 # test_module_db imports torch.testing._internal, which needs expecttest: run it only
 # where that is installed.
@@ -54,11 +72,12 @@ echo "bench: $(( $(date +%s) - start )) s, exit $bench_rc"
 timeout 60 "$py" benchmarks/profile_cuda.py > "$out/profile.txt" 2>&1
 profile_rc=$?
 echo "profile: $(( $(date +%s) - start )) s, exit $profile_rc"
+
 {
   "$py" -c 'import sys, torch; print("python", sys.version.split()[0]); print("torch", torch.__version__, "CUDA", torch.version.cuda, "cuDNN", torch.backends.cudnn.version())'
   nvcc --version | tail -n 2
   git rev-parse HEAD 2>/dev/null || echo "commit: not a git checkout"
-} > "$out/versions.txt" 2>&1
+} >> "$out/versions.txt" 2>&1
 
 echo
 echo "== tests (last lines; log: $out/tests.log)"
