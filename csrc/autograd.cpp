@@ -37,8 +37,8 @@ std::array<OptTensor, kSlots> slots_of(const LayerArgs& a) {
 }
 
 // Whether a call records a node: grad mode on and an input that requires grad. Refuses dual
-// tensors: forward-mode AD has no formula here yet, and outputs without tangents would read
-// as zero tangents.
+// tensors: the operator has no forward-mode formula, and outputs without tangents would read
+// as zero tangents (rnn_fused.rnn_layer runs such calls through reference.py instead).
 bool needs_graph(const LayerArgs& a) {
   bool requires_grad = false;
   for (const OptTensor& t : slots_of(a)) {
@@ -46,8 +46,9 @@ bool needs_graph(const LayerArgs& a) {
     requires_grad = requires_grad || t->requires_grad();
     TORCH_CHECK_NOT_IMPLEMENTED(!t->_fw_grad(/*level=*/0).defined(),
                                 "rnn_fused: forward-mode AD (torch.func.jvp, "
-                                "torch.autograd.forward_ad) is not supported by rnn_fused "
-                                "layers yet; got a dual tensor among the inputs");
+                                "torch.autograd.forward_ad) is not supported by the operator "
+                                "rnn_fused::layer; rnn_fused.rnn_layer and the modules run it "
+                                "through reference.py. Got a dual tensor among the inputs");
   }
   return requires_grad && at::GradMode::is_enabled();
 }

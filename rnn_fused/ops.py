@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 try:
@@ -28,6 +29,8 @@ MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
 GATES = {mode: _C.gates(mode) for mode in MODES}
 
 _ops = torch.ops.rnn_fused
+_peek_interpreter = torch._C._functorch.peek_interpreter_stack
+_VMAP = torch._C._functorch.TransformType.Vmap
 
 
 class LayerCall(NamedTuple):
@@ -244,10 +247,31 @@ def rnn_layer(
         call = LayerCall(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
         if (done := _under_autocast(call, cell)) is not None:
             return done
+    compiling = torch.compiler.is_compiling()
+    if not compiling and _differentiated_by_transform():
+        from . import reference
+
+        return reference.rnn_layer(
+            mode, input, w_ih, w_hh, b_ih, b_hh, hx, cx,
+            w_hr=w_hr, batch_sizes=batch_sizes, reverse=reverse,
+        )  # fmt: skip
     # The arguments in LayerCall's order; a call per step costs its every microsecond.
-    door = _ops.layer if torch.compiler.is_compiling() else _C.layer
+    door = _ops.layer if compiling else _C.layer
     output, h_n, c_n = door(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
     return output, h_n, (c_n if mode == "LSTM" else None)
+
+
+def _differentiated_by_transform() -> bool:
+    """Whether forward-mode AD or a torch.func transform that differentiates (grad, vjp,
+    jacrev, jvp, jacfwd, hessian) is active. The operator's autograd (a C++ autograd
+    function) serves neither, so such calls run reference.py's time loop instead: the same
+    recurrence in PyTorch operators, which have forward-mode and torch.func formulas, so
+    tangents and gradients are exact (unfused, and as slow as an unfused layer). vmap alone
+    keeps the operator."""
+    interpreter = _peek_interpreter()
+    if interpreter is not None and interpreter.key() != _VMAP:
+        return True
+    return _forward_ad._current_level >= 0
 
 
 def _under_autocast(call: LayerCall, cell: bool) -> tuple[Tensor, Tensor, Tensor | None] | None:

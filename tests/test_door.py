@@ -117,14 +117,26 @@ def test_cell_fast_path_keeps_torch_nn_errors():
     assert str(e_ours.value) == str(e_theirs.value)
 
 
-def test_forward_ad_is_refused_not_silently_zero():
-    """Dual inputs raise instead of giving outputs whose tangents read as zero."""
+def test_forward_ad_is_exact_or_refused_never_silently_zero():
+    """rnn_layer gives dual inputs exact tangents (through reference.py); the operator itself
+    has no forward-mode formula and raises rather than give outputs whose tangents read as
+    zero."""
     import torch.autograd.forward_ad as fwAD
 
     seed("fwad")
     layer = make_layer("LSTM", 4, 5, dtype=DT)
     x = rand(3, 2, 4, dtype=DT).detach()
+    v = torch.randn_like(x)
+    w_ih, w_hh = layer.w_ih.detach(), layer.w_hh.detach()
     with fwAD.dual_level():
-        dual = fwAD.make_dual(x, torch.randn_like(x))
+        dual = fwAD.make_dual(x, v)
+        tangent = fwAD.unpack_dual(rnn_layer("LSTM", dual, w_ih, w_hh)[0]).tangent
         with pytest.raises(NotImplementedError, match="forward-mode AD"):
-            rnn_layer("LSTM", dual, layer.w_ih.detach(), layer.w_hh.detach())
+            torch.ops.rnn_fused.layer("LSTM", dual, None, None, w_ih, w_hh, None, None, None,
+                                      None, False)  # fmt: skip
+    eps = 1e-6
+    with torch.no_grad():
+        fd = (rnn_layer("LSTM", x + eps * v, w_ih, w_hh)[0]
+              - rnn_layer("LSTM", x - eps * v, w_ih, w_hh)[0]) / (2 * eps)  # fmt: skip
+    assert tangent.abs().max() > 0
+    assert (tangent - fd).abs().max() < 1e-7
