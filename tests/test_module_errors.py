@@ -113,3 +113,34 @@ def test_cell_input_errors(case):
     theirs = theirs_cls(3, 4)
     ours = ours_cls(3, 4)
     _same(lambda: call(theirs), lambda: call(ours))
+
+
+def _meta_cases():
+    x = torch.randn(4, 2, 3)
+    gru = rnn_fused.GRU(3, 5)
+    lstm = rnn_fused.LSTM(3, 5)
+    meta = torch.device("meta")
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, [4, 2])
+    g = rnn_fused.ops.GATES["GRU"]
+    w_ih, w_hh, b = torch.randn(g * 5, 3), torch.randn(g * 5, 5), torch.randn(g * 5)
+    return {
+        "module on meta, input on cpu": lambda: rnn_fused.LSTM(3, 5, device=meta)(x),
+        "hx on meta": lambda: gru(x, torch.zeros(1, 2, 5, device=meta)),
+        "cx on meta": lambda: lstm(x, (torch.zeros(1, 2, 5), torch.zeros(1, 2, 5, device=meta))),
+        "bias on meta": lambda: rnn_fused.rnn_layer("GRU", x, w_ih, w_hh, b.to(meta), b),
+        "batch_sizes on meta": lambda: rnn_fused.rnn_layer(
+            "GRU", packed.data, w_ih, w_hh, batch_sizes=packed.batch_sizes.to(meta)
+        ),
+        "cell on meta, input on cpu": lambda: rnn_fused.LSTMCell(3, 5, device=meta)(x[0]),
+        "grad_output on meta": lambda: torch.autograd.grad(
+            gru(x.requires_grad_())[0], x, torch.ones(4, 2, 5, device=meta)
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_meta_cases()))
+def test_meta_tensor_among_cpu_ones_raises(case):
+    """torch.nn raises for a meta tensor among CPU ones; so do we, rather than return
+    uninitialised memory."""
+    with pytest.raises((RuntimeError, ValueError)):
+        _meta_cases()[case]()
