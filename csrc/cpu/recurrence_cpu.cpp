@@ -239,14 +239,18 @@ struct BackwardBuffers {
   at::Tensor grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr;
 };
 
-// C[M, N] (+)= A[M, K] @ B for B the first K rows of b ([.., N], contiguous); with bf16 on
-// bfloat16 panels of B.
+// The first `rows` rows of b as bfloat16 panels when the products are in bfloat16, else none.
+Panels bf16_rows(const at::Tensor& b, int64_t rows, bool bf16) {
+  return bf16 ? pack_panels(b.narrow(0, 0, rows), 0, true) : Panels{};
+}
+
+// C[M, N] (+)= A[M, K] @ B for B the first K rows of b ([.., N], contiguous), read from its
+// bfloat16 panels when there are (bf16_rows).
 template <class T>
-void times_rows(int64_t M, const T* A, int64_t lda, const at::Tensor& b, int64_t K, T* C,
-                int64_t ldc, bool accumulate, bool bf16) {
+void times_rows(int64_t M, const T* A, int64_t lda, const at::Tensor& b, const Panels& b_bf16,
+                int64_t K, T* C, int64_t ldc, bool accumulate) {
+  if (b_bf16.bf16()) return matmul<T>(M, A, lda, b_bf16, C, ldc, accumulate);
   const int64_t N = b.size(1);
-  if (bf16)
-    return matmul<T>(M, A, lda, pack_panels(b.narrow(0, 0, K), 0, true), C, ldc, accumulate);
   matmul<T>(M, N, K, A, lda, b.data_ptr<T>(), N, C, ldc, accumulate);
 }
 
@@ -345,12 +349,15 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
       blas_product<T>(true, false, GH, Hout, rows, dhg_p, GH, hprev_p + rb * Hout, Hout,
                       g.grad_w_hh.data_ptr<T>(), Hout, add);
     } else {
+      // Gate gradients packed once per chunk (dhg is dxg itself but for GRU).
+      const Panels dxg_bf16 = bf16_rows(dxg, rows, bf16);
+      const Panels dhg_bf16 = Cell::kSplitGrads ? bf16_rows(dhg, rows, bf16) : dxg_bf16;
       const at::Tensor x_t = rows_transposed(x2d, rb, rows);
-      times_rows<T>(I, x_t.data_ptr<T>(), rows, dxg, rows, g.grad_w_ih.data_ptr<T>(), GH, add,
-                    bf16);
+      times_rows<T>(I, x_t.data_ptr<T>(), rows, dxg, dxg_bf16, rows, g.grad_w_ih.data_ptr<T>(), GH,
+                    add);
       const at::Tensor h_t = rows_transposed(h_prev_all, rb, rows);
-      times_rows<T>(Hout, h_t.data_ptr<T>(), rows, dhg, rows, g.grad_w_hh.data_ptr<T>(), GH, add,
-                    bf16);
+      times_rows<T>(Hout, h_t.data_ptr<T>(), rows, dhg, dhg_bf16, rows, g.grad_w_hh.data_ptr<T>(),
+                    GH, add);
     }
     column_sums<T>(rows, GH, dxg_p, GH, g.grad_b_ih.data_ptr<T>(), add);
     if (Cell::kSplitGrads) column_sums<T>(rows, GH, dhg_p, GH, g.grad_b_hh.data_ptr<T>(), add);
@@ -359,8 +366,8 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
                       g.grad_w_hr.data_ptr<T>(), H, add);
     } else if (p.proj) {
       const at::Tensor hu_t = rows_transposed(saved.narrow(1, h_block, H), rb, rows);
-      times_rows<T>(H, hu_t.data_ptr<T>(), rows, dr, rows, g.grad_w_hr.data_ptr<T>(), Hout, add,
-                    bf16);
+      times_rows<T>(H, hu_t.data_ptr<T>(), rows, dr, bf16_rows(dr, rows, bf16), rows,
+                    g.grad_w_hr.data_ptr<T>(), Hout, add);
     }
   }
   if (!Cell::kSplitGrads && a.mask.weights) {
