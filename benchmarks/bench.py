@@ -196,23 +196,27 @@ def bench_cpu(cell: str, s: Shape, rounds: int) -> list[dict]:
             if dtype != torch.float32:
                 sides["torch.nn fp32"] = make(module32, x32)
             t = interleaved(sides, "cpu", rounds)
-            diff, rel = compare(base(), ours())
             ratios = {"speedup": t["torch.nn"] / t["rnn_fused"]}
             if "torch.nn fp32" in t:
                 ratios["vs fp32"] = t["torch.nn fp32"] / t["rnn_fused"]
-            rows.append(
-                dict(
-                    cell=cell,
-                    shape=str(s),
-                    dtype=name,
-                    kind=kind,
-                    **t,
-                    **ratios,
-                    max_abs_diff=diff,
-                    max_rel_err=rel,
-                )
-            )
+            rows.append(table_row(cell, s, name, kind, t, ratios, base, ours))
     return rows
+
+
+def table_row(cell, s: Shape, dtype: str, kind: str, times: dict, ratios: dict, base, ours):
+    """One row of the table: the times of every side, the ratios, and how far ours is from
+    the baseline (outputs and gradients of one more call of each)."""
+    diff, rel = compare(base(), ours())
+    return dict(
+        cell=cell,
+        shape=str(s),
+        dtype=dtype,
+        kind=kind,
+        **times,
+        **ratios,
+        max_abs_diff=diff,
+        max_rel_err=rel,
+    )
 
 
 def cudnn_graph(m: nn.Module, x: torch.Tensor) -> Callable[[], object]:
@@ -286,24 +290,10 @@ def bench_cuda(cell: str, s: Shape, rounds: int) -> list[dict]:
             if kind == "fwd":
                 sides["cuDNN graph"] = cudnn_graph(module, x)
             t = interleaved(sides, "cuda", rounds)
-            diff, rel = compare(base(), ours())
-            rows.append(
-                dict(
-                    cell=cell,
-                    shape=str(s),
-                    dtype=name,
-                    kind=kind,
-                    **t,
-                    speedup=t["cuDNN"] / t["rnn_fused"],
-                    **(
-                        {"tf32 speedup": t["cuDNN tf32"] / t["ours tf32"]}
-                        if "ours tf32" in t
-                        else {}
-                    ),
-                    max_abs_diff=diff,
-                    max_rel_err=rel,
-                )
-            )
+            ratios = {"speedup": t["cuDNN"] / t["rnn_fused"]}
+            if "ours tf32" in t:
+                ratios["tf32 speedup"] = t["cuDNN tf32"] / t["ours tf32"]
+            rows.append(table_row(cell, s, name, kind, t, ratios, base, ours))
     return rows
 
 

@@ -135,12 +135,14 @@ def _forward_fake(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
 def _backward_fake(*args) -> tuple[Tensor, ...]:
     c = BackwardCall(*args)
     _check_like(c.input, w_ih=c.w_ih, w_hh=c.w_hh, w_hr=c.w_hr)
+    # As check_workspace in csrc/problem.cpp: workspace_dtype, or the input's dtype.
     workspace = _C.workspace_dtype(str(c.input.device), c.input.dtype)
     for name, t in (("saved", c.saved), ("h_prev", c.h_prev)):
-        if t.dtype != workspace or t.device != c.input.device:
+        if t.dtype not in (workspace, c.input.dtype) or t.device != c.input.device:
             raise RuntimeError(
-                f"rnn_fused: {name} must be a {workspace} tensor on {c.input.device} (the "
-                f"workspace of a {c.input.dtype} input), got {t.dtype} on {t.device}"
+                f"rnn_fused: {name} must be a {workspace} or {c.input.dtype} tensor on "
+                f"{c.input.device} (the workspace of a {c.input.dtype} input), got {t.dtype} "
+                f"on {t.device}"
             )
     _check_like(c.input, grad_output=c.grad_output, grad_h_n=c.grad_h_n, grad_c_n=c.grad_c_n)
     hidden, out_size = _sizes(c.mode, c.w_ih, c.w_hr)
@@ -276,9 +278,8 @@ def _differentiated_by_transform() -> bool:
 
 def _under_autocast(call: LayerCall, cell: bool) -> tuple[Tensor, Tensor, Tensor | None] | None:
     """A float32 call (or one with float32 weights) under autocast, as torch.nn's recurrent
-    layers run it: products in the
-    autocast dtype, and results in the dtypes torch.nn's give. None: autocast is off for the
-    call's device."""
+    layers run it: products in the autocast dtype, and results in the dtypes torch.nn's
+    give. None: autocast is off for the call's device."""
     device = call.input.device.type
     if not torch.is_autocast_enabled(device):
         return None
