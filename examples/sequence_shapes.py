@@ -4,10 +4,11 @@
 - many-to-many: answer at every step (here: the running sign of the sum so far)
 - one-to-many: from one input, generate a sequence (here: a sine wave from its phase)
 
-Each model trains for a few hundred steps on synthetic data and prints its loss going down.
+Each model trains for a few hundred steps on synthetic data and prints its loss going down
+(with --png, draws its learning curve).
 The same weights are shared by every time step: h(t) = f(W_ih x(t) + W_hh h(t-1) + b).
 
-    python examples/sequence_shapes.py [--steps N]
+    python examples/sequence_shapes.py [--steps N] [--png [PATH]]
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import rnn_fused
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # rnn_fused, and drawing.py
+import drawing  # noqa: E402  (examples/drawing.py)
+
+import rnn_fused  # noqa: E402
 
 
 class ManyToOne(nn.Module):
@@ -67,23 +71,22 @@ class OneToMany(nn.Module):
         return torch.cat(outputs, dim=1)
 
 
-def train(model: nn.Module, batch_fn, loss_fn, steps: int, lr: float = 1e-2) -> tuple[float, float]:
-    """Returns the loss before and after training."""
+def train(model: nn.Module, batch_fn, loss_fn, steps: int, lr: float = 1e-2) -> list[float]:
+    """The loss of every training step."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    first = last = float("nan")
-    for i in range(steps):
+    losses = []
+    for _ in range(steps):
         inputs, target = batch_fn()
         loss = loss_fn(model(*inputs), target)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if i == 0:
-            first = loss.item()
-        last = loss.item()
-    return first, last
+        losses.append(loss.item())
+    return losses
 
 
-def run(steps: int = 300, seed: int = 0) -> dict[str, tuple[float, float]]:
+def run(steps: int = 300, seed: int = 0) -> dict[str, list[float]]:
+    """The learning curve (loss per training step) of each model."""
     torch.manual_seed(seed)
     T, B = 20, 32
     bce = nn.BCEWithLogitsLoss()
@@ -108,12 +111,25 @@ def run(steps: int = 300, seed: int = 0) -> dict[str, tuple[float, float]]:
     }
 
 
+def draw(curves: dict[str, list[float]], path: str) -> None:
+    plt = drawing.pyplot()
+    fig, axes = plt.subplots(1, len(curves), figsize=(12, 3.6))
+    for ax, (name, losses) in zip(axes, curves.items(), strict=True):
+        ax.plot(losses, linewidth=0.8)
+        ax.set(title=name, xlabel="training step", ylabel="loss")
+    drawing.save(fig, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
+    drawing.add_png_option(parser, "sequence_shapes")
     args = parser.parse_args()
-    for name, (first, last) in run(args.steps).items():
-        print(f"{name:24} loss {first:.3f} -> {last:.3f}")
+    curves = run(args.steps)
+    for name, losses in curves.items():
+        print(f"{name:24} loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    if args.png:
+        draw(curves, args.png)
 
 
 if __name__ == "__main__":

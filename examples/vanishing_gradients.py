@@ -10,7 +10,7 @@ vanishes about as fast as the RNN's.
 
 Prints ||dL/dx(T - d)|| / ||dL/dx(T)|| for several distances d.
 
-    python examples/vanishing_gradients.py [--steps T]
+    python examples/vanishing_gradients.py [--steps T] [--png [PATH]]
 """
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import rnn_fused
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # rnn_fused, and drawing.py
+import drawing  # noqa: E402  (examples/drawing.py)
+
+import rnn_fused  # noqa: E402
 
 DISTANCES = (0, 5, 20, 50, 100, 199)
 
@@ -41,8 +44,8 @@ def models(hidden: int) -> dict[str, nn.Module]:
     }
 
 
-def run(steps: int = 200, hidden: int = 64, seed: int = 0) -> dict[str, list[float]]:
-    """Relative gradient norm at each of DISTANCES (those below steps), per model."""
+def profile(steps: int = 200, hidden: int = 64, seed: int = 0) -> dict[str, list[float]]:
+    """||dL/dx(T - d)|| / ||dL/dx(T)|| for d = 0 .. steps - 1, per model."""
     torch.manual_seed(seed)
     x = torch.randn(steps, 16, 8, dtype=torch.float64)
     results = {}
@@ -51,22 +54,61 @@ def run(steps: int = 200, hidden: int = 64, seed: int = 0) -> dict[str, list[flo
         xg = x.clone().requires_grad_()
         out, _ = model(xg)
         out[-1].sum().backward()  # a loss on the last step only
-        norms = xg.grad.norm(dim=(1, 2))  # one norm per time step
-        last = norms[-1]
-        results[name] = [(norms[steps - 1 - d] / last).item() for d in DISTANCES if d < steps]
+        norms = xg.grad.norm(dim=(1, 2)).flip(0)  # one norm per distance back in time
+        results[name] = (norms / norms[0]).tolist()
     return results
+
+
+def run(steps: int = 200, hidden: int = 64, seed: int = 0) -> dict[str, list[float]]:
+    """Relative gradient norm at each of DISTANCES (those below steps), per model."""
+    return {
+        name: [ratios[d] for d in DISTANCES if d < steps]
+        for name, ratios in profile(steps, hidden, seed).items()
+    }
+
+
+def derivatives(span: float = 6.0, points: int = 241) -> dict[str, torch.Tensor]:
+    """x, tanh'(x) = 1 - tanh(x)^2 and sigmoid'(x) = s(x) (1 - s(x)): at most 1 and 1/4, so
+    every step through them can only shrink a gradient unless the weights make up for it."""
+    x = torch.linspace(-span, span, points, dtype=torch.float64)
+    s = torch.sigmoid(x)
+    return {"x": x, "tanh'": 1 - torch.tanh(x) ** 2, "sigmoid'": s * (1 - s)}
+
+
+def draw(curves: dict[str, list[float]], path: str) -> None:
+    plt = drawing.pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), width_ratios=(1, 2))
+    d = derivatives()
+    for name in ("tanh'", "sigmoid'"):
+        left.plot(d["x"], d[name], label=name)
+    left.set(title="Derivatives of the activations", xlabel="pre-activation")
+    left.legend()
+    for name, ratios in curves.items():
+        right.semilogy(range(len(ratios)), ratios, label=name)
+    right.set(
+        title="Gradient reaching d steps back (loss on the last step)",
+        xlabel="d (steps back in time)",
+        ylabel="||dL/dx(T-d)|| / ||dL/dx(T)||",
+        ylim=(1e-18, 10),
+    )
+    right.legend()
+    drawing.save(fig, path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
+    drawing.add_png_option(parser, "vanishing_gradients")
     args = parser.parse_args()
-    results = run(args.steps)
+    curves = profile(args.steps)
+    results = {name: [r[d] for d in DISTANCES if d < args.steps] for name, r in curves.items()}
     shown = [d for d in DISTANCES if d < args.steps]
     print("||dL/dx(T-d)|| / ||dL/dx(T)||, loss on the last step")
     print(f"{'model':22}" + "".join(f"{'d=' + str(d):>10}" for d in shown))
     for name, ratios in results.items():
         print(f"{name:22}" + "".join(f"{r:10.1e}" for r in ratios))
+    if args.png:
+        draw(curves, args.png)
 
 
 if __name__ == "__main__":

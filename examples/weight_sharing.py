@@ -9,18 +9,22 @@ same weights, and the gradient of a weight is the sum of what each step contribu
 
 Runs in float64, so the sums agree to rounding (about 1e-15).
 
-    python examples/weight_sharing.py
+    python examples/weight_sharing.py [--png [PATH]]
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import rnn_fused
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # rnn_fused, and drawing.py
+import drawing  # noqa: E402  (examples/drawing.py)
+
+import rnn_fused  # noqa: E402
 
 
 def run(steps: int = 12, seed: int = 0) -> dict[str, object]:
@@ -55,17 +59,40 @@ def run(steps: int = 12, seed: int = 0) -> dict[str, object]:
         "outputs vs LSTMCell loop": (out.detach() - torch.stack(cells)).abs().max().item(),
         "grad W_hh vs sum of steps": (layer.weight_hh_l0.grad - sum(per_step)).abs().max().item(),
         "per-step grad norms": [g.norm().item() for g in per_step],
+        "running sum norms": [sum(per_step[: t + 1]).norm().item() for t in range(steps)],
+        "layer grad norm": layer.weight_hh_l0.grad.norm().item(),
         "parameters": sum(p.numel() for p in layer.parameters()),
     }
 
 
+def draw(result: dict[str, object], path: str) -> None:
+    plt = drawing.pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = range(1, len(result["per-step grad norms"]) + 1)
+    ax.bar(steps, result["per-step grad norms"], color="tab:blue", label="step t's contribution")
+    ax.plot(steps, result["running sum norms"], "o-", color="tab:orange", label="sum of steps 1..t")
+    ax.axhline(result["layer grad norm"], color="black", linestyle="--", label="layer's grad W_hh")
+    ax.set(
+        title="One W_hh shared by every step: its gradient is a sum",
+        xlabel="step t",
+        ylabel="Frobenius norm",
+    )
+    ax.legend()
+    drawing.save(fig, path)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    drawing.add_png_option(parser, "weight_sharing")
+    args = parser.parse_args()
     short, long = run(steps=12), run(steps=48)
     print(f"max |layer output - LSTMCell loop|          {short['outputs vs LSTMCell loop']:.1e}")
     print(f"max |grad W_hh - sum of per-step grads|     {short['grad W_hh vs sum of steps']:.1e}")
     norms = ", ".join(f"{n:.2f}" for n in short["per-step grad norms"])
     print(f"per-step contributions to grad W_hh (norms): {norms}")
     print(f"parameters for 12 steps: {short['parameters']}, for 48 steps: {long['parameters']}")
+    if args.png:
+        draw(short, args.png)
 
 
 if __name__ == "__main__":

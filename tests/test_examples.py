@@ -4,6 +4,8 @@ bidirectional layers see the future, weights are shared over time."""
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -19,8 +21,18 @@ def _load(name: str):
 def test_sequence_shapes_learn():
     results = _load("sequence_shapes").run(steps=150, seed=1)
     assert len(results) == 3
-    for name, (first, last) in results.items():
+    for name, losses in results.items():
+        first, last = losses[0], sum(losses[-10:]) / 10
+        assert len(losses) == 150
         assert last < 0.5 * first, f"{name}: loss {first:.3f} -> {last:.3f}"
+
+
+def test_activation_derivatives_shrink_gradients():
+    d = _load("vanishing_gradients").derivatives()
+    tanh_d, sigmoid_d = d["tanh'"], d["sigmoid'"]
+    at_zero = int(d["x"].abs().argmin())
+    assert tanh_d.max() == tanh_d[at_zero] == 1.0 and sigmoid_d.max() == sigmoid_d[at_zero] == 0.25
+    assert tanh_d[0] < 1e-4 and sigmoid_d[0] < 3e-3, "saturated units pass almost nothing"
 
 
 def test_vanishing_gradients_show_the_difference():
@@ -35,9 +47,11 @@ def test_vanishing_gradients_show_the_difference():
 
 
 def test_bidirectional_sees_the_future():
-    results = _load("bidirectional").run(steps=200, seed=1)
-    assert results["bidirectional"] > 0.95
-    assert results["unidirectional"] < 0.6
+    results = _load("bidirectional").run(steps=200, seed=1, every=50)
+    bi, uni = results["bidirectional"], results["unidirectional"]
+    assert len(bi) == len(uni) == 5  # before training, then every 50 steps
+    assert bi[-1] > 0.95 and uni[-1] < 0.6
+    assert max(uni) < 0.6, "one direction stays at chance throughout"
 
 
 def test_weight_sharing_sums():
@@ -49,3 +63,34 @@ def test_weight_sharing_sums():
     # One LSTM(4, 6) whatever the length: 4 gates x 6 units x (4 inputs + 6 states + 2 biases).
     assert short["parameters"] == long["parameters"] == 4 * 6 * (4 + 6 + 2)
     assert len(long["per-step grad norms"]) == 19
+    # The running sum of the steps' contributions ends at the layer's gradient.
+    assert abs(short["running sum norms"][-1] - short["layer grad norm"]) < 1e-12
+
+
+def test_long_term_dependency_needs_a_kept_state():
+    module = _load("long_term_dependency")
+    short = module.run(lengths=(25,), cells=("GRU, update bias 5", "LSTM, forget bias 5"))
+    assert min(a[0] for a in short.values()) > 0.9, short
+    long = module.run(lengths=(200,))
+    assert long.pop("GRU, update bias 5")[0] > 0.9, "a GRU that starts out keeping its state"
+    assert max(a[0] for a in long.values()) < 0.6, f"every other cell stays near chance: {long}"
+
+
+def test_examples_draw(tmp_path):
+    """Each example's --png writes a figure (the numbers behind it are tested above)."""
+    for name, args in (
+        ("vanishing_gradients", ["--steps", "30"]),
+        ("bidirectional", ["--steps", "20"]),
+        ("sequence_shapes", ["--steps", "20"]),
+        ("weight_sharing", []),
+        ("long_term_dependency", ["--lengths", "5", "8", "--steps", "3"]),
+    ):
+        png = tmp_path / f"{name}.png"
+        done = subprocess.run(
+            [sys.executable, str(EXAMPLES / f"{name}.py"), *args, "--png", str(png)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
