@@ -206,6 +206,14 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
   }
 }
 
+// A copy of a contiguous tensor: clone's TensorIterator costs more than a short call's
+// whole state copy.
+at::Tensor copy_of(const at::Tensor& t) {
+  at::Tensor copy = at::empty(t.sizes(), t.options());
+  if (t.nbytes() > 0) std::memcpy(copy.data_ptr(), t.data_ptr(), t.nbytes());
+  return copy;
+}
+
 // forward_native and backward_native run float32 and float64 calls in their own dtype. bf16:
 // the products of packed weights (and the backward's weight gradients) round their operands
 // to bfloat16 and run on bfloat16 dot products, for bfloat16 calls (float32 tensors then).
@@ -216,9 +224,9 @@ ForwardResult forward_native(const Problem& p, const LayerArgs& a, bool train, b
   ForwardBuffers out;
   out.output = p.packed ? at::empty({p.rows, p.out_size}, opts)
                         : at::empty({p.steps, p.batch, p.out_size}, opts);
-  out.h_state = a.hx.has_value() ? a.hx->clone() : at::zeros({p.batch, p.out_size}, opts);
+  out.h_state = a.hx.has_value() ? copy_of(*a.hx) : at::zeros({p.batch, p.out_size}, opts);
   out.c_state = p.kind != CellKind::LSTM ? at::empty({0}, opts)
-                : a.cx.has_value()       ? a.cx->clone()
+                : a.cx.has_value()       ? copy_of(*a.cx)
                                          : at::zeros({p.batch, p.hidden}, opts);
   out.saved = at::empty({kept_rows, p.saved_width()}, opts);
   out.h_prev = at::empty({kept_rows, p.out_size}, opts);
@@ -383,9 +391,9 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
   BackwardBuffers g;
   g.grad_input = at::empty(a.mask.input ? input.sizes() : at::IntArrayRef{0}, opts);
   g.dh_state =
-      a.grad_h_n.has_value() ? a.grad_h_n->clone() : at::zeros({p.batch, p.out_size}, opts);
+      a.grad_h_n.has_value() ? copy_of(*a.grad_h_n) : at::zeros({p.batch, p.out_size}, opts);
   g.dc_state = p.kind != CellKind::LSTM ? at::empty({0}, opts)
-               : a.grad_c_n.has_value() ? a.grad_c_n->clone()
+               : a.grad_c_n.has_value() ? copy_of(*a.grad_c_n)
                                         : at::zeros({p.batch, p.hidden}, opts);
   const bool small = small_problem(p), weights = a.mask.weights;
   const auto weight_grad = [&](int64_t rows, int64_t cols) {
