@@ -41,6 +41,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer", &layer_adapter<call_layer>, pybind11::call_guard<pybind11::gil_scoped_release>(),
         "rnn_fused::layer called through the dispatcher: (output, h_n, c_n).");
   m.def(
+      "cell",
+      [](std::string_view mode, const at::Tensor& input, const at::Tensor& hx, const OptTensor& cx,
+         const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
+         const OptTensor& b_hh) {
+        // The step's input [B, I] as a sequence of one, here: a view made from Python costs
+        // more than the rest of a small step's door.
+        const LayerArgs a{mode, input.unsqueeze(0), hx,           cx,   w_ih, w_hh, b_ih,
+                          b_hh, std::nullopt,       std::nullopt, false};
+        auto [output, h_n, c_n] = call_layer(a);
+        return std::make_tuple(h_n, c_n);
+      },
+      pybind11::call_guard<pybind11::gil_scoped_release>(),
+      "One step of a cell through rnn_fused::layer: (h_n, c_n) of input [B, I].");
+  m.def(
       "gates", [](std::string_view mode) { return gates_of(parse_mode(mode)); },
       "Gate blocks of width hidden_size per row of a cell's pre-activations.");
   m.def(

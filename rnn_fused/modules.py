@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .ops import GATES, rnn_layer
+from .ops import GATES, cell_step, rnn_layer
 
 _PARAM_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 
@@ -474,12 +474,16 @@ class _CellBase(_Convertible, nn.Module):
     def _fast_step(self, input: Tensor, h: Tensor, c: Tensor | None):
         """One step of the common call (batched input, states given) with no checks of its
         own: the operator checks every argument, and on a failure it returns None so that
-        the caller runs torch.nn's checks and raises torch.nn's error. Eager mode only."""
-        if torch.compiler.is_compiling() or input.dim() != 2:
+        the caller runs torch.nn's checks and raises torch.nn's error. None too where the
+        short door does not serve (see ops.cell_step)."""
+        if input.dim() != 2:
             return None
+        p = self._parameters  # not self.weight_ih: nn.Module's __getattr__ costs a call
         try:
-            return self._step(input, h, c)
-        except RuntimeError:
+            return cell_step(
+                self.mode, input, h, c, p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"]
+            )
+        except (RuntimeError, TypeError):
             return None
 
     def _forward_hidden_only(self, name: str, input: Tensor, hx: Tensor | None) -> Tensor:

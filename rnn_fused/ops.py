@@ -263,6 +263,30 @@ def rnn_layer(
     return output, h_n, (c_n if mode == "LSTM" else None)
 
 
+def cell_step(
+    mode: str,
+    input: Tensor,
+    hx: Tensor,
+    cx: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+) -> tuple[Tensor, Tensor | None] | None:
+    """One eager step of a cell: rnn_layer on input [B, I] as a sequence of one, returning
+    (h, c) (c None except for LSTM), by the shortest door a step per call can take. None
+    where rnn_layer must run the call instead (autocast, torch.func transforms, forward-mode
+    AD, tracing by torch.compile)."""
+    if (
+        torch._C._is_any_autocast_enabled()
+        or torch.compiler.is_compiling()
+        or _differentiated_by_transform()
+    ):
+        return None
+    h, c = _C.cell(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+    return h, (c if mode == "LSTM" else None)
+
+
 def _differentiated_by_transform() -> bool:
     """Whether forward-mode AD or a torch.func transform that differentiates (grad, vjp,
     jacrev, jvp, jacfwd, hessian) is active. The operator's autograd (a C++ autograd
