@@ -64,7 +64,71 @@ def _permute(t: Tensor, order: Tensor | None) -> Tensor:
     return t if order is None else t.index_select(1, order)
 
 
-class _RNNBase(_Convertible, nn.Module):
+class _Options:
+    """The options torch.nn lacks, keyword-only on LSTM, GRU and their cells; their defaults
+    give torch.nn's behaviour exactly.
+
+    forget_bias: the initial bias of the gate that keeps the state (LSTM's forget gate,
+        GRU's update gate): b_ih's block of that gate starts at forget_bias and b_hh's at
+        0, so the gate starts at sigmoid(forget_bias) for a zero input and state. None:
+        torch.nn's initialisation. reset_parameters applies it again.
+    dropconnect: DropConnect on the recurrent weights W_hh: in training, each forward
+        draws one mask per W_hh from torch's generator (as F.dropout: an element is kept
+        with probability 1 - p and scaled by 1 / (1 - p)), used at every step; in eval the
+        weights as they are, the expectation. A seed gives the same masks.
+    """
+
+    mode: str
+    hidden_size: int
+    forget_bias: float | None
+    dropconnect: float
+
+    def _set_options(self, forget_bias: float | None, dropconnect: float, bias: bool) -> None:
+        if forget_bias is not None:
+            if self.mode not in ("LSTM", "GRU"):
+                raise ValueError(f"forget_bias is for LSTM and GRU only, got mode {self.mode}")
+            if not bias:
+                raise ValueError("forget_bias needs bias=True, got bias=False")
+            if not isinstance(forget_bias, numbers.Real) or isinstance(forget_bias, bool):
+                raise TypeError(f"forget_bias must be a number, got {type(forget_bias).__name__}")
+            forget_bias = float(forget_bias)
+        if (
+            not isinstance(dropconnect, numbers.Real)
+            or isinstance(dropconnect, bool)
+            or not 0 <= dropconnect < 1
+        ):
+            raise ValueError(f"dropconnect must be a number in [0, 1), got {dropconnect!r}")
+        self.forget_bias = forget_bias
+        self.dropconnect = float(dropconnect)
+
+    def _init_forget_bias(self, biases: list[tuple[Tensor, Tensor]]) -> None:
+        if self.forget_bias is None:
+            return
+        keep = slice(self.hidden_size, 2 * self.hidden_size)  # the second gate block of both
+        with torch.no_grad():
+            for b_ih, b_hh in biases:
+                b_ih[keep] = self.forget_bias
+                b_hh[keep] = 0.0
+
+    def _recurrent_weight(self, w_hh: Tensor) -> Tensor:
+        if self.dropconnect > 0 and self.training:
+            return F.dropout(w_hh, self.dropconnect, training=True)
+        return w_hh
+
+    def _options_repr(self) -> str:
+        s = f", forget_bias={self.forget_bias}" if self.forget_bias is not None else ""
+        return s + (f", dropconnect={self.dropconnect}" if self.dropconnect else "")
+
+    def to_torch(self) -> nn.Module:
+        if self.dropconnect:
+            raise ValueError(
+                f"to_torch: torch.nn has no dropconnect; set dropconnect=0 first (got "
+                f"{self.dropconnect})"
+            )
+        return super().to_torch()
+
+
+class _RNNBase(_Options, _Convertible, nn.Module):
     """Layers, directions, dropout and input forms around the per-layer operator."""
 
     @staticmethod
@@ -100,8 +164,13 @@ class _RNNBase(_Convertible, nn.Module):
         proj_size: int = 0,
         device=None,
         dtype=None,
+        *,
+        forget_bias: float | None = None,
+        dropconnect: float = 0.0,
     ) -> None:
         super().__init__()
+        self.mode = mode
+        self._set_options(forget_bias, dropconnect, bias)
         if (
             not isinstance(dropout, numbers.Number)
             or isinstance(dropout, bool)
@@ -137,7 +206,6 @@ class _RNNBase(_Convertible, nn.Module):
         if mode not in GATES:
             raise ValueError("Unrecognized RNN mode: " + mode)
 
-        self.mode = mode
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -179,6 +247,13 @@ class _RNNBase(_Convertible, nn.Module):
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
         for weight in self.parameters():
             nn.init.uniform_(weight, -stdv, stdv)
+        if self.bias:
+            p = self._parameters
+            self._init_forget_bias([(p[f"bias_ih{s}"], p[f"bias_hh{s}"]) for s in self._suffixes()])
+
+    def _suffixes(self) -> list[str]:
+        directions = ["", "_reverse"] if self.bidirectional else [""]
+        return [f"_l{layer}{d}" for layer in range(self.num_layers) for d in directions]
 
     def flatten_parameters(self) -> None:
         """Kept for torch.nn compatibility: the operators take the parameters as they are."""
@@ -205,7 +280,7 @@ class _RNNBase(_Convertible, nn.Module):
             s += f", dropout={self.dropout}"
         if self.bidirectional is not False:
             s += f", bidirectional={self.bidirectional}"
-        return s
+        return s + self._options_repr()
 
     # --- checks, with torch.nn's exception types and messages ---------------------------
 
@@ -322,6 +397,7 @@ class _RNNBase(_Convertible, nn.Module):
                 # self._parameters, not getattr: nn.Module's __getattr__ costs a call each.
                 params = [self._parameters.get(n) for n in self._param_names(layer, direction)]
                 w_ih, w_hh, b_ih, b_hh, w_hr = params
+                w_hh = self._recurrent_weight(w_hh)
                 out, h, c = rnn_layer(
                     self.mode,
                     x,
@@ -387,7 +463,7 @@ class LSTM(_RNNBase):
         super().__init__("LSTM", *args, **kwargs)
 
 
-class _CellBase(_Convertible, nn.Module):
+class _CellBase(_Options, _Convertible, nn.Module):
     """One step of a cell: the layer operator over a sequence of length 1."""
 
     @staticmethod
@@ -398,10 +474,19 @@ class _CellBase(_Convertible, nn.Module):
         return kw
 
     def __init__(
-        self, mode: str, input_size: int, hidden_size: int, bias: bool, device=None, dtype=None
+        self,
+        mode: str,
+        input_size: int,
+        hidden_size: int,
+        bias: bool,
+        device=None,
+        dtype=None,
+        forget_bias: float | None = None,
+        dropconnect: float = 0.0,
     ) -> None:
         super().__init__()
         self.mode = mode
+        self._set_options(forget_bias, dropconnect, bias)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias
@@ -423,12 +508,14 @@ class _CellBase(_Convertible, nn.Module):
             s += f", bias={self.bias}"
         if getattr(self, "nonlinearity", "tanh") != "tanh":
             s += f", nonlinearity={self.nonlinearity}"
-        return s
+        return s + self._options_repr()
 
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
         for weight in self.parameters():
             nn.init.uniform_(weight, -stdv, stdv)
+        if self.bias:
+            self._init_forget_bias([(self.bias_ih, self.bias_hh)])
 
     def _check_step(self, input: Tensor, states: list[Tensor]) -> None:
         """torch.nn's cell checks, in its order and words; states are [B, H] each."""
@@ -462,7 +549,7 @@ class _CellBase(_Convertible, nn.Module):
             self.mode,
             input.unsqueeze(0),
             p["weight_ih"],
-            p["weight_hh"],
+            self._recurrent_weight(p["weight_hh"]),
             p["bias_ih"],
             p["bias_hh"],
             h,
@@ -480,9 +567,8 @@ class _CellBase(_Convertible, nn.Module):
             return None
         p = self._parameters  # not self.weight_ih: nn.Module's __getattr__ costs a call
         try:
-            return cell_step(
-                self.mode, input, h, c, p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"]
-            )
+            w_ih, w_hh = p["weight_ih"], self._recurrent_weight(p["weight_hh"])
+            return cell_step(self.mode, input, h, c, w_ih, w_hh, p["bias_ih"], p["bias_hh"])
         except (RuntimeError, TypeError):
             return None
 
@@ -543,9 +629,19 @@ class GRUCell(_CellBase):
     _torch_class = nn.GRUCell
 
     def __init__(
-        self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        forget_bias: float | None = None,
+        dropconnect: float = 0.0,
     ) -> None:
-        super().__init__("GRU", input_size, hidden_size, bias, device, dtype)
+        super().__init__(
+            "GRU", input_size, hidden_size, bias, device, dtype, forget_bias, dropconnect
+        )
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         return self._forward_hidden_only("GRUCell", input, hx)
@@ -557,9 +653,19 @@ class LSTMCell(_CellBase):
     _torch_class = nn.LSTMCell
 
     def __init__(
-        self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        forget_bias: float | None = None,
+        dropconnect: float = 0.0,
     ) -> None:
-        super().__init__("LSTM", input_size, hidden_size, bias, device, dtype)
+        super().__init__(
+            "LSTM", input_size, hidden_size, bias, device, dtype, forget_bias, dropconnect
+        )
 
     def forward(
         self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None

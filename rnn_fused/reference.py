@@ -47,6 +47,12 @@ def cell_step(
     raise ValueError(f"unknown mode {mode!r}")
 
 
+def dropconnect_weight(w: Tensor, p: float) -> Tensor:
+    """A weight under DropConnect as one mask drawn from torch's generator: each element kept
+    with probability 1 - p and scaled by 1 / (1 - p), the draw F.dropout makes."""
+    return w * torch.empty_like(w).bernoulli_(1 - p).div_(1 - p)
+
+
 def rnn_layer(
     mode: str,
     input: Tensor,
