@@ -150,7 +150,16 @@ Problem make_problem(const LayerArgs& a) {
   }
   check_like(w_ih, "w_ih", input);
   check_like(w_hh, "w_hh", input);
-  check_shape(w_hh, "w_hh", {p.gate_width(), p.out_size});
+  p.elementwise = w_hh.dim() == 1;
+  if (p.elementwise) {
+    TORCH_CHECK(p.kind == CellKind::RNN_TANH || p.kind == CellKind::RNN_RELU,
+                "rnn_fused: an element-wise w_hh (1-D, IndRNN) needs mode RNN_TANH or RNN_RELU, "
+                "got mode ",
+                mode);
+    check_shape(w_hh, "w_hh", {p.hidden});
+  } else {
+    check_shape(w_hh, "w_hh", {p.gate_width(), p.out_size});
+  }
   if (p.has_bias) {
     check_like(*b_ih, "b_ih", input);
     check_like(*b_hh, "b_hh", input);

@@ -39,6 +39,8 @@ struct LayerArgs {
   at::Tensor w_ih, w_hh;  // torch.nn's weights of the layer, gates stacked in its order
   OptTensor b_ih, b_hh;   // given together or not at all
   OptTensor w_hr;         // LSTM projection [H_out, H]
+  // (w_hh may be a vector [H] for the RNN modes: IndRNN's element-wise weight, Problem::
+  // elementwise.)
   OptTensor batch_sizes;  // int64 CPU [T] for packed input
   bool reverse = false;
 
@@ -102,6 +104,9 @@ struct Problem {
   bool reverse;
   bool proj;
   bool has_bias;
+  // IndRNN: w_hh is a vector u [H] (an RNN mode only), the recurrence's element-wise weight:
+  // the hidden-side pre-activation is u * h, where the other cells have h W_hh^T.
+  bool elementwise;
   std::vector<int64_t> batch_sizes;  // per step
   std::vector<int64_t> offsets;      // first row of each step
 

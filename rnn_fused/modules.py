@@ -131,6 +131,9 @@ class _Options:
 class _RNNBase(_Options, _Convertible, nn.Module):
     """Layers, directions, dropout and input forms around the per-layer operator."""
 
+    # IndRNN: weight_hh is a vector u, the recurrence's element-wise weight.
+    _elementwise = False
+
     @staticmethod
     def _init_kwargs(m) -> dict:
         kw = {
@@ -226,7 +229,7 @@ class _RNNBase(_Options, _Convertible, nn.Module):
             for direction in range(directions):
                 shapes = {
                     "weight_ih": (gate_size, layer_input),
-                    "weight_hh": (gate_size, out_size),
+                    "weight_hh": (hidden_size,) if self._elementwise else (gate_size, out_size),
                     "bias_ih": (gate_size,) if bias else None,
                     "bias_hh": (gate_size,) if bias else None,
                     "weight_hr": (proj_size, hidden_size) if proj_size else None,
@@ -461,6 +464,57 @@ class LSTM(_RNNBase):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__("LSTM", *args, **kwargs)
+
+
+class IndRNN(_RNNBase):
+    """Independently recurrent network (Li et al. 2018), with torch.nn.RNN's constructor,
+    inputs and outputs: h(t) = act(W_ih x(t) + b_ih + u * h(t-1) + b_hh), act tanh or relu,
+    where the recurrent weight u (weight_hh_l{k}, shape [hidden_size]) multiplies each unit
+    by its own previous value only. u starts uniform in [-1, 1] (|u| <= 1 keeps a unit's
+    memory from growing), the rest as torch.nn.RNN's.
+
+    It runs on the RNN operator with u as its w_hh: the CPU engine multiplies element-wise
+    (H multiplies per row and step); the CUDA engine, for now, runs the product with
+    diag(u), exact but [H, H] per step."""
+
+    _elementwise = True
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        nonlinearity: str = "tanh",
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(
+                f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'."
+            )
+        self.nonlinearity = nonlinearity
+        mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
+        super().__init__(
+            mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+            bidirectional, 0, device, dtype,
+        )  # fmt: skip
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        for name in self._flat_weights_names:
+            if name.startswith("weight_hh"):
+                nn.init.uniform_(self._parameters[name], -1.0, 1.0)
+
+    @classmethod
+    def from_torch(cls, module: nn.Module):
+        raise TypeError("IndRNN has no torch.nn counterpart to convert from")
+
+    def to_torch(self) -> nn.Module:
+        raise TypeError("IndRNN has no torch.nn counterpart to convert to")
 
 
 class _CellBase(_Options, _Convertible, nn.Module):

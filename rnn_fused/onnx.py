@@ -37,9 +37,14 @@ class OnnxExportError(RuntimeError):
     """A layer call that ONNX's recurrent operators cannot express."""
 
 
-def _unsupported(mode: str, w_hr: bool, packed: bool) -> None:
+def _unsupported(mode: str, w_hr: bool, packed: bool, elementwise: bool = False) -> None:
     if mode not in GATES:
         raise OnnxExportError(f"rnn_fused ONNX export: unknown mode {mode!r}")
+    if elementwise:
+        raise OnnxExportError(
+            "rnn_fused ONNX export: IndRNN cannot be exported yet; ONNX's RNN operator takes a "
+            "full recurrent weight (got a 1-D weight_hh)"
+        )
     if w_hr:
         raise OnnxExportError(
             "rnn_fused ONNX export: LSTM with proj_size > 0 cannot be exported; ONNX's LSTM "
@@ -112,7 +117,7 @@ def _layer_onnxscript(
     """rnn_fused::layer as ONNX nodes, traced by onnxscript."""
     from onnxscript import opset18 as op
 
-    _unsupported(mode, w_hr is not None, batch_sizes is not None)
+    _unsupported(mode, w_hr is not None, batch_sizes is not None, len(w_hh.shape) == 1)
 
     def emit(op_type: str, *inputs: Any, outputs: int = 1, **attrs: Any) -> Any:
         return getattr(op, op_type)(*inputs, **attrs)  # the schema gives the outputs
@@ -160,7 +165,8 @@ def _layer_torchscript(g, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, bat
     from torch.onnx import symbolic_helper as sh
 
     mode = sh._maybe_get_const(mode, "s")
-    _unsupported(mode, not sh._is_none(w_hr), not sh._is_none(batch_sizes))
+    elementwise = len(sh._get_tensor_sizes(w_hh)) == 1
+    _unsupported(mode, not sh._is_none(w_hr), not sh._is_none(batch_sizes), elementwise)
 
     def emit(op_type: str, *inputs: Any, outputs: int = 1, **attrs: Any) -> Any:
         inputs = tuple(sh._optional_input_placeholder_tensor(g) if i is None else i for i in inputs)

@@ -12,6 +12,7 @@ training and inference, forward and backward."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -167,8 +168,14 @@ def test_fused_backward_step(kernels, mode, rows_gemm, n, H, dtype):
     assert torch.equal(dh[rows:], dh_in[rows:]), "rows past both must stay untouched"
 
 
-FEATURES = ["plain", "nobias", "noh0", "reverse", "packed", "packed-reverse", "proj"]
-ENGINE_CASES = [(m, f) for m in CELLS for f in FEATURES if f != "proj" or m == "LSTM"]
+FEATURES = ["plain", "nobias", "noh0", "reverse", "packed", "packed-reverse", "proj", "indrnn"]
+# proj: LSTM only; indrnn (IndRNN's element-wise w_hh, a vector): the RNN modes only.
+ENGINE_CASES = [
+    (m, f)
+    for m in CELLS
+    for f in FEATURES
+    if (f != "proj" or m == "LSTM") and (f != "indrnn" or m.startswith("RNN"))
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
@@ -188,6 +195,8 @@ def test_engine_matches_reference(kernels, monkeypatch, path, mode, feature, dty
         dtype=dtype,
         scale=0.25,
     )
+    if feature == "indrnn":
+        layer = dataclasses.replace(layer, w_hh=rand(33, dtype=dtype, scale=0.9))
     # 9 rows at the first step: past a fused forward block of 8 rows.
     h0, c0 = make_states(layer, 9, dtype=dtype)
     if feature == "noh0":

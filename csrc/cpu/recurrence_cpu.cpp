@@ -350,19 +350,31 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
       matmul<T>(rows, I, GH, dxg_p, GH, w_ih.data_ptr<T>(), I, gin_p + rb * I, I, false);
     }
     if (!a.mask.weights) continue;
+    // Gate gradients packed once per chunk (dhg is dxg itself but for GRU).
+    const Panels dxg_bf16 = small ? Panels{} : bf16_rows(dxg, rows, bf16);
     if (small) {
       const T* x_rows = x2d.data_ptr<T>() + rb * I;
       blas_product<T>(true, false, GH, I, rows, dxg_p, GH, x_rows, I, g.grad_w_ih.data_ptr<T>(), I,
                       add);
-      blas_product<T>(true, false, GH, Hout, rows, dhg_p, GH, hprev_p + rb * Hout, Hout,
-                      g.grad_w_hh.data_ptr<T>(), Hout, add);
     } else {
-      // Gate gradients packed once per chunk (dhg is dxg itself but for GRU).
-      const Panels dxg_bf16 = bf16_rows(dxg, rows, bf16);
-      const Panels dhg_bf16 = Cell::kSplitGrads ? bf16_rows(dhg, rows, bf16) : dxg_bf16;
       const at::Tensor x_t = rows_transposed(x2d, rb, rows);
       times_rows<T>(I, x_t.data_ptr<T>(), rows, dxg, dxg_bf16, rows, g.grad_w_ih.data_ptr<T>(), GH,
                     add);
+    }
+    if (p.elementwise) {
+      // du: the column sums of dhg * h_prev (u multiplies each unit by its own h only).
+      T* du = g.grad_w_hh.data_ptr<T>();
+      if (!add) std::fill(du, du + H, T(0));
+      for (int64_t i = 0; i < rows; ++i) {
+        const T* dhg_row = dhg_p + i * GH;
+        const T* h_row = hprev_p + (rb + i) * Hout;
+        for (int64_t j = 0; j < H; ++j) du[j] += dhg_row[j] * h_row[j];
+      }
+    } else if (small) {
+      blas_product<T>(true, false, GH, Hout, rows, dhg_p, GH, hprev_p + rb * Hout, Hout,
+                      g.grad_w_hh.data_ptr<T>(), Hout, add);
+    } else {
+      const Panels dhg_bf16 = Cell::kSplitGrads ? bf16_rows(dhg, rows, bf16) : dxg_bf16;
       const at::Tensor h_t = rows_transposed(h_prev_all, rb, rows);
       times_rows<T>(Hout, h_t.data_ptr<T>(), rows, dhg, dhg_bf16, rows, g.grad_w_hh.data_ptr<T>(),
                     GH, add);
@@ -402,7 +414,7 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
                     : at::empty({cols, rows}, opts);
   };
   g.grad_w_ih = weight_grad(GH, p.input_size);
-  g.grad_w_hh = weight_grad(GH, p.out_size);
+  g.grad_w_hh = !p.elementwise ? weight_grad(GH, p.out_size) : at::empty({weights ? GH : 0}, opts);
   g.grad_b_ih = at::empty({weights ? GH : 0}, opts);  // written by the first chunk
   g.grad_b_hh = at::empty({weights ? GH : 0}, opts);
   g.grad_w_hr = p.proj ? weight_grad(p.out_size, p.hidden) : at::Tensor();
@@ -414,7 +426,7 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
     });
   });
   const auto as_weight = [&](const at::Tensor& t) {
-    return small || !weights ? t : t.t().contiguous();
+    return small || !weights || t.dim() == 1 ? t : t.t().contiguous();
   };
   const auto none = [&] { return at::empty({0}, opts); };  // a new one each: outputs never alias
   return {g.grad_input,
@@ -441,6 +453,7 @@ bool half_type(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; 
 // stay in bfloat16 until packed (bf16 in LayerArgs::to).
 bool bf16_products(at::ScalarType dtype, const Problem& p) {
   if (dtype != at::kBFloat16 || p.kind == CellKind::RNN_RELU || small_problem(p)) return false;
+  if (p.elementwise) return false;  // the products with u are element-wise, in float32
   if (!has_bf16_dot()) return false;
   const char* env = std::getenv("RNN_FUSED_BF16_DOT");
   return env == nullptr || std::strcmp(env, "0") != 0;

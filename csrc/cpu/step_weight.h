@@ -1,6 +1,7 @@
 // The right-hand side B of the products a recurrence makes with a weight W at every step:
 // B = W^T or W. Packed into column panels when a problem repays the packing; otherwise W is
-// read as stored, through BLAS (see small_problem in recurrence_cpu.cpp).
+// read as stored, through BLAS (see small_problem in recurrence_cpu.cpp). A vector W (IndRNN's
+// u) stands for diag(u): its products are element-wise, C = A * u, never packed.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -20,12 +21,13 @@ class StepWeight {
   // bf16: packed as bfloat16 panels, whose products round A to bfloat16 (T is float32). A
   // weight that is packed may have another dtype than T (it is read only to be packed).
   StepWeight(const at::Tensor& w, bool transpose, bool pack, int64_t group = 0, bool bf16 = false)
-      : w_(pack ? nullptr : w.data_ptr<T>()),
-        ld_(w.size(1)),
+      : diagonal_(w.dim() == 1),
+        w_(pack && !diagonal_ ? nullptr : w.data_ptr<T>()),
+        ld_(diagonal_ ? 1 : w.size(1)),
         transpose_(transpose),
-        K_(transpose ? w.size(1) : w.size(0)),
-        N_(transpose ? w.size(0) : w.size(1)) {
-    if (pack) panels_ = pack_panels(transpose ? w.t() : w, group, bf16);
+        K_(diagonal_ || transpose ? w.size(-1) : w.size(0)),
+        N_(diagonal_ || transpose ? w.size(0) : w.size(1)) {
+    if (pack && !diagonal_) panels_ = pack_panels(transpose ? w.t() : w, group, bf16);
   }
 
   bool packed() const { return panels_.data.defined(); }
@@ -33,6 +35,7 @@ class StepWeight {
 
   // C[M, N] = A[M, K] @ B (accumulate: C += ...) on all threads; called outside a team.
   void product(int64_t M, const T* A, int64_t lda, T* C, int64_t ldc, bool accumulate) const {
+    if (diagonal_) return diagonal_product(M, A, lda, C, ldc, accumulate);
     if (packed()) return matmul<T>(M, A, lda, panels_, C, ldc, accumulate);
     blas_product<T>(false, transpose_, M, N_, K_, A, lda, w_, ld_, C, ldc, accumulate);
   }
@@ -54,6 +57,16 @@ class StepWeight {
   }
 
  private:
+  void diagonal_product(int64_t M, const T* A, int64_t lda, T* C, int64_t ldc,
+                        bool accumulate) const {
+    for (int64_t i = 0; i < M; ++i) {
+      const T* a = A + i * lda;
+      T* c = C + i * ldc;
+      for (int64_t j = 0; j < N_; ++j) c[j] = accumulate ? c[j] + a[j] * w_[j] : a[j] * w_[j];
+    }
+  }
+
+  bool diagonal_;
   const T* w_;
   int64_t ld_;
   bool transpose_;

@@ -160,8 +160,21 @@ void run_forward(Dev& dev, const Problem& p, bool train, bool fused, const at::T
 }
 
 // The forward operator (ops.cpp's schema) on a device: buffers, then the loop of one path.
+// IndRNN's element-wise w_hh (Problem::elementwise) runs as the product with diag(u) here:
+// exact (every other term is an exact zero), with an [H, H] product per step where u * h
+// needs H multiplies; the kernels have no element-wise path yet.
+inline LayerArgs with_diagonal_w_hh(const LayerArgs& a) {
+  LayerArgs d = a;
+  d.w_hh = at::diag(a.w_hh);
+  return d;
+}
+
 template <class Dev>
 ForwardResult forward_engine(Dev& dev, const Problem& p, const LayerArgs& a, bool train) {
+  if (p.elementwise) {
+    const LayerArgs d = with_diagonal_w_hh(a);
+    return forward_engine(dev, make_problem(d), d, train);
+  }
   const at::Tensor &input = a.input, &w_ih = a.w_ih, &w_hh = a.w_hh;
   const OptTensor &hx = a.hx, &cx = a.cx, &b_ih = a.b_ih, &b_hh = a.b_hh, &w_hr = a.w_hr;
   const auto opts = input.options();
@@ -275,6 +288,13 @@ void run_backward(Dev& dev, const Problem& p, bool fused,
 // input, the weights and the biases (as a.mask asks) as products and sums over all rows.
 template <class Dev>
 BackwardResult backward_engine(Dev& dev, const Problem& p, const BackwardArgs& a) {
+  if (p.elementwise) {
+    BackwardArgs d = a;
+    d.layer = with_diagonal_w_hh(a.layer);
+    BackwardResult r = backward_engine(dev, make_problem(d), d);
+    if (a.mask.weights) std::get<4>(r) = std::get<4>(r).diagonal().contiguous();  // du
+    return r;
+  }
   const at::Tensor &input = a.layer.input, &w_ih = a.layer.w_ih, &w_hh = a.layer.w_hh;
   const at::Tensor &saved = a.saved, &h_prev_all = a.h_prev;
   const OptTensor &w_hr = a.layer.w_hr, &grad_output = a.grad_output;

@@ -1,0 +1,118 @@
+"""IndRNN: the module against reference.py's plain loop (float64, to 1e-12), gradients by
+gradcheck, and the torch.nn.RNN contract it shares (batch_first, states, packed input)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import rnn_fused
+from rnn_fused import reference
+
+
+def _reference(m: rnn_fused.IndRNN, x: torch.Tensor, h0: torch.Tensor) -> tuple:
+    """reference.indrnn_layer over the module's layers and directions; x is [T, B, I]."""
+    directions = 2 if m.bidirectional else 1
+    h_n = []
+    for layer in range(m.num_layers):
+        outputs = []
+        for d in range(directions):
+            suffix = f"_l{layer}" + ("_reverse" if d else "")
+            names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+            p = {k: getattr(m, k + suffix, None) for k in names}
+            out, h = reference.indrnn_layer(
+                m.nonlinearity, x, p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"],
+                h0[layer * directions + d], reverse=d == 1,
+            )  # fmt: skip
+            outputs.append(out)
+            h_n.append(h)
+        x = torch.cat(outputs, dim=-1)
+    return x, torch.stack(h_n)
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_the_plain_loop(nonlinearity: str, bias: bool):
+    torch.manual_seed(0)
+    m = rnn_fused.IndRNN(
+        5, 33, num_layers=2, nonlinearity=nonlinearity, bias=bias, batch_first=True,
+        bidirectional=True,
+    ).double()  # fmt: skip
+    x = torch.randn(3, 7, 5, dtype=torch.float64)
+    h0 = torch.randn(4, 3, 33, dtype=torch.float64)
+    out, h_n = m(x, h0)
+    want, want_h = _reference(m, x.transpose(0, 1), h0)
+    torch.testing.assert_close(out, want.transpose(0, 1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h_n, want_h, rtol=1e-12, atol=1e-12)
+
+
+def test_parameters_and_initialisation():
+    torch.manual_seed(1)
+    m = rnn_fused.IndRNN(4, 6, num_layers=2)
+    shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert shapes["weight_hh_l0"] == shapes["weight_hh_l1"] == (6,)
+    assert shapes["weight_ih_l1"] == (6, 6) and shapes["bias_hh_l0"] == (6,)
+    u = torch.cat([m.weight_hh_l0, m.weight_hh_l1])
+    assert u.abs().max() <= 1 and u.abs().max() > 1 / 6**0.5, "u uniform in [-1, 1]"
+    with pytest.raises(ValueError, match="Unknown nonlinearity 'gelu'"):
+        rnn_fused.IndRNN(4, 6, nonlinearity="gelu")
+    with pytest.raises(TypeError, match=r"no torch\.nn counterpart"):
+        m.to_torch()
+
+
+def test_packed_input_equals_one_sequence_at_a_time():
+    torch.manual_seed(2)
+    m = rnn_fused.IndRNN(3, 5, nonlinearity="relu").double()
+    lengths = [6, 4, 1]
+    x = torch.randn(6, 3, 3, dtype=torch.float64)
+    packed = nn.utils.rnn.pack_padded_sequence(x, lengths)
+    out, h_n = m(packed)
+    padded, _ = nn.utils.rnn.pad_packed_sequence(out)
+    for b, n in enumerate(lengths):
+        alone, h_alone = m(x[:n, b : b + 1])
+        torch.testing.assert_close(padded[:n, b : b + 1], alone, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(h_n[:, b : b + 1], h_alone, rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck():
+    torch.manual_seed(3)
+    m = rnn_fused.IndRNN(3, 4, bidirectional=True).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    u = m.weight_hh_l0_reverse.detach().clone().requires_grad_()
+    w = m.weight_ih_l0.detach().clone().requires_grad_()
+
+    def f(x, u, w):
+        params = {"weight_hh_l0_reverse": u, "weight_ih_l0": w}
+        return functional_call(m, params, (x,), strict=False)
+
+    assert torch.autograd.gradcheck(f, (x, u, w))
+
+
+def test_compiles_without_graph_break():
+    torch.manual_seed(4)
+    m = rnn_fused.IndRNN(3, 5, num_layers=2)
+    x = torch.randn(6, 2, 3)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(x), m(x), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_long_calls_and_gradients_match(nonlinearity: str):
+    """A call past the short-call path (more than 32 rows and 2 steps: packed W_ih, threads),
+    outputs and every gradient against the plain loop in float64."""
+    torch.manual_seed(5)
+    m = rnn_fused.IndRNN(6, 70, nonlinearity=nonlinearity).double()
+    x = torch.randn(40, 16, 6, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(1, 16, 70, dtype=torch.float64, requires_grad=True)
+    out, h_n = m(x, h0)
+    want, want_h = _reference(m, x, h0)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    g_out, g_h = torch.randn_like(out), torch.randn_like(h_n)
+    leaves = [x, h0, *m.parameters()]
+    ours = torch.autograd.grad([out, h_n], leaves, [g_out, g_h])
+    theirs = torch.autograd.grad([want, want_h], leaves, [g_out, g_h])
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
