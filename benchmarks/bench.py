@@ -14,6 +14,10 @@ cuDNN disabled, for fp32 both sides with TF32 allowed (cuDNN's default in PyTorc
 ours with torch.backends.cuda.matmul.allow_tf32), and ours with each CUDA path forced
 (rnn_fused itself picks one by batch size).
 
+On the CPU, a full run (not --quick or --only) goes on with the per-call rows
+(benchmarks/per_call.py, per_call.csv) and the variant rows (benchmarks/variants.py:
+IndRNN and DropConnect against plain PyTorch loops, eager and compiled, variants.csv).
+
     python benchmarks/bench.py [--device cpu|cuda] [--rounds N] [--csv PATH]
                                [--markdown PATH] [--quick] [--only T,B,I,H ...]
 """
@@ -38,7 +42,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import rnn_fused
-from benchmarks import per_call
+from benchmarks import per_call, variants
 from benchmarks.chart import write_chart
 
 CELLS = ("LSTM", "GRU", "RNN")
@@ -378,14 +382,16 @@ def main() -> None:
     print(f"wrote {args.csv}, {chart}" + (f" and {args.markdown}" if args.markdown else ""))
     if device == "cpu" and not args.only:
         calls = per_call.run(args.rounds, calls=50 if args.quick else 500, client=not args.quick)
-        write_per_call(calls, Path(args.csv).with_name("per_call.csv"))
+        write_rows(calls, Path(args.csv).with_name("per_call.csv"))
+        if not args.quick:
+            write_rows(variants.run(args.rounds), Path(args.csv).with_name("variants.csv"))
     if failed:
         sys.exit(f"failed rows: {', '.join(failed)}")
 
 
-def write_per_call(rows: list[dict], path: Path) -> None:
+def write_rows(rows: list[dict], path: Path) -> None:
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["name", "kind", "base", "ours", "speedup"])
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     print(f"wrote {path}")

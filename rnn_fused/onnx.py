@@ -37,14 +37,9 @@ class OnnxExportError(RuntimeError):
     """A layer call that ONNX's recurrent operators cannot express."""
 
 
-def _unsupported(mode: str, w_hr: bool, packed: bool, elementwise: bool = False) -> None:
+def _unsupported(mode: str, w_hr: bool, packed: bool) -> None:
     if mode not in GATES:
         raise OnnxExportError(f"rnn_fused ONNX export: unknown mode {mode!r}")
-    if elementwise:
-        raise OnnxExportError(
-            "rnn_fused ONNX export: IndRNN cannot be exported yet; ONNX's RNN operator takes a "
-            "full recurrent weight (got a 1-D weight_hh)"
-        )
     if w_hr:
         raise OnnxExportError(
             "rnn_fused ONNX export: LSTM with proj_size > 0 cannot be exported; ONNX's LSTM "
@@ -73,6 +68,13 @@ def _emit_layer(emit: Callable[..., Any], ints: Callable[[list[int]], Any], call
     def onnx_weight(w: Any) -> Any:  # [gates * H, K] -> [1, gates * H, K], ONNX's order
         return emit("Unsqueeze", emit("Gather", w, rows, axis=0), axis0)
 
+    if call["elementwise"]:  # IndRNN's u [H]: ONNX's RNN takes it as R = diag(u)
+        square = emit("ConstantOfShape", ints([hidden, hidden]))  # zeros: only its shape counts
+        eye = emit("CastLike", emit("EyeLike", square), call["w_hh"])
+        recurrent = emit("Unsqueeze", emit("Mul", eye, call["w_hh"]), axis0)
+    else:
+        recurrent = onnx_weight(call["w_hh"])
+
     bias = None
     if call["b_ih"] is not None:
         both = [emit("Gather", call[b], rows, axis=0) for b in ("b_ih", "b_hh")]
@@ -81,7 +83,7 @@ def _emit_layer(emit: Callable[..., Any], ints: Callable[[list[int]], Any], call
     attrs: dict[str, Any] = dict(hidden_size=hidden)
     if call["reverse"]:
         attrs["direction"] = "reverse"
-    inputs = [call["input"], onnx_weight(call["w_ih"]), onnx_weight(call["w_hh"]), bias, None, h0]
+    inputs = [call["input"], onnx_weight(call["w_ih"]), recurrent, bias, None, h0]
     if mode == "LSTM":
         c0 = None if call["cx"] is None else emit("Unsqueeze", call["cx"], axis0)
         y, y_h, y_c = emit("LSTM", *inputs, c0, outputs=3, **attrs)
@@ -117,7 +119,7 @@ def _layer_onnxscript(
     """rnn_fused::layer as ONNX nodes, traced by onnxscript."""
     from onnxscript import opset18 as op
 
-    _unsupported(mode, w_hr is not None, batch_sizes is not None, len(w_hh.shape) == 1)
+    _unsupported(mode, w_hr is not None, batch_sizes is not None)
 
     def emit(op_type: str, *inputs: Any, outputs: int = 1, **attrs: Any) -> Any:
         return getattr(op, op_type)(*inputs, **attrs)  # the schema gives the outputs
@@ -125,10 +127,9 @@ def _layer_onnxscript(
     def ints(values: list[int]) -> Any:
         return op.Constant(value_ints=values)
 
-    hidden = w_hh.shape[1]
     call = dict(
         mode=mode, input=input, hx=hx, cx=cx, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh,
-        reverse=reverse, hidden=int(hidden),
+        reverse=reverse, hidden=int(w_hh.shape[-1]), elementwise=len(w_hh.shape) == 1,
     )  # fmt: skip
     return _emit_layer(emit, ints, call)
 
@@ -165,8 +166,8 @@ def _layer_torchscript(g, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, bat
     from torch.onnx import symbolic_helper as sh
 
     mode = sh._maybe_get_const(mode, "s")
-    elementwise = len(sh._get_tensor_sizes(w_hh)) == 1
-    _unsupported(mode, not sh._is_none(w_hr), not sh._is_none(batch_sizes), elementwise)
+    _unsupported(mode, not sh._is_none(w_hr), not sh._is_none(batch_sizes))
+    w_hh_sizes = sh._get_tensor_sizes(w_hh)
 
     def emit(op_type: str, *inputs: Any, outputs: int = 1, **attrs: Any) -> Any:
         inputs = tuple(sh._optional_input_placeholder_tensor(g) if i is None else i for i in inputs)
@@ -185,7 +186,7 @@ def _layer_torchscript(g, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, bat
     call = dict(
         mode=mode, input=input, hx=given(hx), cx=given(cx), w_ih=w_ih, w_hh=w_hh,
         b_ih=given(b_ih), b_hh=given(b_hh), reverse=bool(sh._maybe_get_const(reverse, "b")),
-        hidden=sh._get_tensor_sizes(w_hh)[1],
+        hidden=w_hh_sizes[-1], elementwise=len(w_hh_sizes) == 1,
     )  # fmt: skip
     return _emit_layer(emit, ints, call)
 
