@@ -116,3 +116,23 @@ def test_long_calls_and_gradients_match(nonlinearity: str):
     theirs = torch.autograd.grad([want, want_h], leaves, [g_out, g_h])
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_types_no_worse_than_twice_the_loop(dtype: torch.dtype):
+    """The half-type accuracy rule, with the plain loop in the same dtype as the yardstick
+    (torch.nn has no IndRNN): against float64, at most twice its error."""
+    torch.manual_seed(6)
+    m = rnn_fused.IndRNN(5, 40).to(dtype)
+    x = torch.randn(30, 8, 5).to(dtype)
+    out, _ = m(x)
+    p = {k: v.double() for k, v in m.state_dict().items()}
+    names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+    exact, _ = reference.indrnn_layer("tanh", x.double(), *(p[k] for k in names))
+    same, _ = reference.indrnn_layer("tanh", x, *(getattr(m, k) for k in names))
+    assert out.dtype == dtype
+
+    def err(a: torch.Tensor) -> float:
+        return ((a.detach().double() - exact).norm() / exact.norm()).item()
+
+    assert err(out) <= 2 * err(same) + 1e-4
