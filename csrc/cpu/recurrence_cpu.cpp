@@ -54,7 +54,10 @@ bool small_problem(const Problem& p) {
 
 int step_threads(const Problem& p) {
   if (small_problem(p)) return 1;
-  const int64_t work = p.batch * p.gate_width() * (p.out_size + 8);
+  // A step's multiply-adds, or their like: an element-wise recurrence (IndRNN) costs about 16
+  // per unit (its product and activation), not a row of W_hh.
+  const int64_t work =
+      p.elementwise ? p.batch * p.hidden * 16 : p.batch * p.gate_width() * (p.out_size + 8);
   return work < kParallelStepWork ? 1 : at::get_num_threads();
 }
 
