@@ -34,35 +34,24 @@ def per_call_us(sides: dict[str, Callable[[], object]], calls: int, rounds: int)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def _cell_call(m: nn.Module, x: torch.Tensor, state, grad: bool) -> Callable[[], object]:
+def timed_call(output: Callable[[], torch.Tensor], grad: bool) -> Callable[[], object]:
+    """One call to time: output() under no_grad, or output().sum() and its backward."""
     if not grad:
 
         def infer():
             with torch.no_grad():
-                return m(x, state)
+                return output()
 
         return infer
 
     def train():
-        out = m(x, state)
-        (out[0] if isinstance(out, tuple) else out).sum().backward()
+        output().sum().backward()
 
     return train
 
 
-def _layer_call(m: nn.Module, x: torch.Tensor, grad: bool) -> Callable[[], object]:
-    if not grad:
-
-        def infer():
-            with torch.no_grad():
-                return m(x)
-
-        return infer
-
-    def train():
-        m(x)[0].sum().backward()
-
-    return train
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
 
 
 def cases() -> list[tuple[str, str, Callable[[object], Callable[[], object]]]]:
@@ -91,7 +80,7 @@ def _cell_maker(cell: str, H: int, grad: bool):
         x = torch.randn(1, H, requires_grad=grad)
         h = torch.randn(1, H)
         state = (h, torch.randn(1, H)) if cell == "LSTMCell" else h
-        return _cell_call(m, x, state, grad)
+        return timed_call(lambda: _first(m(x, state)), grad)
 
     return make
 
@@ -102,7 +91,8 @@ def _layer_maker(H: int, grad: bool):
         m = nn.LSTM(H, H)
         if ns is rnn_fused:
             m = rnn_fused.LSTM.from_torch(m)
-        return _layer_call(m, torch.randn(1, 1, H, requires_grad=grad), grad)
+        x = torch.randn(1, 1, H, requires_grad=grad)
+        return timed_call(lambda: m(x)[0], grad)
 
     return make
 

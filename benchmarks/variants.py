@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import rnn_fused
-from benchmarks.per_call import per_call_us
+from benchmarks.per_call import per_call_us, timed_call
 
 T, B, H = 100, 32, 256
 DROPCONNECT = 0.25
@@ -58,26 +58,11 @@ VARIANTS = {
 def _sides(m: nn.Module, loop, lstm: nn.Module, x: Tensor, grad: bool) -> dict:
     compiled = torch.compile(loop)
     xg = x.clone().requires_grad_(grad)
-
-    def call(fn: Callable[[Tensor], Tensor]) -> Callable[[], object]:
-        if not grad:
-
-            def infer():
-                with torch.no_grad():
-                    return fn(xg)
-
-            return infer
-
-        def train():
-            fn(xg).sum().backward()
-
-        return train
-
     return {
-        "loop": call(loop),
-        "loop compiled": call(compiled),
-        "rnn_fused": call(lambda x: m(x)[0]),
-        "our LSTM": call(lambda x: lstm(x)[0]),
+        "loop": timed_call(lambda: loop(xg), grad),
+        "loop compiled": timed_call(lambda: compiled(xg), grad),
+        "rnn_fused": timed_call(lambda: m(xg)[0], grad),
+        "our LSTM": timed_call(lambda: lstm(xg)[0], grad),
     }
 
 

@@ -677,10 +677,10 @@ class RNNCell(_CellBase):
         return self._forward_hidden_only("RNNCell", input, hx)
 
 
-class GRUCell(_CellBase):
-    """Drop-in for torch.nn.GRUCell."""
+class _GatedCell(_CellBase):
+    """LSTMCell and GRUCell: torch.nn's constructor, and the options torch.nn lacks."""
 
-    _torch_class = nn.GRUCell
+    _mode: str
 
     def __init__(
         self,
@@ -694,32 +694,25 @@ class GRUCell(_CellBase):
         dropconnect: float = 0.0,
     ) -> None:
         super().__init__(
-            "GRU", input_size, hidden_size, bias, device, dtype, forget_bias, dropconnect
+            self._mode, input_size, hidden_size, bias, device, dtype, forget_bias, dropconnect
         )
+
+
+class GRUCell(_GatedCell):
+    """Drop-in for torch.nn.GRUCell."""
+
+    _torch_class = nn.GRUCell
+    _mode = "GRU"
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         return self._forward_hidden_only("GRUCell", input, hx)
 
 
-class LSTMCell(_CellBase):
+class LSTMCell(_GatedCell):
     """Drop-in for torch.nn.LSTMCell."""
 
     _torch_class = nn.LSTMCell
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        bias: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        forget_bias: float | None = None,
-        dropconnect: float = 0.0,
-    ) -> None:
-        super().__init__(
-            "LSTM", input_size, hidden_size, bias, device, dtype, forget_bias, dropconnect
-        )
+    _mode = "LSTM"
 
     def forward(
         self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None

@@ -10,11 +10,8 @@ from torch import Tensor
 
 
 def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    y = x @ w.t()
-    return y if b is None else y + b
-
-
-def _bias(y: Tensor, b: Tensor | None) -> Tensor:
+    """x W^T + b; a vector w is IndRNN's element-wise recurrent weight u: x * u + b."""
+    y = x @ w.t() if w.dim() == 2 else x * w
     return y if b is None else y + b
 
 
@@ -31,8 +28,7 @@ def cell_step(
 ) -> tuple[Tensor, Tensor | None]:
     """One step of one cell: returns (h_t, c_t); c_t is None except for LSTM."""
     gi = _linear(x, w_ih, b_ih)
-    # A vector w_hh is IndRNN's element-wise recurrent weight u: u * h.
-    gh = _linear(h, w_hh, b_hh) if w_hh.dim() == 2 else _bias(h * w_hh, b_hh)
+    gh = _linear(h, w_hh, b_hh)
     if mode == "LSTM":
         i, f, g, o = (gi + gh).chunk(4, dim=-1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -50,30 +46,6 @@ def cell_step(
     if mode == "RNN_RELU":
         return torch.relu(gi + gh), None
     raise ValueError(f"unknown mode {mode!r}")
-
-
-def indrnn_layer(
-    nonlinearity: str,
-    input: Tensor,
-    w_ih: Tensor,
-    u: Tensor,
-    b_ih: Tensor | None = None,
-    b_hh: Tensor | None = None,
-    hx: Tensor | None = None,
-    *,
-    reverse: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """One IndRNN layer over padded input [T, B, I]: h(t) = act(W_ih x(t) + b_ih + u * h(t-1)
-    + b_hh). Returns (output [T, B, H], h_n)."""
-    act = torch.tanh if nonlinearity == "tanh" else torch.relu
-    h = hx if hx is not None else input.new_zeros(input.shape[1], u.shape[0])
-    outputs: list[Tensor] = [input.new_empty(0)] * input.shape[0]
-    order = range(input.shape[0] - 1, -1, -1) if reverse else range(input.shape[0])
-    for t in order:
-        pre = _linear(input[t], w_ih, b_ih) + u * h
-        h = act(pre if b_hh is None else pre + b_hh)
-        outputs[t] = h
-    return torch.stack(outputs), h
 
 
 def dropconnect_weight(w: Tensor, p: float) -> Tensor:

@@ -13,7 +13,8 @@ from rnn_fused import reference
 
 
 def _reference(m: rnn_fused.IndRNN, x: torch.Tensor, h0: torch.Tensor) -> tuple:
-    """reference.indrnn_layer over the module's layers and directions; x is [T, B, I]."""
+    """reference.rnn_layer (u as its 1-D w_hh) over the module's layers and directions; x is
+    [T, B, I]."""
     directions = 2 if m.bidirectional else 1
     h_n = []
     for layer in range(m.num_layers):
@@ -22,8 +23,8 @@ def _reference(m: rnn_fused.IndRNN, x: torch.Tensor, h0: torch.Tensor) -> tuple:
             suffix = f"_l{layer}" + ("_reverse" if d else "")
             names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
             p = {k: getattr(m, k + suffix, None) for k in names}
-            out, h = reference.indrnn_layer(
-                m.nonlinearity, x, p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"],
+            out, h, _ = reference.rnn_layer(
+                m.mode, x, p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"],
                 h0[layer * directions + d], reverse=d == 1,
             )  # fmt: skip
             outputs.append(out)
@@ -128,8 +129,8 @@ def test_half_types_no_worse_than_twice_the_loop(dtype: torch.dtype):
     out, _ = m(x)
     p = {k: v.double() for k, v in m.state_dict().items()}
     names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
-    exact, _ = reference.indrnn_layer("tanh", x.double(), *(p[k] for k in names))
-    same, _ = reference.indrnn_layer("tanh", x, *(getattr(m, k) for k in names))
+    exact = reference.rnn_layer("RNN_TANH", x.double(), *(p[k] for k in names))[0]
+    same = reference.rnn_layer("RNN_TANH", x, *(getattr(m, k) for k in names))[0]
     assert out.dtype == dtype
 
     def err(a: torch.Tensor) -> float:
