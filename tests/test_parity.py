@@ -37,8 +37,21 @@ def _outputs_and_grads(fn, x, layer, h0, c0, weights, **kw):
         # Above 32 rows the CPU engine packs its weights (below, it does not).
         dict(T=11, B=5, I=6, H=70),
         dict(T=9, B=7, I=5, H=33, packed=[9, 8, 8, 6, 5, 3, 1], reverse=True),
+        # Wide enough that float32 gate gradients are packed for the weight gradients.
+        dict(T=5, B=7, I=389, H=390),
+        dict(T=5, B=7, I=13, H=391, proj=17),  # LSTM's dL/dr too; the others: H alone
     ],
-    ids=["H33", "H33-rev", "nobias-noh0", "packed", "packed-rev", "large", "large-packed-rev"],
+    ids=[
+        "H33",
+        "H33-rev",
+        "nobias-noh0",
+        "packed",
+        "packed-rev",
+        "large",
+        "large-packed-rev",
+        "wide",
+        "wide-proj",
+    ],
 )
 @pytest.mark.parametrize("mode", CELLS)
 def test_matches_reference(mode, case, dtype):
@@ -46,7 +59,10 @@ def test_matches_reference(mode, case, dtype):
     T, B, I, H = case["T"], case["B"], case["I"], case["H"]
     # Weights ~ 1/sqrt(H): gradients neither vanish nor explode over the steps, so that
     # float32 rounding is not amplified past the tolerance.
-    layer = make_layer(mode, I, H, bias=case.get("bias", True), dtype=dtype, scale=H**-0.5)
+    proj = case.get("proj", 0) if mode == "LSTM" else 0
+    layer = make_layer(
+        mode, I, H, bias=case.get("bias", True), proj=proj, dtype=dtype, scale=H**-0.5
+    )
     h0, c0 = make_states(layer, B, dtype=dtype) if case.get("h0", True) else (None, None)
     kw = dict(reverse=case.get("reverse", False))
     if "packed" in case:
@@ -56,7 +72,7 @@ def test_matches_reference(mode, case, dtype):
     else:
         x = rand(T, B, I, dtype=dtype)
     out_ref = reference.rnn_layer(
-        mode, x, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh, h0, c0, **kw
+        mode, x, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh, h0, c0, w_hr=layer.w_hr, **kw
     )
     weights = [torch.randn_like(o) for o in out_ref if o is not None]
     ours, ours_g = _outputs_and_grads(rnn_layer, x, layer, h0, c0, weights, **kw)

@@ -1,11 +1,13 @@
 #include "gemm.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <climits>
+#include <cstring>
 #include <type_traits>
 
 // The Fortran BLAS that libtorch_cpu exports (MKL on x86). Weak, so that a torch build
@@ -300,6 +302,30 @@ void bf16_matmul(int64_t M, const float* A, int64_t lda, const Panels& B, float*
   });
 }
 
+// pack_panels of a b whose rows are contiguous, in its own dtype: a row's part of a panel is
+// one copy (at::Tensor's strided copy of the same moved about 2 GB/s, slower than the
+// products that read the panels could repay).
+Panels pack_rows(const at::Tensor& b, int64_t group, int64_t groups, int64_t per_group) {
+  const int64_t K = b.size(0), N = b.size(1), P = Panels::kPanel, ld = b.stride(0);
+  at::Tensor data = at::empty({groups, per_group, K, P}, b.options());
+  AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "rnn_fused_pack_rows", [&] {
+    const scalar_t* src = b.data_ptr<scalar_t>();
+    scalar_t* dst = data.data_ptr<scalar_t>();
+    split(groups * per_group, K * P, [&](int64_t begin, int64_t end) {
+      for (int64_t panel = begin; panel < end; ++panel) {
+        const int64_t j = panel % per_group * P, width = std::min(P, group - j);
+        const scalar_t* from = src + panel / per_group * group + j;
+        scalar_t* to = dst + panel * K * P;
+        for (int64_t k = 0; k < K; ++k, from += ld, to += P) {
+          std::memcpy(to, from, sizeof(scalar_t) * width);
+          std::fill(to + width, to + P, scalar_t(0));
+        }
+      }
+    });
+  });
+  return {data, K, N, group, per_group};
+}
+
 }  // namespace
 
 template <class T>
@@ -352,6 +378,7 @@ Panels pack_panels(const at::Tensor& b, int64_t group, bool bf16) {
   }
   TORCH_INTERNAL_ASSERT(N % group == 0);
   const int64_t groups = N / group, per_group = (group + P - 1) / P;
+  if (!bf16 && b.stride(1) == 1) return pack_rows(b, group, groups, per_group);
   at::Tensor grouped = b.reshape({K, groups, group});
   if (per_group * P != group) grouped = at::constant_pad_nd(grouped, {0, per_group * P - group});
   at::Tensor data = grouped.reshape({K, groups, per_group, P}).permute({1, 2, 0, 3});
