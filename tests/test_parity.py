@@ -84,6 +84,16 @@ def test_matches_reference(mode, case, dtype):
         assert_close(a, b, f"grad {i}")
 
 
+@pytest.mark.parametrize("path", ["blas", "packed"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_both_weight_gradient_paths(mode, path, monkeypatch):
+    """The CPU backward's two ways to float32 weight gradients (each CPU kind has its
+    default: see blas_weight_grads) both match the reference, wide and with a projection."""
+    monkeypatch.setenv("RNN_FUSED_CPU_WEIGHT_GRADS", path)
+    test_matches_reference(mode, dict(T=5, B=7, I=389, H=390), torch.float32)
+    test_matches_reference(mode, dict(T=5, B=7, I=13, H=391, proj=17), torch.float32)
+
+
 def _torch_module(mode: str, I: int, H: int, bias: bool, proj: int, dtype) -> nn.Module:
     kw = dict(bias=bias, bidirectional=True, dtype=dtype)
     if mode == "LSTM":

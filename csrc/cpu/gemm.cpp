@@ -25,6 +25,8 @@ void sgemv_(const char* trans, const int* m, const int* n, const float* alpha, c
 void dgemv_(const char* trans, const int* m, const int* n, const double* alpha, const double* a,
             const int* lda, const double* x, const int* incx, const double* beta, double* y,
             const int* incy) __attribute__((weak));
+// MKL's thread count for the calling thread (libtorch_cpu exports it on x86).
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 }
 
 namespace rnn_fused::cpu {
@@ -369,6 +371,25 @@ void blas_product(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, c
   matmul_blas<T>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
+template <class T>
+void blas_at_b(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+               T* C, int64_t ldc, bool accumulate) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) return blas_product<T>(true, false, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  // About 8 blocks (each call packs its operands anew: fewer, larger calls pack less), of a
+  // size that depends on M only.
+  const int64_t kRowsPerCall = std::max<int64_t>(64, (M + 8 * 16 - 1) / (8 * 16) * 16);
+  const auto rows = [&](int64_t begin, int64_t end) {
+    const int previous = MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0;
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t i = blk * kRowsPerCall, m = std::min(kRowsPerCall, M - i);
+      matmul_blas<T>(true, false, m, N, K, A + i, lda, B, ldb, C + i * ldc, ldc, accumulate);
+    }
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous);
+  };
+  split((M + kRowsPerCall - 1) / kRowsPerCall, kRowsPerCall * N * K, rows);
+}
+
 Panels pack_panels(const at::Tensor& b, int64_t group, bool bf16) {
   const int64_t K = b.size(0), N = b.size(1), P = Panels::kPanel;
   group = group > 0 ? group : N;
@@ -397,7 +418,9 @@ Panels pack_panels(const at::Tensor& b, int64_t group, bool bf16) {
   template void blas_product<T>(bool, bool, int64_t, int64_t, int64_t, const T*, int64_t,         \
                                 const T*, int64_t, T*, int64_t, bool);                            \
   template void panel_product<T>(int64_t, const T*, int64_t, const Panels&, int64_t, int64_t, T*, \
-                                 int64_t, bool);
+                                 int64_t, bool);                                                  \
+  template void blas_at_b<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*, \
+                             int64_t, bool);
 RF_INSTANTIATE(float)
 RF_INSTANTIATE(double)
 #undef RF_INSTANTIATE

@@ -25,6 +25,15 @@ template <class T>
 void blas_product(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
                   int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate);
 
+// C[M, N] = A^T @ B (accumulate: C += ...) for A [K, M] and B [K, N] as stored, through
+// libtorch's BLAS: the weight gradients of large problems. Threads take blocks of C's rows
+// whose sizes depend on M alone, one BLAS call each, held to one thread (through MKL's
+// per-thread setting, where libtorch has MKL), so that the bits do not depend on the number
+// of threads: MKL's own threads split the sum over K.
+template <class T>
+void blas_at_b(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+               T* C, int64_t ldc, bool accumulate);
+
 // A right-hand side used at every step, repacked as column panels. Its N columns form
 // groups of `group` columns (the gates of a weight: i, f, g, o); panel j of group g holds
 // columns g*group + j*kPanel .. + kPanel as a contiguous [K, kPanel] block, zero padded at

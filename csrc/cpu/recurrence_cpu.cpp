@@ -244,10 +244,29 @@ ForwardResult forward_native(const Problem& p, const LayerArgs& a, bool train, b
   return {out.output, out.h_state, out.c_state, out.saved, out.h_prev};
 }
 
+// Whether a backward's weight gradients W (+)= dG^T A (dG: a chunk's gate gradients, A: its
+// inputs or previous states) go to BLAS on the operands as stored, into the weights' own
+// layout, or run as W^T (+)= A^T dG with A transposed and dG packed (rows_as_panels). BLAS:
+// small problems (see small_problem), float64, and float32 on Intel CPUs, where MKL's sgemm
+// beat the packed products (forward+backward against torch.nn, LSTM T=200 B=16 H=128
+// 0.90-1.0 -> 0.98-1.09x, 2-layer bidirectional T=50 B=32 H=256 1.03-1.11 -> 1.11-1.18x,
+// Intel Xeon without AMX). Packed: bfloat16 products, and float32
+// elsewhere (on AMD EPYC, MKL runs its AVX2 path, at about 40% of the packed products'
+// rate). RNN_FUSED_CPU_WEIGHT_GRADS=blas or =packed chooses (the tests run both).
+bool blas_weight_grads(const Problem& p, bool bf16, at::ScalarType engine_dtype) {
+  if (small_problem(p)) return true;
+  if (bf16) return false;
+  const char* env = std::getenv("RNN_FUSED_CPU_WEIGHT_GRADS");
+  if (env != nullptr && std::strcmp(env, "blas") == 0) return true;
+  if (env != nullptr && std::strcmp(env, "packed") == 0) return false;
+  static const bool intel = __builtin_cpu_is("intel");
+  return engine_dtype != at::kFloat || intel;
+}
+
 struct BackwardBuffers {
   at::Tensor grad_input, dh_state, dc_state;
-  // Accumulated weight gradients: transposed ([in, out]) for large problems, as the
-  // weights ([out, in]) for small ones (see small_problem).
+  // Accumulated weight gradients: as the weights ([out, in]) when they go to BLAS, else
+  // transposed ([in, out]) (see blas_weight_grads).
   at::Tensor grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr;
 };
 
@@ -259,8 +278,8 @@ struct BackwardBuffers {
 constexpr int64_t kPackReaders = 384;
 
 // The first `rows` rows of b as panels for the weight gradients' products, read by `readers`
-// rows of A: bfloat16 panels when the products are in bfloat16, float32 ones for float32 with
-// enough readers; none for float64, whose products go to BLAS, which packs for itself.
+// rows of A: bfloat16 panels when the products are in bfloat16, float32 ones with enough
+// readers, else none.
 template <class T>
 Panels rows_as_panels(const at::Tensor& b, int64_t rows, bool bf16, int64_t readers) {
   if (!bf16 && !(std::is_same_v<T, float> && readers >= kPackReaders)) return Panels{};
@@ -275,6 +294,16 @@ void times_rows(int64_t M, const T* A, int64_t lda, const at::Tensor& b, const P
   if (b_panels.data.defined()) return matmul<T>(M, A, lda, b_panels, C, ldc, accumulate);
   const int64_t N = b.size(1);
   matmul<T>(M, N, K, A, lda, b.data_ptr<T>(), N, C, ldc, accumulate);
+}
+
+// W[M, N] (+)= G^T A (G [rows, M], A [rows, N] as stored): a weight gradient through BLAS
+// (see blas_weight_grads); small problems in one call, others split by blas_at_b so that
+// their bits do not depend on the number of threads.
+template <class T>
+void weight_product(bool small, int64_t M, int64_t N, int64_t rows, const T* G, int64_t ldg,
+                    const T* A, int64_t lda, T* W, bool accumulate) {
+  if (small) return blas_product<T>(true, false, M, N, rows, G, ldg, A, lda, W, N, accumulate);
+  blas_at_b<T>(M, N, rows, G, ldg, A, lda, W, N, accumulate);
 }
 
 template <template <class> class CellT, class T>
@@ -298,7 +327,7 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
   const int64_t h_block = p.layout.unprojected_offset();
 
   const T* gout_p = ptr_or_null<T>(a.grad_output);
-  const bool small = small_problem(p);
+  const bool small = small_problem(p), blas_grads = blas_weight_grads(p, bf16, input.scalar_type());
   const StepWeight<T> w_hh_b(w_hh, /*transpose=*/false, !small, 0, bf16);
   const std::optional<StepWeight<T>> w_hr_b =
       p.proj ? std::optional<StepWeight<T>>(std::in_place, *w_hr, false, !small, 0, bf16)
@@ -356,8 +385,9 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
         team.barrier();
       }
     });
-    // The chunk's share of dX and of the weight and bias gradients (W^T += A^T dG); the
-    // first chunk processed writes the gradients, the others add to them.
+    // The chunk's share of dX and of the weight and bias gradients (W += dG^T A, or its
+    // transpose: see blas_weight_grads); the first chunk processed writes the gradients, the
+    // others add to them.
     const int64_t rb = ch->row_begin, rows = ch->rows;
     const bool add = ch != chunks.rbegin();
     if (w_ih_b.has_value()) {
@@ -368,11 +398,11 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
     if (!a.mask.weights) continue;
     // Gate gradients packed once per chunk (dhg is dxg itself but for GRU).
     const int64_t dxg_readers = Cell::kSplitGrads || p.elementwise ? I : I + Hout;
-    const Panels dxg_panels = small ? Panels{} : rows_as_panels<T>(dxg, rows, bf16, dxg_readers);
-    if (small) {
+    const Panels dxg_panels =
+        blas_grads ? Panels{} : rows_as_panels<T>(dxg, rows, bf16, dxg_readers);
+    if (blas_grads) {
       const T* x_rows = x2d.data_ptr<T>() + rb * I;
-      blas_product<T>(true, false, GH, I, rows, dxg_p, GH, x_rows, I, g.grad_w_ih.data_ptr<T>(), I,
-                      add);
+      weight_product<T>(small, GH, I, rows, dxg_p, GH, x_rows, I, g.grad_w_ih.data_ptr<T>(), add);
     } else {
       const at::Tensor x_t = rows_transposed(x2d, rb, rows);
       times_rows<T>(I, x_t.data_ptr<T>(), rows, dxg, dxg_panels, rows, g.grad_w_ih.data_ptr<T>(),
@@ -387,9 +417,9 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
         const T* h_row = hprev_p + (rb + i) * Hout;
         for (int64_t j = 0; j < H; ++j) du[j] += dhg_row[j] * h_row[j];
       }
-    } else if (small) {
-      blas_product<T>(true, false, GH, Hout, rows, dhg_p, GH, hprev_p + rb * Hout, Hout,
-                      g.grad_w_hh.data_ptr<T>(), Hout, add);
+    } else if (blas_grads) {
+      weight_product<T>(small, GH, Hout, rows, dhg_p, GH, hprev_p + rb * Hout, Hout,
+                        g.grad_w_hh.data_ptr<T>(), add);
     } else {
       const Panels dhg_panels =
           Cell::kSplitGrads ? rows_as_panels<T>(dhg, rows, bf16, Hout) : dxg_panels;
@@ -399,9 +429,9 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
     }
     column_sums<T>(rows, GH, dxg_p, GH, g.grad_b_ih.data_ptr<T>(), add);
     if (Cell::kSplitGrads) column_sums<T>(rows, GH, dhg_p, GH, g.grad_b_hh.data_ptr<T>(), add);
-    if (p.proj && small) {
-      blas_product<T>(true, false, Hout, H, rows, dr_p, Hout, saved_p + rb * SW + h_block, SW,
-                      g.grad_w_hr.data_ptr<T>(), H, add);
+    if (p.proj && blas_grads) {
+      weight_product<T>(small, Hout, H, rows, dr_p, Hout, saved_p + rb * SW + h_block, SW,
+                        g.grad_w_hr.data_ptr<T>(), add);
     } else if (p.proj) {
       const at::Tensor hu_t = rows_transposed(saved.narrow(1, h_block, H), rb, rows);
       times_rows<T>(H, hu_t.data_ptr<T>(), rows, dr, rows_as_panels<T>(dr, rows, bf16, H), rows,
@@ -425,11 +455,12 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
   g.dc_state = p.kind != CellKind::LSTM ? at::empty({0}, opts)
                : a.grad_c_n.has_value() ? copy_of(*a.grad_c_n)
                                         : at::zeros({p.batch, p.hidden}, opts);
-  const bool small = small_problem(p), weights = a.mask.weights;
+  const bool weights = a.mask.weights;
+  const bool blas_grads = blas_weight_grads(p, bf16, input.scalar_type());
   const auto weight_grad = [&](int64_t rows, int64_t cols) {
-    return !weights ? at::empty({0}, opts)
-           : small  ? at::empty({rows, cols}, opts)
-                    : at::empty({cols, rows}, opts);
+    return !weights     ? at::empty({0}, opts)
+           : blas_grads ? at::empty({rows, cols}, opts)
+                        : at::empty({cols, rows}, opts);
   };
   g.grad_w_ih = weight_grad(GH, p.input_size);
   g.grad_w_hh = !p.elementwise ? weight_grad(GH, p.out_size) : at::empty({weights ? GH : 0}, opts);
@@ -444,7 +475,7 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
     });
   });
   const auto as_weight = [&](const at::Tensor& t) {
-    return small || !weights || t.dim() == 1 ? t : t.t().contiguous();
+    return blas_grads || !weights || t.dim() == 1 ? t : t.t().contiguous();
   };
   const auto none = [&] { return at::empty({0}, opts); };  // a new one each: outputs never alias
   return {g.grad_input,
