@@ -250,9 +250,9 @@ ForwardResult forward_native(const Problem& p, const LayerArgs& a, bool train, b
 // small problems (see small_problem), float64, and float32 on Intel CPUs, where MKL's sgemm
 // beat the packed products (forward+backward against torch.nn, LSTM T=200 B=16 H=128
 // 0.90-1.0 -> 0.98-1.09x, 2-layer bidirectional T=50 B=32 H=256 1.03-1.11 -> 1.11-1.18x,
-// Intel Xeon without AMX). Packed: bfloat16 products, and float32
-// elsewhere (on AMD EPYC, MKL runs its AVX2 path, at about 40% of the packed products'
-// rate). RNN_FUSED_CPU_WEIGHT_GRADS=blas or =packed chooses (the tests run both).
+// Intel Xeon without AMX). Packed: bfloat16 products, and float32 elsewhere (on AMD EPYC,
+// MKL runs its AVX2 path, at about 40% of the packed products' rate).
+// RNN_FUSED_CPU_WEIGHT_GRADS=blas or =packed chooses (the tests run both).
 bool blas_weight_grads(const Problem& p, bool bf16, at::ScalarType engine_dtype) {
   if (small_problem(p)) return true;
   if (bf16) return false;
