@@ -37,7 +37,8 @@ def _outputs_and_grads(fn, x, layer, h0, c0, weights, **kw):
         # Above 32 rows the CPU engine packs its weights (below, it does not).
         dict(T=11, B=5, I=6, H=70),
         dict(T=9, B=7, I=5, H=33, packed=[9, 8, 8, 6, 5, 3, 1], reverse=True),
-        # Wide enough that float32 gate gradients are packed for the weight gradients.
+        # Wide enough for the large-problem weight gradients in float32 (packed panels or
+        # blocked BLAS, by CPU kind: test_both_weight_gradient_paths runs both).
         dict(T=5, B=7, I=389, H=390),
         dict(T=5, B=7, I=13, H=391, proj=17),  # LSTM's dL/dr too; the others: H alone
     ],
