@@ -398,7 +398,8 @@ Panels pack_panels(const at::Tensor& b, int64_t group, bool bf16) {
   }
   TORCH_INTERNAL_ASSERT(N % group == 0);
   const int64_t groups = N / group, per_group = (group + P - 1) / P;
-  if (!bf16 && b.stride(1) == 1) return pack_rows(b, group, groups, per_group);
+  const bool own_dtype = b.scalar_type() == at::kFloat || b.scalar_type() == at::kDouble;
+  if (!bf16 && own_dtype && b.stride(1) == 1) return pack_rows(b, group, groups, per_group);
   at::Tensor grouped = b.reshape({K, groups, group});
   if (per_group * P != group) grouped = at::constant_pad_nd(grouped, {0, per_group * P - group});
   at::Tensor data = grouped.reshape({K, groups, per_group, P}).permute({1, 2, 0, 3});

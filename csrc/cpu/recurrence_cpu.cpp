@@ -265,9 +265,10 @@ bool blas_weight_grads(const Problem& p, bool bf16, at::ScalarType engine_dtype)
 
 struct BackwardBuffers {
   at::Tensor grad_input, dh_state, dc_state;
-  // Accumulated weight gradients: as the weights ([out, in]) when they go to BLAS, else
-  // transposed ([in, out]) (see blas_weight_grads).
+  // Accumulated weight gradients: as the weights ([out, in]) when they go to BLAS
+  // (blas_grads), else transposed ([in, out]) (see blas_weight_grads).
   at::Tensor grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr;
+  bool blas_grads = false;
 };
 
 // Rows of A (summed over the products) from which float32 gate gradients are worth packing.
@@ -327,7 +328,7 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
   const int64_t h_block = p.layout.unprojected_offset();
 
   const T* gout_p = ptr_or_null<T>(a.grad_output);
-  const bool small = small_problem(p), blas_grads = blas_weight_grads(p, bf16, input.scalar_type());
+  const bool small = small_problem(p), blas_grads = g.blas_grads;
   const StepWeight<T> w_hh_b(w_hh, /*transpose=*/false, !small, 0, bf16);
   const std::optional<StepWeight<T>> w_hr_b =
       p.proj ? std::optional<StepWeight<T>>(std::in_place, *w_hr, false, !small, 0, bf16)
@@ -456,7 +457,7 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
                : a.grad_c_n.has_value() ? copy_of(*a.grad_c_n)
                                         : at::zeros({p.batch, p.hidden}, opts);
   const bool weights = a.mask.weights;
-  const bool blas_grads = blas_weight_grads(p, bf16, input.scalar_type());
+  const bool blas_grads = g.blas_grads = blas_weight_grads(p, bf16, input.scalar_type());
   const auto weight_grad = [&](int64_t rows, int64_t cols) {
     return !weights     ? at::empty({0}, opts)
            : blas_grads ? at::empty({rows, cols}, opts)
