@@ -1,44 +1,90 @@
-"""The CPU kernels' float32 tanh (its own polynomial and exp form, not Sleef's) against float64.
+"""The CPU kernels' own sigmoid and tanh (csrc/cpu/vec_math.h: a polynomial and exp form,
+not Sleef's) against numpy's long double, in float32 and float64.
 
-A tanh RNN whose W_ih is the identity and whose W_hh is zero outputs tanh(x) of its input
-exactly as the kernels compute it: the product with the identity is exact.
+The kernels' activations are read through layers whose products are exact: a tanh RNN whose
+W_ih is the identity and whose W_hh is zero outputs tanh(x) of its input; a GRU whose W_ih
+feeds x to the update gate z only, with W_hh zero and h_prev = 1, outputs
+(1 - z) * tanh(0) + z * 1 = sigmoid(x). Every value is a row of a single step, so that no
+value depends on another. 64 units: whole vectors; 51 units: a partial last vector as well.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 import rnn_fused
 
+DTYPES = [torch.float32, torch.float64]
 
-def kernel_tanh(x: torch.Tensor, units: int = 64) -> torch.Tensor:
-    steps = -(-x.numel() // units)
-    padded = torch.cat([x, x.new_ones(steps * units - x.numel())])
-    layer = rnn_fused.RNN(units, units, bias=False)
+
+def kernel(x: torch.Tensor, activation: str, units: int) -> torch.Tensor:
+    rows = -(-x.numel() // units)
+    padded = torch.cat([x, x.new_ones(rows * units - x.numel())]).reshape(1, rows, units)
+    eye, zero = torch.eye(units, dtype=x.dtype), torch.zeros(units, units, dtype=x.dtype)
     with torch.no_grad():
-        layer.weight_ih_l0.copy_(torch.eye(units))
-        layer.weight_hh_l0.zero_()
-        return layer(padded.reshape(steps, 1, units))[0].reshape(-1)[: x.numel()]
+        if activation == "tanh":
+            layer = rnn_fused.RNN(units, units, bias=False).to(x.dtype)
+            layer.weight_ih_l0.copy_(eye)
+            layer.weight_hh_l0.zero_()
+            y = layer(padded)[0]
+        else:
+            layer = rnn_fused.GRU(units, units, bias=False).to(x.dtype)
+            layer.weight_ih_l0.copy_(torch.cat([zero, eye, zero]))
+            layer.weight_hh_l0.zero_()
+            y = layer(padded, torch.ones(1, rows, units, dtype=x.dtype))[0]
+    return y.reshape(-1)[: x.numel()]
 
 
-def ulps(y: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
-    spacing = np.spacing(exact.abs().float().numpy())
-    return (y.double() - exact).abs() / torch.from_numpy(spacing).double()
+def exact(x: torch.Tensor, activation: str) -> np.ndarray:
+    xl = x.numpy().astype(np.longdouble)
+    return np.tanh(xl) if activation == "tanh" else 1 / (1 + np.exp(-xl))
 
 
-def test_float32_tanh_within_two_ulp_of_float64() -> None:
-    magnitudes = torch.logspace(-30, 1.2, 20001)
-    x = torch.cat([torch.linspace(-12, 12, 200003), magnitudes, -magnitudes])
-    x = torch.cat([x, torch.tensor([0.0, 0.625, -0.625, 9.0, -9.0, 88.0, -100.0])])
-    err = ulps(kernel_tanh(x), torch.tanh(x.double()))
-    assert err.max().item() <= 2.0, f"{err.max().item():.2f} ulp at x = {x[err.argmax()].item()}"
-    # Odd, exact at 0, saturated to +-1 far out.
-    y = kernel_tanh(torch.tensor([0.0, 0.3, -0.3, 20.0, -20.0]))
+def sweep(dtype: torch.dtype) -> torch.Tensor:
+    smallest = -300 if dtype == torch.float64 else -30
+    magnitudes = torch.logspace(smallest, 2.9, 20001, dtype=torch.float64)
+    edges = torch.tensor([0.0, 0.625, -0.625, 9.0, -9.0, 88.0, -100.0, -700.0, -750.0])
+    x = torch.linspace(-40, 40, 200003, dtype=torch.float64)
+    return torch.cat([x, magnitudes, -magnitudes, edges.double()]).to(dtype)
+
+
+@pytest.mark.parametrize("units", [64, 51])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation, max_ulp", [("tanh", 2.0), ("sigmoid", 3.0)])
+def test_activation_within_ulps(activation: str, max_ulp: float, dtype: torch.dtype, units: int):
+    x = sweep(dtype)
+    y = kernel(x, activation, units).numpy().astype(np.longdouble)
+    want = exact(x, activation)
+    err = np.abs(y - want)
+    # Where the exact value is below the normal numbers, within the least normal one.
+    tiny = np.finfo(x.numpy().dtype).tiny
+    below = np.abs(want) < tiny
+    if activation == "sigmoid":
+        assert below.any()  # the sweep reaches sigmoid(x) below the normal numbers
+    assert (err[below] <= tiny).all()
+    spacing = np.abs(np.spacing(want.astype(x.numpy().dtype))).astype(np.longdouble)
+    ulps = np.where(below, 0, err / spacing)
+    worst = int(ulps.argmax())
+    assert ulps[worst] <= max_ulp, f"{float(ulps[worst]):.2f} ulp at x = {x[worst].item()!r}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tanh_odd_exact_at_zero_and_saturated(dtype: torch.dtype):
+    y = kernel(torch.tensor([0.0, 0.3, -0.3, 20.0, -20.0], dtype=dtype), "tanh", 51)
     assert y[0].item() == 0.0 and y[1].item() == -y[2].item()
     assert y[3].item() == 1.0 and y[4].item() == -1.0
 
 
-def test_float32_tanh_keeps_nan() -> None:
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sigmoid_limits(dtype: torch.dtype):
+    y = kernel(torch.tensor([0.0, 50.0, -800.0, 800.0], dtype=dtype), "sigmoid", 51)
+    assert y.tolist() == [0.5, 1.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_activation_keeps_nan(activation: str, dtype: torch.dtype):
     # (A NaN spreads to every unit through the product with the identity: one NaN alone.)
-    assert torch.isnan(kernel_tanh(torch.tensor([float("nan")]))).all()
+    assert torch.isnan(kernel(torch.tensor([float("nan")], dtype=dtype), activation, 51)).all()

@@ -1,63 +1,111 @@
 // Activations on at::vec SIMD vectors, so that the cells of cell_math.h run on whole
-// vector registers on the CPU: float64 through Sleef (about 1 ulp), float32 as below.
+// vector registers on the CPU, float32 and float64 alike.
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
 
-#include <type_traits>
+#include <cstddef>
+#include <cstdint>
 
 #include "../cell_math.h"
 
 namespace rnn_fused {
 
-// float32 activations written out here rather than through Sleef: Sleef's functions are
-// calls the compiler cannot inline, and every call spills the vector registers of the cell
-// around it (in the LSTM step at T=200 B=16 H=128 on one thread, Intel Xeon, Sleef's tanhf
-// took 2 of 8.5 ms). Inline, the steps of the cell's five activations interleave.
+// The activations are written out here, and always inlined, rather than taken from Sleef:
+// Sleef's functions are calls the compiler cannot inline, and every call spills the vector
+// registers of the cell around it. Measured on a 2-core Intel Xeon (AVX-512): Sleef's tanhf took 2
+// of 8.5 ms of the float32 LSTM step at T=200 B=16 H=128 on one thread, and its float64 tanh (1
+// ulp, double-double inside) about a quarter of a float64 LSTMCell call at B=97 H=51.
 
-// e^y for float32 vectors with y <= 0, within 1 ulp: y = n ln2 + r with |r| <= ln2 / 2,
-// e^r = 1 + r + r^2 P(r) (P fitted for relative error), times 2^n put in the exponent bits.
-// Below y = -87.3, where e^y leaves the normal floats, the result stays about 1.2e-38.
-template <class V>
-V exp_nonpositive(const V& y) {
-  using T = float;
-  using Int = at::vec::Vectorized<int32_t>;
-  const V yc = at::vec::maximum(y, V(T(-87.3)));
-  const V n = (yc * V(T(1.4426950408889634))).round();
-  V r = at::vec::fmadd(n, V(T(-0.693359375)), yc);  // ln2 in two parts: n * ln2 exact
-  r = at::vec::fmadd(n, V(T(2.12194440e-4)), r);
-  V p(T(0.0013814608405987273));
-  p = at::vec::fmadd(p, r, V(T(0.00836871043265411)));
-  p = at::vec::fmadd(p, r, V(T(0.04166838747333898)));
-  p = at::vec::fmadd(p, r, V(T(0.16666520683636263)));
-  p = at::vec::fmadd(p, r, V(T(0.4999999345112779)));
-  const V e_r = at::vec::fmadd(r * r, p, r) + V(T(1));
-  const Int two_n = (at::vec::convert_to_int_of_same_size(n) + Int(127)) << Int(23);
+// Per dtype: e^r = 1 + r + r^2 P(r) on |r| <= ln2 / 2, and tanh(x) = x + x^3 Q(x^2) below
+// |x| = 0.625; P and Q (highest power first) fitted here for the dtype's precision by
+// Chebyshev interpolation in 40 digits. ln2 is split in two, its high part with few enough
+// bits that n * ln2_hi is exact.
+template <class T>
+struct ActivationFit;
+
+template <>
+struct ActivationFit<float> {
+  using Int = int32_t;
+  static constexpr int kMantissaBits = 23, kExponentBias = 127;
+  static constexpr float kExpLow = -104.0f;  // e^y is below half the least subnormal
+  static constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+  static constexpr float kExpPoly[] = {0.0013814608405987273f, 0.00836871043265411f,
+                                       0.04166838747333898f, 0.16666520683636263f,
+                                       0.4999999345112779f};
+  static constexpr float kTanhPoly[] = {-0.005704992107242705f, 0.0206390935580542f,
+                                        -0.05373971771734203f, 0.13331442241332242f,
+                                        -0.33333281944260446f};
+};
+
+template <>
+struct ActivationFit<double> {
+  using Int = int64_t;
+  static constexpr int kMantissaBits = 52, kExponentBias = 1023;
+  static constexpr double kExpLow = -746.0;  // e^y is below half the least subnormal
+  static constexpr double kLn2Hi = 0.6931471803691238164901733;  // 33 significant bits
+  static constexpr double kLn2Lo = 1.908214929270587816144266e-10;
+  static constexpr double kExpPoly[] = {2.09146793765839351e-9,
+                                        2.5105206373957011116e-8,
+                                        2.7557273661348636219e-7,
+                                        2.7557255425746434282e-6,
+                                        2.4801587325533363819e-5,
+                                        1.9841269874800491981e-4,
+                                        1.3888888888883752417e-3,
+                                        8.333333333326140884e-3,
+                                        4.1666666666666669752e-2,
+                                        0.16666666666666670986,
+                                        0.5};
+  static constexpr double kTanhPoly[] = {
+      6.48516348279311315e-6,    -3.1201101425797400033e-5, 9.2571161295567682707e-5,
+      -2.3759064960555619551e-4, 5.896606577757043347e-4,   -1.4557754120478055104e-3,
+      3.5921217511549622695e-3,  -8.863235103240877925e-3,  2.1869488519008305756e-2,
+      -5.396825396789699169e-2,  0.13333333333333041602,    -0.33333333333333332938};
+};
+
+// sum c[k] z^(N-1-k) by Horner's rule.
+template <class V, class T, size_t N>
+C10_ALWAYS_INLINE V horner(const V& z, const T (&c)[N]) {
+  V p(c[0]);
+  for (size_t k = 1; k < N; ++k) p = at::vec::fmadd(p, z, V(c[k]));
+  return p;
+}
+
+// e^y for y <= 0, within 1 ulp: y = n ln2 + r, e^r by the fitted polynomial, times 2^n put
+// in the exponent bits. Where 2^n is no longer a normal number its exponent bits are 0, so
+// that a result below the normal numbers is 0 (ours, e^r 2^n near the least normal, and
+// torch.nn's alike are within it of the exact value).
+template <class T>
+C10_ALWAYS_INLINE at::vec::Vectorized<T> exp_nonpositive(const at::vec::Vectorized<T>& y) {
+  using V = at::vec::Vectorized<T>;
+  using F = ActivationFit<T>;
+  using Int = at::vec::Vectorized<typename F::Int>;
+  const V yc = at::vec::maximum(y, V(F::kExpLow));
+  const V n = (yc * V(T(1.4426950408889634074))).round();
+  V r = at::vec::fmadd(n, V(-F::kLn2Hi), yc);
+  r = at::vec::fmadd(n, V(-F::kLn2Lo), r);
+  const V e_r = at::vec::fmadd(r * r, horner(r, F::kExpPoly), r) + V(T(1));
+  const Int biased = at::vec::convert_to_int_of_same_size(n) + Int(F::kExponentBias);
+  const Int two_n = at::vec::maximum(biased, Int(0)) << Int(F::kMantissaBits);
   return e_r * at::vec::cast<T>(two_n);
 }
 
 // sigmoid from t = e^-|x|: 1 / (1 + t) for x >= 0, t / (1 + t) below (no overflow, no
-// cancellation).
-template <class V>
-V sigmoid_float(const V& x) {
-  using T = float;
+// cancellation, one division).
+template <class T>
+C10_ALWAYS_INLINE at::vec::Vectorized<T> sigmoid_vec(const at::vec::Vectorized<T>& x) {
+  using V = at::vec::Vectorized<T>;
   const V t = exp_nonpositive(x.abs().neg());
-  const V s = V(T(1)) / (V(T(1)) + t);
-  return V::blendv(t * s, s, x >= V(T(0)));
+  return V::blendv(t, V(T(1)), x >= V(T(0))) / (V(T(1)) + t);
 }
 
-// tanh: x + x^3 P(x^2) below |x| = 0.625 (P fitted for relative error), above it
-// (1 - t) / (1 + t) with t = e^-2|x| and the sign of x. Within 2 ulp (tests/test_activations.py).
-template <class V>
-V tanh_float(const V& x) {
-  using T = float;
+// tanh: x + x^3 Q(x^2) below |x| = 0.625, above it (1 - t) / (1 + t) with t = e^-2|x| and
+// the sign of x. Within 2 ulp (tests/test_activations.py).
+template <class T>
+C10_ALWAYS_INLINE at::vec::Vectorized<T> tanh_vec(const at::vec::Vectorized<T>& x) {
+  using V = at::vec::Vectorized<T>;
   const V ax = x.abs(), z = x * x;
-  V p(T(-0.005704992107242705));
-  p = at::vec::fmadd(p, z, V(T(0.0206390935580542)));
-  p = at::vec::fmadd(p, z, V(T(-0.05373971771734203)));
-  p = at::vec::fmadd(p, z, V(T(0.13331442241332242)));
-  p = at::vec::fmadd(p, z, V(T(-0.33333281944260446)));
-  const V small = at::vec::fmadd(x * z, p, x);
+  const V small = at::vec::fmadd(x * z, horner(z, ActivationFit<T>::kTanhPoly), x);
   const V t = exp_nonpositive(ax * V(T(-2)));
   const V large = ((V(T(1)) - t) / (V(T(1)) + t)).copysign(x);
   return V::blendv(large, small, ax < V(T(0.625)));
@@ -66,33 +114,10 @@ V tanh_float(const V& x) {
 template <class T>
 struct MathOps<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
-  static V sigmoid(const V& x) {
-    if constexpr (std::is_same_v<T, float>) return sigmoid_float(x);
-    return V(T(1)) / (V(T(1)) + x.neg().exp());
-  }
-  static V tanh(const V& x) {
-    if constexpr (std::is_same_v<T, float>) return tanh_float(x);
-    return x.tanh();
-  }
+  static V sigmoid(const V& x) { return sigmoid_vec(x); }
+  static V tanh(const V& x) { return tanh_vec(x); }
   static V relu(const V& x) { return at::vec::maximum(x, V(T(0))); }
   static V positive(const V& y) { return y.gt(V(T(0))); }
-};
-
-// Loads and stores that read the same for a scalar and a vector, so that one loop body
-// serves the vector part of a row and its scalar tail.
-template <class V>
-struct Lanes {
-  static constexpr int64_t size = 1;
-  static V load(const V* p) { return *p; }
-  static void store(const V& v, V* p) { *p = v; }
-};
-
-template <class T>
-struct Lanes<at::vec::Vectorized<T>> {
-  using V = at::vec::Vectorized<T>;
-  static constexpr int64_t size = V::size();
-  static V load(const T* p) { return V::loadu(p); }
-  static void store(const V& v, T* p) { v.store(p); }
 };
 
 }  // namespace rnn_fused
