@@ -13,9 +13,9 @@ namespace rnn_fused {
 
 // The activations are written out here, and always inlined, rather than taken from Sleef:
 // Sleef's functions are calls the compiler cannot inline, and every call spills the vector
-// registers of the cell around it. Measured on a 2-core Intel Xeon (AVX-512): Sleef's tanhf took 2
-// of 8.5 ms of the float32 LSTM step at T=200 B=16 H=128 on one thread, and its float64 tanh (1
-// ulp, double-double inside) about a quarter of a float64 LSTMCell call at B=97 H=51.
+// registers of the cell around it. Measured on a 2-core Intel Xeon (AVX-512): Sleef's tanhf
+// took 2 of 8.5 ms of the float32 LSTM step at T=200 B=16 H=128 on one thread, and its
+// float64 tanh (double-double inside) a quarter of a float64 LSTMCell call at B=97 H=51.
 
 // Per dtype: e^r = 1 + r + r^2 P(r) on |r| <= ln2 / 2, and tanh(x) = x + x^3 Q(x^2) below
 // |x| = 0.625; P and Q (highest power first) fitted here for the dtype's precision by
@@ -28,7 +28,7 @@ template <>
 struct ActivationFit<float> {
   using Int = int32_t;
   static constexpr int kMantissaBits = 23, kExponentBias = 127;
-  static constexpr float kExpLow = -104.0f;  // e^y is below half the least subnormal
+  static constexpr float kExpLow = -104.0f;  // keeps n an integer; e^y is 0 well above it
   static constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
   static constexpr float kExpPoly[] = {0.0013814608405987273f, 0.00836871043265411f,
                                        0.04166838747333898f, 0.16666520683636263f,
@@ -42,7 +42,7 @@ template <>
 struct ActivationFit<double> {
   using Int = int64_t;
   static constexpr int kMantissaBits = 52, kExponentBias = 1023;
-  static constexpr double kExpLow = -746.0;  // e^y is below half the least subnormal
+  static constexpr double kExpLow = -746.0;  // keeps n an integer; e^y is 0 well above it
   static constexpr double kLn2Hi = 0.6931471803691238164901733;  // 33 significant bits
   static constexpr double kLn2Lo = 1.908214929270587816144266e-10;
   static constexpr double kExpPoly[] = {2.09146793765839351e-9,
@@ -72,9 +72,8 @@ C10_ALWAYS_INLINE V horner(const V& z, const T (&c)[N]) {
 }
 
 // e^y for y <= 0, within 1 ulp: y = n ln2 + r, e^r by the fitted polynomial, times 2^n put
-// in the exponent bits. Where 2^n is no longer a normal number its exponent bits are 0, so
-// that a result below the normal numbers is 0 (ours, e^r 2^n near the least normal, and
-// torch.nn's alike are within it of the exact value).
+// in the exponent bits. Where 2^n would fall below the normal numbers its exponent bits are
+// clamped to 0, so that e^y is 0 there: within the least normal number of the exact value.
 template <class T>
 C10_ALWAYS_INLINE at::vec::Vectorized<T> exp_nonpositive(const at::vec::Vectorized<T>& y) {
   using V = at::vec::Vectorized<T>;
