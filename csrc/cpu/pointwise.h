@@ -48,7 +48,7 @@ struct ForwardRow {
 // cost more than the other 48.
 template <class Cell, class V, class T>
 inline void forward_units(const ForwardRow<T>& r, int64_t H, int64_t j, int n) {
-  const auto load = [n](const T* p) { return n == V::size() ? V::loadu(p) : V::loadu(p, n); };
+  const auto load = [n](const T* p) { return V::loadu(p, n); };
   V x[Cell::kGates], hh[Cell::kGates], saved[Cell::kSaved];
   for (int k = 0; k < Cell::kGates; ++k) {
     x[k] = load(r.x + k * H + j);
@@ -94,7 +94,7 @@ struct BackwardRow {
 
 template <class Cell, class V, class T>
 inline void backward_units(const BackwardRow<T>& r, int64_t H, int64_t j, int n) {
-  const auto load = [n](const T* p) { return n == V::size() ? V::loadu(p) : V::loadu(p, n); };
+  const auto load = [n](const T* p) { return V::loadu(p, n); };
   V saved[Cell::kSaved], dx[Cell::kGates], dhh[Cell::kGates];
   for (int k = 0; k < Cell::kSaved; ++k) saved[k] = load(r.saved + k * H + j);
   V dh = load(r.dh + j);
