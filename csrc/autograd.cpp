@@ -4,8 +4,8 @@
 // `forward` keeping nothing.
 //
 // Saved for the backward: what the backward operator reads (input, w_ih, w_hh, w_hr, the
-// workspace), with autograd's check that none was changed in place. The states and biases
-// are read only by a double backward (create_graph=True), which differentiates the plain
+// workspace, the zoneout weights), with autograd's check that none was changed in place. The states
+// and biases are read only by a double backward (create_graph=True), which differentiates the plain
 // time loop of reference.py (rnn_fused::reference_grads, in Python): they are kept aside
 // with their versions, and only that path reads and checks them.
 #include <torch/autograd.h>
@@ -59,7 +59,8 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
   static variable_list forward(AutogradContext* ctx, const LayerArgs& a, const Tensors&...) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [output, h_n, c_n, saved, h_prev] = call_forward(a, /*train=*/true);
-    ctx->save_for_backward({a.input, a.w_ih, a.w_hh, a.w_hr.value_or(at::Tensor()), saved, h_prev});
+    ctx->save_for_backward({a.input, a.w_ih, a.w_hh, a.w_hr.value_or(at::Tensor()), saved, h_prev,
+                            a.zoneout.value_or(at::Tensor())});
     // Few entries: each costs a string key and a hash-map node at every call.
     auto& data = ctx->saved_data;
     data["mode"] = std::string(a.mode);
@@ -92,6 +93,7 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     a.w_ih = s[1];
     a.w_hh = s[2];
     a.w_hr = s[3].defined() ? OptTensor(s[3]) : std::nullopt;
+    a.zoneout = s[6].defined() ? OptTensor(s[6]) : std::nullopt;
     a.batch_sizes = data["batch_sizes"].toOptional<at::Tensor>();
     a.reverse = (flags & kReverseFlag) != 0;
     const auto grad = [&](int k) {

@@ -38,8 +38,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                  " and this CPU lacks it; rebuild here with `make build`");
   }
   using namespace rnn_fused;
+  using pybind11::arg;
   m.def("layer", &layer_adapter<call_layer>, pybind11::call_guard<pybind11::gil_scoped_release>(),
-        "rnn_fused::layer called through the dispatcher: (output, h_n, c_n).");
+        "rnn_fused::layer called through the dispatcher: (output, h_n, c_n).", arg("mode"),
+        arg("input"), arg("hx"), arg("cx"), arg("w_ih"), arg("w_hh"), arg("b_ih"), arg("b_hh"),
+        arg("w_hr"), arg("batch_sizes"), arg("reverse"), arg("zoneout") = pybind11::none());
   m.def(
       "cell",
       [](std::string_view mode, const at::Tensor& input, const at::Tensor& hx, const OptTensor& cx,
@@ -47,8 +50,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          const OptTensor& b_hh) {
         // The step's input [B, I] as a sequence of one, made here: a view made from Python
         // cost about 0.9 us, a tenth of a small step's call.
-        const LayerArgs a{mode, input.unsqueeze(0), hx,           cx,   w_ih, w_hh, b_ih,
-                          b_hh, std::nullopt,       std::nullopt, false};
+        const LayerArgs a{mode, input.unsqueeze(0), hx,           cx,    w_ih,        w_hh, b_ih,
+                          b_hh, std::nullopt,       std::nullopt, false, std::nullopt};
         auto [output, h_n, c_n] = call_layer(a);
         return std::make_tuple(h_n, c_n);
       },

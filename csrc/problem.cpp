@@ -47,6 +47,7 @@ LayerArgs LayerArgs::contiguous() const {
   c.b_ih = rnn_fused::contiguous(b_ih);
   c.b_hh = rnn_fused::contiguous(b_hh);
   c.w_hr = rnn_fused::contiguous(w_hr);
+  c.zoneout = rnn_fused::contiguous(zoneout);
   return c;
 }
 
@@ -57,6 +58,7 @@ LayerArgs LayerArgs::to(at::ScalarType dtype, bool weights) const {
   c.cx = rnn_fused::to(cx, dtype);
   c.b_ih = rnn_fused::to(b_ih, dtype);
   c.b_hh = rnn_fused::to(b_hh, dtype);
+  c.zoneout = rnn_fused::to(zoneout, dtype);
   if (weights) {
     c.w_ih = w_ih.to(dtype);
     c.w_hh = w_hh.to(dtype);
@@ -113,7 +115,8 @@ SavedLayout saved_layout(CellKind kind, bool proj, int64_t hidden) {
 }
 
 Problem make_problem(const LayerArgs& a) {
-  const auto& [mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse] = a;
+  const auto& [mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, zoneout] =
+      a;
   Problem p;
   p.kind = parse_mode(mode);
   p.gates = gates_of(p.kind);
@@ -217,6 +220,16 @@ Problem make_problem(const LayerArgs& a) {
   if (cx.has_value()) {
     check_like(*cx, "cx", input);
     check_shape(*cx, "cx", {p.batch, p.hidden});
+  }
+  p.zoneout = zoneout.has_value();
+  if (p.zoneout) {
+    TORCH_CHECK(!p.proj,
+                "rnn_fused: zoneout needs a layer without projection (w_hr None), got w_hr ",
+                "of shape ", shape_str(w_hr->sizes()));
+    check_like(*zoneout, "zoneout", input);
+    check_shape(*zoneout, "zoneout",
+                p.packed ? std::vector<int64_t>{p.rows, p.out_size}
+                         : std::vector<int64_t>{p.steps, p.batch, p.out_size});
   }
   p.layout = saved_layout(p.kind, p.proj, p.hidden);
   return p;

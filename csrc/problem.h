@@ -43,6 +43,10 @@ struct LayerArgs {
   // elementwise.)
   OptTensor batch_sizes;  // int64 CPU [T] for packed input
   bool reverse = false;
+  // Zoneout: per output row and unit, the weight w of the state kept from the step before,
+  // h_t = h~_t + w (h_{t-1} - h~_t) where h~_t is the cell's: a 0/1 mask in training, the
+  // probability in eval. Shaped like the output; no projection.
+  OptTensor zoneout;
 
   // The same call with every tensor contiguous (what the engines read through pointers).
   LayerArgs contiguous() const;
@@ -107,6 +111,7 @@ struct Problem {
   // IndRNN: w_hh is a vector u [H] (an RNN mode only), the recurrence's element-wise weight:
   // the hidden-side pre-activation is u * h, where the other cells have h W_hh^T.
   bool elementwise;
+  bool zoneout;                      // LayerArgs::zoneout given
   std::vector<int64_t> batch_sizes;  // per step
   std::vector<int64_t> offsets;      // first row of each step
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .ops import GATES, cell_step, rnn_layer
+from .ops import GATES, cell_step, rnn_layer, zoneout_mask
 
 _PARAM_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 
@@ -76,14 +76,22 @@ class _Options:
         draws one mask per W_hh from torch's generator (as F.dropout: an element is kept
         with probability 1 - p and scaled by 1 / (1 - p)), used at every step; in eval the
         weights as they are, the expectation. A seed gives the same masks.
+    zoneout: zoneout on the hidden state h (Krueger et al. 2016; on h only, as haste's
+        layers): in training each unit of each row keeps its previous value with
+        probability p at each step (masks seeded from torch's generator: ops.zoneout_mask),
+        else takes the cell's new one; in eval h_t = p h_{t-1} + (1 - p) h~_t, the expectation.
+        The output at each step is that h. Not with proj_size.
     """
 
     mode: str
     hidden_size: int
     forget_bias: float | None
     dropconnect: float
+    zoneout: float
 
-    def _set_options(self, forget_bias: float | None, dropconnect: float, bias: bool) -> None:
+    def _set_options(
+        self, forget_bias: float | None, dropconnect: float, bias: bool, zoneout: float = 0.0
+    ) -> None:
         if forget_bias is not None:
             if self.mode not in ("LSTM", "GRU"):
                 raise ValueError(f"forget_bias is for LSTM and GRU only, got mode {self.mode}")
@@ -92,14 +100,12 @@ class _Options:
             if not isinstance(forget_bias, numbers.Real) or isinstance(forget_bias, bool):
                 raise TypeError(f"forget_bias must be a number, got {type(forget_bias).__name__}")
             forget_bias = float(forget_bias)
-        if (
-            not isinstance(dropconnect, numbers.Real)
-            or isinstance(dropconnect, bool)
-            or not 0 <= dropconnect < 1
-        ):
-            raise ValueError(f"dropconnect must be a number in [0, 1), got {dropconnect!r}")
+        for name, value in (("dropconnect", dropconnect), ("zoneout", zoneout)):
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value < 1:
+                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
         self.forget_bias = forget_bias
         self.dropconnect = float(dropconnect)
+        self.zoneout = float(zoneout)
 
     def _init_forget_bias(self, biases: list[tuple[Tensor, Tensor]]) -> None:
         if self.forget_bias is None:
@@ -115,16 +121,28 @@ class _Options:
             return F.dropout(w_hh, self.dropconnect, training=True)
         return w_hh
 
+    def _zoneout_weights(self, like: Tensor, rows: tuple[int, ...]) -> Tensor | None:
+        """The operator's zoneout argument for an output of shape (*rows, hidden_size): a
+        mask (1: keep h_{t-1}) in training, the probability in eval; None without zoneout."""
+        if not self.zoneout:
+            return None
+        shape = (*rows, self.hidden_size)
+        if self.training:
+            return zoneout_mask(shape, self.zoneout, like)
+        return torch.full(shape, self.zoneout, dtype=like.dtype, device=like.device)
+
     def _options_repr(self) -> str:
         s = f", forget_bias={self.forget_bias}" if self.forget_bias is not None else ""
-        return s + (f", dropconnect={self.dropconnect}" if self.dropconnect else "")
+        s += f", dropconnect={self.dropconnect}" if self.dropconnect else ""
+        return s + (f", zoneout={self.zoneout}" if self.zoneout else "")
 
     def to_torch(self) -> nn.Module:
-        if self.dropconnect:
-            raise ValueError(
-                f"to_torch: torch.nn has no dropconnect; set dropconnect=0 first (got "
-                f"{self.dropconnect})"
-            )
+        for name in ("dropconnect", "zoneout"):
+            if getattr(self, name):
+                raise ValueError(
+                    f"to_torch: torch.nn has no {name}; set {name}=0 first (got "
+                    f"{getattr(self, name)})"
+                )
         return super().to_torch()
 
 
@@ -170,10 +188,11 @@ class _RNNBase(_Options, _Convertible, nn.Module):
         *,
         forget_bias: float | None = None,
         dropconnect: float = 0.0,
+        zoneout: float = 0.0,
     ) -> None:
         super().__init__()
         self.mode = mode
-        self._set_options(forget_bias, dropconnect, bias)
+        self._set_options(forget_bias, dropconnect, bias, zoneout)
         if (
             not isinstance(dropout, numbers.Number)
             or isinstance(dropout, bool)
@@ -206,6 +225,8 @@ class _RNNBase(_Options, _Convertible, nn.Module):
             )
         if proj_size >= hidden_size:
             raise ValueError("proj_size has to be smaller than hidden_size")
+        if proj_size and zoneout:
+            raise ValueError(f"zoneout needs proj_size=0, got proj_size={proj_size}")
         if mode not in GATES:
             raise ValueError("Unrecognized RNN mode: " + mode)
 
@@ -413,6 +434,7 @@ class _RNNBase(_Options, _Convertible, nn.Module):
                     w_hr=w_hr,
                     batch_sizes=batch_sizes,
                     reverse=direction == 1,
+                    zoneout=self._zoneout_weights(x, x.shape[:-1]),
                 )
                 outputs.append(out)
                 h_n.append(h)
@@ -475,7 +497,7 @@ class IndRNN(_RNNBase):
 
     It runs on the RNN operator with u as its w_hh: the CPU engine multiplies element-wise
     (H multiplies per row and step); the CUDA engine, for now, runs the product with
-    diag(u), exact but [H, H] per step."""
+    diag(u), exact but [H, H] per step. Keyword-only: zoneout, as on the other layers."""
 
     _elementwise = True
 
@@ -491,6 +513,8 @@ class IndRNN(_RNNBase):
         bidirectional: bool = False,
         device=None,
         dtype=None,
+        *,
+        zoneout: float = 0.0,
     ) -> None:
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(
@@ -500,7 +524,7 @@ class IndRNN(_RNNBase):
         mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
         super().__init__(
             mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
-            bidirectional, 0, device, dtype,
+            bidirectional, 0, device, dtype, zoneout=zoneout,
         )  # fmt: skip
 
     def reset_parameters(self) -> None:
@@ -537,10 +561,11 @@ class _CellBase(_Options, _Convertible, nn.Module):
         dtype=None,
         forget_bias: float | None = None,
         dropconnect: float = 0.0,
+        zoneout: float = 0.0,
     ) -> None:
         super().__init__()
         self.mode = mode
-        self._set_options(forget_bias, dropconnect, bias)
+        self._set_options(forget_bias, dropconnect, bias, zoneout)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias
@@ -608,6 +633,7 @@ class _CellBase(_Options, _Convertible, nn.Module):
             p["bias_hh"],
             h,
             c,
+            zoneout=self._zoneout_weights(input, (1, input.size(0))),
             cell=True,
         )
         return h_n, c_n
@@ -617,7 +643,7 @@ class _CellBase(_Options, _Convertible, nn.Module):
         own: the operator checks every argument, and on a failure it returns None so that
         the caller runs torch.nn's checks and raises torch.nn's error. None too where the
         short door does not serve (see ops.cell_step)."""
-        if input.dim() != 2:
+        if input.dim() != 2 or self.zoneout:
             return None
         p = self._parameters  # not self.weight_ih: nn.Module's __getattr__ costs a call
         try:
@@ -692,9 +718,18 @@ class _GatedCell(_CellBase):
         *,
         forget_bias: float | None = None,
         dropconnect: float = 0.0,
+        zoneout: float = 0.0,
     ) -> None:
         super().__init__(
-            self._mode, input_size, hidden_size, bias, device, dtype, forget_bias, dropconnect
+            self._mode,
+            input_size,
+            hidden_size,
+            bias,
+            device,
+            dtype,
+            forget_bias,
+            dropconnect,
+            zoneout,
         )
 
 

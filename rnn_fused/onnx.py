@@ -12,8 +12,8 @@ That exporter reads translations of custom operators only from that argument. Th
 TorchScript-based exporter (dynamo=False) has a global registry: importing this module
 registers the translation there, so `torch.onnx.export(..., dynamo=False)` needs nothing more.
 
-ONNX's recurrent operators have no projection (LSTM proj_size) and no packed rows; export of
-those raises an error naming the feature.
+ONNX's recurrent operators have no projection (LSTM proj_size), no packed rows and no
+zoneout; export of those raises an error naming the feature.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class OnnxExportError(RuntimeError):
     """A layer call that ONNX's recurrent operators cannot express."""
 
 
-def _unsupported(mode: str, w_hr: bool, packed: bool) -> None:
+def _unsupported(mode: str, w_hr: bool, packed: bool, zoneout: bool) -> None:
     if mode not in GATES:
         raise OnnxExportError(f"rnn_fused ONNX export: unknown mode {mode!r}")
     if w_hr:
@@ -49,6 +49,11 @@ def _unsupported(mode: str, w_hr: bool, packed: bool) -> None:
         raise OnnxExportError(
             "rnn_fused ONNX export: PackedSequence input cannot be exported; ONNX's recurrent "
             "operators take padded [T, B, I] input (pass the padded tensor instead)"
+        )
+    if zoneout:
+        raise OnnxExportError(
+            "rnn_fused ONNX export: a layer with zoneout cannot be exported; ONNX's recurrent "
+            "operators have no zoneout (got a layer call with zoneout weights)"
         )
 
 
@@ -115,11 +120,12 @@ def _layer_onnxscript(
     w_hr: Any = None,
     batch_sizes: Any = None,
     reverse: bool = False,
+    zoneout: Any = None,
 ) -> tuple:
     """rnn_fused::layer as ONNX nodes, traced by onnxscript."""
     from onnxscript import opset18 as op
 
-    _unsupported(mode, w_hr is not None, batch_sizes is not None)
+    _unsupported(mode, w_hr is not None, batch_sizes is not None, zoneout is not None)
 
     def emit(op_type: str, *inputs: Any, outputs: int = 1, **attrs: Any) -> Any:
         return getattr(op, op_type)(*inputs, **attrs)  # the schema gives the outputs
@@ -139,7 +145,7 @@ def _forward_onnxscript(*args: Any) -> tuple:
     as ONNX nodes: the layer's outputs and an empty workspace (inference keeps none)."""
     from onnxscript import opset18 as op
 
-    output, h_n, c_n = _layer_onnxscript(*args[:11])
+    output, h_n, c_n = _layer_onnxscript(*args[:11], *args[12:])  # less `train`
     empty = op.CastLike(op.ConstantOfShape(op.Constant(value_ints=[0, 0])), output)
     return output, h_n, c_n, empty, op.Identity(empty)
 
@@ -162,11 +168,14 @@ def export(model: torch.nn.Module, args: tuple, f: Any = None, **kwargs: Any):
 # The TorchScript-based exporter (dynamo=False).
 
 
-def _layer_torchscript(g, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
+def _layer_torchscript(
+    g, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, zoneout=None
+):
     from torch.onnx import symbolic_helper as sh
 
     mode = sh._maybe_get_const(mode, "s")
-    _unsupported(mode, not sh._is_none(w_hr), not sh._is_none(batch_sizes))
+    zoned = zoneout is not None and not sh._is_none(zoneout)
+    _unsupported(mode, not sh._is_none(w_hr), not sh._is_none(batch_sizes), zoned)
     w_hh_sizes = sh._get_tensor_sizes(w_hh)
 
     def emit(op_type: str, *inputs: Any, outputs: int = 1, **attrs: Any) -> Any:

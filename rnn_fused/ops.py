@@ -47,6 +47,7 @@ class LayerCall(NamedTuple):
     w_hr: Tensor | None
     batch_sizes: Tensor | None
     reverse: bool
+    zoneout: Tensor | None = None
 
 
 class BackwardCall(NamedTuple):
@@ -66,6 +67,7 @@ class BackwardCall(NamedTuple):
     h_prev: Tensor
     batch: int
     output_mask: list[bool]
+    zoneout: Tensor | None = None
 
 
 def _sizes(mode: str, w_ih: Tensor, w_hr: Tensor | None) -> tuple[int, int]:
@@ -94,7 +96,7 @@ def _layer_outputs(call: LayerCall) -> tuple[Tensor, Tensor, Tensor, int, int]:
     """Fake output, h_n and c_n of a layer call, with its rows and hidden size."""
     c = call
     _check_like(c.input, hx=c.hx, cx=c.cx, w_ih=c.w_ih, w_hh=c.w_hh, b_ih=c.b_ih, b_hh=c.b_hh)
-    _check_like(c.input, w_hr=c.w_hr)
+    _check_like(c.input, w_hr=c.w_hr, zoneout=c.zoneout)
     hidden, out_size = _sizes(c.mode, c.w_ih, c.w_hr)
     if c.batch_sizes is not None:
         rows = c.input.shape[0]
@@ -106,7 +108,23 @@ def _layer_outputs(call: LayerCall) -> tuple[Tensor, Tensor, Tensor, int, int]:
         rows = c.input.shape[0] * batch
         output = c.input.new_empty(c.input.shape[0], batch, out_size)
     c_n = c.input.new_empty(batch, hidden) if c.mode == "LSTM" else c.input.new_empty(0)
+    _check_zoneout(c.zoneout, output, c.w_hr)
     return output, c.input.new_empty(batch, out_size), c_n, rows, hidden
+
+
+def _check_zoneout(zoneout: Tensor | None, output: Tensor, w_hr: Tensor | None) -> None:
+    """The kernels' zoneout checks (csrc/problem.cpp), for the fake kernels."""
+    if zoneout is None:
+        return
+    if w_hr is not None:
+        raise RuntimeError(
+            "rnn_fused: zoneout needs a layer without projection (w_hr None), got w_hr of shape "
+            f"{list(w_hr.shape)}"
+        )
+    if zoneout.shape != output.shape:
+        raise RuntimeError(
+            f"rnn_fused: zoneout must have shape {list(output.shape)}, got {list(zoneout.shape)}"
+        )
 
 
 @torch.library.register_fake("rnn_fused::layer")
@@ -117,7 +135,7 @@ def _layer_fake(*args) -> tuple[Tensor, Tensor, Tensor]:
 
 @torch.library.register_fake("rnn_fused::forward")
 def _forward_fake(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    call, train = LayerCall(*args[:-1]), args[-1]
+    call, train = LayerCall(*args[:11], *args[12:]), args[11]
     output, h_n, c_n, rows, hidden = _layer_outputs(call)
     kept_rows = rows if train else 0
     saved_width = _C.saved_blocks(call.mode, call.w_hr is not None) * hidden
@@ -134,7 +152,7 @@ def _forward_fake(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
 @torch.library.register_fake("rnn_fused::backward")
 def _backward_fake(*args) -> tuple[Tensor, ...]:
     c = BackwardCall(*args)
-    _check_like(c.input, w_ih=c.w_ih, w_hh=c.w_hh, w_hr=c.w_hr)
+    _check_like(c.input, w_ih=c.w_ih, w_hh=c.w_hh, w_hr=c.w_hr, zoneout=c.zoneout)
     # As check_workspace in csrc/problem.cpp: workspace_dtype, or the input's dtype.
     workspace = _C.workspace_dtype(str(c.input.device), c.input.dtype)
     for name, t in (("saved", c.saved), ("h_prev", c.h_prev)):
@@ -165,12 +183,29 @@ def _backward_fake(*args) -> tuple[Tensor, ...]:
     )
 
 
+@torch.library.register_fake("rnn_fused::zoneout_mask")
+def _zoneout_mask_fake(seed: Tensor, size: list[int], p: float, dtype: torch.dtype) -> Tensor:
+    return seed.new_empty(size, dtype=dtype)
+
+
+def zoneout_mask(shape: tuple[int, ...], p: float, like: Tensor) -> Tensor:
+    """A zoneout training mask of `shape` on like's device in like's dtype: each element 1
+    (keep the previous state) with probability p, else 0, drawn from torch's generator so that
+    torch.manual_seed repeats it. On the CPU, one seed from torch's generator starts the
+    operator rnn_fused::zoneout_mask's counter-based draw (csrc/cpu/zoneout_mask.cpp; a
+    bernoulli_ of torch's CPU generator costs 7 ns an element); elsewhere bernoulli_."""
+    if like.device.type != "cpu":
+        return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(p)
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    return _ops.zoneout_mask(seed, list(shape), p, like.dtype)
+
+
 def _reference_grads(*args) -> list[Tensor]:
     """rnn_fused::reference_grads: gradients of a layer call's tensor inputs that autograd
     can differentiate again (double backward), from reference.py's loop on the same inputs."""
     from . import reference
 
-    call, grads_out = LayerCall(*args[:11]), args[11:]
+    call, grads_out = LayerCall(*args[:11], *args[14:]), args[11:14]
     c = call
     tensors = (c.input, c.hx, c.cx, c.w_ih, c.w_hh, c.b_ih, c.b_hh, c.w_hr)
     wanted = [t for t in tensors if t is not None and t.requires_grad]
@@ -188,6 +223,7 @@ def _reference_grads(*args) -> list[Tensor]:
             w_hr=c.w_hr,
             batch_sizes=c.batch_sizes,
             reverse=c.reverse,
+            zoneout=c.zoneout,
         )
         pairs = [(o, g) for o, g in zip(outputs, grads_out) if o is not None and g is not None]
         if wanted and pairs:
@@ -225,6 +261,7 @@ def rnn_layer(
     w_hr: Tensor | None = None,
     batch_sizes: Tensor | None = None,
     reverse: bool = False,
+    zoneout: Tensor | None = None,
     cell: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One recurrent layer in one direction over all steps, with autograd.
@@ -238,6 +275,10 @@ def rnn_layer(
         w_hr: LSTM projection [proj_size, H].
         batch_sizes: per-step batch sizes of a PackedSequence (int64, CPU).
         reverse: run from the last step to the first.
+        zoneout: shaped like the output: per row and unit, the weight w of the state kept
+            from the step before, h_t = w h_{t-1} + (1 - w) h~_t with h~_t the cell's (a
+            0/1 mask in training, the zoneout probability in eval); not differentiated, and
+            not with w_hr.
         cell: the call is a step of LSTMCell, GRUCell or RNNCell, whose results under CPU
             autocast have other dtypes than a layer's (see _cpu_autocast_results).
 
@@ -246,7 +287,9 @@ def rnn_layer(
         [B, H] for LSTM, else None.
     """
     if torch._C._is_any_autocast_enabled() and torch.float32 in (input.dtype, w_ih.dtype):
-        call = LayerCall(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
+        call = LayerCall(
+            mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, zoneout
+        )
         if (done := _under_autocast(call, cell)) is not None:
             return done
     compiling = torch.compiler.is_compiling()
@@ -255,11 +298,13 @@ def rnn_layer(
 
         return reference.rnn_layer(
             mode, input, w_ih, w_hh, b_ih, b_hh, hx, cx,
-            w_hr=w_hr, batch_sizes=batch_sizes, reverse=reverse,
+            w_hr=w_hr, batch_sizes=batch_sizes, reverse=reverse, zoneout=zoneout,
         )  # fmt: skip
     # The arguments in LayerCall's order; a call per step costs its every microsecond.
     door = _ops.layer if compiling else _C.layer
-    output, h_n, c_n = door(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
+    output, h_n, c_n = door(
+        mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, zoneout
+    )
     return output, h_n, (c_n if mode == "LSTM" else None)
 
 
@@ -316,10 +361,11 @@ def _under_autocast(call: LayerCall, cell: bool) -> tuple[Tensor, Tensor, Tensor
         # Float32 math on the operands rounded to the autocast dtype: the products see what
         # torch.nn's see; the states stay float32, as in its cell math.
         cast = [t if t is None or i in (1, 2) else t.to(low).float() for i, t in enumerate(tensors)]
+    zoneout = None if call.zoneout is None else call.zoneout.to(cast[0].dtype)
     with torch.autocast(device, enabled=False):
         output, h_n, c_n = rnn_layer(
             call.mode, cast[0], cast[3], cast[4], cast[5], cast[6], cast[1], cast[2],
-            w_hr=cast[7], batch_sizes=call.batch_sizes, reverse=call.reverse,
+            w_hr=cast[7], batch_sizes=call.batch_sizes, reverse=call.reverse, zoneout=zoneout,
         )  # fmt: skip
     if low_h and not low_c:
         output, h_n = output.to(low), h_n.to(low)

@@ -5,6 +5,9 @@ differentiable by autograd, so that every test can compare values and gradients 
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -54,6 +57,22 @@ def dropconnect_weight(w: Tensor, p: float) -> Tensor:
     return w * torch.empty_like(w).bernoulli_(1 - p).div_(1 - p)
 
 
+def zoneout_mask(seed: int, shape: tuple[int, ...], p: float) -> Tensor:
+    """The CPU's zoneout mask for a seed (csrc/cpu/zoneout_mask.cpp), in float64: element i
+    (row-major) is 1 where SplitMix64's i-th output from seed, shifted right by 11 bits and
+    scaled by 2^-53, is below p."""
+    n = math.prod(shape)
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed) + (np.arange(n, dtype=np.uint64) + np.uint64(1)) * np.uint64(
+            0x9E3779B97F4A7C15
+        )
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    u = (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return torch.from_numpy((u < p).astype(np.float64)).reshape(shape)
+
+
 def rnn_layer(
     mode: str,
     input: Tensor,
@@ -67,16 +86,23 @@ def rnn_layer(
     w_hr: Tensor | None = None,
     batch_sizes: Tensor | None = None,
     reverse: bool = False,
+    zoneout: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Same contract as rnn_fused.ops.rnn_layer, computed step by step."""
+    """Same contract as rnn_fused.ops.rnn_layer, computed step by step. zoneout (shaped like
+    the output): per row and unit, the weight of h_{t-1} in h_t = w h_{t-1} + (1 - w) h~_t,
+    where h~_t is the cell's."""
+    if zoneout is not None and w_hr is not None:
+        raise ValueError("zoneout needs a layer without projection, got w_hr")
     hidden = w_hh.shape[0] // {"LSTM": 4, "GRU": 3}.get(mode, 1)
     out_size = w_hr.shape[0] if w_hr is not None else hidden
     if batch_sizes is None:
         steps = list(input.unbind(0))
         sizes = [input.shape[1]] * input.shape[0]
+        keeps = None if zoneout is None else list(zoneout.unbind(0))
     else:
         sizes = [int(s) for s in batch_sizes]
         steps = list(input.split(sizes, dim=0))
+        keeps = None if zoneout is None else list(zoneout.split(sizes, dim=0))
     batch = sizes[0]
     h = hx if hx is not None else input.new_zeros(batch, out_size)
     c = None
@@ -90,6 +116,8 @@ def rnn_layer(
         h_t, c_t = cell_step(
             mode, steps[t], h[:n], None if c is None else c[:n], w_ih, w_hh, b_ih, b_hh, w_hr
         )
+        if keeps is not None:
+            h_t = keeps[t] * h[:n] + (1 - keeps[t]) * h_t
         outputs[t] = h_t
         h = torch.cat([h_t, h[n:]], dim=0)
         if c is not None:

@@ -168,7 +168,10 @@ def test_fused_backward_step(kernels, mode, rows_gemm, n, H, dtype):
     assert torch.equal(dh[rows:], dh_in[rows:]), "rows past both must stay untouched"
 
 
-FEATURES = ["plain", "nobias", "noh0", "reverse", "packed", "packed-reverse", "proj", "indrnn"]
+FEATURES = [
+    "plain", "nobias", "noh0", "reverse", "packed", "packed-reverse", "proj", "indrnn",
+    "zoneout", "zoneout-packed-reverse",
+]  # fmt: skip
 # proj: LSTM only; indrnn (IndRNN's element-wise w_hh, a vector): the RNN modes only.
 ENGINE_CASES = [
     (m, f)
@@ -203,6 +206,8 @@ def test_engine_matches_reference(kernels, monkeypatch, path, mode, feature, dty
         h0 = c0 = None
     batch_sizes = torch.tensor([9, 9, 7, 4, 4, 1]) if packed else None
     x = rand(int(batch_sizes.sum()), 5, dtype=dtype) if packed else rand(6, 9, 5, dtype=dtype)
+    # Zoneout's weights of h_{t-1}, anywhere in [0, 1): masks and expectations alike.
+    keep = torch.rand(*x.shape[:-1], 33).to(dtype) if "zoneout" in feature else None
     # In the operator's order: input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr.
     inputs = (x, h0, c0, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh, layer.w_hr)
 
@@ -211,8 +216,9 @@ def test_engine_matches_reference(kernels, monkeypatch, path, mode, feature, dty
         leaves = [None if t is None else t.detach().to(to).requires_grad_() for t in inputs]
         xl, hl, cl, wi, wh, bi, bh, wr = leaves
         out = reference.rnn_layer(
-            mode, xl, wi, wh, bi, bh, hl, cl, w_hr=wr, batch_sizes=batch_sizes, reverse=reverse
-        )
+            mode, xl, wi, wh, bi, bh, hl, cl, w_hr=wr, batch_sizes=batch_sizes, reverse=reverse,
+            zoneout=None if keep is None else keep.to(to),
+        )  # fmt: skip
         out = [o for o in out if o is not None]
 
         def grads(upstream):
@@ -228,7 +234,7 @@ def test_engine_matches_reference(kernels, monkeypatch, path, mode, feature, dty
     ours = []
     for train in (False, True):  # the training run last: its workspace feeds the backward
         output, h_n, c_n, saved, h_prev = kernels.forward(
-            mode, d[0], d[1], d[2], *d[3:], batch_sizes, reverse, train
+            mode, d[0], d[1], d[2], *d[3:], batch_sizes, reverse, train, keep
         )
         ours += [output, h_n, *([c_n] if mode == "LSTM" else [])]
     grads = kernels.backward(
@@ -245,6 +251,7 @@ def test_engine_matches_reference(kernels, monkeypatch, path, mode, feature, dty
         h_prev,
         h_n.shape[0],
         [True, True, True],
+        keep,
     )
     ours += [g for g, t in zip(grads, inputs) if t is not None]
     expected = [*exact, *exact, *(g for g in exact_grads(upstream) if g is not None)]

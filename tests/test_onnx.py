@@ -131,6 +131,14 @@ def test_projection_is_refused_by_name(exporter: str):
     assert "rnn_fused ONNX export: LSTM with proj_size" in _messages(info.value)
 
 
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_zoneout_is_refused_by_name(exporter: str):
+    model = rnn_fused.GRU(4, 6, zoneout=0.2).eval()
+    with pytest.raises(Exception) as info:
+        _export(model, (torch.randn(5, 2, 4),), exporter)
+    assert "rnn_fused ONNX export: a layer with zoneout" in _messages(info.value)
+
+
 def test_packed_input_is_refused_by_name():
     class Packs(nn.Module):
         def __init__(self) -> None:

@@ -13,17 +13,18 @@ import rnn_fused  # noqa: F401  (registers the operators)
 CASES = [
     (mode, case)
     for mode in CELLS
-    for case in ["padded", "packed", "no-optionals", "reverse", "proj"]
+    for case in ["padded", "packed", "no-optionals", "reverse", "proj", "zoneout", "zoneout-packed"]
     if case != "proj" or mode == "LSTM"  # the projection exists for LSTM only
 ]
 
 
 def _forward_args(mode: str, case: str, dt: torch.dtype = torch.float64) -> tuple:
+    """layer's arguments; zoneout cases add the trailing zoneout weights."""
     proj = 2 if case == "proj" else 0
     layer = make_layer(mode, 4, 5, bias=case != "no-optionals", proj=proj, dtype=dt)
     h0, c0 = make_states(layer, 3, dtype=dt)
     batch_sizes = None
-    if case == "packed":
+    if "packed" in case:
         batch_sizes = torch.tensor([3, 2, 2, 1])
         x = rand(8, 4, dtype=dt)
     else:
@@ -42,7 +43,7 @@ def _forward_args(mode: str, case: str, dt: torch.dtype = torch.float64) -> tupl
         layer.w_hr,
         batch_sizes,
         case == "reverse",
-    )
+    ) + ((torch.rand(*x.shape[:-1], 5, dtype=dt),) if "zoneout" in case else ())
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
@@ -58,7 +59,8 @@ def test_opcheck_forward(mode, case, train):
     """forward is the kernel under layer's autograd: it is called on tensors below autograd."""
     seed(mode, case, train)
     args = tuple(_detached(a) for a in _forward_args(mode, case))
-    torch.library.opcheck(torch.ops.rnn_fused.forward.default, (*args, train))
+    # forward's train comes before the trailing zoneout.
+    torch.library.opcheck(torch.ops.rnn_fused.forward.default, (*args[:11], train, *args[11:]))
 
 
 def _detached(a):
@@ -71,8 +73,8 @@ def test_opcheck_backward(mode, case, mask):
     seed(mode, case, mask)
     args = _forward_args(mode, case)
     with torch.no_grad():
-        out, h_n, c_n, saved, h_prev = torch.ops.rnn_fused.forward(*args, True)
-    mode, x, _h0, _c0, w_ih, w_hh, _b_ih, _b_hh, w_hr, batch_sizes, reverse = args
+        out, h_n, c_n, saved, h_prev = torch.ops.rnn_fused.forward(*args[:11], True, *args[11:])
+    mode, x, _h0, _c0, w_ih, w_hh, _b_ih, _b_hh, w_hr, batch_sizes, reverse = args[:11]
     grad_c_n = torch.randn_like(c_n) if mode == "LSTM" else None
     bwd_args = (
         mode,
@@ -89,6 +91,7 @@ def test_opcheck_backward(mode, case, mask):
         h_prev,
         h_n.shape[0],
         list(mask),
+        *args[11:],
     )
     bwd_args = tuple(_detached(a) for a in bwd_args)
     torch.library.opcheck(torch.ops.rnn_fused.backward.default, bwd_args)

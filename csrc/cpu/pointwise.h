@@ -36,11 +36,12 @@ struct ForwardRow {
   const T* hh;      // hidden-side pre-activations, without bias [gates*H]
   const T* b_ih;    // or nullptr
   const T* b_hh;    // or nullptr
-  const T* h_prev;  // [H], read by cells with kUsesPrevH
+  const T* h_prev;  // [H], read by cells with kUsesPrevH and by zoneout
   T* c;             // cell state [H]: c_{t-1} in, c_t out (LSTM)
   T* saved;         // [saved_blocks*H], or nullptr when nothing is kept for a backward
   T* h;             // h_t out [H]
   T* h_copy;        // a second destination of h_t, or nullptr
+  const T* keep;    // zoneout's weights of h_{t-1} [H] (LayerArgs::zoneout), or nullptr
 };
 
 // The cell on units j .. j + n of one row, n at most a vector's width. A partial vector
@@ -62,6 +63,10 @@ inline void forward_units(const ForwardRow<T>& r, int64_t H, int64_t j, int n) {
   if constexpr (Cell::kUsesPrevH) h_prev = load(r.h_prev + j);
   if constexpr (Cell::kCellState) c_prev = load(r.c + j);
   Cell::forward(x, hh, h_prev, c_prev, h, c, saved);
+  if (r.keep != nullptr) {
+    if constexpr (!Cell::kUsesPrevH) h_prev = load(r.h_prev + j);
+    h = h + load(r.keep + j) * (h_prev - h);
+  }
   if (r.saved != nullptr)
     for (int k = 0; k < Cell::kSaved; ++k) saved[k].store(r.saved + k * H + j, n);
   if constexpr (Cell::kCellState) c.store(r.c + j, n);
@@ -87,9 +92,10 @@ struct BackwardRow {
   T* dc;              // dL/dc_t in, dL/dc_{t-1} out (LSTM)
   const T* saved;
   const T* h_prev;
-  T* dx;       // input-side pre-activation gradients out [gates*H]
-  T* dhh;      // hidden-side ones out (cells with kSplitGrads)
-  T* dh_prev;  // the part of dL/dh_{t-1} not through W_hh (cells with kUsesPrevH)
+  T* dx;          // input-side pre-activation gradients out [gates*H]
+  T* dhh;         // hidden-side ones out (cells with kSplitGrads)
+  T* dh_prev;     // the part of dL/dh_{t-1} not through W_hh (kUsesPrevH cells, or zoneout)
+  const T* keep;  // as ForwardRow's
 };
 
 template <class Cell, class V, class T>
@@ -99,6 +105,12 @@ inline void backward_units(const BackwardRow<T>& r, int64_t H, int64_t j, int n)
   for (int k = 0; k < Cell::kSaved; ++k) saved[k] = load(r.saved + k * H + j);
   V dh = load(r.dh + j);
   if (r.dh_extra != nullptr) dh = dh + load(r.dh_extra + j);
+  // Zoneout: the kept share of dh goes straight to h_{t-1}, the rest through the cell.
+  V dh_kept(T(0));
+  if (r.keep != nullptr) {
+    dh_kept = load(r.keep + j) * dh;
+    dh = dh - dh_kept;
+  }
   V h_prev(T(0)), dc(T(0)), dh_prev(T(0)), dc_prev(T(0));
   if constexpr (Cell::kUsesPrevH) h_prev = load(r.h_prev + j);
   if constexpr (Cell::kCellState) dc = load(r.dc + j);
@@ -108,7 +120,7 @@ inline void backward_units(const BackwardRow<T>& r, int64_t H, int64_t j, int n)
     if constexpr (Cell::kSplitGrads) dhh[k].store(r.dhh + k * H + j, n);
   }
   if constexpr (Cell::kCellState) dc_prev.store(r.dc + j, n);
-  if constexpr (Cell::kUsesPrevH) dh_prev.store(r.dh_prev + j, n);
+  if (Cell::kUsesPrevH || r.keep != nullptr) (dh_prev + dh_kept).store(r.dh_prev + j, n);
 }
 
 // Units [begin, end) of a row (begin a multiple of the vector width).

@@ -155,6 +155,7 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
   T* c_p = Cell::kCellState ? out.c_state.data_ptr<T>() : nullptr;
   T* saved_p = train ? out.saved.data_ptr<T>() : nullptr;
   T* hprev_p = train ? out.h_prev.data_ptr<T>() : nullptr;
+  const T* keep_p = ptr_or_null<T>(a.zoneout);
 
   static_assert(kTileUnits == Panels::kPanel, "a tile's units are one panel per gate");
   for (const Chunk& ch : chunks) {
@@ -194,7 +195,8 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
                               c_p == nullptr ? nullptr : c_p + i * H,
                               train ? saved_p + (r0 + i) * SW : nullptr,
                               p.proj ? h_unproj + i * h_unproj_ld : out_p + (r0 + i) * Hout,
-                              p.proj ? nullptr : h_p + i * Hout};
+                              p.proj ? nullptr : h_p + i * Hout,
+                              keep_p == nullptr ? nullptr : keep_p + (r0 + i) * Hout};
             forward_row<CellT, T>(row, H, tl.u0, tl.u1);
           }
         }
@@ -348,6 +350,7 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
   T* dhg_p = dhg.data_ptr<T>();
   T* dr_p = p.proj ? dr.data_ptr<T>() : nullptr;
   T* dh_step_p = p.proj ? dh_step.data_ptr<T>() : nullptr;
+  const T* keep_p = ptr_or_null<T>(a.layer.zoneout);
 
   for (auto ch = chunks.rbegin(); ch != chunks.rend(); ++ch) {
     with_team(step_threads(p), [&](const Team& team) {
@@ -376,13 +379,14 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
                                hprev_p + (r0 + i) * Hout,
                                dxg_p + (local + i) * GH,
                                dhg_p + (local + i) * GH,
-                               dh_p + i * Hout};
+                               dh_p + i * Hout,
+                               keep_p == nullptr ? nullptr : keep_p + (r0 + i) * Hout};
             backward_row<CellT, T>(row, H, tl.u0, tl.u1);
           }
         }
         team.barrier();
         // dL/dh_{t-1} = (hidden-side gate gradients) W_hh [+ the direct part the cell wrote].
-        w_hh_b.product(team, n, dhg_p + local * GH, GH, dh_p, Hout, Cell::kUsesPrevH);
+        w_hh_b.product(team, n, dhg_p + local * GH, GH, dh_p, Hout, Cell::kUsesPrevH || p.zoneout);
         team.barrier();
       }
     });

@@ -73,7 +73,8 @@ template <template <class> class CellT, class T, class Dev>
 void run_forward(Dev& dev, const Problem& p, bool train, bool fused, const at::Tensor& input,
                  const at::Tensor& w_ih, const at::Tensor& w_hh,
                  const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-                 const std::optional<at::Tensor>& w_hr, ForwardBuffers& f) {
+                 const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& zoneout,
+                 ForwardBuffers& f) {
   using A = at::opmath_type<T>;
   using Cell = CellT<A>;
   const int64_t H = p.hidden, Hout = p.out_size, GH = p.gate_width(), SW = p.saved_width();
@@ -85,6 +86,7 @@ void run_forward(Dev& dev, const Problem& p, bool train, bool fused, const at::T
   T* saved = train ? f.saved.data_ptr<T>() : nullptr;
   A* const hg = fused ? nullptr : f.hg.data_ptr<A>();
   T* const h_scratch = p.proj && !train ? f.h_scratch.data_ptr<T>() : nullptr;
+  const T* const keep = ptr_or_null<T>(zoneout);
 
   dev.template gemm<T, A>(true, p.rows, GH, p.input_size, input.data_ptr<T>(), p.input_size,
                           w_ih.data_ptr<T>(), p.input_size, xg, GH, false);
@@ -134,6 +136,7 @@ void run_forward(Dev& dev, const Problem& p, bool train, bool fused, const at::T
     step.xg = xg + r0 * GH;
     step.h_prev = h_prev;
     step.saved = train ? saved + r0 * SW : nullptr;
+    step.keep = keep == nullptr ? nullptr : keep + r0 * Hout;
     if (fused) {
       step.h = out + r0 * Hout;
       step.ld_h = Hout;
@@ -202,7 +205,7 @@ ForwardResult forward_engine(Dev& dev, const Problem& p, const LayerArgs& a, boo
         dispatch_cell(p.kind, [&](auto tag) {
           using Tag = decltype(tag);
           run_forward<Tag::template Cell, scalar_t>(dev, p, train, fused, input, w_ih, w_hh, b_ih,
-                                                    b_hh, w_hr, f);
+                                                    b_hh, w_hr, a.zoneout, f);
         });
       });
   at::Tensor c_n = lstm ? f.c_state.to(input.scalar_type()) : at::empty({0}, opts);
@@ -219,8 +222,8 @@ struct BackwardBuffers {
 template <template <class> class CellT, class T, class Dev>
 void run_backward(Dev& dev, const Problem& p, bool fused,
                   const std::optional<at::Tensor>& grad_output, const at::Tensor& w_hh,
-                  const std::optional<at::Tensor>& w_hr, const at::Tensor& saved,
-                  const at::Tensor& h_prev_all, BackwardBuffers& g) {
+                  const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& zoneout,
+                  const at::Tensor& saved, const at::Tensor& h_prev_all, BackwardBuffers& g) {
   using A = at::opmath_type<T>;
   using Cell = CellT<A>;
   const int64_t H = p.hidden, Hout = p.out_size, GH = p.gate_width(), SW = p.saved_width();
@@ -234,6 +237,7 @@ void run_backward(Dev& dev, const Problem& p, bool fused,
   const T* h_prev_p = h_prev_all.data_ptr<T>();
   T* dr = p.proj ? g.dr.data_ptr<T>() : nullptr;
   A* dh_step = p.proj ? g.dh_step.data_ptr<A>() : nullptr;
+  const T* const keep = ptr_or_null<T>(zoneout);
 
   BackwardStep<T, A> step{};
   step.H = H;
@@ -255,6 +259,7 @@ void run_backward(Dev& dev, const Problem& p, bool fused,
     step.h_prev = h_prev_p + r0 * Hout;
     step.dx = dxg + r0 * GH;
     step.dhh = dhg + r0 * GH;
+    step.keep = keep == nullptr ? nullptr : keep + r0 * Hout;
     if (fused) {
       if (std::max(n, rows_gemm) * H > 0) {
         dev.template fused_backward<Cell>(step, dg_next, rows_gemm, w_hh_p);
@@ -273,7 +278,7 @@ void run_backward(Dev& dev, const Problem& p, bool fused,
     if (n * H > 0) dev.template backward_pointwise<Cell>(step);
     // dL/dh_{t-1} = (hidden-side gate gradients) W_hh [+ the direct part the kernel wrote].
     dev.template gemm<T, A>(false, n, Hout, GH, dhg + r0 * GH, GH, w_hh_p, Hout, dh_state, Hout,
-                            Cell::kUsesPrevH);
+                            Cell::kUsesPrevH || p.zoneout);
   }
   if (fused) {  // the product of the last step processed: dL/dh of the initial states
     BackwardStep<T, A> tail{};  // no rows of a step: only the product's rows of dh
@@ -323,7 +328,7 @@ BackwardResult backward_engine(Dev& dev, const Problem& p, const BackwardArgs& a
           using Tag = decltype(tag);
           run_backward<Tag::template Cell, scalar_t>(
               dev, p, use_fused_path(p, input.scalar_type(), dev.tf32()), grad_output, w_hh, w_hr,
-              saved, h_prev_all, g);
+              a.layer.zoneout, saved, h_prev_all, g);
         });
       });
 

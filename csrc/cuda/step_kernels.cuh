@@ -19,7 +19,8 @@ inline int blocks_for(int64_t elements) {
 // rows of the backward's values; h where h_t goes (output rows, or the unprojected h). h_state
 // (nullable) and the first n_next rows of h_next (the next step's starting rows) receive h_t as
 // well; all three share the row stride ld_state. h_prev may be h_state: each thread reads its
-// element before writing it.
+// element before writing it. keep (nullable, [n, H] at row stride ld_state): zoneout's
+// weights of h_{t-1} (LayerArgs::zoneout).
 template <class T, class A>
 struct ForwardStep {
   int64_t n, H;
@@ -36,11 +37,13 @@ struct ForwardStep {
   T* h_state;
   T* h_next;
   int64_t n_next, ld_state;
+  const T* keep;
 };
 
 // One step's rows of the backward: dh the carried gradient [n, H] (dL/dh_t in, the part of
 // dL/dh_{t-1} that bypasses W_hh out), grad_out (nullable) the step's output gradient; dc
-// dL/dc_t in, dL/dc_{t-1} out; dx / dhh the gate gradients (dhh for kSplitGrads).
+// dL/dc_t in, dL/dc_{t-1} out; dx / dhh the gate gradients (dhh for kSplitGrads); keep as
+// the forward's, at row stride ld_grad_out.
 template <class T, class A>
 struct BackwardStep {
   int64_t n, H;
@@ -55,6 +58,7 @@ struct BackwardStep {
   int64_t ld_h_prev;
   T* dx;
   T* dhh;
+  const T* keep;
 };
 
 // The cell's forward at row i, hidden unit j, given its hidden-side products hh (no bias).
@@ -75,6 +79,10 @@ __device__ __forceinline__ void forward_unit(const ForwardStep<T, A>& s, int64_t
   if constexpr (Cell::kUsesPrevH) hp = static_cast<A>(s.h_prev[i * s.ld_h_prev + j]);
   if constexpr (Cell::kCellState) cp = s.c[i * H + j];
   Cell::forward(x, hh, hp, cp, h_new, c_new, kept);
+  if (s.keep != nullptr) {
+    if constexpr (!Cell::kUsesPrevH) hp = static_cast<A>(s.h_prev[i * s.ld_h_prev + j]);
+    h_new += static_cast<A>(s.keep[i * s.ld_state + j]) * (hp - h_new);
+  }
   if (s.saved != nullptr) {
 #pragma unroll
     for (int k = 0; k < Cell::kSaved; ++k)
@@ -97,6 +105,12 @@ __device__ __forceinline__ void backward_unit(const BackwardStep<T, A>& s, int64
   for (int k = 0; k < Cell::kSaved; ++k)
     kept[k] = static_cast<A>(s.saved[i * s.ld_saved + k * H + j]);
   if (s.grad_out != nullptr) g += static_cast<A>(s.grad_out[i * s.ld_grad_out + j]);
+  // Zoneout: the kept share of dh goes straight to h_{t-1}, the rest through the cell.
+  A dh_kept(0);
+  if (s.keep != nullptr) {
+    dh_kept = static_cast<A>(s.keep[i * s.ld_grad_out + j]) * g;
+    g -= dh_kept;
+  }
   A hp(0), dct(0), dh_prev(0), dc_prev(0);
   if constexpr (Cell::kUsesPrevH) hp = static_cast<A>(s.h_prev[i * s.ld_h_prev + j]);
   if constexpr (Cell::kCellState) dct = s.dc[i * H + j];
@@ -107,7 +121,7 @@ __device__ __forceinline__ void backward_unit(const BackwardStep<T, A>& s, int64
     if constexpr (Cell::kSplitGrads) s.dhh[i * GH + k * H + j] = static_cast<T>(gh[k]);
   }
   if constexpr (Cell::kCellState) s.dc[i * H + j] = dc_prev;
-  s.dh[i * s.ld_dh + j] = dh_prev;
+  s.dh[i * s.ld_dh + j] = dh_prev + dh_kept;
 }
 
 // The standard path's pointwise kernels, one thread per (row, hidden unit) of a step; hg
