@@ -127,14 +127,14 @@ def test_fused_backward_step(kernels, mode, rows_gemm, n, H, dtype):
     leaves = [t.clone().requires_grad_() for t in (x, hh, h_prev, c_prev)]
     h, c, saved = _cell(mode, *leaves[:2], leaves[2], leaves[3] if mode == "LSTM" else None)
 
-    dg_next = torch.randn(m, G * H, **kw)
+    dg_next = torch.randn(m, G * H, **akw)  # gate gradients are kept in the accumulation type
     w_hh = (torch.randn(G * H, H, **akw) / H**0.5).to(dtype)
     dh = torch.randn(rows + 2, H, **akw)  # two rows past every step: must stay untouched
     grad_out = torch.randn(n, H, **kw)
     dc = torch.randn(rows, H, **akw) if mode == "LSTM" else torch.empty(0, **akw)
     dh_in, dc_in = dh.clone(), dc.clone()
-    dx = torch.full((n, G * H), NAN, **kw)
-    dhh = torch.full((n, G * H), NAN, **kw) if mode == "GRU" else torch.empty(0, **kw)
+    dx = torch.full((n, G * H), NAN, **akw)
+    dhh = torch.full((n, G * H), NAN, **akw) if mode == "GRU" else torch.empty(0, **akw)
     kernels.backward_step(
         mode,
         n,

@@ -259,7 +259,7 @@ __global__ void __launch_bounds__(fused::kBlock)
 // (x, y) covers units [32 x, 32 x + 32) of rows [8 y, 8 y + 8) of max(s.n, rows_gemm).
 template <class Cell, class T, class A>
 __global__ void __launch_bounds__(fused::kBlock)
-    fused_backward_step_kernel(BackwardStep<T, A> s, const T* __restrict__ dg_next,
+    fused_backward_step_kernel(BackwardStep<T, A> s, const A* __restrict__ dg_next,
                                int64_t rows_gemm, const T* __restrict__ w_hh) {
   using Shape = fused::BackwardShape;
   using C = fused::Chunk<A, Shape::kFloatSub>;
@@ -275,7 +275,7 @@ __global__ void __launch_bounds__(fused::kBlock)
       row0 < rows_gemm ? K : 0,
       [&](int m, int64_t k) {
         const int64_t i = row0 + m;
-        return i < rows_gemm && k < K ? static_cast<A>(dg_next[i * K + k]) : A(0);
+        return i < rows_gemm && k < K ? dg_next[i * K + k] : A(0);
       },
       [&](int c, int64_t k) {  // column c: unit u0 + c, a column of W_hh
         const int64_t u = u0 + c;

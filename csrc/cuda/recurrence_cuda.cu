@@ -112,7 +112,7 @@ class CudaDevice {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   template <class Cell, class T, class A>
-  void fused_backward(const BackwardStep<T, A>& s, const T* dg_next, int64_t rows_gemm,
+  void fused_backward(const BackwardStep<T, A>& s, const A* dg_next, int64_t rows_gemm,
                       const T* w_hh) {
     const fused::Grid g = fused::backward_grid(s.n, rows_gemm, s.H);
     fused_backward_step_kernel<Cell, T, A>

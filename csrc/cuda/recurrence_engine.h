@@ -10,8 +10,9 @@
 // and bias gradients over all rows. No allocation, synchronisation or atomics inside the
 // loops, so runs are bitwise reproducible and capturable in a CUDA graph.
 //
-// Half types: products accumulate in float and write float pre-activations; the cell state
-// and the carried gradients stay in float (A = at::opmath_type<T>).
+// Half types: products accumulate in float and write float pre-activations; the cell state,
+// the carried gradients and the gate gradients (which the next step's product reads) stay in
+// float (A = at::opmath_type<T>), so that no rounding compounds over the steps.
 //
 // Dev provides:
 //   gemm<T, CT>(trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate)
@@ -212,27 +213,30 @@ ForwardResult forward_engine(Dev& dev, const Problem& p, const LayerArgs& a, boo
   return {f.output, f.h_state, c_n, f.saved, f.h_prev};
 }
 
-// The backward's carried gradients (dh, dc; float for half types), the gate gradients of
-// all rows (dhg: GRU's hidden side, else dxg itself), and the projection's dL/dr rows and
-// per-step dL/dh.
+// The backward's carried gradients (dh, dc), the gate gradients of all rows (dhg: GRU's
+// hidden side, else dxg itself), all in A, and the projection's dL/dr rows and per-step
+// dL/dh.
 struct BackwardBuffers {
   at::Tensor dh_state, dc_state, dxg, dhg, dr, dh_step;
 };
 
+// w_hh_acc: W_hh in A, for the standard path's products with the gate gradients.
 template <template <class> class CellT, class T, class Dev>
 void run_backward(Dev& dev, const Problem& p, bool fused,
                   const std::optional<at::Tensor>& grad_output, const at::Tensor& w_hh,
-                  const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& zoneout,
-                  const at::Tensor& saved, const at::Tensor& h_prev_all, BackwardBuffers& g) {
+                  const at::Tensor& w_hh_acc, const std::optional<at::Tensor>& w_hr,
+                  const std::optional<at::Tensor>& zoneout, const at::Tensor& saved,
+                  const at::Tensor& h_prev_all, BackwardBuffers& g) {
   using A = at::opmath_type<T>;
   using Cell = CellT<A>;
   const int64_t H = p.hidden, Hout = p.out_size, GH = p.gate_width(), SW = p.saved_width();
   const T* gout = ptr_or_null<T>(grad_output);
   const T* w_hh_p = w_hh.data_ptr<T>();
+  const A* w_hh_acc_p = w_hh_acc.data_ptr<A>();
   const T* w_hr_p = ptr_or_null<T>(w_hr);
   A* dh_state = g.dh_state.data_ptr<A>();
-  T* dhg = g.dhg.data_ptr<T>();
-  T* dxg = g.dxg.data_ptr<T>();
+  A* dhg = g.dhg.data_ptr<A>();
+  A* dxg = g.dxg.data_ptr<A>();
   const T* saved_p = saved.data_ptr<T>();
   const T* h_prev_p = h_prev_all.data_ptr<T>();
   T* dr = p.proj ? g.dr.data_ptr<T>() : nullptr;
@@ -249,7 +253,7 @@ void run_backward(Dev& dev, const Problem& p, bool fused,
   step.ld_h_prev = Hout;
   // Fused: the kernel of a step first adds the product of the step processed before it
   // (dg_next W_hh over its rows_gemm rows) to what dh carries.
-  const T* dg_next = nullptr;
+  const A* dg_next = nullptr;
   int64_t rows_gemm = 0;
   for (int64_t s = p.steps - 1; s >= 0; --s) {
     const int64_t t = p.step_at(s), n = p.batch_sizes[t], r0 = p.offsets[t];
@@ -277,7 +281,7 @@ void run_backward(Dev& dev, const Problem& p, bool fused,
     }
     if (n * H > 0) dev.template backward_pointwise<Cell>(step);
     // dL/dh_{t-1} = (hidden-side gate gradients) W_hh [+ the direct part the kernel wrote].
-    dev.template gemm<T, A>(false, n, Hout, GH, dhg + r0 * GH, GH, w_hh_p, Hout, dh_state, Hout,
+    dev.template gemm<A, A>(false, n, Hout, GH, dhg + r0 * GH, GH, w_hh_acc_p, Hout, dh_state, Hout,
                             Cell::kUsesPrevH || p.zoneout);
   }
   if (fused) {  // the product of the last step processed: dL/dh of the initial states
@@ -317,8 +321,8 @@ BackwardResult backward_engine(Dev& dev, const Problem& p, const BackwardArgs& a
   g.dc_state = !lstm                  ? at::empty({0}, acc)
                : grad_c_n.has_value() ? copy_as_acc(*grad_c_n)
                                       : at::zeros({p.batch, p.hidden}, acc);
-  g.dxg = at::empty({p.rows, p.gate_width()}, opts);
-  g.dhg = split ? at::empty({p.rows, p.gate_width()}, opts) : g.dxg;
+  g.dxg = at::empty({p.rows, p.gate_width()}, acc);
+  g.dhg = split ? at::empty({p.rows, p.gate_width()}, acc) : g.dxg;
   g.dr = p.proj ? at::empty({p.rows, p.out_size}, opts) : at::Tensor();
   g.dh_step = p.proj ? at::empty({p.batch, p.hidden}, acc) : at::Tensor();
 
@@ -327,20 +331,24 @@ BackwardResult backward_engine(Dev& dev, const Problem& p, const BackwardArgs& a
         dispatch_cell(p.kind, [&](auto tag) {
           using Tag = decltype(tag);
           run_backward<Tag::template Cell, scalar_t>(
-              dev, p, use_fused_path(p, input.scalar_type(), dev.tf32()), grad_output, w_hh, w_hr,
-              a.layer.zoneout, saved, h_prev_all, g);
+              dev, p, use_fused_path(p, input.scalar_type(), dev.tf32()), grad_output, w_hh,
+              w_hh.to(acc.dtype()), w_hr, a.layer.zoneout, saved, h_prev_all, g);
         });
       });
 
   const auto none = [&] { return at::empty({0}, opts); };  // a new one each: outputs never alias
   at::Tensor grad_input = none(), grad_w_ih = none(), grad_w_hh = none(), grad_b_ih = none(),
              grad_b_hh = none(), grad_w_hr = none();
-  if (a.mask.input) grad_input = at::mm(g.dxg, w_ih).view(input.sizes());
+  // The products over all rows take the gate gradients rounded once to the dtype (tensor
+  // cores for half types); the bias gradients sum them unrounded.
+  const at::ScalarType dtype = input.scalar_type();
+  const at::Tensor dxg = g.dxg.to(dtype), dhg = split ? g.dhg.to(dtype) : dxg;
+  if (a.mask.input) grad_input = at::mm(dxg, w_ih).view(input.sizes());
   if (a.mask.weights) {
-    grad_w_ih = at::mm(g.dxg.t(), input.reshape({p.rows, p.input_size}));
-    grad_w_hh = at::mm(g.dhg.t(), h_prev_all);
-    grad_b_ih = g.dxg.sum(0);
-    grad_b_hh = split ? g.dhg.sum(0) : grad_b_ih.clone();
+    grad_w_ih = at::mm(dxg.t(), input.reshape({p.rows, p.input_size}));
+    grad_w_hh = at::mm(dhg.t(), h_prev_all);
+    grad_b_ih = g.dxg.sum(0).to(dtype);
+    grad_b_hh = split ? g.dhg.sum(0).to(dtype) : grad_b_ih.clone();
     if (p.proj) {
       grad_w_hr = at::mm(g.dr.t(), saved.narrow(1, p.layout.unprojected_offset(), p.hidden));
     }

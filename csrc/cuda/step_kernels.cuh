@@ -42,8 +42,9 @@ struct ForwardStep {
 
 // One step's rows of the backward: dh the carried gradient [n, H] (dL/dh_t in, the part of
 // dL/dh_{t-1} that bypasses W_hh out), grad_out (nullable) the step's output gradient; dc
-// dL/dc_t in, dL/dc_{t-1} out; dx / dhh the gate gradients (dhh for kSplitGrads); keep as
-// the forward's, at row stride ld_grad_out.
+// dL/dc_t in, dL/dc_{t-1} out; dx / dhh the gate gradients (dhh for kSplitGrads), in A:
+// for half types unrounded, since the next step's product reads them; keep as the
+// forward's, at row stride ld_grad_out.
 template <class T, class A>
 struct BackwardStep {
   int64_t n, H;
@@ -56,8 +57,8 @@ struct BackwardStep {
   int64_t ld_saved;
   const T* h_prev;
   int64_t ld_h_prev;
-  T* dx;
-  T* dhh;
+  A* dx;
+  A* dhh;
   const T* keep;
 };
 
@@ -117,8 +118,8 @@ __device__ __forceinline__ void backward_unit(const BackwardStep<T, A>& s, int64
   Cell::backward(g, dct, kept, hp, gx, gh, dh_prev, dc_prev);
 #pragma unroll
   for (int k = 0; k < Cell::kGates; ++k) {
-    s.dx[i * GH + k * H + j] = static_cast<T>(gx[k]);
-    if constexpr (Cell::kSplitGrads) s.dhh[i * GH + k * H + j] = static_cast<T>(gh[k]);
+    s.dx[i * GH + k * H + j] = gx[k];
+    if constexpr (Cell::kSplitGrads) s.dhh[i * GH + k * H + j] = gh[k];
   }
   if constexpr (Cell::kCellState) s.dc[i * H + j] = dc_prev;
   s.dh[i * s.ld_dh + j] = dh_prev + dh_kept;

@@ -161,7 +161,7 @@ void forward_step(const std::string& mode, const at::Tensor& h_prev, const at::T
 }
 
 // One fused backward step: rows [0, n) of the step, the product dg_next W_hh over
-// dg_next's rows. Half types take dh and dc in float.
+// dg_next's rows. Half types take dh, dc, dg_next, dx and dhh in float.
 void backward_step(const std::string& mode, int64_t n, const at::Tensor& dg_next,
                    const at::Tensor& w_hh, const at::Tensor& dh, const at::Tensor& grad_out,
                    const at::Tensor& dc, const at::Tensor& saved, const at::Tensor& h_prev,
@@ -182,14 +182,14 @@ void backward_step(const std::string& mode, int64_t n, const at::Tensor& dg_next
                                     s.ld_saved = saved.numel() == 0 ? 0 : saved.size(1);
                                     s.h_prev = ptr<T>(h_prev);
                                     s.ld_h_prev = s.H;
-                                    s.dx = ptr<T>(dx);
-                                    s.dhh = ptr<T>(dhh);
+                                    s.dx = ptr<A>(dx);
+                                    s.dhh = ptr<A>(dhh);
                                     const int64_t rows_gemm = dg_next.size(0);
                                     dispatch_cell(kind_of(mode), [&](auto tag) {
                                       using Cell = typename decltype(tag)::template Cell<A>;
                                       launch(fused::backward_grid(n, rows_gemm, s.H), [&] {
                                         fused_backward_step_kernel<Cell, T, A>(
-                                            s, ptr<T>(dg_next), rows_gemm, w_hh.data_ptr<T>());
+                                            s, ptr<A>(dg_next), rows_gemm, w_hh.data_ptr<T>());
                                       });
                                     });
                                   });
@@ -238,7 +238,7 @@ struct HostDevice {
     });
   }
   template <class Cell, class T, class A>
-  void fused_backward(const BackwardStep<T, A>& s, const T* dg_next, int64_t rows_gemm,
+  void fused_backward(const BackwardStep<T, A>& s, const A* dg_next, int64_t rows_gemm,
                       const T* w_hh) {
     launch(fused::backward_grid(s.n, rows_gemm, s.H),
            [&] { fused_backward_step_kernel<Cell, T, A>(s, dg_next, rows_gemm, w_hh); });
