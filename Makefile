@@ -41,9 +41,10 @@ format: $(DEPS)
 	$(VENV)/bin/clang-format -i $(CXX_FILES)
 
 # On a GPU machine with python3, torch and nvcc but no network: build in place with the
-# machine's own python3, run the CUDA tests and the benchmark, write results into OUT.
-# QUICK=1: only the CUDA tests and the issue-4 benchmark rows (a rerun after a fix).
-# SANITIZE=1: only compute-sanitizer memcheck and racecheck over every kernel.
+# machine's own python3, then the CUDA tests, racecheck and the benchmark in stages with
+# time limits, writing results into OUT (benchmarks/gpu_check.sh). QUICK=1: the build, the
+# fast CUDA tests and the issue-4 rows (a rerun after a fix). SANITIZE=1: the build, then
+# compute-sanitizer memcheck and racecheck over every kernel.
 gpu-check:
 	QUICK=$(QUICK) SANITIZE=$(SANITIZE) bash benchmarks/gpu_check.sh $(OUT)
 

@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
 # The GPU check, one prepared command for a machine with python3, torch and nvcc but no
-# network: build in place for this machine's GPU with all cores, run the tests (CUDA ones
-# included), then the CUDA benchmark against cuDNN. Logs, a CSV and a markdown table go to
-# OUT; a short summary is printed last.
+# network, in stages that each have a time limit (about 9 minutes in all on 16 cores), so
+# that a hang cannot spend a short lease and a cut-short run keeps what it measured:
+#
+#   preflight   versions and device properties                     versions.txt
+#   build       in place for this GPU, all cores                   build.log
+#   tests-fast  the CUDA operator and module tests                 tests.log
+#   racecheck   compute-sanitizer racecheck over small calls       sanitizer.txt
+#   bench       the first-run rows against cuDNN (eager, graphed)  bench.csv/.md/.log
+#   tests-cuda  every other test with a CUDA case                  tests.log
+#   profile     the kernels of one training step                   profile.txt
 #
 #   benchmarks/gpu_check.sh OUT        (or: make gpu-check OUT=dir)
 #
-# QUICK=1 (make gpu-check OUT=dir QUICK=1), for a rerun after a fix: only the CUDA tests
-# and the benchmark's issue-4 rows (100,64,512,512 and 100,1,512,512). SANITIZE=1: only
-# compute-sanitizer over every kernel (a run of its own: it takes minutes).
+# Everything goes to OUT as it is made (8 files at most); one line per stage is printed.
+# Without a GPU the build still runs (it proves the CUDA code compiles) and the GPU stages
+# say that they skipped. QUICK=1 (a rerun after a fix): the build, the fast tests and the
+# issue-4 rows only. SANITIZE=1: the build, then memcheck and racecheck over every kernel.
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -18,71 +26,70 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 py=${PYTHON:-python3}
-
 start=$(date +%s)
-nvidia-smi > "$out/versions.txt" 2>&1
-if ! FORCE_CUDA=1 "$py" setup.py build_ext --inplace > "$out/build.log" 2>&1; then
+failed=0
+
+# stage NAME LIMIT LOG CMD...: runs CMD with a time limit, appending its output to LOG.
+stage() {
+  local name=$1 limit=$2 log=$3
+  shift 3
+  echo "== $name (limit ${limit} s)" >> "$log"
+  timeout "$limit" "$@" >> "$log" 2>&1
+  local rc=$?
+  echo "$name: exit $rc$([ $rc = 124 ] && echo ' (time limit)'), at $(( $(date +%s) - start )) s"
+  [ $rc = 0 ] || failed=1
+  return $rc
+}
+# gpu_stage: stage, or a line saying it skipped where there is no GPU.
+gpu_stage() {
+  if [ "$gpu" = 1 ]; then stage "$@"; else echo "$1: skipped, no GPU present"; fi
+}
+
+"$py" benchmarks/preflight.py > "$out/versions.txt" 2>&1
+preflight_rc=$?
+gpu=$([ $preflight_rc = 0 ] && echo 1 || echo 0)
+{ nvidia-smi; git rev-parse HEAD || echo "commit: not a git checkout"; } >> "$out/versions.txt" 2>&1
+head -n 2 "$out/versions.txt"
+
+if ! stage build 180 "$out/build.log" env FORCE_CUDA=1 "$py" setup.py build_ext --inplace; then
   tail -n 40 "$out/build.log"
-  echo "gpu-check: build failed (log: $out/build.log)"
   exit 1
 fi
-echo "build: $(( $(date +%s) - start )) s"
 
-# SANITIZE=1: instead of the tests and the benchmark, compute-sanitizer (memcheck, then
-# racecheck) over small calls of every kernel, without the caching allocator so that
-# memcheck sees each buffer's own bounds; its report goes to OUT/sanitizer.txt.
+sanitize() {  # sanitize TOOL LIMIT
+  gpu_stage "$1" "$2" "$out/sanitizer.txt" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    compute-sanitizer --tool "$1" --error-exitcode 9 "$py" benchmarks/sanitize_cuda.py
+}
 if [ "${SANITIZE:-0}" = 1 ]; then
-  rc=0
-  for tool in memcheck racecheck; do
-    echo "== compute-sanitizer --tool $tool" >> "$out/sanitizer.txt"
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 240 compute-sanitizer --tool "$tool" \
-      --error-exitcode 9 "$py" benchmarks/sanitize_cuda.py >> "$out/sanitizer.txt" 2>&1
-    tool_rc=$?
-    echo "sanitizer $tool: $(( $(date +%s) - start )) s, exit $tool_rc"
-    rc=$(( rc || tool_rc ))
-  done
-  tail -n 20 "$out/sanitizer.txt"
-  exit $rc
+  sanitize memcheck 240
+  sanitize racecheck 240
+  exit $failed
 fi
 
-# test_module_db imports torch.testing._internal, which needs expecttest: run it only
-# where that is installed.
-ignore=()
-"$py" -c "import expecttest" 2>/dev/null || ignore=(--ignore=tests/test_module_db.py)
-# The CPU emulation of the CUDA engine is for machines without a GPU; here it runs for real.
-ignore+=(--ignore=tests/test_cuda_emulated.py)
-select=()
-only=()
-if [ "${QUICK:-0}" = 1 ]; then
-  select=(-k cuda)
-  only=(--only 100,64,512,512 --only 100,1,512,512)
+pytest=("$py" -m pytest -q -p no:cacheprovider --maxfail=20)
+gpu_stage tests-fast 60 "$out/tests.log" "${pytest[@]}" tests/test_cuda_ops.py tests/test_cuda_modules.py
+rows=(--only 100,1,512,512 --only 100,8,512,512 --only 100,64,512,512 --only 1000,16,128,128
+  --only 50,256,1024,1024)
+[ "${QUICK:-0}" = 1 ] && rows=(--only 100,64,512,512 --only 100,1,512,512)
+[ "${QUICK:-0}" = 1 ] || sanitize racecheck 60
+gpu_stage bench 170 "$out/bench.log" "$py" benchmarks/bench.py --device cuda \
+  --csv "$out/bench.csv" --markdown "$out/bench.md" "${rows[@]}"
+if [ "${QUICK:-0}" != 1 ]; then
+  # test_module_db needs expecttest; the emulation of the CUDA engine is for machines
+  # without a GPU. -k cuda: the tests with a CUDA case (the CPU ones ran in CI).
+  skip=(--ignore=tests/test_cuda_ops.py --ignore=tests/test_cuda_modules.py
+    --ignore=tests/test_cuda_emulated.py)
+  "$py" -c "import expecttest" 2>/dev/null || skip+=(--ignore=tests/test_module_db.py)
+  gpu_stage tests-cuda 90 "$out/tests.log" "${pytest[@]}" tests "${skip[@]}" -k cuda
+  gpu_stage profile 30 "$out/profile.txt" "$py" benchmarks/profile_cuda.py
 fi
-# Each stage has a time limit, so that a hang cannot spend the machine's whole lease; the
-# benchmark writes its files after every row, so a cut-short run keeps what it measured.
-timeout 240 "$py" -m pytest -q --maxfail=30 -p no:cacheprovider tests "${ignore[@]}" ${select[@]+"${select[@]}"} \
-  > "$out/tests.log" 2>&1
-tests_rc=$?
-echo "tests: $(( $(date +%s) - start )) s, exit $tests_rc"
 
-timeout 300 "$py" benchmarks/bench.py --device cuda --csv "$out/bench.csv" --markdown "$out/bench.md" \
-  ${only[@]+"${only[@]}"} > "$out/bench.log" 2>&1
-bench_rc=$?
-echo "bench: $(( $(date +%s) - start )) s, exit $bench_rc"
-
-timeout 60 "$py" benchmarks/profile_cuda.py > "$out/profile.txt" 2>&1
-profile_rc=$?
-echo "profile: $(( $(date +%s) - start )) s, exit $profile_rc"
-
-{
-  "$py" -c 'import sys, torch; print("python", sys.version.split()[0]); print("torch", torch.__version__, "CUDA", torch.version.cuda, "cuDNN", torch.backends.cudnn.version())'
-  nvcc --version | tail -n 2
-  git rev-parse HEAD 2>/dev/null || echo "commit: not a git checkout"
-} >> "$out/versions.txt" 2>&1
-
-echo
-echo "== tests (last lines; log: $out/tests.log)"
-tail -n 15 "$out/tests.log"
-echo
-echo "== benchmark (table: $out/bench.md; kernels: $out/profile.txt)"
-"$py" benchmarks/summarize.py "$out/bench.csv"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+if [ "$gpu" = 1 ]; then
+  echo
+  echo "== tests (last lines; log: $out/tests.log)"
+  tail -n 8 "$out/tests.log"
+  echo
+  echo "== benchmark (table: $out/bench.md)"
+  [ -f "$out/bench.csv" ] && "$py" benchmarks/summarize.py "$out/bench.csv"
+fi
+exit $failed
