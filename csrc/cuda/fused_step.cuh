@@ -124,18 +124,28 @@ __device__ __forceinline__ void accumulate(const A* xs, const A* ys, int lm, int
 
 // One thread's share of a staged [Rows][kLen] tile, fetched from global memory a chunk ahead
 // (into registers, so that chunk c + 1's loads are in flight while chunk c is computed) and
-// then stored to shared memory. Consecutive threads take consecutive K (kRowsFast false) or
-// consecutive rows (true: for sources whose rows are adjacent in memory, like W_hh's
-// columns), so that a warp's loads are coalesced.
+// then stored to shared memory. Consecutive threads take consecutive K (kRowsFast false), or
+// (true: for sources whose rows are adjacent in memory, like W_hh's columns) a warp takes 8
+// consecutive rows at 4 consecutive K: its loads are 4 runs of 8 adjacent values (the 32-byte
+// sectors of one run of 32), and its 4-byte stores fall in 32 different banks, since rows
+// kStride apart are 4 banks apart (32 rows at one K would hit 8 banks 4 times each).
 template <class A, class C, int Rows, bool kRowsFast>
 struct Stager {
   static constexpr int kLen = C::kLen, kPer = Rows * kLen / kBlock;
   static_assert(Rows * kLen % kBlock == 0, "a tile splits evenly over the block");
+  static_assert(!kRowsFast || (Rows % 8 == 0 && kLen % 4 == 0), "8 x 4 patches per warp");
   A v[kPer];
 
   __device__ __forceinline__ static void coords(int e, int& r, int& kk) {
-    r = kRowsFast ? e % Rows : e / kLen;
-    kk = kRowsFast ? e / Rows : e % kLen;
+    if constexpr (kRowsFast) {  // patch p = e / 32 of 8 rows x 4 K, lane e % 32 within it
+      constexpr int kRowPatches = Rows / 8;
+      const int p = e / 32, lane = e % 32;
+      r = p % kRowPatches * 8 + lane % 8;
+      kk = p / kRowPatches * 4 + lane / 8;
+    } else {
+      r = e / kLen;
+      kk = e % kLen;
+    }
   }
   // value(r, kk): the element at row r and K offset kk of the chunk (0 past the edges).
   template <class Value>
