@@ -16,7 +16,8 @@ ours with torch.backends.cuda.matmul.allow_tf32), and ours with each CUDA path f
 
 On the CPU, a full run (not --quick or --only) goes on with the per-call rows
 (benchmarks/per_call.py, per_call.csv) and the variant rows (benchmarks/variants.py:
-IndRNN, DropConnect and zoneout against plain PyTorch loops, eager and compiled, variants.csv).
+IndRNN, DropConnect, zoneout and the LayerNorm cells against plain PyTorch loops, eager and
+compiled, variants.csv).
 
     python benchmarks/bench.py [--device cpu|cuda] [--rounds N] [--csv PATH]
                                [--markdown PATH] [--quick] [--only T,B,I,H ...]

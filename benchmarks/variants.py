@@ -64,6 +64,44 @@ def zoneout_lstm_loop(m: rnn_fused.LSTM) -> Callable[[Tensor], Tensor]:
     return loop
 
 
+def layer_norm_lstm_loop(m: rnn_fused.LayerNormLSTM) -> Callable[[Tensor], Tensor]:
+    def loop(x: Tensor) -> Tensor:
+        ln = F.layer_norm
+        gi = ln(x @ m.weight_ih_l0.t(), (4 * H,), m.ln_weight_ih_l0)
+        xg = gi + m.bias_ih_l0 + m.bias_hh_l0
+        h = c = x.new_zeros(x.shape[1], H)
+        outputs = []
+        for t in range(x.shape[0]):
+            gh = ln(h @ m.weight_hh_l0.t(), (4 * H,), m.ln_weight_hh_l0)
+            i, f, g, o = (xg[t] + gh).chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            cn = ln(c, (H,), m.ln_weight_cell_l0, m.ln_bias_cell_l0)
+            h = torch.sigmoid(o) * torch.tanh(cn)
+            outputs.append(h)
+        return torch.stack(outputs)
+
+    return loop
+
+
+def layer_norm_gru_loop(m: rnn_fused.LayerNormGRU) -> Callable[[Tensor], Tensor]:
+    def loop(x: Tensor) -> Tensor:
+        ln = F.layer_norm
+        xg = ln(x @ m.weight_ih_l0.t(), (3 * H,), m.ln_weight_ih_l0) + m.bias_ih_l0
+        h = x.new_zeros(x.shape[1], H)
+        outputs = []
+        for t in range(x.shape[0]):
+            gh = ln(h @ m.weight_hh_l0.t(), (3 * H,), m.ln_weight_hh_l0) + m.bias_hh_l0
+            x_r, x_z, x_n = xg[t].chunk(3, dim=1)
+            h_r, h_z, h_n = gh.chunk(3, dim=1)
+            r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+            n = torch.tanh(x_n + r * h_n)
+            h = n + z * (h - n)
+            outputs.append(h)
+        return torch.stack(outputs)
+
+    return loop
+
+
 VARIANTS = {
     "IndRNN (tanh)": (lambda: rnn_fused.IndRNN(H, H), indrnn_loop),
     f"LSTM dropconnect={DROPCONNECT}": (
@@ -71,6 +109,8 @@ VARIANTS = {
         dropconnect_lstm_loop,
     ),
     f"LSTM zoneout={ZONEOUT}": (lambda: rnn_fused.LSTM(H, H, zoneout=ZONEOUT), zoneout_lstm_loop),
+    "LayerNormLSTM": (lambda: rnn_fused.LayerNormLSTM(H, H), layer_norm_lstm_loop),
+    "LayerNormGRU": (lambda: rnn_fused.LayerNormGRU(H, H), layer_norm_gru_loop),
 }
 
 

@@ -4,10 +4,10 @@
 // `forward` keeping nothing.
 //
 // Saved for the backward: what the backward operator reads (input, w_ih, w_hh, w_hr, the
-// workspace, the zoneout weights), with autograd's check that none was changed in place. The states
-// and biases are read only by a double backward (create_graph=True), which differentiates the plain
-// time loop of reference.py (rnn_fused::reference_grads, in Python): they are kept aside
-// with their versions, and only that path reads and checks them.
+// workspace, the zoneout weights, the layer_norm gains), with autograd's check that none was
+// changed in place. The states and biases are read only by a double backward (create_graph=True),
+// which differentiates the plain time loop of reference.py (rnn_fused::reference_grads, in Python):
+// they are kept aside with their versions, and only that path reads and checks them.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -25,7 +25,7 @@ using torch::autograd::variable_list;
 
 // The differentiable inputs of a layer call in the operator's order, which is also the
 // order of the gradients the node's backward returns (after one for the LayerArgs).
-enum Slot { kInput, kHx, kCx, kWIh, kWHh, kBIh, kBHh, kWHr, kSlots };
+enum Slot { kInput, kHx, kCx, kWIh, kWHh, kBIh, kBHh, kWHr, kLayerNorm, kSlots };
 // The slots only a double backward reads, and their names in saved_data.
 constexpr std::array<Slot, 4> kAsideSlots{kHx, kCx, kBIh, kBHh};
 constexpr std::array<const char*, 4> kAsideNames{"hx", "cx", "b_ih", "b_hh"};
@@ -33,7 +33,7 @@ constexpr std::array<const char*, 4> kAsideNames{"hx", "cx", "b_ih", "b_hh"};
 constexpr int64_t kReverseFlag = int64_t(1) << 16;
 
 std::array<OptTensor, kSlots> slots_of(const LayerArgs& a) {
-  return {a.input, a.hx, a.cx, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.w_hr};
+  return {a.input, a.hx, a.cx, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.w_hr, a.layer_norm};
 }
 
 // Whether a call records a node: grad mode on and an input that requires grad. Refuses dual
@@ -60,7 +60,7 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [output, h_n, c_n, saved, h_prev] = call_forward(a, /*train=*/true);
     ctx->save_for_backward({a.input, a.w_ih, a.w_hh, a.w_hr.value_or(at::Tensor()), saved, h_prev,
-                            a.zoneout.value_or(at::Tensor())});
+                            a.zoneout.value_or(at::Tensor()), a.layer_norm.value_or(at::Tensor())});
     // Few entries: each costs a string key and a hash-map node at every call.
     auto& data = ctx->saved_data;
     data["mode"] = std::string(a.mode);
@@ -94,6 +94,7 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     a.w_hh = s[2];
     a.w_hr = s[3].defined() ? OptTensor(s[3]) : std::nullopt;
     a.zoneout = s[6].defined() ? OptTensor(s[6]) : std::nullopt;
+    a.layer_norm = s[7].defined() ? OptTensor(s[7]) : std::nullopt;
     a.batch_sizes = data["batch_sizes"].toOptional<at::Tensor>();
     a.reverse = (flags & kReverseFlag) != 0;
     const auto grad = [&](int k) {
@@ -118,12 +119,13 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
       b.saved = s[4];
       b.h_prev = s[5];
       b.batch = data["batch"].toSymInt();
-      b.mask = GradMask{need[kInput], need[kHx] || need[kCx],
-                        need[kWIh] || need[kWHh] || need[kBIh] || need[kBHh] || need[kWHr]};
+      b.mask = GradMask{
+          need[kInput], need[kHx] || need[kCx],
+          need[kWIh] || need[kWHh] || need[kBIh] || need[kBHh] || need[kWHr] || need[kLayerNorm]};
       const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the kernel has none
       const auto r = call_backward(b);
-      found = {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r),
-               std::get<4>(r), std::get<5>(r), std::get<6>(r), std::get<7>(r)};
+      found = {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r),
+               std::get<5>(r), std::get<6>(r), std::get<7>(r), std::get<8>(r)};
       for (int k = 0; k < kSlots; ++k) {
         if (!need[k]) found[k] = at::Tensor();
       }
@@ -155,7 +157,7 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     const std::vector<at::Tensor> g = call_reference_grads(a, grad_output, grad_h_n, grad_c_n);
     TORCH_CHECK(g.size() == kSlots, "rnn_fused: reference_grads returned ", g.size(),
                 " gradients, expected ", int(kSlots));
-    return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]};
+    return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8]};
   }
 };
 
@@ -170,8 +172,8 @@ LayerResult layer_autograd(const LayerArgs& a) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     return layer_without_graph(a);
   }
-  const variable_list out =
-      LayerFunction::apply(a, a.input, a.hx, a.cx, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.w_hr);
+  const variable_list out = LayerFunction::apply(a, a.input, a.hx, a.cx, a.w_ih, a.w_hh, a.b_ih,
+                                                 a.b_hh, a.w_hr, a.layer_norm);
   return {out[0], out[1], out[2]};
 }
 

@@ -42,7 +42,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer", &layer_adapter<call_layer>, pybind11::call_guard<pybind11::gil_scoped_release>(),
         "rnn_fused::layer called through the dispatcher: (output, h_n, c_n).", arg("mode"),
         arg("input"), arg("hx"), arg("cx"), arg("w_ih"), arg("w_hh"), arg("b_ih"), arg("b_hh"),
-        arg("w_hr"), arg("batch_sizes"), arg("reverse"), arg("zoneout") = pybind11::none());
+        arg("w_hr"), arg("batch_sizes"), arg("reverse"), arg("zoneout") = pybind11::none(),
+        arg("layer_norm") = pybind11::none());
   m.def(
       "cell",
       [](std::string_view mode, const at::Tensor& input, const at::Tensor& hx, const OptTensor& cx,
@@ -50,8 +51,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          const OptTensor& b_hh) {
         // The step's input [B, I] as a sequence of one, made here: a view made from Python
         // cost about 0.9 us, a tenth of a small step's call.
-        const LayerArgs a{mode, input.unsqueeze(0), hx,           cx,    w_ih,        w_hh, b_ih,
-                          b_hh, std::nullopt,       std::nullopt, false, std::nullopt};
+        const LayerArgs a{
+            mode, input.unsqueeze(0), hx,           cx,    w_ih,         w_hh,        b_ih,
+            b_hh, std::nullopt,       std::nullopt, false, std::nullopt, std::nullopt};
         auto [output, h_n, c_n] = call_layer(a);
         return std::make_tuple(h_n, c_n);
       },
@@ -62,8 +64,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Gate blocks of width hidden_size per row of a cell's pre-activations.");
   m.def(
       "saved_blocks",
-      [](std::string_view mode, bool proj) {
-        return saved_layout(parse_mode(mode), proj, 1).blocks();
+      [](std::string_view mode, bool proj, bool layer_norm) {
+        return saved_layout(parse_mode(mode), proj, 1, layer_norm).blocks();
       },
       "Blocks of width hidden_size per row of the forward's `saved` workspace.");
   m.def(

@@ -22,9 +22,9 @@ ForwardResult forward_adapter(std::string_view mode, const at::Tensor& input, co
                               const OptTensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
                               const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
                               const OptTensor& batch_sizes, bool reverse, bool train,
-                              const OptTensor& zoneout) {
-  const LayerArgs a{mode, input, hx,   cx,          w_ih,    w_hh,
-                    b_ih, b_hh,  w_hr, batch_sizes, reverse, zoneout};
+                              const OptTensor& zoneout, const OptTensor& layer_norm) {
+  const LayerArgs a{mode, input, hx,          cx,      w_ih,    w_hh,      b_ih,
+                    b_hh, w_hr,  batch_sizes, reverse, zoneout, layer_norm};
   const Problem p = make_problem(a);
   return Engine(p, a.contiguous(), train);
 }
@@ -37,10 +37,12 @@ BackwardResult backward_adapter(std::string_view mode, const OptTensor& grad_out
                                 const at::Tensor& w_hh, const OptTensor& w_hr,
                                 const OptTensor& batch_sizes, bool reverse, const at::Tensor& saved,
                                 const at::Tensor& h_prev, int64_t batch,
-                                std::array<bool, 3> output_mask, const OptTensor& zoneout) {
+                                std::array<bool, 3> output_mask, const OptTensor& zoneout,
+                                const OptTensor& layer_norm) {
   BackwardArgs a;
-  a.layer = LayerArgs{mode,         input,        std::nullopt, std::nullopt, w_ih,    w_hh,
-                      std::nullopt, std::nullopt, w_hr,         batch_sizes,  reverse, zoneout};
+  a.layer =
+      LayerArgs{mode,         input, std::nullopt, std::nullopt, w_ih,    w_hh,      std::nullopt,
+                std::nullopt, w_hr,  batch_sizes,  reverse,      zoneout, layer_norm};
   a.grad_output = grad_output;
   a.grad_h_n = grad_h_n;
   a.grad_c_n = grad_c_n;
@@ -60,9 +62,10 @@ template <LayerImpl Impl>
 LayerResult layer_adapter(std::string_view mode, const at::Tensor& input, const OptTensor& hx,
                           const OptTensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
                           const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
-                          const OptTensor& batch_sizes, bool reverse, const OptTensor& zoneout) {
-  return Impl(
-      LayerArgs{mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, zoneout});
+                          const OptTensor& batch_sizes, bool reverse, const OptTensor& zoneout,
+                          const OptTensor& layer_norm) {
+  return Impl(LayerArgs{mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
+                        zoneout, layer_norm});
 }
 
 // The operators called through the dispatcher (so every dispatch key applies: autograd,

@@ -48,6 +48,7 @@ LayerArgs LayerArgs::contiguous() const {
   c.b_hh = rnn_fused::contiguous(b_hh);
   c.w_hr = rnn_fused::contiguous(w_hr);
   c.zoneout = rnn_fused::contiguous(zoneout);
+  c.layer_norm = rnn_fused::contiguous(layer_norm);
   return c;
 }
 
@@ -59,6 +60,7 @@ LayerArgs LayerArgs::to(at::ScalarType dtype, bool weights) const {
   c.b_ih = rnn_fused::to(b_ih, dtype);
   c.b_hh = rnn_fused::to(b_hh, dtype);
   c.zoneout = rnn_fused::to(zoneout, dtype);
+  c.layer_norm = rnn_fused::to(layer_norm, dtype);
   if (weights) {
     c.w_ih = w_ih.to(dtype);
     c.w_hh = w_hh.to(dtype);
@@ -108,15 +110,15 @@ at::ScalarType workspace_dtype(c10::DeviceType device, at::ScalarType dtype) {
   return device == c10::DeviceType::CPU && half ? at::kFloat : dtype;
 }
 
-SavedLayout saved_layout(CellKind kind, bool proj, int64_t hidden) {
+SavedLayout saved_layout(CellKind kind, bool proj, int64_t hidden, bool layer_norm) {
   const int64_t blocks = dispatch_cell(
       kind, [](auto tag) -> int64_t { return decltype(tag)::template Cell<float>::kSaved; });
-  return SavedLayout{blocks, proj, hidden};
+  return SavedLayout{blocks, proj, hidden, layer_norm ? 2 * gates_of(kind) : 0};
 }
 
 Problem make_problem(const LayerArgs& a) {
-  const auto& [mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, zoneout] =
-      a;
+  const auto& [mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, zoneout,
+               layer_norm] = a;
   Problem p;
   p.kind = parse_mode(mode);
   p.gates = gates_of(p.kind);
@@ -231,7 +233,16 @@ Problem make_problem(const LayerArgs& a) {
                 p.packed ? std::vector<int64_t>{p.rows, p.out_size}
                          : std::vector<int64_t>{p.steps, p.batch, p.out_size});
   }
-  p.layout = saved_layout(p.kind, p.proj, p.hidden);
+  p.layer_norm = layer_norm.has_value();
+  if (p.layer_norm) {
+    TORCH_CHECK(p.kind == CellKind::LSTM || p.kind == CellKind::GRU,
+                "rnn_fused: layer_norm is for modes LSTM and GRU, got mode ", mode);
+    TORCH_CHECK(!p.proj, "rnn_fused: layer_norm needs a layer without projection (w_hr None)");
+    check_like(*layer_norm, "layer_norm", input);
+    const int64_t cell = p.kind == CellKind::LSTM ? 2 * p.hidden : 0;
+    check_shape(*layer_norm, "layer_norm", {2 * p.gate_width() + cell});
+  }
+  p.layout = saved_layout(p.kind, p.proj, p.hidden, p.layer_norm);
   return p;
 }
 

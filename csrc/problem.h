@@ -47,6 +47,10 @@ struct LayerArgs {
   // h_t = h~_t + w (h_{t-1} - h~_t) where h~_t is the cell's: a 0/1 mask in training, the
   // probability in eval. Shaped like the output; no projection.
   OptTensor zoneout;
+  // LayerNorm LSTM and GRU (reference.py's cell_step): the gains of the normalisations of
+  // W_ih x and of W_hh h, then for LSTM the gain and bias of the one of c_t, concatenated:
+  // [2 G H] (GRU) or [2 G H + 2 H] (LSTM). Differentiated.
+  OptTensor layer_norm;
 
   // The same call with every tensor contiguous (what the engines read through pointers).
   LayerArgs contiguous() const;
@@ -76,18 +80,22 @@ struct BackwardArgs {
 
 // The forward's workspace for the backward, in one place. `saved` [rows, width()] holds per
 // row the cell's kSaved blocks of width H (cell_math.h names them), then, for a projected
-// LSTM, the unprojected h (at unprojected_offset()), which the gradient of W_hr needs;
+// LSTM, the unprojected h (at unprojected_offset()), which the gradient of W_hr needs, or,
+// with layer_norm, the pre-activations before their normalisations, W_ih x and W_hh h (G
+// blocks each, at raw_offset()), from which the backward recomputes the statistics;
 // `h_prev` [rows, H_out] holds the state each row started from. Inference keeps 0 rows.
 struct SavedLayout {
   int64_t cell_blocks = 0;  // the cell's kSaved
   bool proj = false;
   int64_t hidden = 0;
+  int64_t raw_blocks = 0;  // 2 G with layer_norm, else 0
 
-  int64_t blocks() const { return cell_blocks + (proj ? 1 : 0); }
+  int64_t blocks() const { return cell_blocks + (proj ? 1 : 0) + raw_blocks; }
   int64_t width() const { return blocks() * hidden; }
   int64_t unprojected_offset() const { return cell_blocks * hidden; }
+  int64_t raw_offset() const { return cell_blocks * hidden; }
 };
-SavedLayout saved_layout(CellKind kind, bool proj, int64_t hidden);
+SavedLayout saved_layout(CellKind kind, bool proj, int64_t hidden, bool layer_norm = false);
 
 // The dtype of the workspace (saved, h_prev) of a call whose input has `dtype`: float32 for
 // float16 and bfloat16 on the CPU, whose engine runs those calls in float32 (rounding the
@@ -112,6 +120,7 @@ struct Problem {
   // the hidden-side pre-activation is u * h, where the other cells have h W_hh^T.
   bool elementwise;
   bool zoneout;                      // LayerArgs::zoneout given
+  bool layer_norm;                   // LayerArgs::layer_norm given
   std::vector<int64_t> batch_sizes;  // per step
   std::vector<int64_t> offsets;      // first row of each step
 
@@ -133,7 +142,7 @@ Problem make_problem(const BackwardArgs& a);
 // What the operators return (ops.cpp has the schemas).
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                  at::Tensor, at::Tensor, at::Tensor>;
+                                  at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // Argument helpers of the engines.
 template <class T>

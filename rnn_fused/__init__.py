@@ -1,12 +1,23 @@
 """rnn_fused: fused LSTM, GRU and RNN recurrences for PyTorch, on CPU and CUDA.
 
-Drop-in modules (LSTM, GRU, RNN, LSTMCell, GRUCell, RNNCell), IndRNN, the per-layer operator
-(rnn_layer) and converters between torch.nn and rnn_fused modules.
+Drop-in modules (LSTM, GRU, RNN, LSTMCell, GRUCell, RNNCell), IndRNN, LayerNormLSTM and
+LayerNormGRU, the per-layer operator (rnn_layer) and converters between torch.nn and rnn_fused
+modules.
 """
 
 from . import ops  # noqa: F401  (loads the extension and registers the operators)
 from .convert import replace_rnns
-from .modules import GRU, LSTM, RNN, GRUCell, IndRNN, LSTMCell, RNNCell
+from .modules import (
+    GRU,
+    LSTM,
+    RNN,
+    GRUCell,
+    IndRNN,
+    LayerNormGRU,
+    LayerNormLSTM,
+    LSTMCell,
+    RNNCell,
+)
 from .ops import rnn_layer
 
 __all__ = [
@@ -16,6 +27,8 @@ __all__ = [
     "GRUCell",
     "IndRNN",
     "LSTMCell",
+    "LayerNormGRU",
+    "LayerNormLSTM",
     "RNNCell",
     "replace_rnns",
     "rnn_layer",

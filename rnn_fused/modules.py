@@ -151,6 +151,8 @@ class _RNNBase(_Options, _Convertible, nn.Module):
 
     # IndRNN: weight_hh is a vector u, the recurrence's element-wise weight.
     _elementwise = False
+    # LayerNormLSTM / LayerNormGRU: the normalisations' parameters per layer and direction.
+    _layer_norm = False
 
     @staticmethod
     def _init_kwargs(m) -> dict:
@@ -263,9 +265,23 @@ class _RNNBase(_Options, _Convertible, nn.Module):
                             self, base + suffix, nn.Parameter(torch.empty(shapes[base], **factory))
                         )
                         names.append(base + suffix)
+                for base, size in self._layer_norm_shapes():
+                    setattr(self, base + suffix, nn.Parameter(torch.empty(size, **factory)))
+                    names.append(base + suffix)
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
         self.reset_parameters()
+
+    def _layer_norm_shapes(self) -> list[tuple[str, int]]:
+        """The LayerNorm cells' parameters of a layer and direction, in the operator's order
+        (its layer_norm argument is their concatenation)."""
+        if not self._layer_norm:
+            return []
+        gate_size = GATES[self.mode] * self.hidden_size
+        shapes = [("ln_weight_ih", gate_size), ("ln_weight_hh", gate_size)]
+        if self.mode == "LSTM":
+            shapes += [("ln_weight_cell", self.hidden_size), ("ln_bias_cell", self.hidden_size)]
+        return shapes
 
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
@@ -422,6 +438,11 @@ class _RNNBase(_Options, _Convertible, nn.Module):
                 params = [self._parameters.get(n) for n in self._param_names(layer, direction)]
                 w_ih, w_hh, b_ih, b_hh, w_hr = params
                 w_hh = self._recurrent_weight(w_hh)
+                layer_norm = None
+                if self._layer_norm:
+                    suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                    gains = [self._parameters[b + suffix] for b, _ in self._layer_norm_shapes()]
+                    layer_norm = torch.cat(gains)
                 out, h, c = rnn_layer(
                     self.mode,
                     x,
@@ -435,6 +456,7 @@ class _RNNBase(_Options, _Convertible, nn.Module):
                     batch_sizes=batch_sizes,
                     reverse=direction == 1,
                     zoneout=self._zoneout_weights(x, x.shape[:-1]),
+                    layer_norm=layer_norm,
                 )
                 outputs.append(out)
                 h_n.append(h)
@@ -539,6 +561,74 @@ class IndRNN(_RNNBase):
 
     def to_torch(self) -> nn.Module:
         raise TypeError("IndRNN has no torch.nn counterpart to convert to")
+
+
+class _LayerNormRNN(_RNNBase):
+    """LayerNormLSTM and LayerNormGRU: torch.nn.LSTM's (GRU's) constructor without
+    proj_size, its inputs and outputs, and its parameters, plus per layer and direction
+    ln_weight_ih_l{k} and ln_weight_hh_l{k} [gates * hidden_size], the gains of the layer
+    normalisations of W_ih x and W_hh h (each over all gates; Ba, Kiros and Hinton 2016, as
+    haste's LayerNorm cells), starting at 1. The biases are added after the normalisations.
+    LayerNormLSTM also normalises its cell state before the tanh, h = o * tanh(LN(c)), with
+    ln_weight_cell_l{k} (starting at 1) and ln_bias_cell_l{k} (at 0) [hidden_size]; the state
+    it carries stays unnormalised. rnn_fused.reference.cell_step has the equations; the
+    normalisations use the biased variance and eps 1e-5, as torch.nn.LayerNorm. The
+    options forget_bias, dropconnect and zoneout apply as on LSTM and GRU.
+
+    Runs on the CPU engine (the normalisations fused into each step); the CUDA engine does
+    not have them yet."""
+
+    _layer_norm = True
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        forget_bias: float | None = None,
+        dropconnect: float = 0.0,
+        zoneout: float = 0.0,
+    ) -> None:
+        super().__init__(
+            self._mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+            bidirectional, 0, device, dtype, forget_bias=forget_bias, dropconnect=dropconnect,
+            zoneout=zoneout,
+        )  # fmt: skip
+
+    _mode: str
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        with torch.no_grad():
+            for name in self._flat_weights_names:
+                if name.startswith("ln_"):
+                    self._parameters[name].fill_(0.0 if name.startswith("ln_bias") else 1.0)
+
+    @classmethod
+    def from_torch(cls, module: nn.Module):
+        raise TypeError(f"{cls.__name__} has no torch.nn counterpart to convert from")
+
+    def to_torch(self) -> nn.Module:
+        raise TypeError(f"{type(self).__name__} has no torch.nn counterpart to convert to")
+
+
+class LayerNormLSTM(_LayerNormRNN):
+    """LSTM with layer normalisation (see _LayerNormRNN)."""
+
+    _mode = "LSTM"
+
+
+class LayerNormGRU(_LayerNormRNN):
+    """GRU with layer normalisation (see _LayerNormRNN)."""
+
+    _mode = "GRU"
 
 
 class _CellBase(_Options, _Convertible, nn.Module):

@@ -12,8 +12,8 @@ That exporter reads translations of custom operators only from that argument. Th
 TorchScript-based exporter (dynamo=False) has a global registry: importing this module
 registers the translation there, so `torch.onnx.export(..., dynamo=False)` needs nothing more.
 
-ONNX's recurrent operators have no projection (LSTM proj_size), no packed rows and no
-zoneout; export of those raises an error naming the feature.
+ONNX's recurrent operators have no projection (LSTM proj_size), no packed rows, no zoneout
+and no layer normalisation; export of those raises an error naming the feature.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class OnnxExportError(RuntimeError):
     """A layer call that ONNX's recurrent operators cannot express."""
 
 
-def _unsupported(mode: str, w_hr: bool, packed: bool, zoneout: bool) -> None:
+def _unsupported(mode: str, w_hr: bool, packed: bool, zoneout: bool, layer_norm: bool) -> None:
     if mode not in GATES:
         raise OnnxExportError(f"rnn_fused ONNX export: unknown mode {mode!r}")
     if w_hr:
@@ -54,6 +54,11 @@ def _unsupported(mode: str, w_hr: bool, packed: bool, zoneout: bool) -> None:
         raise OnnxExportError(
             "rnn_fused ONNX export: a layer with zoneout cannot be exported; ONNX's recurrent "
             "operators have no zoneout (got a layer call with zoneout weights)"
+        )
+    if layer_norm:
+        raise OnnxExportError(
+            "rnn_fused ONNX export: LayerNormLSTM and LayerNormGRU cannot be exported; ONNX's "
+            "recurrent operators have no layer normalisation (got a layer call with layer_norm)"
         )
 
 
@@ -121,11 +126,13 @@ def _layer_onnxscript(
     batch_sizes: Any = None,
     reverse: bool = False,
     zoneout: Any = None,
+    layer_norm: Any = None,
 ) -> tuple:
     """rnn_fused::layer as ONNX nodes, traced by onnxscript."""
     from onnxscript import opset18 as op
 
-    _unsupported(mode, w_hr is not None, batch_sizes is not None, zoneout is not None)
+    given = (w_hr, batch_sizes, zoneout, layer_norm)
+    _unsupported(mode, *(t is not None for t in given))
 
     def emit(op_type: str, *inputs: Any, outputs: int = 1, **attrs: Any) -> Any:
         return getattr(op, op_type)(*inputs, **attrs)  # the schema gives the outputs
@@ -169,13 +176,14 @@ def export(model: torch.nn.Module, args: tuple, f: Any = None, **kwargs: Any):
 
 
 def _layer_torchscript(
-    g, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, zoneout=None
-):
+    g, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, zoneout=None,
+    layer_norm=None,
+):  # fmt: skip
     from torch.onnx import symbolic_helper as sh
 
     mode = sh._maybe_get_const(mode, "s")
-    zoned = zoneout is not None and not sh._is_none(zoneout)
-    _unsupported(mode, not sh._is_none(w_hr), not sh._is_none(batch_sizes), zoned)
+    given = (w_hr, batch_sizes, zoneout, layer_norm)
+    _unsupported(mode, *(t is not None and not sh._is_none(t) for t in given))
     w_hh_sizes = sh._get_tensor_sizes(w_hh)
 
     def emit(op_type: str, *inputs: Any, outputs: int = 1, **attrs: Any) -> Any:

@@ -48,6 +48,7 @@ class LayerCall(NamedTuple):
     batch_sizes: Tensor | None
     reverse: bool
     zoneout: Tensor | None = None
+    layer_norm: Tensor | None = None
 
 
 class BackwardCall(NamedTuple):
@@ -68,6 +69,7 @@ class BackwardCall(NamedTuple):
     batch: int
     output_mask: list[bool]
     zoneout: Tensor | None = None
+    layer_norm: Tensor | None = None
 
 
 def _sizes(mode: str, w_ih: Tensor, w_hr: Tensor | None) -> tuple[int, int]:
@@ -96,7 +98,7 @@ def _layer_outputs(call: LayerCall) -> tuple[Tensor, Tensor, Tensor, int, int]:
     """Fake output, h_n and c_n of a layer call, with its rows and hidden size."""
     c = call
     _check_like(c.input, hx=c.hx, cx=c.cx, w_ih=c.w_ih, w_hh=c.w_hh, b_ih=c.b_ih, b_hh=c.b_hh)
-    _check_like(c.input, w_hr=c.w_hr, zoneout=c.zoneout)
+    _check_like(c.input, w_hr=c.w_hr, zoneout=c.zoneout, layer_norm=c.layer_norm)
     hidden, out_size = _sizes(c.mode, c.w_ih, c.w_hr)
     if c.batch_sizes is not None:
         rows = c.input.shape[0]
@@ -138,7 +140,8 @@ def _forward_fake(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     call, train = LayerCall(*args[:11], *args[12:]), args[11]
     output, h_n, c_n, rows, hidden = _layer_outputs(call)
     kept_rows = rows if train else 0
-    saved_width = _C.saved_blocks(call.mode, call.w_hr is not None) * hidden
+    blocks = _C.saved_blocks(call.mode, call.w_hr is not None, call.layer_norm is not None)
+    saved_width = blocks * hidden
     workspace = _C.workspace_dtype(str(call.input.device), call.input.dtype)
     return (
         output,
@@ -152,7 +155,9 @@ def _forward_fake(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
 @torch.library.register_fake("rnn_fused::backward")
 def _backward_fake(*args) -> tuple[Tensor, ...]:
     c = BackwardCall(*args)
-    _check_like(c.input, w_ih=c.w_ih, w_hh=c.w_hh, w_hr=c.w_hr, zoneout=c.zoneout)
+    _check_like(
+        c.input, w_ih=c.w_ih, w_hh=c.w_hh, w_hr=c.w_hr, zoneout=c.zoneout, layer_norm=c.layer_norm
+    )
     # As check_workspace in csrc/problem.cpp: workspace_dtype, or the input's dtype.
     workspace = _C.workspace_dtype(str(c.input.device), c.input.dtype)
     for name, t in (("saved", c.saved), ("h_prev", c.h_prev)):
@@ -167,6 +172,7 @@ def _backward_fake(*args) -> tuple[Tensor, ...]:
     batch = c.batch
     need_input, need_state, need_weights = c.output_mask
     gate_width = c.w_ih.shape[0]
+    ln_size = c.layer_norm.shape[0] if c.layer_norm is not None else 0
 
     def new(wanted: bool, *shape) -> Tensor:
         return c.input.new_empty(*shape) if wanted else c.input.new_empty(0)
@@ -180,6 +186,7 @@ def _backward_fake(*args) -> tuple[Tensor, ...]:
         new(need_weights, gate_width),
         new(need_weights, gate_width),
         new(need_weights and c.w_hr is not None, (out_size, hidden)),
+        new(need_weights and c.layer_norm is not None, ln_size),
     )
 
 
@@ -207,7 +214,7 @@ def _reference_grads(*args) -> list[Tensor]:
 
     call, grads_out = LayerCall(*args[:11], *args[14:]), args[11:14]
     c = call
-    tensors = (c.input, c.hx, c.cx, c.w_ih, c.w_hh, c.b_ih, c.b_hh, c.w_hr)
+    tensors = (c.input, c.hx, c.cx, c.w_ih, c.w_hh, c.b_ih, c.b_hh, c.w_hr, c.layer_norm)
     wanted = [t for t in tensors if t is not None and t.requires_grad]
     found: tuple[Tensor | None, ...] = ()
     with torch.enable_grad():
@@ -224,6 +231,7 @@ def _reference_grads(*args) -> list[Tensor]:
             batch_sizes=c.batch_sizes,
             reverse=c.reverse,
             zoneout=c.zoneout,
+            layer_norm=c.layer_norm,
         )
         pairs = [(o, g) for o, g in zip(outputs, grads_out) if o is not None and g is not None]
         if wanted and pairs:
@@ -262,6 +270,7 @@ def rnn_layer(
     batch_sizes: Tensor | None = None,
     reverse: bool = False,
     zoneout: Tensor | None = None,
+    layer_norm: Tensor | None = None,
     cell: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One recurrent layer in one direction over all steps, with autograd.
@@ -279,6 +288,8 @@ def rnn_layer(
             from the step before, h_t = w h_{t-1} + (1 - w) h~_t with h~_t the cell's (a
             0/1 mask in training, the zoneout probability in eval); not differentiated, and
             not with w_hr.
+        layer_norm: LSTM and GRU: the LayerNorm cells' gains (and the LSTM cell state's gain
+            and bias), concatenated: see reference.cell_step. Not with w_hr.
         cell: the call is a step of LSTMCell, GRUCell or RNNCell, whose results under CPU
             autocast have other dtypes than a layer's (see _cpu_autocast_results).
 
@@ -288,8 +299,9 @@ def rnn_layer(
     """
     if torch._C._is_any_autocast_enabled() and torch.float32 in (input.dtype, w_ih.dtype):
         call = LayerCall(
-            mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, zoneout
-        )
+            mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, zoneout,
+            layer_norm,
+        )  # fmt: skip
         if (done := _under_autocast(call, cell)) is not None:
             return done
     compiling = torch.compiler.is_compiling()
@@ -299,11 +311,12 @@ def rnn_layer(
         return reference.rnn_layer(
             mode, input, w_ih, w_hh, b_ih, b_hh, hx, cx,
             w_hr=w_hr, batch_sizes=batch_sizes, reverse=reverse, zoneout=zoneout,
+            layer_norm=layer_norm,
         )  # fmt: skip
     # The arguments in LayerCall's order; a call per step costs its every microsecond.
     door = _ops.layer if compiling else _C.layer
     output, h_n, c_n = door(
-        mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, zoneout
+        mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, zoneout, layer_norm
     )
     return output, h_n, (c_n if mode == "LSTM" else None)
 
@@ -361,11 +374,12 @@ def _under_autocast(call: LayerCall, cell: bool) -> tuple[Tensor, Tensor, Tensor
         # Float32 math on the operands rounded to the autocast dtype: the products see what
         # torch.nn's see; the states stay float32, as in its cell math.
         cast = [t if t is None or i in (1, 2) else t.to(low).float() for i, t in enumerate(tensors)]
-    zoneout = None if call.zoneout is None else call.zoneout.to(cast[0].dtype)
+    zoneout, ln = (None if t is None else t.to(cast[0].dtype) for t in call[11:13])
     with torch.autocast(device, enabled=False):
         output, h_n, c_n = rnn_layer(
             call.mode, cast[0], cast[3], cast[4], cast[5], cast[6], cast[1], cast[2],
             w_hr=cast[7], batch_sizes=call.batch_sizes, reverse=call.reverse, zoneout=zoneout,
+            layer_norm=ln,
         )  # fmt: skip
     if low_h and not low_c:
         output, h_n = output.to(low), h_n.to(low)

@@ -12,10 +12,21 @@ import torch
 from torch import Tensor
 
 
-def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """x W^T + b; a vector w is IndRNN's element-wise recurrent weight u: x * u + b."""
-    y = x @ w.t() if w.dim() == 2 else x * w
-    return y if b is None else y + b
+def _times(x: Tensor, w: Tensor) -> Tensor:
+    """x W^T; a vector w is IndRNN's element-wise recurrent weight u: x * u."""
+    return x @ w.t() if w.dim() == 2 else x * w
+
+
+LAYER_NORM_EPS = 1e-5
+
+
+def _normalized(v: Tensor, gain: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Layer normalisation over the last dimension: gain * (v - mean) / sqrt(var + eps)
+    (+ bias), with the biased variance, as torch.nn.LayerNorm."""
+    mean = v.mean(-1, keepdim=True)
+    var = ((v - mean) ** 2).mean(-1, keepdim=True)
+    y = (v - mean) / torch.sqrt(var + LAYER_NORM_EPS) * gain
+    return y if bias is None else y + bias
 
 
 def cell_step(
@@ -28,14 +39,30 @@ def cell_step(
     b_ih: Tensor | None,
     b_hh: Tensor | None,
     w_hr: Tensor | None = None,
+    layer_norm: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """One step of one cell: returns (h_t, c_t); c_t is None except for LSTM."""
-    gi = _linear(x, w_ih, b_ih)
-    gh = _linear(h, w_hh, b_hh)
+    """One step of one cell: returns (h_t, c_t); c_t is None except for LSTM.
+
+    layer_norm (LSTM and GRU; Ba, Kiros and Hinton 2016 as haste's LayerNorm cells): the
+    gains of the normalisations of W_ih x and of W_hh h (each over all gates), then for LSTM
+    the gain and bias of the normalisation of c_t before its tanh; concatenated, G*H, G*H
+    (H, H). The biases are added after the normalisations; c_t itself is kept unnormalised."""
+    gi = _times(x, w_ih)
+    gh = _times(h, w_hh)
+    if layer_norm is not None:
+        gw = gi.shape[-1]
+        gi = _normalized(gi, layer_norm[:gw])
+        gh = _normalized(gh, layer_norm[gw : 2 * gw])
+    gi = gi if b_ih is None else gi + b_ih
+    gh = gh if b_hh is None else gh + b_hh
     if mode == "LSTM":
         i, f, g, o = (gi + gh).chunk(4, dim=-1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
+        cn = c
+        if layer_norm is not None:
+            hidden = c.shape[-1]
+            cn = _normalized(c, layer_norm[-2 * hidden : -hidden], layer_norm[-hidden:])
+        h = torch.sigmoid(o) * torch.tanh(cn)
         return (h if w_hr is None else h @ w_hr.t()), c
     if mode == "GRU":
         i_r, i_z, i_n = gi.chunk(3, dim=-1)
@@ -87,10 +114,11 @@ def rnn_layer(
     batch_sizes: Tensor | None = None,
     reverse: bool = False,
     zoneout: Tensor | None = None,
+    layer_norm: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Same contract as rnn_fused.ops.rnn_layer, computed step by step. zoneout (shaped like
     the output): per row and unit, the weight of h_{t-1} in h_t = w h_{t-1} + (1 - w) h~_t,
-    where h~_t is the cell's."""
+    where h~_t is the cell's. layer_norm: see cell_step."""
     if zoneout is not None and w_hr is not None:
         raise ValueError("zoneout needs a layer without projection, got w_hr")
     hidden = w_hh.shape[0] // {"LSTM": 4, "GRU": 3}.get(mode, 1)
@@ -114,8 +142,9 @@ def rnn_layer(
         n = sizes[t]
         # Sequences shorter than the batch are the last rows: only the first n step now.
         h_t, c_t = cell_step(
-            mode, steps[t], h[:n], None if c is None else c[:n], w_ih, w_hh, b_ih, b_hh, w_hr
-        )
+            mode, steps[t], h[:n], None if c is None else c[:n], w_ih, w_hh, b_ih, b_hh, w_hr,
+            layer_norm,
+        )  # fmt: skip
         if keeps is not None:
             h_t = keeps[t] * h[:n] + (1 - keeps[t]) * h_t
         outputs[t] = h_t

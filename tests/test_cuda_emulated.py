@@ -234,7 +234,7 @@ def test_engine_matches_reference(kernels, monkeypatch, path, mode, feature, dty
     ours = []
     for train in (False, True):  # the training run last: its workspace feeds the backward
         output, h_n, c_n, saved, h_prev = kernels.forward(
-            mode, d[0], d[1], d[2], *d[3:], batch_sizes, reverse, train, keep
+            mode, d[0], d[1], d[2], *d[3:], batch_sizes, reverse, train, keep, None
         )
         ours += [output, h_n, *([c_n] if mode == "LSTM" else [])]
     grads = kernels.backward(
@@ -252,6 +252,7 @@ def test_engine_matches_reference(kernels, monkeypatch, path, mode, feature, dty
         h_n.shape[0],
         [True, True, True],
         keep,
+        None,
     )
     ours += [g for g, t in zip(grads, inputs) if t is not None]
     expected = [*exact, *exact, *(g for g in exact_grads(upstream) if g is not None)]
@@ -274,3 +275,14 @@ def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
     assert actual.shape == expected.shape
     e = expected.detach().double()
     return ((actual.double() - e).norm() / e.norm().clamp_min(1e-30)).item()
+
+
+def test_engine_refuses_layer_norm_by_name(kernels):
+    """The LayerNorm cells run on the CPU engine only for now: the CUDA engine says so."""
+    seed("engine layer_norm")
+    layer = make_layer("GRU", 5, 6, dtype=torch.float32)
+    x = rand(4, 3, 5, dtype=torch.float32).detach()
+    weights = [t.detach() for t in (layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh)]
+    gains = torch.ones(36)
+    with pytest.raises(RuntimeError, match=r"layer_norm .* not supported by the CUDA engine yet"):
+        kernels.forward("GRU", x, None, None, *weights, None, None, False, False, None, gains)

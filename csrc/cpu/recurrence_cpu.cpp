@@ -25,6 +25,7 @@
 #include "../problem.h"
 #include "bf16_dot.h"
 #include "gemm.h"
+#include "layer_norm_rows.h"
 #include "pointwise.h"
 #include "step_weight.h"
 #include "team.h"
@@ -156,10 +157,23 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
   T* saved_p = train ? out.saved.data_ptr<T>() : nullptr;
   T* hprev_p = train ? out.h_prev.data_ptr<T>() : nullptr;
   const T* keep_p = ptr_or_null<T>(a.zoneout);
+  // LayerNorm cells: the gains of the input and hidden sides, and the cell state's gain and
+  // bias (LSTM); the raw pre-activations kept at the layout's raw_offset in training.
+  const T* ln_p = ptr_or_null<T>(a.layer_norm);
+  const int64_t raw = p.layout.raw_offset();
 
   static_assert(kTileUnits == Panels::kPanel, "a tile's units are one panel per gate");
   for (const Chunk& ch : chunks) {
     w_ih_t.product(ch.rows, x_p + ch.row_begin * I, I, xg_p, GH, false);
+    if (ln_p != nullptr) {
+      at::parallel_for(0, ch.rows, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          T* v = xg_p + r * GH;
+          if (train) std::memcpy(saved_p + (ch.row_begin + r) * SW + raw, v, sizeof(T) * GH);
+          normalize_row(v, v, GH, ln_p, row_stats(v, GH));
+        }
+      });
+    }
     with_team(step_threads(p), [&](const Team& team) {
       for (int64_t s = ch.s_begin; s < ch.s_end; ++s) {
         const int64_t t = p.step_at(s), n = p.batch_sizes[t], r0 = p.offsets[t];
@@ -178,7 +192,8 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
                               : h_scratch_p;
         const int64_t h_unproj_ld = train ? SW : H;
         // Per tile of rows and hidden units: the hidden-side products of its units in every
-        // gate, then the cell math of those units while they are in cache.
+        // gate, then the cell math of those units while they are in cache. LayerNorm cells
+        // normalise whole rows: all products first, then the rows.
         const int64_t tiles = tile_count(n, H);
         for (int64_t k_tile = team.begin(tiles); k_tile < team.end(tiles); ++k_tile) {
           const Tile tl = tile_at(k_tile, n, H);
@@ -186,7 +201,7 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
             panel_product<T>(tl.rows, h_prev + tl.i0 * Hout, Hout, w_hh_t.panels(), k,
                              tl.u0 / Panels::kPanel, hg_p + tl.i0 * GH + k * H + tl.u0, GH);
           }
-          for (int64_t i = tl.i0; i < tl.i0 + tl.rows; ++i) {
+          for (int64_t i = tl.i0; i < tl.i0 + tl.rows && ln_p == nullptr; ++i) {
             ForwardRow<T> row{xg_p + (r0 - ch.row_begin + i) * GH,
                               hg_p + i * GH,
                               b_ih_p,
@@ -198,6 +213,34 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
                               p.proj ? nullptr : h_p + i * Hout,
                               keep_p == nullptr ? nullptr : keep_p + (r0 + i) * Hout};
             forward_row<CellT, T>(row, H, tl.u0, tl.u1);
+          }
+        }
+        if (ln_p != nullptr) {
+          team.barrier();
+          for (int64_t i = team.begin(n); i < team.end(n); ++i) {
+            T* v = hg_p + i * GH;
+            if (train) std::memcpy(saved_p + (r0 + i) * SW + raw + GH, v, sizeof(T) * GH);
+            normalize_row(v, v, GH, ln_p + GH, row_stats(v, GH));
+            const T* x_row = xg_p + (r0 - ch.row_begin + i) * GH;
+            T* saved_row = train ? saved_p + (r0 + i) * SW : nullptr;
+            const T* keep_row = keep_p == nullptr ? nullptr : keep_p + (r0 + i) * Hout;
+            if constexpr (Cell::kCellState) {
+              ln_lstm_forward_row<T>(x_row, v, b_ih_p, b_hh_p, c_p + i * H, saved_row,
+                                     ln_p + 2 * GH, ln_p + 2 * GH + H, h_prev + i * Hout, keep_row,
+                                     out_p + (r0 + i) * Hout, h_p + i * Hout, H);
+            } else {
+              ForwardRow<T> row{x_row,
+                                v,
+                                b_ih_p,
+                                b_hh_p,
+                                h_prev + i * Hout,
+                                nullptr,
+                                saved_row,
+                                out_p + (r0 + i) * Hout,
+                                h_p + i * Hout,
+                                keep_row};
+              forward_row<CellT, T>(row, H, 0, H);
+            }
           }
         }
         team.barrier();
@@ -270,6 +313,7 @@ struct BackwardBuffers {
   // Accumulated weight gradients: as the weights ([out, in]) when they go to BLAS
   // (blas_grads), else transposed ([in, out]) (see blas_weight_grads).
   at::Tensor grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr;
+  at::Tensor grad_layer_norm;  // written by the first chunk
   bool blas_grads = false;
 };
 
@@ -324,6 +368,17 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
   // Gate gradients of a chunk, input side and (GRU) hidden side.
   at::Tensor dxg = at::empty({chunk_rows, GH}, opts);
   at::Tensor dhg = Cell::kSplitGrads ? at::empty({chunk_rows, GH}, opts) : dxg;
+  // LayerNorm cells: dxg and dhg hold the gradients of the normalised sides (what the biases
+  // get); the products take those of the raw sides (dxg_raw, dhg_raw), through the
+  // normalisations' backward. dgain: each row's gradients of the two sides' gains; dcell:
+  // of the LSTM's cell-state gain and bias.
+  const T* ln_p = ptr_or_null<T>(a.layer.layer_norm);
+  const bool ln = ln_p != nullptr;
+  const at::Tensor dxg_raw = ln ? at::empty({chunk_rows, GH}, opts) : dxg;
+  const at::Tensor dhg_raw = ln ? at::empty({chunk_rows, GH}, opts) : dhg;
+  const at::Tensor dgain = at::empty({ln ? chunk_rows : 0, 2 * GH}, opts);
+  const at::Tensor dcell = at::empty({ln && Cell::kCellState ? chunk_rows : 0, 2 * H}, opts);
+  const int64_t raw = p.layout.raw_offset();
   // With a projection: dL/dr of a chunk's rows, and dL/dh of the current step.
   at::Tensor dr = p.proj ? at::empty({chunk_rows, Hout}, opts) : at::Tensor();
   at::Tensor dh_step = p.proj ? at::empty({p.batch, H}, opts) : at::Tensor();
@@ -348,9 +403,35 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
   T* dc_p = Cell::kCellState ? g.dc_state.data_ptr<T>() : nullptr;
   T* dxg_p = dxg.data_ptr<T>();
   T* dhg_p = dhg.data_ptr<T>();
+  T* const dxg_raw_p = dxg_raw.data_ptr<T>();
+  T* const dhg_raw_p = dhg_raw.data_ptr<T>();
+  T* const dgain_p = dgain.data_ptr<T>();
+  T* const dcell_p = dcell.data_ptr<T>();
   T* dr_p = p.proj ? dr.data_ptr<T>() : nullptr;
   T* dh_step_p = p.proj ? dh_step.data_ptr<T>() : nullptr;
   const T* keep_p = ptr_or_null<T>(a.layer.zoneout);
+  // One row of a LayerNorm cell's step: the cell's backward over the whole row, then the
+  // hidden side's normalisation backward into dhg_raw. local: the step's first row in the
+  // chunk's buffers.
+  const auto ln_backward_row = [&](int64_t i, int64_t r0, int64_t local) {
+    const int64_t lr = local + i;
+    const T* saved_row = saved_p + (r0 + i) * SW;
+    const T* gout_row = gout_p != nullptr ? gout_p + (r0 + i) * Hout : nullptr;
+    const T* keep_row = keep_p == nullptr ? nullptr : keep_p + (r0 + i) * Hout;
+    if constexpr (Cell::kCellState) {
+      ln_lstm_backward_row<T>(dh_p + i * Hout, gout_row, keep_row, dc_p + i * H, saved_row,
+                              ln_p + 2 * GH, ln_p + 2 * GH + H, dxg_p + lr * GH,
+                              dcell_p + lr * 2 * H, dh_p + i * Hout, H);
+    } else {
+      BackwardRow<T> row{
+          dh_p + i * Hout, gout_row,        nullptr,         saved_row, hprev_p + (r0 + i) * Hout,
+          dxg_p + lr * GH, dhg_p + lr * GH, dh_p + i * Hout, keep_row};
+      backward_row<CellT, T>(row, H, 0, H);
+    }
+    const T* v = saved_row + raw + GH;
+    normalize_row_backward(v, dhg_p + lr * GH, dhg_raw_p + lr * GH, dgain_p + lr * 2 * GH + GH, GH,
+                           ln_p + GH, row_stats(v, GH));
+  };
 
   for (auto ch = chunks.rbegin(); ch != chunks.rend(); ++ch) {
     with_team(step_threads(p), [&](const Team& team) {
@@ -368,7 +449,10 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
           w_hr_b->product(team, n, dr_rows, Hout, dh_step_p, H, false);
           team.barrier();
         }
-        const int64_t tiles = tile_count(n, H);
+        const int64_t tiles = ln ? 0 : tile_count(n, H);
+        for (int64_t i = team.begin(n); ln && i < team.end(n); ++i) {
+          ln_backward_row(i, r0, local);
+        }
         for (int64_t k_tile = team.begin(tiles); k_tile < team.end(tiles); ++k_tile) {
           const Tile tl = tile_at(k_tile, n, H);
           for (int64_t i = tl.i0; i < tl.i0 + tl.rows; ++i) {
@@ -386,7 +470,8 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
         }
         team.barrier();
         // dL/dh_{t-1} = (hidden-side gate gradients) W_hh [+ the direct part the cell wrote].
-        w_hh_b.product(team, n, dhg_p + local * GH, GH, dh_p, Hout, Cell::kUsesPrevH || p.zoneout);
+        w_hh_b.product(team, n, dhg_raw_p + local * GH, GH, dh_p, Hout,
+                       Cell::kUsesPrevH || p.zoneout);
         team.barrier();
       }
     });
@@ -395,23 +480,33 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
     // others add to them.
     const int64_t rb = ch->row_begin, rows = ch->rows;
     const bool add = ch != chunks.rbegin();
+    if (ln) {  // the input side's normalisation backward, into dxg_raw
+      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const T* v = saved_p + (rb + r) * SW + raw;
+          normalize_row_backward(v, dxg_p + r * GH, dxg_raw_p + r * GH, dgain_p + r * 2 * GH, GH,
+                                 ln_p, row_stats(v, GH));
+        }
+      });
+    }
     if (w_ih_b.has_value()) {
-      w_ih_b->product(rows, dxg_p, GH, gin_p + rb * I, I, false);
+      w_ih_b->product(rows, dxg_raw_p, GH, gin_p + rb * I, I, false);
     } else if (a.mask.input) {
-      matmul<T>(rows, I, GH, dxg_p, GH, w_ih.data_ptr<T>(), I, gin_p + rb * I, I, false);
+      matmul<T>(rows, I, GH, dxg_raw_p, GH, w_ih.data_ptr<T>(), I, gin_p + rb * I, I, false);
     }
     if (!a.mask.weights) continue;
     // Gate gradients packed once per chunk (dhg is dxg itself but for GRU).
-    const int64_t dxg_readers = Cell::kSplitGrads || p.elementwise ? I : I + Hout;
+    const int64_t dxg_readers = Cell::kSplitGrads || p.elementwise || ln ? I : I + Hout;
     const Panels dxg_panels =
-        blas_grads ? Panels{} : rows_as_panels<T>(dxg, rows, bf16, dxg_readers);
+        blas_grads ? Panels{} : rows_as_panels<T>(dxg_raw, rows, bf16, dxg_readers);
     if (blas_grads) {
       const T* x_rows = x2d.data_ptr<T>() + rb * I;
-      weight_product<T>(small, GH, I, rows, dxg_p, GH, x_rows, I, g.grad_w_ih.data_ptr<T>(), add);
+      weight_product<T>(small, GH, I, rows, dxg_raw_p, GH, x_rows, I, g.grad_w_ih.data_ptr<T>(),
+                        add);
     } else {
       const at::Tensor x_t = rows_transposed(x2d, rb, rows);
-      times_rows<T>(I, x_t.data_ptr<T>(), rows, dxg, dxg_panels, rows, g.grad_w_ih.data_ptr<T>(),
-                    GH, add);
+      times_rows<T>(I, x_t.data_ptr<T>(), rows, dxg_raw, dxg_panels, rows,
+                    g.grad_w_ih.data_ptr<T>(), GH, add);
     }
     if (p.elementwise) {
       // du: the column sums of dhg * h_prev (u multiplies each unit by its own h only).
@@ -423,17 +518,22 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
         for (int64_t j = 0; j < H; ++j) du[j] += dhg_row[j] * h_row[j];
       }
     } else if (blas_grads) {
-      weight_product<T>(small, GH, Hout, rows, dhg_p, GH, hprev_p + rb * Hout, Hout,
+      weight_product<T>(small, GH, Hout, rows, dhg_raw_p, GH, hprev_p + rb * Hout, Hout,
                         g.grad_w_hh.data_ptr<T>(), add);
     } else {
       const Panels dhg_panels =
-          Cell::kSplitGrads ? rows_as_panels<T>(dhg, rows, bf16, Hout) : dxg_panels;
+          Cell::kSplitGrads || ln ? rows_as_panels<T>(dhg_raw, rows, bf16, Hout) : dxg_panels;
       const at::Tensor h_t = rows_transposed(h_prev_all, rb, rows);
-      times_rows<T>(Hout, h_t.data_ptr<T>(), rows, dhg, dhg_panels, rows, g.grad_w_hh.data_ptr<T>(),
-                    GH, add);
+      times_rows<T>(Hout, h_t.data_ptr<T>(), rows, dhg_raw, dhg_panels, rows,
+                    g.grad_w_hh.data_ptr<T>(), GH, add);
     }
     column_sums<T>(rows, GH, dxg_p, GH, g.grad_b_ih.data_ptr<T>(), add);
     if (Cell::kSplitGrads) column_sums<T>(rows, GH, dhg_p, GH, g.grad_b_hh.data_ptr<T>(), add);
+    if (ln) {
+      T* grad_ln = g.grad_layer_norm.data_ptr<T>();
+      column_sums<T>(rows, 2 * GH, dgain_p, 2 * GH, grad_ln, add);
+      if (Cell::kCellState) column_sums<T>(rows, 2 * H, dcell_p, 2 * H, grad_ln + 2 * GH, add);
+    }
     if (p.proj && blas_grads) {
       weight_product<T>(small, Hout, H, rows, dr_p, Hout, saved_p + rb * SW + h_block, SW,
                         g.grad_w_hr.data_ptr<T>(), add);
@@ -472,6 +572,7 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
   g.grad_b_ih = at::empty({weights ? GH : 0}, opts);  // written by the first chunk
   g.grad_b_hh = at::empty({weights ? GH : 0}, opts);
   g.grad_w_hr = p.proj ? weight_grad(p.out_size, p.hidden) : at::Tensor();
+  g.grad_layer_norm = at::empty({weights && p.layer_norm ? a.layer.layer_norm->numel() : 0}, opts);
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_fused_backward_cpu", [&] {
     dispatch_cell(p.kind, [&](auto tag) {
@@ -490,7 +591,8 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
           as_weight(g.grad_w_hh),
           g.grad_b_ih,
           g.grad_b_hh,
-          p.proj ? as_weight(g.grad_w_hr) : none()};
+          p.proj ? as_weight(g.grad_w_hr) : none(),
+          g.grad_layer_norm};
 }
 
 // float16 and bfloat16 calls run the float32 engine on float32 copies of their tensors

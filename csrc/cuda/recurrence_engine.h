@@ -173,8 +173,16 @@ inline LayerArgs with_diagonal_w_hh(const LayerArgs& a) {
   return d;
 }
 
+// The LayerNorm cells (LayerArgs::layer_norm) run on the CPU engine only, for now.
+inline void check_no_layer_norm(const Problem& p) {
+  TORCH_CHECK(!p.layer_norm,
+              "rnn_fused: layer_norm (LayerNormLSTM, LayerNormGRU) is not supported by the CUDA "
+              "engine yet; run these layers on the CPU");
+}
+
 template <class Dev>
 ForwardResult forward_engine(Dev& dev, const Problem& p, const LayerArgs& a, bool train) {
+  check_no_layer_norm(p);
   if (p.elementwise) {
     const LayerArgs d = with_diagonal_w_hh(a);
     return forward_engine(dev, make_problem(d), d, train);
@@ -297,6 +305,7 @@ void run_backward(Dev& dev, const Problem& p, bool fused,
 // input, the weights and the biases (as a.mask asks) as products and sums over all rows.
 template <class Dev>
 BackwardResult backward_engine(Dev& dev, const Problem& p, const BackwardArgs& a) {
+  check_no_layer_norm(p);
   if (p.elementwise) {
     BackwardArgs d = a;
     d.layer = with_diagonal_w_hh(a.layer);
@@ -360,7 +369,8 @@ BackwardResult backward_engine(Dev& dev, const Problem& p, const BackwardArgs& a
           grad_w_hh,
           grad_b_ih,
           grad_b_hh,
-          grad_w_hr};
+          grad_w_hr,
+          none()};
 }
 
 }  // namespace rnn_fused::cuda

@@ -1,0 +1,158 @@
+"""LayerNorm LSTM and GRU (the operator's layer_norm argument, LayerNormLSTM, LayerNormGRU):
+against reference.py's loop in float64 (values and every gradient, the gains' included;
+padded, packed, reverse, small and packed-weight problems, with zoneout), gradcheck and
+gradgradcheck, the modules against a loop over reference.py's cells, other dtypes, and the
+errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import make_layer, make_states, rand, seed, weighted_sum
+from tolerances import GRADCHECK, HALF_SLACK, REL_TOL, rel_err
+
+import rnn_fused
+from rnn_fused import reference
+from rnn_fused.ops import GATES, rnn_layer
+
+MODES = ["LSTM", "GRU"]
+SIZES = [(7, 3, 33), (6, 11, 70)]  # a small problem, and one with packed weights and threads
+
+
+def _gains(mode: str, hidden: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The layer_norm argument: gains around 1 (and the cell bias around 0), never exact."""
+    gates = 2 * GATES[mode] * hidden
+    cell = 2 * hidden if mode == "LSTM" else 0
+    g = 1 + 0.3 * torch.randn(gates + cell, dtype=torch.float64)
+    if cell:
+        g[-hidden:] = 0.2 * torch.randn(hidden, dtype=torch.float64)
+    return g.to(dtype).requires_grad_()
+
+
+@pytest.mark.parametrize("zoneout", [False, True], ids=["plain", "zoneout"])
+@pytest.mark.parametrize("form", ["padded", "packed", "reverse", "packed-reverse"])
+@pytest.mark.parametrize("size", SIZES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_operator_matches_reference(mode, size, form, zoneout):
+    seed("layer_norm", mode, size, form, zoneout)
+    T, B, H = size
+    layer = make_layer(mode, 5, H, dtype=torch.float64)
+    h0, c0 = make_states(layer, B, dtype=torch.float64)
+    gains = _gains(mode, H)
+    batch_sizes = None
+    if "packed" in form:
+        batch_sizes = torch.tensor(sorted(torch.randint(1, B + 1, (T,)).tolist(), reverse=True))
+        batch_sizes[0] = B
+        x = rand(int(batch_sizes.sum()), 5, dtype=torch.float64)
+    else:
+        x = rand(T, B, 5, dtype=torch.float64)
+    keep = torch.rand(*x.shape[:-1], H, dtype=torch.float64) if zoneout else None
+    args = (mode, x, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh, h0, c0)
+    kw = dict(batch_sizes=batch_sizes, reverse="reverse" in form, zoneout=keep, layer_norm=gains)
+    ours, want = rnn_layer(*args, **kw), reference.rnn_layer(*args, **kw)
+    leaves = [x, h0, *([c0] if c0 is not None else []), *layer.tensors(), gains]
+    up = [torch.randn_like(o) for o in want if o is not None]
+    g_ours = torch.autograd.grad(weighted_sum(ours, up), leaves)
+    g_want = torch.autograd.grad(weighted_sum(want, up), leaves)
+    for a, b in zip([*ours, *g_ours], [*want, *g_want], strict=True):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    plain = rnn_layer(*args, batch_sizes=batch_sizes, reverse="reverse" in form, zoneout=keep)
+    assert not torch.allclose(ours[0], plain[0]), "the normalisations changed the output"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck(mode):
+    seed("layer_norm gradcheck", mode)
+    layer = make_layer(mode, 3, 5, dtype=torch.float64)
+    h0, c0 = make_states(layer, 2, dtype=torch.float64)
+    x = rand(4, 2, 3, dtype=torch.float64)
+    gains = _gains(mode, 5)
+
+    def f(x, h0, gains, *weights):
+        out = rnn_layer(mode, x, *weights, h0, c0, layer_norm=gains)
+        return out[0], out[1]
+
+    inputs = (x, h0, gains, *layer.tensors())
+    assert torch.autograd.gradcheck(f, inputs, **GRADCHECK)
+    assert torch.autograd.gradgradcheck(f, inputs, **GRADCHECK), "double backward"
+
+
+def _module_reference(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The module's layers and directions as reference.py's loops."""
+    directions = 2 if m.bidirectional else 1
+    for layer in range(m.num_layers):
+        outputs = []
+        for d in range(directions):
+            suffix = f"_l{layer}" + ("_reverse" if d else "")
+            w = [getattr(m, k + suffix) for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            ln = torch.cat([getattr(m, k + suffix) for k, _ in m._layer_norm_shapes()])
+            out, _, _ = reference.rnn_layer(m.mode, x, *w, reverse=d == 1, layer_norm=ln)
+            outputs.append(out)
+        x = torch.cat(outputs, dim=-1)
+    return x
+
+
+@pytest.mark.parametrize("name", ["LayerNormLSTM", "LayerNormGRU"])
+def test_modules(name):
+    seed("layer_norm module", name)
+    m = getattr(rnn_fused, name)(3, 7, num_layers=2, bidirectional=True).double()
+    for key, p in m.named_parameters():  # the initialisation: gains 1, cell bias 0
+        if key.startswith("ln_"):
+            assert torch.equal(p, torch.full_like(p, 0.0 if "bias" in key else 1.0)), key
+    with torch.no_grad():  # move them off their start, so that the test sees them
+        for key, p in m.named_parameters():
+            if key.startswith("ln_"):
+                p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(9, 2, 3, dtype=torch.float64)
+    out, state = m(x)
+    torch.testing.assert_close(out, _module_reference(m, x), rtol=1e-12, atol=1e-12)
+    expected_names = {"ln_weight_ih_l1_reverse", "ln_weight_hh_l0"}
+    if name == "LayerNormLSTM":
+        assert state[1].shape == (4, 2, 7)
+        expected_names |= {"ln_weight_cell_l0", "ln_bias_cell_l1_reverse"}
+    assert expected_names <= set(dict(m.named_parameters()))
+    out.sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
+    with pytest.raises(TypeError, match=r"no torch\.nn counterpart"):
+        m.to_torch()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_other_dtypes(mode, dtype):
+    """Against float64: float32 within its tolerance, bfloat16 no worse than twice
+    reference.py's own error in bfloat16."""
+    seed("layer_norm dtypes", mode, dtype)
+    layer = make_layer(mode, 6, 40, dtype=torch.float64, scale=0.3)
+    x = rand(8, 5, 6, dtype=torch.float64)
+    gains = _gains(mode, 40)
+    upstream = [torch.randn(8, 5, 40, dtype=torch.float64), torch.randn(5, 40, dtype=torch.float64)]
+
+    def run(fn, to):
+        leaves = [t.detach().to(to).requires_grad_() for t in (x, gains, *layer.tensors())]
+        out = fn(mode, leaves[0], *leaves[2:], layer_norm=leaves[1])
+        up = [w.to(to) for w in upstream]
+        return [*out[:2], *torch.autograd.grad(weighted_sum(out[:2], up), leaves)]
+
+    exact = run(reference.rnn_layer, torch.float64)
+    ours = run(rnn_layer, dtype)
+    if dtype == torch.float32:
+        for a, b in zip(ours, exact, strict=True):
+            assert rel_err(a, b) <= REL_TOL[dtype]
+        return
+    same = run(reference.rnn_layer, dtype)
+    for a, s, b in zip(ours, same, exact, strict=True):
+        assert rel_err(a, b) <= 2 * rel_err(s, b) + HALF_SLACK
+
+
+def test_errors_name_the_argument():
+    layer = make_layer("GRU", 3, 4, dtype=torch.float64)
+    x = rand(5, 2, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"layer_norm must have shape \[24\], got \[20\]"):
+        rnn_layer("GRU", x, *layer.tensors(), layer_norm=torch.ones(20, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="layer_norm must have the dtype of input"):
+        rnn_layer("GRU", x, *layer.tensors(), layer_norm=torch.ones(24))
+    rnn = make_layer("RNN_TANH", 3, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="layer_norm is for modes LSTM and GRU, got mode RNN"):
+        rnn_layer("RNN_TANH", x, *rnn.tensors(), layer_norm=torch.ones(8, dtype=torch.float64))
