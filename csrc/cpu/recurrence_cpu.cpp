@@ -104,15 +104,23 @@ at::Tensor rows_transposed(const at::Tensor& m, int64_t begin, int64_t n) {
 inline int64_t padded(int64_t elements) { return (elements + 15) / 16 * 16; }
 
 // Sums of the columns of rows [0, rows) of m (rows ld apart) into sum, or added to it: the
-// bias gradients of a chunk, on the calling thread (a reduction op per chunk costs more
-// than the sums of a short call's few rows, and is no faster on a chunk of long ones).
+// bias (and LayerNorm gain) gradients of a chunk, in our own loops (a reduction op per chunk
+// costs more than the sums of a short call's few rows). Threads take blocks of columns, each
+// summed over the rows in order, so the bits do not depend on the number of threads.
 template <class T>
 void column_sums(int64_t rows, int64_t cols, const T* m, int64_t ld, T* sum, bool add) {
-  if (!add) std::fill(sum, sum + cols, T(0));
-  for (int64_t i = 0; i < rows; ++i) {
-    const T* row = m + i * ld;
-    for (int64_t j = 0; j < cols; ++j) sum[j] += row[j];
-  }
+  constexpr int64_t kColumns = 64;
+  const int64_t blocks = (cols + kColumns - 1) / kColumns;
+  const int64_t grain =
+      std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(rows, 1) / kColumns);
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    const int64_t j0 = begin * kColumns, j1 = std::min(cols, end * kColumns);
+    if (!add) std::fill(sum + j0, sum + j1, T(0));
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* row = m + i * ld;
+      for (int64_t j = j0; j < j1; ++j) sum[j] += row[j];
+    }
+  });
 }
 
 struct ForwardBuffers {
