@@ -384,8 +384,9 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
   const bool ln = ln_p != nullptr;
   const at::Tensor dxg_raw = ln ? at::empty({chunk_rows, GH}, opts) : dxg;
   const at::Tensor dhg_raw = ln ? at::empty({chunk_rows, GH}, opts) : dhg;
-  const at::Tensor dgain = at::empty({ln ? chunk_rows : 0, 2 * GH}, opts);
-  const at::Tensor dcell = at::empty({ln && Cell::kCellState ? chunk_rows : 0, 2 * H}, opts);
+  const at::Tensor dgain = ln ? at::empty({chunk_rows, 2 * GH}, opts) : at::Tensor();
+  const at::Tensor dcell =
+      ln && Cell::kCellState ? at::empty({chunk_rows, 2 * H}, opts) : at::Tensor();
   const int64_t raw = p.layout.raw_offset();
   // With a projection: dL/dr of a chunk's rows, and dL/dh of the current step.
   at::Tensor dr = p.proj ? at::empty({chunk_rows, Hout}, opts) : at::Tensor();
@@ -413,8 +414,8 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
   T* dhg_p = dhg.data_ptr<T>();
   T* const dxg_raw_p = dxg_raw.data_ptr<T>();
   T* const dhg_raw_p = dhg_raw.data_ptr<T>();
-  T* const dgain_p = dgain.data_ptr<T>();
-  T* const dcell_p = dcell.data_ptr<T>();
+  T* const dgain_p = dgain.defined() ? dgain.data_ptr<T>() : nullptr;
+  T* const dcell_p = dcell.defined() ? dcell.data_ptr<T>() : nullptr;
   T* dr_p = p.proj ? dr.data_ptr<T>() : nullptr;
   T* dh_step_p = p.proj ? dh_step.data_ptr<T>() : nullptr;
   const T* keep_p = ptr_or_null<T>(a.layer.zoneout);
