@@ -1,8 +1,8 @@
 """rnn_fused: fused LSTM, GRU and RNN recurrences for PyTorch, on CPU and CUDA.
 
 Drop-in modules (LSTM, GRU, RNN, LSTMCell, GRUCell, RNNCell), IndRNN, LayerNormLSTM and
-LayerNormGRU, the per-layer operator (rnn_layer) and converters between torch.nn and rnn_fused
-modules.
+LayerNormGRU and their cells, the per-layer operator (rnn_layer) and converters between
+torch.nn and rnn_fused modules.
 """
 
 from . import ops  # noqa: F401  (loads the extension and registers the operators)
@@ -14,7 +14,9 @@ from .modules import (
     GRUCell,
     IndRNN,
     LayerNormGRU,
+    LayerNormGRUCell,
     LayerNormLSTM,
+    LayerNormLSTMCell,
     LSTMCell,
     RNNCell,
 )
@@ -28,7 +30,9 @@ __all__ = [
     "IndRNN",
     "LSTMCell",
     "LayerNormGRU",
+    "LayerNormGRUCell",
     "LayerNormLSTM",
+    "LayerNormLSTMCell",
     "RNNCell",
     "replace_rnns",
     "rnn_layer",

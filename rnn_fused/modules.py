@@ -131,6 +131,26 @@ class _Options:
             return zoneout_mask(shape, self.zoneout, like)
         return torch.full(shape, self.zoneout, dtype=like.dtype, device=like.device)
 
+    # The LayerNorm cells (_LayerNormModule): the normalisations' parameters.
+    _layer_norm = False
+
+    def _layer_norm_shapes(self) -> list[tuple[str, int]]:
+        """The LayerNorm cells' parameters of a layer and direction (without their suffix),
+        in the operator's order: its layer_norm argument is their concatenation."""
+        if not self._layer_norm:
+            return []
+        gate_size = GATES[self.mode] * self.hidden_size
+        shapes = [("ln_weight_ih", gate_size), ("ln_weight_hh", gate_size)]
+        if self.mode == "LSTM":
+            shapes += [("ln_weight_cell", self.hidden_size), ("ln_bias_cell", self.hidden_size)]
+        return shapes
+
+    def _layer_norm_gains(self, suffix: str) -> Tensor | None:
+        """The operator's layer_norm argument for a layer and direction, or None."""
+        if not self._layer_norm:
+            return None
+        return torch.cat([self._parameters[b + suffix] for b, _ in self._layer_norm_shapes()])
+
     def _options_repr(self) -> str:
         s = f", forget_bias={self.forget_bias}" if self.forget_bias is not None else ""
         s += f", dropconnect={self.dropconnect}" if self.dropconnect else ""
@@ -151,8 +171,6 @@ class _RNNBase(_Options, _Convertible, nn.Module):
 
     # IndRNN: weight_hh is a vector u, the recurrence's element-wise weight.
     _elementwise = False
-    # LayerNormLSTM / LayerNormGRU: the normalisations' parameters per layer and direction.
-    _layer_norm = False
 
     @staticmethod
     def _init_kwargs(m) -> dict:
@@ -271,17 +289,6 @@ class _RNNBase(_Options, _Convertible, nn.Module):
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
         self.reset_parameters()
-
-    def _layer_norm_shapes(self) -> list[tuple[str, int]]:
-        """The LayerNorm cells' parameters of a layer and direction, in the operator's order
-        (its layer_norm argument is their concatenation)."""
-        if not self._layer_norm:
-            return []
-        gate_size = GATES[self.mode] * self.hidden_size
-        shapes = [("ln_weight_ih", gate_size), ("ln_weight_hh", gate_size)]
-        if self.mode == "LSTM":
-            shapes += [("ln_weight_cell", self.hidden_size), ("ln_bias_cell", self.hidden_size)]
-        return shapes
 
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
@@ -438,11 +445,8 @@ class _RNNBase(_Options, _Convertible, nn.Module):
                 params = [self._parameters.get(n) for n in self._param_names(layer, direction)]
                 w_ih, w_hh, b_ih, b_hh, w_hr = params
                 w_hh = self._recurrent_weight(w_hh)
-                layer_norm = None
-                if self._layer_norm:
-                    suffix = f"_l{layer}" + ("_reverse" if direction else "")
-                    gains = [self._parameters[b + suffix] for b, _ in self._layer_norm_shapes()]
-                    layer_norm = torch.cat(gains)
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                layer_norm = self._layer_norm_gains(suffix)
                 out, h, c = rnn_layer(
                     self.mode,
                     x,
@@ -563,7 +567,28 @@ class IndRNN(_RNNBase):
         raise TypeError("IndRNN has no torch.nn counterpart to convert to")
 
 
-class _LayerNormRNN(_RNNBase):
+class _LayerNormModule:
+    """What the LayerNorm layers and cells add: their gains start at 1 and the cell state's
+    bias at 0, and torch.nn has no counterpart to convert from or to."""
+
+    _layer_norm = True
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.startswith("ln_"):
+                    p.fill_(0.0 if name.startswith("ln_bias") else 1.0)
+
+    @classmethod
+    def from_torch(cls, module: nn.Module):
+        raise TypeError(f"{cls.__name__} has no torch.nn counterpart to convert from")
+
+    def to_torch(self) -> nn.Module:
+        raise TypeError(f"{type(self).__name__} has no torch.nn counterpart to convert to")
+
+
+class _LayerNormRNN(_LayerNormModule, _RNNBase):
     """LayerNormLSTM and LayerNormGRU: torch.nn.LSTM's (GRU's) constructor without
     proj_size, its inputs and outputs, and its parameters, plus per layer and direction
     ln_weight_ih_l{k} and ln_weight_hh_l{k} [gates * hidden_size], the gains of the layer
@@ -577,8 +602,6 @@ class _LayerNormRNN(_RNNBase):
 
     Runs on the CPU engine (the normalisations fused into each step); the CUDA engine does
     not have them yet."""
-
-    _layer_norm = True
 
     def __init__(
         self,
@@ -603,20 +626,6 @@ class _LayerNormRNN(_RNNBase):
         )  # fmt: skip
 
     _mode: str
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        with torch.no_grad():
-            for name in self._flat_weights_names:
-                if name.startswith("ln_"):
-                    self._parameters[name].fill_(0.0 if name.startswith("ln_bias") else 1.0)
-
-    @classmethod
-    def from_torch(cls, module: nn.Module):
-        raise TypeError(f"{cls.__name__} has no torch.nn counterpart to convert from")
-
-    def to_torch(self) -> nn.Module:
-        raise TypeError(f"{type(self).__name__} has no torch.nn counterpart to convert to")
 
 
 class LayerNormLSTM(_LayerNormRNN):
@@ -669,6 +678,8 @@ class _CellBase(_Options, _Convertible, nn.Module):
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
+        for base, size in self._layer_norm_shapes():
+            setattr(self, base, nn.Parameter(torch.empty(size, **factory)))
         self.reset_parameters()
 
     def extra_repr(self) -> str:
@@ -724,6 +735,7 @@ class _CellBase(_Options, _Convertible, nn.Module):
             h,
             c,
             zoneout=self._zoneout_weights(input, (1, input.size(0))),
+            layer_norm=self._layer_norm_gains(""),
             cell=True,
         )
         return h_n, c_n
@@ -733,7 +745,7 @@ class _CellBase(_Options, _Convertible, nn.Module):
         own: the operator checks every argument, and on a failure it returns None so that
         the caller runs torch.nn's checks and raises torch.nn's error. None too where the
         short door does not serve (see ops.cell_step)."""
-        if input.dim() != 2 or self.zoneout:
+        if input.dim() != 2 or self.zoneout or self._layer_norm:
             return None
         p = self._parameters  # not self.weight_ih: nn.Module's __getattr__ costs a call
         try:
@@ -849,3 +861,14 @@ class LSTMCell(_GatedCell):
         input, (h, c), is_batched = self._inputs("LSTMCell", input, states, ["hx[0]", "hx[1]"])
         h, c = self._step(input, h, c)
         return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
+
+
+class LayerNormLSTMCell(_LayerNormModule, LSTMCell):
+    """One step of LayerNormLSTM: LSTMCell's constructor, inputs and outputs, plus
+    ln_weight_ih, ln_weight_hh [4 * hidden_size], ln_weight_cell and ln_bias_cell
+    [hidden_size] (see LayerNormLSTM). CPU only, for now."""
+
+
+class LayerNormGRUCell(_LayerNormModule, GRUCell):
+    """One step of LayerNormGRU: GRUCell's constructor, inputs and outputs, plus ln_weight_ih
+    and ln_weight_hh [3 * hidden_size] (see LayerNormGRU). CPU only, for now."""

@@ -118,6 +118,34 @@ def test_modules(name):
         m.to_torch()
 
 
+@pytest.mark.parametrize("name", ["LayerNormLSTMCell", "LayerNormGRUCell"])
+def test_cells(name):
+    seed("layer_norm cell", name)
+    cell = getattr(rnn_fused, name)(4, 5).double()
+    with torch.no_grad():
+        for key, p in cell.named_parameters():
+            if key.startswith("ln_"):
+                p.add_(0.3 * torch.randn_like(p))
+    mode = name.removeprefix("LayerNorm").removesuffix("Cell")
+    x, h = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    c = torch.randn(3, 5, dtype=torch.float64)
+    ours = cell(x, (h, c) if mode == "LSTM" else h)
+    ln = torch.cat([getattr(cell, k) for k, _ in cell._layer_norm_shapes()])
+    p = cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh
+    want_h, want_c = reference.cell_step(
+        mode, x, h, c if mode == "LSTM" else None, *p, layer_norm=ln
+    )
+    got = ours if mode == "GRU" else ours[0]
+    torch.testing.assert_close(got, want_h, rtol=1e-12, atol=1e-12)
+    if mode == "LSTM":
+        torch.testing.assert_close(ours[1], want_c, rtol=1e-12, atol=1e-12)
+    g_ours = torch.autograd.grad(got.sum(), cell.ln_weight_hh)
+    g_want = torch.autograd.grad(want_h.sum(), cell.ln_weight_hh)
+    torch.testing.assert_close(g_ours[0], g_want[0], rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match=r"no torch\.nn counterpart"):
+        getattr(rnn_fused, name).from_torch(torch.nn.LSTMCell(4, 5))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("mode", MODES)
 def test_other_dtypes(mode, dtype):
