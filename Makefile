@@ -24,7 +24,8 @@ $(EXT_STAMP): $(DEPS) $(EXT_SOURCES)
 
 build: $(EXT_STAMP)
 
-test: build
+# Lint first: CI runs `make test` only, and a style error should fail it in seconds.
+test: lint build
 	$(PY) -m pytest -q tests
 
 bench: build
