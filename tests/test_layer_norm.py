@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import make_layer, make_states, rand, seed, weighted_sum
-from tolerances import GRADCHECK, HALF_SLACK, REL_TOL, rel_err
+from tolerances import GRADCHECK, assert_as_accurate
 
 import rnn_fused
 from rnn_fused import reference
@@ -164,14 +164,7 @@ def test_other_dtypes(mode, dtype):
         return [*out[:2], *torch.autograd.grad(weighted_sum(out[:2], up), leaves)]
 
     exact = run(reference.rnn_layer, torch.float64)
-    ours = run(rnn_layer, dtype)
-    if dtype == torch.float32:
-        for a, b in zip(ours, exact, strict=True):
-            assert rel_err(a, b) <= REL_TOL[dtype]
-        return
-    same = run(reference.rnn_layer, dtype)
-    for a, s, b in zip(ours, same, exact, strict=True):
-        assert rel_err(a, b) <= 2 * rel_err(s, b) + HALF_SLACK
+    assert_as_accurate(run(rnn_layer, dtype), exact, lambda: run(reference.rnn_layer, dtype), dtype)
 
 
 def test_errors_name_the_argument():

@@ -6,6 +6,8 @@ in the same dtype (or in float64 where a test says so). ARCHITECTURE.md: fp32 < 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 REL_TOL = {
@@ -27,6 +29,22 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     diff = (actual.double() - expected.double()).norm().item()
     scale = expected.double().norm().item()
     return diff / max(scale, 1e-30) if scale > 0 else diff
+
+
+def assert_as_accurate(
+    ours: list[torch.Tensor],
+    exact: list[torch.Tensor],
+    same: Callable[[], list[torch.Tensor]],
+    dtype: torch.dtype,
+) -> None:
+    """ours against exact (float64): within REL_TOL for float32 and float64; for half types
+    no worse than twice the error of same() (reference.py in the same dtype) + HALF_SLACK."""
+    if dtype in REL_TOL:
+        for a, b in zip(ours, exact, strict=True):
+            assert rel_err(a, b) <= REL_TOL[dtype]
+        return
+    for a, s, b in zip(ours, same(), exact, strict=True):
+        assert rel_err(a, b) <= 2 * rel_err(s, b) + HALF_SLACK
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
