@@ -256,7 +256,8 @@ def with_flags(run: Callable[[], object], *, cudnn: bool = True, tf32: bool = Fa
 
 
 def with_path(run: Callable[[], object], path: str):
-    """run with rnn_fused's CUDA path forced (RNN_FUSED_CUDA_PATH: fused or standard)."""
+    """run with rnn_fused's CUDA path forced (RNN_FUSED_CUDA_PATH: persistent, fused or
+    standard)."""
 
     def wrapped():
         before = os.environ.get("RNN_FUSED_CUDA_PATH")
@@ -286,6 +287,7 @@ def bench_cuda(cell: str, s: Shape, rounds: int) -> list[dict]:
                 "cuDNN": base,
                 "rnn_fused": ours,
                 "cuDNN off": with_flags(make(module, x), cudnn=False),
+                "ours persistent": with_path(ours, "persistent"),
                 "ours fused": with_path(ours, "fused"),
                 "ours standard": with_path(ours, "standard"),
             }
@@ -327,6 +329,7 @@ def main() -> None:
             "cuDNN off",
             "cuDNN tf32",
             "ours tf32",
+            "ours persistent",
             "ours fused",
             "ours standard",
         ]

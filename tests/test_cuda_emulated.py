@@ -6,9 +6,11 @@ cell math, backward products and the cell's derivative taken by autograd. Shapes
 every tile edge (rows past a block of 32 or 8, units past 8 or 32, K past a staged chunk);
 outputs start poisoned so that unwritten or overwritten elements show.
 
-The engine, whole layers on both paths (fused and standard), against reference.py in
-float64: every cell, bias or not, h0 or not, reverse, packed both ways, projection,
-training and inference, forward and backward."""
+The engine, whole layers on each path (standard, fused, persistent), against reference.py
+in float64: every cell, bias or not, h0 or not, reverse, packed both ways, projection,
+training and inference, forward and backward. The persistent path runs as a cooperative
+launch whose blocks take turns between grid barriers, in an order that alternates: a test
+shows that dropping the barriers breaks it."""
 
 from __future__ import annotations
 
@@ -183,31 +185,37 @@ ENGINE_CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(("mode", "feature"), ENGINE_CASES)
-@pytest.mark.parametrize("path", ["fused", "standard"])
+@pytest.mark.parametrize("path", ["fused", "standard", "persistent"])
 def test_engine_matches_reference(kernels, monkeypatch, path, mode, feature, dtype):
     monkeypatch.setenv("RNN_FUSED_CUDA_PATH", path)
-    seed("engine", mode, feature, dtype)
+    _engine_matches_reference(kernels, mode, feature, dtype)
+
+
+def _engine_matches_reference(kernels, mode, feature, dtype, batch=9, hidden=33):
+    """The engine's forward (inference and training) and backward against reference.py on
+    6 steps; batch and hidden for unpacked features (packed ones take 9 rows)."""
+    seed("engine", mode, feature, dtype, batch, hidden)
     packed, reverse = "packed" in feature, "reverse" in feature
     # Weights small enough that relu runs stay well scaled (bfloat16 below) over 6 steps.
     layer = make_layer(
         mode,
         5,
-        33,
+        hidden,
         bias=feature != "nobias",
         proj=2 if feature == "proj" else 0,
         dtype=dtype,
         scale=0.25,
     )
     if feature == "indrnn":
-        layer = dataclasses.replace(layer, w_hh=rand(33, dtype=dtype, scale=0.9))
+        layer = dataclasses.replace(layer, w_hh=rand(hidden, dtype=dtype, scale=0.9))
     # 9 rows at the first step: past a fused forward block of 8 rows.
-    h0, c0 = make_states(layer, 9, dtype=dtype)
+    h0, c0 = make_states(layer, batch, dtype=dtype)
     if feature == "noh0":
         h0 = c0 = None
     batch_sizes = torch.tensor([9, 9, 7, 4, 4, 1]) if packed else None
-    x = rand(int(batch_sizes.sum()), 5, dtype=dtype) if packed else rand(6, 9, 5, dtype=dtype)
+    x = rand(int(batch_sizes.sum()), 5, dtype=dtype) if packed else rand(6, batch, 5, dtype=dtype)
     # Zoneout's weights of h_{t-1}, anywhere in [0, 1): masks and expectations alike.
-    keep = torch.rand(*x.shape[:-1], 33).to(dtype) if "zoneout" in feature else None
+    keep = torch.rand(*x.shape[:-1], hidden).to(dtype) if "zoneout" in feature else None
     # In the operator's order: input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr.
     inputs = (x, h0, c0, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh, layer.w_hr)
 
@@ -286,3 +294,37 @@ def test_engine_refuses_layer_norm_by_name(kernels):
     gains = torch.ones(36)
     with pytest.raises(RuntimeError, match=r"layer_norm .* not supported by the CUDA engine yet"):
         kernels.forward("GRU", x, None, None, *weights, None, None, False, False, None, gains)
+
+
+@pytest.mark.parametrize(("batch", "hidden"), [(37, 70), (3, 130), (1, 9)])
+@pytest.mark.parametrize("mode", CELLS)
+def test_persistent_path_over_tile_edges(kernels, monkeypatch, mode, batch, hidden):
+    """Rows past a tile of 32 (or 8, for batches up to 8), units past a block of 8, and K
+    past a staged chunk (forward: hidden; backward: gates x hidden)."""
+    monkeypatch.setenv("RNN_FUSED_CUDA_PATH", "persistent")
+    _engine_matches_reference(kernels, mode, "zoneout", torch.float64, batch, hidden)
+
+
+@pytest.mark.parametrize("mode", CELLS)
+def test_persistent_path_falls_back_to_fused_launches(kernels, monkeypatch, mode):
+    """A device that declines the cooperative launch gets the recorded steps as fused
+    launches: same results."""
+    monkeypatch.setenv("RNN_FUSED_CUDA_PATH", "persistent")
+    kernels.set_persistent_launches(False)
+    try:
+        _engine_matches_reference(kernels, mode, "packed-reverse", torch.float64)
+    finally:
+        kernels.set_persistent_launches(True)
+
+
+@pytest.mark.parametrize("mode", CELLS)
+def test_persistent_kernels_need_their_grid_barriers(kernels, monkeypatch, mode):
+    """Without its grid barriers a persistent kernel's blocks read states and gate gradients
+    that other blocks have not written yet: the emulation must make that visible."""
+    monkeypatch.setenv("RNN_FUSED_CUDA_PATH", "persistent")
+    kernels.set_grid_barriers(False)
+    try:
+        with pytest.raises(AssertionError):
+            _engine_matches_reference(kernels, mode, "plain", torch.float64)
+    finally:
+        kernels.set_grid_barriers(True)

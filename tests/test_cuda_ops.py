@@ -23,9 +23,10 @@ pytestmark = pytest.mark.skipif(
 DEV = "cuda"
 
 
-@pytest.fixture(params=["fused", "standard"])
+@pytest.fixture(params=["fused", "standard", "persistent"])
 def path(request, monkeypatch):
-    """Both CUDA paths: fused step kernels, and cuBLAS plus pointwise kernels."""
+    """Each CUDA path: fused step kernels, cuBLAS plus pointwise kernels, and the persistent
+    kernels (under graph capture: the fused launches they fall back to)."""
     monkeypatch.setenv("RNN_FUSED_CUDA_PATH", request.param)
     return request.param
 

@@ -9,11 +9,14 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "../op_adapters.h"
 #include "../problem.h"
 #include "fused_step.cuh"
+#include "persistent_step.cuh"
 #include "recurrence_engine.h"
 #include "step_kernels.cuh"
 
@@ -112,15 +115,81 @@ class CudaDevice {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   template <class Cell, class T, class A>
-  void fused_backward(const BackwardStep<T, A>& s, const A* dg_next, int64_t rows_gemm,
-                      const T* w_hh) {
-    const fused::Grid g = fused::backward_grid(s.n, rows_gemm, s.H);
+  void fused_backward(const FusedBackwardStep<T, A>& r, const T* w_hh) {
+    const fused::Grid g = fused::backward_grid(r.step.n, r.rows_gemm, r.step.H);
     fused_backward_step_kernel<Cell, T, A>
-        <<<dim3(g.x, g.y), fused::kBlock, 0, stream_>>>(s, dg_next, rows_gemm, w_hh);
+        <<<dim3(g.x, g.y), fused::kBlock, 0, stream_>>>(r.step, r.dg_next, r.rows_gemm, w_hh);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <class Cell, class T, class A>
+  bool persistent_forward(const std::vector<ForwardStep<T, A>>& steps, const T* w_hh, int64_t H) {
+    int64_t rows = 0;
+    for (const auto& s : steps) rows = std::max(rows, s.n);
+    bool ran = false;
+    fused::with_forward_rows(rows, [&](auto r) {
+      constexpr int kRows = decltype(r)::value;
+      using S = persistent::Shape<Cell::kGates, kRows>;
+      ran = launch_persistent(persistent_forward_kernel<Cell, T, A, kRows>,
+                              persistent::shared_bytes<A, S>(H), steps, w_hh, H);
+    });
+    return ran;
+  }
+  template <class Cell, class T, class A>
+  bool persistent_backward(const std::vector<FusedBackwardStep<T, A>>& steps, const T* w_hh,
+                           int64_t H) {
+    int64_t rows = 0;
+    for (const auto& r : steps) rows = std::max({rows, r.step.n, r.rows_gemm});
+    bool ran = false;
+    fused::with_forward_rows(rows, [&](auto r) {
+      constexpr int kRows = decltype(r)::value;
+      using S = persistent::Shape<1, kRows>;
+      ran = launch_persistent(persistent_backward_kernel<Cell, T, A, kRows>,
+                              persistent::shared_bytes<A, S>(Cell::kGates * H), steps, w_hh, H);
+    });
+    return ran;
   }
 
  private:
+  // Whether a cooperative launch of blocks blocks with shared_bytes each can run now: not
+  // while the stream is being captured (the step records are copied from the host), and
+  // only where the device runs cooperative launches and all the blocks fit on it at once.
+  bool can_launch_cooperative(const void* kernel, int64_t shared_bytes, int64_t blocks) const {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream_, &capture));
+    if (capture != cudaStreamCaptureStatusNone) return false;
+    const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+    if (!prop->cooperativeLaunch || shared_bytes > int64_t(prop->sharedMemPerBlockOptin)) {
+      return false;
+    }
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(shared_bytes)));
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, fused::kBlock,
+                                                                 shared_bytes));
+    return int64_t(per_sm) * prop->multiProcessorCount >= blocks;
+  }
+  // One cooperative launch of a persistent kernel over the step records, which travel to the
+  // device through pinned memory (the host allocator keeps it until the copy is done).
+  template <class Step, class T>
+  bool launch_persistent(void (*kernel)(const Step*, int64_t, const T*, int64_t),
+                         int64_t shared_bytes, const std::vector<Step>& steps, const T* w_hh,
+                         int64_t H) {
+    const int64_t blocks = persistent::blocks(H);
+    const void* entry = reinterpret_cast<const void*>(kernel);
+    if (!can_launch_cooperative(entry, shared_bytes, blocks)) return false;
+    const auto bytes = static_cast<int64_t>(sizeof(Step) * steps.size());
+    at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    std::memcpy(host.data_ptr(), steps.data(), bytes);
+    const at::Tensor records =
+        host.to(at::Device(at::kCUDA, c10::cuda::current_device()), /*non_blocking=*/true);
+    const Step* records_p = reinterpret_cast<const Step*>(records.data_ptr());
+    int64_t count = static_cast<int64_t>(steps.size()), hidden = H;
+    void* args[] = {&records_p, &count, &w_hh, &hidden};
+    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(entry, dim3(blocks), dim3(fused::kBlock), args,
+                                               shared_bytes, stream_));
+    return true;
+  }
+
   cudaStream_t stream_;
   cublasHandle_t blas_;
 };

@@ -3,12 +3,16 @@
 // stream; tests/emulation gives it plain loops and an emulation of CUDA blocks, so that the
 // whole engine runs on machines without a GPU.
 //
-// Two paths (use_fused_path). Standard: the input projection of all rows as one GEMM; per
-// step one GEMM h W_hh^T and one pointwise kernel; backward per step one pointwise kernel
-// and one GEMM dG W_hh. Fused (small batches): per step one kernel that computes the
-// recurrent product and applies the cell (fused_step.cuh). Both then take dX and the weight
-// and bias gradients over all rows. No allocation, synchronisation or atomics inside the
-// loops, so runs are bitwise reproducible and capturable in a CUDA graph.
+// Three paths (use_fused_path, use_persistent_path). Standard: the input projection of all
+// rows as one GEMM; per step one GEMM h W_hh^T and one pointwise kernel; backward per step
+// one pointwise kernel and one GEMM dG W_hh. Fused (small batches): per step one kernel
+// that computes the recurrent product and applies the cell (fused_step.cuh). Persistent
+// (small batches, many steps): the fused path's steps, recorded by the same host loop, run
+// by one cooperative launch that keeps W_hh in shared memory (persistent_step.cuh); where
+// the device cannot run it, the recorded steps run as fused launches. All then take dX and
+// the weight and bias gradients over all rows. No allocation, synchronisation or atomics
+// inside the loops, so runs are bitwise reproducible; the standard and fused paths are
+// capturable in a CUDA graph, and the device refuses the persistent launch while capturing.
 //
 // Half types: products accumulate in float and write float pre-activations; the cell state,
 // the carried gradients and the gate gradients (which the next step's product reads) stay in
@@ -20,7 +24,9 @@
 //   copy(dst, src, bytes)
 //   forward_pointwise<Cell>(step, hg), backward_pointwise<Cell>(step),
 //   add_rows(count, grad_out, state, out): the standard path's kernels (step_kernels.cuh)
-//   fused_forward<Cell>(step, w_hh), fused_backward<Cell>(step, dg_next, rows_gemm, w_hh)
+//   fused_forward<Cell>(step, w_hh), fused_backward<Cell>(FusedBackwardStep, w_hh)
+//   persistent_forward<Cell>(steps, w_hh, H), persistent_backward<Cell>(steps, w_hh, H):
+//       one launch over all recorded steps; false (nothing run) where it cannot launch
 //   tf32(): whether its float32 GEMMs use TF32 tensor cores
 // and is called only with work to do (no empty launches).
 #pragma once
@@ -33,6 +39,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <vector>
 
 #include "../problem.h"
 #include "step_kernels.cuh"
@@ -52,15 +59,30 @@ constexpr int64_t kFusedMaxTensorCoreMacs = int64_t(1) << 27;
 // cores (half types, or float32 with TF32 allowed: tf32, which the device reads from its
 // GEMM setup) it wins once a step's product is large. RNN_FUSED_CUDA_PATH=fused or
 // =standard forces one, for tests and measurements.
+inline bool forced_path(const char* path) {
+  const char* forced = std::getenv("RNN_FUSED_CUDA_PATH");
+  return forced != nullptr && std::strcmp(forced, path) == 0;
+}
 inline bool use_fused_path(const Problem& p, at::ScalarType dtype, bool tf32) {
   if (p.proj || p.batch > kFusedMaxRows) return false;
-  const char* forced = std::getenv("RNN_FUSED_CUDA_PATH");
-  if (forced != nullptr && std::strcmp(forced, "standard") == 0) return false;
-  if (forced != nullptr && std::strcmp(forced, "fused") == 0) return true;
+  if (forced_path("standard")) return false;
+  if (forced_path("fused") || forced_path("persistent")) return true;
   if (p.batch > kFusedMaxBatch) return false;
   const bool tensor_cores =
       dtype == at::kHalf || dtype == at::kBFloat16 || (dtype == at::kFloat && tf32);
   return !tensor_cores || p.batch * p.gate_width() * p.out_size <= kFusedMaxTensorCoreMacs;
+}
+
+// Whether a call on the fused path runs its steps as one persistent launch: for batches up
+// to kPersistentMaxBatch over at least kPersistentMinSteps steps, where a step's work is
+// small next to a launch (the device may still decline: occupancy, shared memory, graph
+// capture). RNN_FUSED_CUDA_PATH=persistent forces it wherever the device can run it.
+constexpr int64_t kPersistentMaxBatch = 16;
+constexpr int64_t kPersistentMinSteps = 8;
+inline bool use_persistent_path(const Problem& p) {
+  if (forced_path("persistent")) return true;
+  if (forced_path("fused") || forced_path("standard")) return false;
+  return p.batch <= kPersistentMaxBatch && p.steps >= kPersistentMinSteps;
 }
 
 // What the forward writes: the operator's results, its state, and the per-call workspaces
@@ -71,8 +93,8 @@ struct ForwardBuffers {
 };
 
 template <template <class> class CellT, class T, class Dev>
-void run_forward(Dev& dev, const Problem& p, bool train, bool fused, const at::Tensor& input,
-                 const at::Tensor& w_ih, const at::Tensor& w_hh,
+void run_forward(Dev& dev, const Problem& p, bool train, bool fused, bool persistent,
+                 const at::Tensor& input, const at::Tensor& w_ih, const at::Tensor& w_hh,
                  const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
                  const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& zoneout,
                  ForwardBuffers& f) {
@@ -110,6 +132,10 @@ void run_forward(Dev& dev, const Problem& p, bool train, bool fused, const at::T
   T* const h_prev_all = train ? f.h_prev.data_ptr<T>() : nullptr;
   T* const ping[2] = {fused && !train ? f.h_ping[0].data_ptr<T>() : nullptr,
                       fused && !train ? f.h_ping[1].data_ptr<T>() : nullptr};
+  // The persistent path records the fused steps and launches them at the end. The copies
+  // above then all run before the first step: a copy's rows start at the state there (rows
+  // a growing batch adds have not been written by any step before), so they read h0 alike.
+  std::vector<ForwardStep<T, A>> recorded;
   int64_t ready = 0;  // leading rows of this step's h_prev written by the previous kernel
   for (int64_t s = 0; s < p.steps; ++s) {
     const int64_t t = p.step_at(s), n = p.batch_sizes[t], r0 = p.offsets[t];
@@ -142,7 +168,12 @@ void run_forward(Dev& dev, const Problem& p, bool train, bool fused, const at::T
       step.h = out + r0 * Hout;
       step.ld_h = Hout;
       step.h_state = h_state;
-      if (n * H > 0) dev.template fused_forward<Cell>(step, w_hh_p);
+      if (n * H == 0) continue;
+      if (persistent) {
+        recorded.push_back(step);
+      } else {
+        dev.template fused_forward<Cell>(step, w_hh_p);
+      }
       continue;
     }
     dev.template gemm<T, A>(true, n, GH, Hout, h_prev, Hout, w_hh_p, Hout, hg, GH, false);
@@ -160,6 +191,10 @@ void run_forward(Dev& dev, const Problem& p, bool train, bool fused, const at::T
                               Hout, false);
       if (n > 0) dev.copy(h_state, out + r0 * Hout, sizeof(T) * n * Hout);
     }
+  }
+  if (!recorded.empty() && !dev.template persistent_forward<Cell>(recorded, w_hh_p, H)) {
+    for (const ForwardStep<T, A>& step_s : recorded)
+      dev.template fused_forward<Cell>(step_s, w_hh_p);
   }
 }
 
@@ -213,8 +248,9 @@ ForwardResult forward_engine(Dev& dev, const Problem& p, const LayerArgs& a, boo
       at::kHalf, at::kBFloat16, input.scalar_type(), "rnn_fused_forward", [&] {
         dispatch_cell(p.kind, [&](auto tag) {
           using Tag = decltype(tag);
-          run_forward<Tag::template Cell, scalar_t>(dev, p, train, fused, input, w_ih, w_hh, b_ih,
-                                                    b_hh, w_hr, a.zoneout, f);
+          run_forward<Tag::template Cell, scalar_t>(dev, p, train, fused,
+                                                    fused && use_persistent_path(p), input, w_ih,
+                                                    w_hh, b_ih, b_hh, w_hr, a.zoneout, f);
         });
       });
   at::Tensor c_n = lstm ? f.c_state.to(input.scalar_type()) : at::empty({0}, opts);
@@ -230,7 +266,7 @@ struct BackwardBuffers {
 
 // w_hh_acc: W_hh in A, for the standard path's products with the gate gradients.
 template <template <class> class CellT, class T, class Dev>
-void run_backward(Dev& dev, const Problem& p, bool fused,
+void run_backward(Dev& dev, const Problem& p, bool fused, bool persistent,
                   const std::optional<at::Tensor>& grad_output, const at::Tensor& w_hh,
                   const at::Tensor& w_hh_acc, const std::optional<at::Tensor>& w_hr,
                   const std::optional<at::Tensor>& zoneout, const at::Tensor& saved,
@@ -260,9 +296,20 @@ void run_backward(Dev& dev, const Problem& p, bool fused,
   step.ld_saved = SW;
   step.ld_h_prev = Hout;
   // Fused: the kernel of a step first adds the product of the step processed before it
-  // (dg_next W_hh over its rows_gemm rows) to what dh carries.
+  // (dg_next W_hh over its rows_gemm rows) to what dh carries. Persistent: the same steps,
+  // recorded, then one launch.
   const A* dg_next = nullptr;
   int64_t rows_gemm = 0;
+  std::vector<FusedBackwardStep<T, A>> recorded;
+  const auto fused_step = [&](const BackwardStep<T, A>& s) {
+    if (std::max(s.n, rows_gemm) * H == 0) return;
+    const FusedBackwardStep<T, A> r{s, dg_next, rows_gemm};
+    if (persistent) {
+      recorded.push_back(r);
+    } else {
+      dev.template fused_backward<Cell>(r, w_hh_p);
+    }
+  };
   for (int64_t s = p.steps - 1; s >= 0; --s) {
     const int64_t t = p.step_at(s), n = p.batch_sizes[t], r0 = p.offsets[t];
     step.n = n;
@@ -273,9 +320,7 @@ void run_backward(Dev& dev, const Problem& p, bool fused,
     step.dhh = dhg + r0 * GH;
     step.keep = keep == nullptr ? nullptr : keep + r0 * Hout;
     if (fused) {
-      if (std::max(n, rows_gemm) * H > 0) {
-        dev.template fused_backward<Cell>(step, dg_next, rows_gemm, w_hh_p);
-      }
+      fused_step(step);
       dg_next = dhg + r0 * GH;
       rows_gemm = n;
       continue;
@@ -297,7 +342,10 @@ void run_backward(Dev& dev, const Problem& p, bool fused,
     tail.H = H;
     tail.dh = step.dh;
     tail.ld_dh = step.ld_dh;
-    if (rows_gemm * H > 0) dev.template fused_backward<Cell>(tail, dg_next, rows_gemm, w_hh_p);
+    fused_step(tail);
+  }
+  if (!recorded.empty() && !dev.template persistent_backward<Cell>(recorded, w_hh_p, H)) {
+    for (const FusedBackwardStep<T, A>& r : recorded) dev.template fused_backward<Cell>(r, w_hh_p);
   }
 }
 
@@ -339,9 +387,10 @@ BackwardResult backward_engine(Dev& dev, const Problem& p, const BackwardArgs& a
       at::kHalf, at::kBFloat16, input.scalar_type(), "rnn_fused_backward", [&] {
         dispatch_cell(p.kind, [&](auto tag) {
           using Tag = decltype(tag);
-          run_backward<Tag::template Cell, scalar_t>(
-              dev, p, use_fused_path(p, input.scalar_type(), dev.tf32()), grad_output, w_hh,
-              w_hh.to(acc.dtype()), w_hr, a.layer.zoneout, saved, h_prev_all, g);
+          const bool fused = use_fused_path(p, input.scalar_type(), dev.tf32());
+          run_backward<Tag::template Cell, scalar_t>(dev, p, fused, fused && use_persistent_path(p),
+                                                     grad_output, w_hh, w_hh.to(acc.dtype()), w_hr,
+                                                     a.layer.zoneout, saved, h_prev_all, g);
         });
       });
 

@@ -62,6 +62,17 @@ struct BackwardStep {
   const T* keep;
 };
 
+// A backward step as the fused and persistent kernels take it (fused_step.cuh,
+// persistent_step.cuh): the step's rows, plus the product dg_next W_hh over rows_gemm rows
+// (the hidden-side gate gradients of the step processed before). A record with step.n == 0
+// only finishes the product: the gradients of the initial states.
+template <class T, class A>
+struct FusedBackwardStep {
+  BackwardStep<T, A> step;
+  const A* dg_next;
+  int64_t rows_gemm;
+};
+
 // The cell's forward at row i, hidden unit j, given its hidden-side products hh (no bias).
 template <class Cell, class T, class A>
 __device__ __forceinline__ void forward_unit(const ForwardStep<T, A>& s, int64_t i, int64_t j,

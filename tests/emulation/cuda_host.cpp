@@ -1,16 +1,22 @@
 // The CUDA engine (csrc/cuda/recurrence_engine.h) and its kernels compiled for the CPU and
 // run under a small emulation of CUDA's block model: the 256 threads of a block are fibers that
 // __syncthreads switches between, and a __shared__ array is a static one that the threads
-// of a block share (the blocks of a launch run one after another). It checks the engine's
-// loops and the kernels' indexing, staging, cross-warp reduction and cell epilogues on
+// of a block share (the blocks of a launch run one after another). A cooperative launch (the
+// persistent kernels) makes every thread of every block a fiber at once, gives each block its
+// own dynamic shared memory, and runs the blocks one after another between grid barriers, in
+// an order that alternates from one grid barrier to the next. It checks the engine's loops and
+// the kernels' indexing, staging, cross-warp reduction, barriers and cell epilogues on
 // machines without a GPU (tests/test_cuda_emulated.py); it says nothing about speed.
 #include <ATen/OpMathType.h>
 #include <torch/extension.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -21,8 +27,8 @@ struct Dim3 {
   unsigned x = 0, y = 0, z = 0;
 };
 
-// The threads of a block are fibers on the calling thread: the scheduler resumes each in
-// turn until it reaches __syncthreads (or ends), so after a round every thread of the
+// The threads are fibers on the calling thread: the scheduler resumes each in turn until it
+// reaches __syncthreads, the grid barrier or its end, so after a round every thread of a
 // block stands at the same barrier, which is what __syncthreads promises.
 Dim3 threadIdx, blockIdx;
 Dim3 blockDim{256, 1, 1};
@@ -30,12 +36,22 @@ Dim3 blockDim{256, 1, 1};
 constexpr size_t kStackBytes = 256 * 1024;
 ucontext_t scheduler;
 std::vector<ucontext_t> fibers;
-std::vector<std::vector<char>> stacks;
-std::vector<char> finished;
+std::vector<std::unique_ptr<char[]>> stacks;  // not zeroed: pages are touched only as used
+std::vector<char> finished, at_grid;
+std::vector<std::vector<unsigned char>> block_shared;  // a cooperative launch's, per block
 unsigned current = 0;
 const std::function<void()>* body = nullptr;
 
 void syncthreads() { swapcontext(&fibers[current], &scheduler); }
+
+// Whether grid barriers wait (off: a test shows that the kernels' results depend on them).
+bool grid_barriers = true;
+
+void grid_sync() {
+  if (!grid_barriers) return;
+  at_grid[current] = 1;
+  swapcontext(&fibers[current], &scheduler);
+}
 
 void fiber_main() {
   (*body)();
@@ -43,40 +59,82 @@ void fiber_main() {
   swapcontext(&fibers[current], &scheduler);  // never resumed again
 }
 
-// Runs kernel() as every thread of every block of a grid(x, y) launch of 256-thread
-// blocks, one block after another.
-void launch(unsigned grid_x, unsigned grid_y, const std::function<void()>& kernel) {
-  const unsigned n = blockDim.x;
+// Fibers [0, n) made ready to run the kernel from its start.
+void start_fibers(unsigned n, const std::function<void()>& kernel) {
   fibers.resize(n);
   stacks.resize(n);
   finished.assign(n, 0);
+  at_grid.assign(n, 0);
   body = &kernel;
+  for (unsigned f = 0; f < n; ++f) {
+    if (!stacks[f]) stacks[f].reset(new char[kStackBytes]);
+    getcontext(&fibers[f]);
+    fibers[f].uc_stack.ss_sp = stacks[f].get();
+    fibers[f].uc_stack.ss_size = kStackBytes;
+    fibers[f].uc_link = nullptr;
+    makecontext(&fibers[f], fiber_main, 0);
+  }
+}
+
+// Runs the block (bx, by), whose threads are fibers [base, base + blockDim.x), until each has
+// ended or waits at the grid barrier. Between barriers the threads run one after another, in
+// turn forwards and backwards, so that a read of another thread's write lacking a barrier
+// goes wrong one way.
+void run_block(unsigned base, unsigned bx, unsigned by) {
+  const unsigned n = blockDim.x;
+  for (bool running = true, forwards = true; running; forwards = !forwards) {
+    running = false;
+    for (unsigned k = 0; k < n; ++k) {
+      const unsigned f = base + (forwards ? k : n - 1 - k);
+      if (finished[f] || at_grid[f]) continue;
+      current = f;
+      threadIdx = {f - base, 0, 0};
+      blockIdx = {bx, by, 0};
+      swapcontext(&scheduler, &fibers[f]);
+      running = running || !(finished[f] || at_grid[f]);
+    }
+    if (!running) break;
+    for (unsigned f = base; f < base + n; ++f) {
+      if (at_grid[f])
+        throw std::runtime_error("emulation: a block's threads wait at different barriers");
+    }
+  }
+}
+
+// Runs kernel() as every thread of every block of a grid(x, y) launch of 256-thread
+// blocks, one block after another.
+void launch(unsigned grid_x, unsigned grid_y, const std::function<void()>& kernel) {
   for (unsigned by = 0; by < grid_y; ++by) {
     for (unsigned bx = 0; bx < grid_x; ++bx) {
-      blockIdx = {bx, by, 0};
-      for (unsigned t = 0; t < n; ++t) {
-        stacks[t].resize(kStackBytes);
-        getcontext(&fibers[t]);
-        fibers[t].uc_stack.ss_sp = stacks[t].data();
-        fibers[t].uc_stack.ss_size = kStackBytes;
-        fibers[t].uc_link = nullptr;
-        makecontext(&fibers[t], fiber_main, 0);
-        finished[t] = 0;
-      }
-      // Between barriers the threads run one after another, in turn forwards and backwards,
-      // so that a read of another thread's write lacking a barrier goes wrong one way.
-      for (bool running = true, forwards = true; running; forwards = !forwards) {
-        running = false;
-        for (unsigned k = 0; k < n; ++k) {
-          const unsigned t = forwards ? k : n - 1 - k;
-          if (finished[t]) continue;
-          current = t;
-          threadIdx = {t, 0, 0};
-          swapcontext(&scheduler, &fibers[t]);
-          running = running || !finished[t];
-        }
+      start_fibers(blockDim.x, kernel);
+      run_block(0, bx, by);
+      for (char g : at_grid) {
+        if (g)
+          throw std::runtime_error("emulation: a grid barrier in a launch that is not cooperative");
       }
     }
+  }
+}
+
+// A cooperative launch of grid_x blocks with shared_bytes of dynamic shared memory each
+// (filled with 0xff bytes, NaN in every floating type, so that a read before a write shows).
+// Between two grid barriers every block runs to the next one, the blocks in increasing order
+// after an even number of barriers and in decreasing order after an odd one.
+void launch_cooperative(unsigned grid_x, size_t shared_bytes, const std::function<void()>& kernel) {
+  const unsigned n = blockDim.x;
+  start_fibers(grid_x * n, kernel);
+  block_shared.assign(grid_x, std::vector<unsigned char>(shared_bytes, 0xff));
+  for (unsigned phase = 0;; ++phase) {
+    for (unsigned k = 0; k < grid_x; ++k) {
+      const unsigned b = phase % 2 == 0 ? k : grid_x - 1 - k;
+      run_block(b * n, b, 0);
+    }
+    unsigned ended = 0;
+    for (unsigned f = 0; f < grid_x * n; ++f) ended += finished[f];
+    if (ended == grid_x * n) return;
+    if (ended > 0)
+      throw std::runtime_error("emulation: threads ended while others wait at the grid barrier");
+    at_grid.assign(grid_x * n, 0);
   }
 }
 
@@ -93,7 +151,16 @@ using emulation::threadIdx;
 #define __align__(n) __attribute__((aligned(n)))
 #define __syncthreads() emulation::syncthreads()
 
+namespace rnn_fused::cuda::persistent {
+template <class A>
+A* shared_memory() {
+  return reinterpret_cast<A*>(emulation::block_shared[emulation::blockIdx.x].data());
+}
+inline void grid_barrier() { emulation::grid_sync(); }
+}  // namespace rnn_fused::cuda::persistent
+
 #include "cuda/fused_step.cuh"
+#include "cuda/persistent_step.cuh"
 #include "cuda/recurrence_engine.h"
 #include "op_adapters.h"
 
@@ -195,6 +262,8 @@ void backward_step(const std::string& mode, int64_t n, const at::Tensor& dg_next
                                   });
 }
 
+bool persistent_launches = true;
+
 // The engine's device here: products as plain loops (in the accumulation type), copies
 // with memcpy, and the same kernels as on the GPU under the block emulation above.
 struct HostDevice {
@@ -238,10 +307,43 @@ struct HostDevice {
     });
   }
   template <class Cell, class T, class A>
-  void fused_backward(const BackwardStep<T, A>& s, const A* dg_next, int64_t rows_gemm,
-                      const T* w_hh) {
-    launch(fused::backward_grid(s.n, rows_gemm, s.H),
-           [&] { fused_backward_step_kernel<Cell, T, A>(s, dg_next, rows_gemm, w_hh); });
+  void fused_backward(const FusedBackwardStep<T, A>& r, const T* w_hh) {
+    launch(fused::backward_grid(r.step.n, r.rows_gemm, r.step.H),
+           [&] { fused_backward_step_kernel<Cell, T, A>(r.step, r.dg_next, r.rows_gemm, w_hh); });
+  }
+  // The persistent kernels as cooperative launches (set_persistent_launches(false): declined,
+  // as a device that cannot run them does, so that the engine's fallback is tested too).
+  template <class Cell, class T, class A>
+  bool persistent_forward(const std::vector<ForwardStep<T, A>>& steps, const T* w_hh, int64_t H) {
+    if (!persistent_launches) return false;
+    int64_t rows = 0;
+    for (const auto& s : steps) rows = std::max(rows, s.n);
+    fused::with_forward_rows(rows, [&](auto r) {
+      constexpr int kRows = decltype(r)::value;
+      using S = persistent::Shape<Cell::kGates, kRows>;
+      const auto count = static_cast<int64_t>(steps.size());
+      emulation::launch_cooperative(persistent::blocks(H), persistent::shared_bytes<A, S>(H), [&] {
+        persistent_forward_kernel<Cell, T, A, kRows>(steps.data(), count, w_hh, H);
+      });
+    });
+    return true;
+  }
+  template <class Cell, class T, class A>
+  bool persistent_backward(const std::vector<FusedBackwardStep<T, A>>& steps, const T* w_hh,
+                           int64_t H) {
+    if (!persistent_launches) return false;
+    int64_t rows = 0;
+    for (const auto& r : steps) rows = std::max({rows, r.step.n, r.rows_gemm});
+    fused::with_forward_rows(rows, [&](auto r) {
+      constexpr int kRows = decltype(r)::value;
+      using S = persistent::Shape<1, kRows>;
+      const auto count = static_cast<int64_t>(steps.size());
+      const int64_t K = Cell::kGates * H;
+      emulation::launch_cooperative(persistent::blocks(H), persistent::shared_bytes<A, S>(K), [&] {
+        persistent_backward_kernel<Cell, T, A, kRows>(steps.data(), count, w_hh, H);
+      });
+    });
+    return true;
   }
 };
 
@@ -263,4 +365,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward_step", &backward_step);
   m.def("forward", &forward_adapter<engine_forward>);
   m.def("backward", &backward_adapter<engine_backward>);
+  m.def("set_persistent_launches", [](bool on) { persistent_launches = on; });
+  m.def("set_grid_barriers", [](bool on) { emulation::grid_barriers = on; });
 }
