@@ -50,7 +50,7 @@ def run_case(mode: str, path: str, dtype: torch.dtype, packed: bool, reverse: bo
 def main() -> None:
     cases = 0
     for mode in ("LSTM", "GRU", "RNN_TANH", "RNN_RELU"):
-        for path in ("persistent", "fused", "standard"):
+        for path in ("persistent", "persistent-grid", "fused", "standard"):
             for dtype in (torch.float32, torch.bfloat16):
                 for packed, reverse in ((False, False), (True, False), (False, True)):
                     for proj in (0, 3) if mode == "LSTM" else (0,):

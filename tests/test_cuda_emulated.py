@@ -6,11 +6,11 @@ cell math, backward products and the cell's derivative taken by autograd. Shapes
 every tile edge (rows past a block of 32 or 8, units past 8 or 32, K past a staged chunk);
 outputs start poisoned so that unwritten or overwritten elements show.
 
-The engine, whole layers on each path (standard, fused, persistent), against reference.py
-in float64: every cell, bias or not, h0 or not, reverse, packed both ways, projection,
-training and inference, forward and backward. The persistent path runs as a cooperative
-launch whose blocks take turns between grid barriers, in an order that alternates: a test
-shows that dropping the barriers breaks it."""
+The engine, whole layers on each path (standard, fused, persistent as a cluster and as a
+cooperative grid), against reference.py in float64: every cell, bias or not, h0 or not,
+reverse, packed both ways, projection, training and inference, forward and backward. The
+persistent kernels run as launches whose blocks take turns between barriers, in an order
+that alternates: a test shows that dropping the barriers breaks them."""
 
 from __future__ import annotations
 
@@ -185,7 +185,7 @@ ENGINE_CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(("mode", "feature"), ENGINE_CASES)
-@pytest.mark.parametrize("path", ["fused", "standard", "persistent"])
+@pytest.mark.parametrize("path", ["fused", "standard", "persistent", "persistent-grid"])
 def test_engine_matches_reference(kernels, monkeypatch, path, mode, feature, dtype):
     monkeypatch.setenv("RNN_FUSED_CUDA_PATH", path)
     _engine_matches_reference(kernels, mode, feature, dtype)
@@ -297,11 +297,13 @@ def test_engine_refuses_layer_norm_by_name(kernels):
 
 
 @pytest.mark.parametrize(("batch", "hidden"), [(37, 70), (3, 130), (1, 9)])
+@pytest.mark.parametrize("path", ["persistent", "persistent-grid"])
 @pytest.mark.parametrize("mode", CELLS)
-def test_persistent_path_over_tile_edges(kernels, monkeypatch, mode, batch, hidden):
-    """Rows past a tile of 32 (or 8, for batches up to 8), units past a block of 8, and K
-    past a staged chunk (forward: hidden; backward: gates x hidden)."""
-    monkeypatch.setenv("RNN_FUSED_CUDA_PATH", "persistent")
+def test_persistent_path_over_tile_edges(kernels, monkeypatch, mode, path, batch, hidden):
+    """Rows past a tile of 32 (or 8, for batches up to 8), units past a block of 8, K past a
+    chunk (forward: hidden; backward: gates x hidden); hidden 130 takes 17 blocks, more than
+    a cluster, so the grid variant."""
+    monkeypatch.setenv("RNN_FUSED_CUDA_PATH", path)
     _engine_matches_reference(kernels, mode, "zoneout", torch.float64, batch, hidden)
 
 
@@ -317,11 +319,12 @@ def test_persistent_path_falls_back_to_fused_launches(kernels, monkeypatch, mode
         kernels.set_persistent_launches(True)
 
 
+@pytest.mark.parametrize("path", ["persistent", "persistent-grid"])
 @pytest.mark.parametrize("mode", CELLS)
-def test_persistent_kernels_need_their_grid_barriers(kernels, monkeypatch, mode):
-    """Without its grid barriers a persistent kernel's blocks read states and gate gradients
-    that other blocks have not written yet: the emulation must make that visible."""
-    monkeypatch.setenv("RNN_FUSED_CUDA_PATH", "persistent")
+def test_persistent_kernels_need_their_barriers(kernels, monkeypatch, mode, path):
+    """Without its grid or cluster barriers a persistent kernel's blocks read states and gate
+    gradients that other blocks have not written yet: the emulation must make that visible."""
+    monkeypatch.setenv("RNN_FUSED_CUDA_PATH", path)
     kernels.set_grid_barriers(False)
     try:
         with pytest.raises(AssertionError):

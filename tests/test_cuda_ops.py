@@ -23,10 +23,11 @@ pytestmark = pytest.mark.skipif(
 DEV = "cuda"
 
 
-@pytest.fixture(params=["fused", "standard", "persistent"])
+@pytest.fixture(params=["fused", "standard", "persistent", "persistent-grid"])
 def path(request, monkeypatch):
     """Each CUDA path: fused step kernels, cuBLAS plus pointwise kernels, and the persistent
-    kernels (under graph capture: the fused launches they fall back to)."""
+    kernels as a cluster and as a cooperative grid (under graph capture: the fused launches
+    they fall back to)."""
     monkeypatch.setenv("RNN_FUSED_CUDA_PATH", request.param)
     return request.param
 

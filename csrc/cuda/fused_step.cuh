@@ -101,17 +101,16 @@ __device__ __forceinline__ void load4(const A* p, A (&v)[4]) {
 #endif
 }
 
-// acc += X Y^T over this warp's share [k0, k0 + kSub) of a staged chunk. xs: [BM][kStride],
-// ys: [BC][ys_stride] (kStride for a staged chunk; the persistent kernels' resident rows
-// are longer), both indexed from the chunk's first K.
+// acc += X Y^T over this warp's share [k0, k0 + kSub) of a chunk. xs: [BM][xs_stride],
+// ys: [BC][ys_stride], both indexed from the chunk's first K (strides kStride for staged
+// chunks; the persistent kernels keep longer rows in shared memory).
 template <class A, class C, int TM, int TC, int LM, int LC>
-__device__ __forceinline__ void accumulate(const A* xs, const A* ys, int ys_stride, int lm, int lc,
-                                           int k0, A (&acc)[TM][TC]) {
-  constexpr int S = C::kStride;
+__device__ __forceinline__ void accumulate(const A* xs, int xs_stride, const A* ys, int ys_stride,
+                                           int lm, int lc, int k0, A (&acc)[TM][TC]) {
   for (int k = k0; k < k0 + C::kSub; k += 4) {
     A xv[TM][4], yv[TC][4];
 #pragma unroll
-    for (int r = 0; r < TM; ++r) load4(xs + (r * LM + lm) * S + k, xv[r]);
+    for (int r = 0; r < TM; ++r) load4(xs + (r * LM + lm) * xs_stride + k, xv[r]);
 #pragma unroll
     for (int c = 0; c < TC; ++c) load4(ys + (c * LC + lc) * ys_stride + k, yv[c]);
 #pragma unroll
@@ -221,7 +220,7 @@ __device__ __forceinline__ void block_product(int64_t K, const XAt& x_at, const 
     __syncthreads();
     if (k0 + C::kLen < K) fetch(k0 + C::kLen);
     accumulate<A, C, Shape::TM, Shape::TC, Shape::LM, Shape::LC>(
-        xs, ys, C::kStride, lane / Shape::LC, lane % Shape::LC, warp * C::kSub, acc);
+        xs, C::kStride, ys, C::kStride, lane / Shape::LC, lane % Shape::LC, warp * C::kSub, acc);
   }
   reduce_warps<A, Shape::TM, Shape::TC>(smem, warp, lane, acc);
 }

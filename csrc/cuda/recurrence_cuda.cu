@@ -122,71 +122,83 @@ class CudaDevice {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   template <class Cell, class T, class A>
-  bool persistent_forward(const std::vector<ForwardStep<T, A>>& steps, const T* w_hh, int64_t H) {
-    int64_t rows = 0;
-    for (const auto& s : steps) rows = std::max(rows, s.n);
-    bool ran = false;
-    fused::with_forward_rows(rows, [&](auto r) {
-      constexpr int kRows = decltype(r)::value;
-      using S = persistent::Shape<Cell::kGates, kRows>;
-      ran = launch_persistent(persistent_forward_kernel<Cell, T, A, kRows>,
-                              persistent::shared_bytes<A, S>(H), steps, w_hh, H);
-    });
-    return ran;
+  bool persistent_forward(const std::vector<ForwardStep<T, A>>& steps, const T* w_hh, int64_t H,
+                          bool cluster) {
+    cluster = cluster && clusters_supported();
+    return launch_persistent(persistent_forward_launch<Cell, T, A>(steps, H, cluster), steps, w_hh,
+                             H) ||
+           (cluster && launch_persistent(persistent_forward_launch<Cell, T, A>(steps, H, false),
+                                         steps, w_hh, H));
   }
   template <class Cell, class T, class A>
   bool persistent_backward(const std::vector<FusedBackwardStep<T, A>>& steps, const T* w_hh,
-                           int64_t H) {
-    int64_t rows = 0;
-    for (const auto& r : steps) rows = std::max({rows, r.step.n, r.rows_gemm});
-    bool ran = false;
-    fused::with_forward_rows(rows, [&](auto r) {
-      constexpr int kRows = decltype(r)::value;
-      using S = persistent::Shape<1, kRows>;
-      ran = launch_persistent(persistent_backward_kernel<Cell, T, A, kRows>,
-                              persistent::shared_bytes<A, S>(Cell::kGates * H), steps, w_hh, H);
-    });
-    return ran;
+                           int64_t H, bool cluster) {
+    cluster = cluster && clusters_supported();
+    return launch_persistent(persistent_backward_launch<Cell, T, A>(steps, H, cluster), steps, w_hh,
+                             H) ||
+           (cluster && launch_persistent(persistent_backward_launch<Cell, T, A>(steps, H, false),
+                                         steps, w_hh, H));
   }
 
  private:
-  // Whether a cooperative launch of blocks blocks with shared_bytes each can run now: not
-  // while the stream is being captured (the step records are copied from the host), and
-  // only where the device runs cooperative launches and all the blocks fit on it at once.
-  bool can_launch_cooperative(const void* kernel, int64_t shared_bytes, int64_t blocks) const {
+  static bool clusters_supported() { return at::cuda::getCurrentDeviceProperties()->major >= 9; }
+  // Whether a launch of `blocks` blocks with shared_bytes each can run now, all blocks at once:
+  // not while the stream is being captured (the step records are copied from the host);
+  // cooperative: where the device runs cooperative launches and all blocks fit on it at once;
+  // cluster: where one cluster of them fits an SM group (the occupancy calculator says).
+  bool can_launch(const void* kernel, int64_t shared_bytes, cudaLaunchConfig_t& config,
+                  bool cluster) const {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     C10_CUDA_CHECK(cudaStreamIsCapturing(stream_, &capture));
     if (capture != cudaStreamCaptureStatusNone) return false;
     const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-    if (!prop->cooperativeLaunch || shared_bytes > int64_t(prop->sharedMemPerBlockOptin)) {
-      return false;
-    }
+    if (shared_bytes > int64_t(prop->sharedMemPerBlockOptin)) return false;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(shared_bytes)));
+    if (cluster) {
+      C10_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+      int clusters = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
+      return clusters >= 1;
+    }
+    if (!prop->cooperativeLaunch) return false;
     int per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, fused::kBlock,
                                                                  shared_bytes));
-    return int64_t(per_sm) * prop->multiProcessorCount >= blocks;
+    return int64_t(per_sm) * prop->multiProcessorCount >= int64_t(config.gridDim.x);
   }
-  // One cooperative launch of a persistent kernel over the step records, which travel to the
-  // device through pinned memory (the host allocator keeps it until the copy is done).
+  // One launch of a persistent kernel over the step records, which travel to the device
+  // through pinned memory (the host allocator keeps it until the copy is done).
   template <class Step, class T>
-  bool launch_persistent(void (*kernel)(const Step*, int64_t, const T*, int64_t),
-                         int64_t shared_bytes, const std::vector<Step>& steps, const T* w_hh,
-                         int64_t H) {
-    const int64_t blocks = persistent::blocks(H);
-    const void* entry = reinterpret_cast<const void*>(kernel);
-    if (!can_launch_cooperative(entry, shared_bytes, blocks)) return false;
+  bool launch_persistent(const PersistentLaunch<Step, T>& l, const std::vector<Step>& steps,
+                         const T* w_hh, int64_t H) {
+    const void* entry = reinterpret_cast<const void*>(l.kernel);
+    cudaLaunchAttribute attribute{};
+    attribute.id = l.cluster ? cudaLaunchAttributeClusterDimension : cudaLaunchAttributeCooperative;
+    if (l.cluster) {
+      attribute.val.clusterDim.x = static_cast<unsigned>(l.blocks);
+      attribute.val.clusterDim.y = attribute.val.clusterDim.z = 1;
+    } else {
+      attribute.val.cooperative = 1;
+    }
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(static_cast<unsigned>(l.blocks));
+    config.blockDim = dim3(fused::kBlock);
+    config.dynamicSmemBytes = static_cast<size_t>(l.shared_bytes);
+    config.stream = stream_;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    if (!can_launch(entry, l.shared_bytes, config, l.cluster)) return false;
     const auto bytes = static_cast<int64_t>(sizeof(Step) * steps.size());
     at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
     std::memcpy(host.data_ptr(), steps.data(), bytes);
     const at::Tensor records =
         host.to(at::Device(at::kCUDA, c10::cuda::current_device()), /*non_blocking=*/true);
     const Step* records_p = reinterpret_cast<const Step*>(records.data_ptr());
-    int64_t count = static_cast<int64_t>(steps.size()), hidden = H;
-    void* args[] = {&records_p, &count, &w_hh, &hidden};
-    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(entry, dim3(blocks), dim3(fused::kBlock), args,
-                                               shared_bytes, stream_));
+    int64_t count = static_cast<int64_t>(steps.size()), hidden = H, rows = l.rows;
+    void* args[] = {&records_p, &count, &w_hh, &hidden, &rows};
+    C10_CUDA_CHECK(cudaLaunchKernelExC(&config, entry, args));
     return true;
   }
 

@@ -25,8 +25,9 @@
 //   forward_pointwise<Cell>(step, hg), backward_pointwise<Cell>(step),
 //   add_rows(count, grad_out, state, out): the standard path's kernels (step_kernels.cuh)
 //   fused_forward<Cell>(step, w_hh), fused_backward<Cell>(FusedBackwardStep, w_hh)
-//   persistent_forward<Cell>(steps, w_hh, H), persistent_backward<Cell>(steps, w_hh, H):
-//       one launch over all recorded steps; false (nothing run) where it cannot launch
+//   persistent_forward<Cell>(steps, w_hh, H, cluster), persistent_backward<Cell>(same):
+//       one launch over all recorded steps, as a cluster where allowed and possible;
+//       false (nothing run) where it cannot launch
 //   tf32(): whether its float32 GEMMs use TF32 tensor cores
 // and is called only with work to do (no empty launches).
 #pragma once
@@ -66,7 +67,9 @@ inline bool forced_path(const char* path) {
 inline bool use_fused_path(const Problem& p, at::ScalarType dtype, bool tf32) {
   if (p.proj || p.batch > kFusedMaxRows) return false;
   if (forced_path("standard")) return false;
-  if (forced_path("fused") || forced_path("persistent")) return true;
+  if (forced_path("fused") || forced_path("persistent") || forced_path("persistent-grid")) {
+    return true;
+  }
   if (p.batch > kFusedMaxBatch) return false;
   const bool tensor_cores =
       dtype == at::kHalf || dtype == at::kBFloat16 || (dtype == at::kFloat && tf32);
@@ -76,11 +79,13 @@ inline bool use_fused_path(const Problem& p, at::ScalarType dtype, bool tf32) {
 // Whether a call on the fused path runs its steps as one persistent launch: for batches up
 // to kPersistentMaxBatch over at least kPersistentMinSteps steps, where a step's work is
 // small next to a launch (the device may still decline: occupancy, shared memory, graph
-// capture). RNN_FUSED_CUDA_PATH=persistent forces it wherever the device can run it.
+// capture). RNN_FUSED_CUDA_PATH=persistent forces it wherever the device can run it, and
+// =persistent-grid its grid-barrier variant (the device otherwise takes the cluster variant
+// where the layer's blocks fit one cluster: persistent_step.cuh).
 constexpr int64_t kPersistentMaxBatch = 16;
 constexpr int64_t kPersistentMinSteps = 8;
 inline bool use_persistent_path(const Problem& p) {
-  if (forced_path("persistent")) return true;
+  if (forced_path("persistent") || forced_path("persistent-grid")) return true;
   if (forced_path("fused") || forced_path("standard")) return false;
   return p.batch <= kPersistentMaxBatch && p.steps >= kPersistentMinSteps;
 }
@@ -192,7 +197,8 @@ void run_forward(Dev& dev, const Problem& p, bool train, bool fused, bool persis
       if (n > 0) dev.copy(h_state, out + r0 * Hout, sizeof(T) * n * Hout);
     }
   }
-  if (!recorded.empty() && !dev.template persistent_forward<Cell>(recorded, w_hh_p, H)) {
+  if (!recorded.empty() && !dev.template persistent_forward<Cell>(
+                               recorded, w_hh_p, H, !forced_path("persistent-grid"))) {
     for (const ForwardStep<T, A>& step_s : recorded)
       dev.template fused_forward<Cell>(step_s, w_hh_p);
   }
@@ -344,7 +350,8 @@ void run_backward(Dev& dev, const Problem& p, bool fused, bool persistent,
     tail.ld_dh = step.ld_dh;
     fused_step(tail);
   }
-  if (!recorded.empty() && !dev.template persistent_backward<Cell>(recorded, w_hh_p, H)) {
+  if (!recorded.empty() && !dev.template persistent_backward<Cell>(
+                               recorded, w_hh_p, H, !forced_path("persistent-grid"))) {
     for (const FusedBackwardStep<T, A>& r : recorded) dev.template fused_backward<Cell>(r, w_hh_p);
   }
 }

@@ -2,9 +2,11 @@
 // run under a small emulation of CUDA's block model: the 256 threads of a block are fibers that
 // __syncthreads switches between, and a __shared__ array is a static one that the threads
 // of a block share (the blocks of a launch run one after another). A cooperative launch (the
-// persistent kernels) makes every thread of every block a fiber at once, gives each block its
-// own dynamic shared memory, and runs the blocks one after another between grid barriers, in
-// an order that alternates from one grid barrier to the next. It checks the engine's loops and
+// persistent kernels; a cluster launch is one too, the grid being the cluster) makes every
+// thread of every block a fiber at once, gives each block its own dynamic shared memory,
+// which the other blocks can write (distributed shared memory), and runs the blocks one
+// after another between grid barriers, in an order that alternates from one barrier to the
+// next. It checks the engine's loops and
 // the kernels' indexing, staging, cross-warp reduction, barriers and cell epilogues on
 // machines without a GPU (tests/test_cuda_emulated.py); it says nothing about speed.
 #include <ATen/OpMathType.h>
@@ -157,6 +159,12 @@ A* shared_memory() {
   return reinterpret_cast<A*>(emulation::block_shared[emulation::blockIdx.x].data());
 }
 inline void grid_barrier() { emulation::grid_sync(); }
+// A cluster launch here is a cooperative one: the grid is the cluster.
+template <class A>
+A* shared_memory_of(int rank) {
+  return reinterpret_cast<A*>(emulation::block_shared[rank].data());
+}
+inline void cluster_barrier() { emulation::grid_sync(); }
 }  // namespace rnn_fused::cuda::persistent
 
 #include "cuda/fused_step.cuh"
@@ -311,38 +319,27 @@ struct HostDevice {
     launch(fused::backward_grid(r.step.n, r.rows_gemm, r.step.H),
            [&] { fused_backward_step_kernel<Cell, T, A>(r.step, r.dg_next, r.rows_gemm, w_hh); });
   }
-  // The persistent kernels as cooperative launches (set_persistent_launches(false): declined,
-  // as a device that cannot run them does, so that the engine's fallback is tested too).
+  // The persistent kernels, cooperative or as one cluster (set_persistent_launches(false):
+  // declined, as a device that cannot run them does, so that the engine's fallback is tested
+  // too).
   template <class Cell, class T, class A>
-  bool persistent_forward(const std::vector<ForwardStep<T, A>>& steps, const T* w_hh, int64_t H) {
-    if (!persistent_launches) return false;
-    int64_t rows = 0;
-    for (const auto& s : steps) rows = std::max(rows, s.n);
-    fused::with_forward_rows(rows, [&](auto r) {
-      constexpr int kRows = decltype(r)::value;
-      using S = persistent::Shape<Cell::kGates, kRows>;
-      const auto count = static_cast<int64_t>(steps.size());
-      emulation::launch_cooperative(persistent::blocks(H), persistent::shared_bytes<A, S>(H), [&] {
-        persistent_forward_kernel<Cell, T, A, kRows>(steps.data(), count, w_hh, H);
-      });
-    });
-    return true;
+  bool persistent_forward(const std::vector<ForwardStep<T, A>>& steps, const T* w_hh, int64_t H,
+                          bool cluster) {
+    return run_persistent(persistent_forward_launch<Cell, T, A>(steps, H, cluster), steps, w_hh, H);
   }
   template <class Cell, class T, class A>
   bool persistent_backward(const std::vector<FusedBackwardStep<T, A>>& steps, const T* w_hh,
-                           int64_t H) {
+                           int64_t H, bool cluster) {
+    return run_persistent(persistent_backward_launch<Cell, T, A>(steps, H, cluster), steps, w_hh,
+                          H);
+  }
+  template <class Step, class T>
+  bool run_persistent(const PersistentLaunch<Step, T>& l, const std::vector<Step>& steps,
+                      const T* w_hh, int64_t H) {
     if (!persistent_launches) return false;
-    int64_t rows = 0;
-    for (const auto& r : steps) rows = std::max({rows, r.step.n, r.rows_gemm});
-    fused::with_forward_rows(rows, [&](auto r) {
-      constexpr int kRows = decltype(r)::value;
-      using S = persistent::Shape<1, kRows>;
-      const auto count = static_cast<int64_t>(steps.size());
-      const int64_t K = Cell::kGates * H;
-      emulation::launch_cooperative(persistent::blocks(H), persistent::shared_bytes<A, S>(K), [&] {
-        persistent_backward_kernel<Cell, T, A, kRows>(steps.data(), count, w_hh, H);
-      });
-    });
+    const auto count = static_cast<int64_t>(steps.size());
+    emulation::launch_cooperative(static_cast<unsigned>(l.blocks), l.shared_bytes,
+                                  [&] { l.kernel(steps.data(), count, w_hh, H, l.rows); });
     return true;
   }
 };
