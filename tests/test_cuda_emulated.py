@@ -80,7 +80,7 @@ def _cell(mode: str, x: torch.Tensor, hh: torch.Tensor, h_prev, c_prev):
     return h, None, h
 
 
-@pytest.mark.parametrize("block_rows", [8, 32])
+@pytest.mark.parametrize("block_rows", [4, 8, 32])
 @pytest.mark.parametrize(("n", "H", "dtype"), CASES, ids=str)
 @pytest.mark.parametrize("mode", CELLS)
 def test_fused_forward_step(kernels, mode, n, H, dtype, block_rows):
@@ -296,11 +296,11 @@ def test_engine_refuses_layer_norm_by_name(kernels):
         kernels.forward("GRU", x, None, None, *weights, None, None, False, False, None, gains)
 
 
-@pytest.mark.parametrize(("batch", "hidden"), [(37, 70), (3, 130), (1, 9)])
+@pytest.mark.parametrize(("batch", "hidden"), [(37, 70), (6, 20), (3, 130), (1, 9)])
 @pytest.mark.parametrize("path", ["persistent", "persistent-grid"])
 @pytest.mark.parametrize("mode", CELLS)
 def test_persistent_path_over_tile_edges(kernels, monkeypatch, mode, path, batch, hidden):
-    """Rows past a tile of 32 (or 8, for batches up to 8), units past a block of 8, K past a
+    """Rows past a tile of 32 (8 for batches up to 8, 4 up to 4), units past a block of 8, K past a
     chunk (forward: hidden; backward: gates x hidden); hidden 130 takes 17 blocks, more than
     a cluster, so the grid variant."""
     monkeypatch.setenv("RNN_FUSED_CUDA_PATH", path)

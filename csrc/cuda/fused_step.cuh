@@ -41,7 +41,8 @@ struct Chunk {
 
 // The block shapes. Lanes: LM along rows x LC along columns; lane (lm, lc) holds rows
 // r * LM + lm (r < TM) and columns c * LC + lc (c < TC). Forward blocks take 8 hidden units
-// and 32 rows, or 8 rows for steps of at most 8 (less work on rows that are not there).
+// and 32 rows, or 8 rows for steps of at most 8, 4 for steps of at most 4 (less work on rows
+// that are not there: at batch 1, 3 rows of 4 instead of 7 of 8).
 template <int kGates, int kRows>
 struct ForwardShape {
   static constexpr int LM = 4, LC = 8, TM = kRows / LM, TC = kGates, kFloatSub = 16;
@@ -51,7 +52,9 @@ struct ForwardShape {
 // Calls f with std::integral_constant<int, rows>: the forward block's rows for a step of n.
 template <class F>
 void with_forward_rows(int64_t n, F&& f) {
-  if (n <= 8) {
+  if (n <= 4) {
+    f(std::integral_constant<int, 4>{});
+  } else if (n <= 8) {
     f(std::integral_constant<int, 8>{});
   } else {
     f(std::integral_constant<int, 32>{});
@@ -240,6 +243,12 @@ __global__ void __launch_bounds__(fused::kBlock)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, lm = lane / Shape::LC,
             lc = lane % Shape::LC;
   const int64_t H = s.H, K = s.H, row0 = int64_t(blockIdx.y) * BM, u0 = int64_t(blockIdx.x) * BU;
+  // Thread (warp r < TM, lane): row r * LM + lm and unit lc of the block, every gate; its
+  // inputs besides the product are loaded first, to arrive while the product runs.
+  const int64_t i = row0 + warp * Shape::LM + lm, j = u0 + lc;
+  const bool applies = warp < Shape::TM && i < s.n && j < H;
+  UnitInputs<Cell, A> in{};
+  if (applies) in = load_unit<Cell>(s, i, j);
   fused::block_product<A, Shape, false>(
       K,
       [&](int m, int64_t k) {
@@ -252,13 +261,11 @@ __global__ void __launch_bounds__(fused::kBlock)
       },
       smem);
 
-  // Thread (warp r < TM, lane): row r * LM + lm and unit lc of the block, every gate.
-  const int64_t i = row0 + warp * Shape::LM + lm, j = u0 + lc;
-  if (warp >= Shape::TM || i >= s.n || j >= H) return;
+  if (!applies) return;
   A hh[Cell::kGates];
 #pragma unroll
   for (int g = 0; g < Cell::kGates; ++g) hh[g] = smem[(warp * Shape::TC + g) * 32 + lane];
-  forward_unit<Cell>(s, i, j, hh);
+  finish_unit<Cell>(s, i, j, in, hh);
 }
 
 // Backward of one step (rows [0, s.n)) together with the product of the step processed

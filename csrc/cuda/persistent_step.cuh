@@ -205,6 +205,12 @@ __global__ void __launch_bounds__(fused::kBlock)
       }
     }
     for (int64_t row0 = 0; row0 < s.n; row0 += S::BM) {
+      // Thread (warp r < TM, lane): row r * LM + lm and unit lc of the tile, every gate; its
+      // inputs besides the product are loaded first, to arrive while the product runs.
+      const int64_t i = row0 + warp * S::LM + lane / S::LC, j = u0 + lane % S::LC;
+      const bool applies = warp < S::TM && i < s.n && j < H;
+      UnitInputs<Cell, A> in{};
+      if (applies) in = load_unit<Cell>(s, i, j);
       if constexpr (kCluster) {
         persistent::local_product<A, S>(H, x + row0 * L.stride, ys, L.stride, stage);
       } else {
@@ -216,13 +222,11 @@ __global__ void __launch_bounds__(fused::kBlock)
             },
             ys, L.stride, stage);
       }
-      // Thread (warp r < TM, lane): row r * LM + lm and unit lc of the tile, every gate.
-      const int64_t i = row0 + warp * S::LM + lane / S::LC, j = u0 + lane % S::LC;
-      if (warp < S::TM && i < s.n && j < H) {
+      if (applies) {
         A hh[Cell::kGates];
 #pragma unroll
         for (int g = 0; g < Cell::kGates; ++g) hh[g] = stage[(warp * S::TC + g) * 32 + lane];
-        forward_unit<Cell>(s, i, j, hh);
+        finish_unit<Cell>(s, i, j, in, hh);
         if constexpr (kCluster) {  // h_t as stored, into every block's next X
           const A h = static_cast<A>(s.h[i * s.ld_h + j]);
           const int64_t at = L.x_buffer(smem, q + 1) - smem + i * L.stride + j;

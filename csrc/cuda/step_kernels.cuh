@@ -73,28 +73,48 @@ struct FusedBackwardStep {
   int64_t rows_gemm;
 };
 
-// The cell's forward at row i, hidden unit j, given its hidden-side products hh (no bias).
+// What the cell's forward at row i, hidden unit j reads besides the hidden-side product:
+// the fused and persistent kernels load it before the product, so that these loads are in
+// flight while the product is computed.
+template <class Cell, class A>
+struct UnitInputs {
+  A x[Cell::kGates], b_hh[Cell::kGates];  // input side with b_ih; b_hh (0 without biases)
+  A h_prev, c_prev, keep;                 // those the cell and zoneout read, else 0
+};
+
 template <class Cell, class T, class A>
-__device__ __forceinline__ void forward_unit(const ForwardStep<T, A>& s, int64_t i, int64_t j,
-                                             A (&hh)[Cell::kGates]) {
+__device__ __forceinline__ UnitInputs<Cell, A> load_unit(const ForwardStep<T, A>& s, int64_t i,
+                                                         int64_t j) {
   const int64_t H = s.H, GH = Cell::kGates * H;
-  A x[Cell::kGates], kept[Cell::kSaved];
+  UnitInputs<Cell, A> in;
 #pragma unroll
   for (int k = 0; k < Cell::kGates; ++k) {
-    x[k] = s.xg[i * GH + k * H + j];
+    in.x[k] = s.xg[i * GH + k * H + j];
+    in.b_hh[k] = A(0);
     if (s.b_ih != nullptr) {
-      x[k] += static_cast<A>(s.b_ih[k * H + j]);
-      hh[k] += static_cast<A>(s.b_hh[k * H + j]);
+      in.x[k] += static_cast<A>(s.b_ih[k * H + j]);
+      in.b_hh[k] = static_cast<A>(s.b_hh[k * H + j]);
     }
   }
-  A hp(0), cp(0), h_new(0), c_new(0);
-  if constexpr (Cell::kUsesPrevH) hp = static_cast<A>(s.h_prev[i * s.ld_h_prev + j]);
-  if constexpr (Cell::kCellState) cp = s.c[i * H + j];
-  Cell::forward(x, hh, hp, cp, h_new, c_new, kept);
-  if (s.keep != nullptr) {
-    if constexpr (!Cell::kUsesPrevH) hp = static_cast<A>(s.h_prev[i * s.ld_h_prev + j]);
-    h_new += static_cast<A>(s.keep[i * s.ld_state + j]) * (hp - h_new);
-  }
+  const bool zoneout = s.keep != nullptr;
+  in.h_prev = Cell::kUsesPrevH || zoneout ? static_cast<A>(s.h_prev[i * s.ld_h_prev + j]) : A(0);
+  in.c_prev = Cell::kCellState ? s.c[i * H + j] : A(0);
+  in.keep = zoneout ? static_cast<A>(s.keep[i * s.ld_state + j]) : A(0);
+  return in;
+}
+
+// The cell's forward at row i, hidden unit j, from its inputs and its hidden-side products
+// hh (no bias).
+template <class Cell, class T, class A>
+__device__ __forceinline__ void finish_unit(const ForwardStep<T, A>& s, int64_t i, int64_t j,
+                                            const UnitInputs<Cell, A>& in, A (&hh)[Cell::kGates]) {
+  const int64_t H = s.H;
+  A kept[Cell::kSaved];
+#pragma unroll
+  for (int k = 0; k < Cell::kGates; ++k) hh[k] += in.b_hh[k];
+  A h_new(0), c_new(0);
+  Cell::forward(in.x, hh, in.h_prev, in.c_prev, h_new, c_new, kept);
+  if (s.keep != nullptr) h_new += in.keep * (in.h_prev - h_new);
   if (s.saved != nullptr) {
 #pragma unroll
     for (int k = 0; k < Cell::kSaved; ++k)
@@ -105,6 +125,13 @@ __device__ __forceinline__ void forward_unit(const ForwardStep<T, A>& s, int64_t
   s.h[i * s.ld_h + j] = h_out;
   if (s.h_state != nullptr) s.h_state[i * s.ld_state + j] = h_out;
   if (i < s.n_next) s.h_next[i * s.ld_state + j] = h_out;
+}
+
+// The cell's forward at row i, hidden unit j, given its hidden-side products hh (no bias).
+template <class Cell, class T, class A>
+__device__ __forceinline__ void forward_unit(const ForwardStep<T, A>& s, int64_t i, int64_t j,
+                                             A (&hh)[Cell::kGates]) {
+  finish_unit<Cell>(s, i, j, load_unit<Cell>(s, i, j), hh);
 }
 
 // The cell's backward at row i, hidden unit j, given dL/dh_t without the output gradient.
