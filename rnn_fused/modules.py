@@ -600,8 +600,7 @@ class _LayerNormRNN(_LayerNormModule, _RNNBase):
     normalisations use the biased variance and eps 1e-5, as torch.nn.LayerNorm. The
     options forget_bias, dropconnect and zoneout apply as on LSTM and GRU.
 
-    Runs on the CPU engine (the normalisations fused into each step); the CUDA engine does
-    not have them yet."""
+    The normalisations are fused into each step on the CPU and CUDA engines."""
 
     def __init__(
         self,
@@ -866,9 +865,9 @@ class LSTMCell(_GatedCell):
 class LayerNormLSTMCell(_LayerNormModule, LSTMCell):
     """One step of LayerNormLSTM: LSTMCell's constructor, inputs and outputs, plus
     ln_weight_ih, ln_weight_hh [4 * hidden_size], ln_weight_cell and ln_bias_cell
-    [hidden_size] (see LayerNormLSTM). CPU only, for now."""
+    [hidden_size] (see LayerNormLSTM)."""
 
 
 class LayerNormGRUCell(_LayerNormModule, GRUCell):
     """One step of LayerNormGRU: GRUCell's constructor, inputs and outputs, plus ln_weight_ih
-    and ln_weight_hh [3 * hidden_size] (see LayerNormGRU). CPU only, for now."""
+    and ln_weight_hh [3 * hidden_size] (see LayerNormGRU)."""

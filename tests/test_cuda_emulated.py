@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import CELLS, make_layer, make_states, rand, seed
-from tolerances import HALF_SLACK
+from tolerances import GRADCHECK, HALF_SLACK
 from torch.utils.cpp_extension import load
 
 from rnn_fused import reference
@@ -172,14 +172,18 @@ def test_fused_backward_step(kernels, mode, rows_gemm, n, H, dtype):
 
 FEATURES = [
     "plain", "nobias", "noh0", "reverse", "packed", "packed-reverse", "proj", "indrnn",
-    "zoneout", "zoneout-packed-reverse",
+    "zoneout", "zoneout-packed-reverse", "layernorm", "layernorm-nobias-packed-reverse",
+    "layernorm-zoneout",
 ]  # fmt: skip
-# proj: LSTM only; indrnn (IndRNN's element-wise w_hh, a vector): the RNN modes only.
+# proj: LSTM only; indrnn (IndRNN's element-wise w_hh, a vector): the RNN modes only;
+# layernorm (LayerNormLSTM, LayerNormGRU): LSTM and GRU.
 ENGINE_CASES = [
     (m, f)
     for m in CELLS
     for f in FEATURES
-    if (f != "proj" or m == "LSTM") and (f != "indrnn" or m.startswith("RNN"))
+    if (f != "proj" or m == "LSTM")
+    and (f != "indrnn" or m.startswith("RNN"))
+    and ("layernorm" not in f or m in ("LSTM", "GRU"))
 ]
 
 
@@ -201,7 +205,7 @@ def _engine_matches_reference(kernels, mode, feature, dtype, batch=9, hidden=33)
         mode,
         5,
         hidden,
-        bias=feature != "nobias",
+        bias="nobias" not in feature,
         proj=2 if feature == "proj" else 0,
         dtype=dtype,
         scale=0.25,
@@ -216,16 +220,20 @@ def _engine_matches_reference(kernels, mode, feature, dtype, batch=9, hidden=33)
     x = rand(int(batch_sizes.sum()), 5, dtype=dtype) if packed else rand(6, batch, 5, dtype=dtype)
     # Zoneout's weights of h_{t-1}, anywhere in [0, 1): masks and expectations alike.
     keep = torch.rand(*x.shape[:-1], hidden).to(dtype) if "zoneout" in feature else None
-    # In the operator's order: input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr.
-    inputs = (x, h0, c0, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh, layer.w_hr)
+    # The LayerNorm gains (and LSTM's cell-state gain and bias), away from 1 and 0.
+    ln = None
+    if "layernorm" in feature:
+        ln = 1 + rand(2 * GATES[mode] * hidden + (2 * hidden if mode == "LSTM" else 0), dtype=dtype)
+    # In the operator's order: input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, layer_norm.
+    inputs = (x, h0, c0, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh, layer.w_hr, ln)
 
     def reference_run(to: torch.dtype):
         """reference.py's outputs, the leaves, and a function of upstream grads."""
         leaves = [None if t is None else t.detach().to(to).requires_grad_() for t in inputs]
-        xl, hl, cl, wi, wh, bi, bh, wr = leaves
+        xl, hl, cl, wi, wh, bi, bh, wr, lnl = leaves
         out = reference.rnn_layer(
             mode, xl, wi, wh, bi, bh, hl, cl, w_hr=wr, batch_sizes=batch_sizes, reverse=reverse,
-            zoneout=None if keep is None else keep.to(to),
+            zoneout=None if keep is None else keep.to(to), layer_norm=lnl,
         )  # fmt: skip
         out = [o for o in out if o is not None]
 
@@ -242,7 +250,7 @@ def _engine_matches_reference(kernels, mode, feature, dtype, batch=9, hidden=33)
     ours = []
     for train in (False, True):  # the training run last: its workspace feeds the backward
         output, h_n, c_n, saved, h_prev = kernels.forward(
-            mode, d[0], d[1], d[2], *d[3:], batch_sizes, reverse, train, keep, None
+            mode, d[0], d[1], d[2], *d[3:8], batch_sizes, reverse, train, keep, d[8]
         )
         ours += [output, h_n, *([c_n] if mode == "LSTM" else [])]
     grads = kernels.backward(
@@ -260,7 +268,7 @@ def _engine_matches_reference(kernels, mode, feature, dtype, batch=9, hidden=33)
         h_n.shape[0],
         [True, True, True],
         keep,
-        None,
+        d[8],
     )
     ours += [g for g, t in zip(grads, inputs) if t is not None]
     expected = [*exact, *exact, *(g for g in exact_grads(upstream) if g is not None)]
@@ -285,15 +293,13 @@ def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - e).norm() / e.norm().clamp_min(1e-30)).item()
 
 
-def test_engine_refuses_layer_norm_by_name(kernels):
-    """The LayerNorm cells run on the CPU engine only for now: the CUDA engine says so."""
-    seed("engine layer_norm")
-    layer = make_layer("GRU", 5, 6, dtype=torch.float32)
-    x = rand(4, 3, 5, dtype=torch.float32).detach()
-    weights = [t.detach() for t in (layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh)]
-    gains = torch.ones(36)
-    with pytest.raises(RuntimeError, match=r"layer_norm .* not supported by the CUDA engine yet"):
-        kernels.forward("GRU", x, None, None, *weights, None, None, False, False, None, gains)
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_engine_layer_norm_runs_the_standard_path(kernels, monkeypatch, mode):
+    """The LayerNorm cells' rows take whole blocks: forced to the fused or persistent path,
+    the engine runs them on the standard path all the same (never an error)."""
+    for path in ("fused", "persistent"):
+        monkeypatch.setenv("RNN_FUSED_CUDA_PATH", path)
+        _engine_matches_reference(kernels, mode, "layernorm", torch.float64)
 
 
 @pytest.mark.parametrize(("batch", "hidden"), [(37, 70), (6, 20), (3, 130), (1, 9)])
@@ -331,3 +337,60 @@ def test_persistent_kernels_need_their_barriers(kernels, monkeypatch, mode, path
             _engine_matches_reference(kernels, mode, "plain", torch.float64)
     finally:
         kernels.set_grid_barriers(True)
+
+
+class _EmulatedLayer(torch.autograd.Function):
+    """One layer call of the emulated CUDA engine, forward and backward, as a differentiable
+    function of its tensors (for gradcheck)."""
+
+    @staticmethod
+    def forward(ctx, kernels, mode, keep, x, h0, c0, w_ih, w_hh, b_ih, b_hh, gains):
+        output, h_n, c_n, saved, h_prev = kernels.forward(
+            mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, False, True, keep, gains
+        )
+        ctx.save_for_backward(x, w_ih, w_hh, saved, h_prev, gains)
+        ctx.kernels, ctx.mode, ctx.keep, ctx.batch = kernels, mode, keep, h_n.shape[0]
+        return output, h_n, c_n
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_h_n, grad_c_n):
+        x, w_ih, w_hh, saved, h_prev, gains = ctx.saved_tensors
+        lstm = ctx.mode == "LSTM"
+        grads = ctx.kernels.backward(
+            ctx.mode, grad_output, grad_h_n, grad_c_n if lstm else None, x, w_ih, w_hh, None,
+            None, False, saved, h_prev, ctx.batch, [True, True, True], ctx.keep, gains,
+        )  # fmt: skip
+        gx, gh, gc, gwi, gwh, gbi, gbh, _, gln = grads
+        gln = gln if gains is not None else None
+        return None, None, None, gx, gh, gc if lstm else None, gwi, gwh, gbi, gbh, gln
+
+
+GRADCHECK_CASES = [
+    ("LSTM", "layernorm"), ("GRU", "layernorm"), ("LSTM", "layernorm-zoneout"),
+    ("GRU", "layernorm-zoneout"), ("LSTM", "zoneout"), ("GRU", "zoneout"),
+    ("RNN_TANH", "indrnn"), ("RNN_RELU", "indrnn-zoneout"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("mode", "feature"), GRADCHECK_CASES)
+def test_engine_variants_gradcheck(kernels, mode, feature):
+    """gradcheck in float64 of the emulated CUDA engine on the variants of torch.nn's cells
+    (LayerNorm, zoneout, IndRNN): every input, weight, bias and gain."""
+    seed("engine gradcheck", mode, feature)
+    layer = make_layer(mode, 3, 5, dtype=torch.float64)
+    if "indrnn" in feature:
+        layer = dataclasses.replace(layer, w_hh=rand(5, dtype=torch.float64, scale=0.9))
+    h0, c0 = make_states(layer, 2, dtype=torch.float64)
+    x = rand(3, 2, 3, dtype=torch.float64)
+    gains = None
+    if "layernorm" in feature:
+        size = 2 * GATES[mode] * 5 + (10 if mode == "LSTM" else 0)
+        gains = (1 + rand(size, dtype=torch.float64)).detach().requires_grad_()
+    keep = torch.rand(3, 2, 5, dtype=torch.float64) if "zoneout" in feature else None
+
+    def f(x, h0, c0, w_ih, w_hh, b_ih, b_hh, gains):
+        out = _EmulatedLayer.apply(kernels, mode, keep, x, h0, c0, w_ih, w_hh, b_ih, b_hh, gains)
+        return out if mode == "LSTM" else out[:2]
+
+    inputs = (x, h0, c0, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh, gains)
+    assert torch.autograd.gradcheck(f, inputs, **GRADCHECK)

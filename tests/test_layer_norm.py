@@ -177,3 +177,33 @@ def test_errors_name_the_argument():
     rnn = make_layer("RNN_TANH", 3, 4, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="layer_norm is for modes LSTM and GRU, got mode RNN"):
         rnn_layer("RNN_TANH", x, *rnn.tensors(), layer_norm=torch.ones(8, dtype=torch.float64))
+
+
+HAS_CUDA_KERNELS = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "rnn_fused::forward", "CUDA"
+)
+
+
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a CUDA device and rnn_fused's CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("name", ["LayerNormLSTM", "LayerNormGRU"])
+def test_cuda_matches_cpu(name, dtype):
+    """The CUDA engine's LayerNorm steps against the CPU engine's, values and gradients."""
+    seed("layer_norm cuda", name, dtype)
+    cpu = getattr(rnn_fused, name)(5, 33, num_layers=2, bidirectional=True).to(dtype)
+    with torch.no_grad():
+        for p in cpu.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # gains away from 1, cell biases from 0
+    gpu = getattr(rnn_fused, name)(5, 33, num_layers=2, bidirectional=True).to(dtype).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    x = rand(7, 3, 5, dtype=dtype)
+    x_gpu = x.detach().cuda().requires_grad_()
+    out_cpu, out_gpu = cpu(x)[0], gpu(x_gpu)[0]
+    up = torch.randn_like(out_cpu)
+    out_cpu.backward(up)
+    out_gpu.backward(up.cuda())
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out_gpu.cpu(), out_cpu, **tol)
+    torch.testing.assert_close(x_gpu.grad.cpu(), x.grad, **tol)
+    for (key, a), b in zip(gpu.named_parameters(), cpu.parameters(), strict=True):
+        torch.testing.assert_close(a.grad.cpu(), b.grad, **tol, msg=key)

@@ -99,6 +99,19 @@ class CudaDevice {
     backward_step_kernel<Cell><<<blocks_for(s.n * s.H), kThreads, 0, stream_>>>(s);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  template <class Cell, class T, class A>
+  void layer_norm_forward(const ForwardStep<T, A>& s, A* xg, A* hg, const T* gains,
+                          int64_t raw_offset) {
+    layer_norm_forward_step_kernel<Cell>
+        <<<static_cast<unsigned>(s.n), kThreads, 0, stream_>>>(s, xg, hg, gains, raw_offset);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <class Cell, class T, class A>
+  void layer_norm_backward(const BackwardStep<T, A>& s, const LayerNormBackward<T, A>& b) {
+    layer_norm_backward_step_kernel<Cell>
+        <<<static_cast<unsigned>(s.n), kThreads, 0, stream_>>>(s, b);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   template <class T, class A>
   void add_rows(int64_t count, const T* grad_out, const A* state, T* out) {
     add_rows_kernel<T, A><<<blocks_for(count), kThreads, 0, stream_>>>(count, grad_out, state, out);

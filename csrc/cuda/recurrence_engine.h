@@ -23,6 +23,9 @@
 //       row-major C[M, N] (+)= A[M, K] @ (trans_b ? B^T : B), C of type CT
 //   copy(dst, src, bytes)
 //   forward_pointwise<Cell>(step, hg), backward_pointwise<Cell>(step),
+//   layer_norm_forward<Cell>(step, xg, hg, gains, raw_offset),
+//   layer_norm_backward<Cell>(step, LayerNormBackward): the LayerNorm cells' step kernels
+//       (layer_norm_step.cuh), on the standard path,
 //   add_rows(count, grad_out, state, out): the standard path's kernels (step_kernels.cuh)
 //   fused_forward<Cell>(step, w_hh), fused_backward<Cell>(FusedBackwardStep, w_hh)
 //   persistent_forward<Cell>(steps, w_hh, H, cluster), persistent_backward<Cell>(same):
@@ -43,6 +46,7 @@
 #include <vector>
 
 #include "../problem.h"
+#include "layer_norm_step.cuh"
 #include "step_kernels.cuh"
 
 namespace rnn_fused::cuda {
@@ -65,7 +69,7 @@ inline bool forced_path(const char* path) {
   return forced != nullptr && std::strcmp(forced, path) == 0;
 }
 inline bool use_fused_path(const Problem& p, at::ScalarType dtype, bool tf32) {
-  if (p.proj || p.batch > kFusedMaxRows) return false;
+  if (p.proj || p.layer_norm || p.batch > kFusedMaxRows) return false;
   if (forced_path("standard")) return false;
   if (forced_path("fused") || forced_path("persistent") || forced_path("persistent-grid")) {
     return true;
@@ -102,7 +106,7 @@ void run_forward(Dev& dev, const Problem& p, bool train, bool fused, bool persis
                  const at::Tensor& input, const at::Tensor& w_ih, const at::Tensor& w_hh,
                  const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
                  const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& zoneout,
-                 ForwardBuffers& f) {
+                 const std::optional<at::Tensor>& layer_norm, ForwardBuffers& f) {
   using A = at::opmath_type<T>;
   using Cell = CellT<A>;
   const int64_t H = p.hidden, Hout = p.out_size, GH = p.gate_width(), SW = p.saved_width();
@@ -190,7 +194,12 @@ void run_forward(Dev& dev, const Problem& p, bool train, bool fused, bool persis
     step.h = p.proj ? h_unproj : out + r0 * Hout;
     step.ld_h = p.proj ? ld_unproj : Hout;
     step.h_state = p.proj ? nullptr : h_state;
-    if (n * H > 0) dev.template forward_pointwise<Cell>(step, hg);
+    if (n * H > 0 && p.layer_norm) {
+      dev.template layer_norm_forward<Cell>(step, xg + r0 * GH, hg, layer_norm->data_ptr<T>(),
+                                            p.layout.raw_offset());
+    } else if (n * H > 0) {
+      dev.template forward_pointwise<Cell>(step, hg);
+    }
     if (p.proj) {
       dev.template gemm<T, T>(true, n, Hout, H, h_unproj, ld_unproj, w_hr_p, H, out + r0 * Hout,
                               Hout, false);
@@ -214,16 +223,8 @@ inline LayerArgs with_diagonal_w_hh(const LayerArgs& a) {
   return d;
 }
 
-// The LayerNorm cells (LayerArgs::layer_norm) run on the CPU engine only, for now.
-inline void check_no_layer_norm(const Problem& p) {
-  TORCH_CHECK(!p.layer_norm,
-              "rnn_fused: layer_norm (LayerNormLSTM, LayerNormGRU) is not supported by the CUDA "
-              "engine yet; run these layers on the CPU");
-}
-
 template <class Dev>
 ForwardResult forward_engine(Dev& dev, const Problem& p, const LayerArgs& a, bool train) {
-  check_no_layer_norm(p);
   if (p.elementwise) {
     const LayerArgs d = with_diagonal_w_hh(a);
     return forward_engine(dev, make_problem(d), d, train);
@@ -254,9 +255,9 @@ ForwardResult forward_engine(Dev& dev, const Problem& p, const LayerArgs& a, boo
       at::kHalf, at::kBFloat16, input.scalar_type(), "rnn_fused_forward", [&] {
         dispatch_cell(p.kind, [&](auto tag) {
           using Tag = decltype(tag);
-          run_forward<Tag::template Cell, scalar_t>(dev, p, train, fused,
-                                                    fused && use_persistent_path(p), input, w_ih,
-                                                    w_hh, b_ih, b_hh, w_hr, a.zoneout, f);
+          run_forward<Tag::template Cell, scalar_t>(
+              dev, p, train, fused, fused && use_persistent_path(p), input, w_ih, w_hh, b_ih, b_hh,
+              w_hr, a.zoneout, a.layer_norm, f);
         });
       });
   at::Tensor c_n = lstm ? f.c_state.to(input.scalar_type()) : at::empty({0}, opts);
@@ -265,9 +266,11 @@ ForwardResult forward_engine(Dev& dev, const Problem& p, const LayerArgs& a, boo
 
 // The backward's carried gradients (dh, dc), the gate gradients of all rows (dhg: GRU's
 // hidden side, else dxg itself), all in A, and the projection's dL/dr rows and per-step
-// dL/dh.
+// dL/dh. LayerNorm cells: dxg and dhg are the gradients of the normalised sides (what the
+// biases take); the products take those of the raw sides, dxg_raw and dhg_raw; dgain and
+// dcell hold each row's gradients of the gains (LayerNormBackward).
 struct BackwardBuffers {
-  at::Tensor dh_state, dc_state, dxg, dhg, dr, dh_step;
+  at::Tensor dh_state, dc_state, dxg, dhg, dr, dh_step, dxg_raw, dhg_raw, dgain, dcell;
 };
 
 // w_hh_acc: W_hh in A, for the standard path's products with the gate gradients.
@@ -275,7 +278,8 @@ template <template <class> class CellT, class T, class Dev>
 void run_backward(Dev& dev, const Problem& p, bool fused, bool persistent,
                   const std::optional<at::Tensor>& grad_output, const at::Tensor& w_hh,
                   const at::Tensor& w_hh_acc, const std::optional<at::Tensor>& w_hr,
-                  const std::optional<at::Tensor>& zoneout, const at::Tensor& saved,
+                  const std::optional<at::Tensor>& zoneout,
+                  const std::optional<at::Tensor>& layer_norm, const at::Tensor& saved,
                   const at::Tensor& h_prev_all, BackwardBuffers& g) {
   using A = at::opmath_type<T>;
   using Cell = CellT<A>;
@@ -338,10 +342,22 @@ void run_backward(Dev& dev, const Problem& p, bool fused, bool persistent,
       dev.template gemm<T, A>(false, n, H, Hout, dr + r0 * Hout, Hout, w_hr_p, H, dh_step, H,
                               false);
     }
-    if (n * H > 0) dev.template backward_pointwise<Cell>(step);
+    if (n * H > 0 && p.layer_norm) {
+      const LayerNormBackward<T, A> ln{
+          layer_norm->data_ptr<T>(),
+          p.layout.raw_offset(),
+          g.dxg_raw.data_ptr<A>() + r0 * GH,
+          g.dhg_raw.data_ptr<A>() + r0 * GH,
+          g.dgain.data_ptr<A>() + r0 * 2 * GH,
+          Cell::kCellState ? g.dcell.data_ptr<A>() + r0 * 2 * H : nullptr};
+      dev.template layer_norm_backward<Cell>(step, ln);
+    } else if (n * H > 0) {
+      dev.template backward_pointwise<Cell>(step);
+    }
     // dL/dh_{t-1} = (hidden-side gate gradients) W_hh [+ the direct part the kernel wrote].
-    dev.template gemm<A, A>(false, n, Hout, GH, dhg + r0 * GH, GH, w_hh_acc_p, Hout, dh_state, Hout,
-                            Cell::kUsesPrevH || p.zoneout);
+    const A* dh_side = p.layer_norm ? g.dhg_raw.data_ptr<A>() : dhg;
+    dev.template gemm<A, A>(false, n, Hout, GH, dh_side + r0 * GH, GH, w_hh_acc_p, Hout, dh_state,
+                            Hout, Cell::kUsesPrevH || p.zoneout);
   }
   if (fused) {  // the product of the last step processed: dL/dh of the initial states
     BackwardStep<T, A> tail{};  // no rows of a step: only the product's rows of dh
@@ -360,7 +376,6 @@ void run_backward(Dev& dev, const Problem& p, bool fused, bool persistent,
 // input, the weights and the biases (as a.mask asks) as products and sums over all rows.
 template <class Dev>
 BackwardResult backward_engine(Dev& dev, const Problem& p, const BackwardArgs& a) {
-  check_no_layer_norm(p);
   if (p.elementwise) {
     BackwardArgs d = a;
     d.layer = with_diagonal_w_hh(a.layer);
@@ -389,6 +404,12 @@ BackwardResult backward_engine(Dev& dev, const Problem& p, const BackwardArgs& a
   g.dhg = split ? at::empty({p.rows, p.gate_width()}, acc) : g.dxg;
   g.dr = p.proj ? at::empty({p.rows, p.out_size}, opts) : at::Tensor();
   g.dh_step = p.proj ? at::empty({p.batch, p.hidden}, acc) : at::Tensor();
+  if (p.layer_norm) {
+    g.dxg_raw = at::empty({p.rows, p.gate_width()}, acc);
+    g.dhg_raw = at::empty({p.rows, p.gate_width()}, acc);
+    g.dgain = at::empty({p.rows, 2 * p.gate_width()}, acc);
+    g.dcell = lstm ? at::empty({p.rows, 2 * p.hidden}, acc) : at::Tensor();
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "rnn_fused_backward", [&] {
@@ -397,17 +418,20 @@ BackwardResult backward_engine(Dev& dev, const Problem& p, const BackwardArgs& a
           const bool fused = use_fused_path(p, input.scalar_type(), dev.tf32());
           run_backward<Tag::template Cell, scalar_t>(dev, p, fused, fused && use_persistent_path(p),
                                                      grad_output, w_hh, w_hh.to(acc.dtype()), w_hr,
-                                                     a.layer.zoneout, saved, h_prev_all, g);
+                                                     a.layer.zoneout, a.layer.layer_norm, saved,
+                                                     h_prev_all, g);
         });
       });
 
   const auto none = [&] { return at::empty({0}, opts); };  // a new one each: outputs never alias
   at::Tensor grad_input = none(), grad_w_ih = none(), grad_w_hh = none(), grad_b_ih = none(),
-             grad_b_hh = none(), grad_w_hr = none();
+             grad_b_hh = none(), grad_w_hr = none(), grad_layer_norm = none();
   // The products over all rows take the gate gradients rounded once to the dtype (tensor
   // cores for half types); the bias gradients sum them unrounded.
   const at::ScalarType dtype = input.scalar_type();
-  const at::Tensor dxg = g.dxg.to(dtype), dhg = split ? g.dhg.to(dtype) : dxg;
+  // LayerNorm cells: the products take the raw sides' gradients (the biases the others).
+  const at::Tensor dxg = (p.layer_norm ? g.dxg_raw : g.dxg).to(dtype);
+  const at::Tensor dhg = p.layer_norm ? g.dhg_raw.to(dtype) : split ? g.dhg.to(dtype) : dxg;
   if (a.mask.input) grad_input = at::mm(dxg, w_ih).view(input.sizes());
   if (a.mask.weights) {
     grad_w_ih = at::mm(dxg.t(), input.reshape({p.rows, p.input_size}));
@@ -416,6 +440,10 @@ BackwardResult backward_engine(Dev& dev, const Problem& p, const BackwardArgs& a
     grad_b_hh = split ? g.dhg.sum(0).to(dtype) : grad_b_ih.clone();
     if (p.proj) {
       grad_w_hr = at::mm(g.dr.t(), saved.narrow(1, p.layout.unprojected_offset(), p.hidden));
+    }
+    if (p.layer_norm) {  // the gains' (and LSTM's cell-state gain's and bias's) row sums
+      const at::Tensor gains = g.dgain.sum(0);
+      grad_layer_norm = (lstm ? at::cat({gains, g.dcell.sum(0)}) : gains).to(dtype);
     }
   }
   return {grad_input,
@@ -426,7 +454,7 @@ BackwardResult backward_engine(Dev& dev, const Problem& p, const BackwardArgs& a
           grad_b_ih,
           grad_b_hh,
           grad_w_hr,
-          none()};
+          grad_layer_norm};
 }
 
 }  // namespace rnn_fused::cuda

@@ -73,6 +73,16 @@ struct FusedBackwardStep {
   int64_t rows_gemm;
 };
 
+// h_t at row i, unit j, rounded to T once: to the output (or the unprojected h), the state
+// and the next step's h_prev rows.
+template <class T, class A>
+__device__ __forceinline__ void store_h(const ForwardStep<T, A>& s, int64_t i, int64_t j, A h) {
+  const T h_out = static_cast<T>(h);
+  s.h[i * s.ld_h + j] = h_out;
+  if (s.h_state != nullptr) s.h_state[i * s.ld_state + j] = h_out;
+  if (i < s.n_next) s.h_next[i * s.ld_state + j] = h_out;
+}
+
 // What the cell's forward at row i, hidden unit j reads besides the hidden-side product:
 // the fused and persistent kernels load it before the product, so that these loads are in
 // flight while the product is computed.
@@ -121,10 +131,7 @@ __device__ __forceinline__ void finish_unit(const ForwardStep<T, A>& s, int64_t 
       s.saved[i * s.ld_saved + k * H + j] = static_cast<T>(kept[k]);
   }
   if constexpr (Cell::kCellState) s.c[i * H + j] = c_new;
-  const T h_out = static_cast<T>(h_new);
-  s.h[i * s.ld_h + j] = h_out;
-  if (s.h_state != nullptr) s.h_state[i * s.ld_state + j] = h_out;
-  if (i < s.n_next) s.h_next[i * s.ld_state + j] = h_out;
+  store_h(s, i, j, h_new);
 }
 
 // The cell's forward at row i, hidden unit j, given its hidden-side products hh (no bias).

@@ -304,6 +304,17 @@ struct HostDevice {
   void backward_pointwise(const BackwardStep<T, A>& s) {
     emulation::launch(blocks_for(s.n * s.H), 1, [&] { backward_step_kernel<Cell>(s); });
   }
+  template <class Cell, class T, class A>
+  void layer_norm_forward(const ForwardStep<T, A>& s, A* xg, A* hg, const T* gains,
+                          int64_t raw_offset) {
+    emulation::launch(static_cast<unsigned>(s.n), 1,
+                      [&] { layer_norm_forward_step_kernel<Cell>(s, xg, hg, gains, raw_offset); });
+  }
+  template <class Cell, class T, class A>
+  void layer_norm_backward(const BackwardStep<T, A>& s, const LayerNormBackward<T, A>& b) {
+    emulation::launch(static_cast<unsigned>(s.n), 1,
+                      [&] { layer_norm_backward_step_kernel<Cell>(s, b); });
+  }
   template <class T, class A>
   void add_rows(int64_t count, const T* grad_out, const A* state, T* out) {
     emulation::launch(blocks_for(count), 1,
