@@ -394,3 +394,24 @@ def test_engine_variants_gradcheck(kernels, mode, feature):
 
     inputs = (x, h0, c0, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh, gains)
     assert torch.autograd.gradcheck(f, inputs, **GRADCHECK)
+
+
+# An H200 (sm_90): 132 SMs, 227 KiB of shared memory per block at most.
+SMS, SHARED_BYTES = 132, 227 * 1024
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("mode", CELLS)
+def test_persistent_launches_of_the_gpu_check_fit_an_h200(kernels, mode, dtype, backward):
+    """The GPU check's small-batch rows (T=100, B=1 and 8, H=512; T=1000, B=16, H=128) ask
+    for launches that an H200 can hold at once: the first GPU run measures the persistent
+    path there, not its fallback. H=128 forms one cluster."""
+    for rows, hidden in [(1, 512), (8, 512), (16, 128)]:
+        blocks, shared, cluster = kernels.persistent_plan(
+            mode, torch.empty(0, dtype=dtype), hidden, rows, backward
+        )
+        assert blocks == hidden // 8 and blocks <= SMS
+        assert cluster == (blocks <= 16)
+        if dtype != torch.float64:  # float64 rows are for accuracy, not for the GPU check
+            assert shared <= SHARED_BYTES, (rows, hidden, shared)

@@ -8,9 +8,10 @@
 // one pointwise kernel and one GEMM dG W_hh. Fused (small batches): per step one kernel
 // that computes the recurrent product and applies the cell (fused_step.cuh). Persistent
 // (small batches, many steps): the fused path's steps, recorded by the same host loop, run
-// by one cooperative launch that keeps W_hh in shared memory (persistent_step.cuh); where
-// the device cannot run it, the recorded steps run as fused launches. All then take dX and
-// the weight and bias gradients over all rows. No allocation, synchronisation or atomics
+// by one launch (a thread-block cluster, or a cooperative grid) that keeps W_hh in shared
+// memory (persistent_step.cuh); where the device cannot run it, the recorded steps run as
+// fused launches. The LayerNorm cells take the standard path (layer_norm_step.cuh). All then take
+// dX and the weight and bias gradients over all rows. No allocation, synchronisation or atomics
 // inside the loops, so runs are bitwise reproducible; the standard and fused paths are
 // capturable in a CUDA graph, and the device refuses the persistent launch while capturing.
 //

@@ -6,9 +6,9 @@
 // thread of every block a fiber at once, gives each block its own dynamic shared memory,
 // which the other blocks can write (distributed shared memory), and runs the blocks one
 // after another between grid barriers, in an order that alternates from one barrier to the
-// next. It checks the engine's loops and
-// the kernels' indexing, staging, cross-warp reduction, barriers and cell epilogues on
-// machines without a GPU (tests/test_cuda_emulated.py); it says nothing about speed.
+// next. It checks the engine's loops and the kernels' indexing, staging, cross-warp
+// reduction, barriers and cell epilogues on machines without a GPU
+// (tests/test_cuda_emulated.py); it says nothing about speed.
 #include <ATen/OpMathType.h>
 #include <torch/extension.h>
 #include <ucontext.h>
@@ -275,6 +275,33 @@ void backward_step(const std::string& mode, int64_t n, const at::Tensor& dg_next
 
 bool persistent_launches = true;
 
+// The persistent launch the engine would ask for: (blocks, shared bytes, cluster) for a
+// layer of `mode` in dtype's type, hidden size H, steps of `rows` rows.
+std::tuple<int64_t, int64_t, bool> persistent_plan(const std::string& mode,
+                                                   const at::Tensor& dtype_of, int64_t H,
+                                                   int64_t rows, bool backward) {
+  std::tuple<int64_t, int64_t, bool> plan;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, dtype_of.scalar_type(), "persistent_plan", [&] {
+        using T = scalar_t;
+        using A = at::opmath_type<T>;
+        dispatch_cell(kind_of(mode), [&](auto tag) {
+          using Cell = typename decltype(tag)::template Cell<A>;
+          const auto keep = [&](const auto& l) { plan = {l.blocks, l.shared_bytes, l.cluster}; };
+          if (backward) {
+            FusedBackwardStep<T, A> r{};
+            r.step.n = rows;
+            keep(persistent_backward_launch<Cell, T, A>({r}, H, true));
+          } else {
+            ForwardStep<T, A> s{};
+            s.n = rows;
+            keep(persistent_forward_launch<Cell, T, A>({s}, H, true));
+          }
+        });
+      });
+  return plan;
+}
+
 // The engine's device here: products as plain loops (in the accumulation type), copies
 // with memcpy, and the same kernels as on the GPU under the block emulation above.
 struct HostDevice {
@@ -376,6 +403,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward_step", &backward_step);
   m.def("forward", &forward_adapter<engine_forward>);
   m.def("backward", &backward_adapter<engine_backward>);
+  m.def("persistent_plan", &persistent_plan);
   m.def("set_persistent_launches", [](bool on) { persistent_launches = on; });
   m.def("set_grid_barriers", [](bool on) { emulation::grid_barriers = on; });
 }
