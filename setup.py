@@ -116,6 +116,20 @@ def simd_flags() -> tuple[list[str], str]:
     return ["-DCPU_CAPABILITY=DEFAULT"], wanted
 
 
+def nvcc_release(cuda_home: str) -> tuple[int, int]:
+    """The toolkit's nvcc release, (major, minor); (0, 0) where it does not say."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            [os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True
+        ).stdout
+    except OSError:
+        return (0, 0)
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+
+
 def build_extension():
     use_cuda = os.environ.get("USE_CUDA", "1") != "0"
     force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
@@ -142,6 +156,10 @@ def build_extension():
         _log(f"CUDA toolkit at {cuda_home}, arch list {os.environ.get('TORCH_CUDA_ARCH_LIST')}")
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         nvcc = ["-O3", "--expt-relaxed-constexpr"]
+        # The kernels' many instantiations (cells x dtypes x tiles x variants) are optimised
+        # on all cores (nvcc 12+): 139 s -> 103 s for recurrence_cuda.cu on 2 cores.
+        if nvcc_release(cuda_home) >= (12, 0):
+            nvcc.append("--split-compile=0")
         nvcc += [f for inc in nvidia_wheel_includes() for f in ("-Xcompiler", f"-idirafter{inc}")]
         kwargs["extra_compile_args"]["nvcc"] = nvcc
         kwargs["define_macros"] = [("RNN_FUSED_WITH_CUDA", "1")]
