@@ -148,11 +148,15 @@ __device__ __forceinline__ void local_product(int64_t K, const A* xs, const A* y
   fused::reduce_warps<A, S::TM, S::TC>(stage, warp, lane, acc);
 }
 
-// Cluster variant: the block's start (the resident Y loaded, X's buffers zeroed so that
-// their padding past K reads as zero).
-template <class A, class S>
-__device__ __forceinline__ void clear_x_buffers(A* smem, const Layout<A, S>& L) {
-  fill(L.x_buffer(smem, 0), 2 * L.x_rows * L.stride, [](int64_t) { return A(0); });
+// The block's start after loading its resident Y. Cluster variant: X's buffers zeroed (so
+// that their padding past K reads as zero), then a cluster barrier, so that every block runs
+// and has cleared its buffers before any block writes into them.
+template <bool kCluster, class A, class S>
+__device__ __forceinline__ void start_block(A* smem, const Layout<A, S>& L) {
+  if constexpr (kCluster) {
+    fill(L.x_buffer(smem, 0), 2 * L.x_rows * L.stride, [](int64_t) { return A(0); });
+    cluster_barrier();
+  }
 }
 
 template <bool kCluster>
@@ -169,8 +173,8 @@ __device__ __forceinline__ void step_barrier() {
 // Every forward step of a layer (steps[0, count), in processing order) over one launch of
 // persistent::blocks(H) blocks of fused::kBlock threads, with Layout(H, rows,
 // kCluster).total values of A of dynamic shared memory: cooperative (kCluster false), or as
-// one cluster. kRows: 8 or 32, as fused::with_forward_rows chooses for rows, the largest
-// step's.
+// one cluster. kRows: 4, 8 or 32, as fused::with_forward_rows chooses for rows, the
+// largest step's.
 template <class Cell, class T, class A, int kRows, bool kCluster>
 __global__ void __launch_bounds__(fused::kBlock)
     persistent_forward_kernel(const ForwardStep<T, A>* __restrict__ steps, int64_t count,
@@ -187,10 +191,7 @@ __global__ void __launch_bounds__(fused::kBlock)
     const int64_t k = e % L.stride, u = u0 + c % S::BU;
     return u < H && k < H ? static_cast<A>(w_hh[((c / S::BU) * H + u) * H + k]) : A(0);
   });
-  if constexpr (kCluster) {
-    persistent::clear_x_buffers(smem, L);
-    persistent::cluster_barrier();  // every block runs and has cleared before any writes to it
-  }
+  persistent::start_block<kCluster>(smem, L);
   int64_t written = 0;  // cluster: the leading rows of this step's X that the step before wrote
   for (int64_t q = 0; q < count; ++q) {
     const ForwardStep<T, A> s = steps[q];
@@ -260,10 +261,7 @@ __global__ void __launch_bounds__(fused::kBlock)
     const int64_t c = e / L.stride, k = e % L.stride, u = u0 + c;
     return u < H && k < K ? static_cast<A>(w_hh[k * H + u]) : A(0);
   });
-  if constexpr (kCluster) {
-    persistent::clear_x_buffers(smem, L);
-    persistent::cluster_barrier();  // every block runs and has cleared before any writes to it
-  }
+  persistent::start_block<kCluster>(smem, L);
   for (int64_t q = 0; q < count; ++q) {
     const FusedBackwardStep<T, A> rec = steps[q];
     const BackwardStep<T, A>& s = rec.step;
