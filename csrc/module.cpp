@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include "cpu/bf16_dot.h"
+#include "cpu/workspace.h"
 #include "op_adapters.h"
 
 namespace {
@@ -76,4 +77,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "The dtype of the forward's workspace (saved, h_prev) for an input on device of dtype.");
   m.def("cpu_bf16_dot", &cpu::has_bf16_dot,
         "Whether bfloat16 products on this CPU run on AVX-512 BF16 dot products.");
+  m.def("empty_workspace_cache", &cpu::empty_workspace_cache,
+        "Frees the freed CPU workspace blocks kept for the next training forwards.");
+  m.def("cached_workspace_bytes", &cpu::cached_workspace_bytes,
+        "Bytes of freed CPU workspace blocks kept for the next training forwards.");
 }

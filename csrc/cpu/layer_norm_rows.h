@@ -61,10 +61,10 @@ void normalize_row(const T* v, T* out, int64_t n, const T* gain, RowStats<T> s) 
 }
 
 // The backward of normalize_row for the incoming dy: dv (may be dy) = rstd (g - mean(g) -
-// v^ mean(g v^)) with g = dy * gain and v^ = (v - mean) rstd; dgain (the gain's gradient of
-// this row) = dy * v^.
+// v^ mean(g v^)) with g = dy * gain and v^ = (v - mean) rstd. The gain's gradient, the sum
+// over rows of dy * v^, is left to the caller (a column reduction over a chunk's rows).
 template <class T>
-void normalize_row_backward(const T* v, const T* dy, T* dv, T* dgain, int64_t n, const T* gain,
+void normalize_row_backward(const T* v, const T* dy, T* dv, int64_t n, const T* gain,
                             RowStats<T> s) {
   using V = at::vec::Vectorized<T>;
   const auto normalized = [&](int64_t j, int w) {
@@ -72,15 +72,33 @@ void normalize_row_backward(const T* v, const T* dy, T* dv, T* dgain, int64_t n,
   };
   V sum_g(T(0)), sum_gv(T(0));
   over_vectors<T>(n, [&](int64_t j, int w) {
-    const V d = V::loadu(dy + j, w), vh = normalized(j, w), g = d * V::loadu(gain + j, w);
-    (d * vh).store(dgain + j, w);
+    const V g = V::loadu(dy + j, w) * V::loadu(gain + j, w);
     sum_g = sum_g + g;
-    sum_gv = sum_gv + g * vh;
+    sum_gv = sum_gv + g * normalized(j, w);
   });
   const V mean_g(lane_sum(sum_g) / T(n)), mean_gv(lane_sum(sum_gv) / T(n));
   over_vectors<T>(n, [&](int64_t j, int w) {
     const V g = V::loadu(dy + j, w) * V::loadu(gain + j, w);
     (V(s.rstd) * (g - mean_g - normalized(j, w) * mean_gv)).store(dv + j, w);
+  });
+}
+
+// sum += v over a row of n values.
+template <class T>
+void add_row(const T* v, T* sum, int64_t n) {
+  using V = at::vec::Vectorized<T>;
+  over_vectors<T>(
+      n, [&](int64_t j, int w) { (V::loadu(sum + j, w) + V::loadu(v + j, w)).store(sum + j, w); });
+}
+
+// sum += dy * v^ over a row (v^ = (v - mean) rstd, normalize_row's): the row's term of its
+// gain's gradient.
+template <class T>
+void add_gain_row(const T* v, const T* dy, RowStats<T> s, T* sum, int64_t n) {
+  using V = at::vec::Vectorized<T>;
+  over_vectors<T>(n, [&](int64_t j, int w) {
+    const V vh = (V::loadu(v + j, w) - V(s.mean)) * V(s.rstd);
+    (V::loadu(sum + j, w) + V::loadu(dy + j, w) * vh).store(sum + j, w);
   });
 }
 

@@ -29,6 +29,7 @@
 #include "pointwise.h"
 #include "step_weight.h"
 #include "team.h"
+#include "workspace.h"
 
 namespace rnn_fused::cpu {
 namespace {
@@ -104,9 +105,9 @@ at::Tensor rows_transposed(const at::Tensor& m, int64_t begin, int64_t n) {
 inline int64_t padded(int64_t elements) { return (elements + 15) / 16 * 16; }
 
 // Sums of the columns of rows [0, rows) of m (rows ld apart) into sum, or added to it: the
-// bias (and LayerNorm gain) gradients of a chunk, in our own loops (a reduction op per chunk
-// costs more than the sums of a short call's few rows). Threads take blocks of columns, each
-// summed over the rows in order, so the bits do not depend on the number of threads.
+// bias gradients of a chunk, in our own loops (a reduction op per chunk costs more than the
+// sums of a short call's few rows). Threads take blocks of columns, each summed over the
+// rows in order, so the bits do not depend on the number of threads.
 template <class T>
 void column_sums(int64_t rows, int64_t cols, const T* m, int64_t ld, T* sum, bool add) {
   constexpr int64_t kColumns = 64;
@@ -285,8 +286,8 @@ ForwardResult forward_native(const Problem& p, const LayerArgs& a, bool train, b
   out.c_state = p.kind != CellKind::LSTM ? at::empty({0}, opts)
                 : a.cx.has_value()       ? copy_of(*a.cx)
                                          : at::zeros({p.batch, p.hidden}, opts);
-  out.saved = at::empty({kept_rows, p.saved_width()}, opts);
-  out.h_prev = at::empty({kept_rows, p.out_size}, opts);
+  out.saved = workspace_empty({kept_rows, p.saved_width()}, opts);
+  out.h_prev = workspace_empty({kept_rows, p.out_size}, opts);
 
   AT_DISPATCH_FLOATING_TYPES(a.input.scalar_type(), "rnn_fused_forward_cpu", [&] {
     dispatch_cell(p.kind, [&](auto tag) {
@@ -361,6 +362,54 @@ void weight_product(bool small, int64_t M, int64_t N, int64_t rows, const T* G, 
   blas_at_b<T>(M, N, rows, G, ldg, A, lda, W, N, accumulate);
 }
 
+// Rows per block of a LayerNorm cell's chunk sums (layer_norm_chunk).
+constexpr int64_t kSumRows = 64;
+
+// A LayerNorm cell after a chunk's steps, row by row while the row is in cache: the row's
+// terms of the bias and gain gradients (from dxg and dhg, the normalised sides' gradients,
+// and dcell), then the input side's normalisation backward, in place in dxg (dhg may be dxg:
+// it is read first). x_raw: the chunk's raw input sides, rows ld_raw apart, the hidden
+// sides GH after them (h_stats: their statistics). The sums run over blocks of kSumRows rows,
+// each in row order, then over the blocks in order, so their bits do not depend on the
+// number of threads. (Per-row gain gradients, summed afterwards, were a buffer twice the size
+// of dxg, whose page faults cost a fifth of the LayerNorm LSTM's backward.)
+template <class Cell, class T>
+void layer_norm_chunk(int64_t rows, int64_t H, int64_t GH, const T* x_raw, int64_t ld_raw,
+                      const RowStats<T>* h_stats, const T* gains, T* dxg, const T* dhg,
+                      const T* dcell, BackwardBuffers& g, bool weights, bool add) {
+  // A block's partial sums: b_ih, b_hh (GRU), the two sides' gains, the cell's gain and bias.
+  const int64_t split = Cell::kSplitGrads ? GH : 0, cell = Cell::kCellState ? 2 * H : 0;
+  const int64_t width = padded(3 * GH + split + cell), blocks = (rows + kSumRows - 1) / kSumRows;
+  std::vector<T> partial(weights ? blocks * width : 0);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      T* const sums = weights ? partial.data() + b * width : nullptr;
+      if (weights) std::fill(sums, sums + width, T(0));
+      for (int64_t r = b * kSumRows; r < std::min(rows, (b + 1) * kSumRows); ++r) {
+        const T* x = x_raw + r * ld_raw;
+        const RowStats<T> xs = row_stats(x, GH);
+        T* const dx = dxg + r * GH;
+        if (weights) {
+          add_row(dx, sums, GH);
+          if (split != 0) add_row(dhg + r * GH, sums + GH, GH);
+          add_gain_row(x, dx, xs, sums + GH + split, GH);
+          add_gain_row(x + GH, dhg + r * GH, h_stats[r], sums + 2 * GH + split, GH);
+          if (cell != 0) add_row(dcell + r * cell, sums + 3 * GH + split, cell);
+        }
+        normalize_row_backward(x, dx, dx, GH, gains, xs);
+      }
+    }
+  });
+  if (!weights) return;
+  T* const grad_ln = g.grad_layer_norm.data_ptr<T>();
+  const auto sum_blocks = [&](int64_t offset, int64_t cols, T* out) {
+    column_sums<T>(blocks, cols, partial.data() + offset, width, out, add);
+  };
+  sum_blocks(0, GH, g.grad_b_ih.data_ptr<T>());
+  if (split != 0) sum_blocks(GH, GH, g.grad_b_hh.data_ptr<T>());
+  sum_blocks(GH + split, 2 * GH + cell, grad_ln);
+}
+
 template <template <class> class CellT, class T>
 void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBuffers& g) {
   const at::Tensor &input = a.layer.input, &w_ih = a.layer.w_ih, &w_hh = a.layer.w_hh;
@@ -377,14 +426,14 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
   at::Tensor dxg = at::empty({chunk_rows, GH}, opts);
   at::Tensor dhg = Cell::kSplitGrads ? at::empty({chunk_rows, GH}, opts) : dxg;
   // LayerNorm cells: dxg and dhg hold the gradients of the normalised sides (what the biases
-  // get); the products take those of the raw sides (dxg_raw, dhg_raw), through the
-  // normalisations' backward. dgain: each row's gradients of the two sides' gains; dcell:
-  // of the LSTM's cell-state gain and bias.
+  // and gains get); the products take those of the raw sides, through the normalisations'
+  // backward: the hidden side's into dhg_raw at each step (h_stats: its rows' statistics),
+  // the input side's in place in dxg once the chunk's sums have read it (layer_norm_chunk).
+  // dcell: each row's gradients of the LSTM's cell-state gain and bias.
   const T* ln_p = ptr_or_null<T>(a.layer.layer_norm);
   const bool ln = ln_p != nullptr;
-  const at::Tensor dxg_raw = ln ? at::empty({chunk_rows, GH}, opts) : dxg;
   const at::Tensor dhg_raw = ln ? at::empty({chunk_rows, GH}, opts) : dhg;
-  const at::Tensor dgain = ln ? at::empty({chunk_rows, 2 * GH}, opts) : at::Tensor();
+  std::vector<RowStats<T>> h_stats(ln ? chunk_rows : 0);
   const at::Tensor dcell =
       ln && Cell::kCellState ? at::empty({chunk_rows, 2 * H}, opts) : at::Tensor();
   const int64_t raw = p.layout.raw_offset();
@@ -412,9 +461,7 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
   T* dc_p = Cell::kCellState ? g.dc_state.data_ptr<T>() : nullptr;
   T* dxg_p = dxg.data_ptr<T>();
   T* dhg_p = dhg.data_ptr<T>();
-  T* const dxg_raw_p = dxg_raw.data_ptr<T>();
   T* const dhg_raw_p = dhg_raw.data_ptr<T>();
-  T* const dgain_p = dgain.defined() ? dgain.data_ptr<T>() : nullptr;
   T* const dcell_p = dcell.defined() ? dcell.data_ptr<T>() : nullptr;
   T* dr_p = p.proj ? dr.data_ptr<T>() : nullptr;
   T* dh_step_p = p.proj ? dh_step.data_ptr<T>() : nullptr;
@@ -438,8 +485,8 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
       backward_row<CellT, T>(row, H, 0, H);
     }
     const T* v = saved_row + raw + GH;
-    normalize_row_backward(v, dhg_p + lr * GH, dhg_raw_p + lr * GH, dgain_p + lr * 2 * GH + GH, GH,
-                           ln_p + GH, row_stats(v, GH));
+    h_stats[lr] = row_stats(v, GH);
+    normalize_row_backward(v, dhg_p + lr * GH, dhg_raw_p + lr * GH, GH, ln_p + GH, h_stats[lr]);
   };
 
   for (auto ch = chunks.rbegin(); ch != chunks.rend(); ++ch) {
@@ -486,36 +533,34 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
     });
     // The chunk's share of dX and of the weight and bias gradients (W += dG^T A, or its
     // transpose: see blas_weight_grads); the first chunk processed writes the gradients, the
-    // others add to them.
+    // others add to them. The bias (and gain) sums come first: they read the normalised
+    // sides' gradients, which a LayerNorm cell's input side then overwrites.
     const int64_t rb = ch->row_begin, rows = ch->rows;
     const bool add = ch != chunks.rbegin();
-    if (ln) {  // the input side's normalisation backward, into dxg_raw
-      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const T* v = saved_p + (rb + r) * SW + raw;
-          normalize_row_backward(v, dxg_p + r * GH, dxg_raw_p + r * GH, dgain_p + r * 2 * GH, GH,
-                                 ln_p, row_stats(v, GH));
-        }
-      });
+    if (ln) {
+      layer_norm_chunk<Cell, T>(rows, H, GH, saved_p + rb * SW + raw, SW, h_stats.data(), ln_p,
+                                dxg_p, dhg_p, dcell_p, g, a.mask.weights, add);
+    } else if (a.mask.weights) {
+      column_sums<T>(rows, GH, dxg_p, GH, g.grad_b_ih.data_ptr<T>(), add);
+      if (Cell::kSplitGrads) column_sums<T>(rows, GH, dhg_p, GH, g.grad_b_hh.data_ptr<T>(), add);
     }
     if (w_ih_b.has_value()) {
-      w_ih_b->product(rows, dxg_raw_p, GH, gin_p + rb * I, I, false);
+      w_ih_b->product(rows, dxg_p, GH, gin_p + rb * I, I, false);
     } else if (a.mask.input) {
-      matmul<T>(rows, I, GH, dxg_raw_p, GH, w_ih.data_ptr<T>(), I, gin_p + rb * I, I, false);
+      matmul<T>(rows, I, GH, dxg_p, GH, w_ih.data_ptr<T>(), I, gin_p + rb * I, I, false);
     }
     if (!a.mask.weights) continue;
     // Gate gradients packed once per chunk (dhg is dxg itself but for GRU).
     const int64_t dxg_readers = Cell::kSplitGrads || p.elementwise || ln ? I : I + Hout;
     const Panels dxg_panels =
-        blas_grads ? Panels{} : rows_as_panels<T>(dxg_raw, rows, bf16, dxg_readers);
+        blas_grads ? Panels{} : rows_as_panels<T>(dxg, rows, bf16, dxg_readers);
     if (blas_grads) {
       const T* x_rows = x2d.data_ptr<T>() + rb * I;
-      weight_product<T>(small, GH, I, rows, dxg_raw_p, GH, x_rows, I, g.grad_w_ih.data_ptr<T>(),
-                        add);
+      weight_product<T>(small, GH, I, rows, dxg_p, GH, x_rows, I, g.grad_w_ih.data_ptr<T>(), add);
     } else {
       const at::Tensor x_t = rows_transposed(x2d, rb, rows);
-      times_rows<T>(I, x_t.data_ptr<T>(), rows, dxg_raw, dxg_panels, rows,
-                    g.grad_w_ih.data_ptr<T>(), GH, add);
+      times_rows<T>(I, x_t.data_ptr<T>(), rows, dxg, dxg_panels, rows, g.grad_w_ih.data_ptr<T>(),
+                    GH, add);
     }
     if (p.elementwise) {
       // du: the column sums of dhg * h_prev (u multiplies each unit by its own h only).
@@ -535,13 +580,6 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
       const at::Tensor h_t = rows_transposed(h_prev_all, rb, rows);
       times_rows<T>(Hout, h_t.data_ptr<T>(), rows, dhg_raw, dhg_panels, rows,
                     g.grad_w_hh.data_ptr<T>(), GH, add);
-    }
-    column_sums<T>(rows, GH, dxg_p, GH, g.grad_b_ih.data_ptr<T>(), add);
-    if (Cell::kSplitGrads) column_sums<T>(rows, GH, dhg_p, GH, g.grad_b_hh.data_ptr<T>(), add);
-    if (ln) {
-      T* grad_ln = g.grad_layer_norm.data_ptr<T>();
-      column_sums<T>(rows, 2 * GH, dgain_p, 2 * GH, grad_ln, add);
-      if (Cell::kCellState) column_sums<T>(rows, 2 * H, dcell_p, 2 * H, grad_ln + 2 * GH, add);
     }
     if (p.proj && blas_grads) {
       weight_product<T>(small, Hout, H, rows, dr_p, Hout, saved_p + rb * SW + h_block, SW,

@@ -1,0 +1,119 @@
+#include "workspace.h"
+
+#include <cstdlib>
+#include <deque>
+#include <mutex>
+#include <string>
+
+namespace rnn_fused::cpu {
+namespace {
+
+struct Block {
+  void* data;
+  size_t bytes;
+};
+
+// Freed blocks, oldest first. Never destroyed: a tensor may free its block after static
+// destructors have run.
+struct Cache {
+  std::mutex mutex;
+  std::deque<Block> blocks;
+  size_t bytes = 0;
+};
+
+Cache& cache() {
+  static Cache* const c = new Cache();
+  return *c;
+}
+
+size_t cache_limit() {
+  static const size_t limit = [] {
+    const char* env = std::getenv("RNN_FUSED_CPU_WORKSPACE_CACHE_MB");
+    if (env == nullptr) return size_t(1024) << 20;
+    char* end = nullptr;
+    const unsigned long long mib = std::strtoull(env, &end, 10);
+    TORCH_CHECK(*env != '\0' && *end == '\0',
+                "rnn_fused: RNN_FUSED_CPU_WORKSPACE_CACHE_MB must be a number of MiB, got '", env,
+                "'");
+    return size_t(mib) << 20;
+  }();
+  return limit;
+}
+
+constexpr size_t kAlignment = 4096;
+
+// Takes a freed block of at least `bytes` and at most twice that (the smallest such), or
+// returns a null block.
+Block take(size_t bytes) {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  auto best = c.blocks.end();
+  for (auto it = c.blocks.begin(); it != c.blocks.end(); ++it) {
+    if (it->bytes >= bytes && it->bytes <= 2 * bytes &&
+        (best == c.blocks.end() || it->bytes < best->bytes)) {
+      best = it;
+    }
+  }
+  if (best == c.blocks.end()) return Block{nullptr, 0};
+  const Block b = *best;
+  c.blocks.erase(best);
+  c.bytes -= b.bytes;
+  return b;
+}
+
+void give_back(Block b) {
+  Cache& c = cache();
+  std::deque<Block> evicted;
+  {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    if (b.bytes <= cache_limit()) {
+      c.blocks.push_back(b);
+      c.bytes += b.bytes;
+    } else {
+      evicted.push_back(b);
+    }
+    while (c.bytes > cache_limit()) {
+      evicted.push_back(c.blocks.front());
+      c.bytes -= c.blocks.front().bytes;
+      c.blocks.pop_front();
+    }
+  }
+  for (const Block& e : evicted) std::free(e.data);
+}
+
+}  // namespace
+
+at::Tensor workspace_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const size_t bytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  if (bytes < kMinCachedBytes || cache_limit() == 0) return at::empty(sizes, options);
+  Block b = take(bytes);
+  if (b.data == nullptr) {
+    b.bytes = (bytes + kAlignment - 1) / kAlignment * kAlignment;
+    b.data = std::aligned_alloc(kAlignment, b.bytes);
+    TORCH_CHECK(b.data != nullptr, "rnn_fused: out of memory allocating a workspace of ", b.bytes,
+                " bytes");
+  }
+  const size_t block_bytes = b.bytes;
+  return at::from_blob(
+      b.data, sizes, [block_bytes](void* data) { give_back(Block{data, block_bytes}); },
+      options.device(at::kCPU));
+}
+
+void empty_workspace_cache() {
+  Cache& c = cache();
+  std::deque<Block> freed;
+  {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    freed.swap(c.blocks);
+    c.bytes = 0;
+  }
+  for (const Block& b : freed) std::free(b.data);
+}
+
+size_t cached_workspace_bytes() {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  return c.bytes;
+}
+
+}  // namespace rnn_fused::cpu

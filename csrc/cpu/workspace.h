@@ -1,0 +1,30 @@
+// Memory for the workspace a training forward keeps for its backward (saved, h_prev), reused
+// from call to call. The C library (glibc) serves a block of more than 32 MiB from fresh
+// memory of the system each time and unmaps it when freed (smaller ones it learns to keep on
+// its heap), and touching fresh memory costs a page fault per 4 KiB: a fifth of a LayerNorm
+// LSTM's forward and backward at T=100 B=32 H=256 (a 42 MiB workspace). A training loop frees
+// after each backward the sizes its next forward asks for; those blocks are kept and handed
+// out again.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace rnn_fused::cpu {
+
+// An uninitialised contiguous CPU tensor, from a freed block of the cache when one fits
+// (at least `sizes`, at most twice as large). Blocks below kMinCachedBytes come from the
+// allocator as usual: keeping them here would stop glibc from learning to keep them (its
+// threshold follows the sizes freed to it), and their neighbours would then fault. The cache holds
+// at most RNN_FUSED_CPU_WORKSPACE_CACHE_MB MiB of freed blocks (default 1024; 0 turns it off), the
+// oldest freed first to go.
+at::Tensor workspace_empty(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+constexpr size_t kMinCachedBytes = size_t(32) << 20;
+
+// Frees the blocks the cache holds (a block in use is kept by its tensor until freed).
+void empty_workspace_cache();
+
+// The bytes of freed blocks the cache holds.
+size_t cached_workspace_bytes();
+
+}  // namespace rnn_fused::cpu

@@ -1,0 +1,133 @@
+"""The CPU engine's workspace cache (csrc/cpu/workspace.h): a training forward's workspace of
+32 MiB or more is taken from freed ones when one fits. Whatever a reused block held before
+must never reach a result: here it held NaN."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import seed
+from tolerances import assert_close
+from torch import nn
+
+import rnn_fused
+from rnn_fused.ops import cached_workspace_bytes, empty_workspace_cache
+
+ROOT = Path(__file__).resolve().parent.parent
+MIB = 1 << 20
+
+
+def _poison_cache(mode: str, module: nn.Module, steps: int, batch: int) -> int:
+    """Runs a training forward of the module's first layer on `steps` x `batch` rows, fills its
+    workspace with NaN and frees it to the cache; returns the bytes of its `saved`."""
+    w = [getattr(module, f"{n}_l0", None) for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    w_hr = getattr(module, "weight_hr_l0", None)
+    with torch.no_grad():
+        x = torch.randn(steps, batch, module.input_size, dtype=w[0].dtype)
+        results = torch.ops.rnn_fused.forward(mode, x, None, None, *w, w_hr, None, False, True)
+        saved, h_prev = results[3], results[4]
+        saved.fill_(float("nan"))
+        h_prev.fill_(float("nan"))
+    nbytes = saved.nbytes
+    del results, saved, h_prev
+    return nbytes
+
+
+# B: rows for a workspace of about 40 MiB, above the cache's 32 (the cells keep 5, 6, 4 and 1
+# blocks of H per row).
+@pytest.mark.parametrize(
+    ("cls", "mode", "kwargs", "B"),
+    [
+        (nn.LSTM, "LSTM", {}, 246),
+        (nn.LSTM, "LSTM", {"proj_size": 29}, 205),
+        (nn.GRU, "GRU", {}, 308),
+        (nn.RNN, "RNN_TANH", {}, 1229),
+    ],
+    ids=["lstm", "lstm-proj", "gru", "rnn"],
+)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_reused_workspace_gives_fresh_results(cls, mode, kwargs, B, packed):
+    seed("workspace", mode, kwargs, packed)
+    T, I, H = 41, 23, 97
+    ref = cls(I, H, **kwargs).double()
+    ours = rnn_fused.replace_rnns(cls(I, H, **kwargs).double())
+    ours.load_state_dict(ref.state_dict())
+    lengths = torch.randint(T - 4, T + 1, (B,))
+    lengths[0] = T
+    x = torch.randn(T, B, I, dtype=torch.float64)
+
+    empty_workspace_cache()
+    poisoned = _poison_cache(mode, ours, T + 3, B)  # a little larger than the call's own
+    assert poisoned >= 32 * MIB, "the case must be large enough for the cache"
+    before = cached_workspace_bytes()
+    assert before >= poisoned
+
+    def run(m: nn.Module) -> list[torch.Tensor]:
+        xi = x.clone().requires_grad_()
+        inp = nn.utils.rnn.pack_padded_sequence(xi, lengths, enforce_sorted=False) if packed else xi
+        out, _ = m(inp)
+        if packed:
+            out = nn.utils.rnn.pad_packed_sequence(out)[0]
+        cached_during = cached_workspace_bytes()
+        grads = torch.autograd.grad((out * out.tanh()).sum(), [xi, *m.parameters()])
+        return [out, *grads, torch.tensor(cached_during)]
+
+    *got, cached_during = run(ours)
+    *want, _ = run(ref)
+    assert before - cached_during >= poisoned, "the forward did not take the freed block"
+    for a, b in zip(got, want, strict=True):
+        assert not a.isnan().any()
+        assert_close(a, b, "reused workspace")
+    assert cached_workspace_bytes() >= poisoned, "the backward did not free its workspace"
+
+
+def test_empty_workspace_cache_frees_the_blocks():
+    seed("workspace-empty")
+    m = rnn_fused.LSTM(64, 512)
+    x = torch.randn(50, 80, 64, requires_grad=True)
+    m(x)[0].sum().backward()  # saved: 4000 rows x 5 x 512 floats, 39 MiB
+    assert cached_workspace_bytes() >= 4000 * 5 * 512 * 4
+    empty_workspace_cache()
+    assert cached_workspace_bytes() == 0
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import torch, rnn_fused
+    from rnn_fused.ops import cached_workspace_bytes
+    m = rnn_fused.LSTM(64, 512)
+    x = torch.randn(50, 80, 64, requires_grad=True)
+    try:
+        m(x)[0].sum().backward()
+    except RuntimeError as err:
+        print("error:", err)
+    print("cached", cached_workspace_bytes())
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("0", "cached 0"),
+        ("lots", "RNN_FUSED_CPU_WORKSPACE_CACHE_MB must be a number of MiB, got 'lots'"),
+    ],
+)
+def test_cache_setting(setting: str, expected: str):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RNN_FUSED_CPU_WORKSPACE_CACHE_MB": setting}
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert expected in done.stdout, done.stdout + done.stderr[-2000:]
