@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .ops import GATES, cell_step, rnn_layer, zoneout_mask
+from .ops import GATES, Direction, both_directions, cell_step, rnn_layer, zoneout_mask
 
 _PARAM_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 
@@ -438,35 +438,43 @@ class _RNNBase(_Options, _Convertible, nn.Module):
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
                 x = F.dropout(x, self.dropout, training=True)
-            outputs = []
-            for direction in range(directions):
-                k = layer * directions + direction
-                # self._parameters, not getattr: nn.Module's __getattr__ costs a call each.
-                params = [self._parameters.get(n) for n in self._param_names(layer, direction)]
-                w_ih, w_hh, b_ih, b_hh, w_hr = params
-                w_hh = self._recurrent_weight(w_hh)
-                suffix = f"_l{layer}" + ("_reverse" if direction else "")
-                layer_norm = self._layer_norm_gains(suffix)
-                out, h, c = rnn_layer(
-                    self.mode,
-                    x,
-                    w_ih,
-                    w_hh,
-                    b_ih,
-                    b_hh,
-                    h0[k],
-                    None if c0 is None else c0[k],
-                    w_hr=w_hr,
-                    batch_sizes=batch_sizes,
-                    reverse=direction == 1,
-                    zoneout=self._zoneout_weights(x, x.shape[:-1]),
-                    layer_norm=layer_norm,
-                )
-                outputs.append(out)
+            args = [self._direction(layer, d, x, h0, c0) for d in range(directions)]
+            results = both_directions(self.mode, x, args, batch_sizes) if directions == 2 else None
+            if results is None:
+                results = []
+                for d, a in enumerate(args):
+                    done = rnn_layer(
+                        self.mode, x, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.hx, a.cx,
+                        w_hr=a.w_hr, batch_sizes=batch_sizes, reverse=d == 1,
+                        zoneout=a.zoneout, layer_norm=a.layer_norm,
+                    )  # fmt: skip
+                    results.append(done)
+            for _, h, c in results:
                 h_n.append(h)
                 c_n.append(c)
-            x = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)
+            x = results[0][0] if directions == 1 else torch.cat([r[0] for r in results], dim=-1)
         return x, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
+
+    def _direction(
+        self, layer: int, direction: int, x: Tensor, h0: Tensor, c0: Tensor | None
+    ) -> Direction:
+        """The arguments of one layer and direction."""
+        k = layer * (2 if self.bidirectional else 1) + direction
+        # self._parameters, not getattr: nn.Module's __getattr__ costs a call each.
+        params = [self._parameters.get(n) for n in self._param_names(layer, direction)]
+        w_ih, w_hh, b_ih, b_hh, w_hr = params
+        suffix = f"_l{layer}" + ("_reverse" if direction else "")
+        return Direction(
+            w_ih,
+            self._recurrent_weight(w_hh),
+            b_ih,
+            b_hh,
+            h0[k],
+            None if c0 is None else c0[k],
+            w_hr,
+            self._zoneout_weights(x, x.shape[:-1]),
+            self._layer_norm_gains(suffix),
+        )
 
     def _param_names(self, layer: int, direction: int) -> list[str]:
         suffix = f"_l{layer}" + ("_reverse" if direction else "")

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
+from torch.utils import _python_dispatch
 
 try:
     from . import _C  # its import registers torch.ops.rnn_fused.*
@@ -335,6 +336,59 @@ def rnn_layer(
         mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, zoneout, layer_norm
     )
     return output, h_n, (c_n if mode == "LSTM" else None)
+
+
+# The least work (multiply-adds of a direction's products) for which both_directions opens a
+# parallel region: the bar of the CPU engine's parallel products (csrc/cpu/gemm.cpp, split).
+# Below it a region costs more than it saves, and a process that never opens one can fork.
+_MIN_DIRECTION_WORK = 1 << 16
+
+
+class Direction(NamedTuple):
+    """One direction's own arguments of a bidirectional layer (see rnn_layer)."""
+
+    w_ih: Tensor
+    w_hh: Tensor
+    b_ih: Tensor | None
+    b_hh: Tensor | None
+    hx: Tensor | None
+    cx: Tensor | None
+    w_hr: Tensor | None
+    zoneout: Tensor | None
+    layer_norm: Tensor | None
+
+
+def both_directions(
+    mode: str, input: Tensor, directions: tuple[Direction, Direction], batch_sizes: Tensor | None
+) -> list[tuple[Tensor, Tensor, Tensor | None]] | None:
+    """Both directions of a bidirectional layer at once on the CPU, one thread each, where
+    nothing needs a graph: [(output, h_n, c_n)] per direction, as rnn_layer's. None where
+    rnn_layer must run each direction instead: on a GPU, with one thread, with gradients to
+    record, under autocast, torch.compile, torch.func transforms, forward-mode AD, a Python
+    dispatch mode or tensor subclasses (the threads would not see them), and where a
+    direction's products come to fewer than _MIN_DIRECTION_WORK multiply-adds."""
+    if torch.compiler.is_compiling() or input.device.type != "cpu" or torch.get_num_threads() < 2:
+        return None
+    f, r = directions
+    rows = input.numel() // max(input.shape[-1], 1)
+    if rows * f.w_ih.shape[0] * (f.w_ih.shape[1] + f.w_hh.shape[-1]) < _MIN_DIRECTION_WORK:
+        return None
+    tensors = (input, *(t for d in directions for t in d if t is not None))
+    if (
+        (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        or torch._C._is_any_autocast_enabled()
+        or _peek_interpreter() is not None
+        or _forward_ad._current_level >= 0
+        or _python_dispatch._get_current_dispatch_mode() is not None
+        or torch.overrides.has_torch_function(tensors)
+    ):
+        return None
+    results = _C.layer_pair(
+        mode, input, [f.hx, r.hx], [f.cx, r.cx], [f.w_ih, r.w_ih], [f.w_hh, r.w_hh],
+        [f.b_ih, r.b_ih], [f.b_hh, r.b_hh], [f.w_hr, r.w_hr], batch_sizes,
+        [f.zoneout, r.zoneout], [f.layer_norm, r.layer_norm],
+    )  # fmt: skip
+    return [(out, h, c if mode == "LSTM" else None) for out, h, c in results]
 
 
 def cell_step(
