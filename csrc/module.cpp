@@ -3,6 +3,7 @@
 // and gives Python a direct door to rnn_fused::layer (through the dispatcher, without the
 // per-call cost of torch.ops' argument matching) and the cells' layout facts.
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/extension.h>
 
 #include <array>
@@ -45,8 +46,10 @@ using Pair = std::vector<T>;  // [forward direction, reverse direction]
 // running its direction's steps alone: a step of one direction split over two threads wastes
 // a quarter of them at T=50 B=32 H=256 (LSTM, Intel Xeon: 10.2 ms on two threads against 14.8
 // on one). Nested in this parallel region, each call runs on its own thread (the engine's
-// teams and parallel loops see the region); its dispatch state is set here, per thread.
-// The bits are those of two calls one after the other, which do not depend on threads.
+// teams and parallel loops see the region). Each thread takes the caller's thread-local
+// state (grad and inference mode, dispatch keys), as at::launch does, then goes below
+// autograd. The bits are those of two calls one after the other, which do not depend on
+// threads.
 std::tuple<LayerResult, LayerResult> both_directions(
     std::string_view mode, const at::Tensor& input, const Pair<OptTensor>& hx,
     const Pair<OptTensor>& cx, const Pair<at::Tensor>& w_ih, const Pair<at::Tensor>& w_hh,
@@ -58,7 +61,9 @@ std::tuple<LayerResult, LayerResult> both_directions(
     TORCH_CHECK(n == 2, "rnn_fused: layer_pair takes two of each per-direction argument, got ", n);
   }
   std::array<LayerResult, 2> results;
+  const at::ThreadLocalState caller;
   at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard as_caller(caller);
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t d = begin; d < end; ++d) {
       const rnn_fused::LayerArgs a{mode,    input,      hx[d],        cx[d],   w_ih[d],

@@ -91,6 +91,19 @@ def test_matches_torch_nn_in_float64(two_threads):
             assert_close(a, b, "bidirectional LSTM without a graph")
 
 
+def test_inference_mode_gives_inference_tensors(two_threads):
+    seed("both-inference")
+    ref = nn.GRU(23, 33, bidirectional=True)
+    ours = rnn_fused.replace_rnns(nn.GRU(23, 33, bidirectional=True))
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(9, 5, 23)
+    with torch.inference_mode():
+        got, want = _flat(ours(x)), _flat(ref(x))
+    for a, b in zip(got, want, strict=True):
+        assert a.is_inference() == b.is_inference()
+        assert_close(a, b, "bidirectional GRU in inference mode")
+
+
 def _direction(w: list[torch.Tensor]) -> ops.Direction:
     return ops.Direction(*w, None, None, None, None, None)
 
