@@ -1,7 +1,8 @@
 // The Python module rnn_fused._C. Importing it loads this library, whose static
 // registrations (ops.cpp, autograd.cpp, cpu/, cuda/) add the operators to torch.ops.rnn_fused,
 // and gives Python a direct door to rnn_fused::layer (through the dispatcher, without the
-// per-call cost of torch.ops' argument matching) and the cells' layout facts.
+// per-call cost of torch.ops' argument matching), both directions of a layer at once
+// (layer_pair), the cells' layout facts and the CPU workspace cache's controls.
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <torch/extension.h>
