@@ -2,7 +2,7 @@
 // from call to call. The C library (glibc) serves a block of more than 32 MiB from fresh
 // memory of the system each time and unmaps it when freed (smaller ones it learns to keep on
 // its heap), and touching fresh memory costs a page fault per 4 KiB: a fifth of a LayerNorm
-// LSTM's forward and backward at T=100 B=32 H=256 (a 42 MiB workspace). A training loop frees
+// LSTM's forward and backward at T=100 B=32 H=256 (a 41 MiB workspace). A training loop frees
 // after each backward the sizes its next forward asks for; those blocks are kept and handed
 // out again.
 #pragma once
