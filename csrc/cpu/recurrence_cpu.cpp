@@ -380,11 +380,10 @@ void layer_norm_chunk(int64_t rows, int64_t H, int64_t GH, const T* x_raw, int64
   // A block's partial sums: b_ih, b_hh (GRU), the two sides' gains, the cell's gain and bias.
   const int64_t split = Cell::kSplitGrads ? GH : 0, cell = Cell::kCellState ? 2 * H : 0;
   const int64_t width = padded(3 * GH + split + cell), blocks = (rows + kSumRows - 1) / kSumRows;
-  std::vector<T> partial(weights ? blocks * width : 0);
+  std::vector<T> partial(weights ? blocks * width : 0);  // zeros
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       T* const sums = weights ? partial.data() + b * width : nullptr;
-      if (weights) std::fill(sums, sums + width, T(0));
       for (int64_t r = b * kSumRows; r < std::min(rows, (b + 1) * kSumRows); ++r) {
         const T* x = x_raw + r * ld_raw;
         const RowStats<T> xs = row_stats(x, GH);
