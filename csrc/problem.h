@@ -3,7 +3,8 @@
 // Shared by the CPU and CUDA engines, the CUDA emulation and the autograd kernel.
 //
 // Rows: the input is either padded [T, B, I] or packed [N, I] with per-step batch sizes
-// (non-increasing, as torch.nn.utils.rnn.pack_padded_sequence makes them). Both are seen
+// (non-increasing, as torch.nn.utils.rnn.pack_padded_sequence makes them), or one step
+// [B, I] (a cell's call: as packed with batch sizes [B]). All are seen
 // as rows: step t owns rows offsets[t] .. offsets[t] + batch_sizes[t] of every per-row
 // buffer (input, output, saved values), and the first batch_sizes[t] rows of the state.
 //
@@ -34,7 +35,7 @@ using OptTensor = std::optional<at::Tensor>;
 // The arguments of a layer call (the `forward` operator's, ops.cpp), by name.
 struct LayerArgs {
   std::string_view mode;  // LSTM, GRU, RNN_TANH, RNN_RELU
-  at::Tensor input;       // [T, B, I], or packed rows [N, I] with batch_sizes
+  at::Tensor input;       // [T, B, I], packed rows [N, I] with batch_sizes, or one step [B, I]
   OptTensor hx, cx;       // initial states [B, H_out] and [B, H] (LSTM); zeros when absent
   at::Tensor w_ih, w_hh;  // torch.nn's weights of the layer, gates stacked in its order
   OptTensor b_ih, b_hh;   // given together or not at all
@@ -112,7 +113,7 @@ struct Problem {
   int64_t input_size;  // I
   int64_t hidden;      // H
   int64_t out_size;    // H_out: proj_size for a projected LSTM, else H
-  bool packed;
+  bool packed;         // rows [N, .] in and out: packed input, or one step given as [B, I]
   bool reverse;
   bool proj;
   bool has_bias;

@@ -734,14 +734,14 @@ class _CellBase(_Options, _Convertible, nn.Module):
         p = self._parameters  # not self.weight_ih: nn.Module's __getattr__ costs a call
         _, h_n, c_n = rnn_layer(
             self.mode,
-            input.unsqueeze(0),
+            input,
             p["weight_ih"],
             self._recurrent_weight(p["weight_hh"]),
             p["bias_ih"],
             p["bias_hh"],
             h,
             c,
-            zoneout=self._zoneout_weights(input, (1, input.size(0))),
+            zoneout=self._zoneout_weights(input, (input.size(0),)),
             layer_norm=self._layer_norm_gains(""),
             cell=True,
         )

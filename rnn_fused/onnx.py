@@ -93,7 +93,9 @@ def _emit_layer(emit: Callable[..., Any], ints: Callable[[list[int]], Any], call
     attrs: dict[str, Any] = dict(hidden_size=hidden)
     if call["reverse"]:
         attrs["direction"] = "reverse"
-    inputs = [call["input"], onnx_weight(call["w_ih"]), recurrent, bias, None, h0]
+    # A cell's call gives one step [B, I]: a sequence of one for ONNX.
+    x = emit("Unsqueeze", call["input"], axis0) if call["one_step"] else call["input"]
+    inputs = [x, onnx_weight(call["w_ih"]), recurrent, bias, None, h0]
     if mode == "LSTM":
         c0 = None if call["cx"] is None else emit("Unsqueeze", call["cx"], axis0)
         y, y_h, y_c = emit("LSTM", *inputs, c0, outputs=3, **attrs)
@@ -106,8 +108,9 @@ def _emit_layer(emit: Callable[..., Any], ints: Callable[[list[int]], Any], call
         y, y_h = emit(_OPERATOR[mode], *inputs, outputs=2, **attrs)
         # The operator's c_n of a cell without one: an empty tensor of the input's dtype.
         c_n = emit("CastLike", emit("ConstantOfShape", ints([0])), call["input"])
-    # Y is [T, directions = 1, B, H]; Y_h is [1, B, H].
-    return emit("Squeeze", y, ints([1])), emit("Squeeze", y_h, axis0), c_n
+    # Y is [T, directions = 1, B, H] (T = 1 squeezed too for one step); Y_h is [1, B, H].
+    y_axes = ints([0, 1] if call["one_step"] else [1])
+    return emit("Squeeze", y, y_axes), emit("Squeeze", y_h, axis0), c_n
 
 
 # The torch.export-based exporter (dynamo=True).
@@ -143,6 +146,7 @@ def _layer_onnxscript(
     call = dict(
         mode=mode, input=input, hx=hx, cx=cx, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh,
         reverse=reverse, hidden=int(w_hh.shape[-1]), elementwise=len(w_hh.shape) == 1,
+        one_step=len(input.shape) == 2,
     )  # fmt: skip
     return _emit_layer(emit, ints, call)
 
@@ -204,6 +208,7 @@ def _layer_torchscript(
         mode=mode, input=input, hx=given(hx), cx=given(cx), w_ih=w_ih, w_hh=w_hh,
         b_ih=given(b_ih), b_hh=given(b_hh), reverse=bool(sh._maybe_get_const(reverse, "b")),
         hidden=w_hh_sizes[-1], elementwise=len(w_hh_sizes) == 1,
+        one_step=sh._get_tensor_rank(input) == 2,
     )  # fmt: skip
     return _emit_layer(emit, ints, call)
 

@@ -117,7 +117,10 @@ def _layer_outputs(call: LayerCall) -> tuple[Tensor, Tensor, Tensor, int, int]:
     _check_like(c.input, hx=c.hx, cx=c.cx, w_ih=c.w_ih, w_hh=c.w_hh, b_ih=c.b_ih, b_hh=c.b_hh)
     _check_like(c.input, w_hr=c.w_hr, zoneout=c.zoneout, layer_norm=c.layer_norm)
     hidden, out_size = _sizes(c.mode, c.w_ih, c.w_hr)
-    if c.batch_sizes is not None:
+    if c.batch_sizes is None and c.input.dim() == 2:  # one step [B, I]
+        rows = batch = c.input.shape[0]
+        output = c.input.new_empty(rows, out_size)
+    elif c.batch_sizes is not None:
         rows = c.input.shape[0]
         # Without hx the batch is the first step's size: a value a fake tensor lacks.
         batch = c.hx.shape[0] if c.hx is not None else torch.library.get_ctx().new_dynamic_size()
@@ -294,7 +297,8 @@ def rnn_layer(
 
     Args:
         mode: "LSTM", "GRU", "RNN_TANH" or "RNN_RELU".
-        input: [T, B, I], or packed rows [N, I] when `batch_sizes` is given.
+        input: [T, B, I], packed rows [N, I] when `batch_sizes` is given, or one step [B, I]
+            (then output is [B, H_out]).
         w_ih, w_hh, b_ih, b_hh: torch.nn's weights of the layer (gates stacked in its order).
         hx: initial hidden state [B, H_out] (zeros when None).
         cx: initial cell state [B, H] (LSTM only; zeros when None).
@@ -311,8 +315,8 @@ def rnn_layer(
             autocast have other dtypes than a layer's (see _cpu_autocast_results).
 
     Returns:
-        (output, h_n, c_n): output [T, B, H_out] (or [N, H_out]), h_n [B, H_out], and c_n
-        [B, H] for LSTM, else None.
+        (output, h_n, c_n): output [T, B, H_out] ([N, H_out] packed, [B, H_out] for one
+        step), h_n [B, H_out], and c_n [B, H] for LSTM, else None.
     """
     if torch._C._is_any_autocast_enabled() and torch.float32 in (input.dtype, w_ih.dtype):
         call = LayerCall(
@@ -401,7 +405,7 @@ def cell_step(
     b_ih: Tensor | None,
     b_hh: Tensor | None,
 ) -> tuple[Tensor, Tensor | None] | None:
-    """One eager step of a cell: rnn_layer on input [B, I] as a sequence of one, returning
+    """One eager step of a cell: rnn_layer on input [B, I] (one step), returning
     (h, c) (c None except for LSTM), by the shortest door a step per call can take. None
     where rnn_layer must run the call instead (autocast, torch.func transforms, forward-mode
     AD, tracing by torch.compile)."""

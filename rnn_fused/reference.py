@@ -123,6 +123,8 @@ def rnn_layer(
         raise ValueError("zoneout needs a layer without projection, got w_hr")
     hidden = w_hh.shape[0] // {"LSTM": 4, "GRU": 3}.get(mode, 1)
     out_size = w_hr.shape[0] if w_hr is not None else hidden
+    if batch_sizes is None and input.dim() == 2:  # one step [B, I]: packed rows of one step
+        batch_sizes = torch.tensor([input.shape[0]])
     if batch_sizes is None:
         steps = list(input.unbind(0))
         sizes = [input.shape[1]] * input.shape[0]

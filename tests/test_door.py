@@ -94,6 +94,28 @@ def test_packed_input_without_initial_state():
     torch.testing.assert_close(ours[1], exact[1], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", CELLS)
+def test_one_step_input_is_a_sequence_of_one(mode):
+    """Input [B, I] (what the cells pass) is one step: the bits of [1, B, I], output [B, H],
+    and gradients reach the 2-D input as they reach the 3-D one."""
+    seed("one-step", mode)
+    layer = make_layer(mode, 7, 33, dtype=torch.float32)
+    h0, c0 = make_states(layer, 3, dtype=torch.float32)
+    x = rand(3, 7, dtype=torch.float32)
+    args = (layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh, h0, c0)
+    step = rnn_layer(mode, x, *args)
+    sequence = rnn_layer(mode, x.unsqueeze(0), *args)
+    assert step[0].shape == (3, 33)
+    assert torch.equal(step[0], sequence[0][0])
+    for a, b in zip(step[1:], sequence[1:], strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    (g_step,) = torch.autograd.grad(step[0].sum(), x)
+    (g_sequence,) = torch.autograd.grad(sequence[0].sum(), x)
+    assert torch.equal(g_step, g_sequence)
+    exact = reference.rnn_layer(mode, x.double(), *(t.double() for t in args if t is not None))
+    torch.testing.assert_close(step[0].double(), exact[0], rtol=1e-5, atol=1e-5)
+
+
 def test_eager_and_dispatcher_doors_agree():
     """_C.layer (eager) and torch.ops.rnn_fused.layer (what torch.compile traces) run the
     same operator: the same bits."""

@@ -47,6 +47,17 @@ def test_gradcheck(mode, bias, with_h0, reverse, shape):
     _check(mode, rand(T, B, I, dtype=dt), layer, h0, c0, reverse=reverse)
 
 
+@pytest.mark.parametrize("with_h0", [True, False], ids=["h0", "noh0"])
+@pytest.mark.parametrize("mode", CELLS)
+def test_gradcheck_one_step(mode, with_h0):
+    """Input [B, I] without batch_sizes: one step (a cell's call)."""
+    seed("one-step", mode, with_h0)
+    dt = torch.float64
+    layer = make_layer(mode, 7, 5, dtype=dt)
+    h0, c0 = make_states(layer, 3, dtype=dt) if with_h0 else (None, None)
+    _check(mode, rand(3, 7, dtype=dt), layer, h0, c0)
+
+
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("mode", CELLS)
 def test_gradcheck_packed(mode, reverse):
@@ -71,7 +82,7 @@ def test_gradcheck_lstm_projection(reverse):
 GRADGRAD_CASES = [
     (mode, case)
     for mode in CELLS
-    for case in ["padded", "packed-reverse", "proj"]
+    for case in ["padded", "packed-reverse", "one-step", "proj"]
     if case != "proj" or mode == "LSTM"  # the projection exists for LSTM only
 ]
 
@@ -86,6 +97,8 @@ def test_gradgradcheck(mode, case):
     if case == "packed-reverse":
         kw = dict(batch_sizes=torch.tensor([2, 2, 1]), reverse=True)
         x = rand(5, 3, dtype=dt)
+    elif case == "one-step":
+        x = rand(2, 3, dtype=dt)
     else:
         x = rand(3, 2, 3, dtype=dt)
     _check(mode, x, layer, h0, c0, check=torch.autograd.gradgradcheck, **kw)

@@ -1,5 +1,6 @@
 """torch.library.opcheck on the operators: schema, fake kernel, autograd registration and
-AOT dispatch, for every cell, padded and packed, with and without optional inputs. `layer`
+AOT dispatch, for every cell, padded, packed and one step ([B, I]), with and without optional
+inputs. `layer`
 is the public one (autograd in C++); `forward` and `backward` are the kernels under it."""
 
 from __future__ import annotations
@@ -13,7 +14,17 @@ import rnn_fused  # noqa: F401  (registers the operators)
 CASES = [
     (mode, case)
     for mode in CELLS
-    for case in ["padded", "packed", "no-optionals", "reverse", "proj", "zoneout", "zoneout-packed"]
+    for case in [
+        "padded",
+        "packed",
+        "one-step",
+        "no-optionals",
+        "reverse",
+        "proj",
+        "zoneout",
+        "zoneout-packed",
+        "zoneout-one-step",
+    ]
     if case != "proj" or mode == "LSTM"  # the projection exists for LSTM only
 ]
 
@@ -27,6 +38,8 @@ def _forward_args(mode: str, case: str, dt: torch.dtype = torch.float64) -> tupl
     if "packed" in case:
         batch_sizes = torch.tensor([3, 2, 2, 1])
         x = rand(8, 4, dtype=dt)
+    elif "one-step" in case:  # a cell's call: input [B, I]
+        x = rand(3, 4, dtype=dt)
     else:
         x = rand(4, 3, 4, dtype=dt)
     if case == "no-optionals":

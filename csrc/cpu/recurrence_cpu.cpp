@@ -144,15 +144,21 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
   const std::optional<StepWeight<T>> w_hr_t =
       p.proj ? std::optional<StepWeight<T>>(std::in_place, *w_hr, true, pack, 0, bf16)
              : std::nullopt;
-  // One scratch allocation (a short call pays for each): xg, the input-side pre-activations
-  // of a chunk; hg, a step's hidden-side ones; h_start, the state a step starts from when it
-  // is not kept for the backward (the step's threads overwrite h_state while others still
-  // read it); h_scratch, the unprojected h of a step when it is not kept in `saved`.
+  // One scratch buffer (a short call's is the thread's own: see thread_scratch): xg, the
+  // input-side pre-activations of a chunk; hg, a step's hidden-side ones; h_start, the state
+  // a step starts from when it is not kept for the backward (the step's threads overwrite
+  // h_state while others still read it); h_scratch, the unprojected h of a step when it is
+  // not kept in `saved`.
   const int64_t xg_size = padded(max_rows(chunks) * GH), hg_size = padded(p.batch * GH);
   const int64_t h_start_size = train ? 0 : padded(p.batch * Hout);
   const int64_t h_scratch_size = p.proj && !train ? padded(p.batch * H) : 0;
-  const at::Tensor scratch = at::empty({xg_size + hg_size + h_start_size + h_scratch_size}, opts);
-  T* const xg_p = scratch.data_ptr<T>();
+  const int64_t scratch_size = xg_size + hg_size + h_start_size + h_scratch_size;
+  at::Tensor scratch;  // when the thread's own scratch is too small
+  T* xg_p = static_cast<T*>(thread_scratch(sizeof(T) * scratch_size));
+  if (xg_p == nullptr) {
+    scratch = cpu_empty({scratch_size}, opts);
+    xg_p = scratch.data_ptr<T>();
+  }
   T* const hg_p = xg_p + xg_size;
   T* const h_start_p = hg_p + hg_size;
   T* const h_scratch_p = h_start_p + h_start_size;
@@ -267,7 +273,7 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
 // A copy of a contiguous tensor: clone's TensorIterator costs more than a short call's
 // whole state copy.
 at::Tensor copy_of(const at::Tensor& t) {
-  at::Tensor copy = at::empty(t.sizes(), t.options());
+  at::Tensor copy = cpu_empty(t.sizes(), t.options());
   if (t.nbytes() > 0) std::memcpy(copy.data_ptr(), t.data_ptr(), t.nbytes());
   return copy;
 }
@@ -280,12 +286,12 @@ ForwardResult forward_native(const Problem& p, const LayerArgs& a, bool train, b
   const int64_t kept_rows = train ? p.rows : 0;
 
   ForwardBuffers out;
-  out.output = p.packed ? at::empty({p.rows, p.out_size}, opts)
-                        : at::empty({p.steps, p.batch, p.out_size}, opts);
-  out.h_state = a.hx.has_value() ? copy_of(*a.hx) : at::zeros({p.batch, p.out_size}, opts);
-  out.c_state = p.kind != CellKind::LSTM ? at::empty({0}, opts)
+  out.output = p.packed ? cpu_empty({p.rows, p.out_size}, opts)
+                        : cpu_empty({p.steps, p.batch, p.out_size}, opts);
+  out.h_state = a.hx.has_value() ? copy_of(*a.hx) : cpu_zeros({p.batch, p.out_size}, opts);
+  out.c_state = p.kind != CellKind::LSTM ? cpu_empty({0}, opts)
                 : a.cx.has_value()       ? copy_of(*a.cx)
-                                         : at::zeros({p.batch, p.hidden}, opts);
+                                         : cpu_zeros({p.batch, p.hidden}, opts);
   out.saved = workspace_empty({kept_rows, p.saved_width()}, opts);
   out.h_prev = workspace_empty({kept_rows, p.out_size}, opts);
 
@@ -422,8 +428,8 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
   const int64_t chunk_rows = max_rows(chunks);
   const at::Tensor x2d = input.reshape({p.rows, I});
   // Gate gradients of a chunk, input side and (GRU) hidden side.
-  at::Tensor dxg = at::empty({chunk_rows, GH}, opts);
-  at::Tensor dhg = Cell::kSplitGrads ? at::empty({chunk_rows, GH}, opts) : dxg;
+  at::Tensor dxg = cpu_empty({chunk_rows, GH}, opts);
+  at::Tensor dhg = Cell::kSplitGrads ? cpu_empty({chunk_rows, GH}, opts) : dxg;
   // LayerNorm cells: dxg and dhg hold the gradients of the normalised sides (what the biases
   // and gains get); the products take those of the raw sides, through the normalisations'
   // backward: the hidden side's into dhg_raw at each step (h_stats: its rows' statistics),
@@ -431,14 +437,14 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
   // dcell: each row's gradients of the LSTM's cell-state gain and bias.
   const T* ln_p = ptr_or_null<T>(a.layer.layer_norm);
   const bool ln = ln_p != nullptr;
-  const at::Tensor dhg_raw = ln ? at::empty({chunk_rows, GH}, opts) : dhg;
+  const at::Tensor dhg_raw = ln ? cpu_empty({chunk_rows, GH}, opts) : dhg;
   std::vector<RowStats<T>> h_stats(ln ? chunk_rows : 0);
   const at::Tensor dcell =
-      ln && Cell::kCellState ? at::empty({chunk_rows, 2 * H}, opts) : at::Tensor();
+      ln && Cell::kCellState ? cpu_empty({chunk_rows, 2 * H}, opts) : at::Tensor();
   const int64_t raw = p.layout.raw_offset();
   // With a projection: dL/dr of a chunk's rows, and dL/dh of the current step.
-  at::Tensor dr = p.proj ? at::empty({chunk_rows, Hout}, opts) : at::Tensor();
-  at::Tensor dh_step = p.proj ? at::empty({p.batch, H}, opts) : at::Tensor();
+  at::Tensor dr = p.proj ? cpu_empty({chunk_rows, Hout}, opts) : at::Tensor();
+  at::Tensor dh_step = p.proj ? cpu_empty({p.batch, H}, opts) : at::Tensor();
   const int64_t h_block = p.layout.unprojected_offset();
 
   const T* gout_p = ptr_or_null<T>(a.grad_output);
@@ -600,25 +606,25 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
   const int64_t GH = p.gate_width();
 
   BackwardBuffers g;
-  g.grad_input = at::empty(a.mask.input ? input.sizes() : at::IntArrayRef{0}, opts);
+  g.grad_input = cpu_empty(a.mask.input ? input.sizes() : at::IntArrayRef{0}, opts);
   g.dh_state =
-      a.grad_h_n.has_value() ? copy_of(*a.grad_h_n) : at::zeros({p.batch, p.out_size}, opts);
-  g.dc_state = p.kind != CellKind::LSTM ? at::empty({0}, opts)
+      a.grad_h_n.has_value() ? copy_of(*a.grad_h_n) : cpu_zeros({p.batch, p.out_size}, opts);
+  g.dc_state = p.kind != CellKind::LSTM ? cpu_empty({0}, opts)
                : a.grad_c_n.has_value() ? copy_of(*a.grad_c_n)
-                                        : at::zeros({p.batch, p.hidden}, opts);
+                                        : cpu_zeros({p.batch, p.hidden}, opts);
   const bool weights = a.mask.weights;
   const bool blas_grads = g.blas_grads = blas_weight_grads(p, bf16, input.scalar_type());
   const auto weight_grad = [&](int64_t rows, int64_t cols) {
-    return !weights     ? at::empty({0}, opts)
-           : blas_grads ? at::empty({rows, cols}, opts)
-                        : at::empty({cols, rows}, opts);
+    return !weights     ? cpu_empty({0}, opts)
+           : blas_grads ? cpu_empty({rows, cols}, opts)
+                        : cpu_empty({cols, rows}, opts);
   };
   g.grad_w_ih = weight_grad(GH, p.input_size);
-  g.grad_w_hh = !p.elementwise ? weight_grad(GH, p.out_size) : at::empty({weights ? GH : 0}, opts);
-  g.grad_b_ih = at::empty({weights ? GH : 0}, opts);  // written by the first chunk
-  g.grad_b_hh = at::empty({weights ? GH : 0}, opts);
+  g.grad_w_hh = !p.elementwise ? weight_grad(GH, p.out_size) : cpu_empty({weights ? GH : 0}, opts);
+  g.grad_b_ih = cpu_empty({weights ? GH : 0}, opts);  // written by the first chunk
+  g.grad_b_hh = cpu_empty({weights ? GH : 0}, opts);
   g.grad_w_hr = p.proj ? weight_grad(p.out_size, p.hidden) : at::Tensor();
-  g.grad_layer_norm = at::empty({weights && p.layer_norm ? a.layer.layer_norm->numel() : 0}, opts);
+  g.grad_layer_norm = cpu_empty({weights && p.layer_norm ? a.layer.layer_norm->numel() : 0}, opts);
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_fused_backward_cpu", [&] {
     dispatch_cell(p.kind, [&](auto tag) {
@@ -629,7 +635,7 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
   const auto as_weight = [&](const at::Tensor& t) {
     return blas_grads || !weights || t.dim() == 1 ? t : t.t().contiguous();
   };
-  const auto none = [&] { return at::empty({0}, opts); };  // a new one each: outputs never alias
+  const auto none = [&] { return cpu_empty({0}, opts); };  // a new one each: outputs never alias
   return {g.grad_input,
           a.mask.state ? g.dh_state : none(),
           a.mask.state ? g.dc_state : none(),

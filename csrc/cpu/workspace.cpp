@@ -1,7 +1,11 @@
 #include "workspace.h"
 
+#include <ATen/EmptyTensor.h>
+
 #include <cstdlib>
+#include <cstring>
 #include <deque>
+#include <memory>
 #include <mutex>
 #include <string>
 
@@ -83,9 +87,29 @@ void give_back(Block b) {
 
 }  // namespace
 
+at::Tensor cpu_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::detail::empty_cpu(sizes, options);
+}
+
+at::Tensor cpu_zeros(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = cpu_empty(sizes, options);
+  if (t.nbytes() > 0) std::memset(t.data_ptr(), 0, t.nbytes());
+  return t;
+}
+
+void* thread_scratch(size_t bytes) {
+  if (bytes > kThreadScratchBytes) return nullptr;
+  struct Free {
+    void operator()(void* p) const { std::free(p); }
+  };
+  thread_local std::unique_ptr<void, Free> buffer(std::aligned_alloc(64, kThreadScratchBytes));
+  TORCH_CHECK(buffer != nullptr, "rnn_fused: out of memory allocating a thread's scratch");
+  return buffer.get();
+}
+
 at::Tensor workspace_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const size_t bytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
-  if (bytes < kMinCachedBytes || cache_limit() == 0) return at::empty(sizes, options);
+  if (bytes < kMinCachedBytes || cache_limit() == 0) return cpu_empty(sizes, options);
   Block b = take(bytes);
   if (b.data == nullptr) {
     b.bytes = (bytes + kAlignment - 1) / kAlignment * kAlignment;
