@@ -103,10 +103,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         const LayerArgs a{mode, input,        hx,           cx,    w_ih,         w_hh,        b_ih,
                           b_hh, std::nullopt, std::nullopt, false, std::nullopt, std::nullopt};
         auto [output, h_n, c_n] = call_layer(a);
-        return std::make_tuple(h_n, c_n);
+        const bool lstm = parse_mode(mode) == CellKind::LSTM;
+        return std::make_tuple(h_n, lstm ? OptTensor(c_n) : std::nullopt);
       },
       pybind11::call_guard<pybind11::gil_scoped_release>(),
-      "One step of a cell through rnn_fused::layer: (h_n, c_n) of input [B, I].");
+      "One step of a cell through rnn_fused::layer: (h_n, c_n) of input [B, I], c_n None "
+      "but for LSTM.");
   m.def(
       "gates", [](std::string_view mode) { return gates_of(parse_mode(mode)); },
       "Gate blocks of width hidden_size per row of a cell's pre-activations.");

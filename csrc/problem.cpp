@@ -53,6 +53,14 @@ LayerArgs LayerArgs::contiguous() const {
   return c;
 }
 
+bool LayerArgs::is_contiguous() const {
+  return input.is_contiguous() && w_ih.is_contiguous() && w_hh.is_contiguous() &&
+         rnn_fused::is_contiguous(hx) && rnn_fused::is_contiguous(cx) &&
+         rnn_fused::is_contiguous(b_ih) && rnn_fused::is_contiguous(b_hh) &&
+         rnn_fused::is_contiguous(w_hr) && rnn_fused::is_contiguous(zoneout) &&
+         rnn_fused::is_contiguous(layer_norm);
+}
+
 LayerArgs LayerArgs::to(at::ScalarType dtype, bool weights) const {
   LayerArgs c = *this;
   c.input = input.to(dtype);
@@ -90,6 +98,12 @@ BackwardArgs BackwardArgs::contiguous() const {
   c.saved = saved.contiguous();
   c.h_prev = h_prev.contiguous();
   return c;
+}
+
+bool BackwardArgs::is_contiguous() const {
+  return layer.is_contiguous() && rnn_fused::is_contiguous(grad_output) &&
+         rnn_fused::is_contiguous(grad_h_n) && rnn_fused::is_contiguous(grad_c_n) &&
+         saved.is_contiguous() && h_prev.is_contiguous();
 }
 
 CellKind parse_mode(std::string_view mode) {

@@ -55,6 +55,7 @@ struct LayerArgs {
 
   // The same call with every tensor contiguous (what the engines read through pointers).
   LayerArgs contiguous() const;
+  bool is_contiguous() const;
   // The same call with every floating-point tensor converted to dtype (but the weights w_ih,
   // w_hh and w_hr only if `weights`).
   LayerArgs to(at::ScalarType dtype, bool weights = true) const;
@@ -76,6 +77,7 @@ struct BackwardArgs {
   GradMask mask;
 
   BackwardArgs contiguous() const;
+  bool is_contiguous() const;
   BackwardArgs to(at::ScalarType dtype, bool weights = true) const;
 };
 
@@ -150,6 +152,8 @@ template <class T>
 const T* ptr_or_null(const OptTensor& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
 }
+
+inline bool is_contiguous(const OptTensor& t) { return !t.has_value() || t->is_contiguous(); }
 
 inline OptTensor contiguous(const OptTensor& t) {
   return t.has_value() ? OptTensor(t->contiguous()) : std::nullopt;

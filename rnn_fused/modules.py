@@ -755,8 +755,10 @@ class _CellBase(_Options, _Convertible, nn.Module):
         if input.dim() != 2 or self.zoneout or self._layer_norm:
             return None
         p = self._parameters  # not self.weight_ih: nn.Module's __getattr__ costs a call
+        w_ih, w_hh = p["weight_ih"], p["weight_hh"]
+        if self.dropconnect:
+            w_hh = self._recurrent_weight(w_hh)
         try:
-            w_ih, w_hh = p["weight_ih"], self._recurrent_weight(p["weight_hh"])
             return cell_step(self.mode, input, h, c, w_ih, w_hh, p["bias_ih"], p["bias_hh"])
         except (RuntimeError, TypeError):
             return None

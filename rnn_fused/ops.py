@@ -415,8 +415,7 @@ def cell_step(
         or _differentiated_by_transform()
     ):
         return None
-    h, c = _C.cell(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
-    return h, (c if mode == "LSTM" else None)
+    return _C.cell(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
 
 
 def _differentiated_by_transform() -> bool:

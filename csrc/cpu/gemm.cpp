@@ -1,3 +1,9 @@
+// GCC 12 takes the unused operand that AVX-512 intrinsics leave undefined (unpacklo/hi_ps)
+// for an uninitialised variable once they are inlined: a false warning, silenced before the
+// intrinsics' headers come in.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include "gemm.h"
 
 #include <ATen/Dispatch.h>
