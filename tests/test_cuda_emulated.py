@@ -171,7 +171,7 @@ def test_fused_backward_step(kernels, mode, rows_gemm, n, H, dtype):
 
 
 FEATURES = [
-    "plain", "nobias", "noh0", "reverse", "packed", "packed-reverse", "proj", "indrnn",
+    "plain", "nobias", "noh0", "reverse", "packed", "packed-reverse", "one-step", "proj", "indrnn",
     "zoneout", "zoneout-packed-reverse", "layernorm", "layernorm-nobias-packed-reverse",
     "layernorm-zoneout",
 ]  # fmt: skip
@@ -197,7 +197,8 @@ def test_engine_matches_reference(kernels, monkeypatch, path, mode, feature, dty
 
 def _engine_matches_reference(kernels, mode, feature, dtype, batch=9, hidden=33):
     """The engine's forward (inference and training) and backward against reference.py on
-    6 steps; batch and hidden for unpacked features (packed ones take 9 rows)."""
+    6 steps (one for one-step: input [B, I]); batch and hidden for unpacked features (packed
+    ones take 9 rows)."""
     seed("engine", mode, feature, dtype, batch, hidden)
     packed, reverse = "packed" in feature, "reverse" in feature
     # Weights small enough that relu runs stay well scaled (bfloat16 below) over 6 steps.
@@ -217,7 +218,12 @@ def _engine_matches_reference(kernels, mode, feature, dtype, batch=9, hidden=33)
     if feature == "noh0":
         h0 = c0 = None
     batch_sizes = torch.tensor([9, 9, 7, 4, 4, 1]) if packed else None
-    x = rand(int(batch_sizes.sum()), 5, dtype=dtype) if packed else rand(6, batch, 5, dtype=dtype)
+    if packed:
+        x = rand(int(batch_sizes.sum()), 5, dtype=dtype)
+    elif feature == "one-step":  # a cell's call: input [B, I]
+        x = rand(batch, 5, dtype=dtype)
+    else:
+        x = rand(6, batch, 5, dtype=dtype)
     # Zoneout's weights of h_{t-1}, anywhere in [0, 1): masks and expectations alike.
     keep = torch.rand(*x.shape[:-1], hidden).to(dtype) if "zoneout" in feature else None
     # The LayerNorm gains (and LSTM's cell-state gain and bias), away from 1 and 0.
