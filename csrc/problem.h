@@ -19,6 +19,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/SmallVector.h>
 
 #include <array>
 #include <optional>
@@ -122,10 +123,11 @@ struct Problem {
   // IndRNN: w_hh is a vector u [H] (an RNN mode only), the recurrence's element-wise weight:
   // the hidden-side pre-activation is u * h, where the other cells have h W_hh^T.
   bool elementwise;
-  bool zoneout;                      // LayerArgs::zoneout given
-  bool layer_norm;                   // LayerArgs::layer_norm given
-  std::vector<int64_t> batch_sizes;  // per step
-  std::vector<int64_t> offsets;      // first row of each step
+  bool zoneout;     // LayerArgs::zoneout given
+  bool layer_norm;  // LayerArgs::layer_norm given
+  // Inline for a few steps: a cell's call allocates nothing here.
+  c10::SmallVector<int64_t, 4> batch_sizes;  // per step
+  c10::SmallVector<int64_t, 4> offsets;      // first row of each step
 
   int64_t gate_width() const { return gates * hidden; }
   int64_t saved_width() const { return layout.width(); }
