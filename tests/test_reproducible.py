@@ -36,3 +36,32 @@ def test_bitwise_equal_across_runs_and_threads(cls, T, B, H):
     for a, b, c, d in zip(first, second, single, double):
         assert torch.equal(a, b), "two runs differ"
         assert torch.equal(c, d), "one thread and two threads differ"
+
+
+@pytest.mark.parametrize("cls", [nn.LSTMCell, nn.GRUCell, nn.RNNCell], ids=lambda c: c.__name__)
+def test_cell_at_batch_one_over_threads(cls):
+    """A cell's step at batch 1 with weights large enough to split by rows of W over the
+    threads (cpu/gemm.cpp, matmul_blas): the same bits on one thread and two, and torch.nn's
+    values in float64 to float32's rounding."""
+    seed("repro-cell", cls.__name__)
+    ours = rnn_fused.replace_rnns(cls(300, 257))
+    theirs = cls(300, 257).double()
+    theirs.load_state_dict(ours.state_dict())
+    x, h = torch.randn(1, 300), torch.randn(1, 257) * 0.5
+    state = (h, torch.randn(1, 257) * 0.5) if cls is nn.LSTMCell else h
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                out = ours(x, state)
+            results.append(out[0] if isinstance(out, tuple) else out)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1]), "one thread and two threads differ"
+    exact_state = tuple(s.double() for s in state) if cls is nn.LSTMCell else h.double()
+    with torch.no_grad():
+        exact = theirs(x.double(), exact_state)
+    exact = exact[0] if isinstance(exact, tuple) else exact
+    torch.testing.assert_close(results[0].double(), exact, rtol=1e-5, atol=1e-5)
