@@ -38,17 +38,21 @@ def test_bitwise_equal_across_runs_and_threads(cls, T, B, H):
         assert torch.equal(c, d), "one thread and two threads differ"
 
 
+@pytest.mark.parametrize(
+    "batch, input_size, hidden", [(1, 300, 257), (97, 51, 51)], ids=["batch-1", "batch-97"]
+)
 @pytest.mark.parametrize("cls", [nn.LSTMCell, nn.GRUCell, nn.RNNCell], ids=lambda c: c.__name__)
-def test_cell_at_batch_one_over_threads(cls):
-    """A cell's step at batch 1 with weights large enough to split by rows of W over the
-    threads (cpu/gemm.cpp, matmul_blas): the same bits on one thread and two, and torch.nn's
-    values in float64 to float32's rounding."""
-    seed("repro-cell", cls.__name__)
-    ours = rnn_fused.replace_rnns(cls(300, 257))
-    theirs = cls(300, 257).double()
+def test_cell_over_threads(cls, batch: int, input_size: int, hidden: int):
+    """A cell's step split over the threads: at batch 1, weights large enough to split by
+    rows of W (cpu/gemm.cpp, matmul_blas); at batch 97, the cell math split by rows
+    (recurrence_cpu.cpp, kParallelCellUnits). The same bits on one thread and two, and
+    torch.nn's values in float64 to float32's rounding."""
+    seed("repro-cell", cls.__name__, batch)
+    ours = rnn_fused.replace_rnns(cls(input_size, hidden))
+    theirs = cls(input_size, hidden).double()
     theirs.load_state_dict(ours.state_dict())
-    x, h = torch.randn(1, 300), torch.randn(1, 257) * 0.5
-    state = (h, torch.randn(1, 257) * 0.5) if cls is nn.LSTMCell else h
+    x, h = torch.randn(batch, input_size), torch.randn(batch, hidden) * 0.5
+    state = (h, torch.randn(batch, hidden) * 0.5) if cls is nn.LSTMCell else h
     threads = torch.get_num_threads()
     results = []
     try:
@@ -65,3 +69,9 @@ def test_cell_at_batch_one_over_threads(cls):
         exact = theirs(x.double(), exact_state)
     exact = exact[0] if isinstance(exact, tuple) else exact
     torch.testing.assert_close(results[0].double(), exact, rtol=1e-5, atol=1e-5)
+    # Training runs the same split, keeping what the backward reads.
+    xs = [x.clone().requires_grad_(), x.double().requires_grad_()]
+    for model, xi, st in ((ours, xs[0], state), (theirs, xs[1], exact_state)):
+        out = model(xi, st)
+        (out[0] if isinstance(out, tuple) else out).sum().backward()
+    torch.testing.assert_close(xs[0].grad.double(), xs[1].grad, rtol=1e-4, atol=1e-5)

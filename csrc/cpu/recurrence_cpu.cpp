@@ -55,6 +55,12 @@ bool small_problem(const Problem& p) {
   return p.rows <= kSmallProblemRows || p.steps <= kSmallProblemSteps;
 }
 
+// Hidden units of a small problem's step from which its cell math is split over threads by
+// rows, after its hidden-side product on all of them (BLAS's threads): a cell's call at a
+// large batch, whose cell math on one thread took two fifths of the call (LSTMCell(51) at
+// B=97, float64, Intel Xeon).
+constexpr int64_t kParallelCellUnits = 2048;
+
 int step_threads(const Problem& p) {
   if (small_problem(p)) return 1;
   // A step's multiply-adds, or their like: an element-wise recurrence (IndRNN) costs about 16
@@ -206,17 +212,9 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
                       : train ? saved_p + r0 * SW + p.layout.unprojected_offset()
                               : h_scratch_p;
         const int64_t h_unproj_ld = train ? SW : H;
-        // Per tile of rows and hidden units: the hidden-side products of its units in every
-        // gate, then the cell math of those units while they are in cache. LayerNorm cells
-        // normalise whole rows: all products first, then the rows.
-        const int64_t tiles = tile_count(n, H);
-        for (int64_t k_tile = team.begin(tiles); k_tile < team.end(tiles); ++k_tile) {
-          const Tile tl = tile_at(k_tile, n, H);
-          for (int64_t k = 0; k < Cell::kGates && w_hh_t.packed(); ++k) {
-            panel_product<T>(tl.rows, h_prev + tl.i0 * Hout, Hout, w_hh_t.panels(), k,
-                             tl.u0 / Panels::kPanel, hg_p + tl.i0 * GH + k * H + tl.u0, GH);
-          }
-          for (int64_t i = tl.i0; i < tl.i0 + tl.rows && ln_p == nullptr; ++i) {
+        // The cell math of rows [i0, i1), units [u0, u1) (LayerNorm cells: see below).
+        const auto forward_rows = [&](int64_t i0, int64_t i1, int64_t u0, int64_t u1) {
+          for (int64_t i = i0; i < i1 && ln_p == nullptr; ++i) {
             ForwardRow<T> row{xg_p + (r0 - ch.row_begin + i) * GH,
                               hg_p + i * GH,
                               b_ih_p,
@@ -227,8 +225,27 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
                               p.proj ? h_unproj + i * h_unproj_ld : out_p + (r0 + i) * Hout,
                               p.proj ? nullptr : h_p + i * Hout,
                               keep_p == nullptr ? nullptr : keep_p + (r0 + i) * Hout};
-            forward_row<CellT, T>(row, H, tl.u0, tl.u1);
+            forward_row<CellT, T>(row, H, u0, u1);
           }
+        };
+        // A small problem's team is one thread (step_threads): many rows split over threads
+        // here, after the product on all of them.
+        const bool split_rows = !pack && ln_p == nullptr && n * H >= kParallelCellUnits;
+        if (split_rows) {
+          at::parallel_for(0, n, (kParallelCellUnits / 2 + H - 1) / H,
+                           [&](int64_t i0, int64_t i1) { forward_rows(i0, i1, 0, H); });
+        }
+        // Per tile of rows and hidden units: the hidden-side products of its units in every
+        // gate, then the cell math of those units while they are in cache. LayerNorm cells
+        // normalise whole rows: all products first, then the rows.
+        const int64_t tiles = split_rows ? 0 : tile_count(n, H);
+        for (int64_t k_tile = team.begin(tiles); k_tile < team.end(tiles); ++k_tile) {
+          const Tile tl = tile_at(k_tile, n, H);
+          for (int64_t k = 0; k < Cell::kGates && w_hh_t.packed(); ++k) {
+            panel_product<T>(tl.rows, h_prev + tl.i0 * Hout, Hout, w_hh_t.panels(), k,
+                             tl.u0 / Panels::kPanel, hg_p + tl.i0 * GH + k * H + tl.u0, GH);
+          }
+          forward_rows(tl.i0, tl.i0 + tl.rows, tl.u0, tl.u1);
         }
         if (ln_p != nullptr) {
           team.barrier();
@@ -510,13 +527,8 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
           w_hr_b->product(team, n, dr_rows, Hout, dh_step_p, H, false);
           team.barrier();
         }
-        const int64_t tiles = ln ? 0 : tile_count(n, H);
-        for (int64_t i = team.begin(n); ln && i < team.end(n); ++i) {
-          ln_backward_row(i, r0, local);
-        }
-        for (int64_t k_tile = team.begin(tiles); k_tile < team.end(tiles); ++k_tile) {
-          const Tile tl = tile_at(k_tile, n, H);
-          for (int64_t i = tl.i0; i < tl.i0 + tl.rows; ++i) {
+        const auto backward_rows = [&](int64_t i0, int64_t i1, int64_t u0, int64_t u1) {
+          for (int64_t i = i0; i < i1; ++i) {
             BackwardRow<T> row{p.proj ? dh_step_p + i * H : dh_p + i * Hout,
                                !p.proj && gout_p != nullptr ? gout_p + (r0 + i) * Hout : nullptr,
                                dc_p == nullptr ? nullptr : dc_p + i * H,
@@ -526,8 +538,22 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
                                dhg_p + (local + i) * GH,
                                dh_p + i * Hout,
                                keep_p == nullptr ? nullptr : keep_p + (r0 + i) * Hout};
-            backward_row<CellT, T>(row, H, tl.u0, tl.u1);
+            backward_row<CellT, T>(row, H, u0, u1);
           }
+        };
+        // As in the forward: a small problem's many rows split over threads here.
+        const bool split_rows = small && !ln && n * H >= kParallelCellUnits;
+        if (split_rows) {
+          at::parallel_for(0, n, (kParallelCellUnits / 2 + H - 1) / H,
+                           [&](int64_t i0, int64_t i1) { backward_rows(i0, i1, 0, H); });
+        }
+        const int64_t tiles = ln || split_rows ? 0 : tile_count(n, H);
+        for (int64_t i = team.begin(n); ln && i < team.end(n); ++i) {
+          ln_backward_row(i, r0, local);
+        }
+        for (int64_t k_tile = team.begin(tiles); k_tile < team.end(tiles); ++k_tile) {
+          const Tile tl = tile_at(k_tile, n, H);
+          backward_rows(tl.i0, tl.i0 + tl.rows, tl.u0, tl.u1);
         }
         team.barrier();
         // dL/dh_{t-1} = (hidden-side gate gradients) W_hh [+ the direct part the cell wrote].

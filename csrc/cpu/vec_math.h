@@ -100,6 +100,10 @@ C10_ALWAYS_INLINE at::vec::Vectorized<T> one_over(const at::vec::Vectorized<T>& 
   if constexpr (std::is_same_v<T, float>) {
     const V r = _mm512_rcp14_ps(d);
     return at::vec::fmadd(r, at::vec::fnmadd(d, r, V(1.0f)), r);
+  } else {
+    V r = _mm512_rcp14_pd(d);
+    r = at::vec::fmadd(r, at::vec::fnmadd(d, r, V(1.0)), r);
+    return at::vec::fmadd(r, at::vec::fnmadd(d, r, V(1.0)), r);
   }
 #endif
   return V(T(1)) / d;
