@@ -90,9 +90,9 @@ C10_ALWAYS_INLINE at::vec::Vectorized<T> exp_nonpositive(const at::vec::Vectoriz
   return e_r * at::vec::cast<T>(two_n);
 }
 
-// 1 / d for d in [1, 2] (the denominators below). float32 on AVX-512: the 14-bit estimate
-// refined by one Newton step (within an ulp): a division occupies the divider for about 10
-// cycles of the 16 lanes, and an LSTM unit divides five times.
+// 1 / d for d in [1, 2] (the denominators below). On AVX-512 the 14-bit estimate refined
+// by Newton steps, one in float32 and two in float64 (within an ulp): a division holds the
+// divider about 10 cycles a vector, and an LSTM unit divides five times.
 template <class T>
 C10_ALWAYS_INLINE at::vec::Vectorized<T> one_over(const at::vec::Vectorized<T>& d) {
   using V = at::vec::Vectorized<T>;
