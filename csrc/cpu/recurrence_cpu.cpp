@@ -61,6 +61,16 @@ bool small_problem(const Problem& p) {
 // B=97, float64, Intel Xeon).
 constexpr int64_t kParallelCellUnits = 2048;
 
+// rows(i0, i1) over a small problem's step of n rows of H units, split over the threads by
+// rows when it has at least kParallelCellUnits units (its team is one thread: step_threads).
+// Whether it ran.
+template <class F>
+bool cell_rows_over_threads(int64_t n, int64_t H, const F& rows) {
+  if (n * H < kParallelCellUnits) return false;
+  at::parallel_for(0, n, (kParallelCellUnits / 2 + H - 1) / H, rows);
+  return true;
+}
+
 int step_threads(const Problem& p) {
   if (small_problem(p)) return 1;
   // A step's multiply-adds, or their like: an element-wise recurrence (IndRNN) costs about 16
@@ -228,13 +238,11 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
             forward_row<CellT, T>(row, H, u0, u1);
           }
         };
-        // A small problem's team is one thread (step_threads): many rows split over threads
-        // here, after the product on all of them.
-        const bool split_rows = !pack && ln_p == nullptr && n * H >= kParallelCellUnits;
-        if (split_rows) {
-          at::parallel_for(0, n, (kParallelCellUnits / 2 + H - 1) / H,
-                           [&](int64_t i0, int64_t i1) { forward_rows(i0, i1, 0, H); });
-        }
+        // A small problem's many rows over the threads, after the product on all of them.
+        const bool split_rows =
+            !pack && ln_p == nullptr && cell_rows_over_threads(n, H, [&](int64_t i0, int64_t i1) {
+              forward_rows(i0, i1, 0, H);
+            });
         // Per tile of rows and hidden units: the hidden-side products of its units in every
         // gate, then the cell math of those units while they are in cache. LayerNorm cells
         // normalise whole rows: all products first, then the rows.
@@ -541,12 +549,11 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
             backward_row<CellT, T>(row, H, u0, u1);
           }
         };
-        // As in the forward: a small problem's many rows split over threads here.
-        const bool split_rows = small && !ln && n * H >= kParallelCellUnits;
-        if (split_rows) {
-          at::parallel_for(0, n, (kParallelCellUnits / 2 + H - 1) / H,
-                           [&](int64_t i0, int64_t i1) { backward_rows(i0, i1, 0, H); });
-        }
+        // As in the forward: a small problem's many rows over the threads.
+        const bool split_rows =
+            small && !ln && cell_rows_over_threads(n, H, [&](int64_t i0, int64_t i1) {
+              backward_rows(i0, i1, 0, H);
+            });
         const int64_t tiles = ln || split_rows ? 0 : tile_count(n, H);
         for (int64_t i = team.begin(n); ln && i < team.end(n); ++i) {
           ln_backward_row(i, r0, local);

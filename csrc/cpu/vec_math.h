@@ -105,8 +105,9 @@ C10_ALWAYS_INLINE at::vec::Vectorized<T> one_over(const at::vec::Vectorized<T>& 
     r = at::vec::fmadd(r, at::vec::fnmadd(d, r, V(1.0)), r);
     return at::vec::fmadd(r, at::vec::fnmadd(d, r, V(1.0)), r);
   }
-#endif
+#else
   return V(T(1)) / d;
+#endif
 }
 
 // sigmoid from t = e^-|x|: 1 / (1 + t) for x >= 0, t / (1 + t) below (no overflow, no
