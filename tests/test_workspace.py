@@ -1,6 +1,7 @@
 """The CPU engine's workspace cache (csrc/cpu/workspace.h): a training forward's workspace of
-32 MiB or more is taken from freed ones when one fits. Whatever a reused block held before
-must never reach a result: here it held NaN."""
+32 MiB or more, and a backward's weight gradient of 256 KiB or more, are taken from freed
+blocks when one fits. Whatever a reused block held before must never reach a result: here it
+held NaN."""
 
 from __future__ import annotations
 
@@ -95,6 +96,49 @@ def test_empty_workspace_cache_frees_the_blocks():
     assert cached_workspace_bytes() >= 4000 * 5 * 512 * 4
     empty_workspace_cache()
     assert cached_workspace_bytes() == 0
+
+
+def test_reused_gradient_blocks_give_fresh_results():
+    seed("workspace-gradients")
+    I, H, B = 70, 129, 3  # float64 weight gradients of 283 and 521 KiB
+    ref = nn.LSTMCell(I, H).double()
+    ours = rnn_fused.LSTMCell.from_torch(ref)
+    x = torch.randn(B, I, dtype=torch.float64, requires_grad=True)
+    state = (torch.randn(B, H, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64))
+
+    def grads(m: nn.Module) -> tuple[torch.Tensor, ...]:
+        h, c = m(x, state)
+        return torch.autograd.grad((h * c.tanh()).sum(), [x, *m.parameters()])
+
+    empty_workspace_cache()
+    first = grads(ours)
+    first[1].fill_(float("nan"))  # the weight gradients' blocks go back to the cache holding NaN
+    first[2].fill_(float("nan"))
+    del first
+    freed = cached_workspace_bytes()
+    assert freed >= 4 * H * (I + H) * 8, "the weight gradients did not come from the cache"
+    got = grads(ours)
+    assert cached_workspace_bytes() <= freed - 4 * H * (I + H) * 8, "the blocks were not reused"
+    for a, b in zip(got, grads(ref), strict=True):
+        assert not a.isnan().any()
+        assert_close(a, b, "reused gradient block")
+
+
+def test_cached_gradient_is_an_ordinary_tensor():
+    """A parameter's .grad may be a cached block: resizable and accumulated like torch.nn's."""
+    seed("workspace-grad-tensor")
+    ref = nn.LSTMCell(33, 129).double()
+    ours = rnn_fused.LSTMCell.from_torch(ref)
+    x = torch.randn(3, 33, dtype=torch.float64)
+    for m in (ref, ours):
+        for _ in range(2):  # the second backward adds into the first's .grad
+            m(x)[0].sum().backward()
+    assert_close(ours.weight_hh.grad, ref.weight_hh.grad, "accumulated .grad")
+    grad = ours.weight_hh.grad
+    assert grad.untyped_storage().resizable()
+    first = grad.clone()
+    grad.resize_(grad.numel() * 2)
+    assert torch.equal(grad[: first.numel()], first.flatten())
 
 
 SCRIPT = textwrap.dedent(

@@ -649,8 +649,8 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
   const bool blas_grads = g.blas_grads = blas_weight_grads(p, bf16, input.scalar_type());
   const auto weight_grad = [&](int64_t rows, int64_t cols) {
     return !weights     ? cpu_empty({0}, opts)
-           : blas_grads ? cpu_empty({rows, cols}, opts)
-                        : cpu_empty({cols, rows}, opts);
+           : blas_grads ? gradient_empty({rows, cols}, opts)
+                        : gradient_empty({cols, rows}, opts);
   };
   g.grad_w_ih = weight_grad(GH, p.input_size);
   g.grad_w_hh = !p.elementwise ? weight_grad(GH, p.out_size) : cpu_empty({weights ? GH : 0}, opts);

@@ -2,6 +2,7 @@
 
 #include <ATen/EmptyTensor.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -85,6 +86,36 @@ void give_back(Block b) {
   for (const Block& e : evicted) std::free(e.data);
 }
 
+// The cache as an allocator: its tensors' storages are resizable like at::empty's, and a
+// resized one's old block goes back to the cache.
+struct CacheAllocator final : c10::Allocator {
+  c10::DataPtr allocate(size_t bytes) override {
+    Block b = take(bytes);
+    if (b.data == nullptr) {
+      b.bytes = (std::max<size_t>(bytes, 1) + kAlignment - 1) / kAlignment * kAlignment;
+      b.data = std::aligned_alloc(kAlignment, b.bytes);
+      TORCH_CHECK(b.data != nullptr, "rnn_fused: out of memory allocating ", b.bytes, " bytes");
+    }
+    return {b.data, new Block(b), &release, c10::Device(c10::kCPU)};
+  }
+  static void release(void* owner) {
+    const std::unique_ptr<Block> b(static_cast<Block*>(owner));
+    give_back(*b);
+  }
+  void copy_data(void* dest, const void* src, size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+at::Tensor cached_empty(at::IntArrayRef sizes, const at::TensorOptions& options,
+                        size_t min_cached_bytes) {
+  const size_t bytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  if (bytes < min_cached_bytes || cache_limit() == 0) return cpu_empty(sizes, options);
+  static CacheAllocator* const allocator = new CacheAllocator();  // outlives every tensor
+  return at::detail::empty_generic(sizes, allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   options.dtype().toScalarType(), std::nullopt);
+}
+
 }  // namespace
 
 at::Tensor cpu_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
@@ -108,19 +139,11 @@ void* thread_scratch(size_t bytes) {
 }
 
 at::Tensor workspace_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  const size_t bytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
-  if (bytes < kMinCachedBytes || cache_limit() == 0) return cpu_empty(sizes, options);
-  Block b = take(bytes);
-  if (b.data == nullptr) {
-    b.bytes = (bytes + kAlignment - 1) / kAlignment * kAlignment;
-    b.data = std::aligned_alloc(kAlignment, b.bytes);
-    TORCH_CHECK(b.data != nullptr, "rnn_fused: out of memory allocating a workspace of ", b.bytes,
-                " bytes");
-  }
-  const size_t block_bytes = b.bytes;
-  return at::from_blob(
-      b.data, sizes, [block_bytes](void* data) { give_back(Block{data, block_bytes}); },
-      options.device(at::kCPU));
+  return cached_empty(sizes, options, kMinCachedBytes);
+}
+
+at::Tensor gradient_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return cached_empty(sizes, options, kMinCachedGradientBytes);
 }
 
 void empty_workspace_cache() {

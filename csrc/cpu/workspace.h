@@ -1,10 +1,10 @@
-// Memory for the workspace a training forward keeps for its backward (saved, h_prev), reused
-// from call to call. The C library (glibc) serves a block of more than 32 MiB from fresh
-// memory of the system each time and unmaps it when freed (smaller ones it learns to keep on
-// its heap), and touching fresh memory costs a page fault per 4 KiB: a fifth of a LayerNorm
-// LSTM's forward and backward at T=100 B=32 H=256 (a 41 MiB workspace). A training loop frees
-// after each backward the sizes its next forward asks for; those blocks are kept and handed
-// out again.
+// Memory the CPU engine reuses from call to call: a training forward's workspace (saved,
+// h_prev), and a backward's weight gradients. The C library (glibc) serves a block of more
+// than 32 MiB from fresh memory of the system each time and unmaps it when freed (smaller ones
+// it learns to keep on its heap), and touching fresh memory costs a page fault per 4 KiB: a
+// fifth of a LayerNorm LSTM's forward and backward at T=100 B=32 H=256 (a 41 MiB workspace).
+// A training loop frees after each backward the sizes its next forward asks for; those
+// blocks are kept and handed out again.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -20,6 +20,15 @@ namespace rnn_fused::cpu {
 at::Tensor workspace_empty(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 constexpr size_t kMinCachedBytes = size_t(32) << 20;
+
+// A backward's weight gradient (as workspace_empty) when of kMinCachedGradientBytes or more.
+// Autograd adds them into the parameters' .grad and frees them together, at the top of
+// glibc's heap, which then returns that top to the system (it keeps at most twice the largest
+// block it has learned): every call faulted on each page of its weight gradients, a fifth of
+// LSTMCell(256)'s forward and backward at batch 1 (Intel Xeon).
+at::Tensor gradient_empty(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+constexpr size_t kMinCachedGradientBytes = size_t(256) << 10;
 
 // Frees the blocks the cache holds (a block in use is kept by its tensor until freed).
 void empty_workspace_cache();
