@@ -1,8 +1,8 @@
 // The Python module rnn_fused._C. Importing it loads this library, whose static
 // registrations (ops.cpp, autograd.cpp, cpu/, cuda/) add the operators to torch.ops.rnn_fused,
-// and gives Python a direct door to rnn_fused::layer (through the dispatcher, without the
-// per-call cost of torch.ops' argument matching), both directions of a layer at once
-// (layer_pair), the cells' layout facts and the CPU workspace cache's controls.
+// and gives Python direct doors to rnn_fused::layer (python_doors.cpp: through the dispatcher,
+// without the per-call cost of torch.ops' argument matching), both directions of a layer at
+// once (layer_pair), the cells' layout facts and the CPU workspace cache's controls.
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <torch/extension.h>
@@ -14,6 +14,7 @@
 #include "cpu/bf16_dot.h"
 #include "cpu/workspace.h"
 #include "op_adapters.h"
+#include "python_doors.h"
 
 namespace {
 
@@ -85,30 +86,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                  " and this CPU lacks it; rebuild here with `make build`");
   }
   using namespace rnn_fused;
-  using pybind11::arg;
-  m.def("layer", &layer_adapter<call_layer>, pybind11::call_guard<pybind11::gil_scoped_release>(),
-        "rnn_fused::layer called through the dispatcher: (output, h_n, c_n).", arg("mode"),
-        arg("input"), arg("hx"), arg("cx"), arg("w_ih"), arg("w_hh"), arg("b_ih"), arg("b_hh"),
-        arg("w_hr"), arg("batch_sizes"), arg("reverse"), arg("zoneout") = pybind11::none(),
-        arg("layer_norm") = pybind11::none());
+  add_python_doors(m.ptr());  // layer and cell
   m.def("layer_pair", &both_directions, pybind11::call_guard<pybind11::gil_scoped_release>(),
         "Both directions of a bidirectional layer without a graph, on a thread each: "
         "((output, h_n, c_n), (output, h_n, c_n)).");
-  m.def(
-      "cell",
-      [](std::string_view mode, const at::Tensor& input, const at::Tensor& hx, const OptTensor& cx,
-         const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
-         const OptTensor& b_hh) {
-        // The step's input [B, I] as it is: one step (make_problem).
-        const LayerArgs a{mode, input,        hx,           cx,    w_ih,         w_hh,        b_ih,
-                          b_hh, std::nullopt, std::nullopt, false, std::nullopt, std::nullopt};
-        auto [output, h_n, c_n] = call_layer(a);
-        const bool lstm = parse_mode(mode) == CellKind::LSTM;
-        return std::make_tuple(h_n, lstm ? OptTensor(c_n) : std::nullopt);
-      },
-      pybind11::call_guard<pybind11::gil_scoped_release>(),
-      "One step of a cell through rnn_fused::layer: (h_n, c_n) of input [B, I], c_n None "
-      "but for LSTM.");
   m.def(
       "gates", [](std::string_view mode) { return gates_of(parse_mode(mode)); },
       "Gate blocks of width hidden_size per row of a cell's pre-activations.");
@@ -127,7 +108,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_bf16_dot", &cpu::has_bf16_dot,
         "Whether bfloat16 products on this CPU run on AVX-512 BF16 dot products.");
   m.def("empty_workspace_cache", &cpu::empty_workspace_cache,
-        "Frees the freed CPU workspace blocks kept for the next training forwards.");
+        "Frees the freed CPU blocks kept for the next training calls.");
   m.def("cached_workspace_bytes", &cpu::cached_workspace_bytes,
-        "Bytes of freed CPU workspace blocks kept for the next training forwards.");
+        "Bytes of freed CPU blocks kept for the next training calls.");
 }

@@ -128,6 +128,39 @@ def test_eager_and_dispatcher_doors_agree():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize(
+    ("door", "change", "message"),
+    [
+        ("layer", {10: 1}, "rnn_fused._C.layer: argument 10 (reverse) must be a bool, got int"),
+        ("layer", {2: 0.5}, "argument 2 (hx) must be a Tensor or None, got float"),
+        ("layer", {0: b"LSTM"}, "argument 0 (mode) must be a str, got bytes"),
+        ("layer", {"count": 10}, "rnn_fused._C.layer takes 11 to 13 positional arguments, got 10"),
+        ("cell", {2: None}, "rnn_fused._C.cell: argument 2 (hx) must be a Tensor, got NoneType"),
+        ("cell", {"count": 9}, "rnn_fused._C.cell takes 8 positional arguments, got 9"),
+    ],
+)
+def test_eager_doors_name_a_wrong_argument(door, change, message):
+    """_C.layer and _C.cell (plain CPython functions) raise TypeError naming the argument,
+    the expected and the given type; the cells' fast path takes TypeError as its cue to run
+    torch.nn's checks."""
+    seed("door-types")
+    layer = make_layer("LSTM", 4, 6, dtype=torch.float32)
+    h0, c0 = make_states(layer, 2, dtype=torch.float32)
+    weights = [layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh]
+    if door == "layer":
+        args = ["LSTM", rand(5, 2, 4, dtype=torch.float32), h0, c0, *weights, None, None, False]
+    else:
+        args = ["LSTM", rand(2, 4, dtype=torch.float32), h0, c0, *weights]
+    for k, value in change.items():
+        if k == "count":
+            args = (args + [None] * value)[:value]
+        else:
+            args[k] = value
+    with pytest.raises(TypeError) as err:
+        getattr(rnn_fused.ops._C, door)(*args)
+    assert message in str(err.value)
+
+
 def test_cell_fast_path_keeps_torch_nn_errors():
     """The cells' unchecked fast path falls back to torch.nn's checks and messages."""
     ours, theirs = rnn_fused.LSTMCell(4, 6), torch.nn.LSTMCell(4, 6)

@@ -1,0 +1,159 @@
+// The eager doors `_C.layer` and `_C.cell` as plain CPython functions (METH_FASTCALL) instead
+// of pybind11 ones: pybind11's argument matching took about a fifth of a short call
+// (rnn_fused::layer at B=1 H=32, about 1 us of 5; perf on the Intel Xeon kind). Arguments
+// are positional only. A wrong type raises TypeError, as pybind11 did, so that the modules'
+// fast step (modules.py, _fast_step) still falls back to torch.nn's checks; the operator's
+// own checks raise RuntimeError through torch's error translation.
+#include "python_doors.h"
+
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/extension.h>
+
+#include <initializer_list>
+#include <string_view>
+
+#include "op_adapters.h"
+
+namespace rnn_fused {
+namespace {
+
+// The positional arguments of one call of a door named `door`.
+struct Args {
+  const char* door;
+  PyObject* const* items;
+  Py_ssize_t count;
+
+  [[noreturn]] void refuse(int k, const char* name, const char* expected) const {
+    throw torch::TypeError(c10::str("rnn_fused._C.", door, ": argument ", k, " (", name,
+                                    ") must be ", expected, ", got ", Py_TYPE(items[k])->tp_name));
+  }
+  // Argument k, or None past the `count` given.
+  PyObject* at(int k) const { return k < count ? items[k] : Py_None; }
+  std::string_view mode(int k) const {
+    Py_ssize_t size = 0;
+    const char* s = PyUnicode_Check(items[k]) ? PyUnicode_AsUTF8AndSize(items[k], &size) : nullptr;
+    if (s == nullptr) {
+      PyErr_Clear();
+      refuse(k, "mode", "a str");
+    }
+    return {s, size_t(size)};
+  }
+  const at::Tensor& tensor(int k, const char* name) const {
+    if (!THPVariable_Check(items[k])) refuse(k, name, "a Tensor");
+    return THPVariable_Unpack(items[k]);
+  }
+  OptTensor optional(int k, const char* name) const {
+    if (at(k) == Py_None) return std::nullopt;
+    if (!THPVariable_Check(items[k])) refuse(k, name, "a Tensor or None");
+    return THPVariable_Unpack(items[k]);
+  }
+  bool flag(int k, const char* name) const {
+    if (!PyBool_Check(items[k])) refuse(k, name, "a bool");
+    return items[k] == Py_True;
+  }
+};
+
+void check_count(const char* door, Py_ssize_t given, Py_ssize_t least, Py_ssize_t most) {
+  if (given < least || given > most) {
+    throw torch::TypeError(c10::str("rnn_fused._C.", door, " takes ", least,
+                                    least == most ? "" : c10::str(" to ", most),
+                                    " positional arguments, got ", given));
+  }
+}
+
+// (a, b, ...) of new references, or nullptr (with a Python error set) if any is nullptr.
+PyObject* tuple_of(std::initializer_list<PyObject*> items) {
+  bool ok = true;
+  for (PyObject* o : items) ok = ok && o != nullptr;
+  PyObject* result = ok ? PyTuple_New(Py_ssize_t(items.size())) : nullptr;
+  Py_ssize_t k = 0;
+  for (PyObject* o : items) {
+    if (result != nullptr) {
+      PyTuple_SET_ITEM(result, k++, o);  // steals the reference
+    } else {
+      Py_XDECREF(o);
+    }
+  }
+  return result;
+}
+
+// _C.layer(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
+// zoneout=None, layer_norm=None): rnn_fused::layer through the dispatcher, (output, h_n, c_n).
+PyObject* layer_door(PyObject*, PyObject* const* items, Py_ssize_t count) {
+  HANDLE_TH_ERRORS
+  check_count("layer", count, 11, 13);  // zoneout and layer_norm may be left out
+  const Args in{"layer", items, count};
+  const LayerArgs a{in.mode(0),
+                    in.tensor(1, "input"),
+                    in.optional(2, "hx"),
+                    in.optional(3, "cx"),
+                    in.tensor(4, "w_ih"),
+                    in.tensor(5, "w_hh"),
+                    in.optional(6, "b_ih"),
+                    in.optional(7, "b_hh"),
+                    in.optional(8, "w_hr"),
+                    in.optional(9, "batch_sizes"),
+                    in.flag(10, "reverse"),
+                    in.optional(11, "zoneout"),
+                    in.optional(12, "layer_norm")};
+  LayerResult r;
+  {
+    const pybind11::gil_scoped_release no_gil;
+    r = call_layer(a);
+  }
+  return tuple_of({THPVariable_Wrap(std::move(std::get<0>(r))),
+                   THPVariable_Wrap(std::move(std::get<1>(r))),
+                   THPVariable_Wrap(std::move(std::get<2>(r)))});
+  END_HANDLE_TH_ERRORS
+}
+
+// _C.cell(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh): one step of a cell on input [B, I]
+// through rnn_fused::layer, (h_n, c_n) with c_n None but for LSTM.
+PyObject* cell_door(PyObject*, PyObject* const* items, Py_ssize_t count) {
+  HANDLE_TH_ERRORS
+  check_count("cell", count, 8, 8);
+  const Args in{"cell", items, count};
+  const LayerArgs a{in.mode(0),
+                    in.tensor(1, "input"),  // one step as it is (make_problem)
+                    in.tensor(2, "hx"),
+                    in.optional(3, "cx"),
+                    in.tensor(4, "w_ih"),
+                    in.tensor(5, "w_hh"),
+                    in.optional(6, "b_ih"),
+                    in.optional(7, "b_hh"),
+                    std::nullopt,
+                    std::nullopt,
+                    false,
+                    std::nullopt,
+                    std::nullopt};
+  LayerResult r;
+  {
+    const pybind11::gil_scoped_release no_gil;
+    r = call_layer(a);
+  }
+  const bool lstm = parse_mode(a.mode) == CellKind::LSTM;
+  return tuple_of({THPVariable_Wrap(std::move(std::get<1>(r))),
+                   lstm ? THPVariable_Wrap(std::move(std::get<2>(r))) : Py_NewRef(Py_None)});
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef kDoors[] = {
+    {"layer", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&layer_door)),
+     METH_FASTCALL,
+     "layer(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, zoneout=None, "
+     "layer_norm=None): rnn_fused::layer called through the dispatcher, (output, h_n, c_n); "
+     "positional arguments only."},
+    {"cell", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&cell_door)), METH_FASTCALL,
+     "cell(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh): one step of a cell on input [B, I] "
+     "through rnn_fused::layer, (h_n, c_n) with c_n None but for LSTM; positional arguments "
+     "only."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+void add_python_doors(PyObject* module) {
+  if (PyModule_AddFunctions(module, kDoors) != 0) throw pybind11::error_already_set();
+}
+
+}  // namespace rnn_fused
