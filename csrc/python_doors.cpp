@@ -78,6 +78,12 @@ PyObject* tuple_of(std::initializer_list<PyObject*> items) {
   return result;
 }
 
+// rnn_fused::layer with the GIL released, as torch's own bindings run their operators.
+LayerResult call_layer_without_gil(const LayerArgs& a) {
+  const pybind11::gil_scoped_release no_gil;
+  return call_layer(a);
+}
+
 // _C.layer(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
 // zoneout=None, layer_norm=None): rnn_fused::layer through the dispatcher, (output, h_n, c_n).
 PyObject* layer_door(PyObject*, PyObject* const* items, Py_ssize_t count) {
@@ -97,11 +103,7 @@ PyObject* layer_door(PyObject*, PyObject* const* items, Py_ssize_t count) {
                     in.flag(10, "reverse"),
                     in.optional(11, "zoneout"),
                     in.optional(12, "layer_norm")};
-  LayerResult r;
-  {
-    const pybind11::gil_scoped_release no_gil;
-    r = call_layer(a);
-  }
+  LayerResult r = call_layer_without_gil(a);
   return tuple_of({THPVariable_Wrap(std::move(std::get<0>(r))),
                    THPVariable_Wrap(std::move(std::get<1>(r))),
                    THPVariable_Wrap(std::move(std::get<2>(r)))});
@@ -127,11 +129,7 @@ PyObject* cell_door(PyObject*, PyObject* const* items, Py_ssize_t count) {
                     false,
                     std::nullopt,
                     std::nullopt};
-  LayerResult r;
-  {
-    const pybind11::gil_scoped_release no_gil;
-    r = call_layer(a);
-  }
+  LayerResult r = call_layer_without_gil(a);
   const bool lstm = parse_mode(a.mode) == CellKind::LSTM;
   return tuple_of({THPVariable_Wrap(std::move(std::get<1>(r))),
                    lstm ? THPVariable_Wrap(std::move(std::get<2>(r))) : Py_NewRef(Py_None)});
