@@ -36,23 +36,6 @@ std::array<OptTensor, kSlots> slots_of(const LayerArgs& a) {
   return {a.input, a.hx, a.cx, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.w_hr, a.layer_norm};
 }
 
-// Whether a call records a node: grad mode on and an input that requires grad. Refuses dual
-// tensors: the operator has no forward-mode formula, and outputs without tangents would read
-// as zero tangents (rnn_fused.rnn_layer runs such calls through reference.py instead).
-bool needs_graph(const LayerArgs& a) {
-  bool requires_grad = false;
-  for (const OptTensor& t : slots_of(a)) {
-    if (!t) continue;
-    requires_grad = requires_grad || t->requires_grad();
-    TORCH_CHECK_NOT_IMPLEMENTED(!t->_fw_grad(/*level=*/0).defined(),
-                                "rnn_fused: forward-mode AD (torch.func.jvp, "
-                                "torch.autograd.forward_ad) is not supported by the operator "
-                                "rnn_fused::layer; rnn_fused.rnn_layer and the modules run it "
-                                "through reference.py. Got a dual tensor among the inputs");
-  }
-  return requires_grad && at::GradMode::is_enabled();
-}
-
 struct LayerFunction : public torch::autograd::Function<LayerFunction> {
   // The tensors after `a` are a's own, passed again so that autograd records them as inputs.
   template <class... Tensors>
@@ -168,7 +151,7 @@ LayerResult layer_without_graph(const LayerArgs& a) {
 }
 
 LayerResult layer_autograd(const LayerArgs& a) {
-  if (!needs_graph(a)) {
+  if (!layer_needs_graph(a)) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     return layer_without_graph(a);
   }

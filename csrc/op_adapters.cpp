@@ -1,6 +1,11 @@
 #include "op_adapters.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/forward_grad.h>
+
+#include "cpu/recurrence_cpu.h"
 
 namespace rnn_fused {
 namespace {
@@ -48,7 +53,51 @@ BackwardResult call_backward(const BackwardArgs& a) {
                  {a.mask.input, a.mask.state, a.mask.weights}, l.zoneout, l.layer_norm);
 }
 
-LayerResult call_layer(const LayerArgs& a) {
+namespace {
+
+// Whether the dispatcher would take a's call of rnn_fused::layer straight to the CPU engine's
+// forward with nothing on the way: CPU tensors, no key above autograd's (no Python mode or
+// subclass, functionalization, vmap, autocast, tracing), no graph to record, and no
+// RecordFunction callback (the profiler) to see the operators.
+bool plain_cpu_call(const LayerArgs& a) {
+  if (layer_needs_graph(a) || at::getStepCallbacksUnlessEmpty(at::RecordScope::FUNCTION)) {
+    return false;
+  }
+  c10::DispatchKeySet keys;
+  for (const OptTensor& t : {OptTensor(a.input), a.hx, a.cx, OptTensor(a.w_ih), OptTensor(a.w_hh),
+                             a.b_ih, a.b_hh, a.w_hr, a.batch_sizes, a.zoneout, a.layer_norm}) {
+    if (t) keys = keys | t->key_set();
+  }
+  const c10::impl::LocalDispatchKeySet local = c10::impl::tls_local_dispatch_key_set();
+  // Autograd's keys lead to layer_autograd, which runs a call without a graph below them;
+  // BackendSelect (always in the included set) passes every call of these operators through.
+  keys = ((keys | local.included_) - local.excluded_) -
+         (c10::autograd_dispatch_keyset_with_ADInplaceOrView |
+          c10::DispatchKeySet(c10::DispatchKey::BackendSelect));
+  return keys.highestPriorityTypeId() == c10::DispatchKey::CPU;
+}
+
+}  // namespace
+
+bool layer_needs_graph(const LayerArgs& a) {
+  bool requires_grad = false;
+  // No tensor has a tangent while no forward-AD level exists (one lock, not one a tensor).
+  const bool duals = torch::autograd::ForwardADLevel::has_any_level();
+  for (const OptTensor& t : {OptTensor(a.input), a.hx, a.cx, OptTensor(a.w_ih), OptTensor(a.w_hh),
+                             a.b_ih, a.b_hh, a.w_hr, a.layer_norm}) {
+    if (!t) continue;
+    requires_grad = requires_grad || t->requires_grad();
+    TORCH_CHECK_NOT_IMPLEMENTED(!duals || !t->_fw_grad(/*level=*/0).defined(),
+                                "rnn_fused: forward-mode AD (torch.func.jvp, "
+                                "torch.autograd.forward_ad) is not supported by the operator "
+                                "rnn_fused::layer; rnn_fused.rnn_layer and the modules run it "
+                                "through reference.py. Got a dual tensor among the inputs");
+  }
+  return requires_grad && at::GradMode::is_enabled();
+}
+
+LayerResult call_layer(const LayerArgs& a, bool output_wanted) {
+  if (plain_cpu_call(a)) return cpu::layer_without_graph(a, output_wanted);
   static const auto op = find<LayerSig>("rnn_fused::layer");
   return op.call(a.mode, a.input, a.hx, a.cx, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.w_hr, a.batch_sizes,
                  a.reverse, a.zoneout, a.layer_norm);

@@ -73,7 +73,15 @@ LayerResult layer_adapter(std::string_view mode, const at::Tensor& input, const 
 // fake tensors, functionalization, tracing) from bundled arguments.
 ForwardResult call_forward(const LayerArgs& a, bool train);
 BackwardResult call_backward(const BackwardArgs& a);
-LayerResult call_layer(const LayerArgs& a);
+// call_layer runs a call that the dispatcher would take straight to the CPU engine there
+// directly (two dispatcher calls and the empty workspace less); without `output_wanted` a
+// one-step call's output may be its h_n (cpu::layer_without_graph).
+LayerResult call_layer(const LayerArgs& a, bool output_wanted = true);
+// Whether a call of rnn_fused::layer records a node: grad mode on and an input that requires
+// grad. Refuses dual tensors: the operator has no forward-mode formula, and outputs without
+// tangents would read as zero tangents (rnn_fused.rnn_layer runs such calls through
+// reference.py instead).
+bool layer_needs_graph(const LayerArgs& a);
 // rnn_fused::reference_grads: the gradients of a's tensor inputs (empty for absent ones),
 // differentiable again, for a double backward.
 std::vector<at::Tensor> call_reference_grads(const LayerArgs& a, const OptTensor& grad_output,

@@ -79,9 +79,9 @@ PyObject* tuple_of(std::initializer_list<PyObject*> items) {
 }
 
 // rnn_fused::layer with the GIL released, as torch's own bindings run their operators.
-LayerResult call_layer_without_gil(const LayerArgs& a) {
+LayerResult call_layer_without_gil(const LayerArgs& a, bool output_wanted) {
   const pybind11::gil_scoped_release no_gil;
-  return call_layer(a);
+  return call_layer(a, output_wanted);
 }
 
 // _C.layer(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
@@ -103,7 +103,7 @@ PyObject* layer_door(PyObject*, PyObject* const* items, Py_ssize_t count) {
                     in.flag(10, "reverse"),
                     in.optional(11, "zoneout"),
                     in.optional(12, "layer_norm")};
-  LayerResult r = call_layer_without_gil(a);
+  LayerResult r = call_layer_without_gil(a, /*output_wanted=*/true);
   return tuple_of({THPVariable_Wrap(std::move(std::get<0>(r))),
                    THPVariable_Wrap(std::move(std::get<1>(r))),
                    THPVariable_Wrap(std::move(std::get<2>(r)))});
@@ -129,7 +129,7 @@ PyObject* cell_door(PyObject*, PyObject* const* items, Py_ssize_t count) {
                     false,
                     std::nullopt,
                     std::nullopt};
-  LayerResult r = call_layer_without_gil(a);
+  LayerResult r = call_layer_without_gil(a, /*output_wanted=*/false);  // a step's output is h_n
   const bool lstm = parse_mode(a.mode) == CellKind::LSTM;
   return tuple_of({THPVariable_Wrap(std::move(std::get<1>(r))),
                    lstm ? THPVariable_Wrap(std::move(std::get<2>(r))) : Py_NewRef(Py_None)});

@@ -195,3 +195,76 @@ def test_forward_ad_is_exact_or_refused_never_silently_zero():
               - rnn_layer("LSTM", x - eps * v, w_ih, w_hh)[0]) / (2 * eps)  # fmt: skip
     assert tangent.abs().max() > 0
     assert (tangent - fd).abs().max() < 1e-7
+
+
+def _cell_args(mode: str, dtype: torch.dtype = DT):
+    layer = make_layer(mode, 7, 33, dtype=dtype)
+    h0, c0 = make_states(layer, 3, dtype=dtype)
+    x = rand(3, 7, dtype=dtype)
+    return (mode, x, h0, c0, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh)
+
+
+@pytest.mark.parametrize("mode", CELLS)
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "plain tensors"])
+def test_call_without_graph_runs_straight_on_the_engine(mode, context):
+    """A CPU call that records no graph skips the dispatcher (op_adapters.cpp, call_layer):
+    the values of reference.py, fresh states (hx untouched), and from _C.layer an output of
+    its own; _C.cell's h is its step's output."""
+    seed("straight", mode, context)
+    args = _cell_args(mode)
+    if context == "plain tensors":
+        args = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in args)
+    hx_before = args[2].clone()
+    exact = reference.rnn_layer(mode, args[1], *args[4:], args[2], args[3])
+    guard = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(
+        context, torch.enable_grad
+    )
+    with guard():
+        output, h_n, c_n = rnn_fused.ops._C.layer(*args, None, None, False)
+        h, c = rnn_fused.ops._C.cell(*args)
+    assert not output.requires_grad and output.data_ptr() != h_n.data_ptr()
+    assert torch.equal(args[2], hx_before) and h.data_ptr() != args[2].data_ptr()
+    for got in (output, h_n, h):
+        torch.testing.assert_close(got, exact[1], rtol=1e-12, atol=1e-12)
+    if mode == "LSTM":
+        torch.testing.assert_close(c_n, exact[2], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(c, exact[2], rtol=1e-12, atol=1e-12)
+
+
+def test_profiler_and_dispatch_modes_still_see_the_operators():
+    """With a profiler or a TorchDispatchMode on, a call without a graph goes through the
+    dispatcher, so both see rnn_fused::layer and rnn_fused::forward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seed("visible")
+    args = _cell_args("GRU")
+
+    class Seen(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        with Seen() as seen:
+            rnn_fused.ops._C.cell(*args)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            rnn_fused.ops._C.cell(*args)
+    assert "rnn_fused.forward.default" in seen.ops
+    names = {e.name for e in prof.events()}
+    assert {"rnn_fused::layer", "rnn_fused::forward"} <= names
+
+
+def test_dual_tensor_is_refused_without_a_graph_too():
+    """Under no_grad the operator still refuses a dual tensor rather than drop its tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    seed("dual-no-grad")
+    args = list(_cell_args("RNN_TANH"))
+    with fwAD.dual_level(), torch.no_grad():
+        args[1] = fwAD.make_dual(args[1].detach(), torch.randn_like(args[1]))
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            rnn_fused.ops._C.cell(*args)

@@ -10,6 +10,8 @@
 //             per chunk, dX = dG W_ih and the weight and bias gradients accumulated.
 // Chunking keeps the large per-row gate matrices out of memory: only the per-row values
 // the backward needs are stored for the whole sequence.
+#include "recurrence_cpu.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -142,6 +144,12 @@ void column_sums(int64_t rows, int64_t cols, const T* m, int64_t ld, T* sum, boo
 
 struct ForwardBuffers {
   at::Tensor output, h_state, c_state, saved, h_prev;  // saved / h_prev: empty unless train
+};
+
+// What a forward's caller reads besides h_n and c_n (forward_native).
+struct ForwardWants {
+  bool workspace = true;  // saved and h_prev, even when empty
+  bool output = true;     // an output tensor of its own
 };
 
 template <template <class> class CellT, class T>
@@ -306,19 +314,29 @@ at::Tensor copy_of(const at::Tensor& t) {
 // forward_native and backward_native run float32 and float64 calls in their own dtype. bf16:
 // the products of packed weights (and the backward's weight gradients) round their operands
 // to bfloat16 and run on bfloat16 dot products, for bfloat16 calls (float32 tensors then).
-ForwardResult forward_native(const Problem& p, const LayerArgs& a, bool train, bool bf16) {
+// `wants` drops what a caller past the operator does not read (see layer_without_graph):
+// the empty workspace of an inference call, and a cell's output apart from its h_n.
+ForwardResult forward_native(const Problem& p, const LayerArgs& a, bool train, bool bf16,
+                             ForwardWants wants = {}) {
   const auto opts = a.input.options();
   const int64_t kept_rows = train ? p.rows : 0;
 
   ForwardBuffers out;
-  out.output = p.packed ? cpu_empty({p.rows, p.out_size}, opts)
-                        : cpu_empty({p.steps, p.batch, p.out_size}, opts);
   out.h_state = a.hx.has_value() ? copy_of(*a.hx) : cpu_zeros({p.batch, p.out_size}, opts);
+  // One step of rows [B, H] without projection: the output is h_n, row for row (the engine
+  // writes the same values to both).
+  const bool output_is_h_n =
+      !wants.output && p.packed && p.steps == 1 && p.rows == p.batch && !p.proj;
+  out.output = output_is_h_n ? out.h_state
+               : p.packed    ? cpu_empty({p.rows, p.out_size}, opts)
+                             : cpu_empty({p.steps, p.batch, p.out_size}, opts);
   out.c_state = p.kind != CellKind::LSTM ? cpu_empty({0}, opts)
                 : a.cx.has_value()       ? copy_of(*a.cx)
                                          : cpu_zeros({p.batch, p.hidden}, opts);
-  out.saved = workspace_empty({kept_rows, p.saved_width()}, opts);
-  out.h_prev = workspace_empty({kept_rows, p.out_size}, opts);
+  if (train || wants.workspace) {
+    out.saved = workspace_empty({kept_rows, p.saved_width()}, opts);
+    out.h_prev = workspace_empty({kept_rows, p.out_size}, opts);
+  }
 
   AT_DISPATCH_FLOATING_TYPES(a.input.scalar_type(), "rnn_fused_forward_cpu", [&] {
     dispatch_cell(p.kind, [&](auto tag) {
@@ -712,11 +730,17 @@ ForwardResult rounded_forward(ForwardResult r, at::ScalarType dtype) {
   return r;
 }
 
-ForwardResult forward_cpu(const Problem& p, const LayerArgs& a, bool train) {
+ForwardResult forward_wanting(const Problem& p, const LayerArgs& a, bool train,
+                              ForwardWants wants) {
   const at::ScalarType dtype = a.input.scalar_type();
-  if (!half_type(dtype)) return forward_native(p, a, train, false);
+  if (!half_type(dtype)) return forward_native(p, a, train, false, wants);
   const bool bf16 = bf16_products(dtype, p);
-  return rounded_forward(forward_native(p, a.to(at::kFloat, !bf16), train, bf16), dtype);
+  return rounded_forward(forward_native(p, a.to(at::kFloat, !bf16), train, bf16, wants), dtype);
+}
+
+// The `forward` operator's engine.
+ForwardResult forward_cpu(const Problem& p, const LayerArgs& a, bool train) {
+  return forward_wanting(p, a, train, {});
 }
 
 BackwardResult backward_cpu(const Problem& p, const BackwardArgs& a) {
@@ -727,6 +751,15 @@ BackwardResult backward_cpu(const Problem& p, const BackwardArgs& a) {
 }
 
 }  // namespace
+
+LayerResult layer_without_graph(const LayerArgs& a, bool output_wanted) {
+  const Problem p = make_problem(a);
+  const ForwardWants wants{/*workspace=*/false, output_wanted};
+  auto [output, h_n, c_n, saved, h_prev] = a.is_contiguous()
+                                               ? forward_wanting(p, a, false, wants)
+                                               : forward_wanting(p, a.contiguous(), false, wants);
+  return {output, h_n, c_n};
+}
 
 TORCH_LIBRARY_IMPL(rnn_fused, CPU, m) {
   m.impl("forward", &forward_adapter<forward_cpu>);
