@@ -55,19 +55,54 @@ BackwardResult call_backward(const BackwardArgs& a) {
 
 namespace {
 
+// Calls f on every tensor of a that the operator differentiates (autograd.cpp's slots), then,
+// with `all`, on batch_sizes and zoneout too. By reference: a copy costs two atomic
+// reference-count updates, in every short call.
+template <class F>
+void visit_tensors(const LayerArgs& a, bool all, const F& f) {
+  for (const at::Tensor* t : {&a.input, &a.w_ih, &a.w_hh}) f(*t);
+  for (const OptTensor* t : {&a.hx, &a.cx, &a.b_ih, &a.b_hh, &a.w_hr, &a.layer_norm}) {
+    if (t->has_value()) f(**t);
+  }
+  if (!all) return;
+  for (const OptTensor* t : {&a.batch_sizes, &a.zoneout}) {
+    if (t->has_value()) f(**t);
+  }
+}
+
+// Grad mode on and a differentiated tensor that requires grad.
+bool records_graph(const LayerArgs& a) {
+  if (!at::GradMode::is_enabled()) return false;
+  bool requires_grad = false;
+  visit_tensors(a, false,
+                [&](const at::Tensor& t) { requires_grad = requires_grad || t.requires_grad(); });
+  return requires_grad;
+}
+
+// Refuses dual tensors: the operator has no forward-mode formula, and outputs without
+// tangents would read as zero tangents. No tensor has a tangent while no forward-AD level
+// exists (one lock, not one a tensor).
+void refuse_dual_tensors(const LayerArgs& a) {
+  if (!torch::autograd::ForwardADLevel::has_any_level()) return;
+  visit_tensors(a, false, [](const at::Tensor& t) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!t._fw_grad(/*level=*/0).defined(),
+                                "rnn_fused: forward-mode AD (torch.func.jvp, "
+                                "torch.autograd.forward_ad) is not supported by the operator "
+                                "rnn_fused::layer; rnn_fused.rnn_layer and the modules run it "
+                                "through reference.py. Got a dual tensor among the inputs");
+  });
+}
+
 // Whether the dispatcher would take a's call of rnn_fused::layer straight to the CPU engine's
 // forward with nothing on the way: CPU tensors, no key above autograd's (no Python mode or
 // subclass, functionalization, vmap, autocast, tracing), no graph to record, and no
 // RecordFunction callback (the profiler) to see the operators.
 bool plain_cpu_call(const LayerArgs& a) {
-  if (layer_needs_graph(a) || at::getStepCallbacksUnlessEmpty(at::RecordScope::FUNCTION)) {
+  if (records_graph(a) || at::getStepCallbacksUnlessEmpty(at::RecordScope::FUNCTION)) {
     return false;
   }
   c10::DispatchKeySet keys;
-  for (const OptTensor& t : {OptTensor(a.input), a.hx, a.cx, OptTensor(a.w_ih), OptTensor(a.w_hh),
-                             a.b_ih, a.b_hh, a.w_hr, a.batch_sizes, a.zoneout, a.layer_norm}) {
-    if (t) keys = keys | t->key_set();
-  }
+  visit_tensors(a, true, [&](const at::Tensor& t) { keys = keys | t.key_set(); });
   const c10::impl::LocalDispatchKeySet local = c10::impl::tls_local_dispatch_key_set();
   // Autograd's keys lead to layer_autograd, which runs a call without a graph below them;
   // BackendSelect (always in the included set) passes every call of these operators through.
@@ -80,24 +115,16 @@ bool plain_cpu_call(const LayerArgs& a) {
 }  // namespace
 
 bool layer_needs_graph(const LayerArgs& a) {
-  bool requires_grad = false;
-  // No tensor has a tangent while no forward-AD level exists (one lock, not one a tensor).
-  const bool duals = torch::autograd::ForwardADLevel::has_any_level();
-  for (const OptTensor& t : {OptTensor(a.input), a.hx, a.cx, OptTensor(a.w_ih), OptTensor(a.w_hh),
-                             a.b_ih, a.b_hh, a.w_hr, a.layer_norm}) {
-    if (!t) continue;
-    requires_grad = requires_grad || t->requires_grad();
-    TORCH_CHECK_NOT_IMPLEMENTED(!duals || !t->_fw_grad(/*level=*/0).defined(),
-                                "rnn_fused: forward-mode AD (torch.func.jvp, "
-                                "torch.autograd.forward_ad) is not supported by the operator "
-                                "rnn_fused::layer; rnn_fused.rnn_layer and the modules run it "
-                                "through reference.py. Got a dual tensor among the inputs");
-  }
-  return requires_grad && at::GradMode::is_enabled();
+  refuse_dual_tensors(a);
+  return records_graph(a);
 }
 
 LayerResult call_layer(const LayerArgs& a, bool output_wanted) {
-  if (plain_cpu_call(a)) return cpu::layer_without_graph(a, output_wanted);
+  // A call with a graph goes on to layer_autograd, which checks it for dual tensors once.
+  if (plain_cpu_call(a)) {
+    refuse_dual_tensors(a);
+    return cpu::layer_without_graph(a, output_wanted);
+  }
   static const auto op = find<LayerSig>("rnn_fused::layer");
   return op.call(a.mode, a.input, a.hx, a.cx, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.w_hr, a.batch_sizes,
                  a.reverse, a.zoneout, a.layer_norm);
