@@ -562,6 +562,13 @@ void panel_product(int64_t M, const T* A, int64_t lda, const Panels& B, int64_t 
   one_panel<T>(M, B.K, A, lda, B.panel<T>(g, j), width, C, ldc, accumulate);
 }
 
+void panel_product(int64_t M, const at::BFloat16* A, int64_t lda, const Panels& B, int64_t g,
+                   int64_t j, float* C, int64_t ldc, bool accumulate) {
+  TORCH_INTERNAL_ASSERT(B.bf16() && lda % 2 == 0);
+  const int64_t width = std::min(Panels::kPanel, B.group - j * Panels::kPanel);
+  bf16_panel_product(M, B.K, A, lda, B.panel<at::BFloat16>(g, j), width, C, ldc, accumulate);
+}
+
 template <class T>
 void blas_product(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
                   int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {

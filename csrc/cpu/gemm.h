@@ -75,4 +75,9 @@ template <class T>
 void panel_product(int64_t M, const T* A, int64_t lda, const Panels& B, int64_t g, int64_t j, T* C,
                    int64_t ldc, bool accumulate = false);
 
+// The same for bfloat16 panels on an A rounded beforehand (bf16_round_rows, lda even): for an
+// A that many panels read.
+void panel_product(int64_t M, const at::BFloat16* A, int64_t lda, const Panels& B, int64_t g,
+                   int64_t j, float* C, int64_t ldc, bool accumulate = false);
+
 }  // namespace rnn_fused::cpu

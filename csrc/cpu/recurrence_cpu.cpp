@@ -176,7 +176,13 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
   const int64_t xg_size = padded(max_rows(chunks) * GH), hg_size = padded(p.batch * GH);
   const int64_t h_start_size = train ? 0 : padded(p.batch * Hout);
   const int64_t h_scratch_size = p.proj && !train ? padded(p.batch * H) : 0;
-  const int64_t scratch_size = xg_size + hg_size + h_start_size + h_scratch_size;
+  // bfloat16 products: a step's h_prev rounded once (rows ld_bf apart, in pairs) for all the
+  // panels that read it, instead of once per tile and gate (5.6% of an LSTM's bf16 forward at
+  // T=100 B=64 H=512 in perf, AMD EPYC).
+  const bool round_h = bf16 && w_hh_t.packed();
+  const int64_t ld_bf = (Hout + 1) / 2 * 2;
+  const int64_t h_bf_size = round_h ? padded(p.batch * ld_bf / 2) : 0;  // in T values
+  const int64_t scratch_size = xg_size + hg_size + h_start_size + h_scratch_size + h_bf_size;
   at::Tensor scratch;  // when the thread's own scratch is too small
   T* xg_p = static_cast<T*>(thread_scratch(sizeof(T) * scratch_size));
   if (xg_p == nullptr) {
@@ -186,6 +192,8 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
   T* const hg_p = xg_p + xg_size;
   T* const h_start_p = hg_p + hg_size;
   T* const h_scratch_p = h_start_p + h_start_size;
+  auto* const h_bf =
+      round_h ? reinterpret_cast<at::BFloat16*>(h_scratch_p + h_scratch_size) : nullptr;
 
   const T* x_p = input.data_ptr<T>();
   const T* b_ih_p = ptr_or_null<T>(b_ih);
@@ -218,7 +226,18 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
         const int64_t t = p.step_at(s), n = p.batch_sizes[t], r0 = p.offsets[t];
         // The state each row starts from; in training it is kept for the backward.
         T* h_prev = train ? hprev_p + r0 * Hout : h_start_p;
-        if (team.id == 0) std::memcpy(h_prev, h_p, sizeof(T) * n * Hout);
+        // Copied but where nothing reads it: an inference step whose products read h_bf and
+        // whose cell math needs no h_{t-1} (LSTM).
+        const bool copy_h_prev =
+            train || !round_h || Cell::kUsesPrevH || keep_p != nullptr || ln_p != nullptr;
+        if (team.id == 0 && copy_h_prev) std::memcpy(h_prev, h_p, sizeof(T) * n * Hout);
+        if constexpr (std::is_same_v<T, float>) {
+          if (round_h) {
+            const int64_t i0 = team.begin(n);
+            bf16_round_rows(team.end(n) - i0, Hout, h_p + i0 * Hout, Hout, h_bf + i0 * ld_bf,
+                            ld_bf);
+          }
+        }
         team.barrier();
         // Unpacked (a small problem), the hidden-side product comes first, whole.
         if (!w_hh_t.packed()) {
@@ -258,8 +277,16 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
         for (int64_t k_tile = team.begin(tiles); k_tile < team.end(tiles); ++k_tile) {
           const Tile tl = tile_at(k_tile, n, H);
           for (int64_t k = 0; k < Cell::kGates && w_hh_t.packed(); ++k) {
+            T* hg_tile = hg_p + tl.i0 * GH + k * H + tl.u0;
+            if constexpr (std::is_same_v<T, float>) {
+              if (round_h) {
+                panel_product(tl.rows, h_bf + tl.i0 * ld_bf, ld_bf, w_hh_t.panels(), k,
+                              tl.u0 / Panels::kPanel, hg_tile, GH);
+                continue;
+              }
+            }
             panel_product<T>(tl.rows, h_prev + tl.i0 * Hout, Hout, w_hh_t.panels(), k,
-                             tl.u0 / Panels::kPanel, hg_p + tl.i0 * GH + k * H + tl.u0, GH);
+                             tl.u0 / Panels::kPanel, hg_tile, GH);
           }
           forward_rows(tl.i0, tl.i0 + tl.rows, tl.u0, tl.u1);
         }
