@@ -181,8 +181,12 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
   // panels that read it, instead of once per tile and gate (5.6% of an LSTM's bf16 forward at
   // T=100 B=64 H=512 in perf, AMD EPYC).
   const bool round_h = bf16 && w_hh_t.packed();
+  // Where nothing else needs the whole h of a step before the next (an LSTM's inference without
+  // projection, zoneout or LayerNorm), the cell math rounds the units it writes into the other
+  // of two buffers, and a step has one barrier instead of two.
   const int64_t ld_bf = (Hout + 1) / 2 * 2;
-  const int64_t h_bf_size = round_h ? padded(p.batch * ld_bf / 2) : 0;  // in T values
+  const int64_t bf_buffer = padded(p.batch * ld_bf / 2);  // in T values
+  const int64_t h_bf_size = round_h ? 2 * bf_buffer : 0;
   const int64_t scratch_size = xg_size + hg_size + h_start_size + h_scratch_size + h_bf_size;
   at::Tensor scratch;  // when the thread's own scratch is too small
   T* xg_p = static_cast<T*>(thread_scratch(sizeof(T) * scratch_size));
@@ -195,8 +199,7 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
   T* const hg_p = xg_p + xg_size;
   T* const h_start_p = hg_p + hg_size;
   T* const h_scratch_p = h_start_p + h_start_size;
-  auto* const h_bf =
-      round_h ? reinterpret_cast<at::BFloat16*>(h_scratch_p + h_scratch_size) : nullptr;
+  T* const h_bf_p = h_scratch_p + h_scratch_size;
 
   const T* x_p = input.data_ptr<T>();
   const T* b_ih_p = ptr_or_null<T>(b_ih);
@@ -211,6 +214,8 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
   // bias (LSTM); the raw pre-activations kept at the layout's raw_offset in training.
   const T* ln_p = ptr_or_null<T>(a.layer_norm);
   const int64_t raw = p.layout.raw_offset();
+  const bool round_in_cell =
+      round_h && !train && !Cell::kUsesPrevH && keep_p == nullptr && ln_p == nullptr && !p.proj;
 
   static_assert(kTileUnits == Panels::kPanel, "a tile's units are one panel per gate");
   for (const Chunk& ch : chunks) {
@@ -233,15 +238,24 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
         // whose cell math needs no h_{t-1} (LSTM).
         const bool copy_h_prev =
             train || !round_h || Cell::kUsesPrevH || keep_p != nullptr || ln_p != nullptr;
-        if (team.id == 0 && copy_h_prev) std::memcpy(h_prev, h_p, sizeof(T) * n * Hout);
-        if constexpr (std::is_same_v<T, float>) {
-          if (round_h) {
-            const int64_t i0 = team.begin(n);
-            bf16_round_rows(team.end(n) - i0, Hout, h_p + i0 * Hout, Hout, h_bf + i0 * ld_bf,
-                            ld_bf);
+        // h_prev rounded: this step's buffer, and the next step's (round_in_cell).
+        auto* const bf_base = reinterpret_cast<at::BFloat16*>(h_bf_p);
+        at::BFloat16* const h_bf = round_in_cell ? bf_base + s % 2 * 2 * bf_buffer : bf_base;
+        at::BFloat16* const h_bf_next = bf_base + (s + 1) % 2 * 2 * bf_buffer;
+        // Rows the step before rounded in its cell math: all of this step's, but at the first
+        // step and where a packed batch grows.
+        const bool rounded_before = round_in_cell && s > 0 && n <= p.batch_sizes[p.step_at(s - 1)];
+        if (!rounded_before) {
+          if (team.id == 0 && copy_h_prev) std::memcpy(h_prev, h_p, sizeof(T) * n * Hout);
+          if constexpr (std::is_same_v<T, float>) {
+            if (round_h) {
+              const int64_t i0 = team.begin(n);
+              bf16_round_rows(team.end(n) - i0, Hout, h_p + i0 * Hout, Hout, h_bf + i0 * ld_bf,
+                              ld_bf);
+            }
           }
+          team.barrier();
         }
-        team.barrier();
         // Unpacked (a small problem), the hidden-side product comes first, whole.
         if (!w_hh_t.packed()) {
           w_hh_t.product(team, n, h_prev, Hout, hg_p, GH, false);
@@ -292,6 +306,12 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
                              tl.u0 / Panels::kPanel, hg_tile, GH);
           }
           forward_rows(tl.i0, tl.i0 + tl.rows, tl.u0, tl.u1);
+          if constexpr (std::is_same_v<T, float>) {
+            if (round_in_cell) {
+              bf16_round_rows(tl.rows, tl.u1 - tl.u0, h_p + tl.i0 * Hout + tl.u0, Hout,
+                              h_bf_next + tl.i0 * ld_bf + tl.u0, ld_bf);
+            }
+          }
         }
         if (ln_p != nullptr) {
           team.barrier();
