@@ -593,7 +593,7 @@ void blas_at_b(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T
     const int previous = MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0;
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t i = blk * kRowsPerCall, m = std::min(kRowsPerCall, M - i);
-      matmul_blas<T>(true, false, m, N, K, A + i, lda, B, ldb, C + i * ldc, ldc, accumulate);
+      blas_call<T>(true, false, m, N, K, A + i, lda, B, ldb, C + i * ldc, ldc, accumulate);
     }
     if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous);
   };

@@ -234,7 +234,7 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
         const int64_t t = p.step_at(s), n = p.batch_sizes[t], r0 = p.offsets[t];
         // The state each row starts from; in training it is kept for the backward.
         T* h_prev = train ? hprev_p + r0 * Hout : h_start_p;
-        // Copied but where nothing reads it: an inference step whose products read h_bf and
+        // Copied unless nothing reads it: an inference step whose products read h_bf and
         // whose cell math needs no h_{t-1} (LSTM).
         const bool copy_h_prev =
             train || !round_h || Cell::kUsesPrevH || keep_p != nullptr || ln_p != nullptr;
