@@ -78,3 +78,17 @@ def test_cell_over_threads(cls, batch: int, input_size: int, hidden: int):
         out = model(xi, st)
         (out[0] if isinstance(out, tuple) else out).sum().backward()
     torch.testing.assert_close(xs[0].grad.double(), xs[1].grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("proj_size", [0, 48], ids=["no-proj", "proj"])
+def test_bfloat16_training_forward_repeats(proj_size: int):
+    """bfloat16 products round each step's h once for all threads (recurrence_cpu.cpp,
+    round_h); with a projection, h is copied in after the projection's product, and a
+    thread that rounded its rows before the copy was whole gave other bits now and then
+    (1 to 10 calls in 40). Many steps and calls give a race many chances to show."""
+    seed("repro-bf16", proj_size)
+    module = rnn_fused.LSTM(64, 128, proj_size=proj_size).to(torch.bfloat16)
+    x = torch.randn(60, 33, 64, dtype=torch.bfloat16)
+    first = module(x)[0]
+    for call in range(30):
+        assert torch.equal(module(x)[0], first), f"call {call + 1} differs from the first"

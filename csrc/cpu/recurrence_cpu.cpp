@@ -347,6 +347,8 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
           w_hr_t->product(team, n, h_unproj, h_unproj_ld, out_rows, Hout, false);
           team.barrier();
           if (team.id == 0) std::memcpy(h_p, out_rows, sizeof(T) * n * Hout);
+          // The next step's threads round their rows of h_p (round_h): not before it is whole.
+          if (round_h) team.barrier();
         }
       }
     });
