@@ -61,9 +61,9 @@ bool LayerArgs::is_contiguous() const {
          rnn_fused::is_contiguous(layer_norm);
 }
 
-LayerArgs LayerArgs::to(at::ScalarType dtype, bool weights) const {
+LayerArgs LayerArgs::to(at::ScalarType dtype, bool weights, bool input_too) const {
   LayerArgs c = *this;
-  c.input = input.to(dtype);
+  if (input_too) c.input = input.to(dtype);
   c.hx = rnn_fused::to(hx, dtype);
   c.cx = rnn_fused::to(cx, dtype);
   c.b_ih = rnn_fused::to(b_ih, dtype);

@@ -58,8 +58,8 @@ struct LayerArgs {
   LayerArgs contiguous() const;
   bool is_contiguous() const;
   // The same call with every floating-point tensor converted to dtype (but the weights w_ih,
-  // w_hh and w_hr only if `weights`).
-  LayerArgs to(at::ScalarType dtype, bool weights = true) const;
+  // w_hh and w_hr only if `weights`, and the input only if `input_too`).
+  LayerArgs to(at::ScalarType dtype, bool weights = true, bool input_too = true) const;
 };
 
 // Which gradients a backward computes: of the input, of the initial states, of the

@@ -37,14 +37,17 @@ def test_layer_no_worse_than_twice_torch_nn(cell, kw, dtype, length):
 @pytest.mark.skipif(
     not rnn_fused._C.cpu_bf16_dot(), reason="this CPU has no AVX-512 BF16 dot products"
 )
+@pytest.mark.parametrize("input_size", [37, 38], ids=["odd-input", "even-input"])
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
-def test_bf16_dot_products_run_and_match_float32_products(mode, monkeypatch):
+def test_bf16_dot_products_run_and_match_float32_products(mode, input_size, monkeypatch):
     """The bfloat16 dot-product path is the one taken (its bits differ from float32 products
-    of the same operands) and agrees with it to bfloat16 rounding of the recurrent state."""
-    seed("bf16 dot", mode)
+    of the same operands) and agrees with it to bfloat16 rounding of the recurrent state. An
+    even input size is read in bfloat16 as it is, an odd one through a float32 copy."""
+    seed("bf16 dot", mode, input_size)
     gates = rnn_fused.ops.GATES[mode]
-    x = torch.randn(13, 5, 37).bfloat16()
-    w_ih, w_hh = torch.randn(gates * 67, 37).bfloat16(), torch.randn(gates * 67, 67).bfloat16()
+    x = torch.randn(13, 5, input_size).bfloat16()
+    w_ih = torch.randn(gates * 67, input_size).bfloat16()
+    w_hh = torch.randn(gates * 67, 67).bfloat16()
     w_ih, w_hh = w_ih / 6, w_hh / 8
     dot = rnn_fused.rnn_layer(mode, x, w_ih, w_hh)[0]
     monkeypatch.setenv("RNN_FUSED_BF16_DOT", "0")

@@ -465,8 +465,24 @@ void one_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, in
   }
 }
 
-// C (+)= A @ B on bfloat16 panels: A rounded once, then blocks of rows and panels split over
-// threads.
+// C (+)= A @ B on bfloat16 panels, A in bfloat16 with its rows in pairs (lda even): blocks
+// of rows and panels split over threads.
+void bf16_rows_matmul(int64_t M, const at::BFloat16* A, int64_t lda, const Panels& B, float* C,
+                      int64_t ldc, bool accumulate) {
+  const int64_t K = B.K;
+  const int64_t mb = (M + kBlockM - 1) / kBlockM, nb = B.N / B.group * B.per_group;
+  split(mb * nb, std::min(M, kBlockM) * Panels::kPanel * K, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t i = blk % mb * kBlockM, jb = blk / mb;
+      const int64_t g = jb / B.per_group, j = jb % B.per_group * Panels::kPanel;
+      bf16_panel_product(
+          std::min(kBlockM, M - i), K, A + i * lda, lda, B.panel<at::BFloat16>(g, jb % B.per_group),
+          std::min(Panels::kPanel, B.group - j), C + i * ldc + g * B.group + j, ldc, accumulate);
+    }
+  });
+}
+
+// The same on float32 A, rounded once first.
 void bf16_matmul(int64_t M, const float* A, int64_t lda, const Panels& B, float* C, int64_t ldc,
                  bool accumulate) {
   const int64_t K = B.K, ld = (K + 1) / 2 * 2;
@@ -475,16 +491,7 @@ void bf16_matmul(int64_t M, const float* A, int64_t lda, const Panels& B, float*
   split(M, K, [&](int64_t begin, int64_t end) {
     bf16_round_rows(end - begin, K, A + begin * lda, lda, a + begin * ld, ld);
   });
-  const int64_t mb = (M + kBlockM - 1) / kBlockM, nb = B.N / B.group * B.per_group;
-  split(mb * nb, std::min(M, kBlockM) * Panels::kPanel * K, [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t i = blk % mb * kBlockM, jb = blk / mb;
-      const int64_t g = jb / B.per_group, j = jb % B.per_group * Panels::kPanel;
-      bf16_panel_product(
-          std::min(kBlockM, M - i), K, a + i * ld, ld, B.panel<at::BFloat16>(g, jb % B.per_group),
-          std::min(Panels::kPanel, B.group - j), C + i * ldc + g * B.group + j, ldc, accumulate);
-    }
-  });
+  bf16_rows_matmul(M, a, ld, B, C, ldc, accumulate);
 }
 
 // pack_panels of a b whose rows are contiguous, in its own dtype: a row's part of a panel is
@@ -596,6 +603,12 @@ void matmul(int64_t M, const T* A, int64_t lda, const Panels& B, T* C, int64_t l
   }
   TORCH_INTERNAL_ASSERT(B.group == B.N, "a full product needs panels packed in one group");
   product<T>(M, B.N, B.K, A, lda, B.data.data_ptr<T>(), 0, C, ldc, accumulate, /*panels=*/true);
+}
+
+void matmul(int64_t M, const at::BFloat16* A, int64_t lda, const Panels& B, float* C, int64_t ldc,
+            bool accumulate) {
+  TORCH_INTERNAL_ASSERT(B.bf16() && B.K % 2 == 0 && lda % 2 == 0);
+  if (M > 0) bf16_rows_matmul(M, A, lda, B, C, ldc, accumulate);
 }
 
 template <class T>

@@ -69,6 +69,11 @@ template <class T>
 void matmul(int64_t M, const T* A, int64_t lda, const Panels& B, T* C, int64_t ldc,
             bool accumulate);
 
+// The same for bfloat16 panels on an A already in bfloat16, its rows read in pairs as they
+// are (K and lda even).
+void matmul(int64_t M, const at::BFloat16* A, int64_t lda, const Panels& B, float* C, int64_t ldc,
+            bool accumulate);
+
 // C[M, columns of panel j of group g] = A[M, K] @ that panel of B (accumulate: C += ...), on
 // the calling thread: for work already split over threads by the caller.
 template <class T>

@@ -40,6 +40,13 @@ class StepWeight {
     blas_product<T>(false, transpose_, M, N_, K_, A, lda, w_, ld_, C, ldc, accumulate);
   }
 
+  // The same on an A in bfloat16 (bfloat16 panels; K and lda even).
+  void product(int64_t M, const at::BFloat16* A, int64_t lda, float* C, int64_t ldc,
+               bool accumulate) const {
+    TORCH_INTERNAL_ASSERT(packed());
+    matmul(M, A, lda, panels_, C, ldc, accumulate);
+  }
+
   // The same, split over a team by column panels (unpacked: by its first thread). The caller
   // puts a barrier after it before C is read.
   void product(const Team& team, int64_t M, const T* A, int64_t lda, T* C, int64_t ldc,
