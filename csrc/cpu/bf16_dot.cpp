@@ -96,7 +96,50 @@ void rows_times_panel_all(int64_t M, int64_t pairs, const uint16_t* A, int64_t l
   }
 }
 
+// 16 values of each of two rows, interleaved: lane 2c of the result holds a[c], lane 2c + 1
+// holds b[c] (bfloat16 in the low 16 bits of each 32-bit word, as the dot products read
+// pairs).
+RF_BF16_TARGET inline __m512i interleave(__m256i a, __m256i b) {
+  const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24,
+                                         8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(order, both);
+}
+
+// width values of a row (16 at most) as bfloat16, zeros past width or for a missing row.
+RF_BF16_TARGET inline __m256i bf16_values(const float* row, int64_t width) {
+  if (row == nullptr) return _mm256_setzero_si256();
+  const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(lanes(width, 0), row));
+  __m256i bits;
+  std::memcpy(&bits, &h, sizeof(bits));
+  return bits;
+}
+RF_BF16_TARGET inline __m256i bf16_values(const at::BFloat16* row, int64_t width) {
+  if (row == nullptr) return _mm256_setzero_si256();
+  return _mm256_maskz_loadu_epi16(lanes(width, 0), row);
+}
+
+template <class T>
+RF_BF16_TARGET void pair_rows(const T* first, const T* second, int64_t width, at::BFloat16* to) {
+  for (int64_t c = 0; c < width; c += 16) {
+    const int64_t n = std::min<int64_t>(16, width - c);
+    const __m512i pairs = interleave(bf16_values(first + c, n),
+                                     bf16_values(second == nullptr ? nullptr : second + c, n));
+    const __mmask32 m = n == 16 ? ~__mmask32(0) : static_cast<__mmask32>((1ull << (2 * n)) - 1);
+    _mm512_mask_storeu_epi16(to + 2 * c, m, pairs);
+  }
+}
+
 }  // namespace
+
+void bf16_pair_rows(const float* first, const float* second, int64_t width, at::BFloat16* to) {
+  pair_rows(first, second, width, to);
+}
+
+void bf16_pair_rows(const at::BFloat16* first, const at::BFloat16* second, int64_t width,
+                    at::BFloat16* to) {
+  pair_rows(first, second, width, to);
+}
 
 bool has_bf16_dot() {
   static const bool ok = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");

@@ -28,6 +28,13 @@ void bf16_panel_product(int64_t M, int64_t K, const at::BFloat16* A, int64_t lda
                         const at::BFloat16* panel, int64_t width, float* C, int64_t ldc,
                         bool accumulate);
 
+// One pair row of a bfloat16 panel from two rows of b (row-major): to[2c] = first[c],
+// to[2c + 1] = second[c] (zero where second is nullptr), rounded to bfloat16 (to nearest
+// even), for c < width.
+void bf16_pair_rows(const float* first, const float* second, int64_t width, at::BFloat16* to);
+void bf16_pair_rows(const at::BFloat16* first, const at::BFloat16* second, int64_t width,
+                    at::BFloat16* to);
+
 // out[M, K rounded up to even] = A[M, K] rounded to bfloat16 (to nearest even), a zero after
 // each row of odd K; ld_out even.
 void bf16_round_rows(int64_t M, int64_t K, const float* A, int64_t lda, at::BFloat16* out,

@@ -17,6 +17,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "workspace.h"
+
 #if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #endif
@@ -486,7 +488,7 @@ void bf16_rows_matmul(int64_t M, const at::BFloat16* A, int64_t lda, const Panel
 void bf16_matmul(int64_t M, const float* A, int64_t lda, const Panels& B, float* C, int64_t ldc,
                  bool accumulate) {
   const int64_t K = B.K, ld = (K + 1) / 2 * 2;
-  const at::Tensor rounded = at::empty({M, ld}, at::kBFloat16);
+  const at::Tensor rounded = buffer_empty({M, ld}, at::TensorOptions(at::kBFloat16));
   at::BFloat16* a = rounded.data_ptr<at::BFloat16>();
   split(M, K, [&](int64_t begin, int64_t end) {
     bf16_round_rows(end - begin, K, A + begin * lda, lda, a + begin * ld, ld);
@@ -498,7 +500,7 @@ void bf16_matmul(int64_t M, const float* A, int64_t lda, const Panels& B, float*
 // one memcpy, with no at::Tensor views, pads and permuted copies set up per call.
 Panels pack_rows(const at::Tensor& b, int64_t group, int64_t groups, int64_t per_group) {
   const int64_t K = b.size(0), N = b.size(1), P = Panels::kPanel, ld = b.stride(0);
-  at::Tensor data = at::empty({groups, per_group, K, P}, b.options());
+  at::Tensor data = buffer_empty({groups, per_group, K, P}, b.options());
   AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "rnn_fused_pack_rows", [&] {
     const scalar_t* src = b.data_ptr<scalar_t>();
     scalar_t* dst = data.data_ptr<scalar_t>();
@@ -544,7 +546,8 @@ void copy_pairs(int64_t K, const at::BFloat16* from, int64_t sn, int64_t width, 
 Panels pack_pairs(const at::Tensor& b, int64_t group, int64_t groups, int64_t per_group) {
   const int64_t K = b.size(0), N = b.size(1), P = Panels::kPanel, pairs = (K + 1) / 2;
   const int64_t sk = b.stride(0), sn = b.stride(1);
-  at::Tensor data = at::empty({groups, per_group, pairs, P, 2}, b.options().dtype(at::kBFloat16));
+  at::Tensor data =
+      buffer_empty({groups, per_group, pairs, P, 2}, b.options().dtype(at::kBFloat16));
   at::BFloat16* dst = data.data_ptr<at::BFloat16>();
   // fill(offset, width, to) writes a panel of `width` columns from b's values at `offset`.
   const auto each_panel = [&](const auto& fill) {
@@ -564,6 +567,28 @@ Panels pack_pairs(const at::Tensor& b, int64_t group, int64_t groups, int64_t pe
       copy_pairs(K, src + offset, sn, width, to);
     });
     return {data, K, N, group, per_group};
+  }
+  // Row-major b (a weight as stored, gate gradients): two rows at a time, read whole, their
+  // values interleaved into one pair row of each panel.
+  const auto rows_in_pairs = [&](const auto* src) {
+    split(pairs, 2 * N, [&](int64_t begin, int64_t end) {
+      for (int64_t q = begin; q < end; ++q) {
+        const auto* first = src + 2 * q * sk;
+        const auto* second = 2 * q + 1 < K ? first + sk : nullptr;
+        for (int64_t panel = 0; panel < groups * per_group; ++panel) {
+          const int64_t j = panel % per_group * P, width = std::min(P, group - j);
+          const int64_t column = panel / per_group * group + j;
+          at::BFloat16* to = dst + (panel * pairs + q) * P * 2;
+          bf16_pair_rows(first + column, second == nullptr ? nullptr : second + column, width, to);
+          std::fill(to + 2 * width, to + 2 * P, at::BFloat16(0.0f));
+        }
+      }
+    });
+    return Panels{data, K, N, group, per_group};
+  };
+  if (sn == 1) {
+    if (b.scalar_type() == at::kFloat) return rows_in_pairs(b.data_ptr<float>());
+    if (b.scalar_type() == at::kBFloat16) return rows_in_pairs(b.data_ptr<at::BFloat16>());
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, b.scalar_type(), "rnn_fused_pack_pairs", [&] {

@@ -115,7 +115,8 @@ int64_t max_rows(const std::vector<Chunk>& chunks) {
 
 // Rows [begin, begin + n) of a 2-D tensor, transposed into a new contiguous tensor.
 at::Tensor rows_transposed(const at::Tensor& m, int64_t begin, int64_t n) {
-  return m.narrow(0, begin, n).t().contiguous();
+  at::Tensor t = buffer_empty({m.size(1), n}, m.options());
+  return t.copy_(m.narrow(0, begin, n).t());
 }
 
 // A buffer's size rounded up to a multiple of 16 values (whole 64-byte lines), so that
@@ -193,7 +194,7 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
   if (xg_p == nullptr) {
     // From the cache when large: fresh memory faulted on each page at every call (2% of an
     // LSTM's bf16 forward at T=200 B=16 H=128, AMD EPYC).
-    scratch = gradient_empty({scratch_size}, opts);
+    scratch = buffer_empty({scratch_size}, opts);
     xg_p = scratch.data_ptr<T>();
   }
   T* const hg_p = xg_p + xg_size;
@@ -391,7 +392,7 @@ ForwardResult forward_native(const Problem& p, const LayerArgs& a, bool train, b
       !wants.output && p.packed && p.steps == 1 && p.rows == p.batch && !p.proj;
   // An output that is converted and dropped comes from the cache when large (as the scratch
   // of run_forward).
-  const auto output_empty = wants.converted ? gradient_empty : cpu_empty;
+  const auto output_empty = wants.converted ? buffer_empty : cpu_empty;
   out.output = output_is_h_n ? out.h_state
                : p.packed    ? output_empty({p.rows, p.out_size}, opts)
                              : output_empty({p.steps, p.batch, p.out_size}, opts);
@@ -536,8 +537,8 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
   const int64_t chunk_rows = max_rows(chunks);
   const at::Tensor x2d = input.reshape({p.rows, I});
   // Gate gradients of a chunk, input side and (GRU) hidden side.
-  at::Tensor dxg = cpu_empty({chunk_rows, GH}, opts);
-  at::Tensor dhg = Cell::kSplitGrads ? cpu_empty({chunk_rows, GH}, opts) : dxg;
+  at::Tensor dxg = buffer_empty({chunk_rows, GH}, opts);
+  at::Tensor dhg = Cell::kSplitGrads ? buffer_empty({chunk_rows, GH}, opts) : dxg;
   // LayerNorm cells: dxg and dhg hold the gradients of the normalised sides (what the biases
   // and gains get); the products take those of the raw sides, through the normalisations'
   // backward: the hidden side's into dhg_raw at each step (h_stats: its rows' statistics),
@@ -545,13 +546,13 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
   // dcell: each row's gradients of the LSTM's cell-state gain and bias.
   const T* ln_p = ptr_or_null<T>(a.layer.layer_norm);
   const bool ln = ln_p != nullptr;
-  const at::Tensor dhg_raw = ln ? cpu_empty({chunk_rows, GH}, opts) : dhg;
+  const at::Tensor dhg_raw = ln ? buffer_empty({chunk_rows, GH}, opts) : dhg;
   std::vector<RowStats<T>> h_stats(ln ? chunk_rows : 0);
   const at::Tensor dcell =
-      ln && Cell::kCellState ? cpu_empty({chunk_rows, 2 * H}, opts) : at::Tensor();
+      ln && Cell::kCellState ? buffer_empty({chunk_rows, 2 * H}, opts) : at::Tensor();
   const int64_t raw = p.layout.raw_offset();
   // With a projection: dL/dr of a chunk's rows, and dL/dh of the current step.
-  at::Tensor dr = p.proj ? cpu_empty({chunk_rows, Hout}, opts) : at::Tensor();
+  at::Tensor dr = p.proj ? buffer_empty({chunk_rows, Hout}, opts) : at::Tensor();
   at::Tensor dh_step = p.proj ? cpu_empty({p.batch, H}, opts) : at::Tensor();
   const int64_t h_block = p.layout.unprojected_offset();
 
@@ -722,7 +723,7 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
   const int64_t GH = p.gate_width();
 
   BackwardBuffers g;
-  g.grad_input = cpu_empty(a.mask.input ? input.sizes() : at::IntArrayRef{0}, opts);
+  g.grad_input = buffer_empty(a.mask.input ? input.sizes() : at::IntArrayRef{0}, opts);
   g.dh_state =
       a.grad_h_n.has_value() ? copy_of(*a.grad_h_n) : cpu_zeros({p.batch, p.out_size}, opts);
   g.dc_state = p.kind != CellKind::LSTM ? cpu_empty({0}, opts)
@@ -732,8 +733,8 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
   const bool blas_grads = g.blas_grads = blas_weight_grads(p, bf16, input.scalar_type());
   const auto weight_grad = [&](int64_t rows, int64_t cols) {
     return !weights     ? cpu_empty({0}, opts)
-           : blas_grads ? gradient_empty({rows, cols}, opts)
-                        : gradient_empty({cols, rows}, opts);
+           : blas_grads ? buffer_empty({rows, cols}, opts)
+                        : buffer_empty({cols, rows}, opts);
   };
   g.grad_w_ih = weight_grad(GH, p.input_size);
   g.grad_w_hh = !p.elementwise ? weight_grad(GH, p.out_size) : cpu_empty({weights ? GH : 0}, opts);

@@ -142,8 +142,8 @@ at::Tensor workspace_empty(at::IntArrayRef sizes, const at::TensorOptions& optio
   return cached_empty(sizes, options, kMinCachedBytes);
 }
 
-at::Tensor gradient_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return cached_empty(sizes, options, kMinCachedGradientBytes);
+at::Tensor buffer_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return cached_empty(sizes, options, kMinCachedBufferBytes);
 }
 
 void empty_workspace_cache() {

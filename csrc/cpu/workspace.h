@@ -21,14 +21,14 @@ at::Tensor workspace_empty(at::IntArrayRef sizes, const at::TensorOptions& optio
 
 constexpr size_t kMinCachedBytes = size_t(32) << 20;
 
-// A backward's weight gradient (as workspace_empty) when of kMinCachedGradientBytes or more.
-// Autograd adds them into the parameters' .grad and frees them together, at the top of
-// glibc's heap, which then returns that top to the system (it keeps at most twice the largest
-// block it has learned): every call faulted on each page of its weight gradients, a fifth of
-// LSTMCell(256)'s forward and backward at batch 1 (Intel Xeon).
-at::Tensor gradient_empty(at::IntArrayRef sizes, const at::TensorOptions& options);
+// A buffer that lives about one call (as workspace_empty) when of kMinCachedBufferBytes or
+// more: a backward's weight gradients, scratch, packed panels, gate gradients. Freed together
+// at the top of glibc's heap, such blocks are returned to the system (glibc keeps at most
+// twice the largest block it has learned), and every call faulted on each of their pages: a
+// fifth of LSTMCell(256)'s forward and backward at batch 1 (weight gradients, Intel Xeon).
+at::Tensor buffer_empty(at::IntArrayRef sizes, const at::TensorOptions& options);
 
-constexpr size_t kMinCachedGradientBytes = size_t(256) << 10;
+constexpr size_t kMinCachedBufferBytes = size_t(256) << 10;
 
 // Frees the blocks the cache holds (a block in use is kept by its tensor until freed).
 void empty_workspace_cache();
