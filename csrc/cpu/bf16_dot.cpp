@@ -142,7 +142,9 @@ void bf16_pair_rows(const at::BFloat16* first, const at::BFloat16* second, int64
 }
 
 bool has_bf16_dot() {
-  static const bool ok = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+  // VL too: the pair packing uses 256-bit masked loads (every CPU with BF16 has it so far).
+  static const bool ok = __builtin_cpu_supports("avx512bf16") &&
+                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
   return ok;
 }
 
