@@ -560,15 +560,20 @@ Panels pack_pairs(const at::Tensor& b, int64_t group, int64_t groups, int64_t pe
   at::Tensor data =
       buffer_empty({groups, per_group, pairs, P, 2}, b.options().dtype(at::kBFloat16));
   at::BFloat16* dst = data.data_ptr<at::BFloat16>();
+  // A panel's first column of b and its width (the last of a group may be narrower).
+  const auto first_column = [&](int64_t panel) {
+    return panel / per_group * group + panel % per_group * P;
+  };
+  const auto width_of = [&](int64_t panel) { return std::min(P, group - panel % per_group * P); };
   // fill(offset, width, to) writes a panel of `width` columns from b's values at `offset`.
   const auto each_panel = [&](const auto& fill) {
     split(groups * per_group, K * P, [&](int64_t begin, int64_t end) {
       for (int64_t panel = begin; panel < end; ++panel) {
-        const int64_t j = panel % per_group * P, width = std::min(P, group - j);
+        const int64_t width = width_of(panel);
         at::BFloat16* to = dst + panel * pairs * P * 2;
         // Zeros where no value lands: the columns past a group's end, an odd K's last pair.
         if (width < P || K % 2 != 0) std::fill(to, to + pairs * P * 2, at::BFloat16(0.0f));
-        fill((panel / per_group * group + j) * sn, width, to);
+        fill(first_column(panel) * sn, width, to);
       }
     });
   };
@@ -587,8 +592,7 @@ Panels pack_pairs(const at::Tensor& b, int64_t group, int64_t groups, int64_t pe
         const auto* first = src + 2 * q * sk;
         const auto* second = 2 * q + 1 < K ? first + sk : nullptr;
         for (int64_t panel = 0; panel < groups * per_group; ++panel) {
-          const int64_t j = panel % per_group * P, width = std::min(P, group - j);
-          const int64_t column = panel / per_group * group + j;
+          const int64_t width = width_of(panel), column = first_column(panel);
           at::BFloat16* to = dst + (panel * pairs + q) * P * 2;
           bf16_pair_rows(first + column, second == nullptr ? nullptr : second + column, width, to);
           std::fill(to + 2 * width, to + 2 * P, at::BFloat16(0.0f));

@@ -222,13 +222,13 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
 
   static_assert(kTileUnits == Panels::kPanel, "a tile's units are one panel per gate");
   for (const Chunk& ch : chunks) {
-    if constexpr (std::is_same_v<T, float>) {
-      if (x_bf16) {
+    if (x_bf16) {
+      if constexpr (std::is_same_v<T, float>)
         w_ih_t.product(ch.rows, input.data_ptr<at::BFloat16>() + ch.row_begin * I, I, xg_p, GH,
                        false);
-      }
+    } else {
+      w_ih_t.product(ch.rows, x_p + ch.row_begin * I, I, xg_p, GH, false);
     }
-    if (!x_bf16) w_ih_t.product(ch.rows, x_p + ch.row_begin * I, I, xg_p, GH, false);
     if (ln_p != nullptr) {
       at::parallel_for(0, ch.rows, 16, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
