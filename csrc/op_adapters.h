@@ -30,8 +30,8 @@ ForwardResult forward_adapter(std::string_view mode, const at::Tensor& input, co
   return a.is_contiguous() ? Engine(p, a, train) : Engine(p, a.contiguous(), train);
 }
 
-// rnn_fused::backward on an engine.
-template <BackwardEngine Engine>
+// rnn_fused::backward on an engine; Empty: see BackwardArgs::contiguous.
+template <BackwardEngine Engine, BackwardArgs::EmptyFn Empty = nullptr>
 BackwardResult backward_adapter(std::string_view mode, const OptTensor& grad_output,
                                 const OptTensor& grad_h_n, const OptTensor& grad_c_n,
                                 const at::Tensor& input, const at::Tensor& w_ih,
@@ -52,7 +52,7 @@ BackwardResult backward_adapter(std::string_view mode, const OptTensor& grad_out
   a.batch = batch;
   a.mask = GradMask{output_mask[0], output_mask[1], output_mask[2]};
   const Problem p = make_problem(a);
-  return a.is_contiguous() ? Engine(p, a) : Engine(p, a.contiguous());
+  return a.is_contiguous() ? Engine(p, a) : Engine(p, a.contiguous(Empty));
 }
 
 // rnn_fused::layer, the public operator: one layer call's (output, h_n, c_n), with autograd.

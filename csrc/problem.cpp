@@ -89,10 +89,15 @@ BackwardArgs BackwardArgs::to(at::ScalarType dtype, bool weights) const {
   return c;
 }
 
-BackwardArgs BackwardArgs::contiguous() const {
+BackwardArgs BackwardArgs::contiguous(EmptyFn empty) const {
   BackwardArgs c = *this;
   c.layer = layer.contiguous();
-  c.grad_output = rnn_fused::contiguous(grad_output);
+  if (empty != nullptr && grad_output.has_value() && !grad_output->is_contiguous()) {
+    c.grad_output = empty(grad_output->sizes(), grad_output->options());
+    c.grad_output->copy_(*grad_output);
+  } else {
+    c.grad_output = rnn_fused::contiguous(grad_output);
+  }
   c.grad_h_n = rnn_fused::contiguous(grad_h_n);
   c.grad_c_n = rnn_fused::contiguous(grad_c_n);
   c.saved = saved.contiguous();

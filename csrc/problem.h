@@ -77,7 +77,10 @@ struct BackwardArgs {
   c10::SymInt batch = 0;  // rows of the states (h_n's); symbolic only while tracing
   GradMask mask;
 
-  BackwardArgs contiguous() const;
+  // `empty` (when given) allocates the copy of a non-contiguous grad_output: an engine's own
+  // memory for the largest of the copies (the CPU's buffer cache).
+  using EmptyFn = at::Tensor (*)(at::IntArrayRef, const at::TensorOptions&);
+  BackwardArgs contiguous(EmptyFn empty = nullptr) const;
   bool is_contiguous() const;
   BackwardArgs to(at::ScalarType dtype, bool weights = true) const;
 };

@@ -37,10 +37,10 @@ _VMAP = torch._C._functorch.TransformType.Vmap
 def empty_workspace_cache() -> None:
     """Frees the memory the CPU engine keeps for reuse by training calls.
 
-    A training forward's workspace (what its backward reads) of 32 MiB or more, and a
-    backward's weight gradient of 256 KiB or more, are taken from freed blocks kept for the
-    purpose (up to RNN_FUSED_CPU_WORKSPACE_CACHE_MB MiB, 1024 unless set; 0 keeps none),
-    which saves a page fault per 4 KiB of fresh memory on each call. This returns the kept
+    Outputs, a training forward's workspace (what its backward reads), gradients and
+    buffers of 256 KiB or more are taken from freed blocks kept for the purpose (up to
+    RNN_FUSED_CPU_WORKSPACE_CACHE_MB MiB, 1024 unless set; 0 keeps none), which saves a page
+    fault per 4 KiB of fresh memory on each call. This returns the kept
     memory to the system, as torch.cuda.empty_cache does.
     """
     _C.empty_workspace_cache()

@@ -137,3 +137,38 @@ def test_half_types_no_worse_than_twice_the_loop(dtype: torch.dtype):
         return ((a.detach().double() - exact).norm() / exact.norm()).item()
 
     assert err(out) <= 2 * err(same) + 1e-4
+
+
+def test_units_over_threads_packed():
+    """A packed call large enough for its units to run on two threads (blocks of 16 of H=100,
+    rows of shrinking batches): every sequence and gradient against the plain loop in
+    float64, and the same bits on one thread as on two."""
+    torch.manual_seed(7)
+    m = rnn_fused.IndRNN(6, 100).double()
+    lengths = list(range(60, 12, -2))  # 888 rows x 100 units: past 65536, one chunk
+    x = torch.randn(max(lengths), 24, 6, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(max(lengths), 24, 100, dtype=torch.float64)
+
+    def ours() -> list[torch.Tensor]:
+        out = m(nn.utils.rnn.pack_padded_sequence(x, lengths))[0]
+        padded = nn.utils.rnn.pad_packed_sequence(out)[0]
+        return [padded, *torch.autograd.grad((padded * g).sum(), [x, *m.parameters()])]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = ours()
+        torch.set_num_threads(2)
+        double = ours()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(single, double, strict=True):
+        assert torch.equal(a, b), "one thread and two threads differ"
+    loss = 0
+    for b, n in enumerate(lengths):
+        want, _ = _reference(m, x[:n, b : b + 1], torch.zeros(1, 1, 100, dtype=torch.float64))
+        torch.testing.assert_close(double[0][:n, b : b + 1], want, rtol=1e-12, atol=1e-12)
+        loss = loss + (want * g[:n, b : b + 1]).sum()
+    theirs = torch.autograd.grad(loss, [x, *m.parameters()])
+    for a, b in zip(double[1:], theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -1,6 +1,6 @@
-"""The CPU engine's workspace cache (csrc/cpu/workspace.h): a training forward's workspace of
-32 MiB or more, and a backward's weight gradient of 256 KiB or more, are taken from freed
-blocks when one fits. Whatever a reused block held before must never reach a result: here it
+"""The CPU engine's buffer cache (csrc/cpu/workspace.h): outputs, a training forward's
+workspace and a backward's gradients of 256 KiB or more are taken from freed blocks when one
+fits. Whatever a reused block held before must never reach a result: here it
 held NaN."""
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def _poison_cache(mode: str, module: nn.Module, steps: int, batch: int) -> int:
     return nbytes
 
 
-# B: rows for a workspace of about 40 MiB, above the cache's 32 (the cells keep 5, 6, 4 and 1
-# blocks of H per row).
+# B: rows for a workspace of about 40 MiB, above the 32 MiB that glibc serves from fresh memory
+# each time (the cells keep 5, 6, 4 and 1 blocks of H per row).
 @pytest.mark.parametrize(
     ("cls", "mode", "kwargs", "B"),
     [
@@ -87,6 +87,27 @@ def test_reused_workspace_gives_fresh_results(cls, mode, kwargs, B, packed):
         assert not a.isnan().any()
         assert_close(a, b, "reused workspace")
     assert cached_workspace_bytes() >= poisoned, "the backward did not free its workspace"
+
+
+def test_reused_output_block_gives_fresh_results():
+    """An inference call's output (here 1.5 MiB) comes from the cache and goes back to it."""
+    seed("workspace-output")
+    ref = nn.GRU(19, 75).double()
+    ours = rnn_fused.GRU.from_torch(ref)
+    x = torch.randn(37, 71, 19, dtype=torch.float64)
+    empty_workspace_cache()
+    with torch.no_grad():
+        first = ours(x)[0]
+        first.fill_(float("nan"))
+        del first
+        freed = cached_workspace_bytes()
+        assert freed >= 37 * 71 * 75 * 8, "the output did not come from the cache"
+        got, h_n = ours(x)
+        assert cached_workspace_bytes() < freed, "the freed output was not reused"
+        want, want_h = ref(x)
+    assert not got.isnan().any()
+    assert_close(got, want, "reused output block")
+    assert_close(h_n, want_h, "h_n after a reused output block")
 
 
 def test_empty_workspace_cache_frees_the_blocks():

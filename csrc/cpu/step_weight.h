@@ -1,7 +1,8 @@
 // The right-hand side B of the products a recurrence makes with a weight W at every step:
 // B = W^T or W. Packed into column panels when a problem repays the packing; otherwise W is
 // read as stored, through BLAS (see small_problem in recurrence_cpu.cpp). A vector W (IndRNN's
-// u) stands for diag(u): its products are element-wise, C = A * u, never packed.
+// u) is never packed and has no products here: the engine's element-wise steps multiply by it
+// in the step (run_forward, run_backward).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -35,7 +36,7 @@ class StepWeight {
 
   // C[M, N] = A[M, K] @ B (accumulate: C += ...) on all threads; called outside a team.
   void product(int64_t M, const T* A, int64_t lda, T* C, int64_t ldc, bool accumulate) const {
-    if (diagonal_) return diagonal_product(M, A, lda, C, ldc, accumulate);
+    TORCH_INTERNAL_ASSERT(!diagonal_, "an element-wise weight has no products");
     if (packed()) return matmul<T>(M, A, lda, panels_, C, ldc, accumulate);
     blas_product<T>(false, transpose_, M, N_, K_, A, lda, w_, ld_, C, ldc, accumulate);
   }
@@ -64,15 +65,6 @@ class StepWeight {
   }
 
  private:
-  void diagonal_product(int64_t M, const T* A, int64_t lda, T* C, int64_t ldc,
-                        bool accumulate) const {
-    for (int64_t i = 0; i < M; ++i) {
-      const T* a = A + i * lda;
-      T* c = C + i * ldc;
-      for (int64_t j = 0; j < N_; ++j) c[j] = accumulate ? c[j] + a[j] * w_[j] : a[j] * w_[j];
-    }
-  }
-
   bool diagonal_;
   const T* w_;
   int64_t ld_;

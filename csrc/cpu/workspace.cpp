@@ -107,15 +107,6 @@ struct CacheAllocator final : c10::Allocator {
   }
 };
 
-at::Tensor cached_empty(at::IntArrayRef sizes, const at::TensorOptions& options,
-                        size_t min_cached_bytes) {
-  const size_t bytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
-  if (bytes < min_cached_bytes || cache_limit() == 0) return cpu_empty(sizes, options);
-  static CacheAllocator* const allocator = new CacheAllocator();  // outlives every tensor
-  return at::detail::empty_generic(sizes, allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   options.dtype().toScalarType(), std::nullopt);
-}
-
 }  // namespace
 
 at::Tensor cpu_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
@@ -138,12 +129,12 @@ void* thread_scratch(size_t bytes) {
   return buffer.get();
 }
 
-at::Tensor workspace_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return cached_empty(sizes, options, kMinCachedBytes);
-}
-
 at::Tensor buffer_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return cached_empty(sizes, options, kMinCachedBufferBytes);
+  const size_t bytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  if (bytes < kMinCachedBufferBytes || cache_limit() == 0) return cpu_empty(sizes, options);
+  static CacheAllocator* const allocator = new CacheAllocator();  // outlives every tensor
+  return at::detail::empty_generic(sizes, allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   options.dtype().toScalarType(), std::nullopt);
 }
 
 void empty_workspace_cache() {

@@ -1,31 +1,24 @@
-// Memory the CPU engine reuses from call to call: a training forward's workspace (saved,
-// h_prev), and a backward's weight gradients. The C library (glibc) serves a block of more
-// than 32 MiB from fresh memory of the system each time and unmaps it when freed (smaller ones
-// it learns to keep on its heap), and touching fresh memory costs a page fault per 4 KiB: a
-// fifth of a LayerNorm LSTM's forward and backward at T=100 B=32 H=256 (a 41 MiB workspace).
-// A training loop frees after each backward the sizes its next forward asks for; those
-// blocks are kept and handed out again.
+// Memory the CPU engine reuses from call to call: its outputs, a training forward's
+// workspace (saved, h_prev), a backward's gradients and every large buffer of a call. The C
+// library (glibc) serves a block of more than 32 MiB from fresh memory of the system each
+// time and unmaps it when freed, and gives the free top of its heap back to the system once it
+// exceeds twice the largest block it has learned to keep; touching fresh memory costs a page
+// fault per 4 KiB: a fifth of a LayerNorm LSTM's forward and backward at T=100 B=32 H=256 (a
+// 41 MiB workspace). A training loop frees after each backward the sizes its next forward asks
+// for; those blocks are kept and handed out again.
 #pragma once
 
 #include <ATen/ATen.h>
 
 namespace rnn_fused::cpu {
 
-// An uninitialised contiguous CPU tensor, from a freed block of the cache when one fits
-// (at least `sizes`, at most twice as large). Blocks below kMinCachedBytes come from the
-// allocator as usual: keeping them here would stop glibc from learning to keep them (its
-// threshold follows the sizes freed to it), and their neighbours would then fault. The cache holds
-// at most RNN_FUSED_CPU_WORKSPACE_CACHE_MB MiB of freed blocks (default 1024; 0 turns it off), the
-// oldest freed first to go.
-at::Tensor workspace_empty(at::IntArrayRef sizes, const at::TensorOptions& options);
-
-constexpr size_t kMinCachedBytes = size_t(32) << 20;
-
-// A buffer that lives about one call (as workspace_empty) when of kMinCachedBufferBytes or
-// more: a backward's weight gradients, scratch, packed panels, gate gradients. Freed together
-// at the top of glibc's heap, such blocks are returned to the system (glibc keeps at most
-// twice the largest block it has learned), and every call faulted on each of their pages: a
-// fifth of LSTMCell(256)'s forward and backward at batch 1 (weight gradients, Intel Xeon).
+// An uninitialised contiguous CPU tensor, from a freed block of the cache when one fits (at
+// least `sizes`, at most twice as large) and it has kMinCachedBufferBytes or more; smaller
+// ones from the allocator as usual. Freed, a block goes back to the cache, which holds at most
+// RNN_FUSED_CPU_WORKSPACE_CACHE_MB MiB of freed blocks (default 1024; 0 turns it off), the
+// oldest freed first to go. Freed together at the top of glibc's heap, such blocks were
+// returned to the system, and every call faulted on each of their pages: a fifth of
+// LSTMCell(256)'s forward and backward at batch 1 (weight gradients, Intel Xeon).
 at::Tensor buffer_empty(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 constexpr size_t kMinCachedBufferBytes = size_t(256) << 10;
