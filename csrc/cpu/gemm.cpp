@@ -530,6 +530,31 @@ Panels pack_rows(const at::Tensor& b, int64_t group, int64_t groups, int64_t per
   return {data, K, N, group, per_group};
 }
 
+// pack_rows for a b whose values are contiguous along K (a weight seen transposed: the
+// forward's products take W^T): each panel is a transpose of `width` rows of the weight,
+// by ATen's SIMD transposes of 16 x 16 blocks. TensorIterator's strided copy into the
+// panels took 13% of an LSTM's forward at T=100 B=1 H=256 and 5% of a 2-layer
+// bidirectional one's at T=50 B=32 H=256 (AMD EPYC).
+Panels pack_columns(const at::Tensor& b, int64_t group, int64_t groups, int64_t per_group) {
+  const int64_t K = b.size(0), N = b.size(1), P = Panels::kPanel, sn = b.stride(1);
+  at::Tensor data = buffer_empty({groups, per_group, K, P}, b.options());
+  AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "rnn_fused_pack_columns", [&] {
+    const scalar_t* src = b.data_ptr<scalar_t>();
+    scalar_t* dst = data.data_ptr<scalar_t>();
+    split(groups * per_group, K * P, [&](int64_t begin, int64_t end) {
+      for (int64_t panel = begin; panel < end; ++panel) {
+        const int64_t j = panel % per_group * P, width = std::min(P, group - j);
+        scalar_t* to = dst + panel * K * P;
+        at::vec::transpose_mxn<scalar_t>(src + (panel / per_group * group + j) * sn, sn, to, P,
+                                         static_cast<int>(width), static_cast<int>(K));
+        if (width < P)
+          for (int64_t k = 0; k < K; ++k) std::fill(to + k * P + width, to + k * P + P, 0);
+      }
+    });
+  });
+  return {data, K, N, group, per_group};
+}
+
 // One panel of pack_pairs from bfloat16 values contiguous along K (a bfloat16 weight seen
 // transposed): the pair of rows k, k + 1 of a column is two adjacent values of b, copied as
 // one 32-bit word, 16 columns at a time so that each write fills a cache line. `to` holds
@@ -702,6 +727,23 @@ void blas_at_b(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T
   split((M + kRowsPerCall - 1) / kRowsPerCall, kRowsPerCall * N * K, rows);
 }
 
+at::Tensor transposed(const at::Tensor& m) {
+  TORCH_INTERNAL_ASSERT(m.dim() == 2 && m.stride(1) == 1);
+  const int64_t M = m.size(0), N = m.size(1), ld = m.stride(0);
+  at::Tensor t = buffer_empty({N, M}, m.options());
+  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "rnn_fused_transposed", [&] {
+    const scalar_t* src = m.data_ptr<scalar_t>();
+    scalar_t* dst = t.data_ptr<scalar_t>();
+    constexpr int64_t kRows = 64;  // of m, per task
+    split((M + kRows - 1) / kRows, kRows * N, [&](int64_t begin, int64_t end) {
+      const int64_t i0 = begin * kRows, i1 = std::min(M, end * kRows);
+      at::vec::transpose_mxn<scalar_t>(src + i0 * ld, ld, dst + i0, M, static_cast<int>(i1 - i0),
+                                       static_cast<int>(N));
+    });
+  });
+  return t;
+}
+
 Panels pack_panels(const at::Tensor& b, int64_t group, bool bf16) {
   const int64_t K = b.size(0), N = b.size(1), P = Panels::kPanel;
   group = group > 0 ? group : N;
@@ -714,6 +756,7 @@ Panels pack_panels(const at::Tensor& b, int64_t group, bool bf16) {
   if (bf16) return pack_pairs(b, group, groups, per_group);
   const bool own_dtype = b.scalar_type() == at::kFloat || b.scalar_type() == at::kDouble;
   if (own_dtype && b.stride(1) == 1) return pack_rows(b, group, groups, per_group);
+  if (own_dtype && b.stride(0) == 1) return pack_columns(b, group, groups, per_group);
   at::Tensor grouped = b.reshape({K, groups, group});
   if (per_group * P != group) grouped = at::constant_pad_nd(grouped, {0, per_group * P - group});
   at::Tensor data = grouped.reshape({K, groups, per_group, P}).permute({1, 2, 0, 3});

@@ -128,12 +128,6 @@ int64_t max_rows(const std::vector<Chunk>& chunks) {
   return m;
 }
 
-// Rows [begin, begin + n) of a 2-D tensor, transposed into a new contiguous tensor.
-at::Tensor rows_transposed(const at::Tensor& m, int64_t begin, int64_t n) {
-  at::Tensor t = buffer_empty({m.size(1), n}, m.options());
-  return t.copy_(m.narrow(0, begin, n).t());
-}
-
 // A buffer's size rounded up to a multiple of 16 values (whole 64-byte lines), so that
 // buffers carved out of one allocation start on cache lines of their own.
 inline int64_t padded(int64_t elements) { return (elements + 15) / 16 * 16; }
@@ -767,7 +761,7 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
       const T* x_rows = x2d.data_ptr<T>() + rb * I;
       weight_product<T>(small, GH, I, rows, dxg_p, GH, x_rows, I, g.grad_w_ih.data_ptr<T>(), add);
     } else {
-      const at::Tensor x_t = rows_transposed(x2d, rb, rows);
+      const at::Tensor x_t = transposed(x2d.narrow(0, rb, rows));
       times_rows<T>(I, x_t.data_ptr<T>(), rows, dxg, dxg_panels, rows, g.grad_w_ih.data_ptr<T>(),
                     GH, add);
     }
@@ -792,7 +786,7 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
     } else {
       const Panels dhg_panels =
           Cell::kSplitGrads || ln ? rows_as_panels<T>(dhg_raw, rows, bf16, Hout) : dxg_panels;
-      const at::Tensor h_t = rows_transposed(h_prev_all, rb, rows);
+      const at::Tensor h_t = transposed(h_prev_all.narrow(0, rb, rows));
       times_rows<T>(Hout, h_t.data_ptr<T>(), rows, dhg_raw, dhg_panels, rows,
                     g.grad_w_hh.data_ptr<T>(), GH, add);
     }
@@ -800,7 +794,7 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
       weight_product<T>(small, Hout, H, rows, dr_p, Hout, saved_p + rb * SW + h_block, SW,
                         g.grad_w_hr.data_ptr<T>(), add);
     } else if (p.proj) {
-      const at::Tensor hu_t = rows_transposed(saved.narrow(1, h_block, H), rb, rows);
+      const at::Tensor hu_t = transposed(saved.narrow(1, h_block, H).narrow(0, rb, rows));
       times_rows<T>(H, hu_t.data_ptr<T>(), rows, dr, rows_as_panels<T>(dr, rows, bf16, H), rows,
                     g.grad_w_hr.data_ptr<T>(), Hout, add);
     }
@@ -842,12 +836,9 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
       run_backward<Tag::template Cell, scalar_t>(p, bf16, a, g);
     });
   });
-  // Transposed back into the cache's memory (fresh memory faulted on each page at every call).
+  // Transposed back (in the cache's memory: fresh memory faulted on each page at every call).
   const auto as_weight = [&](const at::Tensor& t) {
-    if (blas_grads || !weights || t.dim() == 1) return t;
-    at::Tensor w = buffer_empty({t.size(1), t.size(0)}, opts);
-    w.copy_(t.t());
-    return w;
+    return blas_grads || !weights || t.dim() == 1 ? t : transposed(t);
   };
   const auto none = [&] { return cpu_empty({0}, opts); };  // a new one each: outputs never alias
   return {g.grad_input,
