@@ -771,15 +771,15 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
       T* du = g.grad_w_hh.data_ptr<T>();
       if (!add) std::fill(du, du + H, T(0));
       const int64_t blocks = (H + kUnitBlock - 1) / kUnitBlock;
-      at::parallel_for(0, blocks, 1 + 2048 / std::max<int64_t>(rows, 1),
-                       [&](int64_t b0, int64_t b1) {
-                         const int64_t j0 = b0 * kUnitBlock, j1 = std::min(H, b1 * kUnitBlock);
-                         for (int64_t i = 0; i < rows; ++i) {
-                           const T* dhg_row = dhg_p + i * GH;
-                           const T* h_row = hprev_p + (rb + i) * Hout;
-                           for (int64_t j = j0; j < j1; ++j) du[j] += dhg_row[j] * h_row[j];
-                         }
-                       });
+      const int64_t block_work = kUnitBlock * std::max<int64_t>(rows, 1);
+      at::parallel_for(0, blocks, 1 + kParallelStepWork / block_work, [&](int64_t b0, int64_t b1) {
+        const int64_t j0 = b0 * kUnitBlock, j1 = std::min(H, b1 * kUnitBlock);
+        for (int64_t i = 0; i < rows; ++i) {
+          const T* dhg_row = dhg_p + i * GH;
+          const T* h_row = hprev_p + (rb + i) * Hout;
+          for (int64_t j = j0; j < j1; ++j) du[j] += dhg_row[j] * h_row[j];
+        }
+      });
     } else if (blas_grads) {
       weight_product<T>(small, GH, Hout, rows, dhg_raw_p, GH, hprev_p + rb * Hout, Hout,
                         g.grad_w_hh.data_ptr<T>(), add);
