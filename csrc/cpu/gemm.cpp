@@ -511,46 +511,44 @@ void bf16_matmul(int64_t M, const float* A, int64_t lda, const Panels& B, float*
   bf16_rows_matmul(M, a, ld, B, C, ldc, accumulate);
 }
 
-// pack_panels of a b whose rows are contiguous, in its own dtype: a row's part of a panel is
-// one memcpy, with no at::Tensor views, pads and permuted copies set up per call.
-Panels pack_rows(const at::Tensor& b, int64_t group, int64_t groups, int64_t per_group) {
-  const int64_t K = b.size(0), N = b.size(1), P = Panels::kPanel, ld = b.stride(0);
-  at::Tensor data = buffer_empty({groups, per_group, K, P}, b.options());
-  AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "rnn_fused_pack_rows", [&] {
-    const scalar_t* src = b.data_ptr<scalar_t>();
-    scalar_t* dst = data.data_ptr<scalar_t>();
-    split(groups * per_group, K * P, [&](int64_t begin, int64_t end) {
-      for (int64_t panel = begin; panel < end; ++panel) {
-        const int64_t j = panel % per_group * P, width = std::min(P, group - j);
-        const scalar_t* from = src + panel / per_group * group + j;
-        scalar_t* to = dst + panel * K * P;
-        for (int64_t k = 0; k < K; ++k, from += ld, to += P) {
-          std::memcpy(to, from, sizeof(scalar_t) * width);
-          std::fill(to + width, to + P, scalar_t(0));
-        }
-      }
-    });
-  });
-  return {data, K, N, group, per_group};
-}
+// Where panel `panel` (numbered group by group) starts among b's columns, and how many it
+// holds (a group's last may be narrower): for every packing below.
+struct PanelColumns {
+  int64_t group, per_group;
+  int64_t first(int64_t panel) const {
+    return panel / per_group * group + panel % per_group * Panels::kPanel;
+  }
+  int64_t width(int64_t panel) const {
+    return std::min(Panels::kPanel, group - panel % per_group * Panels::kPanel);
+  }
+};
 
-// pack_rows for a b whose values are contiguous along K (a weight seen transposed: the
-// forward's products take W^T): each panel is a transpose of `width` rows of the weight,
-// by ATen's SIMD transposes of 16 x 16 blocks. TensorIterator's strided copy into the
-// panels took 13% of an LSTM's forward at T=100 B=1 H=256 and 5% of a 2-layer
-// bidirectional one's at T=50 B=32 H=256 (AMD EPYC).
-Panels pack_columns(const at::Tensor& b, int64_t group, int64_t groups, int64_t per_group) {
-  const int64_t K = b.size(0), N = b.size(1), P = Panels::kPanel, sn = b.stride(1);
+// pack_panels of a b in its own dtype, with no at::Tensor views, pads and permuted copies set
+// up per call. Rows contiguous: a row's part of a panel is one memcpy. Values contiguous
+// along K (a weight seen transposed: the forward's products take W^T): a panel is a
+// transpose of `width` rows of the weight, by ATen's SIMD transposes of 16 x 16 blocks;
+// TensorIterator's strided copy into the panels took 13% of an LSTM's forward at T=100 B=1
+// H=256 and 5% of a 2-layer bidirectional one's at T=50 B=32 H=256 (AMD EPYC).
+Panels pack_dense(const at::Tensor& b, int64_t group, int64_t groups, int64_t per_group) {
+  const int64_t K = b.size(0), N = b.size(1), P = Panels::kPanel;
+  const bool rows = b.stride(1) == 1;
+  const int64_t ld = rows ? b.stride(0) : b.stride(1);  // between rows, or between columns
+  const PanelColumns columns{group, per_group};
   at::Tensor data = buffer_empty({groups, per_group, K, P}, b.options());
-  AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "rnn_fused_pack_columns", [&] {
+  AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "rnn_fused_pack_dense", [&] {
     const scalar_t* src = b.data_ptr<scalar_t>();
     scalar_t* dst = data.data_ptr<scalar_t>();
     split(groups * per_group, K * P, [&](int64_t begin, int64_t end) {
       for (int64_t panel = begin; panel < end; ++panel) {
-        const int64_t j = panel % per_group * P, width = std::min(P, group - j);
+        const int64_t width = columns.width(panel), first = columns.first(panel);
         scalar_t* to = dst + panel * K * P;
-        at::vec::transpose_mxn<scalar_t>(src + (panel / per_group * group + j) * sn, sn, to, P,
-                                         static_cast<int>(width), static_cast<int>(K));
+        if (rows) {
+          for (int64_t k = 0; k < K; ++k)
+            std::memcpy(to + k * P, src + k * ld + first, sizeof(scalar_t) * width);
+        } else {
+          at::vec::transpose_mxn<scalar_t>(src + first * ld, ld, to, P, static_cast<int>(width),
+                                           static_cast<int>(K));
+        }
         if (width < P)
           for (int64_t k = 0; k < K; ++k) std::fill(to + k * P + width, to + k * P + P, 0);
       }
@@ -589,20 +587,16 @@ Panels pack_pairs(const at::Tensor& b, int64_t group, int64_t groups, int64_t pe
   at::Tensor data =
       buffer_empty({groups, per_group, pairs, P, 2}, b.options().dtype(at::kBFloat16));
   at::BFloat16* dst = data.data_ptr<at::BFloat16>();
-  // A panel's first column of b and its width (the last of a group may be narrower).
-  const auto first_column = [&](int64_t panel) {
-    return panel / per_group * group + panel % per_group * P;
-  };
-  const auto width_of = [&](int64_t panel) { return std::min(P, group - panel % per_group * P); };
+  const PanelColumns columns{group, per_group};
   // fill(offset, width, to) writes a panel of `width` columns from b's values at `offset`.
   const auto each_panel = [&](const auto& fill) {
     split(groups * per_group, K * P, [&](int64_t begin, int64_t end) {
       for (int64_t panel = begin; panel < end; ++panel) {
-        const int64_t width = width_of(panel);
+        const int64_t width = columns.width(panel);
         at::BFloat16* to = dst + panel * pairs * P * 2;
         // Zeros where no value lands: the columns past a group's end, an odd K's last pair.
         if (width < P || K % 2 != 0) std::fill(to, to + pairs * P * 2, at::BFloat16(0.0f));
-        fill(first_column(panel) * sn, width, to);
+        fill(columns.first(panel) * sn, width, to);
       }
     });
   };
@@ -621,7 +615,7 @@ Panels pack_pairs(const at::Tensor& b, int64_t group, int64_t groups, int64_t pe
         const auto* first = src + 2 * q * sk;
         const auto* second = 2 * q + 1 < K ? first + sk : nullptr;
         for (int64_t panel = 0; panel < groups * per_group; ++panel) {
-          const int64_t width = width_of(panel), column = first_column(panel);
+          const int64_t width = columns.width(panel), column = columns.first(panel);
           at::BFloat16* to = dst + (panel * pairs + q) * P * 2;
           bf16_pair_rows(first + column, second == nullptr ? nullptr : second + column, width, to);
           std::fill(to + 2 * width, to + 2 * P, at::BFloat16(0.0f));
@@ -759,8 +753,8 @@ Panels pack_panels(const at::Tensor& b, int64_t group, bool bf16) {
   const int64_t groups = N / group, per_group = (group + P - 1) / P;
   if (bf16) return pack_pairs(b, group, groups, per_group);
   const bool own_dtype = b.scalar_type() == at::kFloat || b.scalar_type() == at::kDouble;
-  if (own_dtype && b.stride(1) == 1) return pack_rows(b, group, groups, per_group);
-  if (own_dtype && b.stride(0) == 1) return pack_columns(b, group, groups, per_group);
+  if (own_dtype && (b.stride(1) == 1 || b.stride(0) == 1))
+    return pack_dense(b, group, groups, per_group);
   at::Tensor grouped = b.reshape({K, groups, group});
   if (per_group * P != group) grouped = at::constant_pad_nd(grouped, {0, per_group * P - group});
   at::Tensor data = grouped.reshape({K, groups, per_group, P}).permute({1, 2, 0, 3});
