@@ -107,6 +107,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "The dtype of the forward's workspace (saved, h_prev) for an input on device of dtype.");
   m.def("cpu_bf16_dot", &cpu::has_bf16_dot,
         "Whether bfloat16 products on this CPU run on AVX-512 BF16 dot products.");
+  m.def("cpu_bf16_tiles", &cpu::bf16_tiles_allowed,
+        "Whether bfloat16 products of 16 rows or more run on AMX tiles on this CPU (not with "
+        "RNN_FUSED_BF16_TILES=0).");
   m.def("empty_workspace_cache", &cpu::empty_workspace_cache,
         "Frees the freed CPU blocks kept for the next training calls.");
   m.def("cached_workspace_bytes", &cpu::cached_workspace_bytes,

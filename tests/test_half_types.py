@@ -22,8 +22,9 @@ def _assert_rule(errors: list[tuple[float, float]]) -> None:
 
 
 # Short calls (21 rows) run unpacked weights through BLAS; long ones (65 rows) pack them, and
-# bfloat16 ones take the bfloat16 dot products where the CPU has them.
-LENGTHS = {"short": (7, 3), "long": (13, 5)}
+# bfloat16 ones take the bfloat16 dot products where the CPU has them; wide ones (17 rows a
+# step) take AMX tiles where it has them.
+LENGTHS = {"short": (7, 3), "long": (13, 5), "wide": (5, 17)}
 
 
 @pytest.mark.parametrize("length", LENGTHS)
@@ -54,6 +55,32 @@ def test_bf16_dot_products_run_and_match_float32_products(mode, input_size, monk
     plain = rnn_fused.rnn_layer(mode, x, w_ih, w_hh)[0]
     assert not torch.equal(dot, plain)
     assert rel_err(dot, plain.double()) < 2e-2
+
+
+@pytest.mark.skipif(not rnn_fused._C.cpu_bf16_tiles(), reason="this CPU has no AMX-BF16 tiles")
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_bf16_tiles_run_and_match_dot_products(mode, monkeypatch):
+    """With 16 rows or more a step's products and the input projection run on AMX tiles (bits
+    that differ from the dot products' somewhere) and agree with the dot products to bfloat16
+    rounding of the state, in the outputs and every gradient."""
+    seed("bf16 tiles", mode)
+    gates = rnn_fused.ops.GATES[mode]
+    x = torch.randn(9, 17, 37).bfloat16()
+    w_ih = (torch.randn(gates * 130, 37) / 6).bfloat16()
+    w_hh = (torch.randn(gates * 130, 130) / 12).bfloat16()
+    grad = torch.randn(9, 17, 130).bfloat16()
+
+    def outputs_and_grads() -> list[torch.Tensor]:
+        leaves = [t.clone().requires_grad_() for t in (x, w_ih, w_hh)]
+        out = rnn_fused.rnn_layer(mode, *leaves)[0]
+        return [out, *torch.autograd.grad(out, leaves, grad)]
+
+    tiles = outputs_and_grads()
+    monkeypatch.setenv("RNN_FUSED_BF16_TILES", "0")
+    dots = outputs_and_grads()
+    assert not all(torch.equal(a, b) for a, b in zip(tiles, dots, strict=True))
+    for a, b in zip(tiles, dots, strict=True):
+        assert rel_err(a, b.double()) < 2e-2
 
 
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)

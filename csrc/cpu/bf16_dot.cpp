@@ -3,11 +3,14 @@
 // function, whatever the rest of the build targets, and called only where the CPU has it.
 #include "bf16_dot.h"
 
+#include <ATen/native/CPUBlas.h>
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <vector>
 
 namespace rnn_fused::cpu {
 namespace {
@@ -130,7 +133,46 @@ RF_BF16_TARGET void pair_rows(const T* first, const T* second, int64_t width, at
   }
 }
 
+// AMX tile products through ATen's bfloat16 brgemm (oneDNN's micro-kernels), which reads a
+// panel as it is: its pairs of rows are the VNNI layout the tiles take. ATen keeps the tile
+// configuration of the last kernel per thread; tiles_in_use marks a thread that must release it
+// (bf16_tiles_release) before other code configures the tiles its own way.
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+bool has_amx() {
+  static const bool ok = at::native::cpublas::could_pack(at::kBFloat16);
+  return ok;
+}
+thread_local bool tiles_in_use = false;
+
+void tile_product(int64_t M, int64_t K, const at::BFloat16* A, int64_t lda,
+                  const at::BFloat16* panel, int64_t width, float* C, int64_t ldc,
+                  bool accumulate) {
+  tiles_in_use = true;
+  at::native::cpublas::brgemm(M, width, (K + 1) / 2 * 2, lda, kBf16Panel, ldc, accumulate, A, panel,
+                              C, /*is_vnni=*/true);
+}
+void release_tiles() {
+  if (!tiles_in_use) return;
+  at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+  tiles_in_use = false;
+}
+#else
+bool has_amx() { return false; }
+void tile_product(int64_t, int64_t, const at::BFloat16*, int64_t, const at::BFloat16*, int64_t,
+                  float*, int64_t, bool) {
+  TORCH_INTERNAL_ASSERT(false, "AMX products without ATen's bfloat16 brgemm");
+}
+void release_tiles() {}
+#endif
+
 }  // namespace
+
+bool bf16_tiles_allowed() {
+  const char* env = std::getenv("RNN_FUSED_BF16_TILES");
+  return has_amx() && (env == nullptr || std::strcmp(env, "0") != 0);
+}
+
+void bf16_tiles_release() { release_tiles(); }
 
 void bf16_pair_rows(const float* first, const float* second, int64_t width, at::BFloat16* to) {
   pair_rows(first, second, width, to);
@@ -156,14 +198,24 @@ void bf16_round_rows(int64_t M, int64_t K, const float* A, int64_t lda, at::BFlo
 
 void bf16_panel_product(int64_t M, int64_t K, const at::BFloat16* A, int64_t lda,
                         const at::BFloat16* panel, int64_t width, float* C, int64_t ldc,
-                        bool accumulate) {
+                        bool accumulate, bool tiles) {
+  if (tiles && M >= kTileMinRows)
+    return tile_product(M, K, A, lda, panel, width, C, ldc, accumulate);
   rows_times_panel_all(M, (K + 1) / 2, reinterpret_cast<const uint16_t*>(A), lda,
                        reinterpret_cast<const uint16_t*>(panel), width, C, ldc, accumulate);
 }
 
 void bf16_panel_product(int64_t M, int64_t K, const float* A, int64_t lda,
                         const at::BFloat16* panel, int64_t width, float* C, int64_t ldc,
-                        bool accumulate) {
+                        bool accumulate, bool tiles) {
+  if (tiles && M >= kTileMinRows) {
+    // Tiles read whole rows of A: rounded into this thread's buffer first.
+    thread_local std::vector<at::BFloat16> rounded;
+    const int64_t ld = (K + 1) / 2 * 2;
+    if (static_cast<int64_t>(rounded.size()) < M * ld) rounded.resize(M * ld);
+    bf16_round_rows(M, K, A, lda, rounded.data(), ld);
+    return tile_product(M, K, rounded.data(), ld, panel, width, C, ldc, accumulate);
+  }
   // K in slices whose rounded rows, kRows at a time, sit on the stack.
   alignas(64) uint16_t a[kRows * (kSliceK + 32)];
   const auto* b = reinterpret_cast<const uint16_t*>(panel);

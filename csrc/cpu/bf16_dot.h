@@ -14,19 +14,31 @@ constexpr int64_t kBf16Panel = 64;
 // Whether this CPU has the AVX-512 BF16 dot-product instructions.
 bool has_bf16_dot();
 
+// Whether bfloat16 products may run on AMX tiles: the CPU has AMX-BF16 and
+// RNN_FUSED_BF16_TILES is not "0" (read at each call: the tests run both paths). Products
+// with at least kTileMinRows rows of A take the tiles then (a tile holds 16 rows; with fewer
+// the dot products win).
+bool bf16_tiles_allowed();
+constexpr int64_t kTileMinRows = 16;
+
+// Ends the calling thread's use of the AMX tiles, if any: every thread that ran bfloat16
+// products calls it before returning to code that may configure the tiles its own way.
+void bf16_tiles_release();
+
 // C[M, width] = A[M, K] @ panel (accumulate: C += ...), width <= kBf16Panel. A is float32,
 // rounded to bfloat16 (to nearest even) as it is read; panel holds K rows of kBf16Panel
 // columns in pairs of rows ([ceil(K/2), kBf16Panel, 2], the pair of the last odd row padded
-// with zeros), as pack_panels lays them out. Runs on the calling thread.
+// with zeros), as pack_panels lays them out. tiles: AMX tiles for kTileMinRows rows or more
+// (bf16_tiles_allowed). Runs on the calling thread.
 void bf16_panel_product(int64_t M, int64_t K, const float* A, int64_t lda,
                         const at::BFloat16* panel, int64_t width, float* C, int64_t ldc,
-                        bool accumulate);
+                        bool accumulate, bool tiles);
 
 // The same on A rounded beforehand (bf16_round_rows, lda even): for an A that many panels
 // read.
 void bf16_panel_product(int64_t M, int64_t K, const at::BFloat16* A, int64_t lda,
                         const at::BFloat16* panel, int64_t width, float* C, int64_t ldc,
-                        bool accumulate);
+                        bool accumulate, bool tiles);
 
 // One pair row of a bfloat16 panel from two rows of b (row-major): to[2c] = first[c],
 // to[2c + 1] = second[c] (zero where second is nullptr), rounded to bfloat16 (to nearest

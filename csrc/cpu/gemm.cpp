@@ -492,10 +492,12 @@ void bf16_rows_matmul(int64_t M, const at::BFloat16* A, int64_t lda, const Panel
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t i = blk % mb * kBlockM, jb = blk / mb;
       const int64_t g = jb / B.per_group, j = jb % B.per_group * Panels::kPanel;
-      bf16_panel_product(
-          std::min(kBlockM, M - i), K, A + i * lda, lda, B.panel<at::BFloat16>(g, jb % B.per_group),
-          std::min(Panels::kPanel, B.group - j), C + i * ldc + g * B.group + j, ldc, accumulate);
+      bf16_panel_product(std::min(kBlockM, M - i), K, A + i * lda, lda,
+                         B.panel<at::BFloat16>(g, jb % B.per_group),
+                         std::min(Panels::kPanel, B.group - j), C + i * ldc + g * B.group + j, ldc,
+                         accumulate, B.tiles);
     }
+    bf16_tiles_release();
   });
 }
 
@@ -681,7 +683,7 @@ void panel_product(int64_t M, const T* A, int64_t lda, const Panels& B, int64_t 
   if constexpr (std::is_same_v<T, float>) {
     if (B.bf16()) {
       return bf16_panel_product(M, B.K, A, lda, B.panel<at::BFloat16>(g, j), width, C, ldc,
-                                accumulate);
+                                accumulate, B.tiles);
     }
   }
   one_panel<T>(M, B.K, A, lda, B.panel<T>(g, j), width, C, ldc, accumulate);
@@ -691,7 +693,8 @@ void panel_product(int64_t M, const at::BFloat16* A, int64_t lda, const Panels& 
                    int64_t j, float* C, int64_t ldc, bool accumulate) {
   TORCH_INTERNAL_ASSERT(B.bf16() && lda % 2 == 0);
   const int64_t width = std::min(Panels::kPanel, B.group - j * Panels::kPanel);
-  bf16_panel_product(M, B.K, A, lda, B.panel<at::BFloat16>(g, j), width, C, ldc, accumulate);
+  bf16_panel_product(M, B.K, A, lda, B.panel<at::BFloat16>(g, j), width, C, ldc, accumulate,
+                     B.tiles);
 }
 
 template <class T>
@@ -751,7 +754,11 @@ Panels pack_panels(const at::Tensor& b, int64_t group, bool bf16) {
   }
   TORCH_INTERNAL_ASSERT(N % group == 0);
   const int64_t groups = N / group, per_group = (group + P - 1) / P;
-  if (bf16) return pack_pairs(b, group, groups, per_group);
+  if (bf16) {
+    Panels pairs = pack_pairs(b, group, groups, per_group);
+    pairs.tiles = bf16_tiles_allowed();
+    return pairs;
+  }
   const bool own_dtype = b.scalar_type() == at::kFloat || b.scalar_type() == at::kDouble;
   if (own_dtype && (b.stride(1) == 1 || b.stride(0) == 1))
     return pack_dense(b, group, groups, per_group);

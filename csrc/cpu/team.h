@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "bf16_dot.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -41,11 +43,13 @@ void with_team(int threads, const F& body) {
     {
       const Team team{omp_get_thread_num(), omp_get_num_threads()};
       body(team);
+      bf16_tiles_release();
     }
     return;
   }
 #endif
   body(Team{});
+  bf16_tiles_release();
 }
 
 }  // namespace rnn_fused::cpu
