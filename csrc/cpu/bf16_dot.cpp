@@ -196,6 +196,15 @@ void bf16_round_rows(int64_t M, int64_t K, const float* A, int64_t lda, at::BFlo
     round_row(K, A + i * lda, reinterpret_cast<uint16_t*>(out) + i * ld_out);
 }
 
+const at::BFloat16* bf16_rounded_rows(int64_t M, int64_t K, const float* A, int64_t lda,
+                                      int64_t* ld) {
+  thread_local std::vector<at::BFloat16> rounded;
+  *ld = (K + 1) / 2 * 2;
+  if (static_cast<int64_t>(rounded.size()) < M * *ld) rounded.resize(M * *ld);
+  bf16_round_rows(M, K, A, lda, rounded.data(), *ld);
+  return rounded.data();
+}
+
 void bf16_panel_product(int64_t M, int64_t K, const at::BFloat16* A, int64_t lda,
                         const at::BFloat16* panel, int64_t width, float* C, int64_t ldc,
                         bool accumulate, bool tiles) {
@@ -209,12 +218,9 @@ void bf16_panel_product(int64_t M, int64_t K, const float* A, int64_t lda,
                         const at::BFloat16* panel, int64_t width, float* C, int64_t ldc,
                         bool accumulate, bool tiles) {
   if (tiles && M >= kTileMinRows) {
-    // Tiles read whole rows of A: rounded into this thread's buffer first.
-    thread_local std::vector<at::BFloat16> rounded;
-    const int64_t ld = (K + 1) / 2 * 2;
-    if (static_cast<int64_t>(rounded.size()) < M * ld) rounded.resize(M * ld);
-    bf16_round_rows(M, K, A, lda, rounded.data(), ld);
-    return tile_product(M, K, rounded.data(), ld, panel, width, C, ldc, accumulate);
+    int64_t ld = 0;
+    const at::BFloat16* rounded = bf16_rounded_rows(M, K, A, lda, &ld);
+    return tile_product(M, K, rounded, ld, panel, width, C, ldc, accumulate);
   }
   // K in slices whose rounded rows, kRows at a time, sit on the stack.
   alignas(64) uint16_t a[kRows * (kSliceK + 32)];

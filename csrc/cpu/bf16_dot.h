@@ -47,6 +47,12 @@ void bf16_pair_rows(const float* first, const float* second, int64_t width, at::
 void bf16_pair_rows(const at::BFloat16* first, const at::BFloat16* second, int64_t width,
                     at::BFloat16* to);
 
+// A[M, K] rounded to bfloat16 into the calling thread's buffer (rows *ld apart, ld = K rounded
+// up to even), valid until this thread's next call: for a product on AMX tiles, which read
+// whole rows of A.
+const at::BFloat16* bf16_rounded_rows(int64_t M, int64_t K, const float* A, int64_t lda,
+                                      int64_t* ld);
+
 // out[M, K rounded up to even] = A[M, K] rounded to bfloat16 (to nearest even), a zero after
 // each row of odd K; ld_out even.
 void bf16_round_rows(int64_t M, int64_t K, const float* A, int64_t lda, at::BFloat16* out,

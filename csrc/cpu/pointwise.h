@@ -12,7 +12,8 @@
 namespace rnn_fused::cpu {
 
 // Tiles of a step: kTileRows rows by kTileUnits hidden units, numbered row block by row
-// block, so that a static split gives each thread mostly rows of its own.
+// block, so that a static split gives each thread mostly rows of its own; or (by_units) unit
+// block by unit block, so that it gives each thread units of its own, and their weights.
 constexpr int64_t kTileRows = 32;
 constexpr int64_t kTileUnits = 64;
 
@@ -24,8 +25,10 @@ inline int64_t unit_blocks(int64_t H) { return (H + kTileUnits - 1) / kTileUnits
 inline int64_t tile_count(int64_t n, int64_t H) {
   return (n + kTileRows - 1) / kTileRows * unit_blocks(H);
 }
-inline Tile tile_at(int64_t tile, int64_t n, int64_t H) {
-  const int64_t i0 = tile / unit_blocks(H) * kTileRows, u0 = tile % unit_blocks(H) * kTileUnits;
+inline Tile tile_at(int64_t tile, int64_t n, int64_t H, bool by_units = false) {
+  const int64_t row_blocks = (n + kTileRows - 1) / kTileRows;
+  const int64_t i0 = (by_units ? tile % row_blocks : tile / unit_blocks(H)) * kTileRows;
+  const int64_t u0 = (by_units ? tile / row_blocks : tile % unit_blocks(H)) * kTileUnits;
   return {i0, std::min(kTileRows, n - i0), u0, std::min(H, u0 + kTileUnits)};
 }
 

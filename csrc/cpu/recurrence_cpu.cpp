@@ -230,6 +230,10 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
       round_h && !train && !Cell::kUsesPrevH && keep_p == nullptr && ln_p == nullptr && !p.proj;
 
   static_assert(kTileUnits == Panels::kPanel, "a tile's units are one panel per gate");
+  // On AMX tiles, each thread takes whole unit blocks of every row (tile_at by_units), and
+  // reads its half of W_hh's panels at each step, not all of them: LSTM T=100 B=64 H=512 bf16
+  // forward 3-5% faster in four interleaved runs (Intel Xeon with AMX).
+  const bool by_units = w_hh_t.packed() && w_hh_t.panels().tiles;
   for (const Chunk& ch : chunks) {
     if (x_bf16) {
       if constexpr (std::is_same_v<T, float>)
@@ -348,7 +352,7 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
         // normalise whole rows: all products first, then the rows.
         const int64_t tiles = split_rows ? 0 : tile_count(n, H);
         for (int64_t k_tile = team.begin(tiles); k_tile < team.end(tiles); ++k_tile) {
-          const Tile tl = tile_at(k_tile, n, H);
+          const Tile tl = tile_at(k_tile, n, H, by_units);
           for (int64_t k = 0; k < Cell::kGates && w_hh_t.packed(); ++k) {
             T* hg_tile = hg_p + tl.i0 * GH + k * H + tl.u0;
             if constexpr (std::is_same_v<T, float>) {

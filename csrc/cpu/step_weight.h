@@ -57,10 +57,24 @@ class StepWeight {
       return;
     }
     const int64_t per_group = panels_.per_group, panels = N_ / panels_.group * per_group;
+    // AMX tiles read A rounded: once per thread for all its panels, not once per panel (an
+    // LSTM's backward at T=100 B=64 H=512 rounded dG four times a step on each thread).
+    const at::BFloat16* rounded = nullptr;
+    int64_t ld_rounded = 0;
+    if constexpr (std::is_same_v<T, float>) {
+      if (panels_.tiles && M >= kTileMinRows && team.begin(panels) < team.end(panels))
+        rounded = bf16_rounded_rows(M, K_, A, lda, &ld_rounded);
+    }
     for (int64_t i = team.begin(panels); i < team.end(panels); ++i) {
       const int64_t g = i / per_group, jb = i % per_group;
-      panel_product<T>(M, A, lda, panels_, g, jb, C + g * panels_.group + jb * Panels::kPanel, ldc,
-                       accumulate);
+      T* c = C + g * panels_.group + jb * Panels::kPanel;
+      if constexpr (std::is_same_v<T, float>) {
+        if (rounded != nullptr) {
+          panel_product(M, rounded, ld_rounded, panels_, g, jb, c, ldc, accumulate);
+          continue;
+        }
+      }
+      panel_product<T>(M, A, lda, panels_, g, jb, c, ldc, accumulate);
     }
   }
 
