@@ -1,6 +1,7 @@
 // Products on AVX-512 BF16 dot-product instructions (vdpbf16ps: per float32 lane, the sum
 // of two bfloat16 products added to the lane). Compiled for that instruction set function by
 // function, whatever the rest of the build targets, and called only where the CPU has it.
+// AMX tile products go through ATen's brgemm, which generates its kernels at run time.
 #include "bf16_dot.h"
 
 #include <ATen/native/CPUBlas.h>

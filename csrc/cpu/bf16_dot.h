@@ -1,5 +1,6 @@
 // Products with bfloat16 operands and float32 sums on AVX-512 BF16 dot products, for
-// bfloat16 calls on CPUs that have them (has_bf16_dot; others run such calls in float32).
+// bfloat16 calls on CPUs that have them (has_bf16_dot; others run such calls in float32),
+// and on AMX tiles for products of 16 rows or more where the CPU has AMX-BF16 too.
 #pragma once
 
 #include <c10/util/BFloat16.h>
