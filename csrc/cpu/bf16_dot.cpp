@@ -4,6 +4,7 @@
 // AMX tile products go through ATen's brgemm, which generates its kernels at run time.
 #include "bf16_dot.h"
 
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 #include <immintrin.h>
 
@@ -195,6 +196,30 @@ void bf16_round_rows(int64_t M, int64_t K, const float* A, int64_t lda, at::BFlo
                      int64_t ld_out) {
   for (int64_t i = 0; i < M; ++i)
     round_row(K, A + i * lda, reinterpret_cast<uint16_t*>(out) + i * ld_out);
+}
+
+RF_BF16_TARGET void bf16_round_transposed(int64_t K, int64_t M, const float* A, int64_t lda,
+                                          at::BFloat16* out, int64_t ld_out) {
+  constexpr int64_t kBlock = 32;
+  alignas(64) at::BFloat16 block[kBlock * kBlock];
+  for (int64_t m0 = 0; m0 < M; m0 += kBlock) {
+    const int64_t mc = std::min(kBlock, M - m0);
+    for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
+      const int64_t kc = std::min(kBlock, K - k0);
+      for (int64_t k = 0; k < kc; ++k) {
+        const float* row = A + (k0 + k) * lda + m0;
+        for (int64_t half = 0; half < mc; half += 16) {
+          const __mmask16 m = lanes(mc - half, 0);
+          const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, row + half));
+          std::memcpy(block + k * kBlock + half, &h, sizeof(h));
+        }
+      }
+      at::vec::transpose_mxn<at::BFloat16>(block, kBlock, out + m0 * ld_out + k0, ld_out,
+                                           static_cast<int>(kc), static_cast<int>(mc));
+    }
+    if (K % 2 != 0)
+      for (int64_t m = m0; m < m0 + mc; ++m) out[m * ld_out + K] = at::BFloat16(0.0f);
+  }
 }
 
 const at::BFloat16* bf16_rounded_rows(int64_t M, int64_t K, const float* A, int64_t lda,

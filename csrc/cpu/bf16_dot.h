@@ -59,4 +59,11 @@ const at::BFloat16* bf16_rounded_rows(int64_t M, int64_t K, const float* A, int6
 void bf16_round_rows(int64_t M, int64_t K, const float* A, int64_t lda, at::BFloat16* out,
                      int64_t ld_out);
 
+// out[M, K rounded up to even] = A^T rounded to bfloat16 (to nearest even), for A [K, M]
+// (rows lda apart), a zero after each row of odd K; ld_out even. One pass: values rounded
+// in blocks of 32 x 32 and transposed while in L1, instead of a float32 transpose through
+// memory and a rounding pass after it.
+void bf16_round_transposed(int64_t K, int64_t M, const float* A, int64_t lda, at::BFloat16* out,
+                           int64_t ld_out);
+
 }  // namespace rnn_fused::cpu

@@ -664,6 +664,21 @@ Panels pack_pairs(const at::Tensor& b, int64_t group, int64_t groups, int64_t pe
 
 }  // namespace
 
+void bf16_matmul_transposed(int64_t M, const float* A, int64_t lda, const Panels& B, float* C,
+                            int64_t ldc, bool accumulate) {
+  TORCH_INTERNAL_ASSERT(B.bf16() && B.group == B.N);
+  if (M == 0) return;
+  const int64_t K = B.K, ld = (K + 1) / 2 * 2;
+  constexpr int64_t kColumns = 32;  // of A, per task: bf16_round_transposed's blocks
+  const at::Tensor rounded = buffer_empty({M, ld}, at::TensorOptions(at::kBFloat16));
+  at::BFloat16* a = rounded.data_ptr<at::BFloat16>();
+  split((M + kColumns - 1) / kColumns, kColumns * K, [&](int64_t begin, int64_t end) {
+    const int64_t m0 = begin * kColumns, m1 = std::min(M, end * kColumns);
+    bf16_round_transposed(K, m1 - m0, A + m0, lda, a + m0 * ld, ld);
+  });
+  bf16_rows_matmul(M, a, ld, B, C, ldc, accumulate);
+}
+
 template <class T>
 void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
             int64_t ldc, bool accumulate) {

@@ -81,6 +81,12 @@ void matmul(int64_t M, const T* A, int64_t lda, const Panels& B, T* C, int64_t l
 void matmul(int64_t M, const at::BFloat16* A, int64_t lda, const Panels& B, float* C, int64_t ldc,
             bool accumulate);
 
+// C[M, N] = A^T @ B (accumulate: C += ...) for float32 A [K, M] (rows lda apart) and
+// bfloat16 panels B of one group: A transposed and rounded in one pass (bf16_round_transposed),
+// for the weight gradients, whose sums run over a chunk's rows.
+void bf16_matmul_transposed(int64_t M, const float* A, int64_t lda, const Panels& B, float* C,
+                            int64_t ldc, bool accumulate);
+
 // C[M, columns of panel j of group g] = A[M, K] @ that panel of B (accumulate: C += ...), on
 // the calling thread: for work already split over threads by the caller.
 template <class T>

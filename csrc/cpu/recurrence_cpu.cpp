@@ -519,6 +519,21 @@ void times_rows(int64_t M, const T* A, int64_t lda, const at::Tensor& b, const P
   matmul<T>(M, N, K, A, lda, b.data_ptr<T>(), N, C, ldc, accumulate);
 }
 
+// C[M, N] (+)= A^T B for A a chunk's rows of activations ([rows, M], rows contiguous) and B
+// b's first rows: A transposed for the products (rounded in the same pass for bfloat16 panels).
+template <class T>
+void transposed_times_rows(const at::Tensor& a, const at::Tensor& b, const Panels& b_panels, T* C,
+                           int64_t ldc, bool accumulate) {
+  const int64_t rows = a.size(0), M = a.size(1);
+  if constexpr (std::is_same_v<T, float>) {
+    if (b_panels.data.defined() && b_panels.bf16())
+      return bf16_matmul_transposed(M, a.data_ptr<float>(), a.stride(0), b_panels, C, ldc,
+                                    accumulate);
+  }
+  const at::Tensor a_t = transposed(a);
+  times_rows<T>(M, a_t.data_ptr<T>(), rows, b, b_panels, rows, C, ldc, accumulate);
+}
+
 // W[M, N] (+)= G^T A (G [rows, M], A [rows, N] as stored): a weight gradient through BLAS
 // (see blas_weight_grads); small problems in one call, others split by blas_at_b so that
 // their bits do not depend on the number of threads.
@@ -765,9 +780,8 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
       const T* x_rows = x2d.data_ptr<T>() + rb * I;
       weight_product<T>(small, GH, I, rows, dxg_p, GH, x_rows, I, g.grad_w_ih.data_ptr<T>(), add);
     } else {
-      const at::Tensor x_t = transposed(x2d.narrow(0, rb, rows));
-      times_rows<T>(I, x_t.data_ptr<T>(), rows, dxg, dxg_panels, rows, g.grad_w_ih.data_ptr<T>(),
-                    GH, add);
+      transposed_times_rows<T>(x2d.narrow(0, rb, rows), dxg, dxg_panels, g.grad_w_ih.data_ptr<T>(),
+                               GH, add);
     }
     if (p.elementwise) {
       // du: the column sums of dhg * h_prev (u multiplies each unit by its own h only).
@@ -790,17 +804,16 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
     } else {
       const Panels dhg_panels =
           Cell::kSplitGrads || ln ? rows_as_panels<T>(dhg_raw, rows, bf16, Hout) : dxg_panels;
-      const at::Tensor h_t = transposed(h_prev_all.narrow(0, rb, rows));
-      times_rows<T>(Hout, h_t.data_ptr<T>(), rows, dhg_raw, dhg_panels, rows,
-                    g.grad_w_hh.data_ptr<T>(), GH, add);
+      transposed_times_rows<T>(h_prev_all.narrow(0, rb, rows), dhg_raw, dhg_panels,
+                               g.grad_w_hh.data_ptr<T>(), GH, add);
     }
     if (p.proj && blas_grads) {
       weight_product<T>(small, Hout, H, rows, dr_p, Hout, saved_p + rb * SW + h_block, SW,
                         g.grad_w_hr.data_ptr<T>(), add);
     } else if (p.proj) {
-      const at::Tensor hu_t = transposed(saved.narrow(1, h_block, H).narrow(0, rb, rows));
-      times_rows<T>(H, hu_t.data_ptr<T>(), rows, dr, rows_as_panels<T>(dr, rows, bf16, H), rows,
-                    g.grad_w_hr.data_ptr<T>(), Hout, add);
+      transposed_times_rows<T>(saved.narrow(1, h_block, H).narrow(0, rb, rows), dr,
+                               rows_as_panels<T>(dr, rows, bf16, H), g.grad_w_hr.data_ptr<T>(),
+                               Hout, add);
     }
   }
   if (!Cell::kSplitGrads && a.mask.weights) {
