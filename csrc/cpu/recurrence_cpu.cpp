@@ -647,6 +647,13 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
   T* dr_p = p.proj ? dr.data_ptr<T>() : nullptr;
   T* dh_step_p = p.proj ? dh_step.data_ptr<T>() : nullptr;
   const T* keep_p = ptr_or_null<T>(a.layer.zoneout);
+  // bfloat16 products with W_hh: a step's hidden-side gate gradients rounded once, each thread
+  // its own rows right after their cell math, for all the panels that read them (each thread
+  // rounded every row for its own panels before).
+  const bool round_dg = bf16 && w_hh_b.packed();
+  const int64_t ld_dg = (GH + 1) / 2 * 2;
+  const at::Tensor dg_bf = buffer_empty({round_dg ? p.batch : 0, ld_dg}, opts.dtype(at::kBFloat16));
+  auto* const dg_bf_p = dg_bf.data_ptr<at::BFloat16>();
   // One row of a LayerNorm cell's step: the cell's backward over the whole row, then the
   // hidden side's normalisation backward into dhg_raw. local: the step's first row in the
   // chunk's buffers.
@@ -751,10 +758,24 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
             const Tile tl = tile_at(k_tile, n, H);
             backward_rows(tl.i0, tl.i0 + tl.rows, tl.u0, tl.u1);
           }
+          // This thread's rows are whole (by rows, or a LayerNorm cell's): rounded now.
+          const bool rounded = round_dg && (by_rows || ln);
+          if constexpr (std::is_same_v<T, float>) {
+            const int64_t i0 = team.begin(n);
+            if (rounded) {
+              bf16_round_rows(team.end(n) - i0, GH, dhg_raw_p + (local + i0) * GH, GH,
+                              dg_bf_p + i0 * ld_dg, ld_dg);
+            }
+          }
           team.barrier();
           // dL/dh_{t-1} = (hidden-side gate gradients) W_hh [+ the direct part the cell wrote].
-          w_hh_b.product(team, n, dhg_raw_p + local * GH, GH, dh_p, Hout,
-                         Cell::kUsesPrevH || p.zoneout);
+          const bool accumulate = Cell::kUsesPrevH || p.zoneout;
+          if (rounded) {
+            if constexpr (std::is_same_v<T, float>)
+              w_hh_b.product(team, n, dg_bf_p, ld_dg, dh_p, Hout, accumulate);
+          } else {
+            w_hh_b.product(team, n, dhg_raw_p + local * GH, GH, dh_p, Hout, accumulate);
+          }
           team.barrier();
         }
       });

@@ -56,29 +56,45 @@ class StepWeight {
       if (team.id == 0) product(M, A, lda, C, ldc, accumulate);
       return;
     }
-    const int64_t per_group = panels_.per_group, panels = N_ / panels_.group * per_group;
     // AMX tiles read A rounded: once per thread for all its panels, not once per panel (an
     // LSTM's backward at T=100 B=64 H=512 rounded dG four times a step on each thread).
-    const at::BFloat16* rounded = nullptr;
-    int64_t ld_rounded = 0;
     if constexpr (std::is_same_v<T, float>) {
-      if (panels_.tiles && M >= kTileMinRows && team.begin(panels) < team.end(panels))
-        rounded = bf16_rounded_rows(M, K_, A, lda, &ld_rounded);
-    }
-    for (int64_t i = team.begin(panels); i < team.end(panels); ++i) {
-      const int64_t g = i / per_group, jb = i % per_group;
-      T* c = C + g * panels_.group + jb * Panels::kPanel;
-      if constexpr (std::is_same_v<T, float>) {
-        if (rounded != nullptr) {
-          panel_product(M, rounded, ld_rounded, panels_, g, jb, c, ldc, accumulate);
-          continue;
-        }
+      if (panels_.tiles && M >= kTileMinRows &&
+          team.begin(panel_count()) < team.end(panel_count())) {
+        int64_t ld_rounded = 0;
+        const at::BFloat16* rounded = bf16_rounded_rows(M, K_, A, lda, &ld_rounded);
+        return product(team, M, rounded, ld_rounded, C, ldc, accumulate);
       }
-      panel_product<T>(M, A, lda, panels_, g, jb, c, ldc, accumulate);
     }
+    for_team_panels(team, C, [&](int64_t g, int64_t jb, T* c) {
+      panel_product<T>(M, A, lda, panels_, g, jb, c, ldc, accumulate);
+    });
+  }
+
+  // The same on an A already rounded to bfloat16 (bf16_round_rows: lda even, an odd K's pad
+  // zero), on bfloat16 panels.
+  void product(const Team& team, int64_t M, const at::BFloat16* A, int64_t lda, float* C,
+               int64_t ldc, bool accumulate) const {
+    TORCH_INTERNAL_ASSERT(packed() && panels_.bf16());
+    for_team_panels(team, C, [&](int64_t g, int64_t jb, float* c) {
+      panel_product(M, A, lda, panels_, g, jb, c, ldc, accumulate);
+    });
   }
 
  private:
+  int64_t panel_count() const { return N_ / panels_.group * panels_.per_group; }
+
+  // f(g, jb, c) for this thread's share of the panels (panel jb of group g, whose columns
+  // start at c in C).
+  template <class U, class F>
+  void for_team_panels(const Team& team, U* C, const F& f) const {
+    const int64_t per_group = panels_.per_group, panels = panel_count();
+    for (int64_t i = team.begin(panels); i < team.end(panels); ++i) {
+      const int64_t g = i / per_group, jb = i % per_group;
+      f(g, jb, C + g * panels_.group + jb * Panels::kPanel);
+    }
+  }
+
   bool diagonal_;
   const T* w_;
   int64_t ld_;
