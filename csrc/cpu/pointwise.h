@@ -35,16 +35,17 @@ inline Tile tile_at(int64_t tile, int64_t n, int64_t H, bool by_units = false) {
 // Pointers into one row of the forward's buffers.
 template <class T>
 struct ForwardRow {
-  const T* x;       // input-side pre-activations, without bias [gates*H]
-  const T* hh;      // hidden-side pre-activations, without bias [gates*H]
-  const T* b_ih;    // or nullptr
-  const T* b_hh;    // or nullptr
-  const T* h_prev;  // [H], read by cells with kUsesPrevH and by zoneout
-  T* c;             // cell state [H]: c_{t-1} in, c_t out (LSTM)
-  T* saved;         // [saved_blocks*H], or nullptr when nothing is kept for a backward
-  T* h;             // h_t out [H]
-  T* h_copy;        // a second destination of h_t, or nullptr
-  const T* keep;    // zoneout's weights of h_{t-1} [H] (LayerArgs::zoneout), or nullptr
+  const T* x;           // input-side pre-activations, without bias [gates*H]
+  const T* hh;          // hidden-side pre-activations, without bias [gates*H]
+  const T* b_ih;        // or nullptr
+  const T* b_hh;        // or nullptr
+  const T* h_prev;      // [H], read by cells with kUsesPrevH and by zoneout
+  T* c;                 // cell state [H]: c_{t-1} in, c_t out (LSTM)
+  T* saved;             // [saved_blocks*H], or nullptr when nothing is kept for a backward
+  T* h;                 // h_t out [H]
+  T* h_copy;            // a second destination of h_t, or nullptr
+  const T* keep;        // zoneout's weights of h_{t-1} [H] (LayerArgs::zoneout), or nullptr
+  T* h_next = nullptr;  // a third destination of h_t (where the next step reads it), or nullptr
 };
 
 // The cell on units j .. j + n of one row, n at most a vector's width. A partial vector
@@ -75,6 +76,7 @@ inline void forward_units(const ForwardRow<T>& r, int64_t H, int64_t j, int n) {
   if constexpr (Cell::kCellState) c.store(r.c + j, n);
   h.store(r.h + j, n);
   if (r.h_copy != nullptr) h.store(r.h_copy + j, n);
+  if (r.h_next != nullptr) h.store(r.h_next + j, n);
 }
 
 // Units [begin, end) of a row (begin a multiple of the vector width).
