@@ -659,12 +659,14 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
   T* dr_p = p.proj ? dr.data_ptr<T>() : nullptr;
   T* dh_step_p = p.proj ? dh_step.data_ptr<T>() : nullptr;
   const T* keep_p = ptr_or_null<T>(a.layer.zoneout);
-  // bfloat16 products with W_hh: a step's hidden-side gate gradients rounded once, each thread
-  // its own rows right after their cell math, for all the panels that read them (each thread
-  // rounded every row for its own panels before).
+  // bfloat16 products: the hidden-side gate gradients of a chunk's rows rounded once, each
+  // thread its own rows right after their cell math, for every panel of W_hh that reads them
+  // at the step (each thread rounded every row for its own panels before) and, once the
+  // chunk's steps all did, for the chunk's weight gradients and (LSTM, RNN) its dX.
   const bool round_dg = bf16 && w_hh_b.packed();
   const int64_t ld_dg = (GH + 1) / 2 * 2;
-  const at::Tensor dg_bf = buffer_empty({round_dg ? p.batch : 0, ld_dg}, opts.dtype(at::kBFloat16));
+  const at::Tensor dg_bf =
+      buffer_empty({round_dg ? chunk_rows : 0, ld_dg}, opts.dtype(at::kBFloat16));
   auto* const dg_bf_p = dg_bf.data_ptr<at::BFloat16>();
   // One row of a LayerNorm cell's step: the cell's backward over the whole row, then the
   // hidden side's normalisation backward into dhg_raw. local: the step's first row in the
@@ -719,6 +721,7 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
   };
 
   for (auto ch = chunks.rbegin(); ch != chunks.rend(); ++ch) {
+    bool chunk_rounded = round_dg;  // every step's rows in dg_bf (written by thread 0)
     if (p.elementwise) {
       unit_steps(*ch);
     } else {
@@ -776,7 +779,7 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
             const int64_t i0 = team.begin(n);
             if (rounded) {
               bf16_round_rows(team.end(n) - i0, GH, dhg_raw_p + (local + i0) * GH, GH,
-                              dg_bf_p + i0 * ld_dg, ld_dg);
+                              dg_bf_p + (local + i0) * ld_dg, ld_dg);
             }
           }
           team.barrier();
@@ -784,9 +787,10 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
           const bool accumulate = Cell::kUsesPrevH || p.zoneout;
           if (rounded) {
             if constexpr (std::is_same_v<T, float>)
-              w_hh_b.product(team, n, dg_bf_p, ld_dg, dh_p, Hout, accumulate);
+              w_hh_b.product(team, n, dg_bf_p + local * ld_dg, ld_dg, dh_p, Hout, accumulate);
           } else {
             w_hh_b.product(team, n, dhg_raw_p + local * GH, GH, dh_p, Hout, accumulate);
+            if (team.id == 0) chunk_rounded = false;
           }
           team.barrier();
         }
@@ -805,16 +809,24 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
       column_sums<T>(rows, GH, dxg_p, GH, g.grad_b_ih.data_ptr<T>(), add);
       if (Cell::kSplitGrads) column_sums<T>(rows, GH, dhg_p, GH, g.grad_b_hh.data_ptr<T>(), add);
     }
+    // dxg is the hidden side's gradients too (LSTM, RNN without LayerNorm): rounded already.
+    const bool dx_rounded = chunk_rounded && !Cell::kSplitGrads && !ln && GH % 2 == 0;
+    const at::Tensor dg_rows =
+        chunk_rounded ? dg_bf.narrow(0, 0, rows).narrow(1, 0, GH) : at::Tensor();
     if (w_ih_b.has_value()) {
-      w_ih_b->product(rows, dxg_p, GH, gin_p + rb * I, I, false);
+      if constexpr (std::is_same_v<T, float>) {
+        if (dx_rounded) w_ih_b->product(rows, dg_bf_p, ld_dg, gin_p + rb * I, I, false);
+      }
+      if (!dx_rounded) w_ih_b->product(rows, dxg_p, GH, gin_p + rb * I, I, false);
     } else if (a.mask.input) {
       matmul<T>(rows, I, GH, dxg_p, GH, w_ih.data_ptr<T>(), I, gin_p + rb * I, I, false);
     }
     if (!a.mask.weights) continue;
     // Gate gradients packed once per chunk (dhg is dxg itself but for GRU).
     const int64_t dxg_readers = Cell::kSplitGrads || p.elementwise || ln ? I : I + Hout;
-    const Panels dxg_panels =
-        blas_grads ? Panels{} : rows_as_panels<T>(dxg, rows, bf16, dxg_readers);
+    const Panels dxg_panels = blas_grads   ? Panels{}
+                              : dx_rounded ? pack_panels(dg_rows, 0, true)
+                                           : rows_as_panels<T>(dxg, rows, bf16, dxg_readers);
     if (blas_grads) {
       const T* x_rows = x2d.data_ptr<T>() + rb * I;
       weight_product<T>(small, GH, I, rows, dxg_p, GH, x_rows, I, g.grad_w_ih.data_ptr<T>(), add);
@@ -841,8 +853,9 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
       weight_product<T>(small, GH, Hout, rows, dhg_raw_p, GH, hprev_p + rb * Hout, Hout,
                         g.grad_w_hh.data_ptr<T>(), add);
     } else {
-      const Panels dhg_panels =
-          Cell::kSplitGrads || ln ? rows_as_panels<T>(dhg_raw, rows, bf16, Hout) : dxg_panels;
+      const Panels dhg_panels = !Cell::kSplitGrads && !ln ? dxg_panels
+                                : chunk_rounded ? pack_panels(dg_rows, 0, true)
+                                                : rows_as_panels<T>(dhg_raw, rows, bf16, Hout);
       transposed_times_rows<T>(h_prev_all.narrow(0, rb, rows), dhg_raw, dhg_panels,
                                g.grad_w_hh.data_ptr<T>(), GH, add);
     }
