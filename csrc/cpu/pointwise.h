@@ -3,6 +3,8 @@
 // last one of a row partly filled (masked loads and stores; unused lanes compute on zeros).
 #pragma once
 
+#include <ATen/cpu/vec/functional.h>
+
 #include <algorithm>
 #include <cstdint>
 
@@ -46,6 +48,9 @@ struct ForwardRow {
   T* h_copy;            // a second destination of h_t, or nullptr
   const T* keep;        // zoneout's weights of h_{t-1} [H] (LayerArgs::zoneout), or nullptr
   T* h_next = nullptr;  // a third destination of h_t (where the next step reads it), or nullptr
+  // h_t rounded to a half type, for a half-type call's output (T is float32 then), or nullptr.
+  at::BFloat16* h_bf16 = nullptr;
+  at::Half* h_fp16 = nullptr;
 };
 
 // The cell on units j .. j + n of one row, n at most a vector's width. A partial vector
@@ -77,6 +82,10 @@ inline void forward_units(const ForwardRow<T>& r, int64_t H, int64_t j, int n) {
   h.store(r.h + j, n);
   if (r.h_copy != nullptr) h.store(r.h_copy + j, n);
   if (r.h_next != nullptr) h.store(r.h_next + j, n);
+  if constexpr (std::is_same_v<T, float>) {
+    if (r.h_bf16 != nullptr) at::vec::convert_from_float<at::BFloat16>(h, h).store(r.h_bf16 + j, n);
+    if (r.h_fp16 != nullptr) at::vec::convert_from_float<at::Half>(h, h).store(r.h_fp16 + j, n);
+  }
 }
 
 // Units [begin, end) of a row (begin a multiple of the vector width).

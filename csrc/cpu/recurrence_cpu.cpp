@@ -161,6 +161,10 @@ struct ForwardWants {
   bool workspace = true;   // saved and h_prev, even when empty
   bool output = true;      // an output tensor of its own
   bool converted = false;  // results the caller converts and drops (a half type's call)
+  // The output in this half type (a half type's call), where the cell math writes it whole (no
+  // projection, no LayerNorm, a matrix recurrence): torch's conversion pass after the engine
+  // took 2% of an LSTM's bf16 forward (perf, Intel Xeon with AMX).
+  at::ScalarType half_output = at::ScalarType::Undefined;
 };
 
 template <template <class> class CellT, class T>
@@ -222,7 +226,14 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
   const T* x_p = x_bf16 ? nullptr : input.data_ptr<T>();
   const T* b_ih_p = ptr_or_null<T>(b_ih);
   const T* b_hh_p = ptr_or_null<T>(b_hh);
-  T* out_p = out.output.data_ptr<T>();
+  // The output in a half type (ForwardWants::half_output): written rounded by the cell math,
+  // which writes h to the state only.
+  const at::ScalarType out_dtype = out.output.scalar_type();
+  const bool half_out = out_dtype != c10::CppTypeToScalarType<T>::value;
+  T* out_p = half_out ? nullptr : out.output.data_ptr<T>();
+  at::BFloat16* const out_bf16 =
+      out_dtype == at::kBFloat16 ? out.output.data_ptr<at::BFloat16>() : nullptr;
+  at::Half* const out_fp16 = out_dtype == at::kHalf ? out.output.data_ptr<at::Half>() : nullptr;
   T* h_p = out.h_state.data_ptr<T>();
   T* c_p = Cell::kCellState ? out.c_state.data_ptr<T>() : nullptr;
   T* saved_p = train ? out.saved.data_ptr<T>() : nullptr;
@@ -347,10 +358,14 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
                               h_prev + i * Hout,
                               c_p == nullptr ? nullptr : c_p + i * H,
                               train ? saved_p + (r0 + i) * SW : nullptr,
-                              p.proj ? h_unproj + i * h_unproj_ld : out_p + (r0 + i) * Hout,
-                              p.proj ? nullptr : h_p + i * Hout,
+                              p.proj     ? h_unproj + i * h_unproj_ld
+                              : half_out ? h_p + i * Hout
+                                         : out_p + (r0 + i) * Hout,
+                              p.proj || half_out ? nullptr : h_p + i * Hout,
                               keep_p == nullptr ? nullptr : keep_p + (r0 + i) * Hout,
                               h_next != nullptr && i < n_next ? h_next + i * Hout : nullptr};
+            if (out_bf16 != nullptr) row.h_bf16 = out_bf16 + (r0 + i) * Hout;
+            if (out_fp16 != nullptr) row.h_fp16 = out_fp16 + (r0 + i) * Hout;
             forward_row<CellT, T>(row, H, u0, u1);
           }
         };
@@ -457,9 +472,12 @@ ForwardResult forward_native(const Problem& p, const LayerArgs& a, bool train, b
   // a training loop's freed blocks went back to the system between calls, and every call
   // faulted on their pages (with the backward's: 140-1100 faults a call of an LSTM's forward
   // and backward at T=100 B=32 H=256, about 0 from the cache; AMD EPYC).
+  const bool half_out = wants.half_output != at::ScalarType::Undefined && dtype == at::kFloat &&
+                        !output_is_h_n && !p.proj && !p.layer_norm && !p.elementwise;
+  const auto out_opts = half_out ? opts.dtype(wants.half_output) : opts;
   out.output = output_is_h_n ? out.h_state
-               : p.packed    ? buffer_empty({p.rows, p.out_size}, opts)
-                             : buffer_empty({p.steps, p.batch, p.out_size}, opts);
+               : p.packed    ? buffer_empty({p.rows, p.out_size}, out_opts)
+                             : buffer_empty({p.steps, p.batch, p.out_size}, out_opts);
   out.c_state = p.kind != CellKind::LSTM ? cpu_empty({0}, opts)
                 : a.cx.has_value()       ? copy_of(*a.cx)
                                          : cpu_zeros({p.batch, p.hidden}, opts);
@@ -959,6 +977,7 @@ ForwardResult forward_wanting(const Problem& p, const LayerArgs& a, bool train,
   if (!half_type(dtype)) return forward_native(p, a, train, false, wants);
   const bool bf16 = bf16_products(dtype, p);
   wants.converted = true;
+  wants.half_output = dtype;
   // bf16 products leave the weights in bfloat16 until packed, and the input when its rows
   // split into pairs (even I), for the input projection to read as it is: its float32 copy
   // and rounding back cost 6-10% of an LSTM's forward at T=100 B=64 H=512 (AMD EPYC).
