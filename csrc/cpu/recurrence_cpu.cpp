@@ -158,9 +158,8 @@ struct ForwardBuffers {
 
 // What a forward's caller reads besides h_n and c_n (forward_native).
 struct ForwardWants {
-  bool workspace = true;   // saved and h_prev, even when empty
-  bool output = true;      // an output tensor of its own
-  bool converted = false;  // results the caller converts and drops (a half type's call)
+  bool workspace = true;  // saved and h_prev, even when empty
+  bool output = true;     // an output tensor of its own
   // The output in this half type (a half type's call), where the cell math writes it whole (no
   // projection, no LayerNorm, a matrix recurrence): torch's conversion pass after the engine
   // took 2% of an LSTM's bf16 forward (perf, Intel Xeon with AMX).
@@ -539,18 +538,9 @@ Panels rows_as_panels(const at::Tensor& b, int64_t rows, bool bf16, int64_t read
   return pack_panels(b.narrow(0, 0, rows), 0, bf16);
 }
 
-// C[M, N] (+)= A[M, K] @ B for B the first K rows of b ([.., N], contiguous), read from its
-// panels when there are (rows_as_panels).
-template <class T>
-void times_rows(int64_t M, const T* A, int64_t lda, const at::Tensor& b, const Panels& b_panels,
-                int64_t K, T* C, int64_t ldc, bool accumulate) {
-  if (b_panels.data.defined()) return matmul<T>(M, A, lda, b_panels, C, ldc, accumulate);
-  const int64_t N = b.size(1);
-  matmul<T>(M, N, K, A, lda, b.data_ptr<T>(), N, C, ldc, accumulate);
-}
-
 // C[M, N] (+)= A^T B for A a chunk's rows of activations ([rows, M], rows contiguous) and B
-// b's first rows: A transposed for the products (rounded in the same pass for bfloat16 panels).
+// b's first rows ([.., N], contiguous), read from its panels when there are (rows_as_panels):
+// A transposed for the products (rounded in the same pass for bfloat16 panels).
 template <class T>
 void transposed_times_rows(const at::Tensor& a, const at::Tensor& b, const Panels& b_panels, T* C,
                            int64_t ldc, bool accumulate) {
@@ -561,7 +551,10 @@ void transposed_times_rows(const at::Tensor& a, const at::Tensor& b, const Panel
                                     accumulate);
   }
   const at::Tensor a_t = transposed(a);
-  times_rows<T>(M, a_t.data_ptr<T>(), rows, b, b_panels, rows, C, ldc, accumulate);
+  if (b_panels.data.defined())
+    return matmul<T>(M, a_t.data_ptr<T>(), rows, b_panels, C, ldc, accumulate);
+  const int64_t N = b.size(1);
+  matmul<T>(M, N, rows, a_t.data_ptr<T>(), rows, b.data_ptr<T>(), N, C, ldc, accumulate);
 }
 
 // W[M, N] (+)= G^T A (G [rows, M], A [rows, N] as stored): a weight gradient through BLAS
@@ -684,8 +677,8 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
   const bool round_dg = bf16 && w_hh_b.packed();
   const int64_t ld_dg = (GH + 1) / 2 * 2;
   const at::Tensor dg_bf =
-      buffer_empty({round_dg ? chunk_rows : 0, ld_dg}, opts.dtype(at::kBFloat16));
-  auto* const dg_bf_p = dg_bf.data_ptr<at::BFloat16>();
+      round_dg ? buffer_empty({chunk_rows, ld_dg}, opts.dtype(at::kBFloat16)) : at::Tensor();
+  auto* const dg_bf_p = round_dg ? dg_bf.data_ptr<at::BFloat16>() : nullptr;
   // One row of a LayerNorm cell's step: the cell's backward over the whole row, then the
   // hidden side's normalisation backward into dhg_raw. local: the step's first row in the
   // chunk's buffers.
@@ -976,7 +969,6 @@ ForwardResult forward_wanting(const Problem& p, const LayerArgs& a, bool train,
   const at::ScalarType dtype = a.input.scalar_type();
   if (!half_type(dtype)) return forward_native(p, a, train, false, wants);
   const bool bf16 = bf16_products(dtype, p);
-  wants.converted = true;
   wants.half_output = dtype;
   // bf16 products leave the weights in bfloat16 until packed, and the input when its rows
   // split into pairs (even I), for the input projection to read as it is: its float32 copy
