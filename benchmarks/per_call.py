@@ -1,8 +1,9 @@
 """Per-call rows of `make bench`: what one call costs when its work is small, where fixed
 costs (Python, dispatch, allocation, threads) dominate. Cells and a T=1 layer call at batch
-1, under no_grad and with forward + backward, the bare operator against torch.mm of the
-same product, and a client: a model stepping two LSTMCells through a sequence in a Python
-loop (float64, batch 97), trained with LBFGS and then predicting under no_grad.
+1, under no_grad and with forward + backward, in float32 and in bfloat16 (both sides in
+bfloat16), the bare operator against torch.mm of the same product, and a client: a model
+stepping two LSTMCells through a sequence in a Python loop (float64, batch 97), trained
+with LBFGS and then predicting under no_grad.
 
 Each side runs `calls` calls per timing, interleaved with the other side in rounds; the
 figure is the median time per call in microseconds (per step for the client)."""
@@ -58,12 +59,15 @@ def cases() -> list[tuple[str, str, Callable[[object], Callable[[], object]]]]:
     """(name, kind, make(namespace) -> one call) for every per-call row; the namespace is
     torch.nn or rnn_fused."""
     rows = []
-    for H in (32, 256):
-        for cell in ("LSTMCell", "GRUCell", "RNNCell"):
+    for dtype, suffix in ((torch.float32, ""), (torch.bfloat16, " bf16")):
+        for H in (32, 256):
+            for cell in ("LSTMCell", "GRUCell", "RNNCell"):
+                for grad in (False, True):
+                    make = _cell_maker(cell, H, grad, dtype)
+                    rows.append((f"{cell} B=1 H={H}{suffix}", _kind(grad), make))
             for grad in (False, True):
-                rows.append((f"{cell} B=1 H={H}", _kind(grad), _cell_maker(cell, H, grad)))
-        for grad in (False, True):
-            rows.append((f"LSTM T=1 B=1 H={H}", _kind(grad), _layer_maker(H, grad)))
+                make = _layer_maker(H, grad, dtype)
+                rows.append((f"LSTM T=1 B=1 H={H}{suffix}", _kind(grad), make))
     return rows
 
 
@@ -71,27 +75,27 @@ def _kind(grad: bool) -> str:
     return "fwd+bwd" if grad else "fwd"
 
 
-def _cell_maker(cell: str, H: int, grad: bool):
+def _cell_maker(cell: str, H: int, grad: bool, dtype: torch.dtype):
     def make(ns):
         torch.manual_seed(0)
-        m = getattr(nn, cell)(H, H)
+        m = getattr(nn, cell)(H, H).to(dtype)
         if ns is rnn_fused:
             m = getattr(rnn_fused, cell).from_torch(m)
-        x = torch.randn(1, H, requires_grad=grad)
-        h = torch.randn(1, H)
-        state = (h, torch.randn(1, H)) if cell == "LSTMCell" else h
+        x = torch.randn(1, H, dtype=dtype, requires_grad=grad)
+        h = torch.randn(1, H, dtype=dtype)
+        state = (h, torch.randn(1, H, dtype=dtype)) if cell == "LSTMCell" else h
         return timed_call(lambda: _first(m(x, state)), grad)
 
     return make
 
 
-def _layer_maker(H: int, grad: bool):
+def _layer_maker(H: int, grad: bool, dtype: torch.dtype):
     def make(ns):
         torch.manual_seed(0)
-        m = nn.LSTM(H, H)
+        m = nn.LSTM(H, H).to(dtype)
         if ns is rnn_fused:
             m = rnn_fused.LSTM.from_torch(m)
-        x = torch.randn(1, 1, H, requires_grad=grad)
+        x = torch.randn(1, 1, H, dtype=dtype, requires_grad=grad)
         return timed_call(lambda: m(x)[0], grad)
 
     return make

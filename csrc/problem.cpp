@@ -61,31 +61,33 @@ bool LayerArgs::is_contiguous() const {
          rnn_fused::is_contiguous(layer_norm);
 }
 
-LayerArgs LayerArgs::to(at::ScalarType dtype, bool weights, bool input_too) const {
+LayerArgs LayerArgs::to(at::ScalarType dtype, bool weights, bool input_too,
+                        ConvertFn convert) const {
   LayerArgs c = *this;
-  if (input_too) c.input = input.to(dtype);
-  c.hx = rnn_fused::to(hx, dtype);
-  c.cx = rnn_fused::to(cx, dtype);
-  c.b_ih = rnn_fused::to(b_ih, dtype);
-  c.b_hh = rnn_fused::to(b_hh, dtype);
-  c.zoneout = rnn_fused::to(zoneout, dtype);
-  c.layer_norm = rnn_fused::to(layer_norm, dtype);
+  if (input_too) c.input = rnn_fused::to(input, dtype, convert);
+  c.hx = rnn_fused::to(hx, dtype, convert);
+  c.cx = rnn_fused::to(cx, dtype, convert);
+  c.b_ih = rnn_fused::to(b_ih, dtype, convert);
+  c.b_hh = rnn_fused::to(b_hh, dtype, convert);
+  c.zoneout = rnn_fused::to(zoneout, dtype, convert);
+  c.layer_norm = rnn_fused::to(layer_norm, dtype, convert);
   if (weights) {
-    c.w_ih = w_ih.to(dtype);
-    c.w_hh = w_hh.to(dtype);
-    c.w_hr = rnn_fused::to(w_hr, dtype);
+    c.w_ih = rnn_fused::to(w_ih, dtype, convert);
+    c.w_hh = rnn_fused::to(w_hh, dtype, convert);
+    c.w_hr = rnn_fused::to(w_hr, dtype, convert);
   }
   return c;
 }
 
-BackwardArgs BackwardArgs::to(at::ScalarType dtype, bool weights) const {
+BackwardArgs BackwardArgs::to(at::ScalarType dtype, bool weights,
+                              LayerArgs::ConvertFn convert) const {
   BackwardArgs c = *this;
-  c.layer = layer.to(dtype, weights);
-  c.grad_output = rnn_fused::to(grad_output, dtype);
-  c.grad_h_n = rnn_fused::to(grad_h_n, dtype);
-  c.grad_c_n = rnn_fused::to(grad_c_n, dtype);
-  c.saved = saved.to(dtype);
-  c.h_prev = h_prev.to(dtype);
+  c.layer = layer.to(dtype, weights, /*input_too=*/true, convert);
+  c.grad_output = rnn_fused::to(grad_output, dtype, convert);
+  c.grad_h_n = rnn_fused::to(grad_h_n, dtype, convert);
+  c.grad_c_n = rnn_fused::to(grad_c_n, dtype, convert);
+  c.saved = rnn_fused::to(saved, dtype, convert);
+  c.h_prev = rnn_fused::to(h_prev, dtype, convert);
   return c;
 }
 

@@ -58,8 +58,11 @@ struct LayerArgs {
   LayerArgs contiguous() const;
   bool is_contiguous() const;
   // The same call with every floating-point tensor converted to dtype (but the weights w_ih,
-  // w_hh and w_hr only if `weights`, and the input only if `input_too`).
-  LayerArgs to(at::ScalarType dtype, bool weights = true, bool input_too = true) const;
+  // w_hh and w_hr only if `weights`, and the input only if `input_too`), by `convert` when
+  // given (an engine's own conversion), else by Tensor::to.
+  using ConvertFn = at::Tensor (*)(const at::Tensor&, at::ScalarType);
+  LayerArgs to(at::ScalarType dtype, bool weights = true, bool input_too = true,
+               ConvertFn convert = nullptr) const;
 };
 
 // Which gradients a backward computes: of the input, of the initial states, of the
@@ -82,7 +85,8 @@ struct BackwardArgs {
   using EmptyFn = at::Tensor (*)(at::IntArrayRef, const at::TensorOptions&);
   BackwardArgs contiguous(EmptyFn empty = nullptr) const;
   bool is_contiguous() const;
-  BackwardArgs to(at::ScalarType dtype, bool weights = true) const;
+  BackwardArgs to(at::ScalarType dtype, bool weights = true,
+                  LayerArgs::ConvertFn convert = nullptr) const;
 };
 
 // The forward's workspace for the backward, in one place. `saved` [rows, width()] holds per
@@ -164,8 +168,11 @@ inline OptTensor contiguous(const OptTensor& t) {
   return t.has_value() ? OptTensor(t->contiguous()) : std::nullopt;
 }
 
-inline OptTensor to(const OptTensor& t, at::ScalarType dtype) {
-  return t.has_value() ? OptTensor(t->to(dtype)) : std::nullopt;
+inline at::Tensor to(const at::Tensor& t, at::ScalarType dtype, LayerArgs::ConvertFn convert) {
+  return convert != nullptr ? convert(t, dtype) : t.to(dtype);
+}
+inline OptTensor to(const OptTensor& t, at::ScalarType dtype, LayerArgs::ConvertFn convert) {
+  return t.has_value() ? OptTensor(to(*t, dtype, convert)) : std::nullopt;
 }
 
 }  // namespace rnn_fused

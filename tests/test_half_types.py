@@ -97,6 +97,44 @@ def test_cell_no_worse_than_twice_torch_nn(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_small_batch_cell_no_worse_than_twice_torch_nn(name, batch, dtype):
+    """A step at batch 1 to 4 reads half-type weights as stored (products widen each value
+    as they read it): the rule at a width whose products split into several column blocks
+    with a partial one (70 units: 280 gate rows, 70 columns of dh)."""
+    seed(name, batch, dtype)
+    theirs = getattr(nn, name)(37, 70).to(dtype)
+    ours = getattr(rnn_fused, name).from_torch(theirs)
+    exact = getattr(nn, name)(37, 70).double()
+    exact.load_state_dict({k: v.double() for k, v in theirs.state_dict().items()})
+    x = torch.randn(batch, 37).to(dtype)
+    states = [torch.randn(batch, 70).to(dtype) for _ in range(2 if name == "LSTMCell" else 1)]
+    _assert_rule(half_type_errors(ours, theirs, exact, x, states))
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+def test_half_weights_at_batch_1_give_the_float32_step_rounded(mode, dtype):
+    """At batch 1 the products of half-type weights read as stored are float32 products of
+    their exact values, summed as the float32 engine sums them: a step's results are the
+    float32 call's on the same values, rounded to the dtype."""
+    seed("batch 1 step", mode, dtype)
+    gates = rnn_fused.ops.GATES[mode]
+    x = torch.randn(1, 1, 37).to(dtype)
+    w_ih, w_hh = (torch.randn(gates * 70, n).div(8).to(dtype) for n in (37, 70))
+    b_ih, b_hh = (torch.randn(gates * 70).to(dtype) for _ in range(2))
+    h0, c0 = (torch.randn(1, 70).to(dtype) for _ in range(2))
+    c0 = c0 if mode == "LSTM" else None
+    half = rnn_fused.rnn_layer(mode, x, w_ih, w_hh, b_ih, b_hh, h0, c0)
+    wide = [None if t is None else t.float() for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0)]
+    single = rnn_fused.rnn_layer(mode, *wide)
+    for got, want in zip(half, single, strict=True):
+        if want is not None:
+            assert got.dtype == dtype and torch.equal(got, want.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
 def test_packed_bidirectional_matches_float64(dtype):
     seed("packed", dtype)
     theirs = nn.LSTM(5, 33, bidirectional=True).to(dtype)

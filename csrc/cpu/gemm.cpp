@@ -264,11 +264,23 @@ inline __m512 sums_of_16(const __m512 (&v)[16]) {
                        _mm512_shuffle_f32x4(s[0], s[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// row_times_bt for float32 on AVX-512: 16 rows of B at a time, their 16 accumulators in
-// registers, reduced together.
-template <>
-void row_times_bt<float>(int64_t N, int64_t K, const float* a, const float* B, int64_t ldb,
-                         float* c, bool accumulate) {
+// 16 values at p (those under `lanes`; zeros past them) as float32. A half-type weight's
+// values are widened exactly as they are read.
+inline __m512 load16(const float* p, __mmask16 lanes) { return _mm512_maskz_loadu_ps(lanes, p); }
+inline __m512 load16(const at::BFloat16* p, __mmask16 lanes) {
+  // A bfloat16 holds the upper half of a float32's bits.
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline __m512 load16(const at::Half* p, __mmask16 lanes) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, p));
+}
+
+// row_times_bt on AVX-512 for a B of float32 or a half type: 16 rows of B at a time, their
+// 16 accumulators in registers, reduced together.
+template <class W>
+void rows_dot16(int64_t N, int64_t K, const float* a, const W* B, int64_t ldb, float* c,
+                bool accumulate) {
   for (int64_t j = 0; j < N; j += 16) {
     const int rows = static_cast<int>(std::min<int64_t>(16, N - j));
     __m512 acc[16];
@@ -278,7 +290,7 @@ void row_times_bt<float>(int64_t N, int64_t K, const float* a, const float* B, i
       const __m512 x = _mm512_maskz_loadu_ps(lanes, a + k);
       for (int r = 0; r < 16; ++r) {
         if (r < rows) {
-          const __m512 w = _mm512_maskz_loadu_ps(lanes, B + (j + r) * ldb + k);
+          const __m512 w = load16(B + (j + r) * ldb + k, lanes);
           acc[r] = _mm512_fmadd_ps(w, x, acc[r]);
         }
       }
@@ -287,6 +299,35 @@ void row_times_bt<float>(int64_t N, int64_t K, const float* a, const float* B, i
     __m512 sums = sums_of_16(acc);
     if (accumulate) sums = _mm512_add_ps(sums, _mm512_maskz_loadu_ps(out, c + j));
     _mm512_mask_storeu_ps(c + j, out, sums);
+  }
+}
+
+template <>
+void row_times_bt<float>(int64_t N, int64_t K, const float* a, const float* B, int64_t ldb,
+                         float* c, bool accumulate) {
+  rows_dot16(N, K, a, B, ldb, c, accumulate);
+}
+
+// row_times_b for a half-type B on AVX-512: 64 columns at a time, in four accumulators
+// whose sums run in k order (row_times_b's order), each row of B read in whole cache lines.
+template <class W>
+void row_times_half_b(int64_t N, int64_t K, const float* a, const W* B, int64_t ldb, float* c,
+                      bool accumulate) {
+  constexpr int kVecs = 4;
+  for (int64_t j = 0; j < N; j += 16 * kVecs) {
+    __mmask16 lanes[kVecs];
+    __m512 acc[kVecs];
+    for (int v = 0; v < kVecs; ++v) {
+      const int64_t n = std::clamp<int64_t>(N - j - 16 * v, 0, 16);
+      lanes[v] = static_cast<__mmask16>((1u << n) - 1u);
+      acc[v] = accumulate ? _mm512_maskz_loadu_ps(lanes[v], c + j + 16 * v) : _mm512_setzero_ps();
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const __m512 x = _mm512_set1_ps(a[k]);
+      for (int v = 0; v < kVecs; ++v)
+        acc[v] = _mm512_fmadd_ps(x, load16(B + k * ldb + j + 16 * v, lanes[v]), acc[v]);
+    }
+    for (int v = 0; v < kVecs; ++v) _mm512_mask_storeu_ps(c + j + 16 * v, lanes[v], acc[v]);
   }
 }
 #endif
@@ -677,6 +718,40 @@ void bf16_matmul_transposed(int64_t M, const float* A, int64_t lda, const Panels
     bf16_round_transposed(K, m1 - m0, A + m0, lda, a + m0 * ld, ld);
   });
   bf16_rows_matmul(M, a, ld, B, C, ldc, accumulate);
+}
+
+void half_weight_product(bool trans, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                         const at::Tensor& W, float* C, int64_t ldc, bool accumulate) {
+  TORCH_INTERNAL_ASSERT(M <= kHalfWeightRows && W.dim() == 2 && W.stride(1) == 1);
+  if (M == 0 || N == 0) return;
+  const int64_t ldw = W.stride(0);
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(W.scalar_type(), "rnn_fused_half_weight_product", [&] {
+    const scalar_t* w = W.data_ptr<scalar_t>();
+#if defined(CPU_CAPABILITY_AVX512)
+    // Blocks of C's columns over the threads, as the float32 row product splits them, so
+    // that a thread reads the same rows of W at every step (from its own L2).
+    const int64_t block = trans ? 16 : 64;
+    split((N + block - 1) / block, block * K * M, [&](int64_t begin, int64_t end) {
+      const int64_t j = begin * block, n = std::min(N, end * block) - j;
+      for (int64_t m = 0; m < M; ++m) {
+        if (trans) {
+          rows_dot16(n, K, A + m * lda, w + j * ldw, ldw, C + m * ldc + j, accumulate);
+        } else {
+          row_times_half_b(n, K, A + m * lda, w + j, ldw, C + m * ldc + j, accumulate);
+        }
+      }
+    });
+#else
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t j = 0; j < N; ++j) {
+        float sum = 0;
+        for (int64_t k = 0; k < K; ++k)
+          sum += A[m * lda + k] * static_cast<float>(trans ? w[j * ldw + k] : w[k * ldw + j]);
+        C[m * ldc + j] = accumulate ? C[m * ldc + j] + sum : sum;
+      }
+    }
+#endif
+  });
 }
 
 template <class T>

@@ -25,6 +25,16 @@ template <class T>
 void blas_product(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
                   int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate);
 
+// C[M, N] = A[M, K] @ op(W) (accumulate: C += ...) for a bfloat16 or float16 W as stored
+// (op(W) = W^T when trans, W [N, K]; else W, [K, N]; rows contiguous), each value of W widened
+// to float32 as it is read: the sums are those of float32 products with W's exact values.
+// For the products of a half-type call's small problem at M <= kHalfWeightRows rows (a
+// cell's step at batch 1 to 4), whose weights a float32 copy per call costs more than the
+// products do. Split over threads by blocks of C's columns.
+constexpr int64_t kHalfWeightRows = 4;
+void half_weight_product(bool trans, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                         const at::Tensor& W, float* C, int64_t ldc, bool accumulate);
+
 // C[M, N] = A^T @ B (accumulate: C += ...) for A [K, M] and B [K, N] as stored, through
 // libtorch's BLAS: the weight gradients of large problems. Threads take blocks of C's rows
 // whose sizes depend on M alone, one BLAS call each, held to one thread (through MKL's

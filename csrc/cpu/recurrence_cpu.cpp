@@ -14,6 +14,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -177,10 +178,10 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
   const std::vector<Chunk> chunks = make_chunks(p, sizeof(T), kForwardChunkBytes);
   // Products with the transposed weights ([in, out]); W_hh's panels are grouped by gate.
   const bool pack = !small_problem(p);
-  const StepWeight<T> w_ih_t(w_ih, /*transpose=*/true, pack, 0, bf16);
-  const StepWeight<T> w_hh_t(w_hh, /*transpose=*/true, pack, /*group=*/H, bf16);
+  const StepWeight<T> w_ih_t(w_ih, /*transpose=*/true, pack, 0, bf16, max_rows(chunks));
+  const StepWeight<T> w_hh_t(w_hh, /*transpose=*/true, pack, /*group=*/H, bf16, p.batch);
   const std::optional<StepWeight<T>> w_hr_t =
-      p.proj ? std::optional<StepWeight<T>>(std::in_place, *w_hr, true, pack, 0, bf16)
+      p.proj ? std::optional<StepWeight<T>>(std::in_place, *w_hr, true, pack, 0, bf16, p.batch)
              : std::nullopt;
   // One scratch buffer (a short call's is the thread's own: see thread_scratch): xg, the
   // input-side pre-activations of a chunk; hg, a step's hidden-side ones; h_start, the state
@@ -648,15 +649,17 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
 
   const T* gout_p = ptr_or_null<T>(a.grad_output);
   const bool small = small_problem(p), blas_grads = g.blas_grads;
-  const StepWeight<T> w_hh_b(w_hh, /*transpose=*/false, !small, 0, bf16);
+  const StepWeight<T> w_hh_b(w_hh, /*transpose=*/false, !small, 0, bf16, p.batch);
   const std::optional<StepWeight<T>> w_hr_b =
-      p.proj ? std::optional<StepWeight<T>>(std::in_place, *w_hr, false, !small, 0, bf16)
+      p.proj ? std::optional<StepWeight<T>>(std::in_place, *w_hr, false, !small, 0, bf16, p.batch)
              : std::nullopt;
   // dX = dG W_ih: on panels of W_ih packed once (bfloat16 ones when products are in
-  // bfloat16), but for float64, whose products go to BLAS.
+  // bfloat16), but for float64, whose products go to BLAS, and for a small problem's weight
+  // in a half type, read as stored (StepWeight).
+  const bool w_ih_as_stored = w_ih.scalar_type() != saved.scalar_type();
   const std::optional<StepWeight<T>> w_ih_b =
-      (bf16 || std::is_same_v<T, float>) && !small && a.mask.input
-          ? std::optional<StepWeight<T>>(std::in_place, w_ih, false, true, 0, bf16)
+      (bf16 || std::is_same_v<T, float>) && (!small || w_ih_as_stored) && a.mask.input
+          ? std::optional<StepWeight<T>>(std::in_place, w_ih, false, !small, 0, bf16, chunk_rows)
           : std::nullopt;
   const T* saved_p = saved.data_ptr<T>();
   const T* hprev_p = h_prev_all.data_ptr<T>();
@@ -933,7 +936,8 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
 }
 
 // float16 and bfloat16 calls run the float32 engine on float32 copies of their tensors
-// (each weight converted once per call) and round its results to their dtype: sums, cell
+// (each weight converted once per call, or read as stored: weights_as_stored, bf16_products)
+// and round its results to their dtype: sums, cell
 // state and gate math in float32, and the workspace kept in float32. bfloat16
 // products run on bfloat16 dot products where the CPU has them (RNN_FUSED_BF16_DOT=0 turns
 // that off), float16 ones in float32 (no CPU of the project's has float16 dot products).
@@ -941,6 +945,12 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
 // pre-activations near zero, where ReLU's derivative jumps (in 6 of 25 random layers of the
 // half-type tests a gradient came out more than twice as far off as torch.nn's).
 bool half_type(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+// Small problems (small_problem) of half-type calls but for element-wise recurrences keep
+// their weights as stored: their products read them in their dtype (StepWeight). A float32
+// copy of each weight per call cost more than the call's own work: LSTMCell(256) in
+// bfloat16 at batch 1 took 1144 us a step against torch.nn's 236, then 76 (Intel Xeon).
+bool weights_as_stored(const Problem& p) { return small_problem(p) && !p.elementwise; }
 
 // Only calls that pack their weights (not small_problem) run the dot products; their weights
 // stay in bfloat16 until packed (bf16 in LayerArgs::to).
@@ -952,15 +962,42 @@ bool bf16_products(at::ScalarType dtype, const Problem& p) {
   return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
+// Values up to which converted() converts on the calling thread, into a tensor made without
+// the dispatcher; larger tensors go through Tensor::to (on all threads).
+constexpr int64_t kOwnConversionValues = int64_t(1) << 16;
+
+// t in dtype (t itself if it has it), for a half-type call's float32 copies and its results:
+// Tensor::to's dispatch and set-up cost more than a short call's conversions do (seven in a
+// bfloat16 LSTMCell's step: LSTMCell(32) 37.5 -> 18.1 us a step, Intel Xeon). Narrowing
+// rounds to nearest even, as Tensor::to does.
+at::Tensor converted(const at::Tensor& t, at::ScalarType dtype) {
+  const at::ScalarType from = t.scalar_type();
+  if (from == dtype) return t;
+  const bool pair =
+      (from == at::kFloat && half_type(dtype)) || (half_type(from) && dtype == at::kFloat);
+  if (!pair || !t.is_contiguous() || !t.is_cpu() || t.numel() > kOwnConversionValues)
+    return t.to(dtype);
+  at::Tensor out = cpu_empty(t.sizes(), t.options().dtype(dtype));
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(from == at::kFloat ? dtype : from, "rnn_fused_converted", [&] {
+    if (from == at::kFloat) {
+      at::vec::convert(t.data_ptr<float>(), out.data_ptr<scalar_t>(), t.numel());
+    } else {
+      at::vec::convert(t.data_ptr<scalar_t>(), out.data_ptr<float>(), t.numel());
+    }
+  });
+  return out;
+}
+
 template <class Result>
 Result rounded(Result r, at::ScalarType dtype) {
-  std::apply([&](auto&... t) { ((t = t.to(dtype)), ...); }, r);
+  std::apply([&](auto&... t) { ((t = converted(t, dtype)), ...); }, r);
   return r;
 }
 
 // The forward's results rounded, but its workspace kept in float32 (workspace_dtype).
 ForwardResult rounded_forward(ForwardResult r, at::ScalarType dtype) {
-  for (at::Tensor* t : {&std::get<0>(r), &std::get<1>(r), &std::get<2>(r)}) *t = t->to(dtype);
+  for (at::Tensor* t : {&std::get<0>(r), &std::get<1>(r), &std::get<2>(r)})
+    *t = converted(*t, dtype);
   return r;
 }
 
@@ -974,10 +1011,11 @@ ForwardResult forward_wanting(const Problem& p, const LayerArgs& a, bool train,
   // split into pairs (even I), for the input projection to read as it is: its float32 copy
   // and rounding back cost 6-10% of an LSTM's forward at T=100 B=64 H=512 (AMD EPYC).
   const bool input_as_is = bf16 && p.input_size % 2 == 0;
-  return rounded_forward(
-      forward_native(p, a.to(at::kFloat, /*weights=*/!bf16, /*input_too=*/!input_as_is), train,
-                     bf16, wants),
-      dtype);
+  return rounded_forward(forward_native(p,
+                                        a.to(at::kFloat, /*weights=*/!bf16 && !weights_as_stored(p),
+                                             /*input_too=*/!input_as_is, converted),
+                                        train, bf16, wants),
+                         dtype);
 }
 
 // The `forward` operator's engine.
@@ -989,7 +1027,8 @@ BackwardResult backward_cpu(const Problem& p, const BackwardArgs& a) {
   const at::ScalarType dtype = a.layer.input.scalar_type();
   if (!half_type(dtype)) return backward_native(p, a, false);
   const bool bf16 = bf16_products(dtype, p);
-  return rounded(backward_native(p, a.to(at::kFloat, !bf16), bf16), dtype);
+  return rounded(
+      backward_native(p, a.to(at::kFloat, !bf16 && !weights_as_stored(p), converted), bf16), dtype);
 }
 
 }  // namespace

@@ -9,9 +9,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "gemm.h"
 #include "team.h"
+#include "workspace.h"
 
 namespace rnn_fused::cpu {
 
@@ -21,14 +23,28 @@ class StepWeight {
   // group: columns of B per gate (panels never straddle two gates); 0 for all of them.
   // bf16: packed as bfloat16 panels, whose products round A to bfloat16 (T is float32). A
   // weight that is packed may have another dtype than T (it is read only to be packed).
-  StepWeight(const at::Tensor& w, bool transpose, bool pack, int64_t group = 0, bool bf16 = false)
+  // Unpacked, a weight in a half type (a small problem's: weights_as_stored) is read as
+  // stored where its products take at most kHalfWeightRows rows (`rows`: the most they
+  // take), and converted to T once otherwise.
+  StepWeight(const at::Tensor& w, bool transpose, bool pack, int64_t group = 0, bool bf16 = false,
+             int64_t rows = 0)
       : diagonal_(w.dim() == 1),
-        w_(pack && !diagonal_ ? nullptr : w.data_ptr<T>()),
         ld_(diagonal_ ? 1 : w.size(1)),
         transpose_(transpose),
         K_(diagonal_ || transpose ? w.size(-1) : w.size(0)),
         N_(diagonal_ || transpose ? w.size(0) : w.size(1)) {
-    if (pack && !diagonal_) panels_ = pack_panels(transpose ? w.t() : w, group, bf16);
+    constexpr at::ScalarType kDtype = c10::CppTypeToScalarType<T>::value;
+    if (pack && !diagonal_) {
+      panels_ = pack_panels(transpose ? w.t() : w, group, bf16);
+    } else if (w.scalar_type() == kDtype) {
+      w_ = w.data_ptr<T>();
+    } else if (std::is_same_v<T, float> && !diagonal_ && rows <= kHalfWeightRows) {
+      half_ = w;
+    } else {
+      converted_ = buffer_empty(w.sizes(), w.options().dtype(kDtype));
+      converted_.copy_(w);
+      w_ = converted_.data_ptr<T>();
+    }
   }
 
   bool packed() const { return panels_.data.defined(); }
@@ -38,6 +54,10 @@ class StepWeight {
   void product(int64_t M, const T* A, int64_t lda, T* C, int64_t ldc, bool accumulate) const {
     TORCH_INTERNAL_ASSERT(!diagonal_, "an element-wise weight has no products");
     if (packed()) return matmul<T>(M, A, lda, panels_, C, ldc, accumulate);
+    if constexpr (std::is_same_v<T, float>) {
+      if (half_.defined())
+        return half_weight_product(transpose_, M, N_, K_, A, lda, half_, C, ldc, accumulate);
+    }
     blas_product<T>(false, transpose_, M, N_, K_, A, lda, w_, ld_, C, ldc, accumulate);
   }
 
@@ -96,7 +116,9 @@ class StepWeight {
   }
 
   bool diagonal_;
-  const T* w_;
+  const T* w_ = nullptr;
+  at::Tensor half_;       // a half-type weight read as stored
+  at::Tensor converted_;  // a half-type weight's copy in T
   int64_t ld_;
   bool transpose_;
   int64_t K_, N_;
