@@ -148,6 +148,7 @@ Problem make_problem(const LayerArgs& a) {
   p.reverse = reverse;
   p.proj = w_hr.has_value();
   p.has_bias = b_ih.has_value();
+  p.bfloat16 = input.scalar_type() == at::kBFloat16;
   TORCH_CHECK(b_ih.has_value() == b_hh.has_value(),
               "rnn_fused: b_ih and b_hh must be given together, got b_ih ",
               b_ih.has_value() ? "given" : "None", " and b_hh ",

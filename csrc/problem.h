@@ -132,6 +132,7 @@ struct Problem {
   bool elementwise;
   bool zoneout;     // LayerArgs::zoneout given
   bool layer_norm;  // LayerArgs::layer_norm given
+  bool bfloat16;    // the call's dtype is bfloat16
   // Inline for a few steps: a cell's call allocates nothing here.
   c10::SmallVector<int64_t, 4> batch_sizes;  // per step
   c10::SmallVector<int64_t, 4> offsets;      // first row of each step
