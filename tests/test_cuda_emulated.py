@@ -299,6 +299,39 @@ def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - e).norm() / e.norm().clamp_min(1e-30)).item()
 
 
+@pytest.mark.parametrize("feature", ["plain", "packed-reverse", "one-step"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+@pytest.mark.parametrize("path", ["fused", "standard", "persistent", "persistent-grid"])
+def test_engine_backward_without_state_gradients(kernels, monkeypatch, path, mode, feature):
+    """Without dL/dh_0 the backward skips its last product with W_hh (it gives nothing
+    else): every other gradient keeps its bits, and the states' are absent."""
+    monkeypatch.setenv("RNN_FUSED_CUDA_PATH", path)
+    seed("no state grads", path, mode, feature)
+    dtype = torch.float32
+    layer = make_layer(mode, 5, 33, dtype=dtype, scale=0.25)
+    h0, c0 = make_states(layer, 9, dtype=dtype)
+    packed = feature == "packed-reverse"
+    batch_sizes = torch.tensor([9, 9, 7, 4, 4, 1]) if packed else None
+    shape = (9, 5) if feature == "one-step" else (6, 9, 5)
+    if packed:
+        shape = (int(batch_sizes.sum()), 5)
+    x = rand(*shape, dtype=dtype)
+    d = [_d(t) for t in (x, h0, c0, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh)]
+    output, h_n, c_n, saved, h_prev = kernels.forward(
+        mode, d[0], d[1], d[2], *d[3:7], None, batch_sizes, packed, True, None, None
+    )
+    upstream = [torch.randn_like(o) for o in (output, h_n, *([c_n] if mode == "LSTM" else []))]
+    no_c = [] if mode == "LSTM" else [None]
+    rest = (d[0], d[3], d[4], None, batch_sizes, packed, saved, h_prev, h_n.shape[0])
+    grads = [
+        kernels.backward(mode, *upstream, *no_c, *rest, [True, state, True], None, None)
+        for state in (True, False)
+    ]
+    assert grads[0][1].numel() > 0 and grads[1][1].numel() == grads[1][2].numel() == 0
+    for k in (0, 3, 4, 5, 6):  # input, w_ih, w_hh, b_ih, b_hh
+        assert torch.equal(grads[0][k], grads[1][k]), k
+
+
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 def test_engine_layer_norm_runs_the_standard_path(kernels, monkeypatch, mode):
     """The LayerNorm cells' rows take whole blocks: forced to the fused or persistent path,

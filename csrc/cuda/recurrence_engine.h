@@ -275,8 +275,10 @@ struct BackwardBuffers {
 };
 
 // w_hh_acc: W_hh in A, for the standard path's products with the gate gradients.
+// state_grad: whether dL/dh_0 is wanted; the last product (of the first step's gate
+// gradients with W_hh) gives nothing else, and is skipped without it.
 template <template <class> class CellT, class T, class Dev>
-void run_backward(Dev& dev, const Problem& p, bool fused, bool persistent,
+void run_backward(Dev& dev, const Problem& p, bool fused, bool persistent, bool state_grad,
                   const std::optional<at::Tensor>& grad_output, const at::Tensor& w_hh,
                   const at::Tensor& w_hh_acc, const std::optional<at::Tensor>& w_hr,
                   const std::optional<at::Tensor>& zoneout,
@@ -356,11 +358,12 @@ void run_backward(Dev& dev, const Problem& p, bool fused, bool persistent,
       dev.template backward_pointwise<Cell>(step);
     }
     // dL/dh_{t-1} = (hidden-side gate gradients) W_hh [+ the direct part the kernel wrote].
+    if (s == 0 && !state_grad) break;
     const A* dh_side = p.layer_norm ? g.dhg_raw.data_ptr<A>() : dhg;
     dev.template gemm<A, A>(false, n, Hout, GH, dh_side + r0 * GH, GH, w_hh_acc_p, Hout, dh_state,
                             Hout, Cell::kUsesPrevH || p.zoneout);
   }
-  if (fused) {  // the product of the last step processed: dL/dh of the initial states
+  if (fused && state_grad) {    // the product of the last step processed: dL/dh_0
     BackwardStep<T, A> tail{};  // no rows of a step: only the product's rows of dh
     tail.H = H;
     tail.dh = step.dh;
@@ -418,9 +421,9 @@ BackwardResult backward_engine(Dev& dev, const Problem& p, const BackwardArgs& a
           using Tag = decltype(tag);
           const bool fused = use_fused_path(p, input.scalar_type(), dev.tf32());
           run_backward<Tag::template Cell, scalar_t>(dev, p, fused, fused && use_persistent_path(p),
-                                                     grad_output, w_hh, w_hh.to(acc.dtype()), w_hr,
-                                                     a.layer.zoneout, a.layer.layer_norm, saved,
-                                                     h_prev_all, g);
+                                                     a.mask.state, grad_output, w_hh,
+                                                     w_hh.to(acc.dtype()), w_hr, a.layer.zoneout,
+                                                     a.layer.layer_norm, saved, h_prev_all, g);
         });
       });
 
