@@ -554,6 +554,68 @@ void bf16_matmul(int64_t M, const float* A, int64_t lda, const Panels& B, float*
   bf16_rows_matmul(M, a, ld, B, C, ldc, accumulate);
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i, j < 16: one block of 32-bit values
+// transposed in registers, in four rounds of shuffles (pairs of values, of 64-bit halves, of
+// 128-bit quarters, then the halves of the result). ATen's transpose_mxn passes its block
+// through memory to a kernel sized at run time: 16% of perf's samples of a bfloat16 LSTM's
+// forward at T=17 B=1 H=256, the weights' packing, against 10% this way (Intel Xeon).
+inline void transpose_16x16(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  __m512 r[16], t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_src);
+#pragma GCC unroll 8
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 16; i += 4) {
+    for (int h = 0; h < 2; ++h) {
+      const __m512d lo = _mm512_castps_pd(t[i + h]), hi = _mm512_castps_pd(t[i + h + 2]);
+      r[i + 2 * h] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo, hi));
+      r[i + 2 * h + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo, hi));
+    }
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < 16; i += 8) {
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      t[i + q] = _mm512_shuffle_f32x4(r[i + q], r[i + q + 4], 0x88);
+      t[i + q + 4] = _mm512_shuffle_f32x4(r[i + q], r[i + q + 4], 0xdd);
+    }
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) {
+    _mm512_storeu_ps(dst + j * ld_dst, _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88));
+    _mm512_storeu_ps(dst + (j + 8) * ld_dst, _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd));
+  }
+}
+#endif
+
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < M, j < N: whole 16 x 16 blocks of float32
+// in registers (transpose_16x16), the edges by ATen's transpose_mxn; other dtypes by ATen's.
+template <class T>
+void transpose_mxn(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t M, int64_t N) {
+  int64_t M16 = 0, N16 = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    M16 = M / 16 * 16;
+    N16 = N / 16 * 16;
+    for (int64_t i = 0; i < M16; i += 16)
+      for (int64_t j = 0; j < N16; j += 16)
+        transpose_16x16(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
+  }
+#endif
+  // The edges: columns past N16 of the block rows done, then the rows past M16.
+  if (N16 < N && M16 > 0)
+    at::vec::transpose_mxn<T>(src + N16, ld_src, dst + N16 * ld_dst, ld_dst, static_cast<int>(M16),
+                              static_cast<int>(N - N16));
+  if (M16 < M)
+    at::vec::transpose_mxn<T>(src + M16 * ld_src, ld_src, dst + M16, ld_dst,
+                              static_cast<int>(M - M16), static_cast<int>(N));
+}
+
 // Where panel `panel` (numbered group by group) starts among b's columns, and how many it
 // holds (a group's last may be narrower): for every packing below.
 struct PanelColumns {
@@ -563,6 +625,14 @@ struct PanelColumns {
   }
   int64_t width(int64_t panel) const {
     return std::min(Panels::kPanel, group - panel % per_group * Panels::kPanel);
+  }
+  // The q-th panel in unit order (the first panel of every group, then the second, ...) among
+  // `groups` groups. Split over threads, a thread packs the units it takes in the steps where
+  // their tiles split units (tile_at: a step of up to kTileRows rows, or by_units), so the
+  // panels it reads there are in its own cache: 5-8% off a bfloat16 or float32 LSTM forward
+  // at T=100 B=1 H=256 (Intel Xeon with AMX).
+  int64_t in_unit_order(int64_t q, int64_t groups) const {
+    return q % groups * per_group + q / groups;
   }
 };
 
@@ -582,15 +652,16 @@ Panels pack_dense(const at::Tensor& b, int64_t group, int64_t groups, int64_t pe
     const scalar_t* src = b.data_ptr<scalar_t>();
     scalar_t* dst = data.data_ptr<scalar_t>();
     split(groups * per_group, K * P, [&](int64_t begin, int64_t end) {
-      for (int64_t panel = begin; panel < end; ++panel) {
+      for (int64_t q = begin; q < end; ++q) {
+        const int64_t panel = columns.in_unit_order(q, groups);
         const int64_t width = columns.width(panel), first = columns.first(panel);
         scalar_t* to = dst + panel * K * P;
         if (rows) {
           for (int64_t k = 0; k < K; ++k)
             std::memcpy(to + k * P, src + k * ld + first, sizeof(scalar_t) * width);
         } else {
-          at::vec::transpose_mxn<scalar_t>(src + first * ld, ld, to, P, static_cast<int>(width),
-                                           static_cast<int>(K));
+          transpose_mxn<scalar_t>(src + first * ld, ld, to, P, static_cast<int>(width),
+                                  static_cast<int>(K));
         }
         if (width < P)
           for (int64_t k = 0; k < K; ++k) std::fill(to + k * P + width, to + k * P + P, 0);
@@ -614,9 +685,8 @@ void copy_pairs(int64_t K, const at::BFloat16* from, int64_t sn, int64_t width, 
   auto* const words = reinterpret_cast<uint32_t*>(to);
   if (sn % 2 == 0) {
     static_assert(sizeof(float) == 2 * sizeof(at::BFloat16));
-    at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(from), sn / 2,
-                                  reinterpret_cast<float*>(to), P, static_cast<int>(width),
-                                  static_cast<int>(pairs));
+    transpose_mxn<float>(reinterpret_cast<const float*>(from), sn / 2, reinterpret_cast<float*>(to),
+                         P, static_cast<int>(width), static_cast<int>(pairs));
   } else {
     for (int64_t c0 = 0; c0 < width; c0 += kColumns) {
       const int64_t c1 = std::min(width, c0 + kColumns);
@@ -644,7 +714,8 @@ Panels pack_pairs(const at::Tensor& b, int64_t group, int64_t groups, int64_t pe
   // fill(offset, width, to) writes a panel of `width` columns from b's values at `offset`.
   const auto each_panel = [&](const auto& fill) {
     split(groups * per_group, K * P, [&](int64_t begin, int64_t end) {
-      for (int64_t panel = begin; panel < end; ++panel) {
+      for (int64_t q = begin; q < end; ++q) {
+        const int64_t panel = columns.in_unit_order(q, groups);
         const int64_t width = columns.width(panel);
         at::BFloat16* to = dst + panel * pairs * P * 2;
         // Zeros where no value lands: the columns past a group's end, an odd K's last pair.
@@ -838,8 +909,8 @@ at::Tensor transposed(const at::Tensor& m) {
     constexpr int64_t kRows = 64;  // of m, per task
     split((M + kRows - 1) / kRows, kRows * N, [&](int64_t begin, int64_t end) {
       const int64_t i0 = begin * kRows, i1 = std::min(M, end * kRows);
-      at::vec::transpose_mxn<scalar_t>(src + i0 * ld, ld, dst + i0, M, static_cast<int>(i1 - i0),
-                                       static_cast<int>(N));
+      transpose_mxn<scalar_t>(src + i0 * ld, ld, dst + i0, M, static_cast<int>(i1 - i0),
+                              static_cast<int>(N));
     });
   });
   return t;
