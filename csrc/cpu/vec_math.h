@@ -72,22 +72,70 @@ C10_ALWAYS_INLINE V horner(const V& z, const T (&c)[N]) {
   return p;
 }
 
-// e^y for y <= 0, within 1 ulp: y = n ln2 + r, e^r by the fitted polynomial, times 2^n put
-// in the exponent bits. Where 2^n would fall below the normal numbers its exponent bits are
-// clamped to 0, so that e^y is 0 there: within the least normal number of the exact value.
+#if defined(CPU_CAPABILITY_AVX512)
+// On AVX-512 a few steps take single instructions that at::vec spells out: its maximum adds a
+// NaN test (four instructions for one), its comparisons make vector masks that blendv turns
+// back into mask registers, and 2^n through the exponent bits takes five instructions where
+// vscalefps takes one. An LSTM unit's cell math went from 15 to 10 cycles (a loop over cached
+// rows; Intel Xeon with AMX).
+namespace avx512 {
+inline __m512 max(__m512 a, __m512 b) { return _mm512_max_ps(a, b); }
+inline __m512d max(__m512d a, __m512d b) { return _mm512_max_pd(a, b); }
+template <int kPredicate>
+inline __mmask16 compare(__m512 a, __m512 b) {
+  return _mm512_cmp_ps_mask(a, b, kPredicate);
+}
+template <int kPredicate>
+inline __mmask8 compare(__m512d a, __m512d b) {
+  return _mm512_cmp_pd_mask(a, b, kPredicate);
+}
+inline __m512 blend(__mmask16 k, __m512 a, __m512 b) { return _mm512_mask_blend_ps(k, a, b); }
+inline __m512d blend(__mmask8 k, __m512d a, __m512d b) { return _mm512_mask_blend_pd(k, a, b); }
+inline __m512 scale(__mmask16 k, __m512 a, __m512 n) { return _mm512_maskz_scalef_ps(k, a, n); }
+inline __m512d scale(__mmask8 k, __m512d a, __m512d n) { return _mm512_maskz_scalef_pd(k, a, n); }
+}  // namespace avx512
+#endif
+
+// max(a, y) that returns y where y is NaN (a is a number).
+template <class T>
+C10_ALWAYS_INLINE at::vec::Vectorized<T> max_keeping_nan(const at::vec::Vectorized<T>& a,
+                                                         const at::vec::Vectorized<T>& y) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return avx512::max(a, y);  // vmaxps returns its second operand where either is NaN
+#else
+  return at::vec::maximum(y, a);
+#endif
+}
+
+// e^y for y <= 0, within 1 ulp: y = n ln2 + r, e^r by the fitted polynomial, times 2^n. Where
+// 2^n would fall below the normal numbers e^y is 0: within the least normal number of the
+// exact value. A NaN y gives NaN.
 template <class T>
 C10_ALWAYS_INLINE at::vec::Vectorized<T> exp_nonpositive(const at::vec::Vectorized<T>& y) {
   using V = at::vec::Vectorized<T>;
   using F = ActivationFit<T>;
-  using Int = at::vec::Vectorized<typename F::Int>;
-  const V yc = at::vec::maximum(y, V(F::kExpLow));
+  const V yc = max_keeping_nan(V(F::kExpLow), y);
+#if defined(CPU_CAPABILITY_AVX512)
+  // n rounded to nearest even by adding 1.5 * 2^mantissa bits in one fused multiply-add (exact
+  // for |n| below 2^(mantissa bits - 1)); 2^n applied by vscalef, zero where n < 1 - bias.
+  const V shifter(T(1.5) * T(int64_t(1) << F::kMantissaBits));
+  const V n = at::vec::fmadd(yc, V(T(1.4426950408889634074)), shifter) - shifter;
+#else
   const V n = (yc * V(T(1.4426950408889634074))).round();
+#endif
   V r = at::vec::fmadd(n, V(-F::kLn2Hi), yc);
   r = at::vec::fmadd(n, V(-F::kLn2Lo), r);
   const V e_r = at::vec::fmadd(r * r, horner(r, F::kExpPoly), r) + V(T(1));
+#if defined(CPU_CAPABILITY_AVX512)
+  // Unordered: a NaN n is kept, and stays NaN.
+  const auto kept = avx512::compare<_CMP_NLE_UQ>(n, V(T(0.5) - T(F::kExponentBias)));
+  return avx512::scale(kept, e_r, n);
+#else
+  using Int = at::vec::Vectorized<typename F::Int>;
   const Int biased = at::vec::convert_to_int_of_same_size(n) + Int(F::kExponentBias);
   const Int two_n = at::vec::maximum(biased, Int(0)) << Int(F::kMantissaBits);
   return e_r * at::vec::cast<T>(two_n);
+#endif
 }
 
 // 1 / d for d in [1, 2] (the denominators below). On AVX-512 the 14-bit estimate refined
@@ -116,9 +164,13 @@ C10_ALWAYS_INLINE at::vec::Vectorized<T> one_over(const at::vec::Vectorized<T>& 
 template <class T>
 C10_ALWAYS_INLINE at::vec::Vectorized<T> sigmoid_vec(const at::vec::Vectorized<T>& x) {
   using V = at::vec::Vectorized<T>;
-  const V t = exp_nonpositive(x.abs().neg());
+  const V t = exp_nonpositive(x | V(T(-0.0)));  // e^-|x|
   const V s = one_over(V(T(1)) + t);
+#if defined(CPU_CAPABILITY_AVX512)
+  return avx512::blend(avx512::compare<_CMP_GE_OQ>(x, V(T(0))), t * s, s);
+#else
   return V::blendv(t * s, s, x >= V(T(0)));
+#endif
 }
 
 // tanh: x + x^3 Q(x^2) below |x| = 0.625, above it 1 - 2t / (1 + t) = (1 - t) / (1 + t)
@@ -133,7 +185,11 @@ C10_ALWAYS_INLINE at::vec::Vectorized<T> tanh_vec(const at::vec::Vectorized<T>& 
   // The value >= 0 takes x's sign bit by an OR: at::vec's copysign is a call into Sleef,
   // which spills the cell's registers around every tanh.
   const V large = at::vec::fnmadd(t + t, one_over(V(T(1)) + t), V(T(1))) | (x & V(T(-0.0)));
+#if defined(CPU_CAPABILITY_AVX512)
+  return avx512::blend(avx512::compare<_CMP_LT_OQ>(ax, V(T(0.625))), large, small);
+#else
   return V::blendv(large, small, ax < V(T(0.625)));
+#endif
 }
 
 template <class T>
@@ -141,7 +197,7 @@ struct MathOps<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
   static V sigmoid(const V& x) { return sigmoid_vec(x); }
   static V tanh(const V& x) { return tanh_vec(x); }
-  static V relu(const V& x) { return at::vec::maximum(x, V(T(0))); }
+  static V relu(const V& x) { return max_keeping_nan(V(T(0)), x); }
   static V positive(const V& y) { return y.gt(V(T(0))); }
 };
 
