@@ -195,10 +195,11 @@ C10_ALWAYS_INLINE at::vec::Vectorized<T> tanh_vec(const at::vec::Vectorized<T>& 
 template <class T>
 struct MathOps<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
-  static V sigmoid(const V& x) { return sigmoid_vec(x); }
-  static V tanh(const V& x) { return tanh_vec(x); }
-  static V relu(const V& x) { return max_keeping_nan(V(T(0)), x); }
-  static V positive(const V& y) { return y.gt(V(T(0))); }
+  // Forced inline: GCC kept float64's as calls, which spill the cell's vector registers.
+  C10_ALWAYS_INLINE static V sigmoid(const V& x) { return sigmoid_vec(x); }
+  C10_ALWAYS_INLINE static V tanh(const V& x) { return tanh_vec(x); }
+  C10_ALWAYS_INLINE static V relu(const V& x) { return max_keeping_nan(V(T(0)), x); }
+  C10_ALWAYS_INLINE static V positive(const V& y) { return y.gt(V(T(0))); }
 };
 
 }  // namespace rnn_fused
