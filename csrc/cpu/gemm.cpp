@@ -882,14 +882,15 @@ void blas_product(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, c
 
 template <class T>
 void blas_product_here(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
-                       int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
+                       int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
-    for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, T(0));
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, T(0));
     return;
   }
   const int previous = MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0;
-  blas_call<T>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, false);
+  blas_call<T>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
   if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous);
 }
 
@@ -963,7 +964,7 @@ Panels pack_panels(const at::Tensor& b, int64_t group, bool bf16) {
   template void blas_at_b<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*, \
                              int64_t, bool);                                                      \
   template void blas_product_here<T>(bool, bool, int64_t, int64_t, int64_t, const T*, int64_t,    \
-                                     const T*, int64_t, T*, int64_t);
+                                     const T*, int64_t, T*, int64_t, bool);
 RF_INSTANTIATE(float)
 RF_INSTANTIATE(double)
 #undef RF_INSTANTIATE

@@ -25,12 +25,12 @@ template <class T>
 void blas_product(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
                   int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate);
 
-// C = op(A) @ op(B) in one call of libtorch's BLAS held to the calling thread: for work split
-// over threads by the caller, in blocks set by the shape alone (the bits then do not depend
-// on the threads).
+// C = op(A) @ op(B) (accumulate: C += ...) in one call of libtorch's BLAS held to the calling
+// thread: for work split over threads by the caller, in blocks set by the shape alone (the
+// bits then do not depend on the threads).
 template <class T>
 void blas_product_here(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
-                       int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc);
+                       int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate);
 
 // C[M, N] = A[M, K] @ op(W) (accumulate: C += ...) for a bfloat16 or float16 W as stored
 // (op(W) = W^T when trans, W [N, K]; else W, [K, N]; rows contiguous), each value of W widened

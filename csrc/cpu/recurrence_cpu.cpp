@@ -787,6 +787,12 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
     });
   };
 
+  // As in the forward (rows_in_one_region there): a cell's step of many rows by blocks of
+  // rows, each through the cell's backward, dh_{t-1} and dX, in one parallel region.
+  const bool rows_in_one_region =
+      small && p.steps == 1 && !p.elementwise && !ln && !p.proj && !bf16 && !w_ih_as_stored &&
+      w_hh.scalar_type() == saved.scalar_type() && p.batch >= 2 * kRegionBlockMinRows &&
+      p.batch * H >= kParallelCellUnits;
   for (auto ch = chunks.rbegin(); ch != chunks.rend(); ++ch) {
     bool chunk_rounded = round_dg;  // every step's rows in dg_bf (written by thread 0)
     if (p.elementwise) {
@@ -821,6 +827,23 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
               backward_row<CellT, T>(row, H, u0, u1);
             }
           };
+          const bool accumulate = Cell::kUsesPrevH || p.zoneout;
+          if (rows_in_one_region) {
+            const int64_t blocks = region_blocks(n), per = (n + blocks - 1) / blocks;
+            at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
+              for (int64_t b = b_begin; b < b_end; ++b) {
+                const int64_t i0 = b * per, rows = std::min(n, i0 + per) - i0;
+                backward_rows(i0, i0 + rows, 0, H);
+                if (a.mask.state)
+                  w_hh_b.product_here(rows, dhg_p + (local + i0) * GH, GH, dh_p + i0 * Hout, Hout,
+                                      accumulate);
+                if (a.mask.input)
+                  blas_product_here<T>(false, false, rows, I, GH, dxg_p + (local + i0) * GH, GH,
+                                       w_ih.data_ptr<T>(), I, gin_p + (r0 + i0) * I, I, false);
+              }
+            });
+            continue;
+          }
           // As in the forward: a small problem's many rows over the threads.
           const bool split_rows =
               small && !ln && cell_rows_over_threads(n, H, [&](int64_t i0, int64_t i1) {
@@ -855,7 +878,6 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
           // for (one read of W_hh: LSTMCell(256) at batch 1, forward and backward, 734 and
           // 654 us a call against 782 and 691 before; Intel Xeon with AMX).
           if (s == 0 && !a.mask.state) break;
-          const bool accumulate = Cell::kUsesPrevH || p.zoneout;
           if (rounded) {
             if constexpr (std::is_same_v<T, float>)
               w_hh_b.product(team, n, dg_bf_p + local * ld_dg, ld_dg, dh_p, Hout, accumulate);
@@ -884,7 +906,9 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
     const bool dx_rounded = chunk_rounded && !Cell::kSplitGrads && !ln && GH % 2 == 0;
     const at::Tensor dg_rows =
         chunk_rounded ? dg_bf.narrow(0, 0, rows).narrow(1, 0, GH) : at::Tensor();
-    if (w_ih_b.has_value()) {
+    if (rows_in_one_region) {
+      // dX came with the rows.
+    } else if (w_ih_b.has_value()) {
       if constexpr (std::is_same_v<T, float>) {
         if (dx_rounded) w_ih_b->product(rows, dg_bf_p, ld_dg, gin_p + rb * I, I, false);
       }

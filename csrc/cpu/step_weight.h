@@ -61,11 +61,13 @@ class StepWeight {
     blas_product<T>(false, transpose_, M, N_, K_, A, lda, w_, ld_, C, ldc, accumulate);
   }
 
-  // C[M, N] = A[M, K] @ B in one BLAS call on the calling thread, for a W in T read as stored:
-  // for work the caller splits over threads by blocks set by the shape alone.
-  void product_here(int64_t M, const T* A, int64_t lda, T* C, int64_t ldc) const {
+  // C[M, N] = A[M, K] @ B (accumulate: C += ...) in one BLAS call on the calling thread, for a
+  // W in T read as stored: for work the caller splits over threads by blocks set by the shape
+  // alone.
+  void product_here(int64_t M, const T* A, int64_t lda, T* C, int64_t ldc,
+                    bool accumulate = false) const {
     TORCH_INTERNAL_ASSERT(w_ != nullptr, "product_here reads a weight in T as stored");
-    blas_product_here<T>(false, transpose_, M, N_, K_, A, lda, w_, ld_, C, ldc);
+    blas_product_here<T>(false, transpose_, M, N_, K_, A, lda, w_, ld_, C, ldc, accumulate);
   }
 
   // The same on an A in bfloat16 (bfloat16 panels; K and lda even).
