@@ -80,6 +80,44 @@ def test_cell_over_threads(cls, batch: int, input_size: int, hidden: int):
     torch.testing.assert_close(xs[0].grad.double(), xs[1].grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cls", [nn.LSTMCell, nn.GRUCell, nn.RNNCell], ids=lambda c: c.__name__)
+def test_cell_row_blocks_over_threads(cls, dtype: torch.dtype):
+    """A cell's step of 200 rows runs in blocks of rows, each through both products and the
+    cell math, forward and backward (recurrence_cpu.cpp, rows_in_one_region): the output and
+    every gradient keep their bits from one thread to two, and match torch.nn's in float64."""
+    seed("repro-cell-blocks", cls.__name__, str(dtype))
+    batch, input_size, hidden = 200, 33, 51
+    ours = rnn_fused.replace_rnns(cls(input_size, hidden)).to(dtype)
+    theirs = cls(input_size, hidden).double()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(batch, input_size, dtype=dtype)
+    states = [torch.randn(batch, hidden, dtype=dtype) * 0.5 for _ in range(2)]
+    weights = torch.randn(batch, hidden, dtype=dtype)
+
+    def run(model, dt):
+        xi = x.to(dt).requires_grad_()
+        st = [s.to(dt).requires_grad_() for s in states]
+        out = model(xi, tuple(st) if cls is nn.LSTMCell else st[0])
+        h = out[0] if isinstance(out, tuple) else out
+        inputs = [xi, *(st if cls is nn.LSTMCell else st[:1]), *model.parameters()]
+        return [h.detach(), *torch.autograd.grad((h * weights.to(dt)).sum(), inputs)]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(ours, dtype)
+        torch.set_num_threads(2)
+        two = run(ours, dtype)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b), "one thread and two threads differ"
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    for a, b in zip(two, run(theirs, torch.float64)):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("proj_size", [0, 48], ids=["no-proj", "proj"])
 def test_bfloat16_training_forward_repeats(proj_size: int):
     """bfloat16 products round each step's h once for all threads (recurrence_cpu.cpp,
