@@ -12,6 +12,16 @@ from torch import nn
 import rnn_fused
 
 
+def _on_threads(threads: int, fn):
+    """fn() with torch set to this many threads, then back to its own count."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
 def _run(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     xi = x.clone().requires_grad_()
     out, _ = module(xi)
@@ -28,14 +38,7 @@ def test_bitwise_equal_across_runs_and_threads(cls, T, B, H, dtype):
     module = rnn_fused.replace_rnns(cls(H, H, num_layers=2, bidirectional=True)).to(dtype)
     x = torch.randn(T, B, H, dtype=dtype)
     first, second = _run(module, x), _run(module, x)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = _run(module, x)
-        torch.set_num_threads(2)
-        double = _run(module, x)
-    finally:
-        torch.set_num_threads(threads)
+    single, double = (_on_threads(n, lambda: _run(module, x)) for n in (1, 2))
     for a, b, c, d in zip(first, second, single, double):
         assert torch.equal(a, b), "two runs differ"
         assert torch.equal(c, d), "one thread and two threads differ"
@@ -103,14 +106,7 @@ def test_cell_row_blocks_over_threads(cls, dtype: torch.dtype):
         inputs = [xi, *(st if cls is nn.LSTMCell else st[:1]), *model.parameters()]
         return [h.detach(), *torch.autograd.grad((h * weights.to(dt)).sum(), inputs)]
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run(ours, dtype)
-        torch.set_num_threads(2)
-        two = run(ours, dtype)
-    finally:
-        torch.set_num_threads(threads)
+    one, two = (_on_threads(n, lambda: run(ours, dtype)) for n in (1, 2))
     for a, b in zip(one, two):
         assert torch.equal(a, b), "one thread and two threads differ"
     tol = 1e-10 if dtype == torch.float64 else 1e-4

@@ -467,16 +467,22 @@ void blas_call(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, cons
   accumulate ? c.addmm_(a, b) : c.copy_(at::mm(a, b));
 }
 
+// A product with no sums (an empty C, or K = 0: C = 0, or left as it is when accumulating)
+// done here; whether it was one.
+template <class T>
+bool empty_product(int64_t M, int64_t N, int64_t K, T* C, int64_t ldc, bool accumulate) {
+  if (M == 0 || N == 0) return true;
+  if (K != 0) return false;
+  if (!accumulate)
+    for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, T(0));
+  return true;
+}
+
 // Shared by both forms: B is either row-major with ldb, or panels (ldb unused).
 template <class T>
 void product(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
              T* C, int64_t ldc, bool accumulate, bool panels) {
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    if (!accumulate)
-      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, T(0));
-    return;
-  }
+  if (empty_product(M, N, K, C, ldc, accumulate)) return;
   if (M <= kSmallRows)
     return matmul_small_rows<T>(M, N, K, A, lda, B, ldb, C, ldc, accumulate, panels);
   if constexpr (std::is_same_v<T, float>) {
@@ -499,12 +505,7 @@ template <class T>
 void one_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t width, T* C,
                int64_t ldc, bool accumulate) {
   constexpr int64_t P = Panels::kPanel;
-  if (M == 0 || width == 0) return;
-  if (K == 0) {
-    if (!accumulate)
-      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + width, T(0));
-    return;
-  }
+  if (empty_product(M, width, K, C, ldc, accumulate)) return;
   if constexpr (std::is_same_v<T, float>) {
     if (M > kSmallRows && use_brgemm()) {
       for (int64_t i = 0; i < M; i += kBlockM) {
@@ -871,24 +872,14 @@ void panel_product(int64_t M, const at::BFloat16* A, int64_t lda, const Panels& 
 template <class T>
 void blas_product(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
                   int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    if (!accumulate)
-      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, T(0));
-    return;
-  }
+  if (empty_product(M, N, K, C, ldc, accumulate)) return;
   matmul_blas<T>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
 template <class T>
 void blas_product_here(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
                        int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    if (!accumulate)
-      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, T(0));
-    return;
-  }
+  if (empty_product(M, N, K, C, ldc, accumulate)) return;
   const int previous = MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0;
   blas_call<T>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
   if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous);

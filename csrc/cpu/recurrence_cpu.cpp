@@ -86,9 +86,9 @@ bool cell_rows_over_threads(int64_t n, int64_t H, const F& rows) {
 // A cell's step of many rows in one parallel region (run_forward's rows_in_one_region): blocks
 // of about kRegionBlockRows rows, and two at the least, their count set by the rows alone so
 // that the bits do not depend on the threads (each block's two products are one BLAS call
-// each). LSTMCell(51) at B=97, float64: 12-19% off a call with x of 51 columns, 26-35% with
-// one (the per-call client's two cells), against a region for each product and one for the
-// cell math (Intel Xeon with AMX).
+// each). LSTMCell(51) at B=97, float64, against a region for each product and one for the
+// cell math: 1.16-1.19x as fast with x of 51 columns, 1.26-1.35x with one (the per-call
+// client's two cells; Intel Xeon with AMX).
 constexpr int64_t kRegionBlockRows = 64;
 constexpr int64_t kRegionBlockMinRows = 16;
 int64_t region_blocks(int64_t rows) {
