@@ -45,6 +45,23 @@ int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 namespace rnn_fused::cpu {
 namespace {
 
+// MKL held to one thread on the calling thread while in scope (where libtorch has MKL): our
+// threads split the products into blocks set by the shape, so that the bits do not depend on
+// the thread count; MKL's own threads would split the sums.
+class OneBlasThread {
+ public:
+  OneBlasThread()
+      : previous_(MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~OneBlasThread() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_);
+  }
+  OneBlasThread(const OneBlasThread&) = delete;
+  OneBlasThread& operator=(const OneBlasThread&) = delete;
+
+ private:
+  int previous_;
+};
+
 // Block sizes of C and of the reduction for brgemm. On the 2-core AVX-512 CPU of
 // the project (AMD EPYC) the per-step 64x512x2048 product runs at about 430 GFLOP/s this way, MKL's
 // sgemm at 175 (MKL takes its AVX2 path on that CPU).
@@ -416,14 +433,13 @@ void matmul_blas(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, co
       std::min((M + kBlasRows - 1) / kBlasRows, (kMinBlasBlocks + col_blocks - 1) / col_blocks);
   const int64_t rows = (M + row_blocks - 1) / row_blocks;
   split(row_blocks * col_blocks, rows * kBlasColumns * K, [&](int64_t begin, int64_t end) {
-    const int previous = MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0;
+    const OneBlasThread one_thread;
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t i = blk % row_blocks * rows, j = blk / row_blocks * kBlasColumns;
       blas_call<T>(trans_a, trans_b, std::min(rows, M - i), std::min(kBlasColumns, N - j), K,
                    A + (trans_a ? i : i * lda), lda, B + (trans_b ? j * ldb : j), ldb,
                    C + i * ldc + j, ldc, accumulate);
     }
-    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous);
   });
 }
 
@@ -661,8 +677,7 @@ Panels pack_dense(const at::Tensor& b, int64_t group, int64_t groups, int64_t pe
           for (int64_t k = 0; k < K; ++k)
             std::memcpy(to + k * P, src + k * ld + first, sizeof(scalar_t) * width);
         } else {
-          transpose_mxn<scalar_t>(src + first * ld, ld, to, P, static_cast<int>(width),
-                                  static_cast<int>(K));
+          transpose_mxn<scalar_t>(src + first * ld, ld, to, P, width, K);
         }
         if (width < P)
           for (int64_t k = 0; k < K; ++k) std::fill(to + k * P + width, to + k * P + P, 0);
@@ -687,7 +702,7 @@ void copy_pairs(int64_t K, const at::BFloat16* from, int64_t sn, int64_t width, 
   if (sn % 2 == 0) {
     static_assert(sizeof(float) == 2 * sizeof(at::BFloat16));
     transpose_mxn<float>(reinterpret_cast<const float*>(from), sn / 2, reinterpret_cast<float*>(to),
-                         P, static_cast<int>(width), static_cast<int>(pairs));
+                         P, width, pairs);
   } else {
     for (int64_t c0 = 0; c0 < width; c0 += kColumns) {
       const int64_t c1 = std::min(width, c0 + kColumns);
@@ -880,9 +895,8 @@ template <class T>
 void blas_product_here(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
                        int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
   if (empty_product(M, N, K, C, ldc, accumulate)) return;
-  const int previous = MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0;
+  const OneBlasThread one_thread;
   blas_call<T>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
-  if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous);
 }
 
 template <class T>
@@ -894,12 +908,11 @@ void blas_at_b(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T
   // size that depends on M only.
   const int64_t kRowsPerCall = std::max<int64_t>(64, (M + 8 * 16 - 1) / (8 * 16) * 16);
   const auto rows = [&](int64_t begin, int64_t end) {
-    const int previous = MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0;
+    const OneBlasThread one_thread;
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t i = blk * kRowsPerCall, m = std::min(kRowsPerCall, M - i);
       blas_call<T>(true, false, m, N, K, A + i, lda, B, ldb, C + i * ldc, ldc, accumulate);
     }
-    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous);
   };
   split((M + kRowsPerCall - 1) / kRowsPerCall, kRowsPerCall * N * K, rows);
 }
@@ -914,8 +927,7 @@ at::Tensor transposed(const at::Tensor& m) {
     constexpr int64_t kRows = 64;  // of m, per task
     split((M + kRows - 1) / kRows, kRows * N, [&](int64_t begin, int64_t end) {
       const int64_t i0 = begin * kRows, i1 = std::min(M, end * kRows);
-      transpose_mxn<scalar_t>(src + i0 * ld, ld, dst + i0, M, static_cast<int>(i1 - i0),
-                              static_cast<int>(N));
+      transpose_mxn<scalar_t>(src + i0 * ld, ld, dst + i0, M, i1 - i0, N);
     });
   });
   return t;

@@ -83,16 +83,27 @@ bool cell_rows_over_threads(int64_t n, int64_t H, const F& rows) {
   return true;
 }
 
-// A cell's step of many rows in one parallel region (run_forward's rows_in_one_region): blocks
-// of about kRegionBlockRows rows, and two at the least, their count set by the rows alone so
-// that the bits do not depend on the threads (each block's two products are one BLAS call
-// each). LSTMCell(51) at B=97, float64, against a region for each product and one for the
-// cell math: 1.16-1.19x as fast with x of 51 columns, 1.26-1.35x with one (the per-call
-// client's two cells; Intel Xeon with AMX).
+// A single step of many rows (a cell at a large batch, a layer of one step; always a small
+// problem: weights read as stored) runs in one parallel region, by blocks of rows, each
+// through its products (one BLAS call each) and the cell math on one thread, forward and
+// backward; a region for each product and one for the cell math cost LSTMCell(51) at B=97,
+// float64, 1.16-1.19x its time with x of 51 columns, 1.26-1.35x with one (the per-call
+// client's two cells; Intel Xeon with AMX). The blocks (about kRegionBlockRows rows, two at
+// the least) are set by the rows alone, so that the bits do not depend on the threads.
 constexpr int64_t kRegionBlockRows = 64;
 constexpr int64_t kRegionBlockMinRows = 16;
-int64_t region_blocks(int64_t rows) {
-  return std::max<int64_t>(2, (rows + kRegionBlockRows - 1) / kRegionBlockRows);
+bool step_in_one_region(const Problem& p) {
+  return p.steps == 1 && !p.elementwise && !p.proj && p.batch >= 2 * kRegionBlockMinRows &&
+         p.batch * p.hidden >= kParallelCellUnits;
+}
+// block(i0, rows) over the blocks of a step's n rows, in one parallel region.
+template <class F>
+void for_row_blocks(int64_t n, const F& block) {
+  const int64_t blocks = std::max<int64_t>(2, (n + kRegionBlockRows - 1) / kRegionBlockRows);
+  const int64_t per = (n + blocks - 1) / blocks;
+  at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
+    for (int64_t b = b_begin; b < b_end; ++b) block(b * per, std::min(n, (b + 1) * per) - b * per);
+  });
 }
 
 int step_threads(const Problem& p) {
@@ -281,14 +292,10 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
   // reads its half of W_hh's panels at each step, not all of them: LSTM T=100 B=64 H=512 bf16
   // forward 3-5% faster in four interleaved runs (Intel Xeon with AMX).
   const bool by_units = w_hh_t.packed() && w_hh_t.panels().tiles;
-  // A cell's step of many rows (one step, weights in T, read as stored): blocks of rows, each
-  // through both products and the cell math on one thread, in one parallel region where the
-  // products and the cell math opened one each (region_blocks).
-  const bool rows_in_one_region = !pack && p.steps == 1 && !p.elementwise && ln_p == nullptr &&
-                                  !p.proj && !x_bf16 && w_ih.scalar_type() == w_hh.scalar_type() &&
-                                  w_hh.scalar_type() == opts.dtype().toScalarType() &&
-                                  p.batch >= 2 * kRegionBlockMinRows &&
-                                  p.batch * H >= kParallelCellUnits;
+  // A step of many rows in one region (step_in_one_region), with weights and input in T.
+  const bool rows_in_one_region = step_in_one_region(p) && ln_p == nullptr && !x_bf16 &&
+                                  w_ih.scalar_type() == w_hh.scalar_type() &&
+                                  w_hh.scalar_type() == opts.dtype().toScalarType();
   for (const Chunk& ch : chunks) {
     if (rows_in_one_region) {
       // The products come with the cell math below.
@@ -411,15 +418,11 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
         // with their products (rows_in_one_region).
         bool split_rows = false;
         if (rows_in_one_region) {
-          const int64_t blocks = region_blocks(n), per = (n + blocks - 1) / blocks;
-          at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
-            for (int64_t b = b_begin; b < b_end; ++b) {
-              const int64_t i0 = b * per, rows = std::min(n, i0 + per) - i0;
-              w_ih_t.product_here(rows, x_p + (r0 + i0) * I, I,
-                                  xg_p + (r0 - ch.row_begin + i0) * GH, GH);
-              w_hh_t.product_here(rows, h_prev + i0 * Hout, Hout, hg_p + i0 * GH, GH);
-              forward_rows(i0, i0 + rows, 0, H);
-            }
+          for_row_blocks(n, [&](int64_t i0, int64_t rows) {
+            w_ih_t.product_here(rows, x_p + (r0 + i0) * I, I, xg_p + (r0 - ch.row_begin + i0) * GH,
+                                GH);
+            w_hh_t.product_here(rows, h_prev + i0 * Hout, Hout, hg_p + i0 * GH, GH);
+            forward_rows(i0, i0 + rows, 0, H);
           });
           split_rows = true;
         } else {
@@ -787,12 +790,10 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
     });
   };
 
-  // As in the forward (rows_in_one_region there): a cell's step of many rows by blocks of
-  // rows, each through the cell's backward, dh_{t-1} and dX, in one parallel region.
-  const bool rows_in_one_region =
-      small && p.steps == 1 && !p.elementwise && !ln && !p.proj && !bf16 && !w_ih_as_stored &&
-      w_hh.scalar_type() == saved.scalar_type() && p.batch >= 2 * kRegionBlockMinRows &&
-      p.batch * H >= kParallelCellUnits;
+  // A step of many rows in one region (step_in_one_region): by blocks of rows through the
+  // cell's backward, dh_{t-1} and dX, with weights in the engine's dtype.
+  const bool rows_in_one_region = step_in_one_region(p) && !ln && !bf16 && !w_ih_as_stored &&
+                                  w_hh.scalar_type() == saved.scalar_type();
   for (auto ch = chunks.rbegin(); ch != chunks.rend(); ++ch) {
     bool chunk_rounded = round_dg;  // every step's rows in dg_bf (written by thread 0)
     if (p.elementwise) {
@@ -829,18 +830,14 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
           };
           const bool accumulate = Cell::kUsesPrevH || p.zoneout;
           if (rows_in_one_region) {
-            const int64_t blocks = region_blocks(n), per = (n + blocks - 1) / blocks;
-            at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
-              for (int64_t b = b_begin; b < b_end; ++b) {
-                const int64_t i0 = b * per, rows = std::min(n, i0 + per) - i0;
-                backward_rows(i0, i0 + rows, 0, H);
-                if (a.mask.state)
-                  w_hh_b.product_here(rows, dhg_p + (local + i0) * GH, GH, dh_p + i0 * Hout, Hout,
-                                      accumulate);
-                if (a.mask.input)
-                  blas_product_here<T>(false, false, rows, I, GH, dxg_p + (local + i0) * GH, GH,
-                                       w_ih.data_ptr<T>(), I, gin_p + (r0 + i0) * I, I, false);
-              }
+            for_row_blocks(n, [&](int64_t i0, int64_t rows) {
+              backward_rows(i0, i0 + rows, 0, H);
+              if (a.mask.state)
+                w_hh_b.product_here(rows, dhg_p + (local + i0) * GH, GH, dh_p + i0 * Hout, Hout,
+                                    accumulate);
+              if (a.mask.input)
+                blas_product_here<T>(false, false, rows, I, GH, dxg_p + (local + i0) * GH, GH,
+                                     w_ih.data_ptr<T>(), I, gin_p + (r0 + i0) * I, I, false);
             });
             continue;
           }
