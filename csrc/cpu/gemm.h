@@ -105,10 +105,11 @@ void bf16_matmul_transposed(int64_t M, const float* A, int64_t lda, const Panels
                             int64_t ldc, bool accumulate);
 
 // C[M, columns of panel j of group g] = A[M, K] @ that panel of B (accumulate: C += ...), on
-// the calling thread: for work already split over threads by the caller.
+// the calling thread: for work already split over threads by the caller. `next`: the panel
+// of B the caller reads after this one (float32), fetched into L2 while this one runs.
 template <class T>
 void panel_product(int64_t M, const T* A, int64_t lda, const Panels& B, int64_t g, int64_t j, T* C,
-                   int64_t ldc, bool accumulate = false);
+                   int64_t ldc, bool accumulate = false, const T* next = nullptr);
 
 // The same for bfloat16 panels on an A rounded beforehand (bf16_round_rows, lda even): for an
 // A that many panels read.

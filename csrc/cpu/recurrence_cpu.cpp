@@ -436,6 +436,15 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
         const int64_t tiles = split_rows ? 0 : tile_count(n, H);
         for (int64_t k_tile = team.begin(tiles); k_tile < team.end(tiles); ++k_tile) {
           const Tile tl = tile_at(k_tile, n, H, by_units);
+          // The panel this thread reads after gate k's: the next gate's, then the next tile's
+          // first (at the step's last tile, its first tile's, for the next step).
+          const auto next_panel = [&](int64_t k) -> const T* {
+            const Panels& w = w_hh_t.panels();
+            if (w.bf16()) return nullptr;
+            if (k + 1 < Cell::kGates) return w.panel<T>(k + 1, tl.u0 / Panels::kPanel);
+            const int64_t after = k_tile + 1 < team.end(tiles) ? k_tile + 1 : team.begin(tiles);
+            return w.panel<T>(0, tile_at(after, n, H, by_units).u0 / Panels::kPanel);
+          };
           for (int64_t k = 0; k < Cell::kGates && w_hh_t.packed(); ++k) {
             T* hg_tile = hg_p + tl.i0 * GH + k * H + tl.u0;
             if constexpr (std::is_same_v<T, float>) {
@@ -446,7 +455,7 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
               }
             }
             panel_product<T>(tl.rows, h_prev + tl.i0 * Hout, Hout, w_hh_t.panels(), k,
-                             tl.u0 / Panels::kPanel, hg_tile, GH);
+                             tl.u0 / Panels::kPanel, hg_tile, GH, false, next_panel(k));
           }
           forward_rows(tl.i0, tl.i0 + tl.rows, tl.u0, tl.u1);
           if constexpr (std::is_same_v<T, float>) {
