@@ -98,12 +98,13 @@ def test_both_weight_gradient_paths(mode, path, monkeypatch):
 @pytest.mark.parametrize("streamed", ["0", "1"], ids=["brgemm", "streamed"])
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 def test_both_float32_step_kernels(mode, streamed, monkeypatch):
-    """The forward's float32 step products on W_hh's panels of more than 2 MiB: ATen's
-    brgemm or the streamed kernel (gemm.cpp, streamed_panel; by default on Intel CPUs) both
-    match the reference, with full and partial panels and blocks of 1 to 6 rows."""
+    """Float32 products on packed panels of more than 2 MiB (the steps' W_hh; W_ih in the
+    input projection and dX): ATen's brgemm or the streamed kernel (gemm.cpp, streamed_panel;
+    by default on Intel CPUs) both match the reference, with full and partial panels and
+    blocks of 1 to 6 rows."""
     monkeypatch.setenv("RNN_FUSED_STREAMED_PANELS", streamed)
     test_matches_reference(mode, dict(T=5, B=11, I=7, H=420), torch.float32)
-    test_matches_reference(mode, dict(T=4, B=9, I=7, H=448, reverse=True), torch.float32)
+    test_matches_reference(mode, dict(T=4, B=9, I=448, H=448, reverse=True), torch.float32)
 
 
 def _torch_module(mode: str, I: int, H: int, bias: bool, proj: int, dtype) -> nn.Module:
