@@ -101,7 +101,7 @@ def test_both_float32_step_kernels(mode, streamed, monkeypatch):
     """Float32 products on packed panels of more than 2 MiB (the steps' W_hh; W_ih in the
     input projection and dX): ATen's brgemm or the streamed kernel (gemm.cpp, streamed_panel;
     by default on Intel CPUs) both match the reference, with full and partial panels and
-    blocks of 1 to 6 rows."""
+    blocks of 6 rows and remainders of 3 and 5."""
     monkeypatch.setenv("RNN_FUSED_STREAMED_PANELS", streamed)
     test_matches_reference(mode, dict(T=5, B=11, I=7, H=420), torch.float32)
     test_matches_reference(mode, dict(T=4, B=9, I=448, H=448, reverse=True), torch.float32)

@@ -115,7 +115,7 @@ bool use_brgemm() {
 // Panels of more bytes than this (a core's L2 on the Intel kind) are read by streamed_panel,
 // with the next panel fetched along the way; smaller ones stay in L2 from step to step,
 // where brgemm reads them faster. Float32 forward, streamed against brgemm (Intel Xeon with
-// AMX): LSTM T=200 B=16 H=128 0.955, T=50 B=32 H=256 1.00, T=100 B=64 H=512 1.05-1.13.
+// AMX): LSTM T=200 B=16 H=128 0.955, T=50 B=32 H=256 1.00, T=100 B=64 H=512 1.05-1.15.
 constexpr int64_t kStreamedPanelsBytes = int64_t(2) << 20;
 
 #if defined(CPU_CAPABILITY_AVX512)
