@@ -202,27 +202,30 @@ void streamed_panel(int64_t M, int64_t K, const float* A, int64_t lda, const flo
   }
 }
 
-// Streamed panels on Intel CPUs, where they were measured (not on the AMD kind, whose L2
-// is half the size); RNN_FUSED_STREAMED_PANELS=0 or =1 turns them off or on (the tests run
+#endif
+
+// Whether float32 panels of `bytes` are read by streamed_panel (Panels::streamed, set once
+// when they are packed): on Intel CPUs, where it was measured (not on the AMD kind, whose L2
+// is half the size); RNN_FUSED_STREAMED_PANELS=0 or =1 turns it off or on (the tests run
 // both).
-bool use_streamed_panels() {
+bool streamed_panels(int64_t bytes) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (bytes <= kStreamedPanelsBytes) return false;
   const char* env = std::getenv("RNN_FUSED_STREAMED_PANELS");
   if (env != nullptr) return std::strcmp(env, "0") != 0;
   static const bool intel = __builtin_cpu_is("intel");
   return intel;
+#else
+  return false;
+#endif
 }
-#endif
 
+// streamed: panels read by streamed_panel, as in the steps (panel_product): LSTM T=100 B=64
+// H=512 forward 1.03x (median of seven runs, 0.97-1.09; Intel Xeon with AMX).
 void brgemm_blocks(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-                   int64_t ldb, float* C, int64_t ldc, bool accumulate, bool panels) {
+                   int64_t ldb, float* C, int64_t ldc, bool accumulate, bool panels,
+                   bool streamed) {
   const int64_t mb = (M + kBlockM - 1) / kBlockM, nb = (N + kBlockN - 1) / kBlockN;
-#if defined(CPU_CAPABILITY_AVX512)
-  // Panels beyond L2, as in the steps (panel_product): LSTM T=100 B=64 H=512 forward 1.03x
-  // (median of seven runs, 0.97-1.09; Intel Xeon with AMX).
-  const bool streamed = panels &&
-                        nb * kBlockN * K * int64_t(sizeof(float)) > kStreamedPanelsBytes &&
-                        use_streamed_panels();
-#endif
   split(mb * nb, std::min(M, kBlockM) * kBlockN * K, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       // Column-block-major order: consecutive blocks of a thread reuse one panel of B.
@@ -612,15 +615,17 @@ bool empty_product(int64_t M, int64_t N, int64_t K, T* C, int64_t ldc, bool accu
   return true;
 }
 
-// Shared by both forms: B is either row-major with ldb, or panels (ldb unused).
+// Shared by both forms: B is either row-major with ldb, or panels (ldb unused; streamed:
+// Panels::streamed).
 template <class T>
 void product(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
-             T* C, int64_t ldc, bool accumulate, bool panels) {
+             T* C, int64_t ldc, bool accumulate, bool panels, bool streamed = false) {
   if (empty_product(M, N, K, C, ldc, accumulate)) return;
   if (M <= kSmallRows)
     return matmul_small_rows<T>(M, N, K, A, lda, B, ldb, C, ldc, accumulate, panels);
   if constexpr (std::is_same_v<T, float>) {
-    if (use_brgemm()) return brgemm_blocks(M, N, K, A, lda, B, ldb, C, ldc, accumulate, panels);
+    if (use_brgemm())
+      return brgemm_blocks(M, N, K, A, lda, B, ldb, C, ldc, accumulate, panels, streamed);
   }
   if (!panels) return matmul_blas<T>(false, false, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
   // BLAS per panel, the panels split over threads.
@@ -634,7 +639,8 @@ void product(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
         });
 }
 
-// C[M, width] (+)= A[M, K] @ one float panel (width <= kPanel).
+// C[M, width] (+)= A[M, K] @ one float panel (width <= kPanel); `next`, the panel read after
+// it, is given for streamed panels only (Panels::streamed).
 template <class T>
 void one_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t width, T* C,
                int64_t ldc, bool accumulate, const T* next) {
@@ -642,7 +648,7 @@ void one_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, in
   if (empty_product(M, width, K, C, ldc, accumulate)) return;
   if constexpr (std::is_same_v<T, float>) {
 #if defined(CPU_CAPABILITY_AVX512)
-    if (M > kSmallRows && width == P && next != nullptr && use_streamed_panels()) {
+    if (M > kSmallRows && width == P && next != nullptr) {
       return streamed_panel(M, K, A, lda, panel, C, ldc, accumulate, next);
     }
 #endif
@@ -977,7 +983,8 @@ void matmul(int64_t M, const T* A, int64_t lda, const Panels& B, T* C, int64_t l
     if (B.bf16()) return M == 0 ? void() : bf16_matmul(M, A, lda, B, C, ldc, accumulate);
   }
   TORCH_INTERNAL_ASSERT(B.group == B.N, "a full product needs panels packed in one group");
-  product<T>(M, B.N, B.K, A, lda, B.data.data_ptr<T>(), 0, C, ldc, accumulate, /*panels=*/true);
+  product<T>(M, B.N, B.K, A, lda, B.data.data_ptr<T>(), 0, C, ldc, accumulate, /*panels=*/true,
+             B.streamed);
 }
 
 void matmul(int64_t M, const at::BFloat16* A, int64_t lda, const Panels& B, float* C, int64_t ldc,
@@ -996,9 +1003,8 @@ void panel_product(int64_t M, const T* A, int64_t lda, const Panels& B, int64_t 
                                 accumulate, B.tiles);
     }
   }
-  const bool streamed = B.data.nbytes() > kStreamedPanelsBytes;
   one_panel<T>(M, B.K, A, lda, B.panel<T>(g, j), width, C, ldc, accumulate,
-               streamed ? next : nullptr);
+               B.streamed ? next : nullptr);
 }
 
 void panel_product(int64_t M, const at::BFloat16* A, int64_t lda, const Panels& B, int64_t g,
@@ -1073,12 +1079,18 @@ Panels pack_panels(const at::Tensor& b, int64_t group, bool bf16) {
     return pairs;
   }
   const bool own_dtype = b.scalar_type() == at::kFloat || b.scalar_type() == at::kDouble;
-  if (own_dtype && (b.stride(1) == 1 || b.stride(0) == 1))
-    return pack_dense(b, group, groups, per_group);
-  at::Tensor grouped = b.reshape({K, groups, group});
-  if (per_group * P != group) grouped = at::constant_pad_nd(grouped, {0, per_group * P - group});
-  at::Tensor data = grouped.reshape({K, groups, per_group, P}).permute({1, 2, 0, 3});
-  return {data.contiguous(), K, N, group, per_group};
+  Panels panels;
+  if (own_dtype && (b.stride(1) == 1 || b.stride(0) == 1)) {
+    panels = pack_dense(b, group, groups, per_group);
+  } else {
+    at::Tensor grouped = b.reshape({K, groups, group});
+    if (per_group * P != group) grouped = at::constant_pad_nd(grouped, {0, per_group * P - group});
+    at::Tensor data = grouped.reshape({K, groups, per_group, P}).permute({1, 2, 0, 3});
+    panels = {data.contiguous(), K, N, group, per_group};
+  }
+  panels.streamed =
+      panels.data.scalar_type() == at::kFloat && streamed_panels(panels.data.nbytes());
+  return panels;
 }
 
 #define RF_INSTANTIATE(T)                                                                         \

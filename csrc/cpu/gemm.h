@@ -70,7 +70,8 @@ struct Panels {
   static constexpr int64_t kPanel = 64;
   at::Tensor data;  // [groups, panels_per_group, K, kPanel], or the pairs of rows of bfloat16
   int64_t K = 0, N = 0, group = 0, per_group = 0;
-  bool tiles = false;  // bfloat16 products on AMX tiles where rows allow (bf16_tiles_allowed)
+  bool tiles = false;     // bfloat16 products on AMX tiles where rows allow (bf16_tiles_allowed)
+  bool streamed = false;  // float32 panels beyond L2: gemm.cpp's streamed_panel reads them
 
   bool bf16() const { return data.defined() && data.scalar_type() == at::kBFloat16; }
   // Values of one panel: K rows, or K rounded up to even for bfloat16.
