@@ -126,3 +126,35 @@ def test_bfloat16_training_forward_repeats(proj_size: int):
     first = module(x)[0]
     for call in range(30):
         assert torch.equal(module(x)[0], first), f"call {call + 1} differs from the first"
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_own_rows_of_a_packed_batch(cls, dtype: torch.dtype):
+    """Forward steps whose threads each keep their own blocks of rows, with no barrier
+    between steps (recurrence_cpu.cpp, own_rows): a packed batch whose rows end mid-block and
+    a reverse direction whose batch grows, the same bits on one thread and two, run after
+    run, and torch.nn's values."""
+    seed("repro-own-rows", cls.__name__, dtype)
+    theirs = cls(21, 37, num_layers=2, bidirectional=True)
+    ours = rnn_fused.replace_rnns(cls(21, 37, num_layers=2, bidirectional=True))
+    ours.load_state_dict(theirs.state_dict())
+    lengths = torch.randint(1, 41, (19,)).sort(descending=True).values
+    lengths[0] = 41
+    x = torch.randn(41, 19, 21)
+
+    def run(module: nn.Module, dt: torch.dtype) -> list[torch.Tensor]:
+        module = module.to(dt)
+        xi = x.to(dt).requires_grad_()
+        packed = nn.utils.rnn.pack_padded_sequence(xi, lengths)
+        out, _ = nn.utils.rnn.pad_packed_sequence(module(packed)[0])
+        return [out, *torch.autograd.grad((out.float() ** 2).sum(), [xi])]
+
+    single, double = (_on_threads(n, lambda: run(ours, dtype)) for n in (1, 2))
+    again = run(ours, dtype)
+    for a, b, c in zip(single, double, again):
+        assert torch.equal(a, b), "one thread and two threads differ"
+        assert torch.equal(b, c), "two runs differ"
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    for a, b in zip(double, run(theirs, torch.float64)):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)

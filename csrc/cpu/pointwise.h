@@ -34,6 +34,22 @@ inline Tile tile_at(int64_t tile, int64_t n, int64_t H, bool by_units = false) {
   return {i0, std::min(kTileRows, n - i0), u0, std::min(H, u0 + kTileUnits)};
 }
 
+// Blocks of a batch's rows for forward steps whose threads keep their own rows through a
+// chunk (run_forward's own_rows): set by the batch alone, so that a product's rows, and its
+// bits, do not depend on the number of threads; at least two, of about kOwnRowsBlock rows.
+constexpr int64_t kOwnRowsBlock = 16;
+inline int64_t own_row_blocks(int64_t batch) {
+  return std::max<int64_t>(2, (batch + kOwnRowsBlock - 1) / kOwnRowsBlock);
+}
+// Tile `tile` of the row blocks from b0 on (unit block by unit block within a row block),
+// its rows clipped to a step's n rows: none where the block lies past them.
+inline Tile own_rows_tile(int64_t tile, int64_t b0, int64_t batch, int64_t n, int64_t H) {
+  const int64_t blocks = own_row_blocks(batch), per = (batch + blocks - 1) / blocks;
+  const int64_t b = b0 + tile / unit_blocks(H), u0 = tile % unit_blocks(H) * kTileUnits;
+  const int64_t i0 = std::min(n, b * per);
+  return {i0, std::min(n, (b + 1) * per) - i0, u0, std::min(H, u0 + kTileUnits)};
+}
+
 // Pointers into one row of the forward's buffers.
 template <class T>
 struct ForwardRow {

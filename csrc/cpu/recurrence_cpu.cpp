@@ -46,6 +46,10 @@ constexpr int64_t kBackwardChunkBytes = int64_t(8) << 20;
 // Steps with fewer multiply-adds than this run on one thread: below it a barrier between
 // threads costs more than the work it splits.
 constexpr int64_t kParallelStepWork = 32768;
+// Forward steps whose threads keep their own rows (run_forward's own_rows): batches of at
+// least this many rows, W_hh's packed panels of at most this many bytes.
+constexpr int64_t kOwnRowsMinBatch = 8;
+constexpr int64_t kOwnRowsPanelBytes = int64_t(512) << 10;
 
 // Small problems skip the weight packing and the team of threads: calls of at most this
 // many rows (steps x batch), or of at most this many steps (a cell's step at any batch).
@@ -292,6 +296,16 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
   // reads its half of W_hh's panels at each step, not all of them: LSTM T=100 B=64 H=512 bf16
   // forward 3-5% faster in four interleaved runs (Intel Xeon with AMX).
   const bool by_units = w_hh_t.packed() && w_hh_t.panels().tiles;
+  // Where W_hh's panels are small enough for each thread to keep all of them in its cache,
+  // each thread takes whole blocks of rows (own_rows_tile) through all steps of a chunk: a
+  // row's next step reads only its own h, so the steps need no barrier, and no thread reads
+  // h from another core. LSTM T=200 B=16 H=128 float32 forward 1.05-1.08x, GRU 1.08x,
+  // bfloat16 1.09x, float64 1.07x, forward and backward 1.04-1.05x; H=64 1.37-1.48x (one unit
+  // block: one thread had all the work); B=64 H=512 (4 MiB of float32 panels) and H=256 at
+  // 1 MiB unchanged or slower; B=4, two rows a thread, 0.87-0.95x (AMD EPYC).
+  const bool own_rows = w_hh_t.packed() && !by_units && carry_in_cell &&
+                        p.batch >= kOwnRowsMinBatch &&
+                        w_hh_t.panels().data.nbytes() <= kOwnRowsPanelBytes;
   // A step of many rows in one region (step_in_one_region), with weights and input in T.
   const bool rows_in_one_region = step_in_one_region(p) && ln_p == nullptr && !x_bf16 &&
                                   w_ih.scalar_type() == w_hh.scalar_type() &&
@@ -373,6 +387,8 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
         // step and where a packed batch grows.
         const bool carried = carry_in_cell && s > 0 && n <= p.batch_sizes[p.step_at(s - 1)];
         if (!carried) {
+          // own_rows: the step before ended without a barrier.
+          if (own_rows && s > ch.s_begin) team.barrier();
           if (team.id == 0 && h_prev_read) std::memcpy(h_prev, h_p, sizeof(T) * n * Hout);
           if constexpr (std::is_same_v<T, float>) {
             if (round_h) {
@@ -434,13 +450,20 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
         // gate, then the cell math of those units while they are in cache. LayerNorm cells
         // normalise whole rows: all products first, then the rows.
         const int64_t tiles = split_rows ? 0 : tile_count(n, H);
-        for (int64_t k_tile = team.begin(tiles); k_tile < team.end(tiles); ++k_tile) {
-          const Tile tl = tile_at(k_tile, n, H, by_units);
+        const int64_t row_blocks = own_rows ? own_row_blocks(p.batch) : 0;
+        const int64_t first_block = team.begin(row_blocks);
+        const int64_t t_begin = own_rows ? 0 : team.begin(tiles);
+        const int64_t t_end =
+            own_rows ? (team.end(row_blocks) - first_block) * unit_blocks(H) : team.end(tiles);
+        for (int64_t k_tile = t_begin; k_tile < t_end; ++k_tile) {
+          const Tile tl = own_rows ? own_rows_tile(k_tile, first_block, p.batch, n, H)
+                                   : tile_at(k_tile, n, H, by_units);
+          if (tl.rows == 0) continue;
           // The panel this thread reads after gate k's: the next gate's, then the next tile's
           // first (at the step's last tile, its first tile's, for the next step).
           const auto next_panel = [&](int64_t k) -> const T* {
             const Panels& w = w_hh_t.panels();
-            if (w.bf16()) return nullptr;
+            if (w.bf16() || own_rows) return nullptr;
             if (k + 1 < Cell::kGates) return w.panel<T>(k + 1, tl.u0 / Panels::kPanel);
             const int64_t after = k_tile + 1 < team.end(tiles) ? k_tile + 1 : team.begin(tiles);
             return w.panel<T>(0, tile_at(after, n, H, by_units).u0 / Panels::kPanel);
@@ -493,7 +516,7 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
             }
           }
         }
-        team.barrier();
+        if (!own_rows) team.barrier();
         if (p.proj) {
           T* out_rows = out_p + r0 * Hout;
           w_hr_t->product(team, n, h_unproj, h_unproj_ld, out_rows, Hout, false);
