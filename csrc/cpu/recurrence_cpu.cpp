@@ -49,7 +49,7 @@ constexpr int64_t kParallelStepWork = 32768;
 // Forward steps whose threads keep their own rows (run_forward's own_rows): batches of at
 // least this many rows, W_hh's packed panels of at most this many bytes.
 constexpr int64_t kOwnRowsMinBatch = 8;
-constexpr int64_t kOwnRowsPanelBytes = int64_t(512) << 10;
+constexpr int64_t kOwnRowsPanelBytes = int64_t(1) << 20;
 
 // Small problems skip the weight packing and the team of threads: calls of at most this
 // many rows (steps x batch), or of at most this many steps (a cell's step at any batch).
@@ -301,8 +301,9 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
   // row's next step reads only its own h, so the steps need no barrier, and no thread reads
   // h from another core. LSTM T=200 B=16 H=128 float32 forward 1.05-1.08x, GRU 1.08x,
   // bfloat16 1.09x, float64 1.07x, forward and backward 1.04-1.05x; H=64 1.37-1.48x (one unit
-  // block: one thread had all the work); B=64 H=512 (4 MiB of float32 panels) and H=256 at
-  // 1 MiB unchanged or slower; B=4, two rows a thread, 0.87-0.95x (AMD EPYC).
+  // block: one thread had all the work); a 2-layer LSTM at T=35 B=20 H=200 (800 KiB) 1.09-1.13x,
+  // B=32 H=256 (1 MiB) 1.03-1.19x; B=64 H=512 (4 MiB of float32 panels) unchanged or slower;
+  // B=4, two rows a thread, 0.87-0.95x (AMD EPYC).
   const bool own_rows = w_hh_t.packed() && !by_units && carry_in_cell &&
                         p.batch >= kOwnRowsMinBatch &&
                         w_hh_t.panels().data.nbytes() <= kOwnRowsPanelBytes;
