@@ -456,18 +456,21 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
         const int64_t t_begin = own_rows ? 0 : team.begin(tiles);
         const int64_t t_end =
             own_rows ? (team.end(row_blocks) - first_block) * unit_blocks(H) : team.end(tiles);
+        const auto tile_of = [&](int64_t k_tile) {
+          return own_rows ? own_rows_tile(k_tile, first_block, p.batch, n, H)
+                          : tile_at(k_tile, n, H, by_units);
+        };
         for (int64_t k_tile = t_begin; k_tile < t_end; ++k_tile) {
-          const Tile tl = own_rows ? own_rows_tile(k_tile, first_block, p.batch, n, H)
-                                   : tile_at(k_tile, n, H, by_units);
+          const Tile tl = tile_of(k_tile);
           if (tl.rows == 0) continue;
           // The panel this thread reads after gate k's: the next gate's, then the next tile's
           // first (at the step's last tile, its first tile's, for the next step).
           const auto next_panel = [&](int64_t k) -> const T* {
             const Panels& w = w_hh_t.panels();
-            if (w.bf16() || own_rows) return nullptr;
+            if (w.bf16()) return nullptr;
             if (k + 1 < Cell::kGates) return w.panel<T>(k + 1, tl.u0 / Panels::kPanel);
-            const int64_t after = k_tile + 1 < team.end(tiles) ? k_tile + 1 : team.begin(tiles);
-            return w.panel<T>(0, tile_at(after, n, H, by_units).u0 / Panels::kPanel);
+            const int64_t after = k_tile + 1 < t_end ? k_tile + 1 : t_begin;
+            return w.panel<T>(0, tile_of(after).u0 / Panels::kPanel);
           };
           for (int64_t k = 0; k < Cell::kGates && w_hh_t.packed(); ++k) {
             T* hg_tile = hg_p + tl.i0 * GH + k * H + tl.u0;
