@@ -22,10 +22,18 @@ def _assert_rule(errors: list[tuple[float, float]]) -> None:
 
 
 # Short calls (15 rows at batch 3; 9 steps at batch 1, whose input projection runs in chunks
-# of 4 rows) read their weights as stored; long ones (65 rows) pack them, and bfloat16 ones
-# take the bfloat16 dot products where the CPU has them; wide ones (17 rows a step) take AMX
-# tiles where it has them.
-LENGTHS = {"short": (5, 3), "single": (9, 1), "long": (13, 5), "wide": (5, 17)}
+# of 4 rows; two steps at batch 7) read their weights as stored; long ones (65 rows) pack
+# them, and bfloat16 ones take the bfloat16 dot products where the CPU has them, as do
+# bfloat16 calls of two steps from 96 rows; wide ones (17 rows a step) take AMX tiles where
+# it has them.
+LENGTHS = {
+    "short": (5, 3),
+    "single": (9, 1),
+    "two steps": (2, 7),
+    "long": (13, 5),
+    "wide": (5, 17),
+    "two wide steps": (2, 48),
+}
 
 
 @pytest.mark.parametrize("length", LENGTHS)
@@ -98,13 +106,14 @@ def test_cell_no_worse_than_twice_torch_nn(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
-@pytest.mark.parametrize("batch", [1, 4, 7])
+@pytest.mark.parametrize("batch", [1, 4, 7, 95])
 @pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
 def test_small_batch_cell_no_worse_than_twice_torch_nn(name, batch, dtype):
     """A step at batch 1 to 4 reads half-type weights as stored (products widen each value
-    as they read it; at batch 7 they are converted once): the rule at a width whose products
-    split into several column blocks with a partial one (70 units: 280 gate rows, 70
-    columns of dh)."""
+    as they read it; at batch 7 and 95 bfloat16 ones are read as stored by the dot products
+    where the CPU has them, the others converted once): the rule, for every gradient too, at
+    a width whose products split into several column blocks with a partial one (70 units:
+    280 gate rows, 70 columns of dh)."""
     seed(name, batch, dtype)
     theirs = getattr(nn, name)(37, 70).to(dtype)
     ours = getattr(rnn_fused, name).from_torch(theirs)
@@ -134,6 +143,31 @@ def test_half_weights_at_batch_1_give_the_float32_step_rounded(mode, dtype):
     for got, want in zip(half, single, strict=True):
         if want is not None:
             assert got.dtype == dtype and torch.equal(got, want.to(dtype))
+
+
+@pytest.mark.parametrize("batch", [7, 95, 96])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+def test_bf16_step_at_larger_batches_gives_the_float32_step_to_rounding(mode, batch):
+    """A step reads bfloat16 weights as stored at more than 4 rows too (on the dot products
+    where the CPU has them; packed from 96 rows): products of bfloat16 values are exact in
+    float32, so the results are the float32 call's on the same values, summed in another
+    order, within rounding to bfloat16. Odd sizes throughout: 37 inputs, 35 units (105 gate
+    rows in GRU), batches that leave partial blocks of rows."""
+    seed("bf16 rows", mode, batch)
+    gates = rnn_fused.ops.GATES[mode]
+    x = torch.randn(1, batch, 37).bfloat16()
+    w_ih, w_hh = (torch.randn(gates * 35, n).div(6).bfloat16() for n in (37, 35))
+    b_ih, b_hh = (torch.randn(gates * 35).bfloat16() for _ in range(2))
+    h0, c0 = (torch.randn(batch, 35).bfloat16() for _ in range(2))
+    c0 = c0 if mode == "LSTM" else None
+    half = rnn_fused.rnn_layer(mode, x, w_ih, w_hh, b_ih, b_hh, h0, c0)
+    wide = [None if t is None else t.float() for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0)]
+    single = rnn_fused.rnn_layer(mode, *wide)
+    for got, want in zip(half, single, strict=True):
+        if want is not None:
+            assert got.dtype == torch.bfloat16
+            # Rounding to nearest: at most half a unit in the last place, 2^-8 of the value.
+            assert ((got.float() - want).abs() <= want.abs() * 2**-8 + 1e-6).all()
 
 
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)

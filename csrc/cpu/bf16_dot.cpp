@@ -14,6 +14,8 @@
 #include <cstring>
 #include <vector>
 
+#include "avx512_sums.h"
+
 namespace rnn_fused::cpu {
 namespace {
 
@@ -98,6 +100,125 @@ void rows_times_panel_all(int64_t M, int64_t pairs, const uint16_t* A, int64_t l
       return rows_times_panel<1>(pairs, A + i * lda, lda, b, width, C + i * ldc, ldc, accumulate);
     default:
       return;
+  }
+}
+
+// Rows of A by rows of W in blocks of kDotRows x kDotRows: 16 accumulators, each the partial
+// sums of one dot product in 16 lanes, summed together at the end (sums_of_16). Rows of A
+// in groups of kDotRowsPerPass, which stay in L2 while a thread's rows of W go by.
+constexpr int kDotRows = 4;
+constexpr int64_t kDotRowsPerPass = 64;
+
+// One step of block_dots: values k .. k + 32 (those under m) of each row.
+RF_BF16_TARGET inline void dots_at(int64_t k, __mmask32 m, const uint16_t* const (&a)[kDotRows],
+                                   const uint16_t* const (&w)[kDotRows],
+                                   __m512 (&acc)[kDotRows * kDotRows]) {
+  __m512i av[kDotRows], wv[kDotRows];
+#pragma GCC unroll 4
+  for (int r = 0; r < kDotRows; ++r) {
+    av[r] = _mm512_maskz_loadu_epi16(m, a[r] + k);
+    wv[r] = _mm512_maskz_loadu_epi16(m, w[r] + k);
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < kDotRows; ++r) {
+#pragma GCC unroll 4
+    for (int c = 0; c < kDotRows; ++c) {
+      acc[r * kDotRows + c] =
+          _mm512_dpbf16_ps(acc[r * kDotRows + c], (__m512bh)av[r], (__m512bh)wv[c]);
+    }
+  }
+}
+
+// The 16 dot products of rows a[r] and w[c] over K values (pairs: lane l of a product sums
+// values 2l and 2l + 1), lane 4 r + c of the result.
+RF_BF16_TARGET __m512 block_dots(int64_t K, const uint16_t* const (&a)[kDotRows],
+                                 const uint16_t* const (&w)[kDotRows]) {
+  __m512 acc[kDotRows * kDotRows];
+  for (__m512& v : acc) v = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) dots_at(k, ~__mmask32(0), a, w, acc);
+  // Values past K are read as zeros, in A (whose pad is not read) as in W.
+  if (k < K) dots_at(k, static_cast<__mmask32>((1ull << (K - k)) - 1), a, w, acc);
+  return sums_of_16(acc);
+}
+
+// Block rows past the matrix's end read its last row again (their sums are not stored).
+inline void block_rows(const uint16_t* M, int64_t ld, int64_t first, int64_t count,
+                       const uint16_t* (&rows)[kDotRows]) {
+  for (int r = 0; r < kDotRows; ++r) rows[r] = M + (first + std::min<int64_t>(r, count - 1)) * ld;
+}
+
+// bf16_times_w: kDotRows rows of A by kWColumns columns of W, whose rows 2p and 2p + 1 are
+// interleaved by 16-bit unpacks within 128-bit blocks: the low unpack holds the pairs of
+// columns 0-3, 8-11, 16-19 and 24-27 of 32, the high one the others, put back in order as
+// they are stored (column_order).
+constexpr int64_t kWColumns = 64;
+constexpr int kWHalves = kWColumns / 32;  // 32 columns: one 512-bit load of a row
+
+// Accumulators of 16 columns each, the low unpacks' then the high ones', per 32 columns:
+// block b of C's 16 columns, in order.
+RF_BF16_TARGET inline __m512 column_order(__m512 low, __m512 high, int half) {
+  const __m512i order =
+      half == 0 ? _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0)
+                : _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+  return _mm512_permutex2var_ps(low, order, high);
+}
+
+// Rows [m0, m0 + rows) of A (rows <= kDotRows) times columns [j, j + width) of W.
+RF_BF16_TARGET void rows_times_w_columns(int64_t K, const uint16_t* A, int64_t lda, int64_t rows,
+                                         const uint16_t* W, int64_t ldw, int64_t width, float* C,
+                                         int64_t ldc, bool accumulate) {
+  __mmask32 cols[kWHalves];
+  for (int h = 0; h < kWHalves; ++h)
+    cols[h] =
+        static_cast<__mmask32>((uint64_t(1) << std::clamp<int64_t>(width - 32 * h, 0, 32)) - 1);
+  const uint16_t* a[kDotRows];
+  for (int r = 0; r < kDotRows; ++r) a[r] = A + std::min<int64_t>(r, rows - 1) * lda;
+  // Per half of the columns: the low unpack's accumulator, then the high one's. Loops over
+  // them unrolled in full, so that they stay in registers.
+  __m512 acc[kDotRows][2 * kWHalves];
+#pragma GCC unroll 4
+  for (int r = 0; r < kDotRows; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < 2 * kWHalves; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; k += 2) {
+    const uint16_t* first = W + k * ldw;
+    // An odd K's last pair: its second row is zeros.
+    const bool pair = k + 1 < K;
+    __m512i wv[2 * kWHalves];
+#pragma GCC unroll 2
+    for (int h = 0; h < kWHalves; ++h) {
+      const __m512i even = _mm512_maskz_loadu_epi16(cols[h], first + 32 * h);
+      const __m512i odd =
+          _mm512_maskz_loadu_epi16(pair ? cols[h] : __mmask32(0), first + ldw + 32 * h);
+      wv[2 * h] = _mm512_unpacklo_epi16(even, odd);
+      wv[2 * h + 1] = _mm512_unpackhi_epi16(even, odd);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < kDotRows; ++r) {
+      int32_t bits;
+      std::memcpy(&bits, a[r] + k, sizeof(bits));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(bits);
+#pragma GCC unroll 4
+      for (int v = 0; v < 2 * kWHalves; ++v)
+        acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, (__m512bh)wv[v]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < kDotRows; ++r) {
+#pragma GCC unroll 2
+    for (int h = 0; h < kWHalves; ++h) {
+#pragma GCC unroll 2
+      for (int b = 0; b < 2; ++b) {
+        const int64_t c0 = 32 * h + 16 * b;
+        const __mmask16 out = r < rows ? lanes(width - c0, 0) : __mmask16(0);
+        float* c = C + r * ldc + c0;
+        __m512 sums = column_order(acc[r][2 * h], acc[r][2 * h + 1], b);
+        if (accumulate) sums = _mm512_add_ps(sums, _mm512_maskz_loadu_ps(out, c));
+        _mm512_mask_storeu_ps(c, out, sums);
+      }
+    }
   }
 }
 
@@ -229,6 +350,47 @@ const at::BFloat16* bf16_rounded_rows(int64_t M, int64_t K, const float* A, int6
   if (static_cast<int64_t>(rounded.size()) < M * *ld) rounded.resize(M * *ld);
   bf16_round_rows(M, K, A, lda, rounded.data(), *ld);
   return rounded.data();
+}
+
+RF_BF16_TARGET void bf16_times_w_rows(int64_t M, int64_t N, int64_t K, const at::BFloat16* A,
+                                      int64_t lda, const at::BFloat16* W, int64_t ldw, float* C,
+                                      int64_t ldc, bool accumulate) {
+  const auto* a16 = reinterpret_cast<const uint16_t*>(A);
+  const auto* w16 = reinterpret_cast<const uint16_t*>(W);
+  for (int64_t p0 = 0; p0 < M; p0 += kDotRowsPerPass) {
+    const int64_t p1 = std::min(M, p0 + kDotRowsPerPass);
+    for (int64_t n0 = 0; n0 < N; n0 += kDotRows) {
+      const int64_t wn = std::min<int64_t>(kDotRows, N - n0);
+      const uint16_t* w[kDotRows];
+      block_rows(w16, ldw, n0, wn, w);
+      for (int64_t m0 = p0; m0 < p1; m0 += kDotRows) {
+        const int64_t am = std::min<int64_t>(kDotRows, p1 - m0);
+        const uint16_t* a[kDotRows];
+        block_rows(a16, lda, m0, am, a);
+        alignas(64) float sums[kDotRows * kDotRows];
+        _mm512_store_ps(sums, block_dots(K, a, w));
+        for (int64_t r = 0; r < am; ++r) {
+          float* c = C + (m0 + r) * ldc + n0;
+          for (int64_t j = 0; j < wn; ++j)
+            c[j] = accumulate ? c[j] + sums[r * kDotRows + j] : sums[r * kDotRows + j];
+        }
+      }
+    }
+  }
+}
+
+RF_BF16_TARGET void bf16_times_w(int64_t M, int64_t N, int64_t K, const at::BFloat16* A,
+                                 int64_t lda, const at::BFloat16* W, int64_t ldw, float* C,
+                                 int64_t ldc, bool accumulate) {
+  const auto* a16 = reinterpret_cast<const uint16_t*>(A);
+  const auto* w16 = reinterpret_cast<const uint16_t*>(W);
+  // A strip of W's columns stays in L2 while the rows of A go by.
+  for (int64_t j = 0; j < N; j += kWColumns) {
+    for (int64_t m0 = 0; m0 < M; m0 += kDotRows) {
+      rows_times_w_columns(K, a16 + m0 * lda, lda, std::min<int64_t>(kDotRows, M - m0), w16 + j,
+                           ldw, std::min(kWColumns, N - j), C + m0 * ldc + j, ldc, accumulate);
+    }
+  }
 }
 
 void bf16_panel_product(int64_t M, int64_t K, const at::BFloat16* A, int64_t lda,

@@ -41,6 +41,21 @@ void bf16_panel_product(int64_t M, int64_t K, const at::BFloat16* A, int64_t lda
                         const at::BFloat16* panel, int64_t width, float* C, int64_t ldc,
                         bool accumulate, bool tiles);
 
+// C[M, N] = A[M, K] @ W^T (accumulate: C += ...) for a bfloat16 W [N, K] as stored (rows
+// ldw apart) and A rounded to bfloat16 (rows lda apart): a row of W holds its values in the
+// pairs the dot products take, as a row of A does, so W needs no packing. For the products
+// of a small problem (read once per call: packing would cost more than they do). Runs on the
+// calling thread.
+void bf16_times_w_rows(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
+                       const at::BFloat16* W, int64_t ldw, float* C, int64_t ldc, bool accumulate);
+
+// C[M, N] = A[M, K] @ W (accumulate: C += ...) for a bfloat16 W [K, N] as stored (rows ldw
+// apart) and A rounded to bfloat16 (bf16_round_rows: lda even, an odd K's pad zero): pairs of
+// W's rows interleaved as they are read, for the same products as bf16_times_w_rows. Runs on
+// the calling thread.
+void bf16_times_w(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
+                  const at::BFloat16* W, int64_t ldw, float* C, int64_t ldc, bool accumulate);
+
 // One pair row of a bfloat16 panel from two rows of b (row-major): to[2c] = first[c],
 // to[2c + 1] = second[c] (zero where second is nullptr), rounded to bfloat16 (to nearest
 // even), for c < width.

@@ -18,6 +18,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "avx512_sums.h"
 #include "workspace.h"
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -376,32 +377,6 @@ void row_times_bt(int64_t N, int64_t K, const T* a, const T* B, int64_t ldb, T* 
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// Sum of each of 16 vectors, as one vector (lane r: the sum of v[r]): the per-row sums of
-// 16 dot products at once, in 15 adds and 30 shuffles where 16 separate reductions take
-// 64 adds and 64 shuffles (which were 60% of row_times_bt's time in perf, LSTMCell(32)).
-inline __m512 sums_of_16(const __m512 (&v)[16]) {
-  // Pairs: per 128-bit block, lanes 0 and 2 hold v[2q]'s partial sums, 1 and 3 v[2q + 1]'s.
-  __m512 t[8];
-  for (int q = 0; q < 8; ++q) {
-    t[q] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * q], v[2 * q + 1]),
-                         _mm512_unpackhi_ps(v[2 * q], v[2 * q + 1]));
-  }
-  // Quads: per 128-bit block, lane i holds v[4q + i]'s partial sum over that block.
-  __m512 u[4];
-  for (int q = 0; q < 4; ++q) {
-    u[q] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * q], t[2 * q + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_ps(t[2 * q], t[2 * q + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-  }
-  // The four 128-bit blocks: first added in pairs, then block q of the result is u[q]'s sum.
-  __m512 s[2];
-  for (int q = 0; q < 2; ++q) {
-    s[q] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * q], u[2 * q + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(u[2 * q], u[2 * q + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-  }
-  return _mm512_add_ps(_mm512_shuffle_f32x4(s[0], s[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(s[0], s[1], _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
 // 16 values at p (those under `lanes`; zeros past them) as float32. A half-type weight's
 // values are widened exactly as they are read.
 inline __m512 load16(const float* p, __mmask16 lanes) { return _mm512_maskz_loadu_ps(lanes, p); }
@@ -938,9 +913,26 @@ void bf16_matmul_transposed(int64_t M, const float* A, int64_t lda, const Panels
 
 void half_weight_product(bool trans, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                          const at::Tensor& W, float* C, int64_t ldc, bool accumulate) {
-  TORCH_INTERNAL_ASSERT(M <= kHalfWeightRows && W.dim() == 2 && W.stride(1) == 1);
+  TORCH_INTERNAL_ASSERT(W.dim() == 2 && W.stride(1) == 1);
   if (M == 0 || N == 0) return;
   const int64_t ldw = W.stride(0);
+  if (M > kHalfWeightRows) {
+    TORCH_INTERNAL_ASSERT(W.scalar_type() == at::kBFloat16 && has_bf16_dot());
+    int64_t ld = 0;
+    const at::BFloat16* a = bf16_rounded_rows(M, K, A, lda, &ld);
+    const at::BFloat16* w = W.data_ptr<at::BFloat16>();
+    // Blocks of C's columns over the threads, each block's part of W read by one.
+    const int64_t block = trans ? 16 : 64;
+    split((N + block - 1) / block, block * K * M, [&](int64_t begin, int64_t end) {
+      const int64_t j = begin * block, n = std::min(N, end * block) - j;
+      if (trans) {
+        bf16_times_w_rows(M, n, K, a, ld, w + j * ldw, ldw, C + j, ldc, accumulate);
+      } else {
+        bf16_times_w(M, n, K, a, ld, w + j, ldw, C + j, ldc, accumulate);
+      }
+    });
+    return;
+  }
   AT_DISPATCH_REDUCED_FLOATING_TYPES(W.scalar_type(), "rnn_fused_half_weight_product", [&] {
     const scalar_t* w = W.data_ptr<scalar_t>();
 #if defined(CPU_CAPABILITY_AVX512)
@@ -967,6 +959,26 @@ void half_weight_product(bool trans, int64_t M, int64_t N, int64_t K, const floa
       }
     }
 #endif
+  });
+}
+
+void bf16_weight_product(int64_t M, int64_t N, int64_t rows, const float* G, int64_t ldg,
+                         const float* A, int64_t lda, float* W, bool accumulate) {
+  TORCH_INTERNAL_ASSERT(has_bf16_dot());
+  if (M == 0 || N == 0) return;
+  // G^T and A rounded, rows padded to even lengths (a zero after an odd one).
+  const int64_t ld_g = (rows + 1) / 2 * 2, ld_a = (N + 1) / 2 * 2;
+  const at::Tensor rounded =
+      buffer_empty({M * ld_g + rows * ld_a}, at::TensorOptions(at::kBFloat16));
+  at::BFloat16* g_t = rounded.data_ptr<at::BFloat16>();
+  at::BFloat16* a = g_t + M * ld_g;
+  bf16_round_transposed(rows, M, G, ldg, g_t, ld_g);
+  bf16_round_rows(rows, N, A, lda, a, ld_a);
+  constexpr int64_t kBlock = 16;
+  split((M + kBlock - 1) / kBlock, kBlock * N * rows, [&](int64_t begin, int64_t end) {
+    const int64_t i = begin * kBlock;
+    bf16_times_w(std::min(M, end * kBlock) - i, N, rows, g_t + i * ld_g, ld_g, a, ld_a, W + i * N,
+                 N, accumulate);
   });
 }
 

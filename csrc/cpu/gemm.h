@@ -37,10 +37,20 @@ void blas_product_here(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t
 // to float32 as it is read: the sums are those of float32 products with W's exact values.
 // For the products of a half-type call's small problem at M <= kHalfWeightRows rows (a
 // cell's step at batch 1 to 4), whose weights a float32 copy per call costs more than the
-// products do. Split over threads by blocks of C's columns.
+// products do. At more rows, a bfloat16 W on bfloat16 dot products (bf16_times_w_rows,
+// bf16_times_w) with A rounded to bfloat16, as packed products round it: where the CPU
+// has them (has_bf16_dot), for a bfloat16 call's small problem (StepWeight's bf16). Split over
+// threads by blocks of C's columns.
 constexpr int64_t kHalfWeightRows = 4;
 void half_weight_product(bool trans, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                          const at::Tensor& W, float* C, int64_t ldc, bool accumulate);
+
+// W[M, N] (+)= G^T A for G [rows, M] and A [rows, N] (rows ldg and lda apart) rounded to
+// bfloat16, on bfloat16 dot products (bf16_times_w): the weight gradients of a bfloat16 call's
+// small problem, whose operands packed products would round the same way. Split over threads
+// by blocks of W's rows.
+void bf16_weight_product(int64_t M, int64_t N, int64_t rows, const float* G, int64_t ldg,
+                         const float* A, int64_t lda, float* W, bool accumulate);
 
 // C[M, N] = A^T @ B (accumulate: C += ...) for A [K, M] and B [K, N] as stored, through
 // libtorch's BLAS: the weight gradients of large problems. Threads take blocks of C's rows

@@ -21,11 +21,12 @@ template <class T>
 class StepWeight {
  public:
   // group: columns of B per gate (panels never straddle two gates); 0 for all of them.
-  // bf16: packed as bfloat16 panels, whose products round A to bfloat16 (T is float32). A
+  // bf16: products on bfloat16 dot products, which round A to bfloat16 (T is float32): packed
+  // as bfloat16 panels, or unpacked a bfloat16 W read as stored at any number of rows. A
   // weight that is packed may have another dtype than T (it is read only to be packed).
   // Unpacked, a weight in a half type (a small problem's: weights_as_stored) is read as
   // stored where its products take at most kHalfWeightRows rows (`rows`: the most they
-  // take), and converted to T once otherwise.
+  // take) or run on the dot products, and converted to T once otherwise.
   StepWeight(const at::Tensor& w, bool transpose, bool pack, int64_t group = 0, bool bf16 = false,
              int64_t rows = 0)
       : diagonal_(w.dim() == 1),
@@ -38,7 +39,8 @@ class StepWeight {
       panels_ = pack_panels(transpose ? w.t() : w, group, bf16);
     } else if (w.scalar_type() == kDtype) {
       w_ = w.data_ptr<T>();
-    } else if (std::is_same_v<T, float> && !diagonal_ && rows <= kHalfWeightRows) {
+    } else if (std::is_same_v<T, float> && !diagonal_ &&
+               (rows <= kHalfWeightRows || (bf16 && w.scalar_type() == at::kBFloat16))) {
       half_ = w;
     } else {
       converted_ = buffer_empty(w.sizes(), w.options().dtype(kDtype));
