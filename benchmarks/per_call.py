@@ -1,7 +1,8 @@
 """Per-call rows of `make bench`: what one call costs when its work is small, where fixed
 costs (Python, dispatch, allocation, threads) dominate. Cells and a T=1 layer call at batch
 1, under no_grad and with forward + backward, in float32 and in bfloat16 (both sides in
-bfloat16), the bare operator against torch.mm of the same product, and a client: a model
+bfloat16); bfloat16 cells at batch 64, whose weights are read once per call (not packed);
+the bare operator against torch.mm of the same product, and a client: a model
 stepping two LSTMCells through a sequence in a Python loop (float64, batch 97), trained
 with LBFGS and then predicting under no_grad.
 
@@ -68,6 +69,10 @@ def cases() -> list[tuple[str, str, Callable[[object], Callable[[], object]]]]:
             for grad in (False, True):
                 make = _layer_maker(H, grad, dtype)
                 rows.append((f"LSTM T=1 B=1 H={H}{suffix}", _kind(grad), make))
+    for cell in ("LSTMCell", "GRUCell"):
+        for grad in (False, True):
+            make = _cell_maker(cell, 256, grad, torch.bfloat16, batch=64)
+            rows.append((f"{cell} B=64 H=256 bf16", _kind(grad), make))
     return rows
 
 
@@ -75,15 +80,15 @@ def _kind(grad: bool) -> str:
     return "fwd+bwd" if grad else "fwd"
 
 
-def _cell_maker(cell: str, H: int, grad: bool, dtype: torch.dtype):
+def _cell_maker(cell: str, H: int, grad: bool, dtype: torch.dtype, batch: int = 1):
     def make(ns):
         torch.manual_seed(0)
         m = getattr(nn, cell)(H, H).to(dtype)
         if ns is rnn_fused:
             m = getattr(rnn_fused, cell).from_torch(m)
-        x = torch.randn(1, H, dtype=dtype, requires_grad=grad)
-        h = torch.randn(1, H, dtype=dtype)
-        state = (h, torch.randn(1, H, dtype=dtype)) if cell == "LSTMCell" else h
+        x = torch.randn(batch, H, dtype=dtype, requires_grad=grad)
+        h = torch.randn(batch, H, dtype=dtype)
+        state = (h, torch.randn(batch, H, dtype=dtype)) if cell == "LSTMCell" else h
         return timed_call(lambda: _first(m(x, state)), grad)
 
     return make
