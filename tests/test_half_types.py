@@ -124,6 +124,22 @@ def test_small_batch_cell_no_worse_than_twice_torch_nn(name, batch, dtype):
     _assert_rule(half_type_errors(ours, theirs, exact, x, states))
 
 
+def _one_step_and_its_float32(mode: str, dtype: torch.dtype, batch: int, units: int, scale: int):
+    """(ours, float32) result pairs of one step of a layer on random values in dtype (37
+    inputs, initial states, biases; weights divided by scale), and of the float32 call on
+    the same values."""
+    gates = rnn_fused.ops.GATES[mode]
+    x = torch.randn(1, batch, 37).to(dtype)
+    w_ih, w_hh = (torch.randn(gates * units, n).div(scale).to(dtype) for n in (37, units))
+    b_ih, b_hh = (torch.randn(gates * units).to(dtype) for _ in range(2))
+    h0, c0 = (torch.randn(batch, units).to(dtype) for _ in range(2))
+    c0 = c0 if mode == "LSTM" else None
+    half = rnn_fused.rnn_layer(mode, x, w_ih, w_hh, b_ih, b_hh, h0, c0)
+    wide = [None if t is None else t.float() for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0)]
+    single = rnn_fused.rnn_layer(mode, *wide)
+    return [(got, want) for got, want in zip(half, single, strict=True) if want is not None]
+
+
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
 def test_half_weights_at_batch_1_give_the_float32_step_rounded(mode, dtype):
@@ -131,18 +147,8 @@ def test_half_weights_at_batch_1_give_the_float32_step_rounded(mode, dtype):
     their exact values, summed as the float32 engine sums them: a step's results are the
     float32 call's on the same values, rounded to the dtype."""
     seed("batch 1 step", mode, dtype)
-    gates = rnn_fused.ops.GATES[mode]
-    x = torch.randn(1, 1, 37).to(dtype)
-    w_ih, w_hh = (torch.randn(gates * 70, n).div(8).to(dtype) for n in (37, 70))
-    b_ih, b_hh = (torch.randn(gates * 70).to(dtype) for _ in range(2))
-    h0, c0 = (torch.randn(1, 70).to(dtype) for _ in range(2))
-    c0 = c0 if mode == "LSTM" else None
-    half = rnn_fused.rnn_layer(mode, x, w_ih, w_hh, b_ih, b_hh, h0, c0)
-    wide = [None if t is None else t.float() for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0)]
-    single = rnn_fused.rnn_layer(mode, *wide)
-    for got, want in zip(half, single, strict=True):
-        if want is not None:
-            assert got.dtype == dtype and torch.equal(got, want.to(dtype))
+    for got, want in _one_step_and_its_float32(mode, dtype, batch=1, units=70, scale=8):
+        assert got.dtype == dtype and torch.equal(got, want.to(dtype))
 
 
 @pytest.mark.parametrize("batch", [7, 95, 96])
@@ -154,20 +160,10 @@ def test_bf16_step_at_larger_batches_gives_the_float32_step_to_rounding(mode, ba
     order, within rounding to bfloat16. Odd sizes throughout: 37 inputs, 35 units (105 gate
     rows in GRU), batches that leave partial blocks of rows."""
     seed("bf16 rows", mode, batch)
-    gates = rnn_fused.ops.GATES[mode]
-    x = torch.randn(1, batch, 37).bfloat16()
-    w_ih, w_hh = (torch.randn(gates * 35, n).div(6).bfloat16() for n in (37, 35))
-    b_ih, b_hh = (torch.randn(gates * 35).bfloat16() for _ in range(2))
-    h0, c0 = (torch.randn(batch, 35).bfloat16() for _ in range(2))
-    c0 = c0 if mode == "LSTM" else None
-    half = rnn_fused.rnn_layer(mode, x, w_ih, w_hh, b_ih, b_hh, h0, c0)
-    wide = [None if t is None else t.float() for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0)]
-    single = rnn_fused.rnn_layer(mode, *wide)
-    for got, want in zip(half, single, strict=True):
-        if want is not None:
-            assert got.dtype == torch.bfloat16
-            # Rounding to nearest: at most half a unit in the last place, 2^-8 of the value.
-            assert ((got.float() - want).abs() <= want.abs() * 2**-8 + 1e-6).all()
+    for got, want in _one_step_and_its_float32(mode, torch.bfloat16, batch, units=35, scale=6):
+        assert got.dtype == torch.bfloat16
+        # Rounding to nearest: at most half a unit in the last place, 2^-8 of the value.
+        assert ((got.float() - want).abs() <= want.abs() * 2**-8 + 1e-6).all()
 
 
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)

@@ -142,7 +142,8 @@ RF_BF16_TARGET __m512 block_dots(int64_t K, const uint16_t* const (&a)[kDotRows]
   return sums_of_16(acc);
 }
 
-// Block rows past the matrix's end read its last row again (their sums are not stored).
+// rows[r]: row first + r of M (rows ld apart), for r < count; past count the last of those
+// again (read, its sums not stored).
 inline void block_rows(const uint16_t* M, int64_t ld, int64_t first, int64_t count,
                        const uint16_t* (&rows)[kDotRows]) {
   for (int r = 0; r < kDotRows; ++r) rows[r] = M + (first + std::min<int64_t>(r, count - 1)) * ld;
@@ -164,7 +165,8 @@ RF_BF16_TARGET inline __m512 column_order(__m512 low, __m512 high, int half) {
   return _mm512_permutex2var_ps(low, order, high);
 }
 
-// Rows [m0, m0 + rows) of A (rows <= kDotRows) times columns [j, j + width) of W.
+// The first `rows` rows of A (at most kDotRows) times the first `width` columns of W (at most
+// kWColumns).
 RF_BF16_TARGET void rows_times_w_columns(int64_t K, const uint16_t* A, int64_t lda, int64_t rows,
                                          const uint16_t* W, int64_t ldw, int64_t width, float* C,
                                          int64_t ldc, bool accumulate) {
@@ -173,7 +175,7 @@ RF_BF16_TARGET void rows_times_w_columns(int64_t K, const uint16_t* A, int64_t l
     cols[h] =
         static_cast<__mmask32>((uint64_t(1) << std::clamp<int64_t>(width - 32 * h, 0, 32)) - 1);
   const uint16_t* a[kDotRows];
-  for (int r = 0; r < kDotRows; ++r) a[r] = A + std::min<int64_t>(r, rows - 1) * lda;
+  block_rows(A, lda, 0, rows, a);
   // Per half of the columns: the low unpack's accumulator, then the high one's. Loops over
   // them unrolled in full, so that they stay in registers.
   __m512 acc[kDotRows][2 * kWHalves];
