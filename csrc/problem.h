@@ -80,8 +80,8 @@ struct BackwardArgs {
   c10::SymInt batch = 0;  // rows of the states (h_n's); symbolic only while tracing
   GradMask mask;
 
-  // `empty` (when given) allocates the copy of a non-contiguous grad_output: an engine's own
-  // memory for the largest of the copies (the CPU's buffer cache).
+  // `empty` (when given) allocates the copy of a non-contiguous gradient of the outputs: an
+  // engine's own memory for the largest of the copies (the CPU's buffer cache).
   using EmptyFn = at::Tensor (*)(at::IntArrayRef, const at::TensorOptions&);
   BackwardArgs contiguous(EmptyFn empty = nullptr) const;
   bool is_contiguous() const;
