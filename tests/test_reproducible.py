@@ -49,8 +49,10 @@ def test_bitwise_equal_across_runs_and_threads(cls, T, B, H, dtype):
 )
 @pytest.mark.parametrize("cls", [nn.LSTMCell, nn.GRUCell, nn.RNNCell], ids=lambda c: c.__name__)
 def test_cell_over_threads(cls, batch: int, input_size: int, hidden: int):
-    """A cell's step split over the threads: at batch 1, weights large enough to split by
-    rows of W (cpu/gemm.cpp, matmul_blas); at batch 97, the cell math split by rows
+    """A cell's step split over the threads: at batch 1, weights large enough to split, by
+    hidden units, each thread through both products of its units and their cell math in one
+    region (recurrence_cpu.cpp, one_row_by_units; one thread takes the products one after
+    the other, cpu/gemm.cpp, matmul_blas); at batch 97, the cell math split by rows
     (recurrence_cpu.cpp, kParallelCellUnits). The same bits on one thread and two, and
     torch.nn's values in float64 to float32's rounding."""
     seed("repro-cell", cls.__name__, batch)

@@ -896,6 +896,13 @@ Panels pack_pairs(const at::Tensor& b, int64_t group, int64_t groups, int64_t pe
 
 }  // namespace
 
+#if defined(CPU_CAPABILITY_AVX512)
+void row_times_wt_here(int64_t N, int64_t K, const float* a, const float* W, int64_t ldw,
+                       float* c) {
+  row_times_bt<float>(N, K, a, W, ldw, c, false);
+}
+#endif
+
 void bf16_matmul_transposed(int64_t M, const float* A, int64_t lda, const Panels& B, float* C,
                             int64_t ldc, bool accumulate) {
   TORCH_INTERNAL_ASSERT(B.bf16() && B.group == B.N);

@@ -25,6 +25,16 @@ template <class T>
 void blas_product(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
                   int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate);
 
+// c[j] = a . W[j, :] for j < N (one row against N rows of a float32 W, ldw apart) on the
+// calling thread, by the kernel that blas_product runs for one row against W^T on AVX-512,
+// so that the two give the same bits. AVX-512 builds only (kRowKernel).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kRowKernel = true;
+void row_times_wt_here(int64_t N, int64_t K, const float* a, const float* W, int64_t ldw, float* c);
+#else
+constexpr bool kRowKernel = false;
+#endif
+
 // C = op(A) @ op(B) (accumulate: C += ...) in one call of libtorch's BLAS held to the calling
 // thread: for work split over threads by the caller, in blocks set by the shape alone (the
 // bits then do not depend on the threads).

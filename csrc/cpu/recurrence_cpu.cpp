@@ -118,6 +118,31 @@ void for_row_blocks(int64_t n, const F& block) {
   });
 }
 
+// One step of one row with float32 weights read as stored (a cell's call at batch 1, a layer
+// of one step) splits its hidden units over the threads in one parallel region, each thread
+// through the input- and hidden-side products of its units in every gate and their cell
+// math: where each product alone is too small to split (kMinParallelMacs in gemm.cpp), the
+// step ran on one thread, and where each is split, it opened two regions. Each thread gets
+// at least kOneRowMacs multiply-adds. Every unit's sums are those of the one-row kernel
+// wherever its block starts, so the bits do not depend on the threads.
+constexpr int64_t kOneRowMacs = int64_t(1) << 16;
+constexpr int64_t kOneRowUnitBlock = 16;
+bool one_row_by_units(const Problem& p) {
+  return kRowKernel && p.steps == 1 && p.batch == 1 && !p.elementwise && !p.proj &&
+         at::get_num_threads() > 1 &&
+         p.gate_width() * (p.input_size + p.out_size) >= 2 * kOneRowMacs;
+}
+// units(u0, u1) over a row's H units in blocks of kOneRowUnitBlock, in one parallel region;
+// `macs`: a unit's multiply-adds.
+template <class F>
+void for_unit_blocks(int64_t H, int64_t macs, const F& units) {
+  const int64_t blocks = (H + kOneRowUnitBlock - 1) / kOneRowUnitBlock;
+  const int64_t grain = std::max<int64_t>(1, kOneRowMacs / (kOneRowUnitBlock * macs));
+  at::parallel_for(0, blocks, grain, [&](int64_t b_begin, int64_t b_end) {
+    units(b_begin * kOneRowUnitBlock, std::min(H, b_end * kOneRowUnitBlock));
+  });
+}
+
 int step_threads(const Problem& p) {
   if (small_problem(p)) return 1;
   // A step's multiply-adds, or their like (an element-wise recurrence: see unit_threads).
@@ -324,8 +349,11 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
   const bool rows_in_one_region = step_in_one_region(p) && ln_p == nullptr && !x_bf16 &&
                                   w_ih.scalar_type() == w_hh.scalar_type() &&
                                   w_hh.scalar_type() == opts.dtype().toScalarType();
+  // One row's step by units in one region (one_row_by_units), weights in float32 as stored.
+  const bool row_by_units = std::is_same_v<T, float> && one_row_by_units(p) && ln_p == nullptr &&
+                            !x_bf16 && w_ih_t.in_t_as_stored() && w_hh_t.in_t_as_stored();
   for (const Chunk& ch : chunks) {
-    if (rows_in_one_region) {
+    if (rows_in_one_region || row_by_units) {
       // The products come with the cell math below.
     } else if (x_bf16) {
       if constexpr (std::is_same_v<T, float>)
@@ -414,7 +442,7 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
           team.barrier();
         }
         // Unpacked (a small problem), the hidden-side product comes first, whole.
-        if (!w_hh_t.packed() && !rows_in_one_region) {
+        if (!w_hh_t.packed() && !rows_in_one_region && !row_by_units) {
           w_hh_t.product(team, n, h_prev, Hout, hg_p, GH, false);
           team.barrier();
         }
@@ -454,6 +482,19 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
             w_hh_t.product_here(rows, h_prev + i0 * Hout, Hout, hg_p + i0 * GH, GH);
             forward_rows(i0, i0 + rows, 0, H);
           });
+          split_rows = true;
+        } else if (row_by_units) {
+#if defined(CPU_CAPABILITY_AVX512)
+          if constexpr (std::is_same_v<T, float>) {
+            for_unit_blocks(H, Cell::kGates * (I + Hout), [&](int64_t u0, int64_t u1) {
+              for (int64_t k = 0; k < Cell::kGates; ++k) {
+                w_ih_t.row_columns_here(x_p + r0 * I, k * H + u0, k * H + u1, xg_p);
+                w_hh_t.row_columns_here(h_prev, k * H + u0, k * H + u1, hg_p);
+              }
+              forward_rows(0, n, u0, u1);
+            });
+          }
+#endif
           split_rows = true;
         } else {
           split_rows = !pack && ln_p == nullptr &&

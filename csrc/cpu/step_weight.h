@@ -72,6 +72,17 @@ class StepWeight {
     blas_product_here<T>(false, transpose_, M, N_, K_, A, lda, w_, ld_, C, ldc, accumulate);
   }
 
+  // Whether W is read unpacked in T (as stored, or a half-type weight's copy).
+  bool in_t_as_stored() const { return w_ != nullptr; }
+#if defined(CPU_CAPABILITY_AVX512)
+  // Columns [j0, j1) of one row a times B = W^T, on the calling thread by the kernel that
+  // product() runs for one row (the same bits): for a row whose columns the caller splits.
+  void row_columns_here(const T* a, int64_t j0, int64_t j1, T* c) const {
+    static_assert(std::is_same_v<T, float>, "the row kernel is float32's");
+    TORCH_INTERNAL_ASSERT(w_ != nullptr && transpose_);
+    row_times_wt_here(j1 - j0, K_, a, w_ + j0 * ld_, ld_, c + j0);
+  }
+#endif
   // The same on an A in bfloat16 (bfloat16 panels; K and lda even).
   void product(int64_t M, const at::BFloat16* A, int64_t lda, float* C, int64_t ldc,
                bool accumulate) const {
