@@ -396,13 +396,12 @@ class _RNNBase(_Options, _Convertible, nn.Module):
         hx = self._prepare_state(data, hx, batch, out_size, is_batched, packed, sorted_indices)
         self._check_input(data, batch_sizes)
         h0, c0 = hx if is_lstm else (hx, None)
-        if h0 is None:
-            pass  # no states given: the operator starts from zeros
-        elif is_lstm:
-            self._check_state(h0, batch, out_size, "Expected hidden[0] size {}, got {}")
-            self._check_state(c0, batch, self.hidden_size, "Expected hidden[1] size {}, got {}")
-        else:
-            self._check_state(h0, batch, out_size, "Expected hidden size {}, got {}")
+        if h0 is not None:  # None: no states given, the operator starts from zeros
+            if is_lstm:
+                self._check_state(h0, batch, out_size, "Expected hidden[0] size {}, got {}")
+                self._check_state(c0, batch, self.hidden_size, "Expected hidden[1] size {}, got {}")
+            else:
+                self._check_state(h0, batch, out_size, "Expected hidden size {}, got {}")
         if not packed and data.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 

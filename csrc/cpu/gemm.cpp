@@ -93,12 +93,6 @@ void brgemm(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, const fl
 void brgemm_release() {}
 #endif
 
-// Multiply-adds a thread takes at the least before a product is split over threads: below
-// it a parallel region costs more than it saves, and a process that never opens one stays
-// safe to fork (libgomp's threads do not survive a fork: a child's first parallel region
-// would wait for them forever; torch.nn's small products do not open one either).
-constexpr int64_t kMinParallelMacs = int64_t(1) << 16;
-
 // f(begin, end) over items [0, n) of `macs` multiply-adds each: split over threads when
 // every thread gets at least kMinParallelMacs, else on the calling thread, no region opened.
 template <class F>

@@ -18,6 +18,12 @@ template <class T>
 void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
             int64_t ldc, bool accumulate);
 
+// Multiply-adds a thread takes at the least before a product is split over threads: below
+// it a parallel region costs more than it saves, and a process that never opens one stays
+// safe to fork (libgomp's threads do not survive a fork: a child's first parallel region
+// would wait for them forever; torch.nn's small products do not open one either).
+constexpr int64_t kMinParallelMacs = int64_t(1) << 16;
+
 // C = op(A) @ op(B) (accumulate: C += ...) through libtorch's BLAS, on the operands as they
 // are stored (op(X) is X^T when trans_x): for small problems, where transposing or packing a
 // weight would cost more than the products that read it.

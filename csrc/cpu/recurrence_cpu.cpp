@@ -121,23 +121,23 @@ void for_row_blocks(int64_t n, const F& block) {
 // One step of one row with float32 weights read as stored (a cell's call at batch 1, a layer
 // of one step) splits its hidden units over the threads in one parallel region, each thread
 // through the input- and hidden-side products of its units in every gate and their cell
-// math: where each product alone is too small to split (kMinParallelMacs in gemm.cpp), the
-// step ran on one thread, and where each is split, it opened two regions. Each thread gets
-// at least kOneRowMacs multiply-adds. Every unit's sums are those of the one-row kernel
-// wherever its block starts, so the bits do not depend on the threads.
-constexpr int64_t kOneRowMacs = int64_t(1) << 16;
+// math: where each product alone is too small to split (kMinParallelMacs), the step ran on
+// one thread, and where each is split, it opened two regions. Each thread gets at least
+// kMinParallelMacs multiply-adds. Every unit's sums are those of the one-row kernel wherever
+// its block starts, so the bits do not depend on the threads. Not with LayerNorm (its
+// normalisations need whole rows), a projection or an element-wise recurrence.
 constexpr int64_t kOneRowUnitBlock = 16;
 bool one_row_by_units(const Problem& p) {
-  return kRowKernel && p.steps == 1 && p.batch == 1 && !p.elementwise && !p.proj &&
+  return kRowKernel && p.steps == 1 && p.batch == 1 && !p.elementwise && !p.proj && !p.layer_norm &&
          at::get_num_threads() > 1 &&
-         p.gate_width() * (p.input_size + p.out_size) >= 2 * kOneRowMacs;
+         p.gate_width() * (p.input_size + p.out_size) >= 2 * kMinParallelMacs;
 }
 // units(u0, u1) over a row's H units in blocks of kOneRowUnitBlock, in one parallel region;
 // `macs`: a unit's multiply-adds.
 template <class F>
 void for_unit_blocks(int64_t H, int64_t macs, const F& units) {
   const int64_t blocks = (H + kOneRowUnitBlock - 1) / kOneRowUnitBlock;
-  const int64_t grain = std::max<int64_t>(1, kOneRowMacs / (kOneRowUnitBlock * macs));
+  const int64_t grain = std::max<int64_t>(1, kMinParallelMacs / (kOneRowUnitBlock * macs));
   at::parallel_for(0, blocks, grain, [&](int64_t b_begin, int64_t b_end) {
     units(b_begin * kOneRowUnitBlock, std::min(H, b_end * kOneRowUnitBlock));
   });
@@ -349,9 +349,9 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
   const bool rows_in_one_region = step_in_one_region(p) && ln_p == nullptr && !x_bf16 &&
                                   w_ih.scalar_type() == w_hh.scalar_type() &&
                                   w_hh.scalar_type() == opts.dtype().toScalarType();
-  // One row's step by units in one region (one_row_by_units), weights in float32 as stored.
-  const bool row_by_units = std::is_same_v<T, float> && one_row_by_units(p) && ln_p == nullptr &&
-                            !x_bf16 && w_ih_t.in_t_as_stored() && w_hh_t.in_t_as_stored();
+  // One row's step by units in one region (one_row_by_units), both weights unpacked in float32.
+  const bool row_by_units = std::is_same_v<T, float> && one_row_by_units(p) && !x_bf16 &&
+                            w_ih_t.unpacked_in_t() && w_hh_t.unpacked_in_t();
   for (const Chunk& ch : chunks) {
     if (rows_in_one_region || row_by_units) {
       // The products come with the cell math below.

@@ -73,7 +73,7 @@ class StepWeight {
   }
 
   // Whether W is read unpacked in T (as stored, or a half-type weight's copy).
-  bool in_t_as_stored() const { return w_ != nullptr; }
+  bool unpacked_in_t() const { return w_ != nullptr; }
 #if defined(CPU_CAPABILITY_AVX512)
   // Columns [j0, j1) of one row a times B = W^T, on the calling thread by the kernel that
   // product() runs for one row (the same bits): for a row whose columns the caller splits.
