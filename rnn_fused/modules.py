@@ -21,14 +21,29 @@ from torch.nn.utils.rnn import PackedSequence
 from .ops import GATES, Direction, both_directions, cell_step, rnn_layer, zoneout_mask
 
 _PARAM_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+_CELL_NAMES = _PARAM_NAMES[:4]
 
 
 @functools.cache
-def _direction_names(layer: int, direction: int) -> tuple[str, tuple[str, ...]]:
+def _direction_names(
+    layer: int, direction: int, bias: bool, proj: bool
+) -> tuple[str, tuple[str | None, ...]]:
     """The suffix of a layer and direction's parameters, and their names in _PARAM_NAMES's
-    order: made once, not at every call."""
+    order (None for a parameter the layer has not: biases without bias, weight_hr without
+    proj_size): made once, not at every call."""
     suffix = f"_l{layer}" + ("_reverse" if direction else "")
-    return suffix, tuple(base + suffix for base in _PARAM_NAMES)
+    has = {"bias_ih": bias, "bias_hh": bias, "weight_hr": proj}
+    return suffix, tuple(base + suffix if has.get(base, True) else None for base in _PARAM_NAMES)
+
+
+def _weights(module: nn.Module, names: tuple[str | None, ...]) -> list[Tensor | None]:
+    """The tensors a forward reads under these names (None for None): from _parameters,
+    without nn.Module's __getattr__ call, unless torch.nn.utils moved one out
+    (parametrizations such as weight_norm, prune, spectral_norm, or a plain tensor set in its
+    place as weight-dropping wrappers do); then from the attribute that now holds it, as
+    torch.nn reads it."""
+    p = module._parameters
+    return [None if n is None else p[n] if n in p else getattr(module, n) for n in names]
 
 
 def _stacked(states: list[Tensor]) -> Tensor:
@@ -163,7 +178,7 @@ class _Options:
         """The operator's layer_norm argument for a layer and direction, or None."""
         if not self._layer_norm:
             return None
-        return torch.cat([self._parameters[b + suffix] for b, _ in self._layer_norm_shapes()])
+        return torch.cat(_weights(self, tuple(b + suffix for b, _ in self._layer_norm_shapes())))
 
     def _options_repr(self) -> str:
         s = f", forget_bias={self.forget_bias}" if self.forget_bias is not None else ""
@@ -482,9 +497,8 @@ class _RNNBase(_Options, _Convertible, nn.Module):
     ) -> Direction:
         """The arguments of one layer and direction (states None: zeros)."""
         k = layer * (2 if self.bidirectional else 1) + direction
-        suffix, names = _direction_names(layer, direction)
-        # self._parameters, not getattr: nn.Module's __getattr__ costs a call each.
-        w_ih, w_hh, b_ih, b_hh, w_hr = [self._parameters.get(n) for n in names]
+        suffix, names = _direction_names(layer, direction, self.bias, self.proj_size > 0)
+        w_ih, w_hh, b_ih, b_hh, w_hr = _weights(self, names)
         return Direction(
             w_ih,
             self._recurrent_weight(w_hh),
@@ -748,14 +762,14 @@ class _CellBase(_Options, _Convertible, nn.Module):
                 )
 
     def _step(self, input: Tensor, h: Tensor, c: Tensor | None):
-        p = self._parameters  # not self.weight_ih: nn.Module's __getattr__ costs a call
+        w_ih, w_hh, b_ih, b_hh = _weights(self, _CELL_NAMES)
         _, h_n, c_n = rnn_layer(
             self.mode,
             input,
-            p["weight_ih"],
-            self._recurrent_weight(p["weight_hh"]),
-            p["bias_ih"],
-            p["bias_hh"],
+            w_ih,
+            self._recurrent_weight(w_hh),
+            b_ih,
+            b_hh,
             h,
             c,
             zoneout=self._zoneout_weights(input, (input.size(0),)),
@@ -768,16 +782,17 @@ class _CellBase(_Options, _Convertible, nn.Module):
         """One step of the common call (batched input, states given) with no checks of its
         own: the operator checks every argument, and on a failure it returns None so that
         the caller runs torch.nn's checks and raises torch.nn's error. None too where the
-        short door does not serve (see ops.cell_step)."""
+        short door does not serve (see ops.cell_step) or a weight is not in _parameters
+        (_weights)."""
         if input.dim() != 2 or self.zoneout or self._layer_norm:
             return None
         p = self._parameters  # not self.weight_ih: nn.Module's __getattr__ costs a call
-        w_ih, w_hh = p["weight_ih"], p["weight_hh"]
-        if self.dropconnect:
-            w_hh = self._recurrent_weight(w_hh)
         try:
+            w_ih, w_hh = p["weight_ih"], p["weight_hh"]
+            if self.dropconnect:
+                w_hh = self._recurrent_weight(w_hh)
             return cell_step(self.mode, input, h, c, w_ih, w_hh, p["bias_ih"], p["bias_hh"])
-        except (RuntimeError, TypeError):
+        except (RuntimeError, TypeError, KeyError):  # KeyError: a weight moved out (_weights)
             return None
 
     def _forward_hidden_only(self, name: str, input: Tensor, hx: Tensor | None) -> Tensor:
