@@ -5,6 +5,7 @@
 // once (layer_pair), the cells' layout facts and the CPU workspace cache's controls.
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/extension.h>
 
 #include <array>
@@ -62,6 +63,11 @@ std::tuple<LayerResult, LayerResult> both_directions(
                          w_hr.size(), zoneout.size(), layer_norm.size()}) {
     TORCH_CHECK(n == 2, "rnn_fused: layer_pair takes two of each per-direction argument, got ", n);
   }
+  // The tracer's state stays on the calling thread: a traced call on another thread recursed
+  // in the tracer until the stack overflowed.
+  TORCH_CHECK(!torch::jit::tracer::isTracing(),
+              "rnn_fused: layer_pair runs a direction on another thread, where torch.jit.trace "
+              "cannot follow; under tracing call rnn_fused::layer for each direction");
   std::array<LayerResult, 2> results;
   const at::ThreadLocalState caller;
   at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {

@@ -369,8 +369,9 @@ def both_directions(
     """Both directions of a bidirectional layer at once on the CPU, one thread each, where
     nothing needs a graph: [(output, h_n, c_n)] per direction, as rnn_layer's. None where
     rnn_layer must run each direction instead: on a GPU, with one thread, with gradients to
-    record, under autocast, torch.compile, torch.func transforms, forward-mode AD, a Python
-    dispatch mode or tensor subclasses (the threads would not see them), and where a
+    record, under autocast, torch.compile, torch.jit.trace, torch.func transforms,
+    forward-mode AD, a Python dispatch mode or tensor subclasses (the threads would not see
+    them), and where a
     direction's products come to fewer than _MIN_DIRECTION_WORK multiply-adds."""
     if torch.compiler.is_compiling() or input.device.type != "cpu" or torch.get_num_threads() < 2:
         return None
@@ -382,6 +383,7 @@ def both_directions(
     if (
         (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
         or torch._C._is_any_autocast_enabled()
+        or torch.jit.is_tracing()
         or _peek_interpreter() is not None
         or _forward_ad._current_level >= 0
         or _python_dispatch._get_current_dispatch_mode() is not None

@@ -134,3 +134,32 @@ def test_layer_pair_wants_two_of_each():
             "GRU", x, [None], [None, None], [w, w], [w, w], [None, None], [None, None],
             [None, None], None, [None, None], [None, None],
         )  # fmt: skip
+
+
+def test_traced_under_no_grad_runs_each_direction(two_threads):
+    """torch.jit.trace's state stays on the calling thread: both directions there, each
+    recorded (once a segmentation fault: the other thread recursed in the tracer)."""
+    seed("both-traced")
+    gru = rnn_fused.GRU(8, 24, bidirectional=True).requires_grad_(False)
+    x = torch.randn(50, 20, 8)
+    with torch.no_grad():
+        pair = tuple(gru._direction(0, d, x, None, None) for d in (0, 1))
+        assert ops.both_directions("GRU", x, pair, None) is not None, "the path under test"
+        traced = torch.jit.trace(gru, (x,))
+        assert str(traced.graph).count("rnn_fused::layer") == 2
+        other = torch.randn(30, 7, 8)
+        assert_close(traced(other)[0], gru(other)[0], "traced bidirectional GRU")
+
+
+def test_layer_pair_refuses_tracing():
+    x = torch.randn(5, 2, 4)
+    w = torch.randn(12, 4)
+
+    def pair(x):
+        return rnn_fused._C.layer_pair(
+            "GRU", x, [None, None], [None, None], [w, w], [w, w], [None, None], [None, None],
+            [None, None], None, [None, None], [None, None],
+        )[0][0]  # fmt: skip
+
+    with pytest.raises(RuntimeError, match=r"torch\.jit\.trace cannot follow"):
+        torch.jit.trace(pair, (x,))
