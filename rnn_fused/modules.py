@@ -87,6 +87,24 @@ class _Convertible:
         new.load_state_dict(self.state_dict(), assign=True)
         return new.train(self.training)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script's hook. TorchScript cannot compile our Python forward, so a
+        scripted model holds torch.nn's equivalent in this module's place (its kernels, not
+        ours), with this module's Parameter objects themselves: gradients and optimiser
+        steps reach them as before. torch.jit.trace, torch.compile and torch.export record
+        our operator instead."""
+        try:
+            twin = self.to_torch()
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise RuntimeError(
+                f"torch.jit.script cannot compile rnn_fused.{type(self).__name__}, nor put a "
+                f"torch.nn equivalent in its place ({e}); use torch.jit.trace, torch.compile "
+                "or torch.export, which record the fused operator"
+            ) from e
+        for name, p in self._parameters.items():
+            setattr(twin, name, p)  # through torch.nn's __setattr__, which lists flat weights
+        return twin
+
 
 def _permute(t: Tensor, order: Tensor | None) -> Tensor:
     """Reorders the batch (dim 1) of a stacked state."""
