@@ -89,6 +89,17 @@ def test_layer_exports_to_onnx_operators(name: str, exporter: str):
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
+def test_bidirectional_layer_exports_under_no_grad(exporter: str):
+    """Where the two directions would run on two threads (ops.both_directions), which the
+    TorchScript exporter's tracer cannot follow (once a segmentation fault)."""
+    torch.manual_seed(11)
+    rnn = rnn_fused.GRU(32, 48, bidirectional=True)
+    with torch.no_grad():
+        ops = _check_runs_in_onnxruntime(_WithHead(rnn, 96), (torch.randn(7, 3, 32),), exporter)
+    assert ops.count("GRU") == 2, ops
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
 def test_given_initial_states_are_inputs(mode: str, exporter: str):
     torch.manual_seed(3)
