@@ -61,6 +61,35 @@ def _scalar_name(dtype: torch.dtype) -> str:
     return torch.empty(0, dtype=dtype).type().rsplit(".", 1)[-1].removesuffix("Tensor")
 
 
+# The hooks from_torch and to_torch copy (copies: the two modules stay apart; a handle made
+# before removes the hook from the original only).
+_HOOK_DICTS = (
+    *(name for name in vars(nn.Module()) if name.endswith("_hooks") or "_hooks_" in name),
+    "_is_full_backward_hook",
+)
+
+
+def _hand_over(new: nn.Module, old: nn.Module, who: str) -> nn.Module:
+    """Gives `new` the Parameter objects of `old` themselves (requires_grad, parameters tied
+    to other modules, and optimisers made before all carry over), copies of its hooks, its
+    training mode and the public attributes a user set on it."""
+    for name in new._parameters:
+        if name not in old._parameters:
+            raise TypeError(
+                f"{who}: {name} is not a parameter of the {type(old).__name__} (pruning, "
+                "weight_norm or spectral_norm moves it out): convert before applying them, or "
+                "remove them first"
+            )
+        setattr(new, name, old._parameters[name])
+    for name in _HOOK_DICTS:
+        hooks = getattr(old, name)
+        setattr(new, name, hooks.copy() if isinstance(hooks, dict) else hooks)
+    for name, value in vars(old).items():
+        if not name.startswith("_") and name not in vars(new):
+            setattr(new, name, value)
+    return new.train(old.training)
+
+
 class _Convertible:
     """from_torch / to_torch between a torch.nn recurrent module and ours."""
 
@@ -71,21 +100,21 @@ class _Convertible:
 
     @classmethod
     def from_torch(cls, module: nn.Module):
-        """The rnn_fused module equivalent to a torch.nn one, sharing its parameters' data."""
+        """The rnn_fused module equivalent to a torch.nn one, holding its Parameter objects
+        and its hooks (_hand_over)."""
         if type(module) is not cls._torch_class:
             raise TypeError(
                 f"{cls.__name__}.from_torch expects a {cls._torch_class.__name__}, got "
                 f"{type(module).__name__}"
             )
         new = cls(**cls._init_kwargs(module), device="meta")
-        new.load_state_dict(module.state_dict(), assign=True)
-        return new.train(module.training)
+        return _hand_over(new, module, f"{cls.__name__}.from_torch")
 
     def to_torch(self) -> nn.Module:
-        """The torch.nn module equivalent to this one, sharing its parameters' data."""
+        """The torch.nn module equivalent to this one, holding its Parameter objects and its
+        hooks (_hand_over)."""
         new = self._torch_class(**self._init_kwargs(self), device="meta")
-        new.load_state_dict(self.state_dict(), assign=True)
-        return new.train(self.training)
+        return _hand_over(new, self, "to_torch")
 
     def __prepare_scriptable__(self) -> nn.Module:
         """torch.jit.script's hook. TorchScript cannot compile our Python forward, so a
@@ -94,16 +123,13 @@ class _Convertible:
         steps reach them as before. torch.jit.trace, torch.compile and torch.export record
         our operator instead."""
         try:
-            twin = self.to_torch()
+            return self.to_torch()
         except (TypeError, ValueError, RuntimeError) as e:
             raise RuntimeError(
                 f"torch.jit.script cannot compile rnn_fused.{type(self).__name__}, nor put a "
                 f"torch.nn equivalent in its place ({e}); use torch.jit.trace, torch.compile "
                 "or torch.export, which record the fused operator"
             ) from e
-        for name, p in self._parameters.items():
-            setattr(twin, name, p)  # through torch.nn's __setattr__, which lists flat weights
-        return twin
 
 
 def _permute(t: Tensor, order: Tensor | None) -> Tensor:
@@ -461,6 +487,10 @@ class _RNNBase(_Options, _Convertible, nn.Module):
         if hx is None:
             h0 = self._zeros(data, batch, out_size)
             return (h0, self._zeros(data, batch, self.hidden_size)) if is_lstm else h0
+        if is_lstm and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+            if isinstance(hx, (tuple, list)):
+                raise RuntimeError("lstm expects two hidden states")
+            raise TypeError(f"LSTM: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
         if not packed:
             dims = [t.dim() for t in hx] if is_lstm else [hx.dim()]
             want = 3 if is_batched else 2
@@ -904,6 +934,21 @@ class GRUCell(_GatedCell):
         return self._forward_hidden_only("GRUCell", input, hx)
 
 
+def _lstm_cell_states(hx: object) -> list[Tensor]:
+    """LSTMCell's (h_0, c_0), refused as torch.nn's lstm_cell refuses it when it is not a
+    tuple or list of two tensors (a tensor would iterate into rows, a None into zeros)."""
+    if not isinstance(hx, (tuple, list)) or not all(isinstance(t, Tensor) for t in hx):
+        got = type(hx).__name__
+        if isinstance(hx, (tuple, list)):
+            got += " of (" + ", ".join(type(t).__name__ for t in hx) + ")"
+        raise TypeError(
+            f"lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, not {got}"
+        )
+    if len(hx) != 2:
+        raise RuntimeError("lstm_cell expects two hidden states")
+    return list(hx)
+
+
 class LSTMCell(_GatedCell):
     """Drop-in for torch.nn.LSTMCell."""
 
@@ -913,10 +958,10 @@ class LSTMCell(_GatedCell):
     def forward(
         self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, Tensor]:
-        if type(hx) is tuple and len(hx) == 2:
+        if type(hx) is tuple and len(hx) == 2 and hx[1] is not None:  # None: not zeros
             if (done := self._fast_step(input, *hx)) is not None:
                 return done
-        states = [None, None] if hx is None else list(hx)
+        states = [None, None] if hx is None else _lstm_cell_states(hx)
         input, (h, c), is_batched = self._inputs("LSTMCell", input, states, ["hx[0]", "hx[1]"])
         h, c = self._step(input, h, c)
         return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))

@@ -6,6 +6,7 @@ same gradients for the parameters that remain, in float64 against torch.nn."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -48,7 +49,7 @@ MOVES: dict[str, Callable[[nn.Module, str], None]] = {
 
 def _pair(kind: str, make: Callable[[type], nn.Module]) -> tuple[nn.Module, nn.Module]:
     theirs = make(getattr(nn, kind)).double()
-    ours = getattr(rnn_fused, kind).from_torch(theirs)
+    ours = getattr(rnn_fused, kind).from_torch(copy.deepcopy(theirs))  # parameters of its own
     return theirs, ours
 
 

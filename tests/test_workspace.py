@@ -5,6 +5,7 @@ held NaN."""
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -150,7 +151,7 @@ def test_cached_gradient_is_an_ordinary_tensor():
     """A parameter's .grad may be a cached block: resizable and accumulated like torch.nn's."""
     seed("workspace-grad-tensor")
     ref = nn.LSTMCell(33, 129).double()
-    ours = rnn_fused.LSTMCell.from_torch(ref)
+    ours = rnn_fused.LSTMCell.from_torch(copy.deepcopy(ref))  # parameters of its own
     x = torch.randn(3, 33, dtype=torch.float64)
     for m in (ref, ours):
         for _ in range(2):  # the second backward adds into the first's .grad
