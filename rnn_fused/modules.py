@@ -69,6 +69,10 @@ _HOOK_DICTS = (
 )
 
 
+# Our modules' own attributes, which torch.nn's lack: not a user's, not handed over.
+_OURS_ONLY = frozenset({"mode", "forget_bias", "dropconnect", "zoneout"})
+
+
 def _hand_over(new: nn.Module, old: nn.Module, who: str) -> nn.Module:
     """Gives `new` the Parameter objects of `old` themselves (requires_grad, parameters tied
     to other modules, and optimisers made before all carry over), copies of its hooks, its
@@ -85,7 +89,7 @@ def _hand_over(new: nn.Module, old: nn.Module, who: str) -> nn.Module:
         hooks = getattr(old, name)
         setattr(new, name, hooks.copy() if isinstance(hooks, dict) else hooks)
     for name, value in vars(old).items():
-        if not name.startswith("_") and name not in vars(new):
+        if not name.startswith("_") and name not in vars(new) and name not in _OURS_ONLY:
             setattr(new, name, value)
     return new.train(old.training)
 

@@ -51,6 +51,7 @@ def test_from_torch_keeps_parameters_hooks_and_attributes(cls):
     assert calls == [type(ours), cls, type(ours)]
     back = ours.to_torch()
     assert type(back) is cls and dict(back.named_parameters()) == params
+    assert back.note == "kept" and not hasattr(back, "zoneout")  # a user's, not ours
 
 
 def test_replace_rnns_keeps_ties_sharing_and_optimisers():
