@@ -46,6 +46,20 @@ def _weights(module: nn.Module, names: tuple[str | None, ...]) -> list[Tensor | 
     return [None if n is None else p[n] if n in p else getattr(module, n) for n in names]
 
 
+def _lstm_states(hx: object, op: str) -> list[Tensor]:
+    """An LSTM's or LSTMCell's (h_0, c_0), refused in the words of torch.nn's operator `op`
+    (lstm, lstm_cell) when it is not a tuple or list of two tensors: a tensor would iterate
+    into its rows, a None become zeros."""
+    if not isinstance(hx, (tuple, list)) or not all(isinstance(t, Tensor) for t in hx):
+        got = type(hx).__name__
+        if isinstance(hx, (tuple, list)):
+            got += " of (" + ", ".join(type(t).__name__ for t in hx) + ")"
+        raise TypeError(f"{op}(): argument 'hx' (position 2) must be tuple of Tensors, not {got}")
+    if len(hx) != 2:
+        raise RuntimeError(f"{op} expects two hidden states")
+    return list(hx)
+
+
 def _stacked(states: list[Tensor]) -> Tensor:
     """torch.stack of the layers' final states; one state as a view (a stack copies it)."""
     return states[0].unsqueeze(0) if len(states) == 1 else torch.stack(states)
@@ -491,10 +505,13 @@ class _RNNBase(_Options, _Convertible, nn.Module):
         if hx is None:
             h0 = self._zeros(data, batch, out_size)
             return (h0, self._zeros(data, batch, self.hidden_size)) if is_lstm else h0
-        if is_lstm and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-            if isinstance(hx, (tuple, list)):
-                raise RuntimeError("lstm expects two hidden states")
-            raise TypeError(f"LSTM: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
+        if is_lstm and not (
+            type(hx) is tuple
+            and len(hx) == 2
+            and isinstance(hx[0], Tensor)
+            and isinstance(hx[1], Tensor)
+        ):  # the common case checked inline: a call costs 0.4 us of a 18 us step
+            hx = _lstm_states(hx, "lstm")
         if not packed:
             dims = [t.dim() for t in hx] if is_lstm else [hx.dim()]
             want = 3 if is_batched else 2
@@ -938,21 +955,6 @@ class GRUCell(_GatedCell):
         return self._forward_hidden_only("GRUCell", input, hx)
 
 
-def _lstm_cell_states(hx: object) -> list[Tensor]:
-    """LSTMCell's (h_0, c_0), refused as torch.nn's lstm_cell refuses it when it is not a
-    tuple or list of two tensors (a tensor would iterate into rows, a None into zeros)."""
-    if not isinstance(hx, (tuple, list)) or not all(isinstance(t, Tensor) for t in hx):
-        got = type(hx).__name__
-        if isinstance(hx, (tuple, list)):
-            got += " of (" + ", ".join(type(t).__name__ for t in hx) + ")"
-        raise TypeError(
-            f"lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, not {got}"
-        )
-    if len(hx) != 2:
-        raise RuntimeError("lstm_cell expects two hidden states")
-    return list(hx)
-
-
 class LSTMCell(_GatedCell):
     """Drop-in for torch.nn.LSTMCell."""
 
@@ -965,7 +967,7 @@ class LSTMCell(_GatedCell):
         if type(hx) is tuple and len(hx) == 2 and hx[1] is not None:  # None: not zeros
             if (done := self._fast_step(input, *hx)) is not None:
                 return done
-        states = [None, None] if hx is None else _lstm_cell_states(hx)
+        states = [None, None] if hx is None else _lstm_states(hx, "lstm_cell")
         input, (h, c), is_batched = self._inputs("LSTMCell", input, states, ["hx[0]", "hx[1]"])
         h, c = self._step(input, h, c)
         return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))

@@ -371,8 +371,8 @@ def both_directions(
     rnn_layer must run each direction instead: on a GPU, with one thread, with gradients to
     record, under autocast, torch.compile, torch.jit.trace, torch.func transforms,
     forward-mode AD, a Python dispatch mode or tensor subclasses (the threads would not see
-    them), and where a
-    direction's products come to fewer than _MIN_DIRECTION_WORK multiply-adds."""
+    them), and where a direction's products come to fewer than _MIN_DIRECTION_WORK
+    multiply-adds."""
     if torch.compiler.is_compiling() or input.device.type != "cpu" or torch.get_num_threads() < 2:
         return None
     f, r = directions

@@ -131,5 +131,7 @@ def test_lstm_wants_two_states(count):
         rnn_fused.LSTMCell(3, 4)(torch.randn(2, 3), (h[0],) * count)
     with pytest.raises(RuntimeError, match=r"^lstm expects two hidden states$"):
         rnn_fused.LSTM(3, 4)(torch.randn(5, 2, 3), (h,) * count)
-    with pytest.raises(TypeError, match=r"hx must be a tuple \(h_0, c_0\), got Tensor"):
+    with pytest.raises(TypeError, match=r"^lstm\(\): argument 'hx' .* not Tensor$"):
         rnn_fused.LSTM(3, 4)(torch.randn(5, 2, 3), h)
+    with pytest.raises(TypeError, match=r"not tuple of \(Tensor, NoneType\)$"):
+        rnn_fused.LSTM(3, 4)(torch.randn(5, 2, 3), (h, None))
