@@ -34,7 +34,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,10 +182,9 @@ def training(m: nn.Module, x: torch.Tensor) -> Callable[[], list[torch.Tensor]]:
     return run
 
 
-def bench_cpu(cell: str, s: Shape, rounds: int) -> list[dict]:
+def bench_cpu(cell: str, s: Shape, rounds: int) -> Iterator[dict]:
     """fp32 rows, then bf16 rows: ours and torch.nn in bf16, and torch.nn in fp32 beside them
     (what a user gains or loses by switching to bf16)."""
-    rows = []
     torch.manual_seed(0)
     module32 = torch_module(cell, s, "cpu", torch.float32)
     x32 = torch.randn(s.T, s.B, s.I)
@@ -204,8 +203,7 @@ def bench_cpu(cell: str, s: Shape, rounds: int) -> list[dict]:
             ratios = {"speedup": t["torch.nn"] / t["rnn_fused"]}
             if "torch.nn fp32" in t:
                 ratios["vs fp32"] = t["torch.nn fp32"] / t["rnn_fused"]
-            rows.append(table_row(cell, s, name, kind, t, ratios, base, ours))
-    return rows
+            yield table_row(cell, s, name, kind, t, ratios, base, ours)
 
 
 def table_row(cell, s: Shape, dtype: str, kind: str, times: dict, ratios: dict, base, ours):
@@ -273,8 +271,7 @@ def with_path(run: Callable[[], object], path: str):
     return wrapped
 
 
-def bench_cuda(cell: str, s: Shape, rounds: int) -> list[dict]:
-    rows = []
+def bench_cuda(cell: str, s: Shape, rounds: int) -> Iterator[dict]:
     for dtype, name in [(torch.float32, "fp32"), (torch.bfloat16, "bf16")]:
         torch.manual_seed(0)
         module = torch_module(cell, s, "cuda", dtype)
@@ -300,8 +297,7 @@ def bench_cuda(cell: str, s: Shape, rounds: int) -> list[dict]:
             ratios = {"speedup": t["cuDNN"] / t["rnn_fused"]}
             if "ours tf32" in t:
                 ratios["tf32 speedup"] = t["cuDNN tf32"] / t["ours tf32"]
-            rows.append(table_row(cell, s, name, kind, t, ratios, base, ours))
-    return rows
+            yield table_row(cell, s, name, kind, t, ratios, base, ours)
 
 
 def main() -> None:
@@ -367,20 +363,18 @@ def main() -> None:
     for s, cells in grid:
         for cell in cells:
             # A failing row is reported and the grid goes on; the files are rewritten after
-            # every row, so a run cut short still leaves what it measured.
+            # every row, so a run cut short (or a dtype that fails) keeps what it measured.
             try:
-                measured = (bench_cuda if device == "cuda" else bench_cpu)(cell, s, args.rounds)
+                for r in (bench_cuda if device == "cuda" else bench_cpu)(cell, s, args.rounds):
+                    rows.append(r)
+                    line = [r["cell"], r["shape"], r["dtype"], r["kind"]]
+                    line += [f"{r.get(c, float('nan')):.2f}" for c in [*columns, *ratios]]
+                    line += [f"{r['max_abs_diff']:.1e}", f"{r['max_rel_err']:.1e}"]
+                    print_line(line)
+                    write_outputs(rows, columns, ratios, header, args)
             except Exception:
                 failed.append(f"{cell} {s}")
                 traceback.print_exc()
-                continue
-            for r in measured:
-                rows.append(r)
-                line = [r["cell"], r["shape"], r["dtype"], r["kind"]]
-                line += [f"{r.get(c, float('nan')):.2f}" for c in [*columns, *ratios]]
-                line += [f"{r['max_abs_diff']:.1e}", f"{r['max_rel_err']:.1e}"]
-                print_line(line)
-            write_outputs(rows, columns, ratios, header, args)
     chart = Path(args.csv).with_suffix(".png")
     write_chart(rows, chart, header)
     print(f"wrote {args.csv}, {chart}" + (f" and {args.markdown}" if args.markdown else ""))

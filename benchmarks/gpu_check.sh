@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check, one prepared command for a machine with python3, torch and nvcc but no
-# network, in stages that each have a time limit (about 9 minutes in all on 16 cores), so
+# network, in stages that each have a time limit (at most 10 minutes in all on 16 cores), so
 # that a hang cannot spend a short lease and a cut-short run keeps what it measured:
 #
 #   preflight   versions and device properties                     versions.txt
 #   build       in place for this GPU, all cores                   build.log
 #   tests-fast  the CUDA operator and module tests                 tests.log
-#   racecheck   compute-sanitizer racecheck over small calls       sanitizer.txt
 #   bench       the first-run rows against cuDNN (eager, graphed)  bench.csv/.md/.log
 #   tests-cuda  every other test with a CUDA case                  tests.log
+#   racecheck   compute-sanitizer racecheck over small calls       sanitizer.txt
 #   profile     the kernels of one training step                   profile.txt
 #
 #   benchmarks/gpu_check.sh OUT        (or: make gpu-check OUT=dir)
@@ -66,14 +66,19 @@ if [ "${SANITIZE:-0}" = 1 ]; then
   exit $failed
 fi
 
-pytest=("$py" -m pytest -q -p no:cacheprovider --maxfail=20)
-gpu_stage tests-fast 60 "$out/tests.log" "${pytest[@]}" tests/test_cuda_ops.py tests/test_cuda_modules.py
+# Tests in 8 processes where pytest-xdist is there, and a test that hangs (a kernel waiting
+# at a barrier forever) ended after 60 s where pytest-timeout is, so one bad case cannot
+# take a stage's whole time limit and hide every other result.
+pytest=("$py" -m pytest -q -rfE -p no:cacheprovider --maxfail=20)
+"$py" -c "import xdist" 2>/dev/null && pytest+=(-n 8)
+"$py" -c "import pytest_timeout" 2>/dev/null && pytest+=(--timeout=60 --timeout-method=thread)
+gpu_stage tests-fast 90 "$out/tests.log" "${pytest[@]}" tests/test_cuda_ops.py tests/test_cuda_modules.py
 rows=(--only 100,1,512,512 --only 100,8,512,512 --only 100,64,512,512 --only 1000,16,128,128
   --only 50,256,1024,1024)
 [ "${QUICK:-0}" = 1 ] && rows=(--only 100,64,512,512 --only 100,1,512,512)
-[ "${QUICK:-0}" = 1 ] || sanitize racecheck 60
 gpu_stage bench 170 "$out/bench.log" "$py" benchmarks/bench.py --device cuda \
   --csv "$out/bench.csv" --markdown "$out/bench.md" "${rows[@]}"
+rm -f "$out/bench.png"  # 8 files come back at most; the chart is drawn again from the CSV
 if [ "${QUICK:-0}" != 1 ]; then
   # test_module_db needs expecttest; the emulation of the CUDA engine is for machines
   # without a GPU. -k cuda: the tests with a CUDA case (the CPU ones ran in CI).
@@ -81,6 +86,7 @@ if [ "${QUICK:-0}" != 1 ]; then
     --ignore=tests/test_cuda_emulated.py)
   "$py" -c "import expecttest" 2>/dev/null || skip+=(--ignore=tests/test_module_db.py)
   gpu_stage tests-cuda 90 "$out/tests.log" "${pytest[@]}" tests "${skip[@]}" -k cuda
+  sanitize racecheck 60
   gpu_stage profile 30 "$out/profile.txt" "$py" benchmarks/profile_cuda.py
 fi
 

@@ -79,11 +79,22 @@ bool records_graph(const LayerArgs& a) {
   return requires_grad;
 }
 
+// Whether a forward-AD level exists; torch releases before ForwardADLevel::has_any_level
+// (2.11 among them, on the GPU machines) answer "maybe" and every tensor is looked at.
+template <typename Level>
+auto maybe_forward_level(int) -> decltype(Level::has_any_level()) {
+  return Level::has_any_level();
+}
+template <typename Level>
+bool maybe_forward_level(long) {
+  return true;
+}
+
 // Refuses dual tensors: the operator has no forward-mode formula, and outputs without
 // tangents would read as zero tangents. No tensor has a tangent while no forward-AD level
 // exists (one lock, not one a tensor).
 void refuse_dual_tensors(const LayerArgs& a) {
-  if (!torch::autograd::ForwardADLevel::has_any_level()) return;
+  if (!maybe_forward_level<torch::autograd::ForwardADLevel>(0)) return;
   visit_tensors(a, false, [](const at::Tensor& t) {
     TORCH_CHECK_NOT_IMPLEMENTED(!t._fw_grad(/*level=*/0).defined(),
                                 "rnn_fused: forward-mode AD (torch.func.jvp, "
