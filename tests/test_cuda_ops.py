@@ -46,11 +46,14 @@ def _case(mode, dtype, *, bias=True, with_h0=True, reverse=False, packed=False, 
 
 
 def _run(fn, layer, x, h0, c0, kw, weights=None):
+    """Outputs (detached: a graph kept alive keeps its leaves' AccumulateGrad nodes on the
+    stream they were made on, which a later CUDA graph capture of a backward cannot wait
+    for), the gradients of a weighted sum of them, and the weights."""
     out = fn(layer.mode, x, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh, h0, c0, **kw)
     leaves = [x, *layer.tensors(), *(t for t in (h0, c0) if t is not None)]
     weights = weights or [torch.randn_like(o) for o in out if o is not None]
     return (
-        [o for o in out if o is not None],
+        [o.detach() for o in out if o is not None],
         torch.autograd.grad(weighted_sum(out, weights), leaves),
         weights,
     )

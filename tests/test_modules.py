@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 from helpers import DEVICES, seed
-from tolerances import assert_close
+from tolerances import assert_close, assert_no_worse
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
@@ -45,21 +45,30 @@ def _flat(out) -> list[torch.Tensor]:
     return [t for o in out for t in _flat(o)]
 
 
-def _compare(theirs, ours, make_args) -> None:
-    args_t, args_o = make_args(), make_args()
-    out_t, out_o = _flat(theirs(*args_t)), _flat(ours(*args_o))
-    assert len(out_t) == len(out_o)
-    for i, (a, b) in enumerate(zip(out_o, out_t)):
-        assert_close(a, b, f"output {i}")
-    weights = [torch.randn_like(t) for t in out_t]
-    leaves_t = [t for t in _flat(args_t) if t.requires_grad] + list(theirs.parameters())
-    leaves_o = [t for t in _flat(args_o) if t.requires_grad] + list(ours.parameters())
-    loss_t = sum((o * w).sum() for o, w in zip(out_t, weights))
-    loss_o = sum((o * w).sum() for o, w in zip(out_o, weights))
-    for i, (a, b) in enumerate(
-        zip(torch.autograd.grad(loss_o, leaves_o), torch.autograd.grad(loss_t, leaves_t))
-    ):
-        assert_close(a, b, f"grad {i}")
+def _values(module, args, weights: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """module's outputs, then the gradients of a random weighting of them with respect to
+    every input that requires grad and every parameter (weights made here if not given)."""
+    out = _flat(module(*args))
+    if weights is None:
+        weights = [torch.randn_like(t) for t in out]
+    leaves = [t for t in _flat(args) if t.requires_grad] + list(module.parameters())
+    loss = sum((o * w.to(o.dtype)).sum() for o, w in zip(out, weights, strict=True))
+    return [o.detach() for o in out] + list(torch.autograd.grad(loss, leaves))
+
+
+def _compare(theirs, ours, make_args, exact=None) -> None:
+    """Ours against torch.nn in the same dtype, outputs and gradients; exact: (torch.nn's
+    module in float64, make_args in float64), for tolerances.assert_no_worse."""
+    weights = [torch.randn_like(t) for t in _flat(theirs(*make_args()))]
+    got_t, got_o = _values(theirs, make_args(), weights), _values(ours, make_args(), weights)
+    assert len(got_t) == len(got_o)
+    names = [f"output {i}" for i in range(len(weights))]
+    names += [f"grad {i}" for i in range(len(got_o) - len(weights))]
+    if exact is None:
+        for what, a, b in zip(names, got_o, got_t, strict=True):
+            assert_close(a, b, what)
+    else:
+        assert_no_worse(got_o, got_t, _values(exact[0], exact[1](), weights), names)
 
 
 def _sweep_case(index: int):
@@ -101,8 +110,8 @@ def test_sweep_matches_torch_nn(index, dtype, device):
     h0 = torch.randn(D, *([batch] if batch else []), out_size, **dt)
     c0 = torch.randn(D, *([batch] if batch else []), kw["hidden_size"], **dt)
 
-    def make_args():
-        xi = x.clone().requires_grad_()
+    def make_args(dtype=dtype):
+        xi = x.to(dtype, copy=True).requires_grad_()
         if form == "unbatched":
             inp = xi[:, 0]
         elif form.startswith("packed"):
@@ -111,12 +120,15 @@ def test_sweep_matches_torch_nn(index, dtype, device):
             inp = xi.transpose(0, 1) if kw["batch_first"] else xi
         if not with_hx:
             return (inp,)
-        h = h0.clone().requires_grad_()
+        h = h0.to(dtype, copy=True).requires_grad_()
         if cell != "LSTM":
             return (inp, h)
-        return (inp, (h, c0.clone().requires_grad_()))
+        return (inp, (h, c0.to(dtype, copy=True).requires_grad_()))
 
-    _compare(theirs, ours, make_args)
+    exact = None
+    if dtype == torch.float32:
+        exact = (copy.deepcopy(theirs).double(), lambda: make_args(torch.float64))
+    _compare(theirs, ours, make_args, exact)
 
 
 @pytest.mark.parametrize("cell", list(LAYERS))

@@ -51,3 +51,20 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -
     tol = REL_TOL[expected.dtype]
     err = rel_err(actual, expected)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e} ({expected.dtype})"
+
+
+def assert_no_worse(
+    ours: list[torch.Tensor],
+    theirs: list[torch.Tensor],
+    exact: list[torch.Tensor],
+    names: list[str],
+) -> None:
+    """Each of ours within REL_TOL of exact (float64 values), or within twice the error of
+    theirs (another computation in ours' dtype) where that is larger: two float32
+    computations in different orders, cuDNN among them, can each be some ulps off over a
+    long chain, so neither is the other's oracle."""
+    for what, a, b, e in zip(names, ours, theirs, exact, strict=True):
+        ours_err, theirs_err = rel_err(a, e), rel_err(b, e)
+        assert ours_err <= max(REL_TOL[a.dtype], 2 * theirs_err), (
+            f"{what}: relative error {ours_err:.3e} against float64, the other's {theirs_err:.3e}"
+        )
