@@ -80,7 +80,7 @@ def _cell(mode: str, x: torch.Tensor, hh: torch.Tensor, h_prev, c_prev):
     return h, None, h
 
 
-@pytest.mark.parametrize("block_rows", [4, 8, 32])
+@pytest.mark.parametrize("block_rows", [4, 8, 16, 32])
 @pytest.mark.parametrize(("n", "H", "dtype"), CASES, ids=str)
 @pytest.mark.parametrize("mode", CELLS)
 def test_fused_forward_step(kernels, mode, n, H, dtype, block_rows):

@@ -41,8 +41,10 @@ struct Chunk {
 
 // The block shapes. Lanes: LM along rows x LC along columns; lane (lm, lc) holds rows
 // r * LM + lm (r < TM) and columns c * LC + lc (c < TC). Forward blocks take 8 hidden units
-// and 32 rows, or 8 rows for steps of at most 8, 4 for steps of at most 4 (less work on rows
-// that are not there: at batch 1, 3 rows of 4 instead of 7 of 8).
+// and 32 rows, or 16, 8 or 4 rows for steps of at most that many (less work on rows that
+// are not there: at batch 1, 3 rows of 4 instead of 7 of 8; at batch 16, none of 32's 16;
+// the persistent kernels at B=16 spent most of a step issuing the product's instructions,
+// by the first GPU run's ncu profile).
 template <int kGates, int kRows>
 struct ForwardShape {
   static constexpr int LM = 4, LC = 8, TM = kRows / LM, TC = kGates, kFloatSub = 16;
@@ -56,6 +58,8 @@ void with_forward_rows(int64_t n, F&& f) {
     f(std::integral_constant<int, 4>{});
   } else if (n <= 8) {
     f(std::integral_constant<int, 8>{});
+  } else if (n <= 16) {
+    f(std::integral_constant<int, 16>{});
   } else {
     f(std::integral_constant<int, 32>{});
   }

@@ -190,8 +190,8 @@ T* ptr(const at::Tensor& t) {
 
 // One fused forward step over h_prev's rows; writes into the given tensors, which the test
 // allocates (poisoned) so that it can see every element written or left alone. Half types
-// take xg and c in float, as the engine keeps them. block_rows: the rows of a block (4, 8 or
-// 32; the engine takes 4 for steps of at most 4 rows, 8 for at most 8).
+// take xg and c in float, as the engine keeps them. block_rows: the rows of a block (4, 8, 16
+// or 32; the engine takes the fewest that hold the step's rows, fused::with_forward_rows).
 void forward_step(const std::string& mode, const at::Tensor& h_prev, const at::Tensor& w_hh,
                   const at::Tensor& xg, const at::Tensor& b_ih, const at::Tensor& b_hh,
                   const at::Tensor& c, const at::Tensor& saved, const at::Tensor& h,
@@ -225,12 +225,14 @@ void forward_step(const std::string& mode, const at::Tensor& h_prev, const at::T
             launch(fused::forward_grid<Cell::kGates, kRows>(s.n, s.H),
                    [&] { fused_forward_step_kernel<Cell, T, A, kRows>(s, w_hh.data_ptr<T>()); });
           };
-          TORCH_CHECK(block_rows == 4 || block_rows == 8 || block_rows == 32,
-                      "block_rows: 4, 8 or 32");
+          TORCH_CHECK(block_rows == 4 || block_rows == 8 || block_rows == 16 || block_rows == 32,
+                      "block_rows: 4, 8, 16 or 32");
           if (block_rows == 4) {
             run(std::integral_constant<int, 4>{});
           } else if (block_rows == 8) {
             run(std::integral_constant<int, 8>{});
+          } else if (block_rows == 16) {
+            run(std::integral_constant<int, 16>{});
           } else {
             run(std::integral_constant<int, 32>{});
           }
