@@ -421,8 +421,10 @@ class _RNNBase(_Options, _Convertible, nn.Module):
         return s + self._options_repr()
 
     # --- checks, with torch.nn's exception types and messages ---------------------------
+    # torch.nn.RNNBase's public helpers, for code that calls or overrides them; input as the
+    # caller holds it (batch first where the module is), batch_sizes a packed input's.
 
-    def _check_input(self, input: Tensor, batch_sizes: Tensor | None) -> None:
+    def check_input(self, input: Tensor, batch_sizes: Tensor | None) -> None:
         weight_dtype = self.weight_ih_l0.dtype
         if input.dtype != weight_dtype and not torch._C._is_any_autocast_enabled():
             raise ValueError(
@@ -439,16 +441,61 @@ class _RNNBase(_Options, _Convertible, nn.Module):
                 f"got {input.size(-1)}"
             )
 
-    def _check_state(self, state: Tensor, batch: int, size: int, msg: str) -> None:
-        expected = (self.num_layers * (2 if self.bidirectional else 1), batch, size)
-        if state.size() != expected:
-            raise RuntimeError(msg.format(expected, list(state.size())))
+    def _state_shape(self, batch: int, size: int) -> tuple[int, int, int]:
+        return (self.num_layers * (2 if self.bidirectional else 1), batch, size)
+
+    def _batch_of(self, input: Tensor, batch_sizes: Tensor | None) -> int:
+        if batch_sizes is not None:
+            return int(batch_sizes[0])
+        return input.size(0 if self.batch_first else 1)
+
+    def get_expected_hidden_size(
+        self, input: Tensor, batch_sizes: Tensor | None
+    ) -> tuple[int, int, int]:
+        return self._state_shape(
+            self._batch_of(input, batch_sizes), self.proj_size or self.hidden_size
+        )
+
+    def get_expected_cell_size(
+        self, input: Tensor, batch_sizes: Tensor | None
+    ) -> tuple[int, int, int]:
+        """The shape of an LSTM's cell state c_0."""
+        return self._state_shape(self._batch_of(input, batch_sizes), self.hidden_size)
+
+    def check_hidden_size(
+        self,
+        hx: Tensor,
+        expected_hidden_size: tuple[int, int, int],
+        msg: str = "Expected hidden size {}, got {}",
+    ) -> None:
+        if hx.size() != expected_hidden_size:
+            raise RuntimeError(msg.format(expected_hidden_size, list(hx.size())))
+
+    def check_forward_args(self, input: Tensor, hidden, batch_sizes: Tensor | None) -> None:
+        """input and the states (a tuple (h_0, c_0) for LSTM) against the module."""
+        self.check_input(input, batch_sizes)
+        expected = self.get_expected_hidden_size(input, batch_sizes)
+        if self.mode != "LSTM":
+            self.check_hidden_size(hidden, expected)
+            return
+        self.check_hidden_size(hidden[0], expected, "Expected hidden[0] size {}, got {}")
+        self.check_hidden_size(
+            hidden[1],
+            self.get_expected_cell_size(input, batch_sizes),
+            "Expected hidden[1] size {}, got {}",
+        )
+
+    def permute_hidden(self, hx, permutation: Tensor | None):
+        """The states' batch (dim 1) reordered by permutation (an LSTM's both states)."""
+        if isinstance(hx, tuple):
+            return tuple(_permute(t, permutation) for t in hx)
+        return _permute(hx, permutation)
 
     # --- forward --------------------------------------------------------------------------
 
     def _zeros(self, input: Tensor, batch: int, size: int) -> Tensor:
-        layers = self.num_layers * (2 if self.bidirectional else 1)
-        return torch.zeros(layers, batch, size, dtype=input.dtype, device=input.device)
+        shape = self._state_shape(batch, size)
+        return torch.zeros(shape, dtype=input.dtype, device=input.device)
 
     def forward(self, input, hx=None):
         is_lstm = self.mode == "LSTM"
@@ -471,14 +518,19 @@ class _RNNBase(_Options, _Convertible, nn.Module):
                 data = data.transpose(0, 1)
             batch = data.size(1)
         hx = self._prepare_state(data, hx, batch, out_size, is_batched, packed, sorted_indices)
-        self._check_input(data, batch_sizes)
+        self.check_input(data, batch_sizes)
         h0, c0 = hx if is_lstm else (hx, None)
         if h0 is not None:  # None: no states given, the operator starts from zeros
-            if is_lstm:
-                self._check_state(h0, batch, out_size, "Expected hidden[0] size {}, got {}")
-                self._check_state(c0, batch, self.hidden_size, "Expected hidden[1] size {}, got {}")
-            else:
-                self._check_state(h0, batch, out_size, "Expected hidden size {}, got {}")
+            layers = self.num_layers * (2 if self.bidirectional else 1)
+            if h0.size() != (layers, batch, out_size):  # raises, in torch.nn's words
+                which = "hidden[0]" if is_lstm else "hidden"
+                self.check_hidden_size(
+                    h0, (layers, batch, out_size), f"Expected {which} size {{}}, got {{}}"
+                )
+            if is_lstm and c0.size() != (layers, batch, self.hidden_size):
+                self.check_hidden_size(
+                    c0, (layers, batch, self.hidden_size), "Expected hidden[1] size {}, got {}"
+                )
         if not packed and data.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
@@ -487,7 +539,7 @@ class _RNNBase(_Options, _Convertible, nn.Module):
         hidden = (h_n, c_n) if is_lstm else h_n
         if packed:
             output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
-            return output, self._restore_order(hidden, unsorted_indices)
+            return output, self.permute_hidden(hidden, unsorted_indices)
         if self.batch_first:
             output = output.transpose(0, 1)
         if not is_batched:
@@ -527,14 +579,7 @@ class _RNNBase(_Options, _Convertible, nn.Module):
                 )
             if not is_batched:
                 hx = tuple(t.unsqueeze(1) for t in hx) if is_lstm else hx.unsqueeze(1)
-        if is_lstm:
-            return tuple(_permute(t, sorted_indices) for t in hx)
-        return _permute(hx, sorted_indices)
-
-    def _restore_order(self, hidden, unsorted_indices):
-        if isinstance(hidden, tuple):
-            return tuple(_permute(t, unsorted_indices) for t in hidden)
-        return _permute(hidden, unsorted_indices)
+        return self.permute_hidden(hx, sorted_indices)
 
     def _run_layers(
         self, x: Tensor, h0: Tensor | None, c0: Tensor | None, batch_sizes: Tensor | None

@@ -263,3 +263,64 @@ def test_backward_in_eval_mode_and_retain_graph():
     first = x.grad.clone()
     out.backward()
     assert_close(x.grad, 2 * first)
+
+
+def _outcome(call, module):
+    """What call(module) gives: its result, or its exception's type and message."""
+    try:
+        return call(module)
+    except Exception as e:  # compared with torch.nn's, type and text
+        return type(e), str(e)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize(
+    ("cell", "kw"),
+    [
+        ("LSTM", dict(proj_size=3, bidirectional=True)),
+        ("LSTM", dict(num_layers=2)),
+        ("GRU", dict(bidirectional=True)),
+        ("RNN_TANH", dict(num_layers=3)),
+    ],
+    ids=str,
+)
+def test_rnnbase_helpers_match_torch_nn(cell, kw, batch_first):
+    """torch.nn.RNNBase's public helpers (check_input, get_expected_hidden_size,
+    check_hidden_size, check_forward_args, permute_hidden; LSTM's get_expected_cell_size):
+    the same results and the same exceptions, type and text, as torch.nn's."""
+    seed("helpers", cell, batch_first)
+    theirs, ours = _pair(cell, input_size=4, hidden_size=5, batch_first=batch_first, **kw)
+    T, B = 6, 3
+    x = torch.randn(*((B, T) if batch_first else (T, B)), 4, dtype=torch.float64)
+    packed = pack_padded_sequence(x, torch.tensor([6, 4, 2]), batch_first=batch_first)
+    D = (2 if kw.get("bidirectional") else 1) * kw.get("num_layers", 1)
+    h = torch.randn(D, B, kw.get("proj_size") or 5, dtype=torch.float64)
+    c = torch.randn(D, B, 5, dtype=torch.float64)
+    hidden = (h, c) if cell == "LSTM" else h
+    bad_hidden = (h, c[:, :2]) if cell == "LSTM" else h[:, :2]
+    order = torch.tensor([2, 0, 1])
+    calls = {
+        "check_input": lambda m: m.check_input(x, None),
+        "check_input packed": lambda m: m.check_input(packed.data, packed.batch_sizes),
+        "check_input dims": lambda m: m.check_input(x, packed.batch_sizes),
+        "check_input size": lambda m: m.check_input(x[..., :3], None),
+        "check_input dtype": lambda m: m.check_input(x.float(), None),
+        "hidden size": lambda m: m.get_expected_hidden_size(x, None),
+        "hidden size packed": lambda m: m.get_expected_hidden_size(packed.data, packed.batch_sizes),
+        "check_hidden_size": lambda m: m.check_hidden_size(h, (D, B, 9)),
+        "check_hidden_size msg": lambda m: m.check_hidden_size(h, (1, 2, 3), "want {}, got {}"),
+        "forward args": lambda m: m.check_forward_args(x, hidden, None),
+        "forward args bad": lambda m: m.check_forward_args(x, bad_hidden, None),
+        "permute_hidden": lambda m: m.permute_hidden(hidden, order),
+        "permute_hidden none": lambda m: m.permute_hidden(hidden, None),
+    }
+    if cell == "LSTM":
+        calls["cell size"] = lambda m: m.get_expected_cell_size(x, None)
+    for what, call in calls.items():
+        got, want = _outcome(call, ours), _outcome(call, theirs)
+        if isinstance(want, tuple) and want and isinstance(want[0], torch.Tensor):
+            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), what
+        elif isinstance(want, torch.Tensor):
+            assert torch.equal(got, want), what
+        else:
+            assert got == want, what
