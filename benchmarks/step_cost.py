@@ -4,7 +4,7 @@ persistent as a cooperative grid, fused launches), float32 without TF32, forward
 under no_grad and forward with backward. The long-sequence, small-batch corner where a
 step's latency, not its arithmetic, sets the time.
 
-    python3 benchmarks/step_cost.py [--steps 1000] [--rounds 5] [--csv PATH]
+    python3 benchmarks/step_cost.py [--steps 1000] [--rounds 5] [--csv PATH] [--quick]
     python3 benchmarks/step_cost.py --once LSTM,200,16,128,persistent,fwd+bwd   (for ncu)
 """
 
@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--csv", default=None)
     parser.add_argument("--once", default=None, help="CELL,T,B,H,PATH,KIND: three calls, no table")
+    parser.add_argument("--quick", action="store_true", help="B=16 and H=128, 256 only")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -86,9 +87,10 @@ def main() -> None:
     head = ["cell", "B", "H", "kind", "cuDNN", *PATHS, "default"]
     print(" ".join(f"{h:>15}" for h in head), flush=True)
     rows = []
+    batches, sizes = ((16,), (128, 256)) if args.quick else ((1, 16), (32, 64, 128, 256, 512))
     for cell in CELLS:
-        for B in (1, 16):
-            for H in (32, 64, 128, 256, 512):
+        for B in batches:
+            for H in sizes:
                 theirs, ours = pair(cell, H)
                 x = torch.randn(T, B, H, device="cuda")
                 for kind in ("fwd", "fwd+bwd"):
