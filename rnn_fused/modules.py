@@ -486,8 +486,9 @@ class _RNNBase(_Options, _Convertible, nn.Module):
         )
 
     def permute_hidden(self, hx, permutation: Tensor | None):
-        """The states' batch (dim 1) reordered by permutation (an LSTM's both states)."""
-        if isinstance(hx, tuple):
+        """The states' batch (dim 1) reordered by permutation (an LSTM's both states, given
+        as a tuple or a list, come back as a tuple)."""
+        if isinstance(hx, (tuple, list)):
             return tuple(_permute(t, permutation) for t in hx)
         return _permute(hx, permutation)
 
@@ -521,16 +522,16 @@ class _RNNBase(_Options, _Convertible, nn.Module):
         self.check_input(data, batch_sizes)
         h0, c0 = hx if is_lstm else (hx, None)
         if h0 is not None:  # None: no states given, the operator starts from zeros
-            layers = self.num_layers * (2 if self.bidirectional else 1)
-            if h0.size() != (layers, batch, out_size):  # raises, in torch.nn's words
-                which = "hidden[0]" if is_lstm else "hidden"
-                self.check_hidden_size(
-                    h0, (layers, batch, out_size), f"Expected {which} size {{}}, got {{}}"
-                )
-            if is_lstm and c0.size() != (layers, batch, self.hidden_size):
-                self.check_hidden_size(
-                    c0, (layers, batch, self.hidden_size), "Expected hidden[1] size {}, got {}"
-                )
+            # Compared here, check_hidden_size called only to raise: the common call pays no
+            # method call per state.
+            shape = self._state_shape(batch, out_size)
+            if h0.size() != shape:
+                if is_lstm:
+                    self.check_hidden_size(h0, shape, "Expected hidden[0] size {}, got {}")
+                self.check_hidden_size(h0, shape)
+            if is_lstm and c0.size() != (shape[0], batch, self.hidden_size):
+                shape = (shape[0], batch, self.hidden_size)
+                self.check_hidden_size(c0, shape, "Expected hidden[1] size {}, got {}")
         if not packed and data.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 

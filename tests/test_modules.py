@@ -324,3 +324,19 @@ def test_rnnbase_helpers_match_torch_nn(cell, kw, batch_first):
             assert torch.equal(got, want), what
         else:
             assert got == want, what
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_lstm_states_as_list_with_unsorted_packed_input(as_list):
+    """An LSTM's (h_0, c_0) given as a list with a PackedSequence whose batch is reordered
+    (enforce_sorted=False): outputs and final states as torch.nn's."""
+    seed("list states", as_list)
+    theirs, ours = _pair("LSTM", input_size=3, hidden_size=5, num_layers=2)
+    x = torch.randn(6, 3, 3, dtype=torch.float64)
+    packed = pack_padded_sequence(x, torch.tensor([2, 6, 4]), enforce_sorted=False)
+    states = [torch.randn(2, 3, 5, dtype=torch.float64) for _ in range(2)]
+    hx = states if as_list else tuple(states)
+    out_t, (h_t, c_t) = theirs(packed, hx)
+    out_o, (h_o, c_o) = ours(packed, hx)
+    for a, b in [(out_o.data, out_t.data), (h_o, h_t), (c_o, c_t)]:
+        assert_close(a, b)
