@@ -124,6 +124,46 @@ def test_small_batch_cell_no_worse_than_twice_torch_nn(name, batch, dtype):
     _assert_rule(half_type_errors(ours, theirs, exact, x, states))
 
 
+@pytest.mark.parametrize("batch", [7, 95])
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_bf16_cell_step_gradients_whichever_are_asked_for(name, batch):
+    """A bfloat16 step of more than 4 rows (weights read as stored, on the dot products
+    where the CPU has them) rounds its gate gradients once for dh, dX and both weight
+    gradients, and writes the weight gradients in bfloat16: each gradient comes in its
+    tensor's dtype with the same bits whichever others are asked for (weights alone, the
+    input alone, the state alone, all), and the weights' are those of float32 weights of the
+    same values to bfloat16 rounding of each product's operands (2% of their norm)."""
+    seed("bf16 step grads", name, batch)
+    cell = getattr(rnn_fused, name)(37, 35).to(torch.bfloat16)
+    x = torch.randn(batch, 37).bfloat16()
+    states = [torch.randn(batch, 35).bfloat16() for _ in range(2 if name == "LSTMCell" else 1)]
+    grads = [torch.randn(batch, 35).bfloat16() for _ in states]
+
+    def run(module: nn.Module, dtype: torch.dtype, inputs: bool, state: bool, weights: bool):
+        x_ = x.to(dtype, copy=True).requires_grad_(inputs)
+        s_ = [s.to(dtype, copy=True).requires_grad_(state) for s in states]
+        for p in module.parameters():
+            p.grad = None
+            p.requires_grad_(weights)
+        out = module(x_, tuple(s_) if len(s_) == 2 else s_[0])
+        out = out if isinstance(out, tuple) else (out,)
+        torch.autograd.backward(out, [g.to(dtype) for g in grads])
+        params = [p.grad for p in module.parameters()] if weights else []
+        return [x_.grad] * inputs + [s_[0].grad] * state + params
+
+    everything = run(cell, torch.bfloat16, True, True, True)
+    assert all(g.dtype == torch.bfloat16 for g in everything)
+    for asked in [(False, False, True), (True, False, False), (False, True, False)]:
+        alone = run(cell, torch.bfloat16, *asked)
+        wanted = [g for g, on in zip(everything[:2], asked[:2], strict=True) if on]
+        wanted += everything[2:] if asked[2] else []
+        assert len(alone) == len(wanted)
+        assert all(torch.equal(a, b) for a, b in zip(alone, wanted, strict=True))
+    wide = run(cell.float(), torch.float32, True, True, True)
+    for ours, theirs in zip(everything[2:], wide[2:], strict=True):
+        assert rel_err(ours.float(), theirs.double()) < 2e-2
+
+
 def _one_step_and_its_float32(mode: str, dtype: torch.dtype, batch: int, units: int, scale: int):
     """(ours, float32) result pairs of one step of a layer on random values in dtype (37
     inputs, initial states, biases; weights divided by scale), and of the float32 call on

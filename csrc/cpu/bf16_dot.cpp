@@ -166,9 +166,10 @@ RF_BF16_TARGET inline __m512 column_order(__m512 low, __m512 high, int half) {
 }
 
 // The first `rows` rows of A (at most kDotRows) times the first `width` columns of W (at most
-// kWColumns).
+// kWColumns), into float32 C or (not accumulated) bfloat16 C, rounded to nearest even.
+template <class Out>
 RF_BF16_TARGET void rows_times_w_columns(int64_t K, const uint16_t* A, int64_t lda, int64_t rows,
-                                         const uint16_t* W, int64_t ldw, int64_t width, float* C,
+                                         const uint16_t* W, int64_t ldw, int64_t width, Out* C,
                                          int64_t ldc, bool accumulate) {
   __mmask32 cols[kWHalves];
   for (int h = 0; h < kWHalves; ++h)
@@ -215,10 +216,17 @@ RF_BF16_TARGET void rows_times_w_columns(int64_t K, const uint16_t* A, int64_t l
       for (int b = 0; b < 2; ++b) {
         const int64_t c0 = 32 * h + 16 * b;
         const __mmask16 out = r < rows ? lanes(width - c0, 0) : __mmask16(0);
-        float* c = C + r * ldc + c0;
+        Out* c = C + r * ldc + c0;
         __m512 sums = column_order(acc[r][2 * h], acc[r][2 * h + 1], b);
-        if (accumulate) sums = _mm512_add_ps(sums, _mm512_maskz_loadu_ps(out, c));
-        _mm512_mask_storeu_ps(c, out, sums);
+        if constexpr (std::is_same_v<Out, float>) {
+          if (accumulate) sums = _mm512_add_ps(sums, _mm512_maskz_loadu_ps(out, c));
+          _mm512_mask_storeu_ps(c, out, sums);
+        } else {
+          const __m256bh rounded = _mm512_cvtneps_pbh(sums);
+          __m256i bits;
+          std::memcpy(&bits, &rounded, sizeof(bits));
+          _mm256_mask_storeu_epi16(c, out, bits);
+        }
       }
     }
   }
@@ -345,6 +353,21 @@ RF_BF16_TARGET void bf16_round_transposed(int64_t K, int64_t M, const float* A, 
   }
 }
 
+void bf16_transpose(int64_t K, int64_t m0, int64_t m1, const at::BFloat16* A, int64_t lda,
+                    at::BFloat16* out, int64_t ld_out) {
+  constexpr int64_t kBlock = 32;
+  for (int64_t m = m0; m < m1; m += kBlock) {
+    const int64_t mc = std::min(kBlock, m1 - m);
+    for (int64_t k = 0; k < K; k += kBlock) {
+      at::vec::transpose_mxn<at::BFloat16>(A + k * lda + m, lda, out + m * ld_out + k, ld_out,
+                                           static_cast<int>(std::min(kBlock, K - k)),
+                                           static_cast<int>(mc));
+    }
+    if (K % 2 != 0)
+      for (int64_t r = m; r < m + mc; ++r) out[r * ld_out + K] = at::BFloat16(0.0f);
+  }
+}
+
 const at::BFloat16* bf16_rounded_rows(int64_t M, int64_t K, const float* A, int64_t lda,
                                       int64_t* ld) {
   thread_local std::vector<at::BFloat16> rounded;
@@ -381,18 +404,34 @@ RF_BF16_TARGET void bf16_times_w_rows(int64_t M, int64_t N, int64_t K, const at:
   }
 }
 
-RF_BF16_TARGET void bf16_times_w(int64_t M, int64_t N, int64_t K, const at::BFloat16* A,
-                                 int64_t lda, const at::BFloat16* W, int64_t ldw, float* C,
-                                 int64_t ldc, bool accumulate) {
+namespace {
+
+// bf16_times_w into float32 or bfloat16 C.
+template <class Out>
+void times_w(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
+             const at::BFloat16* W, int64_t ldw, Out* C, int64_t ldc, bool accumulate) {
   const auto* a16 = reinterpret_cast<const uint16_t*>(A);
   const auto* w16 = reinterpret_cast<const uint16_t*>(W);
   // A strip of W's columns stays in L2 while the rows of A go by.
   for (int64_t j = 0; j < N; j += kWColumns) {
     for (int64_t m0 = 0; m0 < M; m0 += kDotRows) {
-      rows_times_w_columns(K, a16 + m0 * lda, lda, std::min<int64_t>(kDotRows, M - m0), w16 + j,
-                           ldw, std::min(kWColumns, N - j), C + m0 * ldc + j, ldc, accumulate);
+      rows_times_w_columns<Out>(K, a16 + m0 * lda, lda, std::min<int64_t>(kDotRows, M - m0),
+                                w16 + j, ldw, std::min(kWColumns, N - j), C + m0 * ldc + j, ldc,
+                                accumulate);
     }
   }
+}
+
+}  // namespace
+
+void bf16_times_w(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
+                  const at::BFloat16* W, int64_t ldw, float* C, int64_t ldc, bool accumulate) {
+  times_w(M, N, K, A, lda, W, ldw, C, ldc, accumulate);
+}
+
+void bf16_times_w(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
+                  const at::BFloat16* W, int64_t ldw, at::BFloat16* C, int64_t ldc) {
+  times_w(M, N, K, A, lda, W, ldw, C, ldc, /*accumulate=*/false);
 }
 
 void bf16_panel_product(int64_t M, int64_t K, const at::BFloat16* A, int64_t lda,

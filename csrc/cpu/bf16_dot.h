@@ -55,6 +55,9 @@ void bf16_times_w_rows(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, i
 // the calling thread.
 void bf16_times_w(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
                   const at::BFloat16* W, int64_t ldw, float* C, int64_t ldc, bool accumulate);
+// The same into a bfloat16 C (not accumulated): the float32 sums rounded to nearest even.
+void bf16_times_w(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
+                  const at::BFloat16* W, int64_t ldw, at::BFloat16* C, int64_t ldc);
 
 // One pair row of a bfloat16 panel from two rows of b (row-major): to[2c] = first[c],
 // to[2c + 1] = second[c] (zero where second is nullptr), rounded to bfloat16 (to nearest
@@ -73,6 +76,11 @@ const at::BFloat16* bf16_rounded_rows(int64_t M, int64_t K, const float* A, int6
 // each row of odd K; ld_out even.
 void bf16_round_rows(int64_t M, int64_t K, const float* A, int64_t lda, at::BFloat16* out,
                      int64_t ld_out);
+
+// Rows [m0, m1) of out[M, K rounded up to even] = A^T for a bfloat16 A [K, M] (rows lda
+// apart), a zero after each row of odd K; ld_out even: the columns of A a thread transposes.
+void bf16_transpose(int64_t K, int64_t m0, int64_t m1, const at::BFloat16* A, int64_t lda,
+                    at::BFloat16* out, int64_t ld_out);
 
 // out[M, K rounded up to even] = A^T rounded to bfloat16 (to nearest even), for A [K, M]
 // (rows lda apart), a zero after each row of odd K; ld_out even. One pass: values rounded

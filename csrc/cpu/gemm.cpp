@@ -912,27 +912,33 @@ void bf16_matmul_transposed(int64_t M, const float* A, int64_t lda, const Panels
   bf16_rows_matmul(M, a, ld, B, C, ldc, accumulate);
 }
 
+void half_weight_product(bool trans, int64_t M, int64_t N, int64_t K, const at::BFloat16* A,
+                         int64_t lda, const at::Tensor& W, float* C, int64_t ldc, bool accumulate) {
+  TORCH_INTERNAL_ASSERT(W.dim() == 2 && W.stride(1) == 1 && W.scalar_type() == at::kBFloat16 &&
+                        has_bf16_dot());
+  const int64_t ldw = W.stride(0);
+  const at::BFloat16* w = W.data_ptr<at::BFloat16>();
+  // Blocks of C's columns over the threads, each block's part of W read by one.
+  const int64_t block = trans ? 16 : 64;
+  split((N + block - 1) / block, block * K * M, [&](int64_t begin, int64_t end) {
+    const int64_t j = begin * block, n = std::min(N, end * block) - j;
+    if (trans) {
+      bf16_times_w_rows(M, n, K, A, lda, w + j * ldw, ldw, C + j, ldc, accumulate);
+    } else {
+      bf16_times_w(M, n, K, A, lda, w + j, ldw, C + j, ldc, accumulate);
+    }
+  });
+}
+
 void half_weight_product(bool trans, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                          const at::Tensor& W, float* C, int64_t ldc, bool accumulate) {
   TORCH_INTERNAL_ASSERT(W.dim() == 2 && W.stride(1) == 1);
   if (M == 0 || N == 0) return;
   const int64_t ldw = W.stride(0);
   if (M > kHalfWeightRows) {
-    TORCH_INTERNAL_ASSERT(W.scalar_type() == at::kBFloat16 && has_bf16_dot());
     int64_t ld = 0;
     const at::BFloat16* a = bf16_rounded_rows(M, K, A, lda, &ld);
-    const at::BFloat16* w = W.data_ptr<at::BFloat16>();
-    // Blocks of C's columns over the threads, each block's part of W read by one.
-    const int64_t block = trans ? 16 : 64;
-    split((N + block - 1) / block, block * K * M, [&](int64_t begin, int64_t end) {
-      const int64_t j = begin * block, n = std::min(N, end * block) - j;
-      if (trans) {
-        bf16_times_w_rows(M, n, K, a, ld, w + j * ldw, ldw, C + j, ldc, accumulate);
-      } else {
-        bf16_times_w(M, n, K, a, ld, w + j, ldw, C + j, ldc, accumulate);
-      }
-    });
-    return;
+    return half_weight_product(trans, M, N, K, a, ld, W, C, ldc, accumulate);
   }
   AT_DISPATCH_REDUCED_FLOATING_TYPES(W.scalar_type(), "rnn_fused_half_weight_product", [&] {
     const scalar_t* w = W.data_ptr<scalar_t>();
@@ -963,24 +969,62 @@ void half_weight_product(bool trans, int64_t M, int64_t N, int64_t K, const floa
   });
 }
 
-void bf16_weight_product(int64_t M, int64_t N, int64_t rows, const float* G, int64_t ldg,
-                         const float* A, int64_t lda, float* W, bool accumulate) {
+namespace {
+
+// bf16_weight_product on G^T rounded, into float32 or bfloat16 W.
+template <class Out>
+void weight_product_on(int64_t M, int64_t N, int64_t rows, const at::BFloat16* g_t, int64_t ld_g,
+                       const float* A, int64_t lda, Out* W, bool accumulate) {
   TORCH_INTERNAL_ASSERT(has_bf16_dot());
   if (M == 0 || N == 0) return;
-  // G^T and A rounded, rows padded to even lengths (a zero after an odd one).
-  const int64_t ld_g = (rows + 1) / 2 * 2, ld_a = (N + 1) / 2 * 2;
-  const at::Tensor rounded =
-      buffer_empty({M * ld_g + rows * ld_a}, at::TensorOptions(at::kBFloat16));
-  at::BFloat16* g_t = rounded.data_ptr<at::BFloat16>();
-  at::BFloat16* a = g_t + M * ld_g;
-  bf16_round_transposed(rows, M, G, ldg, g_t, ld_g);
+  // A rounded, its rows padded to an even length (a zero after an odd one).
+  const int64_t ld_a = (N + 1) / 2 * 2;
+  const at::Tensor rounded = buffer_empty({rows * ld_a}, at::TensorOptions(at::kBFloat16));
+  at::BFloat16* a = rounded.data_ptr<at::BFloat16>();
   bf16_round_rows(rows, N, A, lda, a, ld_a);
   constexpr int64_t kBlock = 16;
   split((M + kBlock - 1) / kBlock, kBlock * N * rows, [&](int64_t begin, int64_t end) {
-    const int64_t i = begin * kBlock;
-    bf16_times_w(std::min(M, end * kBlock) - i, N, rows, g_t + i * ld_g, ld_g, a, ld_a, W + i * N,
-                 N, accumulate);
+    const int64_t i = begin * kBlock, m = std::min(M, end * kBlock) - i;
+    if constexpr (std::is_same_v<Out, float>) {
+      bf16_times_w(m, N, rows, g_t + i * ld_g, ld_g, a, ld_a, W + i * N, N, accumulate);
+    } else {
+      bf16_times_w(m, N, rows, g_t + i * ld_g, ld_g, a, ld_a, W + i * N, N);
+    }
   });
+}
+
+}  // namespace
+
+void bf16_weight_product(int64_t M, int64_t N, int64_t rows, const float* G, int64_t ldg,
+                         const float* A, int64_t lda, float* W, bool accumulate) {
+  if (M == 0 || N == 0) return;
+  // G^T rounded, its rows padded to an even length (a zero after an odd one).
+  const int64_t ld_g = (rows + 1) / 2 * 2;
+  const at::Tensor rounded = buffer_empty({M * ld_g}, at::TensorOptions(at::kBFloat16));
+  at::BFloat16* g_t = rounded.data_ptr<at::BFloat16>();
+  bf16_round_transposed(rows, M, G, ldg, g_t, ld_g);
+  weight_product_on(M, N, rows, g_t, ld_g, A, lda, W, accumulate);
+}
+
+void bf16_weight_product(int64_t M, int64_t N, int64_t rows, const at::BFloat16* g_t, int64_t ld_g,
+                         const float* A, int64_t lda, float* W, bool accumulate) {
+  weight_product_on(M, N, rows, g_t, ld_g, A, lda, W, accumulate);
+}
+
+void bf16_weight_product(int64_t M, int64_t N, int64_t rows, const at::BFloat16* g_t, int64_t ld_g,
+                         const float* A, int64_t lda, at::BFloat16* W) {
+  weight_product_on(M, N, rows, g_t, ld_g, A, lda, W, false);
+}
+
+at::Tensor bf16_transposed(int64_t rows, int64_t M, const at::BFloat16* G, int64_t ldg) {
+  const int64_t ld = (rows + 1) / 2 * 2;
+  at::Tensor out = buffer_empty({M, ld}, at::TensorOptions(at::kBFloat16));
+  at::BFloat16* o = out.data_ptr<at::BFloat16>();
+  constexpr int64_t kColumns = 32;  // of G, per task: bf16_transpose's blocks
+  split((M + kColumns - 1) / kColumns, kColumns * rows, [&](int64_t begin, int64_t end) {
+    bf16_transpose(rows, begin * kColumns, std::min(M, end * kColumns), G, ldg, o, ld);
+  });
+  return out;
 }
 
 template <class T>

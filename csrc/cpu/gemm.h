@@ -60,6 +60,10 @@ void blas_product_here(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t
 constexpr int64_t kHalfWeightRows = 4;
 void half_weight_product(bool trans, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                          const at::Tensor& W, float* C, int64_t ldc, bool accumulate);
+// The same on an A already rounded to bfloat16 (bf16_round_rows: lda even) for a bfloat16 W
+// at more than kHalfWeightRows rows: an A that more than one product reads.
+void half_weight_product(bool trans, int64_t M, int64_t N, int64_t K, const at::BFloat16* A,
+                         int64_t lda, const at::Tensor& W, float* C, int64_t ldc, bool accumulate);
 
 // W[M, N] (+)= G^T A for G [rows, M] and A [rows, N] (rows ldg and lda apart) rounded to
 // bfloat16, on bfloat16 dot products (bf16_times_w): the weight gradients of a bfloat16 call's
@@ -67,6 +71,18 @@ void half_weight_product(bool trans, int64_t M, int64_t N, int64_t K, const floa
 // by blocks of W's rows.
 void bf16_weight_product(int64_t M, int64_t N, int64_t rows, const float* G, int64_t ldg,
                          const float* A, int64_t lda, float* W, bool accumulate);
+// The same on G^T already rounded (g_t [M, ld_g], ld_g even, a zero after an odd count of
+// rows: bf16_transposed), for a G that both weight gradients read; into float32 W, or into
+// bfloat16 W (not accumulated: the float32 sums rounded to nearest even, as Tensor::to
+// rounds them).
+void bf16_weight_product(int64_t M, int64_t N, int64_t rows, const at::BFloat16* g_t, int64_t ld_g,
+                         const float* A, int64_t lda, float* W, bool accumulate);
+void bf16_weight_product(int64_t M, int64_t N, int64_t rows, const at::BFloat16* g_t, int64_t ld_g,
+                         const float* A, int64_t lda, at::BFloat16* W);
+
+// G^T [M, rows rounded up to even] for bfloat16 G [rows, M] (rows ldg apart), in a buffer from
+// the cache, a zero after each row of odd `rows`: on the threads by blocks of G's columns.
+at::Tensor bf16_transposed(int64_t rows, int64_t M, const at::BFloat16* G, int64_t ldg);
 
 // C[M, N] = A^T @ B (accumulate: C += ...) for A [K, M] and B [K, N] as stored, through
 // libtorch's BLAS: the weight gradients of large problems. Threads take blocks of C's rows

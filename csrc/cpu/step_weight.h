@@ -83,10 +83,14 @@ class StepWeight {
     row_times_wt_here(j1 - j0, K_, a, w_ + j0 * ld_, ld_, c + j0);
   }
 #endif
-  // The same on an A in bfloat16 (bfloat16 panels; K and lda even).
+  // The same on an A rounded to bfloat16 (bf16_round_rows: lda even), on bfloat16 panels or a
+  // bfloat16 W read as stored at more than kHalfWeightRows rows.
   void product(int64_t M, const at::BFloat16* A, int64_t lda, float* C, int64_t ldc,
                bool accumulate) const {
-    TORCH_INTERNAL_ASSERT(packed());
+    if (!packed()) {
+      TORCH_INTERNAL_ASSERT(half_.defined() && M > kHalfWeightRows);
+      return half_weight_product(transpose_, M, N_, K_, A, lda, half_, C, ldc, accumulate);
+    }
     matmul(M, A, lda, panels_, C, ldc, accumulate);
   }
 
@@ -114,10 +118,14 @@ class StepWeight {
   }
 
   // The same on an A already rounded to bfloat16 (bf16_round_rows: lda even, an odd K's pad
-  // zero), on bfloat16 panels.
+  // zero), on bfloat16 panels (unpacked, as product() above, by the team's first thread).
   void product(const Team& team, int64_t M, const at::BFloat16* A, int64_t lda, float* C,
                int64_t ldc, bool accumulate) const {
-    TORCH_INTERNAL_ASSERT(packed() && panels_.bf16());
+    if (!packed()) {
+      if (team.id == 0) product(M, A, lda, C, ldc, accumulate);
+      return;
+    }
+    TORCH_INTERNAL_ASSERT(panels_.bf16());
     for_team_panels(team, C, [&](int64_t g, int64_t jb, float* c) {
       panel_product(M, A, lda, panels_, g, jb, c, ldc, accumulate);
     });
