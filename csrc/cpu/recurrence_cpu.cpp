@@ -805,10 +805,13 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
   // weight gradients (weight_product): LSTMCell(512)'s forward and backward in bfloat16 at
   // batch 16 1.87 ms against 3.46, at batch 64 4.04 against 8.02 (AMD EPYC).
   const bool bf16_dots = bf16 || (small && bf16_dot_products(p));
-  const StepWeight<T> w_hh_b(w_hh, /*transpose=*/false, !small, 0, bf16_dots, p.batch);
+  // Weights packed, but for a small problem's and a step whose gate gradients are rounded
+  // once (rounds_gate_grads_once: each weight read by one product, as stored).
+  const bool packs = !small && !g.rounded_once;
+  const StepWeight<T> w_hh_b(w_hh, /*transpose=*/false, packs, 0, bf16_dots, p.batch);
   const std::optional<StepWeight<T>> w_hr_b =
       p.proj
-          ? std::optional<StepWeight<T>>(std::in_place, *w_hr, false, !small, 0, bf16_dots, p.batch)
+          ? std::optional<StepWeight<T>>(std::in_place, *w_hr, false, packs, 0, bf16_dots, p.batch)
           : std::nullopt;
   // dX = dG W_ih: on panels of W_ih packed once (bfloat16 ones when products are in
   // bfloat16), but for float64, whose products go to BLAS, and for a small problem's weight
@@ -816,7 +819,7 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
   const bool w_ih_as_stored = w_ih.scalar_type() != saved.scalar_type();
   const std::optional<StepWeight<T>> w_ih_b =
       (bf16 || std::is_same_v<T, float>) && (!small || w_ih_as_stored) && a.mask.input
-          ? std::optional<StepWeight<T>>(std::in_place, w_ih, false, !small, 0, bf16_dots,
+          ? std::optional<StepWeight<T>>(std::in_place, w_ih, false, packs, 0, bf16_dots,
                                          chunk_rows)
           : std::nullopt;
   const T* saved_p = saved.data_ptr<T>();
@@ -917,7 +920,8 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
     if (p.elementwise) {
       unit_steps(*ch);
     } else {
-      with_team(step_threads(p), [&](const Team& team) {
+      // A step whose products read its weights as stored splits each over the threads.
+      with_team(packs ? step_threads(p) : 1, [&](const Team& team) {
         for (int64_t s = ch->s_end - 1; s >= ch->s_begin; --s) {
           const int64_t t = p.step_at(s), n = p.batch_sizes[t], r0 = p.offsets[t];
           const int64_t local = r0 - ch->row_begin;  // first row of the step in chunk buffers
@@ -961,7 +965,7 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
           }
           // As in the forward: a small problem's many rows over the threads.
           const bool split_rows =
-              small && !ln && cell_rows_over_threads(n, H, [&](int64_t i0, int64_t i1) {
+              !packs && !ln && cell_rows_over_threads(n, H, [&](int64_t i0, int64_t i1) {
                 backward_rows(i0, i1, 0, H);
                 if (round_dg) round_rows(local, i0, i1);
               });
@@ -1132,7 +1136,7 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
   });
   // Transposed back (in the cache's memory: fresh memory faulted on each page at every call).
   const auto as_weight = [&](const at::Tensor& t) {
-    return blas_grads || !weights || t.dim() == 1 ? t : transposed(t);
+    return blas_grads || rounded_once || !weights || t.dim() == 1 ? t : transposed(t);
   };
   const auto none = [&] { return cpu_empty({0}, opts); };  // a new one each: outputs never alias
   return {g.grad_input,
@@ -1175,16 +1179,17 @@ bool bf16_dot_products(const Problem& p) {
 // stay in bfloat16 until packed (bf16 in LayerArgs::to).
 bool bf16_products(const Problem& p) { return bf16_dot_products(p) && !small_problem(p); }
 
-// A bfloat16 call of one step whose products read its bfloat16 weights as stored on the dot
-// products (a cell's step at more than kHalfWeightRows rows: small_problem): its backward
-// rounds each side's gate gradients once, on the threads that computed them, for dh, dX and
-// both weight gradients, and writes the weight gradients in bfloat16 (the bits of the float32
-// sums rounded afterwards). Rounded for each product apart, by one thread from rows the other
-// had written, and the weight gradients converted after the call, LSTMCell(512) at batch 64
-// took 0.80-0.86x torch.nn's time forward and backward (AMD EPYC).
+// The backward of a bfloat16 call of one step of more than kHalfWeightRows rows on the dot
+// products (a cell's step) reads its bfloat16 weights as stored, rounds each side's gate
+// gradients once, on the threads that computed them, for dh, dX and both weight gradients,
+// and writes the weight gradients in bfloat16 (the bits of the float32 sums rounded
+// afterwards). Rounded for each product apart, by one thread from rows the other had
+// written, and the weight gradients converted after the call, LSTMCell(512) at batch 64 took
+// 0.80-0.86x torch.nn's time forward and backward; with its weights packed at batch 128 (each
+// read by one product) and its weight gradients transposed back, 0.75-0.77x (AMD EPYC).
 bool rounds_gate_grads_once(const Problem& p, const BackwardArgs& a) {
-  return bf16_dot_products(p) && small_problem(p) && p.steps == 1 && p.batch > kHalfWeightRows &&
-         !p.layer_norm && !p.proj && a.layer.w_ih.scalar_type() == at::kBFloat16 &&
+  return bf16_dot_products(p) && p.steps == 1 && p.batch > kHalfWeightRows && !p.layer_norm &&
+         !p.proj && a.layer.w_ih.scalar_type() == at::kBFloat16 &&
          a.layer.w_hh.scalar_type() == at::kBFloat16;
 }
 
