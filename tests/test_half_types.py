@@ -124,13 +124,13 @@ def test_small_batch_cell_no_worse_than_twice_torch_nn(name, batch, dtype):
     _assert_rule(half_type_errors(ours, theirs, exact, x, states))
 
 
-@pytest.mark.parametrize("batch", [7, 95, 130])
+@pytest.mark.parametrize("batch", [1, 7, 95, 130])
 @pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
 def test_bf16_cell_step_gradients_whichever_are_asked_for(name, batch):
-    """The backward of a bfloat16 step of more than 4 rows (on the dot products where the
-    CPU has them; its forward packs the weights from 96 rows, its backward reads them as
-    stored) rounds its gate gradients once for dh, dX and both weight gradients, and writes
-    the weight gradients in bfloat16: each gradient comes in its
+    """The backward of a bfloat16 step writes its weight gradients in bfloat16 (on the dot
+    products where the CPU has them) and, at more than 4 rows (its forward packs the weights
+    from 96 rows, its backward reads them as stored), rounds its gate gradients once for
+    dh, dX and both weight gradients: each gradient comes in its
     tensor's dtype with the same bits whichever others are asked for (weights alone, the
     input alone, the state alone, all), and the weights' are those of float32 weights of the
     same values to bfloat16 rounding of each product's operands (2% of their norm)."""

@@ -993,10 +993,10 @@ void weight_product_on(int64_t M, int64_t N, int64_t rows, const at::BFloat16* g
   });
 }
 
-}  // namespace
-
-void bf16_weight_product(int64_t M, int64_t N, int64_t rows, const float* G, int64_t ldg,
-                         const float* A, int64_t lda, float* W, bool accumulate) {
+// bf16_weight_product on float32 G, rounded and transposed here.
+template <class Out>
+void weight_product_of(int64_t M, int64_t N, int64_t rows, const float* G, int64_t ldg,
+                       const float* A, int64_t lda, Out* W, bool accumulate) {
   if (M == 0 || N == 0) return;
   // G^T rounded, its rows padded to an even length (a zero after an odd one).
   const int64_t ld_g = (rows + 1) / 2 * 2;
@@ -1004,6 +1004,18 @@ void bf16_weight_product(int64_t M, int64_t N, int64_t rows, const float* G, int
   at::BFloat16* g_t = rounded.data_ptr<at::BFloat16>();
   bf16_round_transposed(rows, M, G, ldg, g_t, ld_g);
   weight_product_on(M, N, rows, g_t, ld_g, A, lda, W, accumulate);
+}
+
+}  // namespace
+
+void bf16_weight_product(int64_t M, int64_t N, int64_t rows, const float* G, int64_t ldg,
+                         const float* A, int64_t lda, float* W, bool accumulate) {
+  weight_product_of(M, N, rows, G, ldg, A, lda, W, accumulate);
+}
+
+void bf16_weight_product(int64_t M, int64_t N, int64_t rows, const float* G, int64_t ldg,
+                         const float* A, int64_t lda, at::BFloat16* W) {
+  weight_product_of(M, N, rows, G, ldg, A, lda, W, false);
 }
 
 void bf16_weight_product(int64_t M, int64_t N, int64_t rows, const at::BFloat16* g_t, int64_t ld_g,

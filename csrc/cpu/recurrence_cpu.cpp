@@ -71,6 +71,7 @@ constexpr int64_t kSmallBf16ProblemRows = 16;
 // 512 0.68x (AMD EPYC).
 constexpr int64_t kBf16PackedStepRows = 96;
 bool bf16_dot_products(const Problem& p);
+bool bf16_weight_grads(const Problem& p, const BackwardArgs& a);
 bool rounds_gate_grads_once(const Problem& p, const BackwardArgs& a);
 bool small_problem(const Problem& p) {
   if (bf16_dot_products(p)) {
@@ -664,11 +665,11 @@ bool blas_weight_grads(const Problem& p, bool bf16, at::ScalarType engine_dtype)
 struct BackwardBuffers {
   at::Tensor grad_input, dh_state, dc_state;
   // Accumulated weight gradients: as the weights ([out, in]) when they go to BLAS
-  // (blas_grads), else transposed ([in, out]) (see blas_weight_grads); in bfloat16 when the
-  // gate gradients are rounded once (rounds_gate_grads_once).
+  // (blas_grads) or are in bfloat16 (bf16_weight_grads), else transposed ([in, out]) (see
+  // blas_weight_grads).
   at::Tensor grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr;
   at::Tensor grad_layer_norm;  // written by the first chunk
-  bool blas_grads = false, rounded_once = false;
+  bool blas_grads = false, bf16_grads = false, rounded_once = false;
 };
 
 // Rows of A (summed over the products) from which float32 gate gradients are worth packing.
@@ -1033,16 +1034,25 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
       matmul<T>(rows, I, GH, dxg_p, GH, w_ih.data_ptr<T>(), I, gin_p + rb * I, I, false);
     }
     if (!a.mask.weights) continue;
-    if (round_once) {
-      // Each side's G^T once from its rounded rows (both weights read the same but GRU's),
-      // the weight gradients in bfloat16.
+    if (g.bf16_grads) {
+      // In bfloat16; each side's G^T once from its rounded rows where they are (both weights
+      // read the same but GRU's).
       if constexpr (std::is_same_v<T, float>) {
-        TORCH_INTERNAL_ASSERT(chunk_rounded && !add);
+        TORCH_INTERNAL_ASSERT(!add);
+        const T* x_rows = x2d.data_ptr<T>() + rb * I;
+        if (!round_once) {
+          bf16_weight_product(GH, I, rows, dxg_p, GH, x_rows, I,
+                              g.grad_w_ih.data_ptr<at::BFloat16>());
+          bf16_weight_product(GH, Hout, rows, dhg_raw_p, GH, hprev_p + rb * Hout, Hout,
+                              g.grad_w_hh.data_ptr<at::BFloat16>());
+          continue;
+        }
+        TORCH_INTERNAL_ASSERT(chunk_rounded);
         const at::Tensor dx_t = bf16_transposed(rows, GH, dx_bf_p, ld_dg);
         const at::Tensor dh_t =
             Cell::kSplitGrads ? bf16_transposed(rows, GH, dg_bf_p, ld_dg) : dx_t;
-        bf16_weight_product(GH, I, rows, dx_t.data_ptr<at::BFloat16>(), dx_t.size(1),
-                            x2d.data_ptr<T>() + rb * I, I, g.grad_w_ih.data_ptr<at::BFloat16>());
+        bf16_weight_product(GH, I, rows, dx_t.data_ptr<at::BFloat16>(), dx_t.size(1), x_rows, I,
+                            g.grad_w_ih.data_ptr<at::BFloat16>());
         bf16_weight_product(GH, Hout, rows, dh_t.data_ptr<at::BFloat16>(), dh_t.size(1),
                             hprev_p + rb * Hout, Hout, g.grad_w_hh.data_ptr<at::BFloat16>());
       }
@@ -1114,12 +1124,13 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
                                         : cpu_zeros({p.batch, p.hidden}, opts);
   const bool weights = a.mask.weights;
   const bool blas_grads = g.blas_grads = blas_weight_grads(p, bf16, input.scalar_type());
-  const bool rounded_once = g.rounded_once = rounds_gate_grads_once(p, a);
+  const bool bf16_grads = g.bf16_grads = bf16_weight_grads(p, a);
+  g.rounded_once = rounds_gate_grads_once(p, a);
   const auto weight_grad = [&](int64_t rows, int64_t cols) {
-    return !weights       ? cpu_empty({0}, opts)
-           : rounded_once ? buffer_empty({rows, cols}, opts.dtype(at::kBFloat16))
-           : blas_grads   ? buffer_empty({rows, cols}, opts)
-                          : buffer_empty({cols, rows}, opts);
+    return !weights     ? cpu_empty({0}, opts)
+           : bf16_grads ? buffer_empty({rows, cols}, opts.dtype(at::kBFloat16))
+           : blas_grads ? buffer_empty({rows, cols}, opts)
+                        : buffer_empty({cols, rows}, opts);
   };
   g.grad_w_ih = weight_grad(GH, p.input_size);
   g.grad_w_hh = !p.elementwise ? weight_grad(GH, p.out_size) : cpu_empty({weights ? GH : 0}, opts);
@@ -1136,7 +1147,7 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
   });
   // Transposed back (in the cache's memory: fresh memory faulted on each page at every call).
   const auto as_weight = [&](const at::Tensor& t) {
-    return blas_grads || rounded_once || !weights || t.dim() == 1 ? t : transposed(t);
+    return blas_grads || bf16_grads || !weights || t.dim() == 1 ? t : transposed(t);
   };
   const auto none = [&] { return cpu_empty({0}, opts); };  // a new one each: outputs never alias
   return {g.grad_input,
@@ -1179,18 +1190,23 @@ bool bf16_dot_products(const Problem& p) {
 // stay in bfloat16 until packed (bf16 in LayerArgs::to).
 bool bf16_products(const Problem& p) { return bf16_dot_products(p) && !small_problem(p); }
 
-// The backward of a bfloat16 call of one step of more than kHalfWeightRows rows on the dot
-// products (a cell's step) reads its bfloat16 weights as stored, rounds each side's gate
-// gradients once, on the threads that computed them, for dh, dX and both weight gradients,
-// and writes the weight gradients in bfloat16 (the bits of the float32 sums rounded
-// afterwards). Rounded for each product apart, by one thread from rows the other had
-// written, and the weight gradients converted after the call, LSTMCell(512) at batch 64 took
-// 0.80-0.86x torch.nn's time forward and backward; with its weights packed at batch 128 (each
-// read by one product) and its weight gradients transposed back, 0.75-0.77x (AMD EPYC).
+// The backward of a bfloat16 call of one step on the dot products (a cell's step) writes its
+// weight gradients in bfloat16 (the bits of the float32 sums rounded afterwards): in float32,
+// then converted after the call, they took more than the rest of LSTMCell(1024)'s forward and
+// backward at batch 1 (0.63x torch.nn's time; AMD EPYC).
+bool bf16_weight_grads(const Problem& p, const BackwardArgs& a) {
+  return bf16_dot_products(p) && p.steps == 1 && !p.layer_norm && !p.proj &&
+         a.layer.w_ih.scalar_type() == at::kBFloat16 && a.layer.w_hh.scalar_type() == at::kBFloat16;
+}
+
+// Such a step of more than kHalfWeightRows rows reads its bfloat16 weights as stored and
+// rounds each side's gate gradients once, on the threads that computed them, for dh, dX and
+// both weight gradients. Rounded for each product apart, by one thread from rows the other
+// had written, and the weight gradients converted after the call, LSTMCell(512) at batch 64
+// took 0.80-0.86x torch.nn's time forward and backward; with its weights packed at batch 128
+// (each read by one product) and its weight gradients transposed back, 0.75-0.77x (AMD EPYC).
 bool rounds_gate_grads_once(const Problem& p, const BackwardArgs& a) {
-  return bf16_dot_products(p) && p.steps == 1 && p.batch > kHalfWeightRows && !p.layer_norm &&
-         !p.proj && a.layer.w_ih.scalar_type() == at::kBFloat16 &&
-         a.layer.w_hh.scalar_type() == at::kBFloat16;
+  return bf16_weight_grads(p, a) && p.batch > kHalfWeightRows;
 }
 
 // Values up to which converted() converts on the calling thread, into a tensor made without
