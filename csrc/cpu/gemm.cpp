@@ -1019,11 +1019,6 @@ void bf16_weight_product(int64_t M, int64_t N, int64_t rows, const float* G, int
 }
 
 void bf16_weight_product(int64_t M, int64_t N, int64_t rows, const at::BFloat16* g_t, int64_t ld_g,
-                         const float* A, int64_t lda, float* W, bool accumulate) {
-  weight_product_on(M, N, rows, g_t, ld_g, A, lda, W, accumulate);
-}
-
-void bf16_weight_product(int64_t M, int64_t N, int64_t rows, const at::BFloat16* g_t, int64_t ld_g,
                          const float* A, int64_t lda, at::BFloat16* W) {
   weight_product_on(M, N, rows, g_t, ld_g, A, lda, W, false);
 }

@@ -75,11 +75,8 @@ void bf16_weight_product(int64_t M, int64_t N, int64_t rows, const float* G, int
 // Tensor::to rounds them).
 void bf16_weight_product(int64_t M, int64_t N, int64_t rows, const float* G, int64_t ldg,
                          const float* A, int64_t lda, at::BFloat16* W);
-// The same on G^T already rounded (g_t [M, ld_g], ld_g even, a zero after an odd count of
-// rows: bf16_transposed), for a G that both weight gradients read; into float32 or bfloat16
-// W.
-void bf16_weight_product(int64_t M, int64_t N, int64_t rows, const at::BFloat16* g_t, int64_t ld_g,
-                         const float* A, int64_t lda, float* W, bool accumulate);
+// The same into bfloat16 W on G^T already rounded (g_t [M, ld_g], ld_g even, a zero after an
+// odd count of rows: bf16_transposed), for a G that both weight gradients read.
 void bf16_weight_product(int64_t M, int64_t N, int64_t rows, const at::BFloat16* g_t, int64_t ld_g,
                          const float* A, int64_t lda, at::BFloat16* W);
 

@@ -964,7 +964,8 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
             });
             continue;
           }
-          // As in the forward: a small problem's many rows over the threads.
+          // As in the forward: a small problem's many rows over the threads (and a step's
+          // whose weights are read as stored, the rows of each thread rounded by it).
           const bool split_rows =
               !packs && !ln && cell_rows_over_threads(n, H, [&](int64_t i0, int64_t i1) {
                 backward_rows(i0, i1, 0, H);
