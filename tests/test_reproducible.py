@@ -85,14 +85,22 @@ def test_cell_over_threads(cls, batch: int, input_size: int, hidden: int):
     torch.testing.assert_close(xs[0].grad.double(), xs[1].grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "batch, input_size, hidden",
+    [(200, 33, 51), (40, 2100, 520)],
+    ids=["row-blocks", "large-weights"],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("cls", [nn.LSTMCell, nn.GRUCell, nn.RNNCell], ids=lambda c: c.__name__)
-def test_cell_row_blocks_over_threads(cls, dtype: torch.dtype):
+def test_cell_row_blocks_over_threads(
+    cls, dtype: torch.dtype, batch: int, input_size: int, hidden: int
+):
     """A cell's step of 200 rows runs in blocks of rows, each through both products and the
-    cell math, forward and backward (recurrence_cpu.cpp, rows_in_one_region): the output and
-    every gradient keep their bits from one thread to two, and match torch.nn's in float64."""
-    seed("repro-cell-blocks", cls.__name__, str(dtype))
-    batch, input_size, hidden = 200, 33, 51
+    cell math, forward and backward (recurrence_cpu.cpp, rows_in_one_region); one whose
+    weights pass kRegionMaxWeight elements takes each product over the threads in blocks of
+    up to 256 columns or of whole rows (cpu/gemm.cpp, matmul_blas). The output and every
+    gradient keep their bits from one thread to two, and match torch.nn's in float64."""
+    seed("repro-cell-blocks", cls.__name__, str(dtype), batch)
     ours = rnn_fused.replace_rnns(cls(input_size, hidden)).to(dtype)
     theirs = cls(input_size, hidden).double()
     theirs.load_state_dict(ours.state_dict())

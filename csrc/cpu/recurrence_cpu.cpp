@@ -104,11 +104,18 @@ bool cell_rows_over_threads(int64_t n, int64_t H, const F& rows) {
 // float64, 1.16-1.19x its time with x of 51 columns, 1.26-1.35x with one (the per-call
 // client's two cells; Intel Xeon with AMX). The blocks (about kRegionBlockRows rows, two at
 // the least) are set by the rows alone, so that the bits do not depend on the threads.
+// Not for weights of more than kRegionMaxWeight elements: each block's BLAS call packs all of
+// the weight it reads, and one of 16 MiB (LSTMCell(1024), float32) took 72 GFLOP/s in calls
+// of 64 rows against 87 in calls of 256 (one thread; 88-98 for 4 MiB at every size from 64
+// rows; AMD EPYC). Those steps take the products over all threads (matmul_blas: blocks of
+// 256 rows there), then the cell math.
 constexpr int64_t kRegionBlockRows = 64;
 constexpr int64_t kRegionBlockMinRows = 16;
+constexpr int64_t kRegionMaxWeight = int64_t{1} << 20;
 bool step_in_one_region(const Problem& p) {
   return p.steps == 1 && !p.elementwise && !p.proj && p.batch >= 2 * kRegionBlockMinRows &&
-         p.batch * p.hidden >= kParallelCellUnits;
+         p.batch * p.hidden >= kParallelCellUnits &&
+         p.gate_width() * std::max(p.input_size, p.out_size) <= kRegionMaxWeight;
 }
 // block(i0, rows) over the blocks of a step's n rows, in one parallel region.
 template <class F>
