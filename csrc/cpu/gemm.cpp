@@ -520,19 +520,24 @@ void matmul_blas(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, co
   // still has blocks for every thread (the split depends on the shape only): the weight
   // gradients and dh of a cell's step at batch 97, H=51 ran on one thread (float64 client of
   // the per-call rows, training: 1.10-1.20x torch.nn -> 1.26-1.45x, AMD EPYC).
-  // Each call packs its rows of A and its columns of B: a tall C whose column blocks would
-  // pack all of A more often than kMinBlasBlocks row blocks would pack all of B is split by
-  // rows only (a weight gradient of 1024 x 1024 at batch 256 took 8.3 ms in 16 column blocks
-  // against 5.6-5.8 in 2 or 4 row blocks, one thread; AMD EPYC). A C wide enough for
-  // kMinBlasBlocks blocks of more than kBlasColumns columns takes such blocks, up to
-  // kBlasMaxColumns: in blocks of 64 columns a product of 256 x 1024 by 1024 x 4096 took 54
-  // ms in float64 and 24 in float32, in blocks of 256 44 and 23 (one thread; AMD EPYC).
+  // Each call packs its rows of A and its columns of B. A C wide enough for kMinBlasBlocks
+  // blocks of more than kBlasColumns columns takes such blocks, up to kBlasMaxColumns: in
+  // blocks of 64 columns a product of 256 x 1024 by 1024 x 4096 took 54 ms in float64 and 24
+  // in float32, in blocks of 256 44 and 23. A C of rows enough for kMinBlasBlocks row blocks
+  // whose column blocks would pack no less (rows of A plus columns of B, over all its calls)
+  // goes in row blocks of the full width: a weight gradient of 1024 x 1024 at batch 256 took
+  // 8.3 ms in 16 column blocks, 5.6-5.8 in 2 or 4 row blocks; 1024 x 1024 by 1024 x 3072 in
+  // float64 153 ms in 12 column blocks, 136 in 4 row blocks (one thread; AMD EPYC).
   const int64_t wide =
       std::clamp(N / kMinBlasBlocks / kBlasColumns * kBlasColumns, kBlasColumns, kBlasMaxColumns);
-  const int64_t columns = (N + wide - 1) / wide * M > kMinBlasBlocks * N ? N : wide;
+  const int64_t wide_blocks = (N + wide - 1) / wide, row_limit = (M + kBlasRows - 1) / kBlasRows;
+  const int64_t wide_row_blocks =
+      std::min(row_limit, (kMinBlasBlocks + wide_blocks - 1) / wide_blocks);
+  const bool by_rows = row_limit >= kMinBlasBlocks &&
+                       M + kMinBlasBlocks * N <= wide_blocks * M + wide_row_blocks * N;
+  const int64_t columns = by_rows ? N : wide;
   const int64_t col_blocks = (N + columns - 1) / columns;
-  const int64_t row_blocks =
-      std::min((M + kBlasRows - 1) / kBlasRows, (kMinBlasBlocks + col_blocks - 1) / col_blocks);
+  const int64_t row_blocks = std::min(row_limit, (kMinBlasBlocks + col_blocks - 1) / col_blocks);
   const int64_t rows = (M + row_blocks - 1) / row_blocks;
   split(row_blocks * col_blocks, rows * columns * K, [&](int64_t begin, int64_t end) {
     const OneBlasThread one_thread;
