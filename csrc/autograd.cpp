@@ -113,11 +113,23 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
         if (!need[k]) found[k] = at::Tensor();
       }
     }
+    // W_hr reaches c_n only through a later step's h: with one step and neither the output
+    // nor h_n differentiated, torch.nn's graph has no path to it, and its gradient is None
+    // (an optimizer skips it), not zeros.
+    if ((flags >> kWHr & 1) && !grads[0].defined() && !grads[1].defined() && one_step(a))
+      found[kWHr] = at::Tensor();
     variable_list result(1 + kSlots);  // the first for the LayerArgs argument
     for (int k = 0; k < kSlots; ++k) {
       if (flags >> k & 1) result[1 + k] = found[k];
     }
     return result;
+  }
+
+  // Whether the call is one step: a packed batch of one, a [B, I] input (a cell's step), or
+  // a [1, B, I] one.
+  static bool one_step(const LayerArgs& a) {
+    if (a.batch_sizes.has_value()) return a.batch_sizes->sym_size(0) == 1;
+    return a.input.dim() == 2 || a.input.sym_size(0) == 1;
   }
 
   // Differentiable gradients of every slot from reference.py's loop.

@@ -8,7 +8,6 @@ nn.Module, not nn.RNNBase, because TorchDynamo will not trace nn.RNNBase instanc
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import warnings
@@ -24,16 +23,22 @@ _PARAM_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 _CELL_NAMES = _PARAM_NAMES[:4]
 
 
-@functools.cache
+# (layer, direction, bias, proj) -> _direction_names: a plain dict, which torch.compile
+# reads as it is (it warns at every compile about a functools cache, whose wrapper it skips).
+_DIRECTION_NAMES: dict[tuple[int, int, bool, bool], tuple[str, tuple[str | None, ...]]] = {}
+
+
 def _direction_names(
     layer: int, direction: int, bias: bool, proj: bool
 ) -> tuple[str, tuple[str | None, ...]]:
     """The suffix of a layer and direction's parameters, and their names in _PARAM_NAMES's
     order (None for a parameter the layer has not: biases without bias, weight_hr without
-    proj_size): made once, not at every call."""
+    proj_size): made once (_DIRECTION_NAMES), not at every call."""
     suffix = f"_l{layer}" + ("_reverse" if direction else "")
     has = {"bias_ih": bias, "bias_hh": bias, "weight_hr": proj}
-    return suffix, tuple(base + suffix if has.get(base, True) else None for base in _PARAM_NAMES)
+    names = tuple(base + suffix if has.get(base, True) else None for base in _PARAM_NAMES)
+    _DIRECTION_NAMES[layer, direction, bias, proj] = suffix, names
+    return suffix, names
 
 
 def _weights(module: nn.Module, names: tuple[str | None, ...]) -> list[Tensor | None]:
@@ -612,7 +617,8 @@ class _RNNBase(_Options, _Convertible, nn.Module):
     ) -> Direction:
         """The arguments of one layer and direction (states None: zeros)."""
         k = layer * (2 if self.bidirectional else 1) + direction
-        suffix, names = _direction_names(layer, direction, self.bias, self.proj_size > 0)
+        key = (layer, direction, self.bias, self.proj_size > 0)
+        suffix, names = _DIRECTION_NAMES.get(key) or _direction_names(*key)
         w_ih, w_hh, b_ih, b_hh, w_hr = _weights(self, names)
         return Direction(
             w_ih,
@@ -869,12 +875,19 @@ class _CellBase(_Options, _Convertible, nn.Module):
                 )
         if torch._C._is_any_autocast_enabled():
             return
-        for t in (self.weight_ih, *states):
+        # An LSTMCell's c_0 only scales its gates: torch.nn promotes (see LSTMCell.forward).
+        checked = states[:1] if self._steps_like_torch_nn() else states
+        for t in (self.weight_ih, *checked):
             if t.dtype != input.dtype:
                 raise RuntimeError(
                     "mat1 and mat2 must have the same dtype, but got "
                     f"{_scalar_name(input.dtype)} and {_scalar_name(t.dtype)}"
                 )
+
+    def _steps_like_torch_nn(self) -> bool:
+        """Whether this is an LSTMCell of torch.nn's math (no zoneout, DropConnect or
+        LayerNorm), which takes a c_0 of another dtype as torch.nn does."""
+        return self.mode == "LSTM" and not (self.zoneout or self.dropconnect or self._layer_norm)
 
     def _step(self, input: Tensor, h: Tensor, c: Tensor | None):
         w_ih, w_hh, b_ih, b_hh = _weights(self, _CELL_NAMES)
@@ -1015,7 +1028,13 @@ class LSTMCell(_GatedCell):
                 return done
         states = [None, None] if hx is None else _lstm_states(hx, "lstm_cell")
         input, (h, c), is_batched = self._inputs("LSTMCell", input, states, ["hx[0]", "hx[1]"])
-        h, c = self._step(input, h, c)
+        if c.dtype == input.dtype or torch._C._is_any_autocast_enabled():
+            h, c = self._step(input, h, c)
+        else:
+            # A c_0 of another dtype (let through by _check_step): torch.nn's gates run in the
+            # input's dtype, and c_0 promotes c_1 and h_1 (float64 for a float64 c_0). Its own
+            # step computes that, with its autograd.
+            h, c = torch._VF.lstm_cell(input, (h, c), *_weights(self, _CELL_NAMES))
         return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
 
 

@@ -340,3 +340,47 @@ def test_lstm_states_as_list_with_unsorted_packed_input(as_list):
     out_o, (h_o, c_o) = ours(packed, hx)
     for a, b in [(out_o.data, out_t.data), (h_o, h_t), (c_o, c_t)]:
         assert_close(a, b)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_projection_gradient_none_where_c_n_alone_is_differentiated(steps: int, packed: bool):
+    """A projected LSTM whose c_n alone reaches the loss: after one step W_hr has no path to
+    it, and its gradient is None as torch.nn's (an optimizer skips it), not zeros; after two
+    steps it has one. Every other gradient as torch.nn's."""
+    seed("c_n alone", steps, packed)
+    theirs, ours = _pair("LSTM", input_size=3, hidden_size=5, proj_size=2, num_layers=2)
+    x = torch.randn(steps, 3, 3, dtype=torch.float64)
+    if packed:
+        x = pack_padded_sequence(x, torch.tensor([steps] * 3))
+    for model in (theirs, ours):
+        _, (_, c_n) = model(x)
+        (c_n * c_n).sum().backward()
+    for (name, p_t), p_o in zip(theirs.named_parameters(), ours.parameters(), strict=True):
+        assert (p_o.grad is None) == (p_t.grad is None), name
+        if p_t.grad is not None:
+            assert_close(p_o.grad, p_t.grad)
+    assert (theirs.weight_hr_l1.grad is None) == (steps == 1)
+
+
+@pytest.mark.parametrize("c_dtype", [torch.float64, torch.bfloat16], ids=["f64", "bf16"])
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+def test_lstm_cell_c_of_another_dtype_promotes_as_torch_nn(c_dtype: torch.dtype, batched: bool):
+    """LSTMCell with a float32 input and h_0 and a c_0 of another dtype: torch.nn's gates run
+    in float32 and c_0 promotes the new states. Ours: the same dtypes, values and gradients."""
+    seed("c dtype", str(c_dtype), batched)
+    theirs = nn.LSTMCell(5, 7)
+    ours = rnn_fused.LSTMCell(5, 7)
+    ours.load_state_dict(theirs.state_dict())
+    shape = (3, 7) if batched else (7,)
+    x = torch.randn(*shape[:-1], 5)
+    h0, c0 = torch.randn(shape), torch.randn(shape).to(c_dtype)
+    results = []
+    for model in (theirs, ours):
+        c = c0.clone().requires_grad_()
+        h1, c1 = model(x, (h0, c))
+        (h1.double().sum() + c1.double().pow(2).sum()).backward()
+        results.append((h1, c1, c.grad, model.weight_hh.grad))
+    for got, want in zip(results[1], results[0], strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want)
