@@ -107,8 +107,8 @@ bool cell_rows_over_threads(int64_t n, int64_t H, const F& rows) {
 // Not for weights of more than kRegionMaxWeight elements: each block's BLAS call packs all of
 // the weight it reads, and one of 16 MiB (LSTMCell(1024), float32) took 72 GFLOP/s in calls
 // of 64 rows against 87 in calls of 256 (one thread; 88-98 for 4 MiB at every size from 64
-// rows; AMD EPYC). Those steps take the products over all threads (matmul_blas: blocks of
-// 256 rows there), then the cell math.
+// rows; AMD EPYC). Those steps take each product over all threads, then the cell math by
+// rows (float32 LSTMCell(1024) at B=1024 under no_grad: 0.83-0.86x torch.nn -> 1.06-1.07x).
 constexpr int64_t kRegionBlockRows = 64;
 constexpr int64_t kRegionBlockMinRows = 16;
 constexpr int64_t kRegionMaxWeight = int64_t{1} << 20;
