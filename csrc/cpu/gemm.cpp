@@ -536,8 +536,8 @@ void matmul_blas(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, co
   const bool by_rows = row_limit >= kMinBlasBlocks &&
                        M + kMinBlasBlocks * N <= wide_blocks * M + wide_row_blocks * N;
   const int64_t columns = by_rows ? N : wide;
-  const int64_t col_blocks = (N + columns - 1) / columns;
-  const int64_t row_blocks = std::min(row_limit, (kMinBlasBlocks + col_blocks - 1) / col_blocks);
+  const int64_t col_blocks = by_rows ? 1 : wide_blocks;
+  const int64_t row_blocks = by_rows ? kMinBlasBlocks : wide_row_blocks;
   const int64_t rows = (M + row_blocks - 1) / row_blocks;
   split(row_blocks * col_blocks, rows * columns * K, [&](int64_t begin, int64_t end) {
     const OneBlasThread one_thread;
