@@ -207,6 +207,31 @@ def test_bf16_step_at_larger_batches_gives_the_float32_step_to_rounding(mode, ba
         assert ((got.float() - want).abs() <= want.abs() * 2**-8 + 1e-6).all()
 
 
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+def test_float16_large_states_give_the_float32_call_rounded(mode, steps):
+    """float16 runs the float32 engine on float32 copies: with states of more values than one
+    thread converts (661 x 101), the outputs and every gradient are the float32 call's on
+    the same values, rounded to float16, bit for bit."""
+    seed("float16 large states", mode, steps)
+    gates, units, batch = rnn_fused.ops.GATES[mode], 101, 661
+    values = [torch.randn(steps, batch, 37)]
+    values += [torch.randn(gates * units, n).div(6) for n in (37, units)]
+    values += [torch.randn(gates * units) for _ in range(2)]
+    values += [torch.randn(batch, units) for _ in range(2 if mode == "LSTM" else 1)]
+    half = [v.half().requires_grad_() for v in values]
+    wide = [v.half().float().requires_grad_() for v in values]
+    got, want = rnn_fused.rnn_layer(mode, *half), rnn_fused.rnn_layer(mode, *wide)
+    pairs = [(g, w) for g, w in zip(got, want, strict=True) if w is not None]
+    for g, w in pairs:
+        assert g.dtype == torch.float16 and torch.equal(g, w.half())
+    grads = [torch.randn_like(w).half() for _, w in pairs]
+    torch.autograd.backward([g for g, _ in pairs], grads)
+    torch.autograd.backward([w for _, w in pairs], [g.float() for g in grads])
+    for h, w in zip(half, wide, strict=True):
+        assert h.grad.dtype == torch.float16 and torch.equal(h.grad, w.grad.half())
+
+
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
 def test_packed_bidirectional_matches_float64(dtype):
     seed("packed", dtype)

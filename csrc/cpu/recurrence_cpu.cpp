@@ -597,12 +597,50 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
   }
 }
 
-// A copy of a contiguous tensor: clone's TensorIterator costs more than a short call's
-// whole state copy.
-at::Tensor copy_of(const at::Tensor& t) {
-  at::Tensor copy = cpu_empty(t.sizes(), t.options());
-  if (t.nbytes() > 0) std::memcpy(copy.data_ptr(), t.data_ptr(), t.nbytes());
-  return copy;
+bool half_type(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+// Values from which a conversion runs over all threads.
+constexpr int64_t kParallelConversionValues = int64_t(1) << 16;
+
+// Whether converted_copy converts t itself: a contiguous CPU tensor, float32 to or from a half
+// type, or to its own dtype.
+bool own_conversion(const at::Tensor& t, at::ScalarType dtype) {
+  const at::ScalarType from = t.scalar_type();
+  const bool pair = from == dtype || (from == at::kFloat && half_type(dtype)) ||
+                    (half_type(from) && dtype == at::kFloat);
+  return pair && t.is_contiguous() && t.is_cpu();
+}
+
+// A new contiguous copy of t in dtype (narrowing rounds to nearest even, as Tensor::to does).
+// Made without the dispatcher (clone's and Tensor::to's TensorIterator cost more than a short
+// call's conversions: seven in a bfloat16 LSTMCell's step, LSTMCell(32) 37.5 -> 18.1 us a
+// step, Intel Xeon), and large ones in the buffer cache: from the C library, a step's states
+// and conversions of a megabyte each went back to the system between calls or not, by how
+// its heap happened to lie, and RNNCell(256)'s bfloat16 step at batch 1024 under no_grad took
+// 0.81 ms in one process and 1.5 or 2.2 in another (AMD EPYC).
+at::Tensor converted_copy(const at::Tensor& t, at::ScalarType dtype) {
+  if (!own_conversion(t, dtype)) return t.to(dtype, /*non_blocking=*/false, /*copy=*/true);
+  at::Tensor out = buffer_empty(t.sizes(), t.options().dtype(dtype));
+  const int64_t n = t.numel();
+  const at::ScalarType from = t.scalar_type();
+  if (from == dtype) {
+    if (n > 0) std::memcpy(out.data_ptr(), t.data_ptr(), t.nbytes());
+    return out;
+  }
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(from == at::kFloat ? dtype : from, "rnn_fused_converted", [&] {
+    const auto values = [&](int64_t begin, int64_t end) {
+      if (from == at::kFloat) {
+        at::vec::convert(t.data_ptr<float>() + begin, out.data_ptr<scalar_t>() + begin,
+                         end - begin);
+      } else {
+        at::vec::convert(t.data_ptr<scalar_t>() + begin, out.data_ptr<float>() + begin,
+                         end - begin);
+      }
+    };
+    if (n < kParallelConversionValues) return values(0, n);
+    at::parallel_for(0, n, kParallelConversionValues / 2, values);
+  });
+  return out;
 }
 
 // forward_native and backward_native run float32 and float64 calls in their own dtype. bf16:
@@ -618,7 +656,9 @@ ForwardResult forward_native(const Problem& p, const LayerArgs& a, bool train, b
   const int64_t kept_rows = train ? p.rows : 0;
 
   ForwardBuffers out;
-  out.h_state = a.hx.has_value() ? copy_of(*a.hx) : cpu_zeros({p.batch, p.out_size}, opts);
+  // The states in the engine's dtype, converted as they are copied (a half-type call's).
+  out.h_state =
+      a.hx.has_value() ? converted_copy(*a.hx, dtype) : cpu_zeros({p.batch, p.out_size}, opts);
   // One step of rows [B, H] without projection: the output is h_n, row for row (the engine
   // writes the same values to both).
   const bool output_is_h_n =
@@ -634,7 +674,7 @@ ForwardResult forward_native(const Problem& p, const LayerArgs& a, bool train, b
                : p.packed    ? buffer_empty({p.rows, p.out_size}, out_opts)
                              : buffer_empty({p.steps, p.batch, p.out_size}, out_opts);
   out.c_state = p.kind != CellKind::LSTM ? cpu_empty({0}, opts)
-                : a.cx.has_value()       ? copy_of(*a.cx)
+                : a.cx.has_value()       ? converted_copy(*a.cx, dtype)
                                          : cpu_zeros({p.batch, p.hidden}, opts);
   if (train || wants.workspace) {
     out.saved = buffer_empty({kept_rows, p.saved_width()}, opts);
@@ -1121,14 +1161,15 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
 BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf16) {
   const at::Tensor& input = a.layer.input;
   const auto opts = input.options();
+  const at::ScalarType dtype = input.scalar_type();
   const int64_t GH = p.gate_width();
 
   BackwardBuffers g;
   g.grad_input = buffer_empty(a.mask.input ? input.sizes() : at::IntArrayRef{0}, opts);
-  g.dh_state =
-      a.grad_h_n.has_value() ? copy_of(*a.grad_h_n) : cpu_zeros({p.batch, p.out_size}, opts);
+  g.dh_state = a.grad_h_n.has_value() ? converted_copy(*a.grad_h_n, dtype)
+                                      : cpu_zeros({p.batch, p.out_size}, opts);
   g.dc_state = p.kind != CellKind::LSTM ? cpu_empty({0}, opts)
-               : a.grad_c_n.has_value() ? copy_of(*a.grad_c_n)
+               : a.grad_c_n.has_value() ? converted_copy(*a.grad_c_n, dtype)
                                         : cpu_zeros({p.batch, p.hidden}, opts);
   const bool weights = a.mask.weights;
   const bool blas_grads = g.blas_grads = blas_weight_grads(p, bf16, input.scalar_type());
@@ -1177,7 +1218,6 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
 // float16 dot products). Except for ReLU RNNs: rounding the state to bfloat16 for the products
 // flips the sign of pre-activations near zero, where ReLU's derivative jumps (in 6 of 25 random
 // layers of the half-type tests a gradient came out more than twice as far off as torch.nn's).
-bool half_type(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
 // Small problems (small_problem) of half-type calls but for element-wise recurrences keep
 // their weights as stored: their products read them in their dtype (StepWeight). A float32
@@ -1217,30 +1257,9 @@ bool rounds_gate_grads_once(const Problem& p, const BackwardArgs& a) {
   return bf16_weight_grads(p, a) && p.batch > kHalfWeightRows;
 }
 
-// Values up to which converted() converts on the calling thread, into a tensor made without
-// the dispatcher; larger tensors go through Tensor::to (on all threads).
-constexpr int64_t kOwnConversionValues = int64_t(1) << 16;
-
-// t in dtype (t itself if it has it), for a half-type call's float32 copies and its results:
-// Tensor::to's dispatch and set-up cost more than a short call's conversions do (seven in a
-// bfloat16 LSTMCell's step: LSTMCell(32) 37.5 -> 18.1 us a step, Intel Xeon). Narrowing
-// rounds to nearest even, as Tensor::to does.
+// t in dtype (t itself if it has it), for a half-type call's float32 copies and its results.
 at::Tensor converted(const at::Tensor& t, at::ScalarType dtype) {
-  const at::ScalarType from = t.scalar_type();
-  if (from == dtype) return t;
-  const bool pair =
-      (from == at::kFloat && half_type(dtype)) || (half_type(from) && dtype == at::kFloat);
-  if (!pair || !t.is_contiguous() || !t.is_cpu() || t.numel() > kOwnConversionValues)
-    return t.to(dtype);
-  at::Tensor out = cpu_empty(t.sizes(), t.options().dtype(dtype));
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(from == at::kFloat ? dtype : from, "rnn_fused_converted", [&] {
-    if (from == at::kFloat) {
-      at::vec::convert(t.data_ptr<float>(), out.data_ptr<scalar_t>(), t.numel());
-    } else {
-      at::vec::convert(t.data_ptr<scalar_t>(), out.data_ptr<float>(), t.numel());
-    }
-  });
-  return out;
+  return t.scalar_type() == dtype ? t : converted_copy(t, dtype);
 }
 
 template <class Result>
@@ -1266,11 +1285,11 @@ ForwardResult forward_wanting(const Problem& p, const LayerArgs& a, bool train,
   // split into pairs (even I), for the input projection to read as it is: its float32 copy
   // and rounding back cost 6-10% of an LSTM's forward at T=100 B=64 H=512 (AMD EPYC).
   const bool input_as_is = bf16 && p.input_size % 2 == 0;
-  return rounded_forward(forward_native(p,
-                                        a.to(at::kFloat, /*weights=*/!bf16 && !weights_as_stored(p),
-                                             /*input_too=*/!input_as_is, converted),
-                                        train, bf16, wants),
-                         dtype);
+  LayerArgs f = a.to(at::kFloat, /*weights=*/!bf16 && !weights_as_stored(p),
+                     /*input_too=*/!input_as_is, converted);
+  f.hx = a.hx;  // converted as forward_native copies them
+  f.cx = a.cx;
+  return rounded_forward(forward_native(p, f, train, bf16, wants), dtype);
 }
 
 // The `forward` operator's engine.
@@ -1282,8 +1301,10 @@ BackwardResult backward_cpu(const Problem& p, const BackwardArgs& a) {
   const at::ScalarType dtype = a.layer.input.scalar_type();
   if (!half_type(dtype)) return backward_native(p, a, false);
   const bool bf16 = bf16_products(p);
-  return rounded(
-      backward_native(p, a.to(at::kFloat, !bf16 && !weights_as_stored(p), converted), bf16), dtype);
+  BackwardArgs f = a.to(at::kFloat, !bf16 && !weights_as_stored(p), converted);
+  f.grad_h_n = a.grad_h_n;  // converted as backward_native copies them
+  f.grad_c_n = a.grad_c_n;
+  return rounded(backward_native(p, f, bf16), dtype);
 }
 
 }  // namespace
