@@ -658,7 +658,7 @@ ForwardResult forward_native(const Problem& p, const LayerArgs& a, bool train, b
   ForwardBuffers out;
   // The states in the engine's dtype, converted as they are copied (a half-type call's).
   out.h_state =
-      a.hx.has_value() ? converted_copy(*a.hx, dtype) : cpu_zeros({p.batch, p.out_size}, opts);
+      a.hx.has_value() ? converted_copy(*a.hx, dtype) : buffer_zeros({p.batch, p.out_size}, opts);
   // One step of rows [B, H] without projection: the output is h_n, row for row (the engine
   // writes the same values to both).
   const bool output_is_h_n =
@@ -675,7 +675,7 @@ ForwardResult forward_native(const Problem& p, const LayerArgs& a, bool train, b
                              : buffer_empty({p.steps, p.batch, p.out_size}, out_opts);
   out.c_state = p.kind != CellKind::LSTM ? cpu_empty({0}, opts)
                 : a.cx.has_value()       ? converted_copy(*a.cx, dtype)
-                                         : cpu_zeros({p.batch, p.hidden}, opts);
+                                         : buffer_zeros({p.batch, p.hidden}, opts);
   if (train || wants.workspace) {
     out.saved = buffer_empty({kept_rows, p.saved_width()}, opts);
     out.h_prev = buffer_empty({kept_rows, p.out_size}, opts);
@@ -1167,10 +1167,10 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
   BackwardBuffers g;
   g.grad_input = buffer_empty(a.mask.input ? input.sizes() : at::IntArrayRef{0}, opts);
   g.dh_state = a.grad_h_n.has_value() ? converted_copy(*a.grad_h_n, dtype)
-                                      : cpu_zeros({p.batch, p.out_size}, opts);
+                                      : buffer_zeros({p.batch, p.out_size}, opts);
   g.dc_state = p.kind != CellKind::LSTM ? cpu_empty({0}, opts)
                : a.grad_c_n.has_value() ? converted_copy(*a.grad_c_n, dtype)
-                                        : cpu_zeros({p.batch, p.hidden}, opts);
+                                        : buffer_zeros({p.batch, p.hidden}, opts);
   const bool weights = a.mask.weights;
   const bool blas_grads = g.blas_grads = blas_weight_grads(p, bf16, input.scalar_type());
   const bool bf16_grads = g.bf16_grads = bf16_weight_grads(p, a);

@@ -113,12 +113,6 @@ at::Tensor cpu_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return at::detail::empty_cpu(sizes, options);
 }
 
-at::Tensor cpu_zeros(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = cpu_empty(sizes, options);
-  if (t.nbytes() > 0) std::memset(t.data_ptr(), 0, t.nbytes());
-  return t;
-}
-
 void* thread_scratch(size_t bytes) {
   if (bytes > kThreadScratchBytes) return nullptr;
   struct Free {
@@ -135,6 +129,12 @@ at::Tensor buffer_empty(at::IntArrayRef sizes, const at::TensorOptions& options)
   static CacheAllocator* const allocator = new CacheAllocator();  // outlives every tensor
   return at::detail::empty_generic(sizes, allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    options.dtype().toScalarType(), std::nullopt);
+}
+
+at::Tensor buffer_zeros(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = buffer_empty(sizes, options);
+  if (t.nbytes() > 0) std::memset(t.data_ptr(), 0, t.nbytes());
+  return t;
 }
 
 void empty_workspace_cache() {

@@ -29,12 +29,14 @@ void empty_workspace_cache();
 // The bytes of freed blocks the cache holds.
 size_t cached_workspace_bytes();
 
-// A new uninitialised (cpu_empty) or zeroed (cpu_zeros) contiguous CPU tensor, made without
-// a trip through the dispatcher (at::empty's costs a short call a few tenths of a
-// microsecond per tensor). For the engine's own outputs and buffers, which are plain CPU
-// tensors whatever dispatch keys the call came through.
+// A new uninitialised contiguous CPU tensor, made without a trip through the dispatcher
+// (at::empty's costs a short call a few tenths of a microsecond per tensor). For the
+// engine's own outputs and buffers, which are plain CPU tensors whatever dispatch keys the
+// call came through.
 at::Tensor cpu_empty(at::IntArrayRef sizes, const at::TensorOptions& options);
-at::Tensor cpu_zeros(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// buffer_empty's tensor filled with zeros: the states a call starts from when none are given.
+at::Tensor buffer_zeros(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // Scratch memory of a short call: `bytes` (aligned to 64) from a buffer the calling thread
 // keeps, when at most kThreadScratchBytes, else nullptr (the caller allocates). Valid until
