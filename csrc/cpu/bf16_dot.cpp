@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "avx512_sums.h"
@@ -48,19 +49,32 @@ RF_BF16_TARGET void round_row(int64_t k, const float* row, uint16_t* out) {
   }
 }
 
-// R rows of A (bfloat16, rows split into `pairs` pairs) times a panel, into R rows of C. The
-// accumulators stay in registers over all of K: full unrolling keeps them there.
-template <int R>
+// 16 float32 sums rounded to bfloat16 (to nearest even), stored where `lanes` says.
+RF_BF16_TARGET inline void store_rounded(uint16_t* c, __mmask16 lanes, __m512 sums) {
+  const __m256bh rounded = _mm512_cvtneps_pbh(sums);
+  __m256i bits;
+  std::memcpy(&bits, &rounded, sizeof(bits));
+  _mm256_mask_storeu_epi16(c, lanes, bits);
+}
+
+// R rows of A (bfloat16, rows split into `pairs` pairs) times a panel, into R rows of float32
+// C, or (not accumulated) of bfloat16 C rounded to nearest even. The accumulators stay in
+// registers over all of K: full unrolling keeps them there.
+template <int R, class Out>
 RF_BF16_TARGET void rows_times_panel(int64_t pairs, const uint16_t* A, int64_t lda,
-                                     const uint16_t* panel, int64_t width, float* C, int64_t ldc,
+                                     const uint16_t* panel, int64_t width, Out* C, int64_t ldc,
                                      bool accumulate) {
   __m512 acc[R][kVecs];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
     for (int v = 0; v < kVecs; ++v) {
-      acc[r][v] = accumulate ? _mm512_maskz_loadu_ps(lanes(width, v), C + r * ldc + 16 * v)
-                             : _mm512_setzero_ps();
+      if constexpr (std::is_same_v<Out, float>) {
+        acc[r][v] = accumulate ? _mm512_maskz_loadu_ps(lanes(width, v), C + r * ldc + 16 * v)
+                               : _mm512_setzero_ps();
+      } else {
+        acc[r][v] = _mm512_setzero_ps();
+      }
     }
   }
   for (int64_t p = 0; p < pairs; ++p) {
@@ -79,15 +93,20 @@ RF_BF16_TARGET void rows_times_panel(int64_t pairs, const uint16_t* A, int64_t l
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-    for (int v = 0; v < kVecs; ++v)
-      _mm512_mask_storeu_ps(C + r * ldc + 16 * v, lanes(width, v), acc[r][v]);
+    for (int v = 0; v < kVecs; ++v) {
+      if constexpr (std::is_same_v<Out, float>) {
+        _mm512_mask_storeu_ps(C + r * ldc + 16 * v, lanes(width, v), acc[r][v]);
+      } else {
+        store_rounded(C + r * ldc + 16 * v, lanes(width, v), acc[r][v]);
+      }
+    }
   }
 }
 
 // Rows [0, M) of bfloat16 A in blocks of kRows.
+template <class Out>
 void rows_times_panel_all(int64_t M, int64_t pairs, const uint16_t* A, int64_t lda,
-                          const uint16_t* b, int64_t width, float* C, int64_t ldc,
-                          bool accumulate) {
+                          const uint16_t* b, int64_t width, Out* C, int64_t ldc, bool accumulate) {
   int64_t i = 0;
   for (; i + kRows <= M; i += kRows)
     rows_times_panel<kRows>(pairs, A + i * lda, lda, b, width, C + i * ldc, ldc, accumulate);
@@ -166,10 +185,9 @@ RF_BF16_TARGET inline __m512 column_order(__m512 low, __m512 high, int half) {
 }
 
 // The first `rows` rows of A (at most kDotRows) times the first `width` columns of W (at most
-// kWColumns), into float32 C or (not accumulated) bfloat16 C, rounded to nearest even.
-template <class Out>
+// kWColumns), into C.
 RF_BF16_TARGET void rows_times_w_columns(int64_t K, const uint16_t* A, int64_t lda, int64_t rows,
-                                         const uint16_t* W, int64_t ldw, int64_t width, Out* C,
+                                         const uint16_t* W, int64_t ldw, int64_t width, float* C,
                                          int64_t ldc, bool accumulate) {
   __mmask32 cols[kWHalves];
   for (int h = 0; h < kWHalves; ++h)
@@ -216,17 +234,10 @@ RF_BF16_TARGET void rows_times_w_columns(int64_t K, const uint16_t* A, int64_t l
       for (int b = 0; b < 2; ++b) {
         const int64_t c0 = 32 * h + 16 * b;
         const __mmask16 out = r < rows ? lanes(width - c0, 0) : __mmask16(0);
-        Out* c = C + r * ldc + c0;
+        float* c = C + r * ldc + c0;
         __m512 sums = column_order(acc[r][2 * h], acc[r][2 * h + 1], b);
-        if constexpr (std::is_same_v<Out, float>) {
-          if (accumulate) sums = _mm512_add_ps(sums, _mm512_maskz_loadu_ps(out, c));
-          _mm512_mask_storeu_ps(c, out, sums);
-        } else {
-          const __m256bh rounded = _mm512_cvtneps_pbh(sums);
-          __m256i bits;
-          std::memcpy(&bits, &rounded, sizeof(bits));
-          _mm256_mask_storeu_epi16(c, out, bits);
-        }
+        if (accumulate) sums = _mm512_add_ps(sums, _mm512_maskz_loadu_ps(out, c));
+        _mm512_mask_storeu_ps(c, out, sums);
       }
     }
   }
@@ -404,34 +415,17 @@ RF_BF16_TARGET void bf16_times_w_rows(int64_t M, int64_t N, int64_t K, const at:
   }
 }
 
-namespace {
-
-// bf16_times_w into float32 or bfloat16 C.
-template <class Out>
-void times_w(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
-             const at::BFloat16* W, int64_t ldw, Out* C, int64_t ldc, bool accumulate) {
+void bf16_times_w(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
+                  const at::BFloat16* W, int64_t ldw, float* C, int64_t ldc, bool accumulate) {
   const auto* a16 = reinterpret_cast<const uint16_t*>(A);
   const auto* w16 = reinterpret_cast<const uint16_t*>(W);
   // A strip of W's columns stays in L2 while the rows of A go by.
   for (int64_t j = 0; j < N; j += kWColumns) {
     for (int64_t m0 = 0; m0 < M; m0 += kDotRows) {
-      rows_times_w_columns<Out>(K, a16 + m0 * lda, lda, std::min<int64_t>(kDotRows, M - m0),
-                                w16 + j, ldw, std::min(kWColumns, N - j), C + m0 * ldc + j, ldc,
-                                accumulate);
+      rows_times_w_columns(K, a16 + m0 * lda, lda, std::min<int64_t>(kDotRows, M - m0), w16 + j,
+                           ldw, std::min(kWColumns, N - j), C + m0 * ldc + j, ldc, accumulate);
     }
   }
-}
-
-}  // namespace
-
-void bf16_times_w(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
-                  const at::BFloat16* W, int64_t ldw, float* C, int64_t ldc, bool accumulate) {
-  times_w(M, N, K, A, lda, W, ldw, C, ldc, accumulate);
-}
-
-void bf16_times_w(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
-                  const at::BFloat16* W, int64_t ldw, at::BFloat16* C, int64_t ldc) {
-  times_w(M, N, K, A, lda, W, ldw, C, ldc, /*accumulate=*/false);
 }
 
 void bf16_panel_product(int64_t M, int64_t K, const at::BFloat16* A, int64_t lda,
@@ -441,6 +435,13 @@ void bf16_panel_product(int64_t M, int64_t K, const at::BFloat16* A, int64_t lda
     return tile_product(M, K, A, lda, panel, width, C, ldc, accumulate);
   rows_times_panel_all(M, (K + 1) / 2, reinterpret_cast<const uint16_t*>(A), lda,
                        reinterpret_cast<const uint16_t*>(panel), width, C, ldc, accumulate);
+}
+
+void bf16_panel_product(int64_t M, int64_t K, const at::BFloat16* A, int64_t lda,
+                        const at::BFloat16* panel, int64_t width, at::BFloat16* C, int64_t ldc) {
+  rows_times_panel_all(M, (K + 1) / 2, reinterpret_cast<const uint16_t*>(A), lda,
+                       reinterpret_cast<const uint16_t*>(panel), width,
+                       reinterpret_cast<uint16_t*>(C), ldc, /*accumulate=*/false);
 }
 
 void bf16_panel_product(int64_t M, int64_t K, const float* A, int64_t lda,

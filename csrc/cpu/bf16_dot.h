@@ -41,6 +41,10 @@ void bf16_panel_product(int64_t M, int64_t K, const at::BFloat16* A, int64_t lda
                         const at::BFloat16* panel, int64_t width, float* C, int64_t ldc,
                         bool accumulate, bool tiles);
 
+// The same into a bfloat16 C (not accumulated): the float32 sums rounded to nearest even.
+void bf16_panel_product(int64_t M, int64_t K, const at::BFloat16* A, int64_t lda,
+                        const at::BFloat16* panel, int64_t width, at::BFloat16* C, int64_t ldc);
+
 // C[M, N] = A[M, K] @ W^T (accumulate: C += ...) for a bfloat16 W [N, K] as stored (rows
 // ldw apart) and A rounded to bfloat16 (rows lda apart): a row of W holds its values in the
 // pairs the dot products take, as a row of A does, so W needs no packing. For the products
@@ -55,9 +59,6 @@ void bf16_times_w_rows(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, i
 // the calling thread.
 void bf16_times_w(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
                   const at::BFloat16* W, int64_t ldw, float* C, int64_t ldc, bool accumulate);
-// The same into a bfloat16 C (not accumulated): the float32 sums rounded to nearest even.
-void bf16_times_w(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
-                  const at::BFloat16* W, int64_t ldw, at::BFloat16* C, int64_t ldc);
 
 // One pair row of a bfloat16 panel from two rows of b (row-major): to[2c] = first[c],
 // to[2c + 1] = second[c] (zero where second is nullptr), rounded to bfloat16 (to nearest

@@ -66,9 +66,9 @@ void half_weight_product(bool trans, int64_t M, int64_t N, int64_t K, const at::
                          int64_t lda, const at::Tensor& W, float* C, int64_t ldc, bool accumulate);
 
 // W[M, N] (+)= G^T A for G [rows, M] and A [rows, N] (rows ldg and lda apart) rounded to
-// bfloat16, on bfloat16 dot products (bf16_times_w): the weight gradients of a bfloat16 call's
-// small problem, whose operands packed products would round the same way. Split over threads
-// by blocks of W's rows.
+// bfloat16, on bfloat16 dot products (A in bfloat16 panels): the weight gradients of a bfloat16
+// call's small problem, whose operands packed products would round the same way. Split over
+// threads by blocks of W's rows and panels.
 void bf16_weight_product(int64_t M, int64_t N, int64_t rows, const float* G, int64_t ldg,
                          const float* A, int64_t lda, float* W, bool accumulate);
 // The same into bfloat16 W (not accumulated: the float32 sums rounded to nearest even, as
