@@ -1210,14 +1210,15 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
           g.grad_layer_norm};
 }
 
-// float16 and bfloat16 calls run the float32 engine on float32 copies of their tensors
-// (each weight converted once per call, or read as stored: weights_as_stored, bf16_products)
-// and round its results to their dtype: sums, cell state and gate math in float32, and the
-// workspace kept in float32. bfloat16 products run on bfloat16 dot products where the CPU has them
-// (RNN_FUSED_BF16_DOT=0 turns that off), float16 ones in float32 (no CPU of the project's has
-// float16 dot products). Except for ReLU RNNs: rounding the state to bfloat16 for the products
-// flips the sign of pre-activations near zero, where ReLU's derivative jumps (in 6 of 25 random
-// layers of the half-type tests a gradient came out more than twice as far off as torch.nn's).
+// Half types: float16 and bfloat16 calls run the float32 engine on float32 copies of their
+// tensors (each weight converted once per call, or read as stored: weights_as_stored,
+// bf16_products) and round its results to their dtype: sums, cell state and gate math in
+// float32, and the workspace kept in float32. bfloat16 products run on bfloat16 dot products
+// where the CPU has them (RNN_FUSED_BF16_DOT=0 turns that off), float16 ones in float32 (no
+// CPU of the project's has float16 dot products). Except for ReLU RNNs: rounding the state to
+// bfloat16 for the products flips the sign of pre-activations near zero, where ReLU's
+// derivative jumps (in 6 of 25 random layers of the half-type tests a gradient came out more
+// than twice as far off as torch.nn's).
 
 // Small problems (small_problem) of half-type calls but for element-wise recurrences keep
 // their weights as stored: their products read them in their dtype (StepWeight). A float32
