@@ -125,6 +125,22 @@ def test_small_batch_cell_no_worse_than_twice_torch_nn(name, batch, dtype):
 
 
 @pytest.mark.parametrize("batch", [1, 7, 95, 130])
+def test_bf16_relu_cell_no_worse_than_twice_torch_nn(batch):
+    """A ReLU RNNCell's bfloat16 step runs on the bfloat16 dot products like the other cells
+    (its h_0 comes in bfloat16, so rounding it for the products changes nothing): the rule
+    for the output and every gradient, with weights read as stored (batch 1 to 95) and
+    packed (130)."""
+    seed("bf16 relu cell", batch)
+    theirs = nn.RNNCell(37, 70, nonlinearity="relu").to(torch.bfloat16)
+    ours = rnn_fused.RNNCell.from_torch(theirs)
+    exact = nn.RNNCell(37, 70, nonlinearity="relu").double()
+    exact.load_state_dict({k: v.double() for k, v in theirs.state_dict().items()})
+    x = torch.randn(batch, 37).to(torch.bfloat16)
+    states = [torch.randn(batch, 70).to(torch.bfloat16)]
+    _assert_rule(half_type_errors(ours, theirs, exact, x, states))
+
+
+@pytest.mark.parametrize("batch", [1, 7, 95, 130])
 @pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
 def test_bf16_cell_step_gradients_whichever_are_asked_for(name, batch):
     """The backward of a bfloat16 step writes its weight gradients in bfloat16 (on the dot
