@@ -1289,9 +1289,13 @@ ForwardResult forward_wanting(const Problem& p, const LayerArgs& a, bool train,
   // split into pairs (even I), for the input projection to read as it is: its float32 copy
   // and rounding back cost 6-10% of an LSTM's forward at T=100 B=64 H=512 (AMD EPYC).
   const bool input_as_is = bf16 && p.input_size % 2 == 0;
-  LayerArgs f = a.to(at::kFloat, /*weights=*/!bf16 && !weights_as_stored(p),
-                     /*input_too=*/!input_as_is, converted);
-  f.hx = a.hx;  // converted as forward_native copies them
+  // The states are left out: forward_native converts them as it copies them.
+  LayerArgs f = a;
+  f.hx.reset();
+  f.cx.reset();
+  f = f.to(at::kFloat, /*weights=*/!bf16 && !weights_as_stored(p), /*input_too=*/!input_as_is,
+           converted);
+  f.hx = a.hx;
   f.cx = a.cx;
   return rounded_forward(forward_native(p, f, train, bf16, wants), dtype);
 }
@@ -1305,9 +1309,18 @@ BackwardResult backward_cpu(const Problem& p, const BackwardArgs& a) {
   const at::ScalarType dtype = a.layer.input.scalar_type();
   if (!half_type(dtype)) return backward_native(p, a, false);
   const bool bf16 = bf16_products(p);
-  BackwardArgs f = a.to(at::kFloat, !bf16 && !weights_as_stored(p), converted);
-  f.grad_h_n = a.grad_h_n;  // converted as backward_native copies them
+  // Left out: the gradients of h_n and c_n, which backward_native converts as it copies them,
+  // and the initial states, which the backward does not read.
+  BackwardArgs f = a;
+  f.grad_h_n.reset();
+  f.grad_c_n.reset();
+  f.layer.hx.reset();
+  f.layer.cx.reset();
+  f = f.to(at::kFloat, !bf16 && !weights_as_stored(p), converted);
+  f.grad_h_n = a.grad_h_n;
   f.grad_c_n = a.grad_c_n;
+  f.layer.hx = a.layer.hx;
+  f.layer.cx = a.layer.cx;
   return rounded(backward_native(p, f, bf16), dtype);
 }
 
