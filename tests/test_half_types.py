@@ -48,21 +48,30 @@ def test_layer_no_worse_than_twice_torch_nn(cell, kw, dtype, length):
     not rnn_fused._C.cpu_bf16_dot(), reason="this CPU has no AVX-512 BF16 dot products"
 )
 @pytest.mark.parametrize("input_size", [37, 38], ids=["odd-input", "even-input"])
-@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_RELU"])
 def test_bf16_dot_products_run_and_match_float32_products(mode, input_size, monkeypatch):
     """The bfloat16 dot-product path is the one taken (its bits differ from float32 products
     of the same operands) and agrees with it to bfloat16 rounding of the recurrent state. An
-    even input size is read in bfloat16 as it is, an odd one through a float32 copy."""
+    even input size is read in bfloat16 as it is, an odd one through a float32 copy. ReLU RNNs
+    take it for the input projection alone. The path shows in the float32 workspace (the
+    pre-activations), whose bits the output's rounding may hide."""
     seed("bf16 dot", mode, input_size)
     gates = rnn_fused.ops.GATES[mode]
     x = torch.randn(13, 5, input_size).bfloat16()
     w_ih = torch.randn(gates * 67, input_size).bfloat16()
     w_hh = torch.randn(gates * 67, 67).bfloat16()
     w_ih, w_hh = w_ih / 6, w_hh / 8
-    dot = rnn_fused.rnn_layer(mode, x, w_ih, w_hh)[0]
+
+    def forward() -> tuple[torch.Tensor, torch.Tensor]:
+        output, _, _, saved, _ = torch.ops.rnn_fused.forward(
+            mode, x, None, None, w_ih, w_hh, None, None, None, None, False, True
+        )
+        return output, saved
+
+    dot, dot_saved = forward()
     monkeypatch.setenv("RNN_FUSED_BF16_DOT", "0")
-    plain = rnn_fused.rnn_layer(mode, x, w_ih, w_hh)[0]
-    assert not torch.equal(dot, plain)
+    plain, plain_saved = forward()
+    assert not torch.equal(dot_saved, plain_saved)
     assert rel_err(dot, plain.double()) < 2e-2
 
 
@@ -137,6 +146,22 @@ def test_bf16_relu_cell_no_worse_than_twice_torch_nn(batch):
     exact.load_state_dict({k: v.double() for k, v in theirs.state_dict().items()})
     x = torch.randn(batch, 37).to(torch.bfloat16)
     states = [torch.randn(batch, 70).to(torch.bfloat16)]
+    _assert_rule(half_type_errors(ours, theirs, exact, x, states))
+
+
+@pytest.mark.parametrize("input_size", [37, 38], ids=["odd-input", "even-input"])
+def test_bf16_relu_layers_no_worse_than_twice_torch_nn(input_size):
+    """ReLU RNNs of many steps that pack their weights run the input projection and the
+    backward on the bfloat16 dot products, the state products of the forward in float32: the
+    rule for the outputs and every gradient of two layers."""
+    seed("bf16 relu layers", input_size)
+    kw = dict(num_layers=2, nonlinearity="relu")
+    theirs = nn.RNN(input_size, 64, **kw).to(torch.bfloat16)
+    ours = rnn_fused.RNN.from_torch(theirs)
+    exact = nn.RNN(input_size, 64, **kw).double()
+    exact.load_state_dict({k: v.double() for k, v in theirs.state_dict().items()})
+    x = torch.randn(20, 16, input_size).to(torch.bfloat16)
+    states = [torch.randn(2, 16, 64).to(torch.bfloat16)]
     _assert_rule(half_type_errors(ours, theirs, exact, x, states))
 
 

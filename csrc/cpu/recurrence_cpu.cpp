@@ -231,6 +231,11 @@ void column_sums(int64_t rows, int64_t cols, const T* m, int64_t ld, T* sum, boo
   });
 }
 
+// Which products of a forward run on bfloat16 dot products (float32 tensors then, and the
+// input perhaps in bfloat16): none, the input projection alone (bf16_input_products), or all
+// of those of packed weights (bf16_products).
+enum class Bf16Dots { kNone, kInput, kAll };
+
 struct ForwardBuffers {
   at::Tensor output, h_state, c_state, saved, h_prev;  // saved / h_prev: empty unless train
 };
@@ -246,7 +251,9 @@ struct ForwardWants {
 };
 
 template <template <class> class CellT, class T>
-void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, ForwardBuffers& out) {
+void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a,
+                 ForwardBuffers& out) {
+  const bool bf16 = dots == Bf16Dots::kAll;
   const at::Tensor &input = a.input, &w_ih = a.w_ih, &w_hh = a.w_hh;
   const OptTensor &b_ih = a.b_ih, &b_hh = a.b_hh, &w_hr = a.w_hr;
   using Cell = CellT<T>;
@@ -268,7 +275,8 @@ void run_forward(const Problem& p, bool train, bool bf16, const LayerArgs& a, Fo
   // no_grad at batch 5 216 us against 778, at batch 64 1017 against 2186; LSTM T=2 B=32
   // H=512 1.39 ms against 2.75 (AMD EPYC).
   const bool bf16_dots = bf16 || (!pack && bf16_dot_products(p));
-  const StepWeight<T> w_ih_t(w_ih, /*transpose=*/true, pack, 0, bf16_dots, max_rows(chunks));
+  const StepWeight<T> w_ih_t(w_ih, /*transpose=*/true, pack, 0,
+                             bf16_dots || dots == Bf16Dots::kInput, max_rows(chunks));
   const StepWeight<T> w_hh_t(w_hh, /*transpose=*/true, pack, /*group=*/H, bf16_dots, p.batch);
   const std::optional<StepWeight<T>> w_hr_t =
       p.proj ? std::optional<StepWeight<T>>(std::in_place, *w_hr, true, pack, 0, bf16_dots, p.batch)
@@ -643,15 +651,16 @@ at::Tensor converted_copy(const at::Tensor& t, at::ScalarType dtype) {
   return out;
 }
 
-// forward_native and backward_native run float32 and float64 calls in their own dtype. bf16:
-// the products of packed weights (and the backward's weight gradients) round their operands
-// to bfloat16 and run on bfloat16 dot products, for bfloat16 calls (float32 tensors then).
+// forward_native and backward_native run float32 and float64 calls in their own dtype. bf16
+// (the backward's), Bf16Dots::kAll (the forward's): the products of packed weights (and the
+// backward's weight gradients) round their operands to bfloat16 and run on bfloat16 dot
+// products, for bfloat16 calls (float32 tensors then).
 // `wants` drops what a caller past the operator does not read (see layer_without_graph):
 // the empty workspace of an inference call, and a cell's output apart from its h_n.
-ForwardResult forward_native(const Problem& p, const LayerArgs& a, bool train, bool bf16,
+ForwardResult forward_native(const Problem& p, const LayerArgs& a, bool train, Bf16Dots dots,
                              ForwardWants wants = {}) {
   // The engine's dtype: float32 for bf16 products, whose input may stay in bfloat16.
-  const at::ScalarType dtype = bf16 ? at::kFloat : a.input.scalar_type();
+  const at::ScalarType dtype = dots != Bf16Dots::kNone ? at::kFloat : a.input.scalar_type();
   const auto opts = a.input.options().dtype(dtype);
   const int64_t kept_rows = train ? p.rows : 0;
 
@@ -684,7 +693,7 @@ ForwardResult forward_native(const Problem& p, const LayerArgs& a, bool train, b
   AT_DISPATCH_FLOATING_TYPES(dtype, "rnn_fused_forward_cpu", [&] {
     dispatch_cell(p.kind, [&](auto tag) {
       using Tag = decltype(tag);
-      run_forward<Tag::template Cell, scalar_t>(p, train, bf16, a, out);
+      run_forward<Tag::template Cell, scalar_t>(p, train, dots, a, out);
     });
   });
   return {out.output, out.h_state, out.c_state, out.saved, out.h_prev};
@@ -1215,10 +1224,11 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
 // bf16_products) and round its results to their dtype: sums, cell state and gate math in
 // float32, and the workspace kept in float32. bfloat16 products run on bfloat16 dot products
 // where the CPU has them (RNN_FUSED_BF16_DOT=0 turns that off), float16 ones in float32 (no
-// CPU of the project's has float16 dot products). Except for ReLU RNNs of more than one step:
-// rounding a step's state to bfloat16 for the next step's products flips the sign of
-// pre-activations near zero, where ReLU's derivative jumps (in 6 of 25 random layers of the
-// half-type tests a gradient came out more than twice as far off as torch.nn's).
+// CPU of the project's has float16 dot products). Except for the forward's state products in
+// ReLU RNNs of more than one step: rounding a step's state to bfloat16 for the next step's
+// products flips the sign of pre-activations near zero, where ReLU's derivative jumps (in 6
+// of 25 random layers of the half-type tests a gradient came out more than twice as far off
+// as torch.nn's). Their other products run on the dot products (bf16_input_products).
 
 // Small problems (small_problem) of half-type calls but for element-wise recurrences keep
 // their weights as stored: their products read them in their dtype (StepWeight). A float32
@@ -1226,16 +1236,33 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
 // bfloat16 at batch 1 took 1144 us a step against torch.nn's 236, then 76 (Intel Xeon).
 bool weights_as_stored(const Problem& p) { return small_problem(p) && !p.elementwise; }
 
-// Whether a bfloat16 call's products may run on bfloat16 dot products: the CPU has them and
-// RNN_FUSED_BF16_DOT is not "0"; not for ReLU RNNs of more than one step (above: a single
-// step's h_0 is given in bfloat16, so its products round nothing; in float32, RNNCell(1024)
-// with ReLU at batch 256 took 0.37x torch.nn's bfloat16 time under no_grad, AMD EPYC) nor
-// element-wise recurrences (their products with u are element-wise, in float32).
+// Whether bfloat16 dot products may run: the CPU has them and RNN_FUSED_BF16_DOT is not "0".
+bool bf16_dots_allowed() {
+  const char* env = std::getenv("RNN_FUSED_BF16_DOT");
+  return has_bf16_dot() && (env == nullptr || std::strcmp(env, "0") != 0);
+}
+
+// Whether a bfloat16 call's products run on them: not for ReLU RNNs of more than one step
+// (above: a single step's h_0 is given in bfloat16, so its products round nothing; in
+// float32, RNNCell(1024) with ReLU at batch 256 took 0.37x torch.nn's bfloat16 time under
+// no_grad, AMD EPYC) nor element-wise recurrences (their products with u are element-wise, in
+// float32).
 bool bf16_dot_products(const Problem& p) {
   const bool relu_steps = p.kind == CellKind::RNN_RELU && p.steps > 1;
-  if (!p.bfloat16 || relu_steps || p.elementwise || !has_bf16_dot()) return false;
-  const char* env = std::getenv("RNN_FUSED_BF16_DOT");
-  return env == nullptr || std::strcmp(env, "0") != 0;
+  return p.bfloat16 && !relu_steps && !p.elementwise && bf16_dots_allowed();
+}
+
+// Those ReLU RNNs of more than one step, where they pack their weights, run their forward's
+// input projection alone on the dot products (x and W_ih come in bfloat16: its products round
+// nothing), and every product of their backward (which round gate gradients and states, but
+// read ReLU's derivatives from the forward's float32 workspace: no sign flips). In float32,
+// RNN(512, 512, nonlinearity='relu') in bfloat16 at T=100 B=64 took 0.69x torch.nn's
+// bfloat16 time under no_grad and 0.77x forward and backward (AMD EPYC). Errors against
+// float64, 30 seeds of five layer shapes: 0.29x torch.nn's (geometric mean) against 0.26x all
+// in float32; in both, the same one of 1440 outputs and gradients over twice torch.nn's.
+bool bf16_input_products(const Problem& p) {
+  return p.bfloat16 && p.kind == CellKind::RNN_RELU && !p.elementwise && !small_problem(p) &&
+         bf16_dots_allowed();
 }
 
 // Only calls that pack their weights (not small_problem) run the dot products; their weights
@@ -1282,22 +1309,26 @@ ForwardResult rounded_forward(ForwardResult r, at::ScalarType dtype) {
 ForwardResult forward_wanting(const Problem& p, const LayerArgs& a, bool train,
                               ForwardWants wants) {
   const at::ScalarType dtype = a.input.scalar_type();
-  if (!half_type(dtype)) return forward_native(p, a, train, false, wants);
-  const bool bf16 = bf16_products(p);
+  if (!half_type(dtype)) return forward_native(p, a, train, Bf16Dots::kNone, wants);
+  const Bf16Dots dots = bf16_products(p)         ? Bf16Dots::kAll
+                        : bf16_input_products(p) ? Bf16Dots::kInput
+                                                 : Bf16Dots::kNone;
   wants.half_output = dtype;
-  // bf16 products leave the weights in bfloat16 until packed, and the input when its rows
-  // split into pairs (even I), for the input projection to read as it is: its float32 copy
-  // and rounding back cost 6-10% of an LSTM's forward at T=100 B=64 H=512 (AMD EPYC).
-  const bool input_as_is = bf16 && p.input_size % 2 == 0;
+  // bf16 products leave the weights they read in bfloat16 until packed, and the input when
+  // its rows split into pairs (even I), for the input projection to read as it is: its
+  // float32 copy and rounding back cost 6-10% of an LSTM's forward at T=100 B=64 H=512 (AMD
+  // EPYC).
+  const bool input_as_is = dots != Bf16Dots::kNone && p.input_size % 2 == 0;
   // The states are left out: forward_native converts them as it copies them.
   LayerArgs f = a;
   f.hx.reset();
   f.cx.reset();
-  f = f.to(at::kFloat, /*weights=*/!bf16 && !weights_as_stored(p), /*input_too=*/!input_as_is,
-           converted);
+  const bool convert_weights = dots == Bf16Dots::kNone && !weights_as_stored(p);
+  f = f.to(at::kFloat, convert_weights, /*input_too=*/!input_as_is, converted);
+  if (dots == Bf16Dots::kInput) f.w_hh = converted(a.w_hh, at::kFloat);  // no w_hr: not LSTM
   f.hx = a.hx;
   f.cx = a.cx;
-  return rounded_forward(forward_native(p, f, train, bf16, wants), dtype);
+  return rounded_forward(forward_native(p, f, train, dots, wants), dtype);
 }
 
 // The `forward` operator's engine.
@@ -1308,7 +1339,7 @@ ForwardResult forward_cpu(const Problem& p, const LayerArgs& a, bool train) {
 BackwardResult backward_cpu(const Problem& p, const BackwardArgs& a) {
   const at::ScalarType dtype = a.layer.input.scalar_type();
   if (!half_type(dtype)) return backward_native(p, a, false);
-  const bool bf16 = bf16_products(p);
+  const bool bf16 = bf16_products(p) || bf16_input_products(p);  // ReLU RNNs' backward too
   // Left out: the gradients of h_n and c_n, which backward_native converts as it copies them,
   // and the initial states, which the backward does not read.
   BackwardArgs f = a;
