@@ -53,26 +53,32 @@ def test_bf16_dot_products_run_and_match_float32_products(mode, input_size, monk
     """The bfloat16 dot-product path is the one taken (its bits differ from float32 products
     of the same operands) and agrees with it to bfloat16 rounding of the recurrent state. An
     even input size is read in bfloat16 as it is, an odd one through a float32 copy. ReLU RNNs
-    take it for the input projection alone. The path shows in the float32 workspace (the
-    pre-activations), whose bits the output's rounding may hide."""
+    take it for the input projection and the backward. The forward's path shows in the
+    float32 workspace (the pre-activations), whose bits the output's rounding may hide."""
     seed("bf16 dot", mode, input_size)
     gates = rnn_fused.ops.GATES[mode]
     x = torch.randn(13, 5, input_size).bfloat16()
     w_ih = torch.randn(gates * 67, input_size).bfloat16()
     w_hh = torch.randn(gates * 67, 67).bfloat16()
     w_ih, w_hh = w_ih / 6, w_hh / 8
+    grad = torch.randn(13, 5, 67).bfloat16()
 
-    def forward() -> tuple[torch.Tensor, torch.Tensor]:
-        output, _, _, saved, _ = torch.ops.rnn_fused.forward(
+    def forward_and_grads() -> list[torch.Tensor]:
+        ops = torch.ops.rnn_fused
+        output, _, _, saved, h_prev = ops.forward(
             mode, x, None, None, w_ih, w_hh, None, None, None, None, False, True
         )
-        return output, saved
+        grads = ops.backward(mode, grad, None, None, x, w_ih, w_hh, None, None, False, saved,
+                             h_prev, 5, [True, False, True])  # fmt: skip
+        return [saved, output, grads[0], grads[3], grads[4]]
 
-    dot, dot_saved = forward()
+    dot = forward_and_grads()
     monkeypatch.setenv("RNN_FUSED_BF16_DOT", "0")
-    plain, plain_saved = forward()
-    assert not torch.equal(dot_saved, plain_saved)
-    assert rel_err(dot, plain.double()) < 2e-2
+    plain = forward_and_grads()
+    assert not torch.equal(dot[0], plain[0])
+    assert not all(torch.equal(a, b) for a, b in zip(dot[2:], plain[2:], strict=True))
+    for a, b in zip(dot[1:], plain[1:], strict=True):
+        assert rel_err(a, b.double()) < 2e-2
 
 
 @pytest.mark.skipif(not rnn_fused._C.cpu_bf16_tiles(), reason="this CPU has no AMX-BF16 tiles")
