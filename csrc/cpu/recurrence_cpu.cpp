@@ -1254,8 +1254,7 @@ bool bf16_dot_products(const Problem& p) {
 
 // Those ReLU RNNs of more than one step, where they pack their weights, run their forward's
 // input projection alone on the dot products (x and W_ih come in bfloat16: its products round
-// nothing), and every product of their backward (which round gate gradients and states, but
-// read ReLU's derivatives from the forward's float32 workspace: no sign flips). In float32,
+// nothing), and every product of their backward (bf16_backward_products). In float32,
 // RNN(512, 512, nonlinearity='relu') in bfloat16 at T=100 B=64 took 0.69x torch.nn's
 // bfloat16 time under no_grad and 0.77x forward and backward (AMD EPYC). Errors against
 // float64, 30 seeds of five layer shapes: 0.29x torch.nn's (geometric mean) against 0.26x all
@@ -1268,6 +1267,13 @@ bool bf16_input_products(const Problem& p) {
 // Only calls that pack their weights (not small_problem) run the dot products; their weights
 // stay in bfloat16 until packed (bf16 in LayerArgs::to).
 bool bf16_products(const Problem& p) { return bf16_dot_products(p) && !small_problem(p); }
+
+// The backward's: those of bf16_products and ReLU RNNs' of more than one step too, whose
+// backward rounds gate gradients and states but reads ReLU's derivatives from the forward's
+// float32 workspace (no sign flips).
+bool bf16_backward_products(const Problem& p) {
+  return p.bfloat16 && !p.elementwise && !small_problem(p) && bf16_dots_allowed();
+}
 
 // The backward of a bfloat16 call of one step on the dot products (a cell's step) writes its
 // weight gradients in bfloat16 (the bits of the float32 sums rounded afterwards): in float32,
@@ -1339,7 +1345,7 @@ ForwardResult forward_cpu(const Problem& p, const LayerArgs& a, bool train) {
 BackwardResult backward_cpu(const Problem& p, const BackwardArgs& a) {
   const at::ScalarType dtype = a.layer.input.scalar_type();
   if (!half_type(dtype)) return backward_native(p, a, false);
-  const bool bf16 = bf16_products(p) || bf16_input_products(p);  // ReLU RNNs' backward too
+  const bool bf16 = bf16_backward_products(p);
   // Left out: the gradients of h_n and c_n, which backward_native converts as it copies them,
   // and the initial states, which the backward does not read.
   BackwardArgs f = a;
