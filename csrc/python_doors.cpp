@@ -111,14 +111,14 @@ PyObject* layer_door(PyObject*, PyObject* const* items, Py_ssize_t count) {
 }
 
 // _C.cell(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh): one step of a cell on input [B, I]
-// through rnn_fused::layer, (h_n, c_n) with c_n None but for LSTM.
+// through rnn_fused::layer, (h_n, c_n) with c_n None but for LSTM; states None are zeros.
 PyObject* cell_door(PyObject*, PyObject* const* items, Py_ssize_t count) {
   HANDLE_TH_ERRORS
   check_count("cell", count, 8, 8);
   const Args in{"cell", items, count};
   const LayerArgs a{in.mode(0),
                     in.tensor(1, "input"),  // one step as it is (make_problem)
-                    in.tensor(2, "hx"),
+                    in.optional(2, "hx"),
                     in.optional(3, "cx"),
                     in.tensor(4, "w_ih"),
                     in.tensor(5, "w_hh"),

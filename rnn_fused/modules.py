@@ -906,12 +906,12 @@ class _CellBase(_Options, _Convertible, nn.Module):
         )
         return h_n, c_n
 
-    def _fast_step(self, input: Tensor, h: Tensor, c: Tensor | None):
-        """One step of the common call (batched input, states given) with no checks of its
-        own: the operator checks every argument, and on a failure it returns None so that
-        the caller runs torch.nn's checks and raises torch.nn's error. None too where the
-        short door does not serve (see ops.cell_step) or a weight is not in _parameters
-        (_weights)."""
+    def _fast_step(self, input: Tensor, h: Tensor | None, c: Tensor | None):
+        """One step of the common call (batched input; states given, or None for zeros)
+        with no checks of its own: the operator checks every argument, and on a failure it
+        returns None so that the caller runs torch.nn's checks and raises torch.nn's error.
+        None too where the short door does not serve (see ops.cell_step) or a weight is not
+        in _parameters (_weights)."""
         if input.dim() != 2 or self.zoneout or self._layer_norm:
             return None
         p = self._parameters  # not self.weight_ih: nn.Module's __getattr__ costs a call
@@ -925,7 +925,7 @@ class _CellBase(_Options, _Convertible, nn.Module):
 
     def _forward_hidden_only(self, name: str, input: Tensor, hx: Tensor | None) -> Tensor:
         """forward of the cells whose only state is h (GRUCell, RNNCell)."""
-        if hx is not None and (done := self._fast_step(input, hx, None)) is not None:
+        if (done := self._fast_step(input, hx, None)) is not None:
             return done[0]
         input, (h,), is_batched = self._inputs(name, input, [hx], ["hidden"])
         h, _ = self._step(input, h, None)
@@ -1023,7 +1023,10 @@ class LSTMCell(_GatedCell):
     def forward(
         self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, Tensor]:
-        if type(hx) is tuple and len(hx) == 2 and hx[1] is not None:  # None: not zeros
+        if hx is None:  # zeros, which the operator makes
+            if (done := self._fast_step(input, None, None)) is not None:
+                return done
+        elif type(hx) is tuple and len(hx) == 2 and hx[0] is not None and hx[1] is not None:
             if (done := self._fast_step(input, *hx)) is not None:
                 return done
         states = [None, None] if hx is None else _lstm_states(hx, "lstm_cell")

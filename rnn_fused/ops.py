@@ -401,17 +401,17 @@ def both_directions(
 def cell_step(
     mode: str,
     input: Tensor,
-    hx: Tensor,
+    hx: Tensor | None,
     cx: Tensor | None,
     w_ih: Tensor,
     w_hh: Tensor,
     b_ih: Tensor | None,
     b_hh: Tensor | None,
 ) -> tuple[Tensor, Tensor | None] | None:
-    """One eager step of a cell: rnn_layer on input [B, I] (one step), returning
-    (h, c) (c None except for LSTM), by the shortest door a step per call can take. None
-    where rnn_layer must run the call instead (autocast, torch.func transforms, forward-mode
-    AD, tracing by torch.compile)."""
+    """One eager step of a cell: rnn_layer on input [B, I] (one step; states None are
+    zeros), returning (h, c) (c None except for LSTM), by the shortest door a step per call
+    can take. None where rnn_layer must run the call instead (autocast, torch.func
+    transforms, forward-mode AD, tracing by torch.compile)."""
     if (
         torch._C._is_any_autocast_enabled()
         or torch.compiler.is_compiling()

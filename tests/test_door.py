@@ -158,7 +158,7 @@ def test_eager_and_dispatcher_doors_agree():
         ("layer", {2: 0.5}, "argument 2 (hx) must be a Tensor or None, got float"),
         ("layer", {0: b"LSTM"}, "argument 0 (mode) must be a str, got bytes"),
         ("layer", {"count": 10}, "rnn_fused._C.layer takes 11 to 13 positional arguments, got 10"),
-        ("cell", {2: None}, "rnn_fused._C.cell: argument 2 (hx) must be a Tensor, got NoneType"),
+        ("cell", {2: 0.5}, "_C.cell: argument 2 (hx) must be a Tensor or None, got float"),
         ("cell", {"count": 9}, "rnn_fused._C.cell takes 8 positional arguments, got 9"),
     ],
 )
@@ -193,6 +193,38 @@ def test_cell_fast_path_keeps_torch_nn_errors():
     with pytest.raises(RuntimeError) as e_theirs:
         theirs(x, (h, h))
     assert str(e_ours.value) == str(e_theirs.value)
+
+
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_cell_without_states_takes_the_short_door(name, grad, monkeypatch):
+    """A cell called without states (zeros, as torch.nn's) takes the same short door as one
+    given states (the operator makes the zeros; the cells' checks, half a call's time, do not
+    run): the bits of a call given zeros, and the same gradients."""
+    seed("no-states", name, grad)
+    cell = getattr(rnn_fused, name)(7, 33, dtype=DT)
+    x = rand(3, 7, dtype=DT)
+    zeros = torch.zeros(3, 33, dtype=DT)
+    given = cell(x, (zeros, zeros) if name == "LSTMCell" else zeros)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cell's checks ran: the call left the short door")
+
+    monkeypatch.setattr(type(cell), "_inputs", refuse)
+    with torch.set_grad_enabled(grad):
+        got = cell(x)
+    for a, b in zip(_outputs(got), _outputs(given), strict=True):
+        assert torch.equal(a, b)
+    assert _outputs(got)[0].requires_grad == grad
+    if grad:
+        want = torch.autograd.grad(_outputs(given)[0].sum(), [x, *cell.parameters()])
+        found = torch.autograd.grad(_outputs(got)[0].sum(), [x, *cell.parameters()])
+        for a, b in zip(found, want, strict=True):
+            assert torch.equal(a, b)
+
+
+def _outputs(out) -> list[torch.Tensor]:
+    return list(out) if isinstance(out, tuple) else [out]
 
 
 def test_forward_ad_is_exact_or_refused_never_silently_zero():
