@@ -110,29 +110,52 @@ PyObject* layer_door(PyObject*, PyObject* const* items, Py_ssize_t count) {
   END_HANDLE_TH_ERRORS
 }
 
+// A state of an unbatched cell call ([H]) as the batch of one it runs as, or a RuntimeError
+// (after which the cells run torch.nn's checks, and raise its error) if it is not 1-D.
+OptTensor as_batch_of_one(const OptTensor& state, const char* name) {
+  if (!state) return std::nullopt;
+  TORCH_CHECK(state->dim() == 1, "rnn_fused._C.cell: an unbatched input ([input_size]) needs 1-D ",
+              name, ", got ", state->dim(), "-D");
+  return state->unsqueeze(0);
+}
+
 // _C.cell(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh): one step of a cell on input [B, I]
-// through rnn_fused::layer, (h_n, c_n) with c_n None but for LSTM; states None are zeros.
+// (or unbatched [I], with states [H]) through rnn_fused::layer, (h_n, c_n) with c_n None but
+// for LSTM; states None are zeros.
 PyObject* cell_door(PyObject*, PyObject* const* items, Py_ssize_t count) {
   HANDLE_TH_ERRORS
   check_count("cell", count, 8, 8);
   const Args in{"cell", items, count};
-  const LayerArgs a{in.mode(0),
-                    in.tensor(1, "input"),  // one step as it is (make_problem)
-                    in.optional(2, "hx"),
-                    in.optional(3, "cx"),
-                    in.tensor(4, "w_ih"),
-                    in.tensor(5, "w_hh"),
-                    in.optional(6, "b_ih"),
-                    in.optional(7, "b_hh"),
-                    std::nullopt,
-                    std::nullopt,
-                    false,
-                    std::nullopt,
-                    std::nullopt};
+  LayerArgs a{in.mode(0),
+              in.tensor(1, "input"),  // one step as it is (make_problem)
+              in.optional(2, "hx"),
+              in.optional(3, "cx"),
+              in.tensor(4, "w_ih"),
+              in.tensor(5, "w_hh"),
+              in.optional(6, "b_ih"),
+              in.optional(7, "b_hh"),
+              std::nullopt,
+              std::nullopt,
+              false,
+              std::nullopt,
+              std::nullopt};
+  // Unbatched: a batch of one, as torch.nn's cells run it (views here cost about a tenth of
+  // the modules' checks and views in Python).
+  const bool unbatched = a.input.dim() == 1;
+  if (unbatched) {
+    a.input = a.input.unsqueeze(0);
+    a.hx = as_batch_of_one(a.hx, "hx");
+    a.cx = as_batch_of_one(a.cx, "cx");
+  }
   LayerResult r = call_layer_without_gil(a, /*output_wanted=*/false);  // a step's output is h_n
+  auto& [output, h_n, c_n] = r;
   const bool lstm = parse_mode(a.mode) == CellKind::LSTM;
-  return tuple_of({THPVariable_Wrap(std::move(std::get<1>(r))),
-                   lstm ? THPVariable_Wrap(std::move(std::get<2>(r))) : Py_NewRef(Py_None)});
+  if (unbatched) {
+    h_n = h_n.squeeze(0);
+    if (lstm) c_n = c_n.squeeze(0);
+  }
+  return tuple_of({THPVariable_Wrap(std::move(h_n)),
+                   lstm ? THPVariable_Wrap(std::move(c_n)) : Py_NewRef(Py_None)});
   END_HANDLE_TH_ERRORS
 }
 

@@ -504,6 +504,8 @@ class _RNNBase(_Options, _Convertible, nn.Module):
         return torch.zeros(shape, dtype=input.dtype, device=input.device)
 
     def forward(self, input, hx=None):
+        if (done := self._fast_forward(input, hx)) is not None:
+            return done
         is_lstm = self.mode == "LSTM"
         out_size = self.proj_size or self.hidden_size
         packed = isinstance(input, PackedSequence)
@@ -552,6 +554,60 @@ class _RNNBase(_Options, _Convertible, nn.Module):
             output = output.squeeze(0 if self.batch_first else 1)
             hidden = (h_n.squeeze(1), c_n.squeeze(1)) if is_lstm else h_n.squeeze(1)
         return output, hidden
+
+    def _fast_forward(self, input, hx):
+        """forward of the common call with no checks of its own: one layer in one direction,
+        an input [T, B, I] ([B, T, I] batch_first) or unbatched [T, I] as a tensor, states
+        None (zeros) or torch.nn's tensors ([1, B, H], unbatched [1, H]), no zoneout or
+        LayerNorm, no DropConnect mask to draw. The operator checks every argument, and on a
+        failure this returns None so that forward runs torch.nn's checks and raises
+        torch.nn's error; None too for every other call, and under torch.compile, which
+        traces forward."""
+        if (
+            self.num_layers != 1
+            or self.bidirectional
+            or self.zoneout
+            or self._layer_norm
+            or (self.dropconnect and self.training)
+            or type(input) is not Tensor
+            or input.dim() not in (2, 3)
+            or torch.compiler.is_compiling()
+        ):
+            return None
+        lstm = self.mode == "LSTM"
+        if hx is None:
+            given = []
+        elif lstm and type(hx) in (tuple, list) and len(hx) == 2:
+            given = list(hx)
+        elif not lstm:
+            given = [hx]
+        else:
+            return None
+        batched = input.dim() == 3
+        if any(type(t) is not Tensor or t.dim() != input.dim() for t in given):
+            return None
+        # [1, B, H] -> [B, H] (other sizes stay 3-D, which the operator refuses); an unbatched
+        # call's [1, H] is its batch of one's.
+        states = [t.squeeze(0) for t in given] if batched else given
+        states += [None] * (2 - len(states))
+        if not batched:
+            x = input.unsqueeze(1)
+        else:
+            x = input.transpose(0, 1) if self.batch_first else input
+        key = (0, 0, self.bias, self.proj_size > 0)
+        _, names = _DIRECTION_NAMES.get(key) or _direction_names(*key)
+        w_ih, w_hh, b_ih, b_hh, w_hr = _weights(self, names)
+        try:
+            output, h_n, c_n = rnn_layer(self.mode, x, w_ih, w_hh, b_ih, b_hh, *states, w_hr=w_hr)
+        except (RuntimeError, TypeError):
+            return None
+        if not batched:
+            output = output.squeeze(1)
+        elif self.batch_first:
+            output = output.transpose(0, 1)
+        if batched:
+            h_n, c_n = h_n.unsqueeze(0), (c_n.unsqueeze(0) if lstm else None)
+        return output, ((h_n, c_n) if lstm else h_n)
 
     def _prepare_state(self, data, hx, batch, out_size, is_batched, packed, sorted_indices):
         is_lstm = self.mode == "LSTM"
@@ -907,12 +963,12 @@ class _CellBase(_Options, _Convertible, nn.Module):
         return h_n, c_n
 
     def _fast_step(self, input: Tensor, h: Tensor | None, c: Tensor | None):
-        """One step of the common call (batched input; states given, or None for zeros)
-        with no checks of its own: the operator checks every argument, and on a failure it
+        """One step of the common call (input [B, I] or [I]; states given, or None for
+        zeros) with no checks of its own: the operator checks every argument, and on a failure it
         returns None so that the caller runs torch.nn's checks and raises torch.nn's error.
         None too where the short door does not serve (see ops.cell_step) or a weight is not
         in _parameters (_weights)."""
-        if input.dim() != 2 or self.zoneout or self._layer_norm:
+        if input.dim() not in (1, 2) or self.zoneout or self._layer_norm:
             return None
         p = self._parameters  # not self.weight_ih: nn.Module's __getattr__ costs a call
         try:
@@ -1026,7 +1082,7 @@ class LSTMCell(_GatedCell):
         if hx is None:  # zeros, which the operator makes
             if (done := self._fast_step(input, None, None)) is not None:
                 return done
-        elif type(hx) is tuple and len(hx) == 2 and hx[0] is not None and hx[1] is not None:
+        elif type(hx) in (tuple, list) and len(hx) == 2 and hx[0] is not None and hx[1] is not None:
             if (done := self._fast_step(input, *hx)) is not None:
                 return done
         states = [None, None] if hx is None else _lstm_states(hx, "lstm_cell")

@@ -195,31 +195,92 @@ def test_cell_fast_path_keeps_torch_nn_errors():
     assert str(e_ours.value) == str(e_theirs.value)
 
 
-@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+_FORMS = ["no states", "unbatched", "unbatched, no states"]
+
+
+@pytest.mark.parametrize(
+    ("name", "form"),
+    [(n, f) for n in ("LSTMCell", "GRUCell", "RNNCell") for f in _FORMS] + [("LSTMCell", "list")],
+)
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
-def test_cell_without_states_takes_the_short_door(name, grad, monkeypatch):
-    """A cell called without states (zeros, as torch.nn's) takes the same short door as one
-    given states (the operator makes the zeros; the cells' checks, half a call's time, do not
-    run): the bits of a call given zeros, and the same gradients."""
-    seed("no-states", name, grad)
+def test_cell_calls_take_the_short_door(name, form, grad, monkeypatch):
+    """The forms of a cell call that torch.nn takes besides (input [B, I], states given):
+    without states (zeros), unbatched ([I], states [H]) and an LSTMCell's states as a list
+    take the same short door (the modules' checks, most of such a call's time, do not run),
+    with the bits of the batched call given the states, and the same gradients."""
+    seed("short-door", name, form, grad)
     cell = getattr(rnn_fused, name)(7, 33, dtype=DT)
-    x = rand(3, 7, dtype=DT)
-    zeros = torch.zeros(3, 33, dtype=DT)
-    given = cell(x, (zeros, zeros) if name == "LSTMCell" else zeros)
+    unbatched = form.startswith("unbatched")
+    x = rand(1 if unbatched else 3, 7, dtype=DT)
+    states = [rand(x.size(0), 33, dtype=DT) for _ in range(2 if name == "LSTMCell" else 1)]
+    if form.endswith("no states"):
+        states = [torch.zeros_like(s) for s in states]
+    given = _outputs(cell(x, tuple(states) if name == "LSTMCell" else states[0]))
 
     def refuse(*args, **kwargs):
         raise AssertionError("the cell's checks ran: the call left the short door")
 
     monkeypatch.setattr(type(cell), "_inputs", refuse)
+    args = [x[0] if unbatched else x]
+    if not form.endswith("no states"):
+        hx = [s[0] for s in states] if unbatched else states
+        args.append(hx if form == "list" else tuple(hx) if name == "LSTMCell" else hx[0])
     with torch.set_grad_enabled(grad):
-        got = cell(x)
-    for a, b in zip(_outputs(got), _outputs(given), strict=True):
+        got = _outputs(cell(*args))
+    if unbatched:
+        assert all(t.dim() == 1 for t in got)
+        got = [t.unsqueeze(0) for t in got]
+    for a, b in zip(got, given, strict=True):
         assert torch.equal(a, b)
-    assert _outputs(got)[0].requires_grad == grad
+    assert got[0].requires_grad == grad
     if grad:
-        want = torch.autograd.grad(_outputs(given)[0].sum(), [x, *cell.parameters()])
-        found = torch.autograd.grad(_outputs(got)[0].sum(), [x, *cell.parameters()])
-        for a, b in zip(found, want, strict=True):
+        leaves = [x, *cell.parameters()]
+        want = torch.autograd.grad(given[0].sum(), leaves)
+        for a, b in zip(torch.autograd.grad(got[0].sum(), leaves), want, strict=True):
+            assert torch.equal(a, b)
+
+
+_LAYER_FORMS = ["no states", "states", "batch_first", "unbatched"]
+
+
+@pytest.mark.parametrize(
+    ("name", "form"),
+    [(n, f) for n in ("LSTM", "GRU", "RNN") for f in _LAYER_FORMS] + [("LSTM", "states as a list")],
+)
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_layer_calls_take_the_short_door(name, form, grad, monkeypatch):
+    """A layer of one direction called with a tensor (no states, torch.nn's states,
+    batch_first, unbatched) runs forward's short path, which leaves the checks to the
+    operator (_fast_forward): the bits and gradients of the full path."""
+    seed("short-layer", name, form, grad)
+    layer = getattr(rnn_fused, name)(7, 33, batch_first=form == "batch_first", dtype=DT)
+    x = rand(5, 7, dtype=DT) if form == "unbatched" else rand(5, 3, 7, dtype=DT)
+    args = [x]
+    if "states" in form and form != "no states":
+        states = [rand(1, 3, 33, dtype=DT) for _ in range(2 if name == "LSTM" else 1)]
+        args.append(states if "list" in form else tuple(states) if name == "LSTM" else states[0])
+
+    def run() -> list[torch.Tensor]:
+        with torch.set_grad_enabled(grad):
+            out, hidden = layer(*args)
+        return [out, *_outputs(hidden)]
+
+    monkeypatch.setattr(type(layer), "_fast_forward", lambda *a: None)
+    full = run()
+    monkeypatch.undo()
+
+    def refuse(*a, **k):
+        raise AssertionError("the full path ran")
+
+    monkeypatch.setattr(type(layer), "_run_layers", refuse)
+    short = run()
+    for a, b in zip(short, full, strict=True):
+        assert a.shape == b.shape and torch.equal(a, b)
+        assert a.requires_grad == grad
+    if grad:
+        leaves = [x, *layer.parameters()]
+        want = torch.autograd.grad(sum(t.sum() for t in full), leaves)
+        for a, b in zip(torch.autograd.grad(sum(t.sum() for t in short), leaves), want):
             assert torch.equal(a, b)
 
 
