@@ -26,9 +26,12 @@ using torch::autograd::variable_list;
 // The differentiable inputs of a layer call in the operator's order, which is also the
 // order of the gradients the node's backward returns (after one for the LayerArgs).
 enum Slot { kInput, kHx, kCx, kWIh, kWHh, kBIh, kBHh, kWHr, kLayerNorm, kSlots };
-// The slots only a double backward reads, and their names in saved_data.
+// The slots only a double backward reads, and their names in saved_data (the tensor's, and
+// its version's when saved).
 constexpr std::array<Slot, 4> kAsideSlots{kHx, kCx, kBIh, kBHh};
 constexpr std::array<const char*, 4> kAsideNames{"hx", "cx", "b_ih", "b_hh"};
+constexpr std::array<const char*, 4> kAsideVersions{"hx_version", "cx_version", "b_ih_version",
+                                                    "b_hh_version"};
 // saved_data["flags"]: a bit per present slot, and this one for reverse.
 constexpr int64_t kReverseFlag = int64_t(1) << 16;
 
@@ -44,8 +47,10 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     auto [output, h_n, c_n, saved, h_prev] = call_forward(a, /*train=*/true);
     ctx->save_for_backward({a.input, a.w_ih, a.w_hh, a.w_hr.value_or(at::Tensor()), saved, h_prev,
                             a.zoneout.value_or(at::Tensor()), a.layer_norm.value_or(at::Tensor())});
-    // Few entries: each costs a string key and a hash-map node at every call.
+    // Few entries: each costs a string key and a hash-map node at every call (room for all
+    // made at once).
     auto& data = ctx->saved_data;
+    data.reserve(4 + 2 * kAsideSlots.size());
     data["mode"] = std::string(a.mode);
     data["batch_sizes"] = a.batch_sizes;
     data["batch"] = h_n.sym_size(0);
@@ -53,14 +58,16 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     const auto slots = slots_of(a);
     for (int k = 0; k < kSlots; ++k) flags |= int64_t(slots[k].has_value()) << k;
     data["flags"] = flags;
-    c10::List<OptTensor> aside;
-    c10::List<int64_t> versions;
-    for (const Slot k : kAsideSlots) {
-      aside.push_back(slots[k]);
-      versions.push_back(slots[k] ? slots[k]->_version() : 0);
+    // Each present aside slot in entries of its own, not in lists: compiled autograd swaps
+    // saved_data's tensors for its proxies only at the top level (a tensor in a list reached
+    // its graph as itself, an error), and lifts top-level integers as inputs where a list's
+    // would key its cache (a bias's version moves at every optimizer step).
+    for (size_t k = 0; k < kAsideSlots.size(); ++k) {
+      if (const OptTensor& t = slots[kAsideSlots[k]]) {
+        data[kAsideNames[k]] = *t;
+        data[kAsideVersions[k]] = int64_t(t->_version());
+      }
     }
-    data["aside"] = aside;
-    data["versions"] = versions;
     ctx->set_materialize_grads(false);  // unused outputs' gradients stay undefined, unfilled
     return {output, h_n, c_n};
   }
@@ -138,12 +145,12 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
                                                         const OptTensor& grad_h_n,
                                                         const OptTensor& grad_c_n) {
     auto& data = ctx->saved_data;
-    const auto kept = data["aside"].to<c10::List<OptTensor>>();
-    const auto versions = data["versions"].toIntList();
     std::array<OptTensor, 4> aside;
     for (size_t k = 0; k < kAsideSlots.size(); ++k) {
-      aside[k] = kept.get(k);
-      TORCH_CHECK(!aside[k] || aside[k]->_version() == versions.get(k),
+      const auto kept = data.find(kAsideNames[k]);
+      if (kept == data.end()) continue;
+      aside[k] = kept->second.toTensor();
+      TORCH_CHECK(aside[k]->_version() == data[kAsideVersions[k]].toInt(),
                   "rnn_fused: ", kAsideNames[k],
                   " was modified by an inplace operation between the forward and a double "
                   "backward (create_graph=True), which reads it again");

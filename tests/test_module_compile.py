@@ -76,3 +76,37 @@ def test_export(name):
     assert any("rnn_fused" in str(t) for t in nodes), nodes
     for a, b in zip(_tensors(program.module()(x)), _tensors(module(x))):
         assert_close(a, b, "output")
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "LSTMCell"])
+def test_compiled_autograd_over_optimizer_steps(name):
+    """Compiled autograd (torch.compile of the backward) runs the layers' backward: the
+    eager gradients, with states given and biases, and one capture while an optimizer
+    changes the parameters in place (the biases' versions, kept for a double backward, are
+    inputs of its graph, not keys of its cache)."""
+    from torch._dynamo import compiled_autograd
+    from torch._dynamo.utils import counters
+
+    seed("compiled-autograd", name)
+    torch._dynamo.reset()
+    counters.clear()
+    module = MODULES[name]().double()
+    x = _input(name).double()
+    shapes = {"LSTM": [(4, 2, 2), (4, 2, 5)], "GRU": [(1, 4, 5)], "LSTMCell": [(4, 5), (4, 5)]}
+    states = [torch.randn(shape, dtype=torch.float64) for shape in shapes[name]]
+    args = (x, tuple(states) if "LSTM" in name else states[0])
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        outputs = _tensors(module(*args))
+        weights = [torch.rand_like(o) for o in outputs]
+        want = torch.autograd.grad(
+            sum((o * w).sum() for o, w in zip(outputs, weights)), list(module.parameters())
+        )
+        outputs = _tensors(module(*args))
+        with compiled_autograd._enable(torch.compile(backend="eager")):
+            sum((o * w).sum() for o, w in zip(outputs, weights)).backward()
+        for p, g in zip(module.parameters(), want, strict=True):
+            assert_close(p.grad, g, "grad")
+        opt.step()
+    assert counters["compiled_autograd"]["captures"] == 1
