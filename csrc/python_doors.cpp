@@ -84,25 +84,32 @@ LayerResult call_layer_without_gil(const LayerArgs& a, bool output_wanted) {
   return call_layer(a, output_wanted);
 }
 
+// The arguments both doors begin with: (mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh).
+LayerArgs step_args(const Args& in) {
+  LayerArgs a;
+  a.mode = in.mode(0);
+  a.input = in.tensor(1, "input");
+  a.hx = in.optional(2, "hx");
+  a.cx = in.optional(3, "cx");
+  a.w_ih = in.tensor(4, "w_ih");
+  a.w_hh = in.tensor(5, "w_hh");
+  a.b_ih = in.optional(6, "b_ih");
+  a.b_hh = in.optional(7, "b_hh");
+  return a;
+}
+
 // _C.layer(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
 // zoneout=None, layer_norm=None): rnn_fused::layer through the dispatcher, (output, h_n, c_n).
 PyObject* layer_door(PyObject*, PyObject* const* items, Py_ssize_t count) {
   HANDLE_TH_ERRORS
   check_count("layer", count, 11, 13);  // zoneout and layer_norm may be left out
   const Args in{"layer", items, count};
-  const LayerArgs a{in.mode(0),
-                    in.tensor(1, "input"),
-                    in.optional(2, "hx"),
-                    in.optional(3, "cx"),
-                    in.tensor(4, "w_ih"),
-                    in.tensor(5, "w_hh"),
-                    in.optional(6, "b_ih"),
-                    in.optional(7, "b_hh"),
-                    in.optional(8, "w_hr"),
-                    in.optional(9, "batch_sizes"),
-                    in.flag(10, "reverse"),
-                    in.optional(11, "zoneout"),
-                    in.optional(12, "layer_norm")};
+  LayerArgs a = step_args(in);
+  a.w_hr = in.optional(8, "w_hr");
+  a.batch_sizes = in.optional(9, "batch_sizes");
+  a.reverse = in.flag(10, "reverse");
+  a.zoneout = in.optional(11, "zoneout");
+  a.layer_norm = in.optional(12, "layer_norm");
   LayerResult r = call_layer_without_gil(a, /*output_wanted=*/true);
   return tuple_of({THPVariable_Wrap(std::move(std::get<0>(r))),
                    THPVariable_Wrap(std::move(std::get<1>(r))),
@@ -126,19 +133,7 @@ PyObject* cell_door(PyObject*, PyObject* const* items, Py_ssize_t count) {
   HANDLE_TH_ERRORS
   check_count("cell", count, 8, 8);
   const Args in{"cell", items, count};
-  LayerArgs a{in.mode(0),
-              in.tensor(1, "input"),  // one step as it is (make_problem)
-              in.optional(2, "hx"),
-              in.optional(3, "cx"),
-              in.tensor(4, "w_ih"),
-              in.tensor(5, "w_hh"),
-              in.optional(6, "b_ih"),
-              in.optional(7, "b_hh"),
-              std::nullopt,
-              std::nullopt,
-              false,
-              std::nullopt,
-              std::nullopt};
+  LayerArgs a = step_args(in);  // the input [B, I] as one step (make_problem)
   // Unbatched: a batch of one, as torch.nn's cells run it (views here cost about a tenth of
   // the modules' checks and views in Python).
   const bool unbatched = a.input.dim() == 1;

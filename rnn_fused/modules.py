@@ -555,7 +555,7 @@ class _RNNBase(_Options, _Convertible, nn.Module):
             hidden = (h_n.squeeze(1), c_n.squeeze(1)) if is_lstm else h_n.squeeze(1)
         return output, hidden
 
-    def _fast_forward(self, input, hx):
+    def _fast_forward(self, input: object, hx: object) -> tuple | None:
         """forward of the common call with no checks of its own: one layer in one direction,
         an input [T, B, I] ([B, T, I] batch_first) or unbatched [T, I] as a tensor, states
         None (zeros) or torch.nn's tensors ([1, B, H], unbatched [1, H]), no zoneout or
@@ -964,10 +964,10 @@ class _CellBase(_Options, _Convertible, nn.Module):
 
     def _fast_step(self, input: Tensor, h: Tensor | None, c: Tensor | None):
         """One step of the common call (input [B, I] or [I]; states given, or None for
-        zeros) with no checks of its own: the operator checks every argument, and on a failure it
-        returns None so that the caller runs torch.nn's checks and raises torch.nn's error.
-        None too where the short door does not serve (see ops.cell_step) or a weight is not
-        in _parameters (_weights)."""
+        zeros) with no checks of its own: the operator checks every argument, and on a
+        failure this returns None so that the caller runs torch.nn's checks and raises
+        torch.nn's error. None too where the short door does not serve (see ops.cell_step)
+        or a weight is not in _parameters (_weights)."""
         if input.dim() not in (1, 2) or self.zoneout or self._layer_norm:
             return None
         p = self._parameters  # not self.weight_ih: nn.Module's __getattr__ costs a call
@@ -1080,11 +1080,13 @@ class LSTMCell(_GatedCell):
         self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, Tensor]:
         if hx is None:  # zeros, which the operator makes
-            if (done := self._fast_step(input, None, None)) is not None:
-                return done
+            done = self._fast_step(input, None, None)
         elif type(hx) in (tuple, list) and len(hx) == 2 and hx[0] is not None and hx[1] is not None:
-            if (done := self._fast_step(input, *hx)) is not None:
-                return done
+            done = self._fast_step(input, *hx)  # (a None would pass as zeros: torch.nn refuses it)
+        else:
+            done = None
+        if done is not None:
+            return done
         states = [None, None] if hx is None else _lstm_states(hx, "lstm_cell")
         input, (h, c), is_batched = self._inputs("LSTMCell", input, states, ["hx[0]", "hx[1]"])
         if c.dtype == input.dtype or torch._C._is_any_autocast_enabled():
