@@ -1,7 +1,8 @@
 """Per-call rows of `make bench`: what one call costs when its work is small, where fixed
 costs (Python, dispatch, allocation, threads) dominate. Cells and a T=1 layer call at batch
 1, under no_grad and with forward + backward, in float32 and in bfloat16 (both sides in
-bfloat16); bfloat16 cells at batch 64, whose weights are read once per call (not packed);
+bfloat16); an LSTMCell without states and unbatched, and GRU and RNN layers of one step;
+bfloat16 cells at batch 64, whose weights are read once per call (not packed);
 the bare operator against torch.mm of the same product, and a client: a model
 stepping two LSTMCells through a sequence in a Python loop (float64, batch 97), trained
 with LBFGS and then predicting under no_grad.
@@ -73,6 +74,16 @@ def cases() -> list[tuple[str, str, Callable[[object], Callable[[], object]]]]:
         for grad in (False, True):
             make = _cell_maker(cell, 256, grad, torch.bfloat16, batch=64)
             rows.append((f"{cell} B=64 H=256 bf16", _kind(grad), make))
+    # The other forms torch.nn takes, float32 at H=32: a cell without states or unbatched,
+    # and the other layers of one step.
+    for form in ("no states", "unbatched"):
+        for grad in (False, True):
+            make = _cell_maker("LSTMCell", 32, grad, torch.float32, form=form)
+            rows.append((f"LSTMCell B=1 H=32 {form}", _kind(grad), make))
+    for layer in ("GRU", "RNN"):
+        for grad in (False, True):
+            make = _layer_maker(32, grad, torch.float32, layer=layer)
+            rows.append((f"{layer} T=1 B=1 H=32", _kind(grad), make))
     return rows
 
 
@@ -80,26 +91,33 @@ def _kind(grad: bool) -> str:
     return "fwd+bwd" if grad else "fwd"
 
 
-def _cell_maker(cell: str, H: int, grad: bool, dtype: torch.dtype, batch: int = 1):
+def _cell_maker(
+    cell: str, H: int, grad: bool, dtype: torch.dtype, batch: int = 1, form: str = "states"
+):
+    """A cell's call: batched with its states, or (form) batched without states, or
+    unbatched ([H]) with its states."""
+
     def make(ns):
         torch.manual_seed(0)
         m = getattr(nn, cell)(H, H).to(dtype)
         if ns is rnn_fused:
             m = getattr(rnn_fused, cell).from_torch(m)
-        x = torch.randn(batch, H, dtype=dtype, requires_grad=grad)
-        h = torch.randn(batch, H, dtype=dtype)
-        state = (h, torch.randn(batch, H, dtype=dtype)) if cell == "LSTMCell" else h
-        return timed_call(lambda: _first(m(x, state)), grad)
+        shape = (H,) if form == "unbatched" else (batch, H)
+        x = torch.randn(shape, dtype=dtype, requires_grad=grad)
+        h = torch.randn(shape, dtype=dtype)
+        state = (h, torch.randn(shape, dtype=dtype)) if cell == "LSTMCell" else h
+        args = (x,) if form == "no states" else (x, state)
+        return timed_call(lambda: _first(m(*args)), grad)
 
     return make
 
 
-def _layer_maker(H: int, grad: bool, dtype: torch.dtype):
+def _layer_maker(H: int, grad: bool, dtype: torch.dtype, layer: str = "LSTM"):
     def make(ns):
         torch.manual_seed(0)
-        m = nn.LSTM(H, H).to(dtype)
+        m = getattr(nn, layer)(H, H).to(dtype)
         if ns is rnn_fused:
-            m = rnn_fused.LSTM.from_torch(m)
+            m = getattr(rnn_fused, layer).from_torch(m)
         x = torch.randn(1, 1, H, dtype=dtype, requires_grad=grad)
         return timed_call(lambda: m(x)[0], grad)
 
