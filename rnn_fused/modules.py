@@ -594,9 +594,7 @@ class _RNNBase(_Options, _Convertible, nn.Module):
             x = input.unsqueeze(1)
         else:
             x = input.transpose(0, 1) if self.batch_first else input
-        key = (0, 0, self.bias, self.proj_size > 0)
-        _, names = _DIRECTION_NAMES.get(key) or _direction_names(*key)
-        w_ih, w_hh, b_ih, b_hh, w_hr = _weights(self, names)
+        _, (w_ih, w_hh, b_ih, b_hh, w_hr) = self._direction_weights(0, 0)
         try:
             output, h_n, c_n = rnn_layer(self.mode, x, w_ih, w_hh, b_ih, b_hh, *states, w_hr=w_hr)
         except (RuntimeError, TypeError):
@@ -673,9 +671,7 @@ class _RNNBase(_Options, _Convertible, nn.Module):
     ) -> Direction:
         """The arguments of one layer and direction (states None: zeros)."""
         k = layer * (2 if self.bidirectional else 1) + direction
-        key = (layer, direction, self.bias, self.proj_size > 0)
-        suffix, names = _DIRECTION_NAMES.get(key) or _direction_names(*key)
-        w_ih, w_hh, b_ih, b_hh, w_hr = _weights(self, names)
+        suffix, (w_ih, w_hh, b_ih, b_hh, w_hr) = self._direction_weights(layer, direction)
         return Direction(
             w_ih,
             self._recurrent_weight(w_hh),
@@ -687,6 +683,13 @@ class _RNNBase(_Options, _Convertible, nn.Module):
             self._zoneout_weights(x, x.shape[:-1]),
             self._layer_norm_gains(suffix),
         )
+
+    def _direction_weights(self, layer: int, direction: int):
+        """The suffix of a layer and direction's parameters, and their tensors in
+        _PARAM_NAMES's order (None for those the layer has not)."""
+        key = (layer, direction, self.bias, self.proj_size > 0)
+        suffix, names = _DIRECTION_NAMES.get(key) or _direction_names(*key)
+        return suffix, _weights(self, names)
 
 
 class RNN(_RNNBase):

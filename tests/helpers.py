@@ -72,6 +72,11 @@ def make_states(
     return h0, c0
 
 
+def as_list(out: Tensor | tuple[Tensor, ...]) -> list[Tensor]:
+    """A module's output (a tensor or a tuple of them) as a list of tensors."""
+    return list(out) if isinstance(out, tuple) else [out]
+
+
 def weighted_sum(outputs: tuple[Tensor | None, ...], weights: list[Tensor]) -> Tensor:
     """A scalar loss that gives every output element its own random gradient; weights pair
     with the outputs that are not None, in order."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICES, seed
+from helpers import DEVICES, as_list, seed
 from tolerances import assert_close
 from torch import nn
 
@@ -24,10 +24,6 @@ def _pair(name, hidden=5, bias=True, dtype=torch.float64, device="cpu"):
     ours = ours_cls(3, hidden, bias=bias, dtype=dtype, device=device, **kw)
     ours.load_state_dict(theirs.state_dict())
     return theirs, ours
-
-
-def _tensors(out):
-    return list(out) if isinstance(out, tuple) else [out]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -57,7 +53,7 @@ def test_cell_matches_torch_nn(name, bias, form, dtype, device):
             hi = h.clone().requires_grad_()
             leaves.append(hi)
             out = module(xi, hi)
-        outs = _tensors(out)
+        outs = as_list(out)
         weights = [torch.ones_like(o) * (i + 1.5) for i, o in enumerate(outs)]
         loss = sum((o * w).sum() for o, w in zip(outs, weights, strict=True))
         return outs, torch.autograd.grad(loss, leaves + list(module.parameters()))
@@ -73,7 +69,7 @@ def test_cell_matches_torch_nn(name, bias, form, dtype, device):
 def test_cell_hidden_size_zero(name):
     theirs, ours = _pair(name, hidden=0)
     x = torch.randn(2, 3, dtype=torch.float64)
-    for a, b in zip(_tensors(ours(x)), _tensors(theirs(x)), strict=True):
+    for a, b in zip(as_list(ours(x)), as_list(theirs(x)), strict=True):
         assert a.shape == b.shape == (2, 0)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CELLS, make_layer, make_states, rand, seed
+from helpers import CELLS, as_list, make_layer, make_states, rand, seed
 
 import rnn_fused
 from rnn_fused import reference
@@ -215,7 +215,7 @@ def test_cell_calls_take_the_short_door(name, form, grad, monkeypatch):
     states = [rand(x.size(0), 33, dtype=DT) for _ in range(2 if name == "LSTMCell" else 1)]
     if form.endswith("no states"):
         states = [torch.zeros_like(s) for s in states]
-    given = _outputs(cell(x, tuple(states) if name == "LSTMCell" else states[0]))
+    given = as_list(cell(x, tuple(states) if name == "LSTMCell" else states[0]))
 
     def refuse(*args, **kwargs):
         raise AssertionError("the cell's checks ran: the call left the short door")
@@ -226,7 +226,7 @@ def test_cell_calls_take_the_short_door(name, form, grad, monkeypatch):
         hx = [s[0] for s in states] if unbatched else states
         args.append(hx if form == "list" else tuple(hx) if name == "LSTMCell" else hx[0])
     with torch.set_grad_enabled(grad):
-        got = _outputs(cell(*args))
+        got = as_list(cell(*args))
     if unbatched:
         assert all(t.dim() == 1 for t in got)
         got = [t.unsqueeze(0) for t in got]
@@ -263,7 +263,7 @@ def test_layer_calls_take_the_short_door(name, form, grad, monkeypatch):
     def run() -> list[torch.Tensor]:
         with torch.set_grad_enabled(grad):
             out, hidden = layer(*args)
-        return [out, *_outputs(hidden)]
+        return [out, *as_list(hidden)]
 
     monkeypatch.setattr(type(layer), "_fast_forward", lambda *a: None)
     full = run()
@@ -282,10 +282,6 @@ def test_layer_calls_take_the_short_door(name, form, grad, monkeypatch):
         want = torch.autograd.grad(sum(t.sum() for t in full), leaves)
         for a, b in zip(torch.autograd.grad(sum(t.sum() for t in short), leaves), want):
             assert torch.equal(a, b)
-
-
-def _outputs(out) -> list[torch.Tensor]:
-    return list(out) if isinstance(out, tuple) else [out]
 
 
 def test_forward_ad_is_exact_or_refused_never_silently_zero():
