@@ -6,7 +6,10 @@
 // own checks raise RuntimeError through torch's error translation.
 #include "python_doors.h"
 
+#include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/forward_grad.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
@@ -98,8 +101,22 @@ LayerArgs step_args(const Args& in) {
   return a;
 }
 
+// Whether ops.rnn_layer's Python must run the call (the doors then return None): autocast on
+// for the input's device with a float32 tensor to cast (ops._under_autocast), forward-mode AD,
+// or any torch.func transform (the Python tells those that differentiate from vmap). Asked
+// here, not in Python before each door: about 0.4 us less a short call (AMD EPYC).
+bool served_in_python(const LayerArgs& a) {
+  if (at::autocast::is_autocast_enabled(a.input.device().type()) &&
+      (a.input.scalar_type() == at::kFloat || a.w_ih.scalar_type() == at::kFloat)) {
+    return true;
+  }
+  return torch::autograd::ForwardADLevel::has_any_level() ||
+         c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
+}
+
 // _C.layer(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
-// zoneout=None, layer_norm=None): rnn_fused::layer through the dispatcher, (output, h_n, c_n).
+// zoneout=None, layer_norm=None): rnn_fused::layer through the dispatcher, (output, h_n, c_n),
+// or None where ops.rnn_layer must run the call (served_in_python).
 PyObject* layer_door(PyObject*, PyObject* const* items, Py_ssize_t count) {
   HANDLE_TH_ERRORS
   check_count("layer", count, 11, 13);  // zoneout and layer_norm may be left out
@@ -110,6 +127,7 @@ PyObject* layer_door(PyObject*, PyObject* const* items, Py_ssize_t count) {
   a.reverse = in.flag(10, "reverse");
   a.zoneout = in.optional(11, "zoneout");
   a.layer_norm = in.optional(12, "layer_norm");
+  if (served_in_python(a)) Py_RETURN_NONE;
   LayerResult r = call_layer_without_gil(a, /*output_wanted=*/true);
   return tuple_of({THPVariable_Wrap(std::move(std::get<0>(r))),
                    THPVariable_Wrap(std::move(std::get<1>(r))),
@@ -128,12 +146,13 @@ OptTensor as_batch_of_one(const OptTensor& state, const char* name) {
 
 // _C.cell(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh): one step of a cell on input [B, I]
 // (or unbatched [I], with states [H]) through rnn_fused::layer, (h_n, c_n) with c_n None but
-// for LSTM; states None are zeros.
+// for LSTM; states None are zeros. None where ops.rnn_layer must run the call (served_in_python).
 PyObject* cell_door(PyObject*, PyObject* const* items, Py_ssize_t count) {
   HANDLE_TH_ERRORS
   check_count("cell", count, 8, 8);
   const Args in{"cell", items, count};
   LayerArgs a = step_args(in);  // the input [B, I] as one step (make_problem)
+  if (served_in_python(a)) Py_RETURN_NONE;
   // Unbatched: a batch of one, as torch.nn's cells run it (views here cost about a tenth of
   // the modules' checks and views in Python).
   const bool unbatched = a.input.dim() == 1;
@@ -158,12 +177,13 @@ PyMethodDef kDoors[] = {
     {"layer", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&layer_door)),
      METH_FASTCALL,
      "layer(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, zoneout=None, "
-     "layer_norm=None): rnn_fused::layer called through the dispatcher, (output, h_n, c_n); "
+     "layer_norm=None): rnn_fused::layer called through the dispatcher, (output, h_n, c_n), "
+     "or None where ops.rnn_layer runs the call (autocast, torch.func, forward-mode AD); "
      "positional arguments only."},
     {"cell", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&cell_door)), METH_FASTCALL,
      "cell(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh): one step of a cell on input [B, I] "
-     "through rnn_fused::layer, (h_n, c_n) with c_n None but for LSTM; positional arguments "
-     "only."},
+     "through rnn_fused::layer, (h_n, c_n) with c_n None but for LSTM, or None as layer's; "
+     "positional arguments only."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

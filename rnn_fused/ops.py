@@ -319,28 +319,35 @@ def rnn_layer(
         (output, h_n, c_n): output [T, B, H_out] ([N, H_out] packed, [B, H_out] for one
         step), h_n [B, H_out], and c_n [B, H] for LSTM, else None.
     """
-    if torch._C._is_any_autocast_enabled() and torch.float32 in (input.dtype, w_ih.dtype):
-        call = LayerCall(
-            mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, zoneout,
-            layer_norm,
-        )  # fmt: skip
+    # Eager calls go to _C.layer, which declines (None) the ones _layer_in_python serves; the
+    # arguments in LayerCall's order (a call per step costs its every microsecond).
+    args = (mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, zoneout)
+    compiling = torch.compiler.is_compiling()
+    if compiling or (done := _C.layer(*args, layer_norm)) is None:
+        done = _layer_in_python(LayerCall(*args, layer_norm), cell, compiling)
+    output, h_n, c_n = done
+    return output, h_n, (c_n if mode == "LSTM" else None)
+
+
+def _layer_in_python(
+    call: LayerCall, cell: bool, compiling: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The calls of rnn_layer that _C.layer declines (autocast with a float32 tensor to cast,
+    torch.func transforms that differentiate, forward-mode AD), and every call under
+    torch.compile, which traces torch.ops.rnn_fused.layer."""
+    c = call
+    if torch._C._is_any_autocast_enabled() and torch.float32 in (c.input.dtype, c.w_ih.dtype):
         if (done := _under_autocast(call, cell)) is not None:
             return done
-    compiling = torch.compiler.is_compiling()
     if not compiling and _differentiated_by_transform():
         from . import reference
 
         return reference.rnn_layer(
-            mode, input, w_ih, w_hh, b_ih, b_hh, hx, cx,
-            w_hr=w_hr, batch_sizes=batch_sizes, reverse=reverse, zoneout=zoneout,
-            layer_norm=layer_norm,
+            c.mode, c.input, c.w_ih, c.w_hh, c.b_ih, c.b_hh, c.hx, c.cx,
+            w_hr=c.w_hr, batch_sizes=c.batch_sizes, reverse=c.reverse, zoneout=c.zoneout,
+            layer_norm=c.layer_norm,
         )  # fmt: skip
-    # The arguments in LayerCall's order; a call per step costs its every microsecond.
-    door = _ops.layer if compiling else _C.layer
-    output, h_n, c_n = door(
-        mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, zoneout, layer_norm
-    )
-    return output, h_n, (c_n if mode == "LSTM" else None)
+    return _ops.layer(*call)
 
 
 # The least work (multiply-adds of a direction's products) for which both_directions opens a
@@ -410,13 +417,10 @@ def cell_step(
 ) -> tuple[Tensor, Tensor | None] | None:
     """One eager step of a cell: rnn_layer on input [B, I] (one step; states None are
     zeros), returning (h, c) (c None except for LSTM), by the shortest door a step per call
-    can take. None where rnn_layer must run the call instead (autocast, torch.func
-    transforms, forward-mode AD, tracing by torch.compile)."""
-    if (
-        torch._C._is_any_autocast_enabled()
-        or torch.compiler.is_compiling()
-        or _differentiated_by_transform()
-    ):
+    can take. None where rnn_layer must run the call instead: tracing by torch.compile, and
+    the calls _C.cell declines as _C.layer does (autocast, torch.func transforms,
+    forward-mode AD)."""
+    if torch.compiler.is_compiling():
         return None
     return _C.cell(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
 

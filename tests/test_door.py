@@ -371,12 +371,23 @@ def test_profiler_and_dispatch_modes_still_see_the_operators():
 
 
 def test_dual_tensor_is_refused_without_a_graph_too():
-    """Under no_grad the operator still refuses a dual tensor rather than drop its tangent."""
+    """Under no_grad the operator still refuses a dual tensor rather than drop its tangent;
+    the eager doors leave such calls to ops.rnn_layer's Python (None), which runs
+    reference.py's loop and keeps the tangent."""
     import torch.autograd.forward_ad as fwAD
 
     seed("dual-no-grad")
     args = list(_cell_args("RNN_TANH"))
+    mode, x, h0, _, w_ih, w_hh, b_ih, b_hh = args
+    tangent = torch.randn_like(x)
     with fwAD.dual_level(), torch.no_grad():
-        args[1] = fwAD.make_dual(args[1].detach(), torch.randn_like(args[1]))
+        args[1] = fwAD.make_dual(x.detach(), tangent)
         with pytest.raises(NotImplementedError, match="forward-mode AD"):
-            rnn_fused.ops._C.cell(*args)
+            torch.ops.rnn_fused.layer(*args, None, None, False)
+        assert rnn_fused.ops._C.cell(*args) is None
+        assert rnn_fused.ops._C.layer(*args, None, None, False) is None
+        _, h, _ = rnn_layer(mode, args[1], w_ih, w_hh, b_ih, b_hh, h0)
+        found = fwAD.unpack_dual(h).tangent
+    step = lambda x: reference.rnn_layer(mode, x, w_ih, w_hh, b_ih, b_hh, h0)[1]  # noqa: E731
+    expected = torch.func.jvp(step, (x.detach(),), (tangent,))[1]
+    torch.testing.assert_close(found, expected)
