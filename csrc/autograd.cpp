@@ -44,7 +44,10 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
   template <class... Tensors>
   static variable_list forward(AutogradContext* ctx, const LayerArgs& a, const Tensors&...) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [output, h_n, c_n, saved, h_prev] = call_forward(a, /*train=*/true);
+    // An unbatched step runs as a batch of one; the node sees and saves the caller's tensors.
+    const bool unbatched = unbatched_step(a);
+    auto [output, h_n, c_n, saved, h_prev] =
+        call_forward(unbatched ? as_batch_of_one(a) : a, /*train=*/true);
     ctx->save_for_backward({a.input, a.w_ih, a.w_hh, a.w_hr.value_or(at::Tensor()), saved, h_prev,
                             a.zoneout.value_or(at::Tensor()), a.layer_norm.value_or(at::Tensor())});
     // Few entries: each costs a string key and a hash-map node at every call (room for all
@@ -69,6 +72,7 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
       }
     }
     ctx->set_materialize_grads(false);  // unused outputs' gradients stay undefined, unfilled
+    if (unbatched) std::tie(output, h_n, c_n) = as_unbatched({output, h_n, c_n});
     return {output, h_n, c_n};
   }
 
@@ -87,14 +91,18 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     a.layer_norm = s[7].defined() ? OptTensor(s[7]) : std::nullopt;
     a.batch_sizes = data["batch_sizes"].toOptional<at::Tensor>();
     a.reverse = (flags & kReverseFlag) != 0;
-    const auto grad = [&](int k) {
-      return grads[k].defined() ? OptTensor(grads[k]) : std::nullopt;
+    // An unbatched step's gradients come and go as [H] and [I], a batch of one's in between.
+    const bool unbatched = unbatched_step(a);
+    const auto grad = [&](int k) -> OptTensor {
+      if (!grads[k].defined()) return std::nullopt;
+      return unbatched ? grads[k].unsqueeze(0) : grads[k];
     };
+    const OptTensor grad_output = grad(0), grad_h_n = grad(1);
     const OptTensor grad_c_n = mode == "LSTM" ? grad(2) : std::nullopt;
 
     std::array<at::Tensor, kSlots> found;
     if (at::GradMode::is_enabled()) {
-      found = reference_grads(ctx, a, grad(0), grad(1), grad_c_n);
+      found = reference_grads(ctx, a, grad_output, grad_h_n, grad_c_n);
     } else {
       // The node's edges are the present slots, in order.
       std::array<bool, kSlots> need{};
@@ -102,9 +110,9 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
         if (flags >> k & 1) need[k] = ctx->needs_input_grad(edge++);
       }
       BackwardArgs b;
-      b.layer = a;
-      b.grad_output = grad(0);
-      b.grad_h_n = grad(1);
+      b.layer = unbatched ? as_batch_of_one(a) : a;
+      b.grad_output = grad_output;
+      b.grad_h_n = grad_h_n;
       b.grad_c_n = grad_c_n;
       b.saved = s[4];
       b.h_prev = s[5];
@@ -120,6 +128,11 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
         if (!need[k]) found[k] = at::Tensor();
       }
     }
+    if (unbatched) {
+      for (Slot k : {kInput, kHx, kCx}) {
+        if (found[k].defined()) found[k] = found[k].squeeze(0);
+      }
+    }
     // W_hr reaches c_n only through a later step's h: with one step and neither the output
     // nor h_n differentiated, torch.nn's graph has no path to it, and its gradient is None
     // (an optimizer skips it), not zeros.
@@ -132,11 +145,11 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     return result;
   }
 
-  // Whether the call is one step: a packed batch of one, a [B, I] input (a cell's step), or
-  // a [1, B, I] one.
+  // Whether the call is one step: a packed batch of one, a [B, I] or [I] input (a cell's
+  // step), or a [1, B, I] one.
   static bool one_step(const LayerArgs& a) {
     if (a.batch_sizes.has_value()) return a.batch_sizes->sym_size(0) == 1;
-    return a.input.dim() == 2 || a.input.sym_size(0) == 1;
+    return a.input.dim() <= 2 || a.input.sym_size(0) == 1;
   }
 
   // Differentiable gradients of every slot from reference.py's loop.
@@ -156,6 +169,9 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
                   "backward (create_graph=True), which reads it again");
     }
     std::tie(a.hx, a.cx, a.b_ih, a.b_hh) = std::tie(aside[0], aside[1], aside[2], aside[3]);
+    // An unbatched step as a batch of one on views that autograd records: the gradients are
+    // differentiable through them to the caller's tensors.
+    if (unbatched_step(a)) a = as_batch_of_one(a);
     const std::vector<at::Tensor> g = call_reference_grads(a, grad_output, grad_h_n, grad_c_n);
     TORCH_CHECK(g.size() == kSlots, "rnn_fused: reference_grads returned ", g.size(),
                 " gradients, expected ", int(kSlots));
@@ -165,6 +181,7 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
 
 // Without gradients to record (or below autograd): forward keeping no workspace.
 LayerResult layer_without_graph(const LayerArgs& a) {
+  if (unbatched_step(a)) return as_unbatched(layer_without_graph(as_batch_of_one(a)));
   auto [output, h_n, c_n, saved, h_prev] = call_forward(a, /*train=*/false);
   return {output, h_n, c_n};
 }

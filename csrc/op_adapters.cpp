@@ -79,22 +79,11 @@ bool records_graph(const LayerArgs& a) {
   return requires_grad;
 }
 
-// Whether a forward-AD level exists; torch releases before ForwardADLevel::has_any_level
-// (2.11 among them, on the GPU machines) answer "maybe" and every tensor is looked at.
-template <typename Level>
-auto maybe_forward_level(int) -> decltype(Level::has_any_level()) {
-  return Level::has_any_level();
-}
-template <typename Level>
-bool maybe_forward_level(long) {
-  return true;
-}
-
 // Refuses dual tensors: the operator has no forward-mode formula, and outputs without
 // tangents would read as zero tangents. No tensor has a tangent while no forward-AD level
 // exists (one lock, not one a tensor).
 void refuse_dual_tensors(const LayerArgs& a) {
-  if (!maybe_forward_level<torch::autograd::ForwardADLevel>(0)) return;
+  if (!forward_ad_level_exists()) return;
   visit_tensors(a, false, [](const at::Tensor& t) {
     TORCH_CHECK_NOT_IMPLEMENTED(!t._fw_grad(/*level=*/0).defined(),
                                 "rnn_fused: forward-mode AD (torch.func.jvp, "
@@ -125,15 +114,53 @@ bool plain_cpu_call(const LayerArgs& a) {
 
 }  // namespace
 
+// Levels are made and released in order from index 0 (ForwardADLevel::has_any_level is newer
+// than some of the torch releases this project builds with: 2.11 on the GPU machines).
+bool forward_ad_level_exists() {
+  return torch::autograd::ForwardADLevel::try_get_by_idx(0) != nullptr;
+}
+
 bool layer_needs_graph(const LayerArgs& a) {
   refuse_dual_tensors(a);
   return records_graph(a);
+}
+
+namespace {
+
+// A state of an unbatched step ([H]) as a batch of one's.
+OptTensor as_row(const OptTensor& state, const char* name) {
+  if (!state) return std::nullopt;
+  TORCH_CHECK(state->dim() == 1, "rnn_fused::layer: an unbatched step (input [input_size]) needs ",
+              name, " of 1 dimension ([hidden_size]), got ", state->dim());
+  return state->unsqueeze(0);
+}
+
+}  // namespace
+
+LayerArgs as_batch_of_one(LayerArgs a) {
+  a.input = a.input.unsqueeze(0);
+  a.hx = as_row(a.hx, "hx");
+  a.cx = as_row(a.cx, "cx");
+  a.zoneout = as_row(a.zoneout, "zoneout");
+  return a;
+}
+
+LayerResult as_unbatched(LayerResult r) {
+  auto& [output, h_n, c_n] = r;
+  output = output.squeeze(0);
+  h_n = h_n.squeeze(0);
+  c_n = c_n.squeeze(0);  // a GRU's or an RNN's is empty ([0]), and stays so
+  return r;
 }
 
 LayerResult call_layer(const LayerArgs& a, bool output_wanted) {
   // A call with a graph goes on to layer_autograd, which checks it for dual tensors once.
   if (plain_cpu_call(a)) {
     refuse_dual_tensors(a);
+    if (unbatched_step(a)) {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;  // plain views
+      return as_unbatched(cpu::layer_without_graph(as_batch_of_one(a), output_wanted));
+    }
     return cpu::layer_without_graph(a, output_wanted);
   }
   static const auto op = find<LayerSig>("rnn_fused::layer");

@@ -5,7 +5,8 @@
 
 TORCH_LIBRARY(rnn_fused, m) {
   // One layer, one direction, all steps, with autograd: what rnn_fused.rnn_layer runs.
-  // input is [T, B, I], or packed [N, I] with batch_sizes [T]. Returns output ([T, B, H_out]
+  // input is [T, B, I], or packed [N, I] with batch_sizes [T], or one step: [B, I], or [I]
+  // unbatched (states [H]; results [H], run as a batch of one). Returns output ([T, B, H_out]
   // or [N, H_out]), h_n [B, H_out] and c_n [B, H] (LSTM; an empty tensor otherwise).
   // zoneout, shaped like output: the weight of the state kept from the step before
   // (LayerArgs::zoneout in problem.h); not differentiated.

@@ -9,7 +9,6 @@
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/Exceptions.h>
-#include <torch/csrc/autograd/forward_grad.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
@@ -110,7 +109,7 @@ bool served_in_python(const LayerArgs& a) {
       (a.input.scalar_type() == at::kFloat || a.w_ih.scalar_type() == at::kFloat)) {
     return true;
   }
-  return torch::autograd::ForwardADLevel::has_any_level() ||
+  return forward_ad_level_exists() ||
          c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
 }
 
@@ -135,15 +134,6 @@ PyObject* layer_door(PyObject*, PyObject* const* items, Py_ssize_t count) {
   END_HANDLE_TH_ERRORS
 }
 
-// A state of an unbatched cell call ([H]) as the batch of one it runs as, or a RuntimeError
-// (after which the cells run torch.nn's checks, and raise its error) if it is not 1-D.
-OptTensor as_batch_of_one(const OptTensor& state, const char* name) {
-  if (!state) return std::nullopt;
-  TORCH_CHECK(state->dim() == 1, "rnn_fused._C.cell: an unbatched input ([input_size]) needs 1-D ",
-              name, ", got ", state->dim(), "-D");
-  return state->unsqueeze(0);
-}
-
 // _C.cell(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh): one step of a cell on input [B, I]
 // (or unbatched [I], with states [H]) through rnn_fused::layer, (h_n, c_n) with c_n None but
 // for LSTM; states None are zeros. None where ops.rnn_layer must run the call (served_in_python).
@@ -151,23 +141,12 @@ PyObject* cell_door(PyObject*, PyObject* const* items, Py_ssize_t count) {
   HANDLE_TH_ERRORS
   check_count("cell", count, 8, 8);
   const Args in{"cell", items, count};
-  LayerArgs a = step_args(in);  // the input [B, I] as one step (make_problem)
+  // The input [B, I] as one step, or [I] as an unbatched one (make_problem, as_batch_of_one).
+  const LayerArgs a = step_args(in);
   if (served_in_python(a)) Py_RETURN_NONE;
-  // Unbatched: a batch of one, as torch.nn's cells run it (views here cost about a tenth of
-  // the modules' checks and views in Python).
-  const bool unbatched = a.input.dim() == 1;
-  if (unbatched) {
-    a.input = a.input.unsqueeze(0);
-    a.hx = as_batch_of_one(a.hx, "hx");
-    a.cx = as_batch_of_one(a.cx, "cx");
-  }
   LayerResult r = call_layer_without_gil(a, /*output_wanted=*/false);  // a step's output is h_n
   auto& [output, h_n, c_n] = r;
   const bool lstm = parse_mode(a.mode) == CellKind::LSTM;
-  if (unbatched) {
-    h_n = h_n.squeeze(0);
-    if (lstm) c_n = c_n.squeeze(0);
-  }
   return tuple_of({THPVariable_Wrap(std::move(h_n)),
                    lstm ? THPVariable_Wrap(std::move(c_n)) : Py_NewRef(Py_None)});
   END_HANDLE_TH_ERRORS

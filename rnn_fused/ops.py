@@ -299,7 +299,8 @@ def rnn_layer(
     Args:
         mode: "LSTM", "GRU", "RNN_TANH" or "RNN_RELU".
         input: [T, B, I], packed rows [N, I] when `batch_sizes` is given, or one step [B, I]
-            (then output is [B, H_out]).
+            (then output is [B, H_out]), or an unbatched step [I] (with states [H_out] and
+            [H], and results without their batch dimension).
         w_ih, w_hh, b_ih, b_hh: torch.nn's weights of the layer (gates stacked in its order).
         hx: initial hidden state [B, H_out] (zeros when None).
         cx: initial cell state [B, H] (LSTM only; zeros when None).
@@ -415,11 +416,11 @@ def cell_step(
     b_ih: Tensor | None,
     b_hh: Tensor | None,
 ) -> tuple[Tensor, Tensor | None] | None:
-    """One eager step of a cell: rnn_layer on input [B, I] (one step; states None are
-    zeros), returning (h, c) (c None except for LSTM), by the shortest door a step per call
-    can take. None where rnn_layer must run the call instead: tracing by torch.compile, and
-    the calls _C.cell declines as _C.layer does (autocast, torch.func transforms,
-    forward-mode AD)."""
+    """One eager step of a cell: rnn_layer on input [B, I] or unbatched [I] (one step;
+    states None are zeros), returning (h, c) (c None except for LSTM), by the shortest door
+    a step per call can take. None where rnn_layer must run the call instead: tracing by
+    torch.compile, and the calls _C.cell declines as _C.layer does (autocast, torch.func
+    transforms, forward-mode AD)."""
     if torch.compiler.is_compiling():
         return None
     return _C.cell(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh)

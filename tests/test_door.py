@@ -139,6 +139,45 @@ def test_one_step_input_is_a_sequence_of_one(mode):
     torch.testing.assert_close(step[0].double(), exact[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", CELLS)
+def test_unbatched_step_is_a_batch_of_one(mode):
+    """Input [I] with states [H] (an unbatched cell's call) is one step of a batch of one:
+    its bits, results [H], gradients [I] and [H] with the batch of one's bits, gradcheck and
+    gradgradcheck in float64, and one node in the graph (no view nodes above it)."""
+    seed("unbatched", mode)
+    layer = make_layer(mode, 7, 33, dtype=torch.float32)
+    lstm = mode == "LSTM"
+    x, h0 = rand(7, dtype=torch.float32), rand(33, dtype=torch.float32)
+    c0 = rand(33, dtype=torch.float32) if lstm else None
+    weights = (layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh)
+    one = rnn_layer(mode, x, *weights, h0, c0)
+    batch = rnn_layer(mode, x[None], *weights, h0[None], c0[None] if lstm else None)
+    assert one[0].shape == one[1].shape == (33,)
+    for a, b in zip(one, batch, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b[0])
+    assert one[0].grad_fn.next_functions[0][0].variable is x  # no view node on the way
+    wrt = [x, h0, *([c0] if lstm else []), *weights]
+    found = torch.autograd.grad(sum(t.sum() for t in one[:2]), wrt)
+    expected = torch.autograd.grad(sum(t.sum() for t in batch[:2]), wrt)
+    assert all(torch.equal(a, b) for a, b in zip(found, expected, strict=True))
+
+    layer = make_layer(mode, 3, 5)
+    h0, c0 = make_states(layer, 1, dtype=DT)
+    states = [h0[0].detach().requires_grad_()]
+    if lstm:
+        states.append(c0[0].detach().requires_grad_())
+
+    def step(x, *tensors):
+        states, w = tensors[: len(tensors) - 4], tensors[len(tensors) - 4 :]
+        return rnn_layer(mode, x, *w, *states)[:2]
+
+    inputs = (rand(3, dtype=DT), *states, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh)
+    assert torch.autograd.gradcheck(step, inputs)
+    assert torch.autograd.gradgradcheck(step, inputs)
+    with pytest.raises(RuntimeError, match=r"unbatched step .* needs hx of 1 dimension"):
+        rnn_layer(mode, inputs[0], *inputs[-4:], states[0][None])
+
+
 def test_eager_and_dispatcher_doors_agree():
     """_C.layer (eager) and torch.ops.rnn_fused.layer (what torch.compile traces) run the
     same operator: the same bits."""

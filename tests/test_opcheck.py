@@ -1,7 +1,7 @@
 """torch.library.opcheck on the operators: schema, fake kernel, autograd registration and
-AOT dispatch, for every cell, padded, packed and one step ([B, I]), with and without optional
-inputs. `layer`
-is the public one (autograd in C++); `forward` and `backward` are the kernels under it."""
+AOT dispatch, for every cell, padded, packed and one step ([B, I]; for `layer` unbatched [I]
+too), with and without optional inputs. `layer` is the public one (autograd in C++);
+`forward` and `backward` are the kernels under it."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ CASES = [
     ]
     if case != "proj" or mode == "LSTM"  # the projection exists for LSTM only
 ]
+# An unbatched cell's step (input [I], states [H]): layer's own, run below it as a batch of one.
+LAYER_CASES = CASES + [(mode, "unbatched") for mode in CELLS]
 
 
 def _forward_args(mode: str, case: str, dt: torch.dtype = torch.float64) -> tuple:
@@ -40,6 +42,9 @@ def _forward_args(mode: str, case: str, dt: torch.dtype = torch.float64) -> tupl
         x = rand(8, 4, dtype=dt)
     elif "one-step" in case:  # a cell's call: input [B, I]
         x = rand(3, 4, dtype=dt)
+    elif case == "unbatched":  # input [I], states [H]
+        x, h0 = rand(4, dtype=dt), h0[0].detach().requires_grad_()
+        c0 = c0[0].detach().requires_grad_() if c0 is not None else None
     else:
         x = rand(4, 3, 4, dtype=dt)
     if case == "no-optionals":
@@ -60,7 +65,7 @@ def _forward_args(mode: str, case: str, dt: torch.dtype = torch.float64) -> tupl
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize(("mode", "case"), CASES)
+@pytest.mark.parametrize(("mode", "case"), LAYER_CASES)
 def test_opcheck_layer(mode, case, dtype):
     seed(mode, case, dtype)
     torch.library.opcheck(torch.ops.rnn_fused.layer.default, _forward_args(mode, case, dtype))
