@@ -105,6 +105,27 @@ def test_backward_operator_checks_the_layout_of_grad_output():
             )  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("expanded", ["one value", "a row"])
+def test_expanded_gradients_give_the_bits_of_contiguous_ones(dtype, expanded):
+    """Incoming gradients expanded from one value (`h.sum()`, `h.mean()`) or from a row give
+    the gradients of the same values in memory, bit for bit, on every element size."""
+    seed("expanded", dtype, expanded)
+    layer = make_layer("LSTM", 7, 33, dtype=dtype)
+    h0, c0 = make_states(layer, 3, dtype=dtype)
+    x = rand(3, 7, dtype=dtype)
+    weights = (layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh)
+    _, h, c = rnn_layer("LSTM", x, *weights, h0, c0)
+    if expanded == "one value":
+        given = torch.randn((), dtype=dtype).expand(3, 33)
+    else:
+        given = torch.randn(33, dtype=dtype).expand(3, 33)
+    wrt = [x, h0, c0, *weights]
+    found = torch.autograd.grad([h, c], wrt, [given, given], retain_graph=True)
+    expected = torch.autograd.grad([h, c], wrt, [given.contiguous(), given.contiguous()])
+    assert all(torch.equal(a, b) for a, b in zip(found, expected, strict=True))
+
+
 def test_packed_input_without_initial_state():
     """Packed input needs no hx: the batch is the first step's, the state starts at zero."""
     seed("packed")
