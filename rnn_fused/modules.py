@@ -575,28 +575,30 @@ class _RNNBase(_Options, _Convertible, nn.Module):
         ):
             return None
         lstm = self.mode == "LSTM"
-        if hx is None:
-            given = []
-        elif lstm and type(hx) in (tuple, list) and len(hx) == 2:
-            given = list(hx)
-        elif not lstm:
-            given = [hx]
-        else:
-            return None
         batched = input.dim() == 3
-        if any(type(t) is not Tensor or t.dim() != input.dim() for t in given):
-            return None
-        # [1, B, H] -> [B, H] (other sizes stay 3-D, which the operator refuses); an unbatched
-        # call's [1, H] is its batch of one's.
-        states = [t.squeeze(0) for t in given] if batched else given
-        states += [None] * (2 - len(states))
+        h0 = c0 = None
+        if hx is not None:
+            if not lstm:
+                h0 = hx
+            elif type(hx) in (tuple, list) and len(hx) == 2:
+                h0, c0 = hx
+            else:
+                return None
+            if type(h0) is not Tensor or h0.dim() != input.dim():
+                return None
+            if lstm and (type(c0) is not Tensor or c0.dim() != input.dim()):
+                return None
+            # [1, B, H] -> [B, H] (other sizes stay 3-D, which the operator refuses); an
+            # unbatched call's [1, H] is its batch of one's.
+            if batched:
+                h0, c0 = h0.squeeze(0), (c0.squeeze(0) if lstm else None)
         if not batched:
             x = input.unsqueeze(1)
         else:
             x = input.transpose(0, 1) if self.batch_first else input
         _, (w_ih, w_hh, b_ih, b_hh, w_hr) = self._direction_weights(0, 0)
         try:
-            output, h_n, c_n = rnn_layer(self.mode, x, w_ih, w_hh, b_ih, b_hh, *states, w_hr=w_hr)
+            output, h_n, c_n = rnn_layer(self.mode, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr=w_hr)
         except (RuntimeError, TypeError):
             return None
         if not batched:
