@@ -103,7 +103,7 @@ LayerArgs step_args(const Args& in) {
 // Whether ops.rnn_layer's Python must run the call (the doors then return None): autocast on
 // for the input's device with a float32 tensor to cast (ops._under_autocast), forward-mode AD,
 // or any torch.func transform (the Python tells those that differentiate from vmap). Asked
-// here, not in Python before each door: about 0.4 us less a short call (AMD EPYC).
+// here, not in Python before each door: about 0.3 us less a short call (AMD EPYC).
 bool served_in_python(const LayerArgs& a) {
   if (at::autocast::is_autocast_enabled(a.input.device().type()) &&
       (a.input.scalar_type() == at::kFloat || a.w_ih.scalar_type() == at::kFloat)) {

@@ -334,8 +334,9 @@ def _layer_in_python(
     call: LayerCall, cell: bool, compiling: bool
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The calls of rnn_layer that _C.layer declines (autocast with a float32 tensor to cast,
-    torch.func transforms that differentiate, forward-mode AD), and every call under
-    torch.compile, which traces torch.ops.rnn_fused.layer."""
+    torch.func transforms, forward-mode AD: reference.py's loop for those that
+    differentiate), and every call under torch.compile, which traces
+    torch.ops.rnn_fused.layer."""
     c = call
     if torch._C._is_any_autocast_enabled() and torch.float32 in (c.input.dtype, c.w_ih.dtype):
         if (done := _under_autocast(call, cell)) is not None:

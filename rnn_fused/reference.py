@@ -121,6 +121,13 @@ def rnn_layer(
     where h~_t is the cell's. layer_norm: see cell_step."""
     if zoneout is not None and w_hr is not None:
         raise ValueError("zoneout needs a layer without projection, got w_hr")
+    if batch_sizes is None and input.dim() == 1:  # an unbatched step [I]: a batch of one's
+        row = [None if t is None else t.unsqueeze(0) for t in (input, hx, cx, zoneout)]
+        output, h_n, c_n = rnn_layer(
+            mode, row[0], w_ih, w_hh, b_ih, b_hh, row[1], row[2],
+            w_hr=w_hr, zoneout=row[3], layer_norm=layer_norm,
+        )  # fmt: skip
+        return output[0], h_n[0], (None if c_n is None else c_n[0])
     hidden = w_hh.shape[0] // {"LSTM": 4, "GRU": 3}.get(mode, 1)
     out_size = w_hr.shape[0] if w_hr is not None else hidden
     if batch_sizes is None and input.dim() == 2:  # one step [B, I]: packed rows of one step

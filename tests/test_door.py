@@ -195,6 +195,14 @@ def test_unbatched_step_is_a_batch_of_one(mode):
     inputs = (rand(3, dtype=DT), *states, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh)
     assert torch.autograd.gradcheck(step, inputs)
     assert torch.autograd.gradgradcheck(step, inputs)
+    exact = reference.rnn_layer(mode, inputs[0], *inputs[-4:], *states)
+    for a, b in zip(step(*inputs), exact, strict=False):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # torch.func.grad runs reference.py's loop on the unbatched step (the operator has no
+    # functorch rule): autograd's gradient through the operator.
+    found = torch.func.grad(lambda x: step(x, *inputs[1:])[1].sum())(inputs[0])
+    (expected,) = torch.autograd.grad(step(*inputs)[1].sum(), inputs[0])
+    torch.testing.assert_close(found, expected, rtol=1e-12, atol=1e-12)
     with pytest.raises(RuntimeError, match=r"unbatched step .* needs hx of 1 dimension"):
         rnn_layer(mode, inputs[0], *inputs[-4:], states[0][None])
 
