@@ -588,25 +588,23 @@ class _RNNBase(_Options, _Convertible, nn.Module):
                 return None
             if lstm and (type(c0) is not Tensor or c0.dim() != input.dim()):
                 return None
-            # [1, B, H] -> [B, H] (other sizes stay 3-D, which the operator refuses); an
-            # unbatched call's [1, H] is its batch of one's.
-            if batched:
-                h0, c0 = h0.squeeze(0), (c0.squeeze(0) if lstm else None)
         if not batched:
             x = input.unsqueeze(1)
         else:
             x = input.transpose(0, 1) if self.batch_first else input
         _, (w_ih, w_hh, b_ih, b_hh, w_hr) = self._direction_weights(0, 0)
         try:
-            output, h_n, c_n = rnn_layer(self.mode, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr=w_hr)
+            # Batched: states [1, B, H] in and out (the operator's [B, H] views made in C++;
+            # another first size raises); an unbatched call's [1, H] is its batch of one's.
+            output, h_n, c_n = rnn_layer(
+                self.mode, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr=w_hr, stacked_states=batched
+            )
         except (RuntimeError, TypeError):
             return None
         if not batched:
             output = output.squeeze(1)
         elif self.batch_first:
             output = output.transpose(0, 1)
-        if batched:
-            h_n, c_n = h_n.unsqueeze(0), (c_n.unsqueeze(0) if lstm else None)
         return output, ((h_n, c_n) if lstm else h_n)
 
     def _prepare_state(self, data, hx, batch, out_size, is_batched, packed, sorted_indices):

@@ -293,6 +293,7 @@ def rnn_layer(
     zoneout: Tensor | None = None,
     layer_norm: Tensor | None = None,
     cell: bool = False,
+    stacked_states: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One recurrent layer in one direction over all steps, with autograd.
 
@@ -315,6 +316,8 @@ def rnn_layer(
             and bias), concatenated: see reference.cell_step. Not with w_hr.
         cell: the call is a step of LSTMCell, GRUCell or RNNCell, whose results under CPU
             autocast have other dtypes than a layer's (see _cpu_autocast_results).
+        stacked_states: hx, cx, h_n and c_n as one layer's slice of torch.nn's states,
+            [1, B, H] (what a one-layer module takes and returns), not [B, H].
 
     Returns:
         (output, h_n, c_n): output [T, B, H_out] ([N, H_out] packed, [B, H_out] for one
@@ -324,8 +327,15 @@ def rnn_layer(
     # arguments in LayerCall's order (a call per step costs its every microsecond).
     args = (mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, zoneout)
     compiling = torch.compiler.is_compiling()
-    if compiling or (done := _C.layer(*args, layer_norm)) is None:
-        done = _layer_in_python(LayerCall(*args, layer_norm), cell, compiling)
+    if compiling or (done := _C.layer(*args, layer_norm, stacked_states)) is None:
+        call = LayerCall(*args, layer_norm)
+        if not stacked_states:
+            done = _layer_in_python(call, cell, compiling)
+        else:
+            unstacked = [None if t is None else t.squeeze(0) for t in (hx, cx)]
+            call = call._replace(hx=unstacked[0], cx=unstacked[1])
+            output, h_n, c_n = _layer_in_python(call, cell, compiling)
+            done = output, h_n.unsqueeze(0), (c_n.unsqueeze(0) if mode == "LSTM" else None)
     output, h_n, c_n = done
     return output, h_n, (c_n if mode == "LSTM" else None)
 

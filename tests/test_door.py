@@ -207,6 +207,40 @@ def test_unbatched_step_is_a_batch_of_one(mode):
         rnn_layer(mode, inputs[0], *inputs[-4:], states[0][None])
 
 
+@pytest.mark.parametrize("mode", CELLS)
+def test_stacked_states_are_one_layer_of_torch_nn_states(mode):
+    """stacked_states: hx, cx, h_n and c_n as [1, B, H] (one layer of torch.nn's states), the
+    bits of [B, H] with the views made by _C.layer, and the same shapes from the Python that
+    serves declined calls (here forward-mode AD: reference.py's loop); another first size is
+    refused."""
+    seed("stacked", mode)
+    lstm = mode == "LSTM"
+    layer = make_layer(mode, 7, 33, dtype=DT)
+    h0, c0 = make_states(layer, 3, dtype=DT)
+    x = rand(5, 3, 7, dtype=DT)
+    weights = (layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh)
+    flat = rnn_layer(mode, x, *weights, h0, c0)
+    states = (h0[None], c0[None] if lstm else None)
+    stacked = rnn_layer(mode, x, *weights, *states, stacked_states=True)
+    assert torch.equal(stacked[0], flat[0])
+    assert stacked[1].shape == (1, 3, 33) and torch.equal(stacked[1][0], flat[1])
+    assert (stacked[2] is None) if not lstm else torch.equal(stacked[2][0], flat[2])
+    wrt = [x, h0, *([c0] if lstm else []), *weights]
+    found = torch.autograd.grad(sum(t.sum() for t in stacked if t is not None), wrt)
+    expected = torch.autograd.grad(sum(t.sum() for t in flat if t is not None), wrt)
+    assert all(torch.equal(a, b) for a, b in zip(found, expected, strict=True))
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():  # _C.layer declines: the Python's own views
+        served = rnn_layer(mode, x, *weights, *states, stacked_states=True)
+    for a, b in zip(served, stacked, strict=True):
+        assert (a is None and b is None) or a.shape == b.shape
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match=r"stacked hx must be \[1, batch, size\]"):
+        rnn_layer(mode, x, *weights, h0[None].expand(2, 3, 33), stacked_states=True)
+
+
 def test_eager_and_dispatcher_doors_agree():
     """_C.layer (eager) and torch.ops.rnn_fused.layer (what torch.compile traces) run the
     same operator: the same bits."""
@@ -225,7 +259,7 @@ def test_eager_and_dispatcher_doors_agree():
         ("layer", {10: 1}, "rnn_fused._C.layer: argument 10 (reverse) must be a bool, got int"),
         ("layer", {2: 0.5}, "argument 2 (hx) must be a Tensor or None, got float"),
         ("layer", {0: b"LSTM"}, "argument 0 (mode) must be a str, got bytes"),
-        ("layer", {"count": 10}, "rnn_fused._C.layer takes 11 to 13 positional arguments, got 10"),
+        ("layer", {"count": 10}, "rnn_fused._C.layer takes 11 to 14 positional arguments, got 10"),
         ("cell", {2: 0.5}, "_C.cell: argument 2 (hx) must be a Tensor or None, got float"),
         ("cell", {"count": 9}, "rnn_fused._C.cell takes 8 positional arguments, got 9"),
     ],
