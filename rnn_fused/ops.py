@@ -328,13 +328,12 @@ def rnn_layer(
     args = (mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, zoneout)
     compiling = torch.compiler.is_compiling()
     if compiling or (done := _C.layer(*args, layer_norm, stacked_states)) is None:
-        call = LayerCall(*args, layer_norm)
-        if not stacked_states:
-            done = _layer_in_python(call, cell, compiling)
-        else:
-            unstacked = [None if t is None else t.squeeze(0) for t in (hx, cx)]
-            call = call._replace(hx=unstacked[0], cx=unstacked[1])
-            output, h_n, c_n = _layer_in_python(call, cell, compiling)
+        if stacked_states:  # the views _C.layer makes in C++
+            hx, cx = (None if t is None else t.squeeze(0) for t in (hx, cx))
+            args = (mode, input, hx, cx, *args[4:])
+        done = _layer_in_python(LayerCall(*args, layer_norm), cell, compiling)
+        if stacked_states:
+            output, h_n, c_n = done
             done = output, h_n.unsqueeze(0), (c_n.unsqueeze(0) if mode == "LSTM" else None)
     output, h_n, c_n = done
     return output, h_n, (c_n if mode == "LSTM" else None)

@@ -211,8 +211,8 @@ def test_unbatched_step_is_a_batch_of_one(mode):
 def test_stacked_states_are_one_layer_of_torch_nn_states(mode):
     """stacked_states: hx, cx, h_n and c_n as [1, B, H] (one layer of torch.nn's states), the
     bits of [B, H] with the views made by _C.layer, and the same shapes from the Python that
-    serves declined calls (here forward-mode AD: reference.py's loop); another first size is
-    refused."""
+    serves declined calls (forward-mode AD: reference.py's loop) and torch.compile; another
+    first size is refused."""
     seed("stacked", mode)
     lstm = mode == "LSTM"
     layer = make_layer(mode, 7, 33, dtype=DT)
@@ -237,6 +237,13 @@ def test_stacked_states_are_one_layer_of_torch_nn_states(mode):
         assert (a is None and b is None) or a.shape == b.shape
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    if lstm:  # and traced whole by torch.compile (which never calls _C.layer)
+
+        def call(x, h, c):
+            return rnn_layer(mode, x, *weights, h, c, stacked_states=True)
+
+        compiled = torch.compile(call, fullgraph=True)(x, *states)
+        assert all(torch.equal(a, b) for a, b in zip(compiled, stacked, strict=True))
     with pytest.raises(RuntimeError, match=r"stacked hx must be \[1, batch, size\]"):
         rnn_layer(mode, x, *weights, h0[None].expand(2, 3, 33), stacked_states=True)
 
