@@ -45,9 +45,11 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
   static variable_list forward(AutogradContext* ctx, const LayerArgs& a, const Tensors&...) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     // An unbatched step runs as a batch of one; the node sees and saves the caller's tensors.
+    // (Two calls, not a conditional argument: that would copy `a` in the common case too.)
     const bool unbatched = unbatched_step(a);
-    auto [output, h_n, c_n, saved, h_prev] =
-        call_forward(unbatched ? as_batch_of_one(a) : a, /*train=*/true);
+    auto [output, h_n, c_n, saved, h_prev] = unbatched
+                                                 ? call_forward(as_batch_of_one(a), /*train=*/true)
+                                                 : call_forward(a, /*train=*/true);
     ctx->save_for_backward({a.input, a.w_ih, a.w_hh, a.w_hr.value_or(at::Tensor()), saved, h_prev,
                             a.zoneout.value_or(at::Tensor()), a.layer_norm.value_or(at::Tensor())});
     // Few entries: each costs a string key and a hash-map node at every call (room for all
