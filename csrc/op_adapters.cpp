@@ -39,20 +39,6 @@ c10::TypedOperatorHandle<Sig> find(const char* name) {
 
 }  // namespace
 
-ForwardResult call_forward(const LayerArgs& a, bool train) {
-  static const auto op = find<ForwardSig>("rnn_fused::forward");
-  return op.call(a.mode, a.input, a.hx, a.cx, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.w_hr, a.batch_sizes,
-                 a.reverse, train, a.zoneout, a.layer_norm);
-}
-
-BackwardResult call_backward(const BackwardArgs& a) {
-  const LayerArgs& l = a.layer;
-  static const auto op = find<BackwardSig>("rnn_fused::backward");
-  return op.call(l.mode, a.grad_output, a.grad_h_n, a.grad_c_n, l.input, l.w_ih, l.w_hh, l.w_hr,
-                 l.batch_sizes, l.reverse, a.saved, a.h_prev, a.batch,
-                 {a.mask.input, a.mask.state, a.mask.weights}, l.zoneout, l.layer_norm);
-}
-
 namespace {
 
 // Calls f on every tensor of a that the operator differentiates (autograd.cpp's slots), then,
@@ -93,16 +79,12 @@ void refuse_dual_tensors(const LayerArgs& a) {
   });
 }
 
-// Whether the dispatcher would take a's call of rnn_fused::layer straight to the CPU engine's
-// forward with nothing on the way: CPU tensors, no key above autograd's (no Python mode or
-// subclass, functionalization, vmap, autocast, tracing), no graph to record, and no
-// RecordFunction callback (the profiler) to see the operators.
-bool plain_cpu_call(const LayerArgs& a) {
-  if (records_graph(a) || at::getStepCallbacksUnlessEmpty(at::RecordScope::FUNCTION)) {
-    return false;
-  }
-  c10::DispatchKeySet keys;
-  visit_tensors(a, true, [&](const at::Tensor& t) { keys = keys | t.key_set(); });
+// Whether the dispatcher would take a call on tensors of these keys straight to the CPU
+// engine with nothing on the way: CPU tensors, no key above autograd's (no Python mode or
+// subclass, functionalization, vmap, autocast, tracing), and no RecordFunction callback (the
+// profiler) to see the operators.
+bool cpu_engine_next(c10::DispatchKeySet keys) {
+  if (at::getStepCallbacksUnlessEmpty(at::RecordScope::FUNCTION)) return false;
   const c10::impl::LocalDispatchKeySet local = c10::impl::tls_local_dispatch_key_set();
   // Autograd's keys lead to layer_autograd, which runs a call without a graph below them;
   // BackendSelect (always in the included set) passes every call of these operators through.
@@ -112,7 +94,42 @@ bool plain_cpu_call(const LayerArgs& a) {
   return keys.highestPriorityTypeId() == c10::DispatchKey::CPU;
 }
 
+// Whether a's call of rnn_fused::layer goes straight to the CPU engine's forward: no graph
+// to record, and cpu_engine_next.
+bool plain_cpu_call(const LayerArgs& a) {
+  if (records_graph(a)) return false;
+  c10::DispatchKeySet keys;
+  visit_tensors(a, true, [&](const at::Tensor& t) { keys = keys | t.key_set(); });
+  return cpu_engine_next(keys);
+}
+
+// Whether a's call of rnn_fused::backward goes straight to the CPU engine (cpu_engine_next).
+// A node's backward (autograd.cpp) runs with grad mode off or takes another path.
+bool plain_cpu_backward(const BackwardArgs& a) {
+  c10::DispatchKeySet keys = a.saved.key_set() | a.h_prev.key_set();
+  visit_tensors(a.layer, true, [&](const at::Tensor& t) { keys = keys | t.key_set(); });
+  for (const OptTensor* t : {&a.grad_output, &a.grad_h_n, &a.grad_c_n}) {
+    if (t->has_value()) keys = keys | (*t)->key_set();
+  }
+  return cpu_engine_next(keys);
+}
+
 }  // namespace
+
+ForwardResult call_forward(const LayerArgs& a, bool train) {
+  static const auto op = find<ForwardSig>("rnn_fused::forward");
+  return op.call(a.mode, a.input, a.hx, a.cx, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.w_hr, a.batch_sizes,
+                 a.reverse, train, a.zoneout, a.layer_norm);
+}
+
+BackwardResult call_backward(const BackwardArgs& a) {
+  if (plain_cpu_backward(a)) return cpu::backward_without_dispatcher(a);
+  const LayerArgs& l = a.layer;
+  static const auto op = find<BackwardSig>("rnn_fused::backward");
+  return op.call(l.mode, a.grad_output, a.grad_h_n, a.grad_c_n, l.input, l.w_ih, l.w_hh, l.w_hr,
+                 l.batch_sizes, l.reverse, a.saved, a.h_prev, a.batch,
+                 {a.mask.input, a.mask.state, a.mask.weights}, l.zoneout, l.layer_norm);
+}
 
 // Levels are made and released in order from index 0 (ForwardADLevel::has_any_level is newer
 // than some of the torch releases this project builds with: 2.11 on the GPU machines).

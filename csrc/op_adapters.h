@@ -80,7 +80,10 @@ LayerArgs as_batch_of_one(LayerArgs a);
 LayerResult as_unbatched(LayerResult r);
 
 // The operators called through the dispatcher (so every dispatch key applies: autograd,
-// fake tensors, functionalization, tracing) from bundled arguments.
+// fake tensors, functionalization, tracing) from bundled arguments. call_backward runs a call
+// that the dispatcher would take straight to the CPU engine there directly (a node's backward
+// at batch 1: the dispatcher's call and five empty results less); the gradients that a's mask
+// does not ask for are then undefined.
 ForwardResult call_forward(const LayerArgs& a, bool train);
 BackwardResult call_backward(const BackwardArgs& a);
 // call_layer runs a call that the dispatcher would take straight to the CPU engine there

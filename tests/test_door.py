@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CELLS, as_list, make_layer, make_states, rand, seed
+from helpers import CELLS, as_list, make_layer, make_states, rand, seed, weighted_sum
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import rnn_fused
 from rnn_fused import reference
@@ -452,31 +454,73 @@ def test_call_without_graph_runs_straight_on_the_engine(mode, context):
         torch.testing.assert_close(c, exact[2], rtol=1e-12, atol=1e-12)
 
 
-def test_profiler_and_dispatch_modes_still_see_the_operators():
-    """With a profiler or a TorchDispatchMode on, a call without a graph goes through the
-    dispatcher, so both see rnn_fused::layer and rnn_fused::forward."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+class _PassThrough(TorchDispatchMode):
+    """Sees every operator and runs it: calls go through the dispatcher."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_profiler_and_dispatch_modes_still_see_the_operators():
+    """With a profiler or a TorchDispatchMode on, a call without a graph, and a node's
+    backward, go through the dispatcher, so both see rnn_fused::layer, rnn_fused::forward and
+    rnn_fused::backward."""
     seed("visible")
     args = _cell_args("GRU")
-
-    class Seen(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     with torch.no_grad():
-        with Seen() as seen:
-            rnn_fused.ops._C.cell(*args)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with _PassThrough() as seen:
             rnn_fused.ops._C.cell(*args)
     assert "rnn_fused.forward.default" in seen.ops
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.no_grad():
+            rnn_fused.ops._C.cell(*args)
+        rnn_fused.ops._C.cell(*args)[0].sum().backward()
     names = {e.name for e in prof.events()}
-    assert {"rnn_fused::layer", "rnn_fused::forward"} <= names
+    assert {"rnn_fused::layer", "rnn_fused::forward", "rnn_fused::backward"} <= names
+
+
+@pytest.mark.parametrize("mode", CELLS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("form", ["sequence", "step", "unbatched step", "packed"])
+@pytest.mark.parametrize("wanted", ["all", "no input", "no states", "weights only"])
+def test_node_backward_straight_on_the_engine_gives_the_dispatchers_bits(mode, dtype, form, wanted):
+    """A node's backward on CPU tensors runs the engine without the dispatcher
+    (op_adapters.cpp, call_backward): the same bits as the `backward` operator gives through
+    the dispatcher (under a TorchDispatchMode), with every gradient asked for or some left out
+    (which the engine then returns undefined)."""
+    seed("straight-backward", mode, dtype, form, wanted)
+    layer = make_layer(mode, 7, 33, dtype=dtype)
+    h0, c0 = make_states(layer, 3, dtype=dtype)
+    x = rand(*{"sequence": (5, 3, 7), "packed": (9, 7)}.get(form, (3, 7)), dtype=dtype)
+    sizes = torch.tensor([3, 3, 2, 1]) if form == "packed" else None
+    if form == "unbatched step":
+        x, h0, c0 = (t[0].detach().requires_grad_() if t is not None else t for t in (x, h0, c0))
+    if wanted in ("no input", "weights only"):
+        x.requires_grad_(False)
+    if wanted in ("no states", "weights only"):
+        h0.requires_grad_(False)
+        if c0 is not None:
+            c0.requires_grad_(False)
+    leaves = [t for t in (x, h0, c0, *layer.tensors()) if t is not None and t.requires_grad]
+    weights: list[Tensor] = []
+
+    def grads() -> tuple[Tensor, ...]:
+        out = rnn_layer(mode, x, *layer.tensors(), h0, c0, batch_sizes=sizes)
+        outputs = tuple(o for o in out if o is not None)
+        weights[:] = weights or [torch.randn_like(o) for o in outputs]
+        return torch.autograd.grad(weighted_sum(outputs, weights), leaves)
+
+    straight = grads()
+    with _PassThrough() as seen:
+        dispatched = grads()
+    assert "rnn_fused.backward.default" in seen.ops
+    for got, want in zip(straight, dispatched, strict=True):
+        assert torch.equal(got, want)
 
 
 def test_dual_tensor_is_refused_without_a_graph_too():

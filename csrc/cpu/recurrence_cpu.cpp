@@ -1167,17 +1167,23 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
   }
 }
 
-BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf16) {
+// `only_asked`: the gradients that a's mask does not ask for, and a cell state's where the
+// cell has none, come back undefined (backward_without_dispatcher) rather than empty, as the
+// operator's schema has them.
+BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf16,
+                               bool only_asked) {
   const at::Tensor& input = a.layer.input;
   const auto opts = input.options();
   const at::ScalarType dtype = input.scalar_type();
   const int64_t GH = p.gate_width();
+  // A new one each: the operator's outputs never alias.
+  const auto none = [&] { return only_asked ? at::Tensor() : cpu_empty({0}, opts); };
 
   BackwardBuffers g;
   g.grad_input = buffer_empty(a.mask.input ? input.sizes() : at::IntArrayRef{0}, opts);
   g.dh_state = a.grad_h_n.has_value() ? converted_copy(*a.grad_h_n, dtype)
                                       : buffer_zeros({p.batch, p.out_size}, opts);
-  g.dc_state = p.kind != CellKind::LSTM ? cpu_empty({0}, opts)
+  g.dc_state = p.kind != CellKind::LSTM ? none()
                : a.grad_c_n.has_value() ? converted_copy(*a.grad_c_n, dtype)
                                         : buffer_zeros({p.batch, p.hidden}, opts);
   const bool weights = a.mask.weights;
@@ -1195,7 +1201,8 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
   g.grad_b_ih = cpu_empty({weights ? GH : 0}, opts);  // written by the first chunk
   g.grad_b_hh = cpu_empty({weights ? GH : 0}, opts);
   g.grad_w_hr = p.proj ? weight_grad(p.out_size, p.hidden) : at::Tensor();
-  g.grad_layer_norm = cpu_empty({weights && p.layer_norm ? a.layer.layer_norm->numel() : 0}, opts);
+  g.grad_layer_norm =
+      weights && p.layer_norm ? cpu_empty({a.layer.layer_norm->numel()}, opts) : none();
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_fused_backward_cpu", [&] {
     dispatch_cell(p.kind, [&](auto tag) {
@@ -1207,7 +1214,6 @@ BackwardResult backward_native(const Problem& p, const BackwardArgs& a, bool bf1
   const auto as_weight = [&](const at::Tensor& t) {
     return blas_grads || bf16_grads || !weights || t.dim() == 1 ? t : transposed(t);
   };
-  const auto none = [&] { return cpu_empty({0}, opts); };  // a new one each: outputs never alias
   return {g.grad_input,
           a.mask.state ? g.dh_state : none(),
           a.mask.state ? g.dc_state : none(),
@@ -1294,9 +1300,10 @@ bool rounds_gate_grads_once(const Problem& p, const BackwardArgs& a) {
   return bf16_weight_grads(p, a) && p.batch > kHalfWeightRows;
 }
 
-// t in dtype (t itself if it has it), for a half-type call's float32 copies and its results.
+// t in dtype (t itself if it has it or is undefined), for a half-type call's float32 copies and
+// its results.
 at::Tensor converted(const at::Tensor& t, at::ScalarType dtype) {
-  return t.scalar_type() == dtype ? t : converted_copy(t, dtype);
+  return !t.defined() || t.scalar_type() == dtype ? t : converted_copy(t, dtype);
 }
 
 template <class Result>
@@ -1342,9 +1349,9 @@ ForwardResult forward_cpu(const Problem& p, const LayerArgs& a, bool train) {
   return forward_wanting(p, a, train, {});
 }
 
-BackwardResult backward_cpu(const Problem& p, const BackwardArgs& a) {
+BackwardResult backward_wanting(const Problem& p, const BackwardArgs& a, bool only_asked) {
   const at::ScalarType dtype = a.layer.input.scalar_type();
-  if (!half_type(dtype)) return backward_native(p, a, false);
+  if (!half_type(dtype)) return backward_native(p, a, false, only_asked);
   const bool bf16 = bf16_backward_products(p);
   // Left out: the gradients of h_n and c_n, which backward_native converts as it copies them,
   // and the initial states, which the backward does not read.
@@ -1358,7 +1365,12 @@ BackwardResult backward_cpu(const Problem& p, const BackwardArgs& a) {
   f.grad_c_n = a.grad_c_n;
   f.layer.hx = a.layer.hx;
   f.layer.cx = a.layer.cx;
-  return rounded(backward_native(p, f, bf16), dtype);
+  return rounded(backward_native(p, f, bf16, only_asked), dtype);
+}
+
+// The `backward` operator's engine.
+BackwardResult backward_cpu(const Problem& p, const BackwardArgs& a) {
+  return backward_wanting(p, a, /*only_asked=*/false);
 }
 
 }  // namespace
@@ -1370,6 +1382,12 @@ LayerResult layer_without_graph(const LayerArgs& a, bool output_wanted) {
                                                ? forward_wanting(p, a, false, wants)
                                                : forward_wanting(p, a.contiguous(), false, wants);
   return {output, h_n, c_n};
+}
+
+BackwardResult backward_without_dispatcher(const BackwardArgs& a) {
+  const Problem p = make_problem(a);
+  return a.is_contiguous() ? backward_wanting(p, a, /*only_asked=*/true)
+                           : backward_wanting(p, a.contiguous(buffer_empty), /*only_asked=*/true);
 }
 
 TORCH_LIBRARY_IMPL(rnn_fused, CPU, m) {
