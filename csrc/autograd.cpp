@@ -58,8 +58,7 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     ctx->save_for_backward({a.input, a.w_ih, a.w_hh, a.w_hr.value_or(at::Tensor()), saved, h_prev,
                             a.zoneout.value_or(at::Tensor()), a.layer_norm.value_or(at::Tensor())});
     // Few entries: each costs a string key and a hash-map node at every call (room for all
-    // made at once).
-    // The batch is the input's (batch_of) unless the input is packed.
+    // made at once). The batch is kept for packed input only; else it is the input's (batch_of).
     auto& data = ctx->saved_data;
     data.reserve(3 + 2 * kAsideSlots.size());
     if (a.batch_sizes.has_value()) {

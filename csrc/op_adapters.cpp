@@ -39,6 +39,12 @@ c10::TypedOperatorHandle<Sig> find(const char* name) {
 
 }  // namespace
 
+ForwardResult call_forward(const LayerArgs& a, bool train) {
+  static const auto op = find<ForwardSig>("rnn_fused::forward");
+  return op.call(a.mode, a.input, a.hx, a.cx, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.w_hr, a.batch_sizes,
+                 a.reverse, train, a.zoneout, a.layer_norm);
+}
+
 namespace {
 
 // Calls f on every tensor of a that the operator differentiates (autograd.cpp's slots), then,
@@ -103,8 +109,8 @@ bool plain_cpu_call(const LayerArgs& a) {
   return cpu_engine_next(keys);
 }
 
-// Whether a's call of rnn_fused::backward goes straight to the CPU engine (cpu_engine_next).
-// A node's backward (autograd.cpp) runs with grad mode off or takes another path.
+// Whether a's call of rnn_fused::backward goes straight to the CPU engine (cpu_engine_next);
+// no graph to ask about: a node's backward (autograd.cpp) calls it with grad mode off only.
 bool plain_cpu_backward(const BackwardArgs& a) {
   c10::DispatchKeySet keys = a.saved.key_set() | a.h_prev.key_set();
   visit_tensors(a.layer, true, [&](const at::Tensor& t) { keys = keys | t.key_set(); });
@@ -115,12 +121,6 @@ bool plain_cpu_backward(const BackwardArgs& a) {
 }
 
 }  // namespace
-
-ForwardResult call_forward(const LayerArgs& a, bool train) {
-  static const auto op = find<ForwardSig>("rnn_fused::forward");
-  return op.call(a.mode, a.input, a.hx, a.cx, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.w_hr, a.batch_sizes,
-                 a.reverse, train, a.zoneout, a.layer_norm);
-}
 
 BackwardResult call_backward(const BackwardArgs& a) {
   if (plain_cpu_backward(a)) return cpu::backward_without_dispatcher(a);
