@@ -37,8 +37,6 @@ constexpr std::array<const char*, 4> kAsideVersions{"hx_version", "cx_version", 
 // CellKind) from kModeShift on: a string there cost an allocation at every call.
 constexpr int64_t kReverseFlag = int64_t(1) << 16;
 constexpr int kModeShift = 17;
-// The modes' names by CellKind, for the backward's LayerArgs.
-constexpr std::array<std::string_view, 4> kModeNames{"LSTM", "GRU", "RNN_TANH", "RNN_RELU"};
 
 std::array<OptTensor, kSlots> slots_of(const LayerArgs& a) {
   return {a.input, a.hx, a.cx, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.w_hr, a.layer_norm};
@@ -89,7 +87,7 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     const variable_list s = ctx->get_saved_variables();
     auto& data = ctx->saved_data;
     const int64_t flags = data["flags"].toInt();
-    const std::string_view mode = kModeNames.at(flags >> kModeShift);
+    const std::string_view mode = mode_name(CellKind(flags >> kModeShift));
     LayerArgs a;
     a.mode = mode;
     a.input = s[0];

@@ -153,14 +153,20 @@ bool BackwardArgs::is_contiguous() const {
          saved.is_contiguous() && h_prev.is_contiguous();
 }
 
+namespace {
+// The modes' names, in CellKind's order.
+constexpr std::array<std::string_view, 4> kModeNames{"LSTM", "GRU", "RNN_TANH", "RNN_RELU"};
+}  // namespace
+
 CellKind parse_mode(std::string_view mode) {
-  if (mode == "LSTM") return CellKind::LSTM;
-  if (mode == "GRU") return CellKind::GRU;
-  if (mode == "RNN_TANH") return CellKind::RNN_TANH;
-  if (mode == "RNN_RELU") return CellKind::RNN_RELU;
+  for (size_t k = 0; k < kModeNames.size(); ++k) {
+    if (mode == kModeNames[k]) return CellKind(k);
+  }
   TORCH_CHECK(false, "rnn_fused: mode must be one of LSTM, GRU, RNN_TANH, RNN_RELU, got '", mode,
               "'");
 }
+
+std::string_view mode_name(CellKind kind) { return kModeNames.at(size_t(kind)); }
 
 int64_t gates_of(CellKind kind) {
   return dispatch_cell(

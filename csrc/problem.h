@@ -143,7 +143,9 @@ struct Problem {
   int64_t step_at(int64_t s) const { return reverse ? steps - 1 - s : s; }
 };
 
+// A mode's CellKind, and back (the name lives in static storage).
 CellKind parse_mode(std::string_view mode);
+std::string_view mode_name(CellKind kind);
 int64_t gates_of(CellKind kind);
 
 // Validates a layer call and describes it. Every error names the argument, the expected and
