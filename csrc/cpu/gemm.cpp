@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "avx512_sums.h"
+#include "f64_gemm.h"
 #include "workspace.h"
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -555,6 +556,10 @@ void matmul_blas(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, co
 template <class T>
 void blas_call(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
                const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  if constexpr (std::is_same_v<T, double>) {
+    if (f64_kernel_takes(M, N, K))
+      return f64_product_here(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  }
   // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: pass B first.
   const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
   const int m = blas_int(N), n = blas_int(M), k = blas_int(K);
