@@ -3,7 +3,7 @@
 // and gives Python direct doors to rnn_fused::layer (python_doors.cpp: through the dispatcher,
 // without the per-call cost of torch.ops' argument matching), both directions of a layer at
 // once (layer_pair), the cells' layout facts, the CPU workspace cache's controls and, for the
-// tests, the float64 kernel of small products.
+// tests, the tile kernel of small products.
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <torch/csrc/jit/frontend/tracer.h>
@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "cpu/bf16_dot.h"
-#include "cpu/f64_gemm.h"
+#include "cpu/tile_gemm.h"
 #include "cpu/workspace.h"
 #include "op_adapters.h"
 #include "python_doors.h"
@@ -31,27 +31,31 @@ namespace {
 #define RF_BUILD_SIMD "no SIMD extension"
 #endif
 
-// C (+)= op(A) @ op(B) by the float64 kernel of small products (cpu/f64_gemm.h), for the
-// tests: float64 CPU matrices with contiguous rows.
-at::Tensor float64_product(const at::Tensor& a, const at::Tensor& b, bool trans_a, bool trans_b,
-                           at::Tensor c, bool accumulate) {
-  TORCH_CHECK(rnn_fused::cpu::kF64Kernel, "cpu_float64_product needs an AVX-512 build");
+// C (+)= op(A) @ op(B) by the tile kernel of small products (cpu/tile_gemm.h), for the tests:
+// float32 or float64 CPU matrices with contiguous rows, all of one dtype.
+at::Tensor tile_product(const at::Tensor& a, const at::Tensor& b, bool trans_a, bool trans_b,
+                        at::Tensor c, bool accumulate) {
+  TORCH_CHECK(rnn_fused::cpu::kTileKernel, "cpu_tile_product needs an AVX-512 build");
+  const at::ScalarType dtype = c.scalar_type();
   for (const at::Tensor* t : std::array<const at::Tensor*, 3>{&a, &b, &c}) {
-    TORCH_CHECK(t->dim() == 2 && t->scalar_type() == at::kDouble && t->is_cpu() &&
+    TORCH_CHECK(t->dim() == 2 && t->scalar_type() == dtype &&
+                    (dtype == at::kFloat || dtype == at::kDouble) && t->is_cpu() &&
                     t->stride(1) == 1 && t->stride(0) >= std::max<int64_t>(t->size(1), 1),
-                "cpu_float64_product: expected 2-D float64 CPU matrices with contiguous rows, "
-                "got ",
+                "cpu_tile_product: expected 2-D CPU matrices of float32 or float64 (all of one "
+                "dtype) with contiguous rows, got ",
                 t->sizes(), " ", t->scalar_type(), " strides ", t->strides());
   }
   const int64_t M = trans_a ? a.size(1) : a.size(0), K = trans_a ? a.size(0) : a.size(1);
   const int64_t N = trans_b ? b.size(0) : b.size(1);
   TORCH_CHECK((trans_b ? b.size(1) : b.size(0)) == K && c.size(0) == M && c.size(1) == N,
-              "cpu_float64_product: op(a) ", M, " x ", K, ", op(b) of ", K,
+              "cpu_tile_product: op(a) ", M, " x ", K, ", op(b) of ", K,
               " rows and c of the product's shape expected, got a ", a.sizes(), ", b ", b.sizes(),
               ", c ", c.sizes());
-  rnn_fused::cpu::f64_product_here(trans_a, trans_b, M, N, K, a.data_ptr<double>(), a.stride(0),
-                                   b.data_ptr<double>(), b.stride(0), c.data_ptr<double>(),
-                                   c.stride(0), accumulate);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "rnn_fused_tile_product", [&] {
+    rnn_fused::cpu::tile_product_here<scalar_t>(trans_a, trans_b, M, N, K, a.data_ptr<scalar_t>(),
+                                                a.stride(0), b.data_ptr<scalar_t>(), b.stride(0),
+                                                c.data_ptr<scalar_t>(), c.stride(0), accumulate);
+  });
   return c;
 }
 
@@ -143,10 +147,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether bfloat16 products of 16 rows or more run on AMX tiles on this CPU (not with "
         "RNN_FUSED_BF16_TILES=0).");
   m.def(
-      "cpu_float64_kernel", [] { return rnn_fused::cpu::kF64Kernel; },
-      "Whether this build has the float64 kernel of small products (AVX-512 builds).");
-  m.def("cpu_float64_product", &float64_product,
-        "c (+)= op(a) @ op(b) by the float64 kernel of small products, in place (tests).");
+      "cpu_tile_kernel", [] { return rnn_fused::cpu::kTileKernel; },
+      "Whether this build has the tile kernel of small products (AVX-512 builds).");
+  m.def("cpu_tile_product", &tile_product,
+        "c (+)= op(a) @ op(b) by the tile kernel of small products, in place (tests).");
   m.def("empty_workspace_cache", &cpu::empty_workspace_cache,
         "Frees the freed CPU blocks kept for the next training calls.");
   m.def("cached_workspace_bytes", &cpu::cached_workspace_bytes,

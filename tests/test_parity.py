@@ -107,16 +107,18 @@ def test_both_float32_step_kernels(mode, streamed, monkeypatch):
     test_matches_reference(mode, dict(T=4, B=9, I=448, H=448, reverse=True), torch.float32)
 
 
-@pytest.mark.parametrize("kernel", ["0", "1"], ids=["blas", "kernel"])
+@pytest.mark.parametrize("kernel", ["0", "1"], ids=["blas", "tiles"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", CELLS)
-def test_both_float64_product_kernels(mode, kernel, monkeypatch):
-    """Float64 products by MKL or by our kernel (csrc/cpu/f64_gemm.cpp; by default on AMD
-    CPUs) both match the reference: a cell's step at batch 97 with an input of one column
-    (products of one column stay with MKL), one at batch 49, and a layer of packed weights."""
-    monkeypatch.setenv("RNN_FUSED_F64_KERNEL", kernel)
-    test_matches_reference(mode, dict(T=1, B=97, I=1, H=51), torch.float64)
-    test_matches_reference(mode, dict(T=1, B=49, I=33, H=45), torch.float64)
-    test_matches_reference(mode, dict(T=11, B=5, I=6, H=70), torch.float64)
+def test_both_tile_kernel_settings(mode, dtype, kernel, monkeypatch):
+    """Products that go to BLAS, by MKL or by our tile kernel (csrc/cpu/tile_gemm.cpp; by
+    default on AMD CPUs), both match the reference: a cell's step at batch 97 with an input of
+    one column (products of one column stay with MKL), one at batch 49, and a layer of packed
+    weights (float64's products all go to BLAS)."""
+    monkeypatch.setenv("RNN_FUSED_TILE_KERNEL", kernel)
+    test_matches_reference(mode, dict(T=1, B=97, I=1, H=51), dtype)
+    test_matches_reference(mode, dict(T=1, B=49, I=33, H=45), dtype)
+    test_matches_reference(mode, dict(T=11, B=5, I=6, H=70), dtype)
 
 
 def _torch_module(mode: str, I: int, H: int, bias: bool, proj: int, dtype) -> nn.Module:

@@ -19,7 +19,8 @@
 #include <type_traits>
 
 #include "avx512_sums.h"
-#include "f64_gemm.h"
+#include "register_transposes.h"
+#include "tile_gemm.h"
 #include "workspace.h"
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -551,15 +552,14 @@ void matmul_blas(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, co
   });
 }
 
-// C = op(A) @ op(B) (accumulate: C += ...) in one call of libtorch's BLAS (MKL on x86), or
-// at::mm where it has none.
+// C = op(A) @ op(B) (accumulate: C += ...) on the calling thread by our tile kernel where it
+// takes the shape (tile_gemm.h: on the AMD kind), else in one call of libtorch's BLAS (MKL on
+// x86), or at::mm where it has none.
 template <class T>
 void blas_call(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
                const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
-  if constexpr (std::is_same_v<T, double>) {
-    if (f64_kernel_takes(M, N, K))
-      return f64_product_here(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
-  }
+  if (tile_kernel_takes(M, N, K))
+    return tile_product_here<T>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
   // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: pass B first.
   const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
   const int m = blas_int(N), n = blas_int(M), k = blas_int(K);
@@ -698,47 +698,9 @@ void bf16_matmul(int64_t M, const float* A, int64_t lda, const Panels& B, float*
   bf16_rows_matmul(M, a, ld, B, C, ldc, accumulate);
 }
 
-#if defined(CPU_CAPABILITY_AVX512)
-// dst[j * ld_dst + i] = src[i * ld_src + j] for i, j < 16: one block of 32-bit values
-// transposed in registers, in four rounds of shuffles (pairs of values, of 64-bit halves, of
-// 128-bit quarters, then the halves of the result). ATen's transpose_mxn passes its block
-// through memory to a kernel sized at run time: 16% of perf's samples of a bfloat16 LSTM's
-// forward at T=17 B=1 H=256, the weights' packing, against 10% this way (Intel Xeon).
-inline void transpose_16x16(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
-  __m512 r[16], t[16];
-#pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_src);
-#pragma GCC unroll 8
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-#pragma GCC unroll 4
-  for (int i = 0; i < 16; i += 4) {
-    for (int h = 0; h < 2; ++h) {
-      const __m512d lo = _mm512_castps_pd(t[i + h]), hi = _mm512_castps_pd(t[i + h + 2]);
-      r[i + 2 * h] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo, hi));
-      r[i + 2 * h + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo, hi));
-    }
-  }
-#pragma GCC unroll 2
-  for (int i = 0; i < 16; i += 8) {
-#pragma GCC unroll 4
-    for (int q = 0; q < 4; ++q) {
-      t[i + q] = _mm512_shuffle_f32x4(r[i + q], r[i + q + 4], 0x88);
-      t[i + q + 4] = _mm512_shuffle_f32x4(r[i + q], r[i + q + 4], 0xdd);
-    }
-  }
-#pragma GCC unroll 8
-  for (int j = 0; j < 8; ++j) {
-    _mm512_storeu_ps(dst + j * ld_dst, _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88));
-    _mm512_storeu_ps(dst + (j + 8) * ld_dst, _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd));
-  }
-}
-#endif
-
 // dst[j * ld_dst + i] = src[i * ld_src + j] for i < M, j < N: whole 16 x 16 blocks of float32
-// in registers (transpose_16x16), the edges by ATen's transpose_mxn; other dtypes by ATen's.
+// in registers (register_transposes.h), the edges by ATen's transpose_mxn; other dtypes by
+// ATen's.
 template <class T>
 void transpose_mxn(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t M, int64_t N) {
   int64_t M16 = 0, N16 = 0;
@@ -748,7 +710,7 @@ void transpose_mxn(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t
     N16 = N / 16 * 16;
     for (int64_t i = 0; i < M16; i += 16)
       for (int64_t j = 0; j < N16; j += 16)
-        transpose_16x16(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
+        transpose_block(src + i * ld_src + j, ld_src, 16, 16, dst + j * ld_dst + i, ld_dst);
   }
 #endif
   // The edges: columns past N16 of the block rows done, then the rows past M16.

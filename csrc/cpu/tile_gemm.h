@@ -1,0 +1,35 @@
+// Float32 and float64 products on register tiles of our own (AVX-512), for the products that
+// gemm.cpp would give to MKL one block at a time: a small problem's steps (a cell's call, a
+// layer of one step) and the blocks of larger products that the threads split. On the AMD
+// kind MKL packs both operands, scales C and dispatches on every call, and at these sizes
+// that took as long as its sums (perf: its kernel was 40% of its time in a float64
+// LSTMCell(51) model at batch 97); its float32 kernel there is its AVX2 one.
+#pragma once
+
+#include <cstdint>
+
+namespace rnn_fused::cpu {
+
+// Whether this build has the kernel (AVX-512 builds).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kTileKernel = true;
+#else
+constexpr bool kTileKernel = false;
+#endif
+
+// Whether tile_product_here takes a product of this shape: AVX-512 builds, on AMD CPUs
+// (where it was measured against MKL), for a C of at least two rows and two columns and up
+// to kTileKernelMaxMacs multiply-adds. RNN_FUSED_TILE_KERNEL=0 or =1 overrides the CPU rule
+// (the tests run both ways).
+bool tile_kernel_takes(int64_t M, int64_t N, int64_t K);
+
+// C[M, N] = op(A) @ op(B) (accumulate: C += ...) on the calling thread, op(X) = X^T when
+// trans_x, all row-major with leading dimensions lda, ldb, ldc (kTileKernel builds only).
+// Every value of C is one chain of fused multiply-adds over k in order (added to C's value
+// last when accumulating), whatever the blocks a caller splits C into: the bits do not
+// depend on the threads. T: float or double.
+template <class T>
+void tile_product_here(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
+                       int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate);
+
+}  // namespace rnn_fused::cpu
