@@ -149,6 +149,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "cpu_tile_kernel", [] { return rnn_fused::cpu::kTileKernel; },
       "Whether this build has the tile kernel of small products (AVX-512 builds).");
+  m.def("cpu_force_tile_kernel", &cpu::force_tile_kernel,
+        "The tile kernel on (1), off (0) or as the CPU kind chooses (-1), where shapes allow.");
   m.def("cpu_tile_product", &tile_product,
         "c (+)= op(a) @ op(b) by the tile kernel of small products, in place (tests).");
   m.def("empty_workspace_cache", &cpu::empty_workspace_cache,

@@ -10,6 +10,7 @@ from tolerances import assert_close
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+import rnn_fused
 from rnn_fused import reference
 from rnn_fused.ops import rnn_layer
 
@@ -110,15 +111,19 @@ def test_both_float32_step_kernels(mode, streamed, monkeypatch):
 @pytest.mark.parametrize("kernel", ["0", "1"], ids=["blas", "tiles"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", CELLS)
-def test_both_tile_kernel_settings(mode, dtype, kernel, monkeypatch):
+def test_both_tile_kernel_settings(mode, dtype, kernel):
     """Products that go to BLAS, by MKL or by our tile kernel (csrc/cpu/tile_gemm.cpp; by
     default on AMD CPUs), both match the reference: a cell's step at batch 97 with an input of
-    one column (products of one column stay with MKL), one at batch 49, and a layer of packed
-    weights (float64's products all go to BLAS)."""
-    monkeypatch.setenv("RNN_FUSED_TILE_KERNEL", kernel)
-    test_matches_reference(mode, dict(T=1, B=97, I=1, H=51), dtype)
-    test_matches_reference(mode, dict(T=1, B=49, I=33, H=45), dtype)
-    test_matches_reference(mode, dict(T=11, B=5, I=6, H=70), dtype)
+    one column (products of one column stay with MKL), one at batch 49, and layers of packed
+    weights (float64's steps on the kernel too, in tiles of 6 rows and rows left over)."""
+    rnn_fused._C.cpu_force_tile_kernel(int(kernel))
+    try:
+        test_matches_reference(mode, dict(T=1, B=97, I=1, H=51), dtype)
+        test_matches_reference(mode, dict(T=1, B=49, I=33, H=45), dtype)
+        test_matches_reference(mode, dict(T=11, B=5, I=6, H=70), dtype)
+        test_matches_reference(mode, dict(T=9, B=13, I=7, H=70, reverse=True), dtype)
+    finally:
+        rnn_fused._C.cpu_force_tile_kernel(-1)
 
 
 def _torch_module(mode: str, I: int, H: int, bias: bool, proj: int, dtype) -> nn.Module:

@@ -1,7 +1,8 @@
 """The tile kernel of small products (csrc/cpu/tile_gemm.cpp), float32 and float64: every
 value of C is one fused multiply-add chain over k in order, checked bit for bit against that
 chain in exact rational arithmetic, and larger shapes against torch.mm. The recurrences with
-the kernel on and off: test_parity.py, test_both_tile_kernel_settings."""
+the kernel on and off (_C.cpu_force_tile_kernel): test_parity.py,
+test_both_tile_kernel_settings."""
 
 from __future__ import annotations
 
@@ -100,3 +101,8 @@ def test_refuses_mismatched_operands():
         rnn_fused._C.cpu_tile_product(a, b, False, False, c, False)
     with pytest.raises(RuntimeError, match="all of one dtype"):
         rnn_fused._C.cpu_tile_product(a.float(), b, False, False, c, False)
+
+
+def test_force_refuses_unknown_modes():
+    with pytest.raises(RuntimeError, match="mode must be -1, 0 or 1, got 2"):
+        rnn_fused._C.cpu_force_tile_kernel(2)

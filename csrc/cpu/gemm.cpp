@@ -637,6 +637,14 @@ void one_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, in
                int64_t ldc, bool accumulate, const T* next) {
   constexpr int64_t P = Panels::kPanel;
   if (empty_product(M, width, K, C, ldc, accumulate)) return;
+  // float64 steps on the tile kernel where it runs: LSTM T=100 B=32 H=128 forward 1.12x,
+  // forward and backward 1.09x the loop below (AMD EPYC). float32 steps run as fast on
+  // brgemm (0.99-1.02x at T=200 B=16 H=128, T=100 B=64 H=512, T=50 B=32 H=256).
+  if constexpr (std::is_same_v<T, double>) {
+    if (M > kSmallRows && tile_kernel_takes(M, width, K)) {
+      return tile_product_here<T>(false, false, M, width, K, A, lda, panel, P, C, ldc, accumulate);
+    }
+  }
   if constexpr (std::is_same_v<T, float>) {
 #if defined(CPU_CAPABILITY_AVX512)
     if (M > kSmallRows && width == P && next != nullptr) {

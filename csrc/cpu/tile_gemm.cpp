@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -175,12 +176,27 @@ void products(bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t
 
 }  // namespace
 
+// force_tile_kernel's mode; kUnread until the environment is read.
+constexpr int kUnread = -2;
+std::atomic<int> forced_mode{kUnread};
+
 bool tile_kernel_takes(int64_t M, int64_t N, int64_t K) {
   if (M < 2 || N < 2 || M * N * K > kTileKernelMaxMacs) return false;
-  const char* env = std::getenv("RNN_FUSED_TILE_KERNEL");
-  if (env != nullptr) return std::strcmp(env, "0") != 0;
+  int mode = forced_mode.load(std::memory_order_relaxed);
+  if (mode == kUnread) {
+    const char* env = std::getenv("RNN_FUSED_TILE_KERNEL");
+    mode = env == nullptr ? -1 : std::strcmp(env, "0") != 0 ? 1 : 0;
+    int unread = kUnread;
+    forced_mode.compare_exchange_strong(unread, mode);
+  }
+  if (mode >= 0) return mode == 1;
   static const bool amd = __builtin_cpu_is("amd");
   return amd;
+}
+
+void force_tile_kernel(int mode) {
+  TORCH_CHECK(mode >= -1 && mode <= 1, "force_tile_kernel: mode must be -1, 0 or 1, got ", mode);
+  forced_mode.store(mode, std::memory_order_relaxed);
 }
 
 template <class T>
@@ -195,6 +211,10 @@ void tile_product_here(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t
 #else
 
 bool tile_kernel_takes(int64_t, int64_t, int64_t) { return false; }
+
+void force_tile_kernel(int mode) {
+  TORCH_CHECK(mode >= -1 && mode <= 1, "force_tile_kernel: mode must be -1, 0 or 1, got ", mode);
+}
 
 template <class T>
 void tile_product_here(bool, bool, int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t,

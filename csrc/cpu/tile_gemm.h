@@ -19,9 +19,14 @@ constexpr bool kTileKernel = false;
 
 // Whether tile_product_here takes a product of this shape: AVX-512 builds, on AMD CPUs
 // (where it was measured against MKL), for a C of at least two rows and two columns and up
-// to kTileKernelMaxMacs multiply-adds. RNN_FUSED_TILE_KERNEL=0 or =1 overrides the CPU rule
-// (the tests run both ways).
+// to kTileKernelMaxMacs multiply-adds. RNN_FUSED_TILE_KERNEL=0 or =1 in the environment
+// (read at the first product) overrides the CPU rule, as force_tile_kernel does.
 bool tile_kernel_takes(int64_t M, int64_t N, int64_t K);
+
+// The kernel on (1) or off (0) wherever the shape allows, or back to the CPU rule (-1): for
+// the tests, which run both ways. A flag, not the environment, because products ask at every
+// step.
+void force_tile_kernel(int mode);
 
 // C[M, N] = op(A) @ op(B) (accumulate: C += ...) on the calling thread, op(X) = X^T when
 // trans_x, all row-major with leading dimensions lda, ldb, ldc (kTileKernel builds only).
