@@ -126,6 +126,53 @@ def test_both_tile_kernel_settings(mode, dtype, kernel):
         rnn_fused._C.cpu_force_tile_kernel(-1)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", CELLS)
+def test_initial_state_in_place_gives_the_copys_bits(mode, dtype, grad):
+    """A forward whose first step all rows take reads a contiguous h_0 where it is
+    (recurrence_cpu.cpp, forward_native); an h_0 of the same values laid out column by column
+    is copied first. Both give the same bits, outputs and gradients, and h_0 is left as it
+    was: a step at batch 97, seven steps, and packed input read forward (in place) and in
+    reverse (copied either way)."""
+    cases = [
+        dict(T=1, B=97, I=5, H=33),
+        dict(T=7, B=3, I=5, H=33),
+        dict(T=6, B=5, I=4, H=9, packed=[6, 4, 4, 2, 1]),
+        dict(T=6, B=5, I=4, H=9, packed=[6, 4, 4, 2, 1], reverse=True),
+    ]
+    for case in cases:
+        seed(mode, dtype, grad, case)
+        T, B, I, H = case["T"], case["B"], case["I"], case["H"]
+        layer = make_layer(mode, I, H, dtype=dtype, scale=H**-0.5)
+        h0, c0 = make_states(layer, B, dtype=dtype)
+        kw = dict(reverse=case.get("reverse", False))
+        if "packed" in case:
+            lengths = torch.tensor(case["packed"])
+            kw["batch_sizes"] = torch.tensor([(lengths > t).sum().item() for t in range(T)])
+            x = rand(int(lengths.sum()), I, dtype=dtype)
+        else:
+            x = rand(T, B, I, dtype=dtype)
+        before = h0.detach().clone()
+        columns = h0.detach().t().contiguous().t().requires_grad_()
+        assert not columns.is_contiguous() and torch.equal(columns, h0)
+        weights = (layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh)
+        results = []
+        for h in (h0, columns):
+            with torch.set_grad_enabled(grad):
+                out = rnn_layer(mode, x, *weights, h, c0, **kw)
+            outs = [o for o in out if o is not None]
+            grads = []
+            if grad:
+                inputs = [x, *layer.tensors(), h, *(t for t in (c0,) if t is not None)]
+                grads = torch.autograd.grad(sum(o.sum() for o in outs), inputs)
+            results.append((outs, grads))
+        assert torch.equal(h0, before)
+        (a_outs, a_grads), (b_outs, b_grads) = results
+        for i, (a, b) in enumerate([*zip(a_outs, b_outs), *zip(a_grads, b_grads)]):
+            assert torch.equal(a, b), f"{case}: result {i} differs by {(a - b).abs().max()}"
+
+
 def _torch_module(mode: str, I: int, H: int, bias: bool, proj: int, dtype) -> nn.Module:
     kw = dict(bias=bias, bidirectional=True, dtype=dtype)
     if mode == "LSTM":

@@ -238,6 +238,8 @@ enum class Bf16Dots { kNone, kInput, kAll };
 
 struct ForwardBuffers {
   at::Tensor output, h_state, c_state, saved, h_prev;  // saved / h_prev: empty unless train
+  // h_0, read where it is by the first step (h_state then starts unwritten), or undefined.
+  at::Tensor h0;
 };
 
 // What a forward's caller reads besides h_n and c_n (forward_native).
@@ -333,6 +335,7 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
       out_dtype == at::kBFloat16 ? out.output.data_ptr<at::BFloat16>() : nullptr;
   at::Half* const out_fp16 = out_dtype == at::kHalf ? out.output.data_ptr<at::Half>() : nullptr;
   T* h_p = out.h_state.data_ptr<T>();
+  const T* const h0_p = out.h0.defined() ? out.h0.data_ptr<T>() : nullptr;
   T* c_p = Cell::kCellState ? out.c_state.data_ptr<T>() : nullptr;
   T* saved_p = train ? out.saved.data_ptr<T>() : nullptr;
   T* hprev_p = train ? out.h_prev.data_ptr<T>() : nullptr;
@@ -432,9 +435,13 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
         // The state each row starts from (h_prev; kept for the backward in training), and where
         // the next step's is (h_next, its first n_next rows: carry_in_cell).
         const int64_t n_next = s + 1 < p.steps ? p.batch_sizes[p.step_at(s + 1)] : 0;
-        T* const h_prev = train           ? hprev_p + r0 * Hout
-                          : carry_in_cell ? h_start_p + s % 2 * h_start_half
-                                          : h_start_p;
+        T* const h_prev_buf = train           ? hprev_p + r0 * Hout
+                              : carry_in_cell ? h_start_p + s % 2 * h_start_half
+                                              : h_start_p;
+        // Where this step's h_{t-1} is: h_0 in place at the first step (see forward_native),
+        // read there too in inference; in training h_prev keeps it for the backward.
+        const T* const h_from = s == 0 && h0_p != nullptr ? h0_p : h_p;
+        const T* const h_prev = !train && h_from == h0_p ? h0_p : h_prev_buf;
         T* const h_next = !carry_in_cell || !h_prev_read || n_next == 0 ? nullptr
                           : train ? hprev_p + p.offsets[p.step_at(s + 1)] * Hout
                                   : h_start_p + (s + 1) % 2 * h_start_half;
@@ -448,11 +455,12 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
         if (!carried) {
           // own_rows: the step before ended without a barrier.
           if (own_rows && s > ch.s_begin) team.barrier();
-          if (team.id == 0 && h_prev_read) std::memcpy(h_prev, h_p, sizeof(T) * n * Hout);
+          if (team.id == 0 && h_prev_read && h_prev == h_prev_buf)
+            std::memcpy(h_prev_buf, h_from, sizeof(T) * n * Hout);
           if constexpr (std::is_same_v<T, float>) {
             if (round_h) {
               const int64_t i0 = team.begin(n);
-              bf16_round_rows(team.end(n) - i0, Hout, h_p + i0 * Hout, Hout, h_bf + i0 * ld_bf,
+              bf16_round_rows(team.end(n) - i0, Hout, h_from + i0 * Hout, Hout, h_bf + i0 * ld_bf,
                               ld_bf);
             }
           }
@@ -665,9 +673,18 @@ ForwardResult forward_native(const Problem& p, const LayerArgs& a, bool train, B
   const int64_t kept_rows = train ? p.rows : 0;
 
   ForwardBuffers out;
-  // The states in the engine's dtype, converted as they are copied (a half-type call's).
-  out.h_state =
-      a.hx.has_value() ? converted_copy(*a.hx, dtype) : buffer_zeros({p.batch, p.out_size}, opts);
+  // The states in the engine's dtype, converted as they are copied (a half-type call's). A
+  // first step that every row of the batch takes writes all of h_state: it reads an h_0 of
+  // the engine's dtype where it is, and in inference the step reads it there too, with no copy
+  // (two copies of h_0 were 6% of a float64 LSTMCell(51) model's prediction at batch 97).
+  // Not for an element-wise recurrence, whose steps update h_state in place.
+  const bool h0_in_place = a.hx.has_value() && !p.elementwise && p.steps > 0 &&
+                           a.hx->scalar_type() == dtype && a.hx->is_contiguous() &&
+                           p.batch_sizes[p.step_at(0)] == p.batch;
+  if (h0_in_place) out.h0 = *a.hx;
+  out.h_state = h0_in_place        ? buffer_empty({p.batch, p.out_size}, opts)
+                : a.hx.has_value() ? converted_copy(*a.hx, dtype)
+                                   : buffer_zeros({p.batch, p.out_size}, opts);
   // One step of rows [B, H] without projection: the output is h_n, row for row (the engine
   // writes the same values to both).
   const bool output_is_h_n =
