@@ -26,6 +26,17 @@ def _outputs_and_grads(fn, x, layer, h0, c0, weights, **kw):
     return [o for o in out if o is not None], grads
 
 
+def _input(case: dict, dtype) -> tuple[torch.Tensor, dict]:
+    """A case's input, [T, B, I] or packed rows with their batch_sizes, and the direction."""
+    T, B, I = case["T"], case["B"], case["I"]
+    kw = dict(reverse=case.get("reverse", False))
+    if "packed" not in case:
+        return rand(T, B, I, dtype=dtype), kw
+    lengths = torch.tensor(case["packed"])
+    kw["batch_sizes"] = torch.tensor([(lengths > t).sum().item() for t in range(T)])
+    return rand(int(lengths.sum()), I, dtype=dtype), kw
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "case",
@@ -58,7 +69,7 @@ def _outputs_and_grads(fn, x, layer, h0, c0, weights, **kw):
 @pytest.mark.parametrize("mode", CELLS)
 def test_matches_reference(mode, case, dtype):
     seed(mode, case, dtype)
-    T, B, I, H = case["T"], case["B"], case["I"], case["H"]
+    B, I, H = case["B"], case["I"], case["H"]
     # Weights ~ 1/sqrt(H): gradients neither vanish nor explode over the steps, so that
     # float32 rounding is not amplified past the tolerance.
     proj = case.get("proj", 0) if mode == "LSTM" else 0
@@ -66,13 +77,7 @@ def test_matches_reference(mode, case, dtype):
         mode, I, H, bias=case.get("bias", True), proj=proj, dtype=dtype, scale=H**-0.5
     )
     h0, c0 = make_states(layer, B, dtype=dtype) if case.get("h0", True) else (None, None)
-    kw = dict(reverse=case.get("reverse", False))
-    if "packed" in case:
-        lengths = torch.tensor(case["packed"])
-        kw["batch_sizes"] = torch.tensor([(lengths > t).sum().item() for t in range(T)])
-        x = rand(int(lengths.sum()), I, dtype=dtype)
-    else:
-        x = rand(T, B, I, dtype=dtype)
+    x, kw = _input(case, dtype)
     out_ref = reference.rnn_layer(
         mode, x, layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh, h0, c0, w_hr=layer.w_hr, **kw
     )
@@ -143,16 +148,10 @@ def test_initial_state_in_place_gives_the_copys_bits(mode, dtype, grad):
     ]
     for case in cases:
         seed(mode, dtype, grad, case)
-        T, B, I, H = case["T"], case["B"], case["I"], case["H"]
+        B, I, H = case["B"], case["I"], case["H"]
         layer = make_layer(mode, I, H, dtype=dtype, scale=H**-0.5)
         h0, c0 = make_states(layer, B, dtype=dtype)
-        kw = dict(reverse=case.get("reverse", False))
-        if "packed" in case:
-            lengths = torch.tensor(case["packed"])
-            kw["batch_sizes"] = torch.tensor([(lengths > t).sum().item() for t in range(T)])
-            x = rand(int(lengths.sum()), I, dtype=dtype)
-        else:
-            x = rand(T, B, I, dtype=dtype)
+        x, kw = _input(case, dtype)
         before = h0.detach().clone()
         columns = h0.detach().t().contiguous().t().requires_grad_()
         assert not columns.is_contiguous() and torch.equal(columns, h0)
