@@ -440,8 +440,10 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
                                               : h_start_p;
         // Where this step's h_{t-1} is: h_0 in place at the first step (see forward_native),
         // read there too in inference; in training h_prev keeps it for the backward.
-        const T* const h_from = s == 0 && h0_p != nullptr ? h0_p : h_p;
-        const T* const h_prev = !train && h_from == h0_p ? h0_p : h_prev_buf;
+        const bool h0_here = s == 0 && h0_p != nullptr;
+        const T* const h_from = h0_here ? h0_p : h_p;
+        const bool read_h0 = h0_here && !train;
+        const T* const h_prev = read_h0 ? h0_p : h_prev_buf;
         T* const h_next = !carry_in_cell || !h_prev_read || n_next == 0 ? nullptr
                           : train ? hprev_p + p.offsets[p.step_at(s + 1)] * Hout
                                   : h_start_p + (s + 1) % 2 * h_start_half;
@@ -455,7 +457,7 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
         if (!carried) {
           // own_rows: the step before ended without a barrier.
           if (own_rows && s > ch.s_begin) team.barrier();
-          if (team.id == 0 && h_prev_read && h_prev == h_prev_buf)
+          if (team.id == 0 && h_prev_read && !read_h0)
             std::memcpy(h_prev_buf, h_from, sizeof(T) * n * Hout);
           if constexpr (std::is_same_v<T, float>) {
             if (round_h) {

@@ -20,12 +20,12 @@
 
 namespace rnn_fused::cpu {
 
+#if defined(CPU_CAPABILITY_AVX512)
+namespace {
+
 // Beyond this many multiply-adds a product's operands outgrow the caches that the kernel
 // reads them from without blocking K, and MKL's blocked GEMM takes it.
 constexpr int64_t kTileKernelMaxMacs = int64_t(1) << 27;
-
-#if defined(CPU_CAPABILITY_AVX512)
-namespace {
 
 // One vector register of T and the instructions the tiles use.
 template <class T>
