@@ -82,17 +82,20 @@ def test_bf16_dot_products_run_and_match_float32_products(mode, input_size, monk
 
 
 @pytest.mark.skipif(not rnn_fused._C.cpu_bf16_tiles(), reason="this CPU has no AMX-BF16 tiles")
+@pytest.mark.parametrize("steps, batch", [(9, 17), (1, 33)])
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
-def test_bf16_tiles_run_and_match_dot_products(mode, monkeypatch):
-    """With 16 rows or more a step's products and the input projection run on AMX tiles (bits
-    that differ from the dot products' somewhere) and agree with the dot products to bfloat16
-    rounding of the state, in the outputs and every gradient."""
-    seed("bf16 tiles", mode)
+def test_bf16_tiles_run_and_match_dot_products(mode, steps, batch, monkeypatch):
+    """With 16 rows or more a step's products and the input projection run on AMX tiles and
+    agree with the dot products to bfloat16 rounding of the state, in the outputs and every
+    gradient (a layer's bits differ somewhere; a single step's, whose products each sum over
+    k in one order, may not); a single step packs its weights for them and writes its
+    bfloat16 weight gradients from the tiles' float32 sums."""
+    seed("bf16 tiles", mode, steps)
     gates = rnn_fused.ops.GATES[mode]
-    x = torch.randn(9, 17, 37).bfloat16()
+    x = torch.randn(steps, batch, 37).bfloat16()
     w_ih = (torch.randn(gates * 130, 37) / 6).bfloat16()
     w_hh = (torch.randn(gates * 130, 130) / 12).bfloat16()
-    grad = torch.randn(9, 17, 130).bfloat16()
+    grad = torch.randn(steps, batch, 130).bfloat16()
 
     def outputs_and_grads() -> list[torch.Tensor]:
         leaves = [t.clone().requires_grad_() for t in (x, w_ih, w_hh)]
@@ -102,7 +105,8 @@ def test_bf16_tiles_run_and_match_dot_products(mode, monkeypatch):
     tiles = outputs_and_grads()
     monkeypatch.setenv("RNN_FUSED_BF16_TILES", "0")
     dots = outputs_and_grads()
-    assert not all(torch.equal(a, b) for a, b in zip(tiles, dots, strict=True))
+    if steps > 1:
+        assert not all(torch.equal(a, b) for a, b in zip(tiles, dots, strict=True))
     for a, b in zip(tiles, dots, strict=True):
         assert rel_err(a, b.double()) < 2e-2
 
@@ -126,7 +130,8 @@ def test_cell_no_worse_than_twice_torch_nn(name, dtype):
 def test_small_batch_cell_no_worse_than_twice_torch_nn(name, batch, dtype):
     """A step at batch 1 to 4 reads half-type weights as stored (products widen each value
     as they read it; at batch 7 and 95 bfloat16 ones are read as stored by the dot products
-    where the CPU has them, the others converted once): the rule, for every gradient too, at
+    where the CPU has them, or at 95 packed for AMX tiles where it has those, the others
+    converted once): the rule, for every gradient too, at
     a width whose products split into several column blocks with a partial one (70 units:
     280 gate rows, 70 columns of dh)."""
     seed(name, batch, dtype)
@@ -177,8 +182,9 @@ def test_bf16_relu_layers_no_worse_than_twice_torch_nn(input_size):
 @pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
 def test_bf16_cell_step_gradients_whichever_are_asked_for(name, batch):
     """The backward of a bfloat16 step writes its weight gradients in bfloat16 (on the dot
-    products where the CPU has them) and, at more than 4 rows (its forward packs the weights
-    from 96 rows, its backward reads them as stored), rounds its gate gradients once for
+    products where the CPU has them, from AMX tiles at 16 rows or more where it has those)
+    and, at more than 4 rows (its forward packs the weights from 96 rows, or from 16 with AMX
+    tiles, its backward reads them as stored), rounds its gate gradients once for
     dh, dX and both weight gradients: each gradient comes in its
     tensor's dtype with the same bits whichever others are asked for (weights alone, the
     input alone, the state alone, all), and the weights' are those of float32 weights of the
@@ -245,10 +251,10 @@ def test_half_weights_at_batch_1_give_the_float32_step_rounded(mode, dtype):
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
 def test_bf16_step_at_larger_batches_gives_the_float32_step_to_rounding(mode, batch):
     """A step reads bfloat16 weights as stored at more than 4 rows too (on the dot products
-    where the CPU has them; packed from 96 rows): products of bfloat16 values are exact in
-    float32, so the results are the float32 call's on the same values, summed in another
-    order, within rounding to bfloat16. Odd sizes throughout: 37 inputs, 35 units (105 gate
-    rows in GRU), batches that leave partial blocks of rows."""
+    where the CPU has them; packed from 96 rows, or from 16 with AMX tiles): products of
+    bfloat16 values are exact in float32, so the results are the float32 call's on the same
+    values, summed in another order, within rounding to bfloat16. Odd sizes throughout: 37
+    inputs, 35 units (105 gate rows in GRU), batches that leave partial blocks of rows."""
     seed("bf16 rows", mode, batch)
     for got, want in _one_step_and_its_float32(mode, torch.bfloat16, batch, units=35, scale=6):
         assert got.dtype == torch.bfloat16

@@ -57,6 +57,18 @@ RF_BF16_TARGET inline void store_rounded(uint16_t* c, __mmask16 lanes, __m512 su
   _mm256_mask_storeu_epi16(c, lanes, bits);
 }
 
+// M rows of `width` float32 sums rounded into C's rows.
+RF_BF16_TARGET void round_rows(int64_t M, int64_t width, const float* sums, int64_t ld_sums,
+                               uint16_t* c, int64_t ldc) {
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t j = 0; j < width; j += 16) {
+      const __mmask16 lanes =
+          static_cast<__mmask16>(width - j >= 16 ? 0xFFFFu : (1u << (width - j)) - 1u);
+      store_rounded(c + i * ldc + j, lanes, _mm512_maskz_loadu_ps(lanes, sums + i * ld_sums + j));
+    }
+  }
+}
+
 // R rows of A (bfloat16, rows split into `pairs` pairs) times a panel, into R rows of float32
 // C, or (not accumulated) of bfloat16 C rounded to nearest even. The accumulators stay in
 // registers over all of K: full unrolling keeps them there.
@@ -438,7 +450,20 @@ void bf16_panel_product(int64_t M, int64_t K, const at::BFloat16* A, int64_t lda
 }
 
 void bf16_panel_product(int64_t M, int64_t K, const at::BFloat16* A, int64_t lda,
-                        const at::BFloat16* panel, int64_t width, at::BFloat16* C, int64_t ldc) {
+                        const at::BFloat16* panel, int64_t width, at::BFloat16* C, int64_t ldc,
+                        bool tiles) {
+  auto* c = reinterpret_cast<uint16_t*>(C);
+  if (tiles && M >= kTileMinRows) {
+    // The tiles' float32 sums, kSumRows rows at a time, rounded as the dot products round.
+    constexpr int64_t kSumRows = 64;
+    alignas(64) float sums[kSumRows * kBf16Panel];
+    for (int64_t i = 0; i < M; i += kSumRows) {
+      const int64_t rows = std::min(kSumRows, M - i);
+      tile_product(rows, K, A + i * lda, lda, panel, width, sums, kBf16Panel, false);
+      round_rows(rows, width, sums, kBf16Panel, c + i * ldc, ldc);
+    }
+    return;
+  }
   rows_times_panel_all(M, (K + 1) / 2, reinterpret_cast<const uint16_t*>(A), lda,
                        reinterpret_cast<const uint16_t*>(panel), width,
                        reinterpret_cast<uint16_t*>(C), ldc, /*accumulate=*/false);

@@ -43,7 +43,8 @@ void bf16_panel_product(int64_t M, int64_t K, const at::BFloat16* A, int64_t lda
 
 // The same into a bfloat16 C (not accumulated): the float32 sums rounded to nearest even.
 void bf16_panel_product(int64_t M, int64_t K, const at::BFloat16* A, int64_t lda,
-                        const at::BFloat16* panel, int64_t width, at::BFloat16* C, int64_t ldc);
+                        const at::BFloat16* panel, int64_t width, at::BFloat16* C, int64_t ldc,
+                        bool tiles);
 
 // C[M, N] = A[M, K] @ W^T (accumulate: C += ...) for a bfloat16 W [N, K] as stored (rows
 // ldw apart) and A rounded to bfloat16 (rows lda apart): a row of W holds its values in the
