@@ -144,7 +144,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_bf16_dot", &cpu::has_bf16_dot,
         "Whether bfloat16 products on this CPU run on AVX-512 BF16 dot products.");
   m.def("cpu_bf16_tiles", &cpu::bf16_tiles_allowed,
-        "Whether bfloat16 products of 16 rows or more run on AMX tiles on this CPU (not with "
+        "Whether bfloat16 products of 2 rows or more run on AMX tiles on this CPU (not with "
         "RNN_FUSED_BF16_TILES=0).");
   m.def(
       "cpu_tile_kernel", [] { return rnn_fused::cpu::kTileKernel; },

@@ -70,12 +70,13 @@ constexpr int64_t kSmallBf16ProblemRows = 16;
 // against read as stored: batch 64 1.01x, 128 0.92-0.94x, 256 0.93x; LSTMCell(128) at batch
 // 512 0.68x (AMD EPYC).
 constexpr int64_t kBf16PackedStepRows = 96;
-// With AMX tiles they pack from a batch of kTileMinRows on, where each step's products take
-// the tiles: bfloat16 cells at H=256 against torch.nn's, read as stored -> packed, under
+// With AMX tiles they pack from a batch of kTilePackedStepRows, each step's products on the
+// tiles: bfloat16 cells at H=256 against torch.nn's, read as stored -> packed, under
 // no_grad: LSTMCell batch 17 1.01 -> 1.57x, 64 0.63 -> 1.53x, GRUCell batch 64 0.63 -> 1.82x;
 // forward and backward LSTMCell batch 64 0.72 -> 0.96x, GRUCell 0.79 -> 1.09x (Intel Xeon).
+constexpr int64_t kTilePackedStepRows = 16;
 bool packs_bf16_step(const Problem& p) {
-  return p.rows >= kBf16PackedStepRows || (p.batch >= kTileMinRows && bf16_tiles_allowed());
+  return p.rows >= kBf16PackedStepRows || (p.batch >= kTilePackedStepRows && bf16_tiles_allowed());
 }
 bool bf16_dot_products(const Problem& p);
 bool bf16_weight_grads(const Problem& p, const BackwardArgs& a);
