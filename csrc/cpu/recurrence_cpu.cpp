@@ -358,10 +358,16 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
       train || !round_h || Cell::kUsesPrevH || keep_p != nullptr || ln_p != nullptr;
 
   static_assert(kTileUnits == Panels::kPanel, "a tile's units are one panel per gate");
-  // On AMX tiles, each thread takes whole unit blocks of every row (tile_at by_units), and
-  // reads its half of W_hh's panels at each step, not all of them: LSTM T=100 B=64 H=512 bf16
-  // forward 3-5% faster in four interleaved runs (Intel Xeon with AMX).
-  const bool by_units = w_hh_t.packed() && w_hh_t.panels().tiles;
+  // On AMX tiles with W_hh's panels beyond kOwnRowsPanelBytes, each thread takes whole unit
+  // blocks of every row (tile_at by_units), and reads its half of the panels at each step, not
+  // all of them: LSTM T=100 B=64 H=512 bf16 forward 3-5% faster in four interleaved runs.
+  // Smaller panels take own_rows below: bf16 against torch.nn's, four alternations, by units
+  // -> own rows: LSTM T=200 B=16 H=128 0.96-1.05 -> 1.16-1.22, T=100 B=32 H=256 0.85-0.98 ->
+  // 0.97-1.05, forward and backward T=20 B=128 0.97-1.01 -> 1.13-1.21, GRU T=20 B=128
+  // 1.76-2.12 -> 2.41-2.48; a 2-layer bidirectional LSTM T=50 B=32 H=256 forward (a thread
+  // a direction) 1.29-1.42 -> 1.11-1.33 (Intel Xeon with AMX).
+  const bool by_units = w_hh_t.packed() && w_hh_t.panels().tiles &&
+                        w_hh_t.panels().data.nbytes() > kOwnRowsPanelBytes;
   // Where W_hh's panels are small enough for each thread to keep all of them in its cache,
   // each thread takes whole blocks of rows (own_rows_tile) through all steps of a chunk: a
   // row's next step reads only its own h, so the steps need no barrier, and no thread reads
