@@ -376,8 +376,7 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
   // block: one thread had all the work); a 2-layer LSTM at T=35 B=20 H=200 (800 KiB) 1.09-1.13x,
   // B=32 H=256 (1 MiB) 1.03-1.19x; B=64 H=512 (4 MiB of float32 panels) unchanged or slower;
   // B=4, two rows a thread, 0.87-0.95x (AMD EPYC).
-  const bool own_rows = w_hh_t.packed() && !by_units && carry_in_cell &&
-                        p.batch >= kOwnRowsMinBatch &&
+  const bool own_rows = w_hh_t.packed() && carry_in_cell && p.batch >= kOwnRowsMinBatch &&
                         w_hh_t.panels().data.nbytes() <= kOwnRowsPanelBytes;
   // A step of many rows in one region (step_in_one_region), with weights and input in T.
   const bool rows_in_one_region = step_in_one_region(p) && ln_p == nullptr && !x_bf16 &&

@@ -20,6 +20,17 @@
 
 namespace rnn_fused::cpu {
 
+namespace {
+// force_tile_kernel's mode; kUnread until the environment is read.
+constexpr int kUnread = -2;
+std::atomic<int> forced_mode{kUnread};
+}  // namespace
+
+void force_tile_kernel(int mode) {
+  TORCH_CHECK(mode >= -1 && mode <= 1, "force_tile_kernel: mode must be -1, 0 or 1, got ", mode);
+  forced_mode.store(mode, std::memory_order_relaxed);
+}
+
 #if defined(CPU_CAPABILITY_AVX512)
 namespace {
 
@@ -176,10 +187,6 @@ void products(bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t
 
 }  // namespace
 
-// force_tile_kernel's mode; kUnread until the environment is read.
-constexpr int kUnread = -2;
-std::atomic<int> forced_mode{kUnread};
-
 bool tile_kernel_takes(int64_t M, int64_t N, int64_t K) {
   if (M < 2 || N < 2 || M * N * K > kTileKernelMaxMacs) return false;
   int mode = forced_mode.load(std::memory_order_relaxed);
@@ -194,11 +201,6 @@ bool tile_kernel_takes(int64_t M, int64_t N, int64_t K) {
   return amd;
 }
 
-void force_tile_kernel(int mode) {
-  TORCH_CHECK(mode >= -1 && mode <= 1, "force_tile_kernel: mode must be -1, 0 or 1, got ", mode);
-  forced_mode.store(mode, std::memory_order_relaxed);
-}
-
 template <class T>
 void tile_product_here(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
                        int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
@@ -211,10 +213,6 @@ void tile_product_here(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t
 #else
 
 bool tile_kernel_takes(int64_t, int64_t, int64_t) { return false; }
-
-void force_tile_kernel(int mode) {
-  TORCH_CHECK(mode >= -1 && mode <= 1, "force_tile_kernel: mode must be -1, 0 or 1, got ", mode);
-}
 
 template <class T>
 void tile_product_here(bool, bool, int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t,
