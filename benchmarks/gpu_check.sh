@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, one prepared command for a machine with python3, torch and nvcc but no
-# network, in stages that each have a time limit (11 minutes in all at most; 4.5 minutes on
-# an H200 with 16 cores), so that a hang cannot spend a short lease and a cut-short run keeps
-# what it measured:
+# network, in stages that each have a time limit (13 minutes in all at most; 4.5 minutes on
+# an H200 with 16 cores, 2.6 on an H100 before the paths stage), so that a hang cannot
+# spend a short lease and a cut-short run keeps what it measured:
 #
 #   preflight   versions and device properties                     versions.txt
 #   build       in place for this GPU, all cores                   build.log
@@ -12,6 +12,7 @@
 #   racecheck   compute-sanitizer racecheck over small calls       sanitizer.txt
 #   profile     the kernels of one training step                   profile.txt
 #   steps       a step's cost by CUDA path, T=1000 B=16            profile.txt
+#   paths       fused against standard path, bf16 and TF32          profile.txt
 #
 #   benchmarks/gpu_check.sh OUT        (or: make gpu-check OUT=dir)
 #
@@ -91,6 +92,7 @@ if [ "${QUICK:-0}" != 1 ]; then
   sanitize racecheck 60
   gpu_stage profile 30 "$out/profile.txt" "$py" benchmarks/profile_cuda.py
   gpu_stage steps 40 "$out/profile.txt" "$py" benchmarks/step_cost.py --quick
+  gpu_stage paths 120 "$out/profile.txt" "$py" benchmarks/path_choice.py
 fi
 
 if [ "$gpu" = 1 ]; then

@@ -159,6 +159,18 @@ __device__ __forceinline__ void start_block(A* smem, const Layout<A, S>& L) {
   }
 }
 
+// Brings a step's record into the SM's L1 before the barrier that precedes the step, so that
+// reading it after the barrier does not wait for L2 (no-op in the emulation).
+template <class Step>
+__device__ __forceinline__ void prefetch(const Step* record) {
+#if defined(__CUDA_ARCH__)
+  const size_t at = threadIdx.x * size_t(32);  // a 32-byte sector per thread of the first warp
+  if (at < sizeof(Step)) {
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(reinterpret_cast<const char*>(record) + at));
+  }
+#endif
+}
+
 template <bool kCluster>
 __device__ __forceinline__ void step_barrier() {
   if constexpr (kCluster) {
@@ -192,6 +204,15 @@ __global__ void __launch_bounds__(fused::kBlock)
     return u < H && k < H ? static_cast<A>(w_hh[((c / S::BU) * H + u) * H + k]) : A(0);
   });
   persistent::start_block<kCluster>(smem, L);
+  // What a step reads besides X does not wait for the other blocks: its record, and the unit
+  // inputs of its first tile (the thread's own c and h elements, which the thread itself
+  // wrote in the step before), are loaded before the barrier that precedes the step.
+  const int64_t i_first = warp * S::LM + lane / S::LC, j = u0 + lane % S::LC;
+  UnitInputs<Cell, A> first{};
+  const auto load_first = [&](const ForwardStep<T, A>& s) {
+    if (warp < S::TM && i_first < s.n && j < H) first = load_unit<Cell>(s, i_first, j);
+  };
+  if (count > 0) load_first(steps[0]);
   int64_t written = 0;  // cluster: the leading rows of this step's X that the step before wrote
   for (int64_t q = 0; q < count; ++q) {
     const ForwardStep<T, A> s = steps[q];
@@ -208,10 +229,10 @@ __global__ void __launch_bounds__(fused::kBlock)
     for (int64_t row0 = 0; row0 < s.n; row0 += S::BM) {
       // Thread (warp r < TM, lane): row r * LM + lm and unit lc of the tile, every gate; its
       // inputs besides the product are loaded first, to arrive while the product runs.
-      const int64_t i = row0 + warp * S::LM + lane / S::LC, j = u0 + lane % S::LC;
+      const int64_t i = row0 + i_first;
       const bool applies = warp < S::TM && i < s.n && j < H;
-      UnitInputs<Cell, A> in{};
-      if (applies) in = load_unit<Cell>(s, i, j);
+      UnitInputs<Cell, A> in = first;
+      if (applies && row0 > 0) in = load_unit<Cell>(s, i, j);
       if constexpr (kCluster) {
         persistent::local_product<A, S>(H, x + row0 * L.stride, ys, L.stride, stage);
       } else {
@@ -227,13 +248,16 @@ __global__ void __launch_bounds__(fused::kBlock)
         A hh[Cell::kGates];
 #pragma unroll
         for (int g = 0; g < Cell::kGates; ++g) hh[g] = stage[(warp * S::TC + g) * 32 + lane];
-        finish_unit<Cell>(s, i, j, in, hh);
-        if constexpr (kCluster) {  // h_t as stored, into every block's next X
-          const A h = static_cast<A>(s.h[i * s.ld_h + j]);
+        [[maybe_unused]] const A h = static_cast<A>(finish_unit<Cell>(s, i, j, in, hh));
+        if constexpr (kCluster) {  // h_t into every block's next X
           const int64_t at = L.x_buffer(smem, q + 1) - smem + i * L.stride + j;
           for (int r = 0; r < blocks; ++r) persistent::shared_memory_of<A>(r)[at] = h;
         }
       }
+    }
+    if (q + 1 < count) {
+      persistent::prefetch(steps + q + 1);
+      load_first(steps[q + 1]);
     }
     written = s.n;
     persistent::step_barrier<kCluster>();  // step q's h_t, which every block reads next, is written
@@ -262,10 +286,24 @@ __global__ void __launch_bounds__(fused::kBlock)
     return u < H && k < K ? static_cast<A>(w_hh[k * H + u]) : A(0);
   });
   persistent::start_block<kCluster>(smem, L);
+  // As in the forward: the next record, and the first tile's carried dh and unit inputs (the
+  // thread's own elements), are loaded before the barrier between steps.
+  const int64_t i_first = warp * S::LM + lane / S::LC, j = u0 + lane % S::LC;
+  const auto rows_of = [](const FusedBackwardStep<T, A>& r) {
+    return r.step.n > r.rows_gemm ? r.step.n : r.rows_gemm;
+  };
+  A first_dh(0);
+  BackwardInputs<Cell, A> first{};
+  const auto load_first = [&](const FusedBackwardStep<T, A>& r) {
+    if (warp >= S::TM || j >= H) return;
+    if (i_first < rows_of(r)) first_dh = r.step.dh[i_first * r.step.ld_dh + j];
+    if (i_first < r.step.n) first = load_backward_unit<Cell>(r.step, i_first, j);
+  };
+  if (count > 0) load_first(steps[0]);
   for (int64_t q = 0; q < count; ++q) {
     const FusedBackwardStep<T, A> rec = steps[q];
     const BackwardStep<T, A>& s = rec.step;
-    const int64_t rows = s.n > rec.rows_gemm ? s.n : rec.rows_gemm;
+    const int64_t rows = rows_of(rec);
     for (int64_t row0 = 0; row0 < rows; row0 += S::BM) {
       const int64_t k_len = row0 < rec.rows_gemm ? K : 0;
       if constexpr (kCluster) {
@@ -281,25 +319,31 @@ __global__ void __launch_bounds__(fused::kBlock)
             ys, L.stride, stage);
       }
       // Thread (warp r < TM, lane): row r * LM + lm and unit lc of the tile.
-      const int64_t i = row0 + warp * S::LM + lane / S::LC, j = u0 + lane % S::LC;
+      const int64_t i = row0 + i_first;
       if (warp < S::TM && i < rows && j < H) {
         // Rows past rows_gemm have no product (the cluster's buffer rows there are stale).
         const A product = i < rec.rows_gemm ? stage[warp * 32 + lane] : A(0);
-        const A total = product + s.dh[i * s.ld_dh + j];
+        const A total = product + (row0 == 0 ? first_dh : s.dh[i * s.ld_dh + j]);
         if (i < s.n) {
-          backward_unit<Cell>(s, i, j, total);
+          A dg[Cell::kGates];
+          finish_backward_unit<Cell>(s, i, j, row0 == 0 ? first : load_backward_unit<Cell>(s, i, j),
+                                     total, dg);
           if constexpr (kCluster) {  // the hidden-side gate gradients, into every next X
-            const A* dg = Cell::kSplitGrads ? s.dhh : s.dx;
             const int64_t at = L.x_buffer(smem, q + 1) - smem + i * L.stride + j;
             for (int g = 0; g < Cell::kGates; ++g) {
-              const A v = dg[i * K + g * H + j];
-              for (int r = 0; r < blocks; ++r) persistent::shared_memory_of<A>(r)[at + g * H] = v;
+              for (int r = 0; r < blocks; ++r) {
+                persistent::shared_memory_of<A>(r)[at + g * H] = dg[g];
+              }
             }
           }
         } else {  // a row with no step here: its sum is final
           s.dh[i * s.ld_dh + j] = total;
         }
       }
+    }
+    if (q + 1 < count) {
+      persistent::prefetch(steps + q + 1);
+      load_first(steps[q + 1]);
     }
     persistent::step_barrier<kCluster>();  // step q's gate gradients, the next X, are written
   }

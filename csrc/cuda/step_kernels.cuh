@@ -44,7 +44,8 @@ struct ForwardStep {
 // dL/dh_{t-1} that bypasses W_hh out), grad_out (nullable) the step's output gradient; dc
 // dL/dc_t in, dL/dc_{t-1} out; dx / dhh the gate gradients (dhh for kSplitGrads), in A:
 // for half types unrounded, since the next step's product reads them; keep as the
-// forward's, at row stride ld_grad_out.
+// forward's, at row stride ld_grad_out. dg_rounded (nullable, [n, gates*H]): the hidden-side
+// gate gradients once more, rounded to T, for a product on tensor cores (half types).
 template <class T, class A>
 struct BackwardStep {
   int64_t n, H;
@@ -60,6 +61,7 @@ struct BackwardStep {
   A* dx;
   A* dhh;
   const T* keep;
+  T* dg_rounded;
 };
 
 // A backward step as the fused and persistent kernels take it (fused_step.cuh,
@@ -74,13 +76,14 @@ struct FusedBackwardStep {
 };
 
 // h_t at row i, unit j, rounded to T once: to the output (or the unprojected h), the state
-// and the next step's h_prev rows.
+// and the next step's h_prev rows. Returns it as stored.
 template <class T, class A>
-__device__ __forceinline__ void store_h(const ForwardStep<T, A>& s, int64_t i, int64_t j, A h) {
+__device__ __forceinline__ T store_h(const ForwardStep<T, A>& s, int64_t i, int64_t j, A h) {
   const T h_out = static_cast<T>(h);
   s.h[i * s.ld_h + j] = h_out;
   if (s.h_state != nullptr) s.h_state[i * s.ld_state + j] = h_out;
   if (i < s.n_next) s.h_next[i * s.ld_state + j] = h_out;
+  return h_out;
 }
 
 // What the cell's forward at row i, hidden unit j reads besides the hidden-side product:
@@ -114,10 +117,10 @@ __device__ __forceinline__ UnitInputs<Cell, A> load_unit(const ForwardStep<T, A>
 }
 
 // The cell's forward at row i, hidden unit j, from its inputs and its hidden-side products
-// hh (no bias).
+// hh (no bias). Returns h_t as stored.
 template <class Cell, class T, class A>
-__device__ __forceinline__ void finish_unit(const ForwardStep<T, A>& s, int64_t i, int64_t j,
-                                            const UnitInputs<Cell, A>& in, A (&hh)[Cell::kGates]) {
+__device__ __forceinline__ T finish_unit(const ForwardStep<T, A>& s, int64_t i, int64_t j,
+                                         const UnitInputs<Cell, A>& in, A (&hh)[Cell::kGates]) {
   const int64_t H = s.H;
   A kept[Cell::kSaved];
 #pragma unroll
@@ -131,7 +134,7 @@ __device__ __forceinline__ void finish_unit(const ForwardStep<T, A>& s, int64_t 
       s.saved[i * s.ld_saved + k * H + j] = static_cast<T>(kept[k]);
   }
   if constexpr (Cell::kCellState) s.c[i * H + j] = c_new;
-  store_h(s, i, j, h_new);
+  return store_h(s, i, j, h_new);
 }
 
 // The cell's forward at row i, hidden unit j, given its hidden-side products hh (no bias).
@@ -141,33 +144,65 @@ __device__ __forceinline__ void forward_unit(const ForwardStep<T, A>& s, int64_t
   finish_unit<Cell>(s, i, j, load_unit<Cell>(s, i, j), hh);
 }
 
-// The cell's backward at row i, hidden unit j, given dL/dh_t without the output gradient.
+// What the cell's backward at row i, hidden unit j reads besides dL/dh_t: the saved values,
+// the output gradient, zoneout's weight, h_{t-1} and dL/dc_t where the cell reads them (else
+// 0). The persistent kernel loads the next step's before the barrier between steps.
+template <class Cell, class A>
+struct BackwardInputs {
+  A kept[Cell::kSaved];
+  A grad_out, keep, h_prev, dc;
+};
+
 template <class Cell, class T, class A>
-__device__ __forceinline__ void backward_unit(const BackwardStep<T, A>& s, int64_t i, int64_t j,
-                                              A g) {
-  const int64_t H = s.H, GH = Cell::kGates * H;
-  A kept[Cell::kSaved], gx[Cell::kGates], gh[Cell::kGates];
+__device__ __forceinline__ BackwardInputs<Cell, A> load_backward_unit(const BackwardStep<T, A>& s,
+                                                                      int64_t i, int64_t j) {
+  const int64_t H = s.H;
+  BackwardInputs<Cell, A> in;
 #pragma unroll
   for (int k = 0; k < Cell::kSaved; ++k)
-    kept[k] = static_cast<A>(s.saved[i * s.ld_saved + k * H + j]);
-  if (s.grad_out != nullptr) g += static_cast<A>(s.grad_out[i * s.ld_grad_out + j]);
+    in.kept[k] = static_cast<A>(s.saved[i * s.ld_saved + k * H + j]);
+  in.grad_out = s.grad_out != nullptr ? static_cast<A>(s.grad_out[i * s.ld_grad_out + j]) : A(0);
+  in.keep = s.keep != nullptr ? static_cast<A>(s.keep[i * s.ld_grad_out + j]) : A(0);
+  in.h_prev = Cell::kUsesPrevH ? static_cast<A>(s.h_prev[i * s.ld_h_prev + j]) : A(0);
+  in.dc = Cell::kCellState ? s.dc[i * H + j] : A(0);
+  return in;
+}
+
+// The cell's backward at row i, hidden unit j, from its inputs and dL/dh_t without the output
+// gradient; dg receives the hidden-side gate gradients as written (the next step's product
+// reads them).
+template <class Cell, class T, class A>
+__device__ __forceinline__ void finish_backward_unit(const BackwardStep<T, A>& s, int64_t i,
+                                                     int64_t j, const BackwardInputs<Cell, A>& in,
+                                                     A g, A (&dg)[Cell::kGates]) {
+  const int64_t H = s.H, GH = Cell::kGates * H;
+  A gx[Cell::kGates], gh[Cell::kGates];
+  if (s.grad_out != nullptr) g += in.grad_out;
   // Zoneout: the kept share of dh goes straight to h_{t-1}, the rest through the cell.
   A dh_kept(0);
   if (s.keep != nullptr) {
-    dh_kept = static_cast<A>(s.keep[i * s.ld_grad_out + j]) * g;
+    dh_kept = in.keep * g;
     g -= dh_kept;
   }
-  A hp(0), dct(0), dh_prev(0), dc_prev(0);
-  if constexpr (Cell::kUsesPrevH) hp = static_cast<A>(s.h_prev[i * s.ld_h_prev + j]);
-  if constexpr (Cell::kCellState) dct = s.dc[i * H + j];
-  Cell::backward(g, dct, kept, hp, gx, gh, dh_prev, dc_prev);
+  A dh_prev(0), dc_prev(0);
+  Cell::backward(g, in.dc, in.kept, in.h_prev, gx, gh, dh_prev, dc_prev);
 #pragma unroll
   for (int k = 0; k < Cell::kGates; ++k) {
     s.dx[i * GH + k * H + j] = gx[k];
     if constexpr (Cell::kSplitGrads) s.dhh[i * GH + k * H + j] = gh[k];
+    dg[k] = Cell::kSplitGrads ? gh[k] : gx[k];
+    if (s.dg_rounded != nullptr) s.dg_rounded[i * GH + k * H + j] = static_cast<T>(dg[k]);
   }
   if constexpr (Cell::kCellState) s.dc[i * H + j] = dc_prev;
   s.dh[i * s.ld_dh + j] = dh_prev + dh_kept;
+}
+
+// The cell's backward at row i, hidden unit j, given dL/dh_t without the output gradient.
+template <class Cell, class T, class A>
+__device__ __forceinline__ void backward_unit(const BackwardStep<T, A>& s, int64_t i, int64_t j,
+                                              A g) {
+  A dg[Cell::kGates];
+  finish_backward_unit<Cell>(s, i, j, load_backward_unit<Cell>(s, i, j), g, dg);
 }
 
 // The standard path's pointwise kernels, one thread per (row, hidden unit) of a step; hg
