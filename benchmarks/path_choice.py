@@ -14,10 +14,9 @@ persistent path's batches.
 from __future__ import annotations
 
 import argparse
-import csv
 
 import torch
-from step_cost import call, median_ms, pair
+from step_cost import call, median_ms, pair, write_csv
 
 CASES = [(1, B) for B in (1, 8, 32, 64)] + [(100, B) for B in (24, 32, 64)]
 SIZES = (64, 128, 256, 512, 1024)
@@ -57,10 +56,7 @@ def main() -> None:
                             flush=True,
                         )
                         if args.csv:
-                            with open(args.csv, "w", newline="") as f:
-                                writer = csv.DictWriter(f, fieldnames=head)
-                                writer.writeheader()
-                                writer.writerows(rows)
+                            write_csv(args.csv, head, rows)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,14 @@ def call(m: nn.Module, x: torch.Tensor, kind: str, path: str | None) -> Callable
     return run
 
 
+def write_csv(path: str, head: list[str], rows: list[dict]) -> None:
+    """The rows so far, rewritten after each (a run cut short keeps what it measured)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=head)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def median_ms(fn: Callable[[], None], rounds: int) -> float:
     fn()
     times = []
@@ -103,10 +111,7 @@ def main() -> None:
                     rows.append(row)
                     print(" ".join(f"{row[h]!s:>15}" for h in head), flush=True)
                     if args.csv:
-                        with open(args.csv, "w", newline="") as f:
-                            writer = csv.DictWriter(f, fieldnames=head)
-                            writer.writeheader()
-                            writer.writerows(rows)
+                        write_csv(args.csv, head, rows)
 
 
 if __name__ == "__main__":
