@@ -82,14 +82,15 @@ def test_bf16_dot_products_run_and_match_float32_products(mode, input_size, monk
 
 
 @pytest.mark.skipif(not rnn_fused._C.cpu_bf16_tiles(), reason="this CPU has no AMX-BF16 tiles")
-@pytest.mark.parametrize("steps, batch", [(9, 17), (11, 3), (1, 33)])
+@pytest.mark.parametrize("steps, batch", [(9, 17), (11, 3), (1, 33), (5, 40)])
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 def test_bf16_tiles_run_and_match_dot_products(mode, steps, batch, monkeypatch):
     """With 2 rows or more a step's products and the input projection run on AMX tiles and
     agree with the dot products to bfloat16 rounding of the state, in the outputs and every
     gradient. Both sum each product's pairs in order, so the bits may agree too: at batch 17
     over 9 steps they differ somewhere. A single step packs its weights for the tiles and
-    writes its bfloat16 weight gradients from their float32 sums."""
+    writes its bfloat16 weight gradients from their float32 sums. At batch 40 a thread takes
+    its rows in one block (kOwnRowsTileBlock), not in blocks of 16."""
     seed("bf16 tiles", mode, steps)
     gates = rnn_fused.ops.GATES[mode]
     x = torch.randn(steps, batch, 37).bfloat16()

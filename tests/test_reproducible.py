@@ -30,10 +30,13 @@ def _run(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize(("T", "B", "H"), [(7, 3, 33), (20, 40, 96)])
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN], ids=lambda c: c.__name__)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"]
+)
 def test_bitwise_equal_across_runs_and_threads(cls, T, B, H, dtype):
     """float64's products go to BLAS, whose own threads would change the order of its sums
-    (MKL on AMD EPYC): each call is held to one thread."""
+    (MKL on AMD EPYC): each call is held to one thread. bfloat16 at B=40: row blocks of their
+    own size where the products run on AMX tiles (pointwise.h kOwnRowsTileBlock)."""
     seed("repro", cls.__name__, T, B, H)
     module = rnn_fused.replace_rnns(cls(H, H, num_layers=2, bidirectional=True)).to(dtype)
     x = torch.randn(T, B, H, dtype=dtype)

@@ -378,6 +378,7 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
   // B=4, two rows a thread, 0.87-0.95x (AMD EPYC).
   const bool own_rows = w_hh_t.packed() && carry_in_cell && p.batch >= kOwnRowsMinBatch &&
                         w_hh_t.panels().data.nbytes() <= kOwnRowsPanelBytes;
+  const int64_t own_block = own_rows && w_hh_t.panels().tiles ? kOwnRowsTileBlock : kOwnRowsBlock;
   // A step of many rows in one region (step_in_one_region), with weights and input in T.
   const bool rows_in_one_region = step_in_one_region(p) && ln_p == nullptr && !x_bf16 &&
                                   w_ih.scalar_type() == w_hh.scalar_type() &&
@@ -545,13 +546,13 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
         // gate, then the cell math of those units while they are in cache. LayerNorm cells
         // normalise whole rows: all products first, then the rows.
         const int64_t tiles = split_rows ? 0 : tile_count(n, H);
-        const int64_t row_blocks = own_rows ? own_row_blocks(p.batch) : 0;
+        const int64_t row_blocks = own_rows ? own_row_blocks(p.batch, own_block) : 0;
         const int64_t first_block = team.begin(row_blocks);
         const int64_t t_begin = own_rows ? 0 : team.begin(tiles);
         const int64_t t_end =
             own_rows ? (team.end(row_blocks) - first_block) * unit_blocks(H) : team.end(tiles);
         const auto tile_of = [&](int64_t k_tile) {
-          return own_rows ? own_rows_tile(k_tile, first_block, p.batch, n, H)
+          return own_rows ? own_rows_tile(k_tile, first_block, p.batch, own_block, n, H)
                           : tile_at(k_tile, n, H, by_units);
         };
         for (int64_t k_tile = t_begin; k_tile < t_end; ++k_tile) {
