@@ -289,21 +289,18 @@ __global__ void __launch_bounds__(fused::kBlock)
   // As in the forward: the next record, and the first tile's carried dh and unit inputs (the
   // thread's own elements), are loaded before the barrier between steps.
   const int64_t i_first = warp * S::LM + lane / S::LC, j = u0 + lane % S::LC;
-  const auto rows_of = [](const FusedBackwardStep<T, A>& r) {
-    return r.step.n > r.rows_gemm ? r.step.n : r.rows_gemm;
-  };
   A first_dh(0);
   BackwardInputs<Cell, A> first{};
   const auto load_first = [&](const FusedBackwardStep<T, A>& r) {
     if (warp >= S::TM || j >= H) return;
-    if (i_first < rows_of(r)) first_dh = r.step.dh[i_first * r.step.ld_dh + j];
+    if (i_first < r.rows()) first_dh = r.step.dh[i_first * r.step.ld_dh + j];
     if (i_first < r.step.n) first = load_backward_unit<Cell>(r.step, i_first, j);
   };
   if (count > 0) load_first(steps[0]);
   for (int64_t q = 0; q < count; ++q) {
     const FusedBackwardStep<T, A> rec = steps[q];
     const BackwardStep<T, A>& s = rec.step;
-    const int64_t rows = rows_of(rec);
+    const int64_t rows = rec.rows();
     for (int64_t row0 = 0; row0 < rows; row0 += S::BM) {
       const int64_t k_len = row0 < rec.rows_gemm ? K : 0;
       if constexpr (kCluster) {
@@ -380,7 +377,7 @@ template <class Cell, class T, class A>
 PersistentLaunch<FusedBackwardStep<T, A>, T> persistent_backward_launch(
     const std::vector<FusedBackwardStep<T, A>>& steps, int64_t H, bool cluster) {
   PersistentLaunch<FusedBackwardStep<T, A>, T> l{nullptr, persistent::blocks(H), 0, 0, false};
-  for (const auto& r : steps) l.rows = std::max({l.rows, r.step.n, r.rows_gemm});
+  for (const auto& r : steps) l.rows = std::max(l.rows, r.rows());
   l.cluster = cluster && l.blocks <= persistent::kMaxCluster;
   fused::with_forward_rows(l.rows, [&](auto r) {
     constexpr int kRows = decltype(r)::value;

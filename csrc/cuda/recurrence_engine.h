@@ -323,8 +323,8 @@ void run_backward(Dev& dev, const Problem& p, bool fused, bool persistent, bool 
   int64_t rows_gemm = 0;
   std::vector<FusedBackwardStep<T, A>> recorded;
   const auto fused_step = [&](const BackwardStep<T, A>& s) {
-    if (std::max(s.n, rows_gemm) * H == 0) return;
     const FusedBackwardStep<T, A> r{s, dg_next, rows_gemm};
+    if (r.rows() * H == 0) return;
     if (persistent) {
       recorded.push_back(r);
     } else {

@@ -73,6 +73,8 @@ struct FusedBackwardStep {
   BackwardStep<T, A> step;
   const A* dg_next;
   int64_t rows_gemm;
+  // The rows the record touches: its step's, and those of the product.
+  RF_HD int64_t rows() const { return step.n > rows_gemm ? step.n : rows_gemm; }
 };
 
 // h_t at row i, unit j, rounded to T once: to the output (or the unprojected h), the state
