@@ -22,13 +22,14 @@ def _assert_rule(errors: list[tuple[float, float]]) -> None:
 
 
 # Short calls (15 rows at batch 3; 9 steps at batch 1, whose input projection runs in chunks
-# of 4 rows; two steps at batch 7) read their weights as stored; long ones (65 rows) pack
-# them, and bfloat16 ones take the bfloat16 dot products where the CPU has them, as do
-# bfloat16 calls of two steps from 96 rows; wide ones (17 rows a step) take AMX tiles where
-# it has them.
+# of 4 rows; two steps at batch 7) read their weights as stored; long ones (65 rows, or 20 at
+# batch 1) pack them, and bfloat16 ones take the bfloat16 dot products where the CPU has them
+# (their input projection in unit order below a batch of 8), as do bfloat16 calls of two
+# steps from 96 rows; wide ones (17 rows a step) take AMX tiles where it has them.
 LENGTHS = {
     "short": (5, 3),
     "single": (9, 1),
+    "long single": (20, 1),
     "two steps": (2, 7),
     "long": (13, 5),
     "wide": (5, 17),
