@@ -899,19 +899,41 @@ void row_times_wt_here(int64_t N, int64_t K, const float* a, const float* W, int
 }
 #endif
 
-void bf16_matmul_transposed(int64_t M, const float* A, int64_t lda, const Panels& B, float* C,
-                            int64_t ldc, bool accumulate) {
+namespace {
+
+// bf16_matmul_transposed's work: A^T in bfloat16 (rows ld apart), its columns [m0, m1) written
+// by transpose(m0, m1, out, ld) on each thread, then the product.
+template <class F>
+void transposed_then_matmul(int64_t M, const Panels& B, float* C, int64_t ldc, bool accumulate,
+                            const F& transpose) {
   TORCH_INTERNAL_ASSERT(B.bf16() && B.group == B.N);
   if (M == 0) return;
   const int64_t K = B.K, ld = (K + 1) / 2 * 2;
   constexpr int64_t kColumns = 32;  // of A, per task: bf16_round_transposed's blocks
-  const at::Tensor rounded = buffer_empty({M, ld}, at::TensorOptions(at::kBFloat16));
-  at::BFloat16* a = rounded.data_ptr<at::BFloat16>();
+  const at::Tensor a_t = buffer_empty({M, ld}, at::TensorOptions(at::kBFloat16));
+  at::BFloat16* a = a_t.data_ptr<at::BFloat16>();
   split((M + kColumns - 1) / kColumns, kColumns * K, [&](int64_t begin, int64_t end) {
-    const int64_t m0 = begin * kColumns, m1 = std::min(M, end * kColumns);
-    bf16_round_transposed(K, m1 - m0, A + m0, lda, a + m0 * ld, ld);
+    transpose(begin * kColumns, std::min(M, end * kColumns), a, ld);
   });
   bf16_rows_matmul(M, a, ld, B, C, ldc, accumulate);
+}
+
+}  // namespace
+
+void bf16_matmul_transposed(int64_t M, const float* A, int64_t lda, const Panels& B, float* C,
+                            int64_t ldc, bool accumulate) {
+  transposed_then_matmul(M, B, C, ldc, accumulate,
+                         [&](int64_t m0, int64_t m1, at::BFloat16* a, int64_t ld) {
+                           bf16_round_transposed(B.K, m1 - m0, A + m0, lda, a + m0 * ld, ld);
+                         });
+}
+
+void bf16_matmul_transposed(int64_t M, const at::BFloat16* A, int64_t lda, const Panels& B,
+                            float* C, int64_t ldc, bool accumulate) {
+  transposed_then_matmul(M, B, C, ldc, accumulate,
+                         [&](int64_t m0, int64_t m1, at::BFloat16* a, int64_t ld) {
+                           bf16_transpose(B.K, m0, m1, A, lda, a, ld);
+                         });
 }
 
 void half_weight_product(bool trans, int64_t M, int64_t N, int64_t K, const at::BFloat16* A,

@@ -146,6 +146,10 @@ void matmul(int64_t M, const at::BFloat16* A, int64_t lda, const Panels& B, floa
 // for the weight gradients, whose sums run over a chunk's rows.
 void bf16_matmul_transposed(int64_t M, const float* A, int64_t lda, const Panels& B, float* C,
                             int64_t ldc, bool accumulate);
+// The same for a bfloat16 A, transposed as it is (a bfloat16 call's input, which the backward
+// reads in its own dtype): the same bits as its float32 copy would give.
+void bf16_matmul_transposed(int64_t M, const at::BFloat16* A, int64_t lda, const Panels& B,
+                            float* C, int64_t ldc, bool accumulate);
 
 // C[M, columns of panel j of group g] = A[M, K] @ that panel of B (accumulate: C += ...), on
 // the calling thread: for work already split over threads by the caller. `next`: the panel
