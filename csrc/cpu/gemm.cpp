@@ -901,8 +901,8 @@ void row_times_wt_here(int64_t N, int64_t K, const float* a, const float* W, int
 
 namespace {
 
-// bf16_matmul_transposed's work: A^T in bfloat16 (rows ld apart), its columns [m0, m1) written
-// by transpose(m0, m1, out, ld) on each thread, then the product.
+// bf16_matmul_transposed's work: A^T in bfloat16 into out (rows ld apart), its rows [m0, m1)
+// written by transpose(m0, m1, out, ld) on the thread that takes them, then the product.
 template <class F>
 void transposed_then_matmul(int64_t M, const Panels& B, float* C, int64_t ldc, bool accumulate,
                             const F& transpose) {
