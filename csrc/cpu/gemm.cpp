@@ -696,9 +696,8 @@ template <class Out>
 void bf16_rows_matmul(int64_t M, const at::BFloat16* A, int64_t lda, const Panels& B, Out* C,
                       int64_t ldc, bool accumulate) {
   const int64_t K = B.K;
-  const int64_t mb = (M + kBlockM - 1) / kBlockM, nb = B.N / B.group * B.per_group;
+  const int64_t groups = B.N / B.group, mb = (M + kBlockM - 1) / kBlockM, nb = groups * B.per_group;
   const PanelColumns columns{B.group, B.per_group};
-  const int64_t groups = B.N / B.group;
   split(mb * nb, std::min(M, kBlockM) * Panels::kPanel * K, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t i = blk % mb * kBlockM, jb = columns.in_unit_order(blk / mb, groups);
