@@ -20,23 +20,25 @@ HALF_CONFIGS = [
 HALF_TYPES = [torch.float16, torch.bfloat16]
 
 
-def half_layer_errors(cell: str, kw: dict, dtype: torch.dtype, device: str, T: int = 7, B: int = 3):
-    """half_type_errors for a layer of HALF_CONFIGS (input 5, hidden 33)."""
+def half_layer_errors(
+    cell: str, kw: dict, dtype: torch.dtype, device: str, T: int = 7, B: int = 3, H: int = 33
+):
+    """half_type_errors for a layer of HALF_CONFIGS (input 5, hidden H)."""
     cls = {"LSTM": nn.LSTM, "GRU": nn.GRU}.get(cell, nn.RNN)
     if cell.startswith("RNN"):
         kw = dict(kw, nonlinearity=cell[4:].lower())
-    theirs = cls(5, 33, **kw).to(device, dtype)
-    ours = rnn_fused.replace_rnns(cls(5, 33, **kw)).to(device, dtype)
+    theirs = cls(5, H, **kw).to(device, dtype)
+    ours = rnn_fused.replace_rnns(cls(5, H, **kw)).to(device, dtype)
     ours.load_state_dict(theirs.state_dict())
-    exact = cls(5, 33, **kw).double()
+    exact = cls(5, H, **kw).double()
     exact.load_state_dict({k: v.double().cpu() for k, v in theirs.state_dict().items()})
     D = (2 if kw.get("bidirectional") else 1) * kw.get("num_layers", 1)
-    out_size = kw.get("proj_size") or 33
+    out_size = kw.get("proj_size") or H
     shape = (B, T, 5) if kw.get("batch_first") else (T, B, 5)
     x = torch.randn(*shape).to(device, dtype)
     states = [torch.randn(D, B, out_size).to(device, dtype)]
     if cell == "LSTM":
-        states.append(torch.randn(D, B, 33).to(device, dtype))
+        states.append(torch.randn(D, B, H).to(device, dtype))
     return half_type_errors(ours, theirs, exact, x, states)
 
 

@@ -83,21 +83,25 @@ def test_bf16_dot_products_run_and_match_float32_products(mode, input_size, monk
 
 
 @pytest.mark.skipif(not rnn_fused._C.cpu_bf16_tiles(), reason="this CPU has no AMX-BF16 tiles")
-@pytest.mark.parametrize("steps, batch", [(9, 17), (11, 3), (1, 33), (5, 40)])
+@pytest.mark.parametrize(
+    "steps, batch, hidden", [(9, 17, 130), (11, 3, 130), (1, 33, 130), (5, 40, 130), (4, 70, 96)]
+)
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
-def test_bf16_tiles_run_and_match_dot_products(mode, steps, batch, monkeypatch):
+def test_bf16_tiles_run_and_match_dot_products(mode, steps, batch, hidden, monkeypatch):
     """With 2 rows or more a step's products and the input projection run on AMX tiles and
     agree with the dot products to bfloat16 rounding of the state, in the outputs and every
     gradient. Both sum each product's pairs in order, so the bits may agree too: at batch 17
     over 9 steps they differ somewhere. A single step packs its weights for the tiles and
     writes its bfloat16 weight gradients from their float32 sums. At batch 40 a thread takes
-    its rows in one block (kOwnRowsTileBlock), not in blocks of 16."""
-    seed("bf16 tiles", mode, steps)
+    its rows in one block (kOwnRowsTileBlock), not in blocks of 16. At hidden 96 (a multiple
+    of 32) the steps' blocks of 32 rows run on amx_gate_products, the 3 rows left of each
+    thread's 35 through brgemm, and the second unit block is a panel half of zeros."""
+    seed("bf16 tiles", mode, steps, hidden)
     gates = rnn_fused.ops.GATES[mode]
     x = torch.randn(steps, batch, 37).bfloat16()
-    w_ih = (torch.randn(gates * 130, 37) / 6).bfloat16()
-    w_hh = (torch.randn(gates * 130, 130) / 12).bfloat16()
-    grad = torch.randn(steps, batch, 130).bfloat16()
+    w_ih = (torch.randn(gates * hidden, 37) / 6).bfloat16()
+    w_hh = (torch.randn(gates * hidden, hidden) / 12).bfloat16()
+    grad = torch.randn(steps, batch, hidden).bfloat16()
 
     def outputs_and_grads() -> list[torch.Tensor]:
         leaves = [t.clone().requires_grad_() for t in (x, w_ih, w_hh)]
@@ -111,6 +115,15 @@ def test_bf16_tiles_run_and_match_dot_products(mode, steps, batch, monkeypatch):
         assert not all(torch.equal(a, b) for a, b in zip(tiles, dots, strict=True))
     for a, b in zip(tiles, dots, strict=True):
         assert rel_err(a, b.double()) < 2e-2
+
+
+@pytest.mark.skipif(not rnn_fused._C.cpu_bf16_tiles(), reason="this CPU has no AMX-BF16 tiles")
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN_TANH"])
+def test_bf16_gate_tiles_no_worse_than_twice_torch_nn(cell):
+    """Hidden 64 (a multiple of 32) at batch 70: each thread's 35 rows a step run as one block
+    of 32 on amx_gate_products, whose compact sums the cell math reads, and 3 through brgemm."""
+    seed("gate tiles", cell)
+    _assert_rule(half_layer_errors(cell, {}, torch.bfloat16, "cpu", 6, 70, H=64))
 
 
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)

@@ -76,6 +76,9 @@ struct ForwardRow {
   // h_t rounded to a half type, for a half-type call's output (T is float32 then), or nullptr.
   at::BFloat16* h_bf16 = nullptr;
   at::Half* h_fp16 = nullptr;
+  // Where hh is a compact buffer of a few units per gate (amx_gate_products'): the distance
+  // from one gate to the next (else 0: H), and the unit at its start.
+  int64_t hh_gate_stride = 0, hh_unit_offset = 0;
 };
 
 // The cell on units j .. j + n of one row, n at most a vector's width. A partial vector
@@ -84,10 +87,12 @@ struct ForwardRow {
 template <class Cell, class V, class T>
 inline void forward_units(const ForwardRow<T>& r, int64_t H, int64_t j, int n) {
   const auto load = [n](const T* p) { return V::loadu(p, n); };
+  const int64_t hh_stride = r.hh_gate_stride != 0 ? r.hh_gate_stride : H;
+  const T* const hh_at = r.hh + (j - r.hh_unit_offset);
   V x[Cell::kGates], hh[Cell::kGates], saved[Cell::kSaved];
   for (int k = 0; k < Cell::kGates; ++k) {
     x[k] = load(r.x + k * H + j);
-    hh[k] = load(r.hh + k * H + j);
+    hh[k] = load(hh_at + k * hh_stride);
     if (r.b_ih != nullptr) {
       x[k] = x[k] + load(r.b_ih + k * H + j);
       hh[k] = hh[k] + load(r.b_hh + k * H + j);

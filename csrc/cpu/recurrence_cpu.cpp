@@ -26,6 +26,7 @@
 
 #include "../op_adapters.h"
 #include "../problem.h"
+#include "amx_gates.h"
 #include "bf16_dot.h"
 #include "gemm.h"
 #include "layer_norm_rows.h"
@@ -320,6 +321,10 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
   // In two buffers too: the cell math rounds the units it writes into the other one.
   const bool round_in_cell = round_h && carry_in_cell;
   const int64_t ld_bf = (Hout + 1) / 2 * 2;
+  // bfloat16 steps on AMX tiles: blocks of kAmxGateRows rows of a tile on amx_gate_products,
+  // the sums of every gate into the thread's gate_sums (below) for the cell math to read.
+  const bool amx_gates = round_h && amx_gate_products_fit(w_hh_t.panels());
+  constexpr int64_t kSumsRow = Cell::kGates * kAmxGateUnits;
   const int64_t bf_buffer = padded(p.batch * ld_bf / 2);  // in T values
   const int64_t h_bf_size = round_h ? 2 * bf_buffer : 0;
   const int64_t scratch_size = xg_size + hg_size + h_start_size + h_scratch_size + h_bf_size;
@@ -451,6 +456,8 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
       }
     }
     with_team(step_threads(p), [&](const Team& team) {
+      // This thread's amx_gate_products sums (32 KiB for an LSTM), read from L1.
+      alignas(64) float gate_sums[kAmxGateRows * kSumsRow];
       for (int64_t s = ch.s_begin; s < ch.s_end; ++s) {
         const int64_t t = p.step_at(s), n = p.batch_sizes[t], r0 = p.offsets[t];
         // The state each row starts from (h_prev; kept for the backward in training), and where
@@ -500,10 +507,12 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
                               : h_scratch_p;
         const int64_t h_unproj_ld = train ? SW : H;
         // The cell math of rows [i0, i1), units [u0, u1) (LayerNorm cells: see below).
-        const auto forward_rows = [&](int64_t i0, int64_t i1, int64_t u0, int64_t u1) {
+        // hh_block: the hidden-side sums of these rows and units, amx_gate_products' layout.
+        const auto forward_rows = [&](int64_t i0, int64_t i1, int64_t u0, int64_t u1,
+                                      const T* hh_block = nullptr) {
           for (int64_t i = i0; i < i1 && ln_p == nullptr; ++i) {
             ForwardRow<T> row{xg_p + (r0 - ch.row_begin + i) * GH,
-                              hg_p + i * GH,
+                              hh_block == nullptr ? hg_p + i * GH : hh_block + (i - i0) * kSumsRow,
                               b_ih_p,
                               b_hh_p,
                               h_prev + i * Hout,
@@ -517,6 +526,10 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
                               h_next != nullptr && i < n_next ? h_next + i * Hout : nullptr};
             if (out_bf16 != nullptr) row.h_bf16 = out_bf16 + (r0 + i) * Hout;
             if (out_fp16 != nullptr) row.h_fp16 = out_fp16 + (r0 + i) * Hout;
+            if (hh_block != nullptr) {
+              row.hh_gate_stride = kAmxGateUnits;
+              row.hh_unit_offset = u0;
+            }
             forward_row<CellT, T>(row, H, u0, u1);
           }
         };
@@ -563,8 +576,19 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
                           : tile_at(k_tile, n, H, by_units);
         };
         for (int64_t k_tile = t_begin; k_tile < t_end; ++k_tile) {
-          const Tile tl = tile_of(k_tile);
-          if (tl.rows == 0) continue;
+          const Tile whole = tile_of(k_tile);
+          if (whole.rows == 0) continue;
+          // Whole blocks of kAmxGateRows rows on amx_gate_products, the rest below.
+          int64_t amx_rows = 0;
+          if constexpr (std::is_same_v<T, float>) {
+            for (; amx_gates && amx_rows + kAmxGateRows <= whole.rows; amx_rows += kAmxGateRows) {
+              const int64_t i0 = whole.i0 + amx_rows;
+              amx_gate_products(h_bf + i0 * ld_bf, ld_bf, w_hh_t.panels(), Cell::kGates,
+                                whole.u0 / Panels::kPanel, gate_sums);
+              forward_rows(i0, i0 + kAmxGateRows, whole.u0, whole.u1, gate_sums);
+            }
+          }
+          const Tile tl{whole.i0 + amx_rows, whole.rows - amx_rows, whole.u0, whole.u1};
           // The panel this thread reads after gate k's: the next gate's, then the next tile's
           // first (at the step's last tile, its first tile's, for the next step).
           const auto next_panel = [&](int64_t k) -> const T* {
@@ -574,7 +598,7 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
             const int64_t after = k_tile + 1 < t_end ? k_tile + 1 : t_begin;
             return w.panel<T>(0, tile_of(after).u0 / Panels::kPanel);
           };
-          for (int64_t k = 0; k < Cell::kGates && w_hh_t.packed(); ++k) {
+          for (int64_t k = 0; k < Cell::kGates && w_hh_t.packed() && tl.rows > 0; ++k) {
             T* hg_tile = hg_p + tl.i0 * GH + k * H + tl.u0;
             if constexpr (std::is_same_v<T, float>) {
               if (round_h) {
@@ -586,11 +610,11 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
             panel_product<T>(tl.rows, h_prev + tl.i0 * Hout, Hout, w_hh_t.panels(), k,
                              tl.u0 / Panels::kPanel, hg_tile, GH, false, next_panel(k));
           }
-          forward_rows(tl.i0, tl.i0 + tl.rows, tl.u0, tl.u1);
+          if (tl.rows > 0) forward_rows(tl.i0, tl.i0 + tl.rows, tl.u0, tl.u1);
           if constexpr (std::is_same_v<T, float>) {
             if (round_in_cell) {
-              bf16_round_rows(tl.rows, tl.u1 - tl.u0, h_p + tl.i0 * Hout + tl.u0, Hout,
-                              h_bf_next + tl.i0 * ld_bf + tl.u0, ld_bf);
+              bf16_round_rows(whole.rows, whole.u1 - whole.u0, h_p + whole.i0 * Hout + whole.u0,
+                              Hout, h_bf_next + whole.i0 * ld_bf + whole.u0, ld_bf);
             }
           }
         }

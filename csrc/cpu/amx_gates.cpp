@@ -1,0 +1,100 @@
+// AMX tile products written out with the compiler's tile intrinsics, compiled for AMX function
+// by function and run only where Panels::tiles says the CPU has it.
+#include "amx_gates.h"
+
+#include <immintrin.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#include "bf16_dot.h"
+
+namespace rnn_fused::cpu {
+namespace {
+
+// Linux gives a process the tiles' state only once it asks (arch_prctl's
+// ARCH_REQ_XCOMP_PERM for XTILEDATA); oneDNN asks too, but not before its first tile kernel.
+bool tiles_permitted() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr int kRequestPermission = 0x1023, kTileData = 18;
+  static const bool ok = syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  return ok;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+bool amx_gate_products_fit(const Panels& W) {
+  return W.bf16() && W.tiles && W.K % 32 == 0 && tiles_permitted();
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+namespace {
+
+#define RF_AMX_TARGET __attribute__((target("amx-tile,amx-bf16")))
+
+// Palette 1: eight tiles of 16 rows by 64 bytes (16 float32 sums, or 16 pairs of bfloat16).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+}  // namespace
+
+// Tiles 0-3: the sums of 32 rows by 32 columns (2 x 2 tiles); 4-5: the two 16-row halves of
+// A's 32 values of k; 6-7: the panel's 16 pairs of rows for two blocks of 16 columns.
+RF_AMX_TARGET void amx_gate_products(const at::BFloat16* A, int64_t lda, const Panels& W,
+                                     int64_t gates, int64_t j, float* out) {
+  // ATen's brgemm keeps its tile configuration per thread: released first, so that its next
+  // call configures the tiles again.
+  bf16_tiles_release();
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = 16;
+    config.bytes_per_row[t] = 64;
+  }
+  _tile_loadconfig(&config);
+  const auto* a = reinterpret_cast<const char*>(A);
+  const int64_t a_stride = lda * 2, out_stride = gates * kAmxGateUnits * 4;
+  // A panel's row of pairs: kAmxGateUnits columns of two bfloat16 values.
+  constexpr int64_t kPairRow = kAmxGateUnits * 4;
+  for (int64_t g = 0; g < gates; ++g) {
+    const auto* panel = reinterpret_cast<const char*>(W.panel<at::BFloat16>(g, j));
+    for (int64_t half = 0; half < 2; ++half) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t k = 0; k < W.K; k += 32) {
+        const char* b = panel + k / 2 * kPairRow + half * 128;
+        _tile_loadd(4, a + k * 2, a_stride);
+        _tile_loadd(5, a + 16 * a_stride + k * 2, a_stride);
+        _tile_loadd(6, b, kPairRow);
+        _tile_loadd(7, b + 64, kPairRow);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      char* o = reinterpret_cast<char*>(out + g * kAmxGateUnits + half * 32);
+      _tile_stored(0, o, out_stride);
+      _tile_stored(1, o + 64, out_stride);
+      _tile_stored(2, o + 16 * out_stride, out_stride);
+      _tile_stored(3, o + 16 * out_stride + 64, out_stride);
+    }
+  }
+  _tile_release();
+}
+#else
+void amx_gate_products(const at::BFloat16*, int64_t, const Panels&, int64_t, int64_t, float*) {
+  TORCH_INTERNAL_ASSERT(false, "amx_gate_products without an x86-64 GCC or Clang build");
+}
+#endif
+
+}  // namespace rnn_fused::cpu

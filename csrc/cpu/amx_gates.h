@@ -1,0 +1,32 @@
+// A step's hidden-side products for one block of 32 rows and one unit block on AMX tiles of
+// our own: every gate's panel of W_hh against the block's rows of h (bfloat16), the float32
+// sums into a small buffer that the cell math reads next, from L1. Through ATen's brgemm the
+// same products cost a kernel-cache lookup per gate and land in the step's [rows, gates * H]
+// buffer, whose 8 KiB rows (at H=512) the cell math then reads back from L2.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+
+#include "gemm.h"
+
+namespace rnn_fused::cpu {
+
+// Rows of one call; sums of units per gate (one panel).
+constexpr int64_t kAmxGateRows = 32;
+constexpr int64_t kAmxGateUnits = Panels::kPanel;
+
+// Whether amx_gate_products takes W's panels: bfloat16 panels on AMX tiles (Panels::tiles,
+// set where the CPU has AMX-BF16) with K a multiple of 32 (a tile's row of pairs).
+bool amx_gate_products_fit(const Panels& W);
+
+// out[r, g, c] = sum over k of A[r, k] W[k, g * W.group + j * kAmxGateUnits + c] for r <
+// kAmxGateRows, g < gates, c < kAmxGateUnits (columns past the group are the panels' zeros):
+// out holds kAmxGateRows rows of gates * kAmxGateUnits values. A's rows are lda apart (lda
+// even). The sums are those of ATen's brgemm on the same panel: K in steps of 32, each a tile
+// product added to the tile of sums. Runs on the calling thread; leaves its tiles released.
+void amx_gate_products(const at::BFloat16* A, int64_t lda, const Panels& W, int64_t gates,
+                       int64_t j, float* out);
+
+}  // namespace rnn_fused::cpu
