@@ -1,4 +1,4 @@
-// A step's hidden-side products for one block of 32 rows and one unit block on AMX tiles of
+// A step's hidden-side products for one block of up to 32 rows and one unit block on AMX tiles of
 // our own: every gate's panel of W_hh against the block's rows of h (bfloat16), the float32
 // sums into a small buffer that the cell math reads next, from L1. Through ATen's brgemm the
 // same products cost a kernel-cache lookup per gate and land in the step's [rows, gates * H]
@@ -13,7 +13,7 @@
 
 namespace rnn_fused::cpu {
 
-// Rows of one call; sums of units per gate (one panel).
+// Rows of one call at most; sums of units per gate (one panel).
 constexpr int64_t kAmxGateRows = 32;
 constexpr int64_t kAmxGateUnits = Panels::kPanel;
 
@@ -21,12 +21,12 @@ constexpr int64_t kAmxGateUnits = Panels::kPanel;
 // set where the CPU has AMX-BF16) with K a multiple of 32 (a tile's row of pairs).
 bool amx_gate_products_fit(const Panels& W);
 
-// out[r, g, c] = sum over k of A[r, k] W[k, g * W.group + j * kAmxGateUnits + c] for r <
-// kAmxGateRows, g < gates, c < kAmxGateUnits (columns past the group are the panels' zeros):
-// out holds kAmxGateRows rows of gates * kAmxGateUnits values. A's rows are lda apart (lda
-// even). The sums are those of ATen's brgemm on the same panel: K in steps of 32, each a tile
+// out[r, g, c] = sum over k of A[r, k] W[k, g * W.group + j * kAmxGateUnits + c] for r < rows
+// (1 to kAmxGateRows), g < gates, c < kAmxGateUnits (columns past the group are
+// the panels' zeros): out holds `rows` rows of gates * kAmxGateUnits values. A's rows are
+// lda apart. The sums are those of ATen's brgemm on the same panel: K in steps of 32, each a tile
 // product added to the tile of sums. Runs on the calling thread; leaves its tiles released.
-void amx_gate_products(const at::BFloat16* A, int64_t lda, const Panels& W, int64_t gates,
-                       int64_t j, float* out);
+void amx_gate_products(int64_t rows, const at::BFloat16* A, int64_t lda, const Panels& W,
+                       int64_t gates, int64_t j, float* out);
 
 }  // namespace rnn_fused::cpu

@@ -330,9 +330,12 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
   // In two buffers too: the cell math rounds the units it writes into the other one.
   const bool round_in_cell = round_h && carry_in_cell;
   const int64_t ld_bf = (Hout + 1) / 2 * 2;
-  // bfloat16 steps on AMX tiles: blocks of kAmxGateRows rows of a tile on amx_gate_products,
-  // the sums of every gate into the thread's gate_sums (below) for the cell math to read.
-  const bool amx_gates = round_h && amx_gate_products_fit(w_hh_t.panels());
+  // bfloat16 steps on AMX tiles (W_hh's K a multiple of 32): a tile's products on
+  // amx_gate_products instead of brgemm, every gate's sums of a block of up to 32 rows into the
+  // thread's gate_sums (below) for the cell math to read.
+  // LayerNorm cells normalise whole rows of the step's buffer: they keep brgemm.
+  const bool amx_gates =
+      round_h && !a.layer_norm.has_value() && amx_gate_products_fit(w_hh_t.panels());
   constexpr int64_t kSumsRow = Cell::kGates * kAmxGateUnits;
   const int64_t bf_buffer = padded(p.batch * ld_bf / 2);  // in T values
   const int64_t h_bf_size = round_h ? 2 * bf_buffer : 0;
@@ -585,19 +588,17 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
                           : tile_at(k_tile, n, H, by_units);
         };
         for (int64_t k_tile = t_begin; k_tile < t_end; ++k_tile) {
-          const Tile whole = tile_of(k_tile);
-          if (whole.rows == 0) continue;
-          // Whole blocks of kAmxGateRows rows on amx_gate_products, the rest below.
-          int64_t amx_rows = 0;
+          const Tile tl = tile_of(k_tile);
+          if (tl.rows == 0) continue;
           if constexpr (std::is_same_v<T, float>) {
-            for (; amx_gates && amx_rows + kAmxGateRows <= whole.rows; amx_rows += kAmxGateRows) {
-              const int64_t i0 = whole.i0 + amx_rows;
-              amx_gate_products(h_bf + i0 * ld_bf, ld_bf, w_hh_t.panels(), Cell::kGates,
-                                whole.u0 / Panels::kPanel, gate_sums);
-              forward_rows(i0, i0 + kAmxGateRows, whole.u0, whole.u1, gate_sums);
+            // In blocks of up to kAmxGateRows rows, each block's cell math reading its sums.
+            for (int64_t i0 = tl.i0; amx_gates && i0 < tl.i0 + tl.rows; i0 += kAmxGateRows) {
+              const int64_t rows = std::min(kAmxGateRows, tl.i0 + tl.rows - i0);
+              amx_gate_products(rows, h_bf + i0 * ld_bf, ld_bf, w_hh_t.panels(), Cell::kGates,
+                                tl.u0 / Panels::kPanel, gate_sums);
+              forward_rows(i0, i0 + rows, tl.u0, tl.u1, gate_sums);
             }
           }
-          const Tile tl{whole.i0 + amx_rows, whole.rows - amx_rows, whole.u0, whole.u1};
           // The panel this thread reads after gate k's: the next gate's, then the next tile's
           // first (at the step's last tile, its first tile's, for the next step).
           const auto next_panel = [&](int64_t k) -> const T* {
@@ -607,7 +608,7 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
             const int64_t after = k_tile + 1 < t_end ? k_tile + 1 : t_begin;
             return w.panel<T>(0, tile_of(after).u0 / Panels::kPanel);
           };
-          for (int64_t k = 0; k < Cell::kGates && w_hh_t.packed() && tl.rows > 0; ++k) {
+          for (int64_t k = 0; k < Cell::kGates && w_hh_t.packed() && !amx_gates; ++k) {
             T* hg_tile = hg_p + tl.i0 * GH + k * H + tl.u0;
             if constexpr (std::is_same_v<T, float>) {
               if (round_h) {
@@ -619,11 +620,11 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
             panel_product<T>(tl.rows, h_prev + tl.i0 * Hout, Hout, w_hh_t.panels(), k,
                              tl.u0 / Panels::kPanel, hg_tile, GH, false, next_panel(k));
           }
-          if (tl.rows > 0) forward_rows(tl.i0, tl.i0 + tl.rows, tl.u0, tl.u1);
+          if (!amx_gates) forward_rows(tl.i0, tl.i0 + tl.rows, tl.u0, tl.u1);
           if constexpr (std::is_same_v<T, float>) {
             if (round_in_cell) {
-              bf16_round_rows(whole.rows, whole.u1 - whole.u0, h_p + whole.i0 * Hout + whole.u0,
-                              Hout, h_bf_next + whole.i0 * ld_bf + whole.u0, ld_bf);
+              bf16_round_rows(tl.rows, tl.u1 - tl.u0, h_p + tl.i0 * Hout + tl.u0, Hout,
+                              h_bf_next + tl.i0 * ld_bf + tl.u0, ld_bf);
             }
           }
         }
