@@ -38,7 +38,8 @@ namespace {
 
 #define RF_AMX_TARGET __attribute__((target("amx-tile,amx-bf16")))
 
-// Palette 1: eight tiles of 16 rows by 64 bytes (16 float32 sums, or 16 pairs of bfloat16).
+// Palette 1: eight tiles of up to 16 rows by 64 bytes (16 float32 sums, or 16 pairs of
+// bfloat16), each set to its rows.
 struct alignas(64) TileConfig {
   uint8_t palette = 1;
   uint8_t start_row = 0;
