@@ -94,8 +94,8 @@ def test_bf16_tiles_run_and_match_dot_products(mode, steps, batch, hidden, monke
     over 9 steps they differ somewhere. A single step packs its weights for the tiles and
     writes its bfloat16 weight gradients from their float32 sums. At batch 40 a thread takes
     its rows in one block (kOwnRowsTileBlock), not in blocks of 16. At hidden 96 (a multiple
-    of 32) the steps run on amx_gate_products (each thread's 35 rows in blocks of 32 and 3),
-    and the second unit block is a panel half of zeros."""
+    of 32) the steps run on our own AMX tile kernel (AmxGateTiles; each thread's 35 rows in
+    blocks of 32 and 3), and the second unit block is a panel half of zeros."""
     seed("bf16 tiles", mode, steps, hidden)
     gates = rnn_fused.ops.GATES[mode]
     x = torch.randn(steps, batch, 37).bfloat16()
@@ -121,9 +121,9 @@ def test_bf16_tiles_run_and_match_dot_products(mode, steps, batch, hidden, monke
 @pytest.mark.parametrize("batch", [70, 48])
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN_TANH"])
 def test_bf16_gate_tiles_no_worse_than_twice_torch_nn(cell, batch):
-    """Hidden 64 (a multiple of 32): each thread's rows of a step run on amx_gate_products in
-    blocks of up to 32, whose compact sums the cell math reads (at batch 70, 35 rows a thread:
-    32 and 3; at batch 48, 24 in one block)."""
+    """Hidden 64 (a multiple of 32): each thread's rows of a step run on our own AMX tile
+    kernel (AmxGateTiles) in blocks of up to 32, whose compact sums the cell math reads (at
+    batch 70, 35 rows a thread: 32 and 3; at batch 48, 24 in one block)."""
     seed("gate tiles", cell, batch)
     _assert_rule(half_layer_errors(cell, {}, torch.bfloat16, "cpu", 6, batch, H=64))
 

@@ -155,7 +155,8 @@ def test_other_dtypes(mode, dtype, batch, hidden):
     """Against float64: float32 within its tolerance, bfloat16 no worse than twice
     reference.py's own error in bfloat16. At batch 70 and hidden 64 a bfloat16 step's
     threads take 35 rows each on AMX tiles where the CPU has them, which the plain cells'
-    steps would run on amx_gate_products (the LayerNorm cells keep the step's buffer)."""
+    steps would run on our own AMX tile kernel (AmxGateTiles; the LayerNorm cells keep the
+    step's buffer)."""
     seed("layer_norm dtypes", mode, dtype, batch)
     layer = make_layer(mode, 6, hidden, dtype=torch.float64, scale=0.3)
     x = rand(8, batch, 6, dtype=torch.float64)

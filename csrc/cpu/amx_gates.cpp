@@ -50,22 +50,42 @@ struct alignas(64) TileConfig {
 
 }  // namespace
 
+namespace {
+
 // Tiles 0-3: the sums of up to 32 rows by 32 columns (2 x 2 tiles: rows 0-15 in 0-1, the rest
 // in 2-3); 4-5: A's rows in the same two parts, 32 values of k each; 6-7: the panel's 16 pairs
 // of rows for two blocks of 16 columns.
-RF_AMX_TARGET void amx_gate_products(int64_t rows, const at::BFloat16* A, int64_t lda,
-                                     const Panels& W, int64_t gates, int64_t j, float* out) {
-  TORCH_INTERNAL_ASSERT(rows > 0 && rows <= kAmxGateRows);
+RF_AMX_TARGET void configure_tiles(int64_t rows) {
   const int64_t first = std::min<int64_t>(rows, 16), second = rows - first;
-  // ATen's brgemm keeps its tile configuration per thread: released first, so that its next
-  // call configures the tiles again.
-  bf16_tiles_release();
   TileConfig config;
   for (int t : {0, 1, 4}) config.rows[t] = static_cast<uint8_t>(first);
   for (int t : {2, 3, 5}) config.rows[t] = static_cast<uint8_t>(second);
   config.rows[6] = config.rows[7] = 16;
   for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = config.rows[t] > 0 ? 64 : 0;
   _tile_loadconfig(&config);
+}
+
+RF_AMX_TARGET void release_tiles() { _tile_release(); }
+
+}  // namespace
+
+void AmxGateTiles::release() {
+  if (configured_rows_ == 0) return;
+  release_tiles();
+  configured_rows_ = 0;
+}
+
+RF_AMX_TARGET void AmxGateTiles::products(int64_t rows, const at::BFloat16* A, int64_t lda,
+                                          const Panels& W, int64_t gates, int64_t j, float* out) {
+  TORCH_INTERNAL_ASSERT(rows > 0 && rows <= kAmxGateRows);
+  if (rows != configured_rows_) {
+    // ATen's brgemm keeps its tile configuration per thread: released first, so that its next
+    // call configures the tiles again.
+    if (configured_rows_ == 0) bf16_tiles_release();
+    configure_tiles(rows);
+    configured_rows_ = rows;
+  }
+  const bool second = rows > 16;
   const auto* a = reinterpret_cast<const char*>(A);
   const int64_t a_stride = lda * 2, out_stride = gates * kAmxGateUnits * 4;
   // A panel's row of pairs: kAmxGateUnits columns of two bfloat16 values.
@@ -75,7 +95,7 @@ RF_AMX_TARGET void amx_gate_products(int64_t rows, const at::BFloat16* A, int64_
     for (int64_t half = 0; half < 2; ++half) {
       _tile_zero(0);
       _tile_zero(1);
-      if (second > 0) {
+      if (second) {
         _tile_zero(2);
         _tile_zero(3);
       }
@@ -86,7 +106,7 @@ RF_AMX_TARGET void amx_gate_products(int64_t rows, const at::BFloat16* A, int64_
         _tile_loadd(7, b + 64, kPairRow);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
-        if (second > 0) {
+        if (second) {
           _tile_loadd(5, a + 16 * a_stride + k * 2, a_stride);
           _tile_dpbf16ps(2, 5, 6);
           _tile_dpbf16ps(3, 5, 7);
@@ -95,18 +115,18 @@ RF_AMX_TARGET void amx_gate_products(int64_t rows, const at::BFloat16* A, int64_
       char* o = reinterpret_cast<char*>(out + g * kAmxGateUnits + half * 32);
       _tile_stored(0, o, out_stride);
       _tile_stored(1, o + 64, out_stride);
-      if (second > 0) {
+      if (second) {
         _tile_stored(2, o + 16 * out_stride, out_stride);
         _tile_stored(3, o + 16 * out_stride + 64, out_stride);
       }
     }
   }
-  _tile_release();
 }
 #else
-void amx_gate_products(int64_t, const at::BFloat16*, int64_t, const Panels&, int64_t, int64_t,
-                       float*) {
-  TORCH_INTERNAL_ASSERT(false, "amx_gate_products without an x86-64 GCC or Clang build");
+void AmxGateTiles::release() {}
+void AmxGateTiles::products(int64_t, const at::BFloat16*, int64_t, const Panels&, int64_t, int64_t,
+                            float*) {
+  TORCH_INTERNAL_ASSERT(false, "AMX tile products without an x86-64 GCC or Clang build");
 }
 #endif
 

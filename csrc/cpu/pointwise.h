@@ -76,7 +76,7 @@ struct ForwardRow {
   // h_t rounded to a half type, for a half-type call's output (T is float32 then), or nullptr.
   at::BFloat16* h_bf16 = nullptr;
   at::Half* h_fp16 = nullptr;
-  // Where hh is a compact buffer of a few units per gate (amx_gate_products'): the distance
+  // Where hh is a compact buffer of a few units per gate (AmxGateTiles::products'): the distance
   // from one gate to the next (else 0: H), and the unit at its start.
   int64_t hh_gate_stride = 0, hh_unit_offset = 0;
 };

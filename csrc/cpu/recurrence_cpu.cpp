@@ -331,8 +331,8 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
   const bool round_in_cell = round_h && carry_in_cell;
   const int64_t ld_bf = (Hout + 1) / 2 * 2;
   // bfloat16 steps on AMX tiles (W_hh's K a multiple of 32): a tile's products on
-  // amx_gate_products instead of brgemm, every gate's sums of a block of up to 32 rows into the
-  // thread's gate_sums (below) for the cell math to read.
+  // AmxGateTiles::products instead of brgemm, every gate's sums of a block of up to 32 rows
+  // into the thread's gate_sums (below) for the cell math to read.
   // LayerNorm cells normalise whole rows of the step's buffer: they keep brgemm.
   const bool amx_gates =
       round_h && !a.layer_norm.has_value() && amx_gate_products_fit(w_hh_t.panels());
@@ -468,8 +468,9 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
       }
     }
     with_team(step_threads(p), [&](const Team& team) {
-      // This thread's amx_gate_products sums (32 KiB for an LSTM), read from L1.
+      // This thread's tile products' sums (32 KiB for an LSTM), read from L1.
       alignas(64) float gate_sums[kAmxGateRows * kSumsRow];
+      AmxGateTiles gate_tiles;
       for (int64_t s = ch.s_begin; s < ch.s_end; ++s) {
         const int64_t t = p.step_at(s), n = p.batch_sizes[t], r0 = p.offsets[t];
         // The state each row starts from (h_prev; kept for the backward in training), and where
@@ -519,7 +520,7 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
                               : h_scratch_p;
         const int64_t h_unproj_ld = train ? SW : H;
         // The cell math of rows [i0, i1), units [u0, u1) (LayerNorm cells: see below).
-        // hh_block: the hidden-side sums of these rows and units, amx_gate_products' layout.
+        // hh_block: the hidden-side sums of these rows and units, AmxGateTiles::products' layout.
         const auto forward_rows = [&](int64_t i0, int64_t i1, int64_t u0, int64_t u1,
                                       const T* hh_block = nullptr) {
           for (int64_t i = i0; i < i1 && ln_p == nullptr; ++i) {
@@ -594,8 +595,8 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
             // In blocks of up to kAmxGateRows rows, each block's cell math reading its sums.
             for (int64_t i0 = tl.i0; amx_gates && i0 < tl.i0 + tl.rows; i0 += kAmxGateRows) {
               const int64_t rows = std::min(kAmxGateRows, tl.i0 + tl.rows - i0);
-              amx_gate_products(rows, h_bf + i0 * ld_bf, ld_bf, w_hh_t.panels(), Cell::kGates,
-                                tl.u0 / Panels::kPanel, gate_sums);
+              gate_tiles.products(rows, h_bf + i0 * ld_bf, ld_bf, w_hh_t.panels(), Cell::kGates,
+                                  tl.u0 / Panels::kPanel, gate_sums);
               forward_rows(i0, i0 + rows, tl.u0, tl.u1, gate_sums);
             }
           }
@@ -658,6 +659,7 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
         }
         if (!own_rows) team.barrier();
         if (p.proj) {
+          gate_tiles.release();  // the projection's products may run on brgemm's tiles
           T* out_rows = out_p + r0 * Hout;
           w_hr_t->product(team, n, h_unproj, h_unproj_ld, out_rows, Hout, false);
           team.barrier();
