@@ -1,11 +1,14 @@
 """The CPU kernels' own sigmoid and tanh (csrc/cpu/vec_math.h: a polynomial and exp form,
-not Sleef's) against numpy's long double, in float32 and float64.
+not Sleef's) against numpy's long double, in float32 and float64; and the cheaper ones of
+bfloat16 calls on the bfloat16 products (Bf16CellVec), against the exact value rounded.
 
 The kernels' activations are read through layers whose products are exact: a tanh RNN whose
 W_ih is the identity and whose W_hh is zero outputs tanh(x) of its input; a GRU whose W_ih
 feeds x to the update gate z only, with W_hh zero and h_prev = 1, outputs
 (1 - z) * tanh(0) + z * 1 = sigmoid(x). Every value is a row of a single step, so that no
 value depends on another. 64 units: whole vectors; 51 units: a partial last vector as well.
+A bfloat16 call of at least 96 rows packs its weights and runs on the bfloat16 products where
+the CPU has them (elsewhere it takes float32's activations, which pass the same tests).
 """
 
 from __future__ import annotations
@@ -17,10 +20,14 @@ import torch
 import rnn_fused
 
 DTYPES = [torch.float32, torch.float64]
+# The rows of a bfloat16 call that packs its weights (csrc/cpu/recurrence_cpu.cpp).
+BF16_PACKED_ROWS = 96
 
 
 def kernel(x: torch.Tensor, activation: str, units: int) -> torch.Tensor:
     rows = -(-x.numel() // units)
+    if x.dtype == torch.bfloat16:
+        rows = max(rows, BF16_PACKED_ROWS)
     padded = torch.cat([x, x.new_ones(rows * units - x.numel())]).reshape(1, rows, units)
     eye, zero = torch.eye(units, dtype=x.dtype), torch.zeros(units, units, dtype=x.dtype)
     with torch.no_grad():
@@ -70,21 +77,45 @@ def test_activation_within_ulps(activation: str, max_ulp: float, dtype: torch.dt
     assert ulps[worst] <= max_ulp, f"{float(ulps[worst]):.2f} ulp at x = {x[worst].item()!r}"
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+def bfloat16_spacing(v: np.ndarray) -> np.ndarray:
+    """The distance between bfloat16 numbers at |v| (normal numbers; 8 significant bits)."""
+    return np.exp2(np.floor(np.log2(np.abs(v))) - 7)
+
+
+@pytest.mark.parametrize("units", [64, 51])
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
+def test_bfloat16_activation_is_the_value_rounded(activation: str, units: int):
+    """Within 4e-6 of the value (a thousandth of a bfloat16 ulp): every output is the exact
+    value rounded to bfloat16, or its neighbour where the exact value lies that close to
+    halfway between two; below the normal numbers, within the least normal one."""
+    x = sweep(torch.float32).to(torch.bfloat16)
+    y = kernel(x, activation, units).double().numpy()
+    want = exact(x.float(), activation).astype(np.float64)
+    tiny = float(np.finfo(np.float32).tiny)
+    normal = np.abs(want) >= tiny
+    assert (np.abs(y[~normal]) <= tiny).all()
+    err, bound = np.abs(y - want)[normal], bfloat16_spacing(want[normal]) / 2
+    worst = int((err / bound).argmax())
+    assert err[worst] <= bound[worst] + 4e-6 * abs(want[normal][worst]), f"x = {x[normal][worst]}"
+    rounded = torch.from_numpy(want).to(torch.bfloat16).double().numpy()
+    assert (y == rounded).mean() > 0.999
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.bfloat16])
 def test_tanh_odd_exact_at_zero_and_saturated(dtype: torch.dtype):
     y = kernel(torch.tensor([0.0, 0.3, -0.3, 20.0, -20.0], dtype=dtype), "tanh", 51)
     assert y[0].item() == 0.0 and y[1].item() == -y[2].item()
     assert y[3].item() == 1.0 and y[4].item() == -1.0
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.bfloat16])
 def test_sigmoid_limits(dtype: torch.dtype):
     y = kernel(torch.tensor([0.0, 50.0, -800.0, 800.0], dtype=dtype), "sigmoid", 51)
     assert y.tolist() == [0.5, 1.0, 0.0, 1.0]
 
 
 @pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.bfloat16])
 def test_activation_keeps_nan(activation: str, dtype: torch.dtype):
     # (A NaN spreads to every unit through the product with the identity: one NaN alone.)
     assert torch.isnan(kernel(torch.tensor([float("nan")], dtype=dtype), activation, 51)).all()

@@ -118,10 +118,10 @@ inline void forward_units(const ForwardRow<T>& r, int64_t H, int64_t j, int n) {
   }
 }
 
-// Units [begin, end) of a row (begin a multiple of the vector width).
-template <template <class> class CellT, class T>
+// Units [begin, end) of a row (begin a multiple of the vector width), on vectors Vec: T's, or
+// Bf16CellVec for the cheaper activations of a call on the bfloat16 products.
+template <template <class> class CellT, class T, class Vec = at::vec::Vectorized<T>>
 void forward_row(const ForwardRow<T>& r, int64_t H, int64_t begin, int64_t end) {
-  using Vec = at::vec::Vectorized<T>;
   int64_t j = begin;
   for (; j + Vec::size() <= end; j += Vec::size())
     forward_units<CellT<Vec>, Vec>(r, H, j, Vec::size());

@@ -192,6 +192,89 @@ C10_ALWAYS_INLINE at::vec::Vectorized<T> tanh_vec(const at::vec::Vectorized<T>& 
 #endif
 }
 
+// A float32 SIMD vector of the cell math of a bfloat16 call on the bfloat16 products
+// (run_forward's `bf16`): the same vector, whose activations (MathOps<Bf16CellVec>) need only
+// be as exact as a bfloat16 result can show. The cells take it as their V; at::vec's operators
+// take it as a Vectorized<float>, and what they return converts back. Other half-type calls
+// keep float32's activations: they give the float32 call's results rounded, bit for bit.
+struct Bf16CellVec : at::vec::Vectorized<float> {
+  using Base = at::vec::Vectorized<float>;
+  using Base::Base;
+  Bf16CellVec() = default;
+  C10_ALWAYS_INLINE Bf16CellVec(const Base& v) : Base(v) {}  // NOLINT: implicit by design
+};
+
+#if defined(CPU_CAPABILITY_AVX512)
+namespace bf16_cell {
+// 2^t: 2^f 2^floor(t), f = t - floor(t) in [0, 1] by vreduceps, 2^f = 1 + f P(f) with P of
+// degree 4 fitted here for the least relative error on [0, 1] (9.4e-8), 2^floor(t) applied by
+// vscalefps (which floors t itself; 0 and infinity where they belong, and f is 0 at t = +-inf).
+// Seven instructions, where exp_nonpositive takes fifteen for float32's last ulp.
+C10_ALWAYS_INLINE __m512 exp2(__m512 t) {
+  const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.867130050e-3f), f, _mm512_set1_ps(9.017030708e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.579991266e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.401644439e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931512952e-1f));
+  return _mm512_scalef_ps(_mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f)), t);
+}
+
+// 1 / d for d = 1 + 2^t, t at most kMaxT (d finite for the Newton step), refined once from
+// the 14-bit estimate; 0 outside `kept`. t's rounding to float32 (t = a log2(e) x) costs a
+// relative error of |t| 2^-24 ln 2 in 2^t: below 4e-6 in a sigmoid or tanh that is not 0 or
+// +-1 in float32.
+constexpr float kMaxT = 126.0f;
+C10_ALWAYS_INLINE __m512 one_over(__m512 d, __mmask16 kept) {
+  const __m512 r = _mm512_rcp14_ps(d);
+  return _mm512_maskz_fmadd_ps(kept, r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(1.0f)), r);
+}
+
+// sigmoid(x) = 1 / (1 + e^-x); 0 where e^-x exceeds 2^126 (the value is below the normal
+// numbers), NaN for NaN (vminps returns its second operand then; the mask keeps unordered).
+C10_ALWAYS_INLINE __m512 sigmoid(__m512 x) {
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(-1.4426950408889634f));
+  const __mmask16 kept = _mm512_cmp_ps_mask(t, _mm512_set1_ps(kMaxT), _CMP_NGT_UQ);
+  const __m512 d =
+      _mm512_add_ps(_mm512_set1_ps(1.0f), exp2(_mm512_min_ps(_mm512_set1_ps(kMaxT), t)));
+  return one_over(d, kept);
+}
+
+// tanh(x) = 1 - 2 / (1 + e^2x) (1 exactly from x = 44, where e^2x is held at 2^126), and
+// x - x^3 / 3 + 2 x^5 / 15 below |x| = 1/16, where the first form's cancellation would cost
+// relative accuracy.
+C10_ALWAYS_INLINE __m512 tanh(__m512 x) {
+  const __m512 t =
+      _mm512_min_ps(_mm512_set1_ps(kMaxT), _mm512_mul_ps(x, _mm512_set1_ps(2.8853900817779268f)));
+  const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp2(t));
+  const __m512 large =
+      _mm512_fnmadd_ps(one_over(d, 0xffff), _mm512_set1_ps(2.0f), _mm512_set1_ps(1.0f));
+  const __m512 z = _mm512_mul_ps(x, x);
+  const __m512 q = _mm512_fmadd_ps(z, _mm512_set1_ps(2.0f / 15), _mm512_set1_ps(-1.0f / 3));
+  const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(x, z), q, x);
+  return _mm512_mask_blend_ps(
+      _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(0.0625f), _CMP_LT_OQ), large, small);
+}
+}  // namespace bf16_cell
+#endif
+
+// Those activations: within 4e-6 of the value (a thousandth of a bfloat16 ulp), in about 15
+// and 22 instructions where float32's last ulp takes 22
+// and 35. An LSTM's cell math on cached rows went from 65.5 to 41 TSC cycles a vector of 16
+// units (Intel Xeon with AMX).
+template <>
+struct MathOps<Bf16CellVec> {
+  using V = Bf16CellVec;
+#if defined(CPU_CAPABILITY_AVX512)
+  C10_ALWAYS_INLINE static V sigmoid(const V& x) { return V(bf16_cell::sigmoid(x)); }
+  C10_ALWAYS_INLINE static V tanh(const V& x) { return V(bf16_cell::tanh(x)); }
+#else
+  C10_ALWAYS_INLINE static V sigmoid(const V& x) { return sigmoid_vec<float>(x); }
+  C10_ALWAYS_INLINE static V tanh(const V& x) { return tanh_vec<float>(x); }
+#endif
+  C10_ALWAYS_INLINE static V relu(const V& x) { return max_keeping_nan<float>(V::Base(0.0f), x); }
+  C10_ALWAYS_INLINE static V positive(const V& y) { return y.gt(V::Base(0.0f)); }
+};
+
 template <class T>
 struct MathOps<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
