@@ -76,6 +76,8 @@ struct ForwardRow {
   // h_t rounded to a half type, for a half-type call's output (T is float32 then), or nullptr.
   at::BFloat16* h_bf16 = nullptr;
   at::Half* h_fp16 = nullptr;
+  // h_t rounded to bfloat16 where the next step's products read it, or nullptr.
+  at::BFloat16* h_next_bf16 = nullptr;
   // Where hh is a compact buffer of a few units per gate (AmxGateTiles::products'): the distance
   // from one gate to the next (else 0: H), and the unit at its start.
   int64_t hh_gate_stride = 0, hh_unit_offset = 0;
@@ -113,7 +115,11 @@ inline void forward_units(const ForwardRow<T>& r, int64_t H, int64_t j, int n) {
   if (r.h_copy != nullptr) h.store(r.h_copy + j, n);
   if (r.h_next != nullptr) h.store(r.h_next + j, n);
   if constexpr (std::is_same_v<T, float>) {
-    if (r.h_bf16 != nullptr) at::vec::convert_from_float<at::BFloat16>(h, h).store(r.h_bf16 + j, n);
+    if (r.h_bf16 != nullptr || r.h_next_bf16 != nullptr) {
+      const auto rounded = at::vec::convert_from_float<at::BFloat16>(h, h);
+      if (r.h_bf16 != nullptr) rounded.store(r.h_bf16 + j, n);
+      if (r.h_next_bf16 != nullptr) rounded.store(r.h_next_bf16 + j, n);
+    }
     if (r.h_fp16 != nullptr) at::vec::convert_from_float<at::Half>(h, h).store(r.h_fp16 + j, n);
   }
 }
