@@ -90,6 +90,34 @@ def test_reused_workspace_gives_fresh_results(cls, mode, kwargs, B, packed):
     assert cached_workspace_bytes() >= poisoned, "the backward did not free its workspace"
 
 
+@pytest.mark.parametrize(
+    ("cls", "mode", "B"),
+    [(nn.LSTM, "LSTM", 330), (nn.GRU, "GRU", 410), (nn.RNN, "RNN_TANH", 1640)],
+    ids=["lstm", "gru", "rnn"],
+)
+def test_streamed_workspace_gives_the_gradients(cls, mode, B):
+    """A float32 training forward writes its saved rows but the last 16 MiB past the caches
+    (non-temporal stores, whole aligned vectors: H a multiple of 16); here about 26 MiB, in
+    a block that held NaN. Outputs and gradients against torch.nn in float64."""
+    seed("streamed workspace", mode)
+    T, I, H = 41, 23, 96
+    ref = cls(I, H).double()
+    ours = rnn_fused.replace_rnns(cls(I, H))
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    empty_workspace_cache()
+    assert _poison_cache(mode, ours, T, B) >= 24 * MIB, "the case must stream some rows"
+
+    def run(m: nn.Module, dtype: torch.dtype) -> list[torch.Tensor]:
+        xi = x.to(dtype).requires_grad_()
+        out, _ = m(xi)
+        return [out, *torch.autograd.grad((out * out.tanh()).sum(), [xi, *m.parameters()])]
+
+    for a, b in zip(run(ours, torch.float32), run(ref, torch.float64), strict=True):
+        assert not a.isnan().any()
+        assert_close(a, b.float(), "streamed workspace")
+
+
 def test_reused_output_block_gives_fresh_results():
     """An inference call's output (here 1.5 MiB) comes from the cache and goes back to it."""
     seed("workspace-output")

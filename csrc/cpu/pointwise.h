@@ -78,10 +78,37 @@ struct ForwardRow {
   at::Half* h_fp16 = nullptr;
   // h_t rounded to bfloat16 where the next step's products read it, or nullptr.
   at::BFloat16* h_next_bf16 = nullptr;
+  // Whether `saved` is written past the caches (non-temporal stores, where aligned): a step
+  // the backward reads long after (run_forward's kCachedSavedBytes).
+  bool stream_saved = false;
   // Where hh is a compact buffer of a few units per gate (AmxGateTiles::products'): the distance
   // from one gate to the next (else 0: H), and the unit at its start.
   int64_t hh_gate_stride = 0, hh_unit_offset = 0;
 };
+
+// The cell's saved values of units j .. j + n of one row. Streamed (ForwardRow::stream_saved)
+// only as whole aligned vectors; the writing thread fences them (sfence) before others read.
+template <class Cell, class V, class T>
+C10_ALWAYS_INLINE void store_saved(const ForwardRow<T>& r, const V (&saved)[Cell::kSaved],
+                                   int64_t H, int64_t j, int n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    const bool aligned = reinterpret_cast<uintptr_t>(r.saved + j) % 64 == 0 && H % 16 == 0;
+    if (r.stream_saved && n == 16 && aligned) {
+      for (int k = 0; k < Cell::kSaved; ++k) _mm512_stream_ps(r.saved + k * H + j, saved[k]);
+      return;
+    }
+  }
+#endif
+  for (int k = 0; k < Cell::kSaved; ++k) saved[k].store(r.saved + k * H + j, n);
+}
+
+// Makes this thread's streamed saved rows visible to other threads (after its last step).
+inline void fence_streamed_saved() {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm_sfence();
+#endif
+}
 
 // The cell on units j .. j + n of one row, n at most a vector's width. A partial vector
 // rather than a scalar tail: at H=51 in float64 the scalar libm calls of three units a row
@@ -108,8 +135,7 @@ inline void forward_units(const ForwardRow<T>& r, int64_t H, int64_t j, int n) {
     if constexpr (!Cell::kUsesPrevH) h_prev = load(r.h_prev + j);
     h = h + load(r.keep + j) * (h_prev - h);
   }
-  if (r.saved != nullptr)
-    for (int k = 0; k < Cell::kSaved; ++k) saved[k].store(r.saved + k * H + j, n);
+  if (r.saved != nullptr) store_saved<Cell>(r, saved, H, j, n);
   if constexpr (Cell::kCellState) c.store(r.c + j, n);
   h.store(r.h + j, n);
   if (r.h_copy != nullptr) h.store(r.h_copy + j, n);
