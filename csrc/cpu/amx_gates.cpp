@@ -62,6 +62,10 @@ RF_AMX_TARGET void configure_tiles(int64_t rows) {
   for (int t : {2, 3, 5}) config.rows[t] = static_cast<uint8_t>(second);
   config.rows[6] = config.rows[7] = 16;
   for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = config.rows[t] > 0 ? 64 : 0;
+  // GCC does not see that ldtilecfg reads the configuration: with this function inlined
+  // elsewhere it dropped the stores above as dead (tiles of 16 rows and no bytes, a
+  // general-protection fault). The barrier keeps them.
+  asm volatile("" : : "r"(&config) : "memory");
   _tile_loadconfig(&config);
 }
 
