@@ -96,7 +96,7 @@ def simd_flags() -> tuple[list[str], str]:
     except OSError:
         pass
     avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags
-    avx2 = {"avx2", "fma"} <= flags
+    avx2 = {"avx2", "fma", "f16c"} <= flags
     if not wanted:
         wanted = "avx512" if avx512 else "avx2" if avx2 else "default"
     if wanted == "avx512":
@@ -110,7 +110,9 @@ def simd_flags() -> tuple[list[str], str]:
             "-DCPU_CAPABILITY_AVX512",
         ], wanted
     if wanted == "avx2":
-        return ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"], wanted
+        # F16C: the cell math's float16 outputs convert with vcvtps2ph (every AVX2 CPU has it).
+        avx2_flags = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+        return avx2_flags, wanted
     if wanted != "default":
         raise SystemExit(f"RNN_FUSED_SIMD must be avx512, avx2 or default, got {wanted!r}")
     return ["-DCPU_CAPABILITY=DEFAULT"], wanted
