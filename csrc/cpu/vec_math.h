@@ -257,10 +257,9 @@ C10_ALWAYS_INLINE __m512 tanh(__m512 x) {
 }  // namespace bf16_cell
 #endif
 
-// Those activations: within 4e-6 of the value (a thousandth of a bfloat16 ulp), in about 15
-// and 22 instructions where float32's last ulp takes 22
-// and 35. An LSTM's cell math on cached rows went from 65.5 to 41 TSC cycles a vector of 16
-// units (Intel Xeon with AMX).
+// Those activations: within 4e-6 of the value (a thousandth of a bfloat16 ulp), in 14 and 20
+// instructions where float32's last ulp takes 22 and 35. An LSTM's cell math on cached rows
+// went from 65.5 to 41 TSC cycles a vector of 16 units (Intel Xeon with AMX).
 template <>
 struct MathOps<Bf16CellVec> {
   using V = Bf16CellVec;
