@@ -318,11 +318,12 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
       p.proj ? std::optional<StepWeight<T>>(std::in_place, *w_hr, true, pack, 0, bf16_dots, p.batch)
              : std::nullopt;
   // One scratch buffer (a short call's is the thread's own: see thread_scratch): xg, the
-  // input-side pre-activations of a chunk; hg, a step's hidden-side ones; h_start, the state
+  // input-side pre-activations of a chunk; hg, a step's hidden-side ones (none where the tile
+  // kernel sums them in the thread's gate_sums: amx_gates, below); h_start, the state
   // a step starts from when it is not kept for the backward (the step's threads overwrite
   // h_state while others still read it); h_scratch, the unprojected h of a step when it is
   // not kept in `saved`.
-  const int64_t xg_size = padded(max_rows(chunks) * GH), hg_size = padded(p.batch * GH);
+  const int64_t xg_size = padded(max_rows(chunks) * GH);
   // Where the cell math writes a step's whole h (no projection, no LayerNorm), it also writes
   // h where the next step reads h_{t-1}: the next step's rows of h_prev (training), or the
   // other of two h_start buffers (inference); and rounded for bfloat16 products. The next step
@@ -352,6 +353,7 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
   constexpr int64_t kSumsRow = Cell::kGates * kAmxGateUnits;
   const int64_t bf_buffer = padded(p.batch * ld_bf / 2);  // in T values
   const int64_t h_bf_size = round_h ? 2 * bf_buffer : 0;
+  const int64_t hg_size = amx_gates ? 0 : padded(p.batch * GH);
   const int64_t scratch_size = xg_size + hg_size + h_start_size + h_scratch_size + h_bf_size;
   at::Tensor scratch;  // when the thread's own scratch is too small
   T* xg_p = static_cast<T*>(thread_scratch(sizeof(T) * scratch_size));
