@@ -88,13 +88,17 @@ CUDA_GRID: list[tuple[Shape, tuple[str, ...]]] = [
     *((Shape(25, b, 1024, 1024), ("LSTM", "GRU")) for b in (1, 2, 4)),  # DeepBench inference
 ]
 QUICK_GRID = [Shape(20, 4, 32, 32), Shape(10, 1, 16, 16, 2, True)]
+# CPU rows that also run float16 and float64 (a large batch and a single sequence, where the
+# engine's paths differ most): rnn_fused is to be faster than torch.nn in every precision,
+# not only in the two of the full grid.
+OTHER_PRECISION_SHAPES = (Shape(100, 64, 512, 512), Shape(100, 1, 256, 256))
 
 # What the two ratio columns of a device's table are.
 RATIOS = {
     "tf32 speedup": "speedup = cuDNN / rnn_fused in the row's dtype; "
     "tf32 speedup = cuDNN tf32 / ours tf32",
     "vs fp32": "speedup = torch.nn / rnn_fused in the row's dtype; "
-    "vs fp32 = torch.nn fp32 / rnn_fused bf16",
+    "vs fp32 = torch.nn fp32 / rnn_fused in bf16 or fp16",
 }
 
 
@@ -184,11 +188,15 @@ def training(m: nn.Module, x: torch.Tensor) -> Callable[[], list[torch.Tensor]]:
 
 def bench_cpu(cell: str, s: Shape, rounds: int) -> Iterator[dict]:
     """fp32 rows, then bf16 rows: ours and torch.nn in bf16, and torch.nn in fp32 beside them
-    (what a user gains or loses by switching to bf16)."""
+    (what a user gains or loses by switching to bf16); on OTHER_PRECISION_SHAPES fp16 rows
+    (torch.nn fp32 beside them too) and fp64 rows after them."""
     torch.manual_seed(0)
     module32 = torch_module(cell, s, "cpu", torch.float32)
     x32 = torch.randn(s.T, s.B, s.I)
-    for dtype, name in [(torch.float32, "fp32"), (torch.bfloat16, "bf16")]:
+    precisions = [(torch.float32, "fp32"), (torch.bfloat16, "bf16")]
+    if s in OTHER_PRECISION_SHAPES:
+        precisions += [(torch.float16, "fp16"), (torch.float64, "fp64")]
+    for dtype, name in precisions:
         module = torch_module(cell, s, "cpu", dtype)
         module.load_state_dict(module32.state_dict())
         fused = rnn_fused.replace_rnns(torch_module(cell, s, "cpu", dtype))
@@ -197,7 +205,7 @@ def bench_cpu(cell: str, s: Shape, rounds: int) -> Iterator[dict]:
         for kind, make in [("fwd", inference), ("fwd+bwd", training)]:
             base, ours = make(module, x), make(fused, x)
             sides = {"torch.nn": base, "rnn_fused": ours}
-            if dtype != torch.float32:
+            if dtype in (torch.bfloat16, torch.float16):
                 sides["torch.nn fp32"] = make(module32, x32)
             t = interleaved(sides, "cpu", rounds)
             ratios = {"speedup": t["torch.nn"] / t["rnn_fused"]}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def write_chart(rows: list[dict], path: Path, title: str) -> None:
-    """Bars of each row's `speedup` (and of `vs fp32` where a bf16 row has it), on a log
+    """Bars of each row's `speedup` (and of `vs fp32` where a bf16 or fp16 row has it), on a log
     scale. Needs matplotlib (in requirements.txt); without it, says so and writes nothing."""
     try:
         import matplotlib
