@@ -20,7 +20,7 @@ import torch
 import rnn_fused
 
 DTYPES = [torch.float32, torch.float64]
-# The rows of a bfloat16 call that packs its weights (csrc/cpu/recurrence_cpu.cpp).
+# The rows of a bfloat16 call that packs its weights (csrc/cpu/engine.h, small_problem).
 BF16_PACKED_ROWS = 96
 
 

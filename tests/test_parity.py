@@ -136,7 +136,7 @@ def test_both_tile_kernel_settings(mode, dtype, kernel):
 @pytest.mark.parametrize("mode", CELLS)
 def test_initial_state_in_place_gives_the_copys_bits(mode, dtype, grad):
     """A forward whose first step all rows take reads a contiguous h_0 where it is
-    (recurrence_cpu.cpp, forward_native); an h_0 of the same values laid out column by column
+    (forward_cpu.cpp, forward_native); an h_0 of the same values laid out column by column
     is copied first. Both give the same bits, outputs and gradients, and h_0 is left as it
     was: a step at batch 97, seven steps, and packed input read forward (in place) and in
     reverse (copied either way)."""

@@ -54,9 +54,9 @@ def test_bitwise_equal_across_runs_and_threads(cls, T, B, H, dtype):
 def test_cell_over_threads(cls, batch: int, input_size: int, hidden: int):
     """A cell's step split over the threads: at batch 1, weights large enough to split, by
     hidden units, each thread through both products of its units and their cell math in one
-    region (recurrence_cpu.cpp, one_row_by_units; one thread takes the products one after
+    region (forward_cpu.cpp, one_row_by_units; one thread takes the products one after
     the other, cpu/gemm.cpp, matmul_blas); at batch 97, the cell math split by rows
-    (recurrence_cpu.cpp, kParallelCellUnits). The same bits on one thread and two, and
+    (engine.h, kParallelCellUnits). The same bits on one thread and two, and
     torch.nn's values in float64 to float32's rounding."""
     seed("repro-cell", cls.__name__, batch)
     ours = rnn_fused.replace_rnns(cls(input_size, hidden))
@@ -99,9 +99,10 @@ def test_cell_row_blocks_over_threads(
     cls, dtype: torch.dtype, batch: int, input_size: int, hidden: int
 ):
     """A cell's step of 200 rows runs in blocks of rows, each through both products and the
-    cell math, forward and backward (recurrence_cpu.cpp, rows_in_one_region); one whose
-    weights pass kRegionMaxWeight elements takes each product over the threads in blocks of
-    up to 256 columns or of whole rows (cpu/gemm.cpp, matmul_blas). The output and every
+    cell math, forward and backward (forward_cpu.cpp and backward_cpu.cpp,
+    rows_in_one_region); one whose weights pass kRegionMaxWeight elements takes each product
+    over the threads in blocks of up to 256 columns or of whole rows (cpu/gemm.cpp,
+    matmul_blas). The output and every
     gradient keep their bits from one thread to two, and match torch.nn's in float64."""
     seed("repro-cell-blocks", cls.__name__, str(dtype), batch)
     ours = rnn_fused.replace_rnns(cls(input_size, hidden)).to(dtype)
@@ -129,7 +130,7 @@ def test_cell_row_blocks_over_threads(
 
 @pytest.mark.parametrize("proj_size", [0, 48], ids=["no-proj", "proj"])
 def test_bfloat16_training_forward_repeats(proj_size: int):
-    """bfloat16 products round each step's h once for all threads (recurrence_cpu.cpp,
+    """bfloat16 products round each step's h once for all threads (forward_cpu.cpp,
     round_h); with a projection, h is copied in after the projection's product, and a
     thread that rounded its rows before the copy was whole gave other bits now and then
     (1 to 10 calls in 40). Many steps and calls give a race many chances to show."""
@@ -145,7 +146,7 @@ def test_bfloat16_training_forward_repeats(proj_size: int):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_own_rows_of_a_packed_batch(cls, dtype: torch.dtype):
     """Forward steps whose threads each keep their own blocks of rows, with no barrier
-    between steps (recurrence_cpu.cpp, own_rows): a packed batch whose rows end mid-block and
+    between steps (forward_cpu.cpp, own_rows): a packed batch whose rows end mid-block and
     a reverse direction whose batch grows, the same bits on one thread and two, run after
     run, and torch.nn's values."""
     seed("repro-own-rows", cls.__name__, dtype)

@@ -1,6 +1,6 @@
 // The right-hand side B of the products a recurrence makes with a weight W at every step:
 // B = W^T or W. Packed into column panels when a problem repays the packing; otherwise W is
-// read as stored, through BLAS (see small_problem in recurrence_cpu.cpp). A vector W (IndRNN's
+// read as stored, through BLAS (see small_problem in engine.h). A vector W (IndRNN's
 // u) is never packed and has no products here: the engine's element-wise steps multiply by it
 // in the step (run_forward, run_backward).
 #pragma once

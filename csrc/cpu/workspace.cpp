@@ -1,6 +1,9 @@
 #include "workspace.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -152,6 +155,47 @@ size_t cached_workspace_bytes() {
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);
   return c.bytes;
+}
+
+namespace {
+
+// Values from which a conversion runs over all threads.
+constexpr int64_t kParallelConversionValues = int64_t(1) << 16;
+
+// Whether converted_copy converts t itself: a contiguous CPU tensor, float32 to or from a half
+// type, or to its own dtype.
+bool own_conversion(const at::Tensor& t, at::ScalarType dtype) {
+  const at::ScalarType from = t.scalar_type();
+  const bool pair = from == dtype || (from == at::kFloat && half_type(dtype)) ||
+                    (half_type(from) && dtype == at::kFloat);
+  return pair && t.is_contiguous() && t.is_cpu();
+}
+
+}  // namespace
+
+at::Tensor converted_copy(const at::Tensor& t, at::ScalarType dtype) {
+  if (!own_conversion(t, dtype)) return t.to(dtype, /*non_blocking=*/false, /*copy=*/true);
+  at::Tensor out = buffer_empty(t.sizes(), t.options().dtype(dtype));
+  const int64_t n = t.numel();
+  const at::ScalarType from = t.scalar_type();
+  if (from == dtype) {
+    if (n > 0) std::memcpy(out.data_ptr(), t.data_ptr(), t.nbytes());
+    return out;
+  }
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(from == at::kFloat ? dtype : from, "rnn_fused_converted", [&] {
+    const auto values = [&](int64_t begin, int64_t end) {
+      if (from == at::kFloat) {
+        at::vec::convert(t.data_ptr<float>() + begin, out.data_ptr<scalar_t>() + begin,
+                         end - begin);
+      } else {
+        at::vec::convert(t.data_ptr<scalar_t>() + begin, out.data_ptr<float>() + begin,
+                         end - begin);
+      }
+    };
+    if (n < kParallelConversionValues) return values(0, n);
+    at::parallel_for(0, n, kParallelConversionValues / 2, values);
+  });
+  return out;
 }
 
 }  // namespace rnn_fused::cpu
