@@ -408,9 +408,13 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
 #endif
           split_rows = true;
         } else {
-          split_rows = !pack && ln_p == nullptr &&
-                       cell_rows_over_threads(
-                           n, H, [&](int64_t i0, int64_t i1) { forward_rows(i0, i1, 0, H); });
+          // Each of these threads fences its own streamed rows (a small problem's first of two
+          // steps can stream); the team's threads fence after their loop.
+          split_rows =
+              !pack && ln_p == nullptr && cell_rows_over_threads(n, H, [&](int64_t i0, int64_t i1) {
+                forward_rows(i0, i1, 0, H);
+                if (stream_saved) fence_streamed_saved();
+              });
         }
         // Per tile of rows and hidden units: the hidden-side products of its units in every
         // gate, then the cell math of those units while they are in cache. LayerNorm cells
