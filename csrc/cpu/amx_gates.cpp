@@ -85,7 +85,7 @@ RF_AMX_TARGET void AmxGateTiles::products(int64_t rows, const at::BFloat16* A, i
   if (rows != configured_rows_) {
     // ATen's brgemm keeps its tile configuration per thread: released first, so that its next
     // call configures the tiles again.
-    if (configured_rows_ == 0) bf16_tiles_release();
+    if (configured_rows_ == 0) bf16_tiles_take();
     configure_tiles(rows);
     configured_rows_ = rows;
   }

@@ -312,6 +312,11 @@ void release_tiles() {
   at::native::cpublas::brgemm_release(/*is_vnni=*/true);
   tiles_in_use = false;
 }
+void take_tiles() {
+  if (!has_amx()) return;
+  at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+  tiles_in_use = false;
+}
 #else
 bool has_amx() { return false; }
 void tile_product(int64_t, int64_t, const at::BFloat16*, int64_t, const at::BFloat16*, int64_t,
@@ -319,6 +324,7 @@ void tile_product(int64_t, int64_t, const at::BFloat16*, int64_t, const at::BFlo
   TORCH_INTERNAL_ASSERT(false, "AMX products without ATen's bfloat16 brgemm");
 }
 void release_tiles() {}
+void take_tiles() {}
 #endif
 
 }  // namespace
@@ -329,6 +335,7 @@ bool bf16_tiles_allowed() {
 }
 
 void bf16_tiles_release() { release_tiles(); }
+void bf16_tiles_take() { take_tiles(); }
 
 void bf16_pair_rows(const float* first, const float* second, int64_t width, at::BFloat16* to) {
   pair_rows(first, second, width, to);

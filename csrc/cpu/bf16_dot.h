@@ -28,6 +28,11 @@ constexpr int64_t kTileMinRows = 2;
 // Ends the calling thread's use of the AMX tiles, if any: every thread that ran bfloat16
 // products calls it before returning to code that may configure the tiles its own way.
 void bf16_tiles_release();
+// Before tiles configured by code of our own (AmxGateTiles): ATen's brgemm told to configure
+// its tiles again at its next call on this thread, whoever called it last. Its own callers
+// release after their products, but a caller that did not would find, at its next call with
+// the same kernel, tiles we released, and fault.
+void bf16_tiles_take();
 
 // C[M, width] = A[M, K] @ panel (accumulate: C += ...), width <= kBf16Panel. A is float32,
 // rounded to bfloat16 (to nearest even) as it is read; panel holds K rows of kBf16Panel
