@@ -4,6 +4,7 @@
 // tanh. Rows are read in SIMD vectors, the last one partial, as in pointwise.h.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -37,15 +38,31 @@ struct RowStats {
   T mean, rstd;  // rstd = 1 / sqrt(variance + eps), the biased variance
 };
 
+// The sum of term(j, width) over a row's vectors (term: zeros past the row), in four chains
+// of adds: in one, each add waited on the one before (4 cycles a vector where L1 serves two a
+// cycle), and row_stats took 4.5% of a LayerNorm LSTM's forward and backward (perf, T=100
+// B=32 H=256, Intel Xeon with AMX).
+template <class T, class Term>
+inline at::vec::Vectorized<T> vector_sum(int64_t n, Term&& term) {
+  using V = at::vec::Vectorized<T>;
+  constexpr int64_t L = V::size();
+  V s[4] = {V(T(0)), V(T(0)), V(T(0)), V(T(0))};
+  int64_t j = 0;
+  for (; j + 4 * L <= n; j += 4 * L) {
+    for (int k = 0; k < 4; ++k) s[k] = s[k] + term(j + k * L, static_cast<int>(L));
+  }
+  for (int k = 0; j < n; j += L, ++k) s[k] = s[k] + term(j, static_cast<int>(std::min(L, n - j)));
+  return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
 template <class T>
 RowStats<T> row_stats(const T* v, int64_t n) {
   using V = at::vec::Vectorized<T>;
-  V sum(T(0)), squares(T(0));
-  over_vectors<T>(n, [&](int64_t j, int w) { sum = sum + V::loadu(v + j, w); });
-  const T mean = lane_sum(sum) / T(n);
-  over_vectors<T>(n, [&](int64_t j, int w) {
+  const T mean =
+      lane_sum(vector_sum<T>(n, [&](int64_t j, int w) { return V::loadu(v + j, w); })) / T(n);
+  const V squares = vector_sum<T>(n, [&](int64_t j, int w) {
     const V d = V::set(V(T(0)), V::loadu(v + j, w) - V(mean), w);  // unused lanes: 0
-    squares = squares + d * d;
+    return d * d;
   });
   return {mean, T(1) / std::sqrt(lane_sum(squares) / T(n) + T(kLayerNormEps))};
 }
