@@ -2,18 +2,15 @@
 // chunk, dX = dG W_ih and the weight and bias gradients (the picture: recurrence_cpu.cpp).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "../op_adapters.h"
 #include "../problem.h"
-#include "amx_gates.h"
 #include "bf16_dot.h"
 #include "engine.h"
 #include "gemm.h"

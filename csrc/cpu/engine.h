@@ -52,9 +52,7 @@ constexpr int64_t kTilePackedStepRows = 16;
 inline bool packs_bf16_step(const Problem& p) {
   return p.rows >= kBf16PackedStepRows || (p.batch >= kTilePackedStepRows && bf16_tiles_allowed());
 }
-inline bool bf16_dot_products(const Problem& p);
-inline bool bf16_weight_grads(const Problem& p, const BackwardArgs& a);
-inline bool rounds_gate_grads_once(const Problem& p, const BackwardArgs& a);
+inline bool bf16_dot_products(const Problem& p);  // below, with the other half-type choices
 inline bool small_problem(const Problem& p) {
   if (bf16_dot_products(p)) {
     return p.rows <= kSmallBf16ProblemRows ||

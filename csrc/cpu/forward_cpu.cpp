@@ -3,12 +3,9 @@
 // picture: recurrence_cpu.cpp).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
-#include <tuple>
 #include <type_traits>
 #include <vector>
 
