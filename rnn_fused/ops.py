@@ -362,8 +362,9 @@ def _layer_in_python(
 
 
 # The least work (multiply-adds of a direction's products) for which both_directions opens a
-# parallel region: the bar of the CPU engine's parallel products (csrc/cpu/gemm.cpp, split).
-# Below it a region costs more than it saves, and a process that never opens one can fork.
+# parallel region: the bar of the CPU engine's parallel products (csrc/cpu/gemm.h,
+# split_over_threads). Below it a region costs more than it saves, and a process that never
+# opens one can fork.
 _MIN_DIRECTION_WORK = 1 << 16
 
 

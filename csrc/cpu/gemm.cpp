@@ -14,12 +14,9 @@
 
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "avx512_sums.h"
-#include "register_transposes.h"
 #include "tile_gemm.h"
 #include "workspace.h"
 
@@ -95,25 +92,10 @@ void brgemm(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, const fl
 void brgemm_release() {}
 #endif
 
-// f(begin, end) over items [0, n) of `macs` multiply-adds each: split over threads when
-// every thread gets at least kMinParallelMacs, else on the calling thread, no region opened.
-template <class F>
-void split(int64_t n, int64_t macs, const F& f) {
-  macs = std::max<int64_t>(macs, 1);
-  if (n * macs < 2 * kMinParallelMacs || at::get_num_threads() == 1) return f(0, n);
-  at::parallel_for(0, n, (kMinParallelMacs + macs - 1) / macs, f);
-}
-
 bool use_brgemm() {
   static const bool ok = kHasBrgemm && __builtin_cpu_supports("avx512f");
   return ok;
 }
-
-// Panels of more bytes than this (a core's L2 on the Intel kind) are read by streamed_panel,
-// with the next panel fetched along the way; smaller ones stay in L2 from step to step,
-// where brgemm reads them faster. Float32 forward, streamed against brgemm (Intel Xeon with
-// AMX): LSTM T=200 B=16 H=128 0.955, T=50 B=32 H=256 1.00, T=100 B=64 H=512 1.05-1.15.
-constexpr int64_t kStreamedPanelsBytes = int64_t(2) << 20;
 
 #if defined(CPU_CAPABILITY_AVX512)
 // C[R, 64] accumulators over rows [k0, k1) of a full float32 panel (rows 64 apart), A's R rows
@@ -201,29 +183,13 @@ void streamed_panel(int64_t M, int64_t K, const float* A, int64_t lda, const flo
 
 #endif
 
-// Whether float32 panels of `bytes` are read by streamed_panel (Panels::streamed, set once
-// when they are packed): on Intel CPUs, where it was measured (not on the AMD kind, whose L2
-// is half the size); RNN_FUSED_STREAMED_PANELS=0 or =1 turns it off or on (the tests run
-// both).
-bool streamed_panels(int64_t bytes) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if (bytes <= kStreamedPanelsBytes) return false;
-  const char* env = std::getenv("RNN_FUSED_STREAMED_PANELS");
-  if (env != nullptr) return std::strcmp(env, "0") != 0;
-  static const bool intel = __builtin_cpu_is("intel");
-  return intel;
-#else
-  return false;
-#endif
-}
-
 // streamed: panels read by streamed_panel, as in the steps (panel_product): LSTM T=100 B=64
 // H=512 forward 1.03x (median of seven runs, 0.97-1.09; Intel Xeon with AMX).
 void brgemm_blocks(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
                    int64_t ldb, float* C, int64_t ldc, bool accumulate, bool panels,
                    bool streamed) {
   const int64_t mb = (M + kBlockM - 1) / kBlockM, nb = (N + kBlockN - 1) / kBlockN;
-  split(mb * nb, std::min(M, kBlockM) * kBlockN * K, [&](int64_t begin, int64_t end) {
+  split_over_threads(mb * nb, std::min(M, kBlockM) * kBlockN * K, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       // Column-block-major order: consecutive blocks of a thread reuse one panel of B.
       const int64_t ib = blk % mb, jb = blk / mb;
@@ -325,7 +291,7 @@ template <class T>
 void matmul_small_rows(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
                        int64_t ldb, T* C, int64_t ldc, bool accumulate, bool panels) {
   const int64_t nb = (N + Panels::kPanel - 1) / Panels::kPanel;
-  split(nb, M * Panels::kPanel * K, [&](int64_t begin, int64_t end) {
+  split_over_threads(nb, M * Panels::kPanel * K, [&](int64_t begin, int64_t end) {
     for (int64_t jb = begin; jb < end; ++jb) {
       const int64_t j = jb * Panels::kPanel, width = std::min(Panels::kPanel, N - j);
       const T* b = panels ? B + jb * K * Panels::kPanel : B + j;
@@ -483,7 +449,7 @@ void matmul_blas(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, co
   // LSTMCell(256) 32-39 us a call against 19-23 (Intel Xeon).
   if constexpr (std::is_same_v<T, float>) {
     if (M == 1 && trans_b && !trans_a) {
-      return split((N + 15) / 16, 16 * K, [&](int64_t begin, int64_t end) {
+      return split_over_threads((N + 15) / 16, 16 * K, [&](int64_t begin, int64_t end) {
         const int64_t j = begin * 16, n = std::min(N, end * 16) - j;
         row_times_bt<float>(n, K, A, B + j * ldb, ldb, C + j, accumulate);
       });
@@ -506,7 +472,7 @@ void matmul_blas(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, co
     // row of C is the rows of B scaled and added, written once. MKL's GEMM set-up for so
     // short a sum took most of its time (GRUCell(256) at batch 1, forward and backward against
     // torch.nn: 1.62-1.82x -> 1.76-1.90x, AMD EPYC).
-    return split(M, N * (K + kOuterWriteCost), [&](int64_t begin, int64_t end) {
+    return split_over_threads(M, N * (K + kOuterWriteCost), [&](int64_t begin, int64_t end) {
       T a[kOwnOuterMaxK];
       for (int64_t i = begin; i < end; ++i) {
         for (int64_t k = 0; k < K; ++k) a[k] = A[k * lda + i];
@@ -541,7 +507,7 @@ void matmul_blas(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, co
   const int64_t col_blocks = by_rows ? 1 : wide_blocks;
   const int64_t row_blocks = by_rows ? kMinBlasBlocks : wide_row_blocks;
   const int64_t rows = (M + row_blocks - 1) / row_blocks;
-  split(row_blocks * col_blocks, rows * columns * K, [&](int64_t begin, int64_t end) {
+  split_over_threads(row_blocks * col_blocks, rows * columns * K, [&](int64_t begin, int64_t end) {
     const OneBlasThread one_thread;
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t i = blk % row_blocks * rows, j = blk / row_blocks * columns;
@@ -620,14 +586,15 @@ void product(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
   }
   if (!panels) return matmul_blas<T>(false, false, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
   // BLAS per panel, the panels split over threads.
-  split((N + Panels::kPanel - 1) / Panels::kPanel, M * Panels::kPanel * K,
-        [&](int64_t begin, int64_t end) {
-          for (int64_t jb = begin; jb < end; ++jb) {
-            const int64_t j = jb * Panels::kPanel;
-            matmul_blas<T>(false, false, M, std::min(Panels::kPanel, N - j), K, A, lda,
-                           B + jb * K * Panels::kPanel, Panels::kPanel, C + j, ldc, accumulate);
-          }
-        });
+  split_over_threads((N + Panels::kPanel - 1) / Panels::kPanel, M * Panels::kPanel * K,
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t jb = begin; jb < end; ++jb) {
+                         const int64_t j = jb * Panels::kPanel;
+                         matmul_blas<T>(false, false, M, std::min(Panels::kPanel, N - j), K, A, lda,
+                                        B + jb * K * Panels::kPanel, Panels::kPanel, C + j, ldc,
+                                        accumulate);
+                       }
+                     });
 }
 
 // C[M, width] (+)= A[M, K] @ one float panel (width <= kPanel); `next`, the panel read after
@@ -668,27 +635,6 @@ void one_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, in
   }
 }
 
-// Where panel `panel` (numbered group by group) starts among b's columns, and how many it
-// holds (a group's last may be narrower): for the packings and the products below.
-struct PanelColumns {
-  int64_t group, per_group;
-  int64_t first(int64_t panel) const {
-    return panel / per_group * group + panel % per_group * Panels::kPanel;
-  }
-  int64_t width(int64_t panel) const {
-    return std::min(Panels::kPanel, group - panel % per_group * Panels::kPanel);
-  }
-  // The q-th panel in unit order (the first panel of every group, then the second, ...) among
-  // `groups` groups. Split over threads, a thread packs the units it takes in the steps where
-  // their tiles split units (tile_at: a step of up to kTileRows rows, or by_units), so the
-  // panels it reads there are in its own cache: 5-8% off a bfloat16 or float32 LSTM forward
-  // at T=100 B=1 H=256 (Intel Xeon with AMX). bf16_rows_matmul's blocks of output columns
-  // follow it too, for W_ih's panels grouped by gate (run_forward).
-  int64_t in_unit_order(int64_t q, int64_t groups) const {
-    return q % groups * per_group + q / groups;
-  }
-};
-
 // C (+)= A @ B on bfloat16 panels, A in bfloat16 with its rows in pairs (lda even), into
 // float32 C or (not accumulated, no tiles) bfloat16 C: blocks of rows and panels split over
 // threads.
@@ -698,22 +644,23 @@ void bf16_rows_matmul(int64_t M, const at::BFloat16* A, int64_t lda, const Panel
   const int64_t K = B.K;
   const int64_t groups = B.N / B.group, mb = (M + kBlockM - 1) / kBlockM, nb = groups * B.per_group;
   const PanelColumns columns{B.group, B.per_group};
-  split(mb * nb, std::min(M, kBlockM) * Panels::kPanel * K, [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t i = blk % mb * kBlockM, jb = columns.in_unit_order(blk / mb, groups);
-      const int64_t g = jb / B.per_group, j = jb % B.per_group * Panels::kPanel;
-      const int64_t m = std::min(kBlockM, M - i), width = std::min(Panels::kPanel, B.group - j);
-      const at::BFloat16* panel = B.panel<at::BFloat16>(g, jb % B.per_group);
-      Out* c = C + i * ldc + g * B.group + j;
-      if constexpr (std::is_same_v<Out, float>) {
-        bf16_panel_product(m, K, A + i * lda, lda, panel, width, c, ldc, accumulate, B.tiles);
-      } else {
-        TORCH_INTERNAL_ASSERT(!accumulate);
-        bf16_panel_product(m, K, A + i * lda, lda, panel, width, c, ldc, B.tiles);
-      }
-    }
-    bf16_tiles_release();
-  });
+  split_over_threads(
+      mb * nb, std::min(M, kBlockM) * Panels::kPanel * K, [&](int64_t begin, int64_t end) {
+        for (int64_t blk = begin; blk < end; ++blk) {
+          const int64_t i = blk % mb * kBlockM, jb = columns.in_unit_order(blk / mb, groups);
+          const int64_t g = jb / B.per_group, j = jb % B.per_group * Panels::kPanel;
+          const int64_t m = std::min(kBlockM, M - i), width = std::min(Panels::kPanel, B.group - j);
+          const at::BFloat16* panel = B.panel<at::BFloat16>(g, jb % B.per_group);
+          Out* c = C + i * ldc + g * B.group + j;
+          if constexpr (std::is_same_v<Out, float>) {
+            bf16_panel_product(m, K, A + i * lda, lda, panel, width, c, ldc, accumulate, B.tiles);
+          } else {
+            TORCH_INTERNAL_ASSERT(!accumulate);
+            bf16_panel_product(m, K, A + i * lda, lda, panel, width, c, ldc, B.tiles);
+          }
+        }
+        bf16_tiles_release();
+      });
 }
 
 // The same on float32 A, rounded once first.
@@ -722,171 +669,10 @@ void bf16_matmul(int64_t M, const float* A, int64_t lda, const Panels& B, float*
   const int64_t K = B.K, ld = (K + 1) / 2 * 2;
   const at::Tensor rounded = buffer_empty({M, ld}, at::TensorOptions(at::kBFloat16));
   at::BFloat16* a = rounded.data_ptr<at::BFloat16>();
-  split(M, K, [&](int64_t begin, int64_t end) {
+  split_over_threads(M, K, [&](int64_t begin, int64_t end) {
     bf16_round_rows(end - begin, K, A + begin * lda, lda, a + begin * ld, ld);
   });
   bf16_rows_matmul(M, a, ld, B, C, ldc, accumulate);
-}
-
-// dst[j * ld_dst + i] = src[i * ld_src + j] for i < M, j < N: whole 16 x 16 blocks of float32
-// in registers (register_transposes.h), the edges by ATen's transpose_mxn; other dtypes by
-// ATen's.
-template <class T>
-void transpose_mxn(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t M, int64_t N) {
-  int64_t M16 = 0, N16 = 0;
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, float>) {
-    M16 = M / 16 * 16;
-    N16 = N / 16 * 16;
-    for (int64_t i = 0; i < M16; i += 16)
-      for (int64_t j = 0; j < N16; j += 16)
-        transpose_block(src + i * ld_src + j, ld_src, 16, 16, dst + j * ld_dst + i, ld_dst);
-  }
-#endif
-  // The edges: columns past N16 of the block rows done, then the rows past M16.
-  if (N16 < N && M16 > 0)
-    at::vec::transpose_mxn<T>(src + N16, ld_src, dst + N16 * ld_dst, ld_dst, static_cast<int>(M16),
-                              static_cast<int>(N - N16));
-  if (M16 < M)
-    at::vec::transpose_mxn<T>(src + M16 * ld_src, ld_src, dst + M16, ld_dst,
-                              static_cast<int>(M - M16), static_cast<int>(N));
-}
-
-// pack_panels of a b in its own dtype, with no at::Tensor views, pads and permuted copies set
-// up per call. Rows contiguous: a row's part of a panel is one memcpy. Values contiguous
-// along K (a weight seen transposed: the forward's products take W^T): a panel is a
-// transpose of `width` rows of the weight, by ATen's SIMD transposes of 16 x 16 blocks;
-// TensorIterator's strided copy into the panels took 13% of an LSTM's forward at T=100 B=1
-// H=256 and 5% of a 2-layer bidirectional one's at T=50 B=32 H=256 (AMD EPYC).
-Panels pack_dense(const at::Tensor& b, int64_t group, int64_t groups, int64_t per_group) {
-  const int64_t K = b.size(0), N = b.size(1), P = Panels::kPanel;
-  const bool rows = b.stride(1) == 1;
-  const int64_t ld = rows ? b.stride(0) : b.stride(1);  // between rows, or between columns
-  const PanelColumns columns{group, per_group};
-  at::Tensor data = buffer_empty({groups, per_group, K, P}, b.options());
-  AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "rnn_fused_pack_dense", [&] {
-    const scalar_t* src = b.data_ptr<scalar_t>();
-    scalar_t* dst = data.data_ptr<scalar_t>();
-    split(groups * per_group, K * P, [&](int64_t begin, int64_t end) {
-      for (int64_t q = begin; q < end; ++q) {
-        const int64_t panel = columns.in_unit_order(q, groups);
-        const int64_t width = columns.width(panel), first = columns.first(panel);
-        scalar_t* to = dst + panel * K * P;
-        if (rows) {
-          for (int64_t k = 0; k < K; ++k)
-            std::memcpy(to + k * P, src + k * ld + first, sizeof(scalar_t) * width);
-        } else {
-          transpose_mxn<scalar_t>(src + first * ld, ld, to, P, width, K);
-        }
-        if (width < P)
-          for (int64_t k = 0; k < K; ++k) std::fill(to + k * P + width, to + k * P + P, 0);
-      }
-    });
-  });
-  return {data, K, N, group, per_group};
-}
-
-// One panel of pack_pairs from bfloat16 values contiguous along K (a bfloat16 weight seen
-// transposed): the pair of rows k, k + 1 of a column is two adjacent values of b, copied as
-// one 32-bit word, 16 columns at a time so that each write fills a cache line. `to` holds
-// zeros where no value lands. Converting value by value took 3% of a bf16 LSTM's forward at
-// T=100 B=64 H=512 (perf); this made the forward 2-3% faster (AMD EPYC). Where b's columns
-// start on whole words (sn even) the words are a matrix transposed by ATen's SIMD transposes
-// of 16 x 16 blocks, which move the bits as they are: the packing's share of an LSTM's bf16
-// forward at T=100 B=1 H=256 went from 11.7% to 7.3% of perf's samples (Intel Xeon).
-void copy_pairs(int64_t K, const at::BFloat16* from, int64_t sn, int64_t width, at::BFloat16* to) {
-  constexpr int64_t P = Panels::kPanel, kColumns = 16;
-  const int64_t pairs = K / 2;
-  auto* const words = reinterpret_cast<uint32_t*>(to);
-  if (sn % 2 == 0) {
-    static_assert(sizeof(float) == 2 * sizeof(at::BFloat16));
-    transpose_mxn<float>(reinterpret_cast<const float*>(from), sn / 2, reinterpret_cast<float*>(to),
-                         P, width, pairs);
-  } else {
-    for (int64_t c0 = 0; c0 < width; c0 += kColumns) {
-      const int64_t c1 = std::min(width, c0 + kColumns);
-      for (int64_t p = 0; p < pairs; ++p) {
-        for (int64_t c = c0; c < c1; ++c) std::memcpy(words + p * P + c, from + c * sn + 2 * p, 4);
-      }
-    }
-  }
-  // An odd K's last row: the first of a pair whose second stays zero.
-  if (K % 2 != 0)
-    for (int64_t c = 0; c < width; ++c) to[(pairs * P + c) * 2] = from[c * sn + K - 1];
-}
-
-// pack_panels into bfloat16 pairs of rows, from any floating dtype and strides: each value
-// read once and rounded (to nearest even) where it lands. A permuted copy through at::Tensor
-// views walked the pairs element by element and took a quarter of a bf16 LSTM call at batch
-// 1 (T=100 H=256, AMD EPYC).
-Panels pack_pairs(const at::Tensor& b, int64_t group, int64_t groups, int64_t per_group) {
-  const int64_t K = b.size(0), N = b.size(1), P = Panels::kPanel, pairs = (K + 1) / 2;
-  const int64_t sk = b.stride(0), sn = b.stride(1);
-  at::Tensor data =
-      buffer_empty({groups, per_group, pairs, P, 2}, b.options().dtype(at::kBFloat16));
-  at::BFloat16* dst = data.data_ptr<at::BFloat16>();
-  const PanelColumns columns{group, per_group};
-  // fill(offset, width, to) writes a panel of `width` columns from b's values at `offset`.
-  const auto each_panel = [&](const auto& fill) {
-    split(groups * per_group, K * P, [&](int64_t begin, int64_t end) {
-      for (int64_t q = begin; q < end; ++q) {
-        const int64_t panel = columns.in_unit_order(q, groups);
-        const int64_t width = columns.width(panel);
-        at::BFloat16* to = dst + panel * pairs * P * 2;
-        // Zeros where no value lands: the columns past a group's end, an odd K's last pair.
-        if (width < P || K % 2 != 0) std::fill(to, to + pairs * P * 2, at::BFloat16(0.0f));
-        fill(columns.first(panel) * sn, width, to);
-      }
-    });
-  };
-  if (b.scalar_type() == at::kBFloat16 && sk == 1) {
-    const at::BFloat16* src = b.data_ptr<at::BFloat16>();
-    each_panel([&](int64_t offset, int64_t width, at::BFloat16* to) {
-      copy_pairs(K, src + offset, sn, width, to);
-    });
-    return {data, K, N, group, per_group};
-  }
-  // Row-major b (a weight as stored, gate gradients): two rows at a time, read whole, their
-  // values interleaved into one pair row of each panel.
-  const auto rows_in_pairs = [&](const auto* src) {
-    split(pairs, 2 * N, [&](int64_t begin, int64_t end) {
-      for (int64_t q = begin; q < end; ++q) {
-        const auto* first = src + 2 * q * sk;
-        const auto* second = 2 * q + 1 < K ? first + sk : nullptr;
-        for (int64_t panel = 0; panel < groups * per_group; ++panel) {
-          const int64_t width = columns.width(panel), column = columns.first(panel);
-          at::BFloat16* to = dst + (panel * pairs + q) * P * 2;
-          bf16_pair_rows(first + column, second == nullptr ? nullptr : second + column, width, to);
-          std::fill(to + 2 * width, to + 2 * P, at::BFloat16(0.0f));
-        }
-      }
-    });
-    return Panels{data, K, N, group, per_group};
-  };
-  if (sn == 1) {
-    if (b.scalar_type() == at::kFloat) return rows_in_pairs(b.data_ptr<float>());
-    if (b.scalar_type() == at::kBFloat16) return rows_in_pairs(b.data_ptr<at::BFloat16>());
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, b.scalar_type(), "rnn_fused_pack_pairs", [&] {
-        const scalar_t* src = b.data_ptr<scalar_t>();
-        each_panel([&](int64_t offset, int64_t width, at::BFloat16* to) {
-          const scalar_t* from = src + offset;
-          const auto put = [&](int64_t k, int64_t c) {
-            to[(k / 2 * P + c) * 2 + k % 2] =
-                at::BFloat16(static_cast<float>(from[k * sk + c * sn]));
-          };
-          // Along b's contiguous dimension: a transposed weight's columns are its rows.
-          if (sk == 1) {
-            for (int64_t c = 0; c < width; ++c)
-              for (int64_t k = 0; k < K; ++k) put(k, c);
-          } else {
-            for (int64_t k = 0; k < K; ++k)
-              for (int64_t c = 0; c < width; ++c) put(k, c);
-          }
-        });
-      });
-  return {data, K, N, group, per_group};
 }
 
 }  // namespace
@@ -911,7 +697,7 @@ void transposed_then_matmul(int64_t M, const Panels& B, float* C, int64_t ldc, b
   constexpr int64_t kColumns = 32;  // of A, per task: bf16_round_transposed's blocks
   const at::Tensor a_t = buffer_empty({M, ld}, at::TensorOptions(at::kBFloat16));
   at::BFloat16* a = a_t.data_ptr<at::BFloat16>();
-  split((M + kColumns - 1) / kColumns, kColumns * K, [&](int64_t begin, int64_t end) {
+  split_over_threads((M + kColumns - 1) / kColumns, kColumns * K, [&](int64_t begin, int64_t end) {
     transpose(begin * kColumns, std::min(M, end * kColumns), a, ld);
   });
   bf16_rows_matmul(M, a, ld, B, C, ldc, accumulate);
@@ -943,7 +729,7 @@ void half_weight_product(bool trans, int64_t M, int64_t N, int64_t K, const at::
   const at::BFloat16* w = W.data_ptr<at::BFloat16>();
   // Blocks of C's columns over the threads, each block's part of W read by one.
   const int64_t block = trans ? 16 : 64;
-  split((N + block - 1) / block, block * K * M, [&](int64_t begin, int64_t end) {
+  split_over_threads((N + block - 1) / block, block * K * M, [&](int64_t begin, int64_t end) {
     const int64_t j = begin * block, n = std::min(N, end * block) - j;
     if (trans) {
       bf16_times_w_rows(M, n, K, A, lda, w + j * ldw, ldw, C + j, ldc, accumulate);
@@ -969,7 +755,7 @@ void half_weight_product(bool trans, int64_t M, int64_t N, int64_t K, const floa
     // Blocks of C's columns over the threads, as the float32 row product splits them, so
     // that a thread reads the same rows of W at every step (from its own L2).
     const int64_t block = trans ? 16 : 64;
-    split((N + block - 1) / block, block * K * M, [&](int64_t begin, int64_t end) {
+    split_over_threads((N + block - 1) / block, block * K * M, [&](int64_t begin, int64_t end) {
       const int64_t j = begin * block, n = std::min(N, end * block) - j;
       for (int64_t m = 0; m < M; ++m) {
         if (trans) {
@@ -1048,9 +834,10 @@ at::Tensor bf16_transposed(int64_t rows, int64_t M, const at::BFloat16* G, int64
   at::Tensor out = buffer_empty({M, ld}, at::TensorOptions(at::kBFloat16));
   at::BFloat16* o = out.data_ptr<at::BFloat16>();
   constexpr int64_t kColumns = 32;  // of G, per task: bf16_transpose's blocks
-  split((M + kColumns - 1) / kColumns, kColumns * rows, [&](int64_t begin, int64_t end) {
-    bf16_transpose(rows, begin * kColumns, std::min(M, end * kColumns), G, ldg, o, ld);
-  });
+  split_over_threads(
+      (M + kColumns - 1) / kColumns, kColumns * rows, [&](int64_t begin, int64_t end) {
+        bf16_transpose(rows, begin * kColumns, std::min(M, end * kColumns), G, ldg, o, ld);
+      });
   return out;
 }
 
@@ -1129,52 +916,7 @@ void blas_at_b(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T
       blas_call<T>(true, false, m, N, K, A + i, lda, B, ldb, C + i * ldc, ldc, accumulate);
     }
   };
-  split((M + kRowsPerCall - 1) / kRowsPerCall, kRowsPerCall * N * K, rows);
-}
-
-at::Tensor transposed(const at::Tensor& m) {
-  TORCH_INTERNAL_ASSERT(m.dim() == 2 && m.stride(1) == 1);
-  const int64_t M = m.size(0), N = m.size(1), ld = m.stride(0);
-  at::Tensor t = buffer_empty({N, M}, m.options());
-  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "rnn_fused_transposed", [&] {
-    const scalar_t* src = m.data_ptr<scalar_t>();
-    scalar_t* dst = t.data_ptr<scalar_t>();
-    constexpr int64_t kRows = 64;  // of m, per task
-    split((M + kRows - 1) / kRows, kRows * N, [&](int64_t begin, int64_t end) {
-      const int64_t i0 = begin * kRows, i1 = std::min(M, end * kRows);
-      transpose_mxn<scalar_t>(src + i0 * ld, ld, dst + i0, M, i1 - i0, N);
-    });
-  });
-  return t;
-}
-
-Panels pack_panels(const at::Tensor& b, int64_t group, bool bf16) {
-  const int64_t K = b.size(0), N = b.size(1), P = Panels::kPanel;
-  group = group > 0 ? group : N;
-  if (N == 0 || group == 0) {
-    return {at::empty({0}, b.options().dtype(bf16 ? at::kBFloat16 : b.scalar_type())), K, N, group,
-            0};
-  }
-  TORCH_INTERNAL_ASSERT(N % group == 0);
-  const int64_t groups = N / group, per_group = (group + P - 1) / P;
-  if (bf16) {
-    Panels pairs = pack_pairs(b, group, groups, per_group);
-    pairs.tiles = bf16_tiles_allowed();
-    return pairs;
-  }
-  const bool own_dtype = b.scalar_type() == at::kFloat || b.scalar_type() == at::kDouble;
-  Panels panels;
-  if (own_dtype && (b.stride(1) == 1 || b.stride(0) == 1)) {
-    panels = pack_dense(b, group, groups, per_group);
-  } else {
-    at::Tensor grouped = b.reshape({K, groups, group});
-    if (per_group * P != group) grouped = at::constant_pad_nd(grouped, {0, per_group * P - group});
-    at::Tensor data = grouped.reshape({K, groups, per_group, P}).permute({1, 2, 0, 3});
-    panels = {data.contiguous(), K, N, group, per_group};
-  }
-  panels.streamed =
-      panels.data.scalar_type() == at::kFloat && streamed_panels(panels.data.nbytes());
-  return panels;
+  split_over_threads((M + kRowsPerCall - 1) / kRowsPerCall, kRowsPerCall * N * K, rows);
 }
 
 #define RF_INSTANTIATE(T)                                                                         \

@@ -4,10 +4,13 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "bf16_dot.h"
+#include "panels.h"
 
 namespace rnn_fused::cpu {
 
@@ -23,6 +26,15 @@ void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B
 // safe to fork (libgomp's threads do not survive a fork: a child's first parallel region
 // would wait for them forever; torch.nn's small products do not open one either).
 constexpr int64_t kMinParallelMacs = int64_t(1) << 16;
+
+// f(begin, end) over items [0, n) of `macs` multiply-adds each: split over threads when
+// every thread gets at least kMinParallelMacs, else on the calling thread, no region opened.
+template <class F>
+void split_over_threads(int64_t n, int64_t macs, const F& f) {
+  macs = std::max<int64_t>(macs, 1);
+  if (n * macs < 2 * kMinParallelMacs || at::get_num_threads() == 1) return f(0, n);
+  at::parallel_for(0, n, (kMinParallelMacs + macs - 1) / macs, f);
+}
 
 // C = op(A) @ op(B) (accumulate: C += ...) through libtorch's BLAS, on the operands as they
 // are stored (op(X) is X^T when trans_x): for small problems, where transposing or packing a
@@ -92,43 +104,6 @@ at::Tensor bf16_transposed(int64_t rows, int64_t M, const at::BFloat16* G, int64
 template <class T>
 void blas_at_b(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
                T* C, int64_t ldc, bool accumulate);
-
-// m [M, N] (rows contiguous, any row stride) transposed into a new [N, M] tensor (from the
-// buffer cache), on the threads by blocks of rows, with ATen's SIMD transposes of 16 x 16
-// blocks: ATen's own transposed copy runs on one thread (1.5-2% of an LSTM's forward and
-// backward at T=100 B=32 H=256, the other thread waiting; AMD EPYC). float32 and float64.
-at::Tensor transposed(const at::Tensor& m);
-
-// A right-hand side used at every step, repacked as column panels. Its N columns form
-// groups of `group` columns (the gates of a weight: i, f, g, o); panel j of group g holds
-// columns g*group + j*kPanel .. + kPanel as a contiguous [K, kPanel] block, zero padded at
-// the end of each group. Read step after step, a panel streams in order and stays in the
-// cache of the thread that owns it (a plain row-major B whose row length is a power of two
-// would thrash cache sets), and one thread can own the same units of every gate.
-//
-// bfloat16 panels (for products on bfloat16 dot products, bf16_dot.h) hold each panel's K
-// rows in pairs: [ceil(K/2), kPanel, 2], an odd last row padded with zeros.
-struct Panels {
-  static constexpr int64_t kPanel = 64;
-  at::Tensor data;  // [groups, panels_per_group, K, kPanel], or the pairs of rows of bfloat16
-  int64_t K = 0, N = 0, group = 0, per_group = 0;
-  bool tiles = false;     // bfloat16 products on AMX tiles where rows allow (bf16_tiles_allowed)
-  bool streamed = false;  // float32 panels beyond L2: gemm.cpp's streamed_panel reads them
-
-  bool bf16() const { return data.defined() && data.scalar_type() == at::kBFloat16; }
-  // Values of one panel: K rows, or K rounded up to even for bfloat16.
-  int64_t panel_size() const { return (bf16() ? (K + 1) / 2 * 2 : K) * kPanel; }
-  template <class T>
-  const T* panel(int64_t g, int64_t j) const {
-    return data.data_ptr<T>() + (g * per_group + j) * panel_size();
-  }
-};
-
-static_assert(Panels::kPanel == kBf16Panel, "one panel width for both layouts");
-
-// b: [K, N] with any strides (a transposed view is fine); group must divide N (default N).
-// bf16: bfloat16 panels of b's values rounded to nearest even.
-Panels pack_panels(const at::Tensor& b, int64_t group = 0, bool bf16 = false);
 
 // C[M, N] = A[M, K] @ B (accumulate: C += ...), B packed with one group. bfloat16 panels
 // take A rounded to bfloat16 (T is float32 then).
