@@ -14,13 +14,17 @@ cuDNN disabled, for fp32 both sides with TF32 allowed (cuDNN's default in PyTorc
 ours with torch.backends.cuda.matmul.allow_tf32), and ours with each CUDA path forced
 (rnn_fused itself picks one by batch size).
 
-On the CPU, a full run (not --quick or --only) goes on with the per-call rows
+On the CPU, a full run (not --quick, --only or --shape) goes on with the per-call rows
 (benchmarks/per_call.py, per_call.csv) and the variant rows (benchmarks/variants.py:
 IndRNN, DropConnect, zoneout and the LayerNorm cells against plain PyTorch loops, eager and
 compiled, variants.csv).
 
     python benchmarks/bench.py [--device cpu|cuda] [--rounds N] [--csv PATH]
                                [--markdown PATH] [--quick] [--only T,B,I,H ...]
+                               [--shape T,B,I,H[,L[,bi]] ...]
+
+--shape times shapes of your own instead of the grid, every cell (L layers, bi for
+bidirectional), e.g. --shape 10,128,256,256 --shape 50,32,256,256,2,bi.
 """
 
 from __future__ import annotations
@@ -100,6 +104,16 @@ RATIOS = {
     "vs fp32": "speedup = torch.nn / rnn_fused in the row's dtype; "
     "vs fp32 = torch.nn fp32 / rnn_fused in bf16 or fp16",
 }
+
+
+def parse_shape(text: str) -> Shape:
+    """--shape's T,B,I,H[,L[,bi]]."""
+    parts = text.split(",")
+    bidirectional = parts[-1] == "bi"
+    numbers = parts[:-1] if bidirectional else parts
+    if len(numbers) not in (4, 5) or not all(p.isdigit() and int(p) > 0 for p in numbers):
+        raise argparse.ArgumentTypeError(f"expected T,B,I,H[,L[,bi]] (positive), got {text}")
+    return Shape(*map(int, numbers), bidirectional=bidirectional)
 
 
 def cpu_description() -> str:
@@ -318,6 +332,13 @@ def main() -> None:
     parser.add_argument(
         "--only", action="append", metavar="T,B,I,H", help="only these rows of the grid"
     )
+    parser.add_argument(
+        "--shape",
+        action="append",
+        type=parse_shape,
+        metavar="T,B,I,H[,L[,bi]]",
+        help="these shapes instead of the grid, every cell",
+    )
     args = parser.parse_args()
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -345,6 +366,8 @@ def main() -> None:
         grid = [(g, CELLS) for g in (QUICK_GRID if args.quick else CPU_GRID)]
         columns = ["torch.nn", "rnn_fused", "torch.nn fp32"]
         what = f"{torch.get_num_threads()} threads, {cpu_description()}"
+    if args.shape:
+        grid = [(s, CELLS) for s in args.shape]
     if args.only:
         grid = [(g, cells) for g, cells in grid if str(g) in args.only]
         if not grid:
@@ -386,7 +409,7 @@ def main() -> None:
     chart = Path(args.csv).with_suffix(".png")
     write_chart(rows, chart, header)
     print(f"wrote {args.csv}, {chart}" + (f" and {args.markdown}" if args.markdown else ""))
-    if device == "cpu" and not args.only:
+    if device == "cpu" and not args.only and not args.shape:
         calls = per_call.run(args.rounds, calls=50 if args.quick else 500, client=not args.quick)
         write_rows(calls, Path(args.csv).with_name("per_call.csv"))
         if not args.quick:
