@@ -1,5 +1,5 @@
 // Column panels, the layout in which the CPU products read a right-hand side used at every
-// step (a weight), and the transposed copies of the rest; both made in pack_panels.cpp.
+// step (a weight), and transposed copies of other operands; both made in pack_panels.cpp.
 #pragma once
 
 #include <ATen/ATen.h>
