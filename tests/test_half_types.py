@@ -91,8 +91,9 @@ def test_bf16_tiles_run_and_match_dot_products(mode, steps, batch, hidden, monke
     """With 2 rows or more a step's products and the input projection run on AMX tiles and
     agree with the dot products to bfloat16 rounding of the state, in the outputs and every
     gradient. Both sum each product's pairs in order, so the bits may agree too: at batch 17
-    over 9 steps they differ somewhere. A single step packs its weights for the tiles and
-    writes its bfloat16 weight gradients from their float32 sums. At batch 40 a thread takes
+    over 9 steps they differ somewhere. A single step packs its weights for the tiles (at
+    batch 33 its backward too, where the dot products read them as stored) and writes its
+    bfloat16 weight gradients from their float32 sums. At batch 40 a thread takes
     its rows in one block (kOwnRowsTileBlock), not in blocks of 16. At hidden 96 (a multiple
     of 32) the steps run on our own AMX tile kernel (AmxGateTiles; each thread's 35 rows in
     blocks of 32 and 3), and the second unit block is a panel half of zeros."""
@@ -201,8 +202,9 @@ def test_bf16_cell_step_gradients_whichever_are_asked_for(name, batch):
     """The backward of a bfloat16 step writes its weight gradients in bfloat16 (on the dot
     products where the CPU has them, from AMX tiles at 2 rows or more where it has those)
     and, at more than 4 rows (its forward packs the weights from 96 rows, or from 16 with AMX
-    tiles, its backward reads them as stored), rounds its gate gradients once for
-    dh, dX and both weight gradients: each gradient comes in its
+    tiles; its backward reads them as stored, but packs them too from 32 with AMX tiles),
+    rounds its gate gradients once for dh, dX and both weight gradients: each gradient comes
+    in its
     tensor's dtype with the same bits whichever others are asked for (weights alone, the
     input alone, the state alone, all), and the weights' are those of float32 weights of the
     same values to bfloat16 rounding of each product's operands (2% of their norm)."""
