@@ -443,22 +443,17 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
     }
     if (!a.mask.weights) continue;
     if (g.bf16_grads) {
-      // In bfloat16; each side's G^T once from its rounded rows where they are (both weights
-      // read the same but GRU's).
+      // In bfloat16; each side's G^T once (both weights read the same but GRU's), from its
+      // rows rounded at the step (round_once) or rounded here, on the threads either way.
       if constexpr (std::is_same_v<T, float>) {
-        TORCH_INTERNAL_ASSERT(!add);
+        TORCH_INTERNAL_ASSERT(!add && (chunk_rounded || !round_once));
         const T* x_rows = x2d.data_ptr<T>() + rb * I;
-        if (!round_once) {
-          bf16_weight_product(GH, I, rows, dxg_p, GH, x_rows, I,
-                              g.grad_w_ih.data_ptr<at::BFloat16>());
-          bf16_weight_product(GH, Hout, rows, dhg_raw_p, GH, hprev_p + rb * Hout, Hout,
-                              g.grad_w_hh.data_ptr<at::BFloat16>());
-          continue;
-        }
-        TORCH_INTERNAL_ASSERT(chunk_rounded);
-        const at::Tensor dx_t = bf16_transposed(rows, GH, dx_bf_p, ld_dg);
-        const at::Tensor dh_t =
-            Cell::kSplitGrads ? bf16_transposed(rows, GH, dg_bf_p, ld_dg) : dx_t;
+        const auto transposed_side = [&](const at::BFloat16* rounded, const T* side) {
+          return round_once ? bf16_transposed(rows, GH, rounded, ld_dg)
+                            : bf16_transposed(rows, GH, side, GH);
+        };
+        const at::Tensor dx_t = transposed_side(dx_bf_p, dxg_p);
+        const at::Tensor dh_t = Cell::kSplitGrads ? transposed_side(dg_bf_p, dhg_raw_p) : dx_t;
         bf16_weight_product(GH, I, rows, dx_t.data_ptr<at::BFloat16>(), dx_t.size(1), x_rows, I,
                             g.grad_w_ih.data_ptr<at::BFloat16>());
         bf16_weight_product(GH, Hout, rows, dh_t.data_ptr<at::BFloat16>(), dh_t.size(1),

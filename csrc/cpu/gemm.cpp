@@ -686,21 +686,29 @@ void row_times_wt_here(int64_t N, int64_t K, const float* a, const float* W, int
 
 namespace {
 
-// bf16_matmul_transposed's work: A^T in bfloat16 into out (rows ld apart), its rows [m0, m1)
-// written by transpose(m0, m1, out, ld) on the thread that takes them, then the product.
+// A^T [M, K rounded up to even] in bfloat16 for A [K, M], in a buffer from the cache: its rows
+// [m0, m1) written by transpose(m0, m1, out, ld) on the thread that takes them, in blocks of
+// 32 of A's columns (the transposes' blocks).
+template <class F>
+at::Tensor bf16_transposed_by(int64_t K, int64_t M, const F& transpose) {
+  const int64_t ld = (K + 1) / 2 * 2;
+  constexpr int64_t kColumns = 32;
+  at::Tensor out = buffer_empty({M, ld}, at::TensorOptions(at::kBFloat16));
+  at::BFloat16* o = out.data_ptr<at::BFloat16>();
+  split_over_threads((M + kColumns - 1) / kColumns, kColumns * K, [&](int64_t begin, int64_t end) {
+    transpose(begin * kColumns, std::min(M, end * kColumns), o, ld);
+  });
+  return out;
+}
+
+// bf16_matmul_transposed's work: A^T in bfloat16 (bf16_transposed_by), then the product.
 template <class F>
 void transposed_then_matmul(int64_t M, const Panels& B, float* C, int64_t ldc, bool accumulate,
                             const F& transpose) {
   TORCH_INTERNAL_ASSERT(B.bf16() && B.group == B.N);
   if (M == 0) return;
-  const int64_t K = B.K, ld = (K + 1) / 2 * 2;
-  constexpr int64_t kColumns = 32;  // of A, per task: bf16_round_transposed's blocks
-  const at::Tensor a_t = buffer_empty({M, ld}, at::TensorOptions(at::kBFloat16));
-  at::BFloat16* a = a_t.data_ptr<at::BFloat16>();
-  split_over_threads((M + kColumns - 1) / kColumns, kColumns * K, [&](int64_t begin, int64_t end) {
-    transpose(begin * kColumns, std::min(M, end * kColumns), a, ld);
-  });
-  bf16_rows_matmul(M, a, ld, B, C, ldc, accumulate);
+  const at::Tensor a_t = bf16_transposed_by(B.K, M, transpose);
+  bf16_rows_matmul(M, a_t.data_ptr<at::BFloat16>(), a_t.size(1), B, C, ldc, accumulate);
 }
 
 }  // namespace
@@ -804,12 +812,8 @@ template <class Out>
 void weight_product_of(int64_t M, int64_t N, int64_t rows, const float* G, int64_t ldg,
                        const float* A, int64_t lda, Out* W, bool accumulate) {
   if (M == 0 || N == 0) return;
-  // G^T rounded, its rows padded to an even length (a zero after an odd one).
-  const int64_t ld_g = (rows + 1) / 2 * 2;
-  const at::Tensor rounded = buffer_empty({M * ld_g}, at::TensorOptions(at::kBFloat16));
-  at::BFloat16* g_t = rounded.data_ptr<at::BFloat16>();
-  bf16_round_transposed(rows, M, G, ldg, g_t, ld_g);
-  weight_product_on(M, N, rows, g_t, ld_g, A, lda, W, accumulate);
+  const at::Tensor g_t = bf16_transposed(rows, M, G, ldg);
+  weight_product_on(M, N, rows, g_t.data_ptr<at::BFloat16>(), g_t.size(1), A, lda, W, accumulate);
 }
 
 }  // namespace
@@ -830,15 +834,15 @@ void bf16_weight_product(int64_t M, int64_t N, int64_t rows, const at::BFloat16*
 }
 
 at::Tensor bf16_transposed(int64_t rows, int64_t M, const at::BFloat16* G, int64_t ldg) {
-  const int64_t ld = (rows + 1) / 2 * 2;
-  at::Tensor out = buffer_empty({M, ld}, at::TensorOptions(at::kBFloat16));
-  at::BFloat16* o = out.data_ptr<at::BFloat16>();
-  constexpr int64_t kColumns = 32;  // of G, per task: bf16_transpose's blocks
-  split_over_threads(
-      (M + kColumns - 1) / kColumns, kColumns * rows, [&](int64_t begin, int64_t end) {
-        bf16_transpose(rows, begin * kColumns, std::min(M, end * kColumns), G, ldg, o, ld);
-      });
-  return out;
+  return bf16_transposed_by(rows, M, [&](int64_t m0, int64_t m1, at::BFloat16* out, int64_t ld) {
+    bf16_transpose(rows, m0, m1, G, ldg, out, ld);
+  });
+}
+
+at::Tensor bf16_transposed(int64_t rows, int64_t M, const float* G, int64_t ldg) {
+  return bf16_transposed_by(rows, M, [&](int64_t m0, int64_t m1, at::BFloat16* out, int64_t ld) {
+    bf16_round_transposed(rows, m1 - m0, G + m0, ldg, out + m0 * ld, ld);
+  });
 }
 
 template <class T>

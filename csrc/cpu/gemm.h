@@ -95,6 +95,8 @@ void bf16_weight_product(int64_t M, int64_t N, int64_t rows, const at::BFloat16*
 // G^T [M, rows rounded up to even] for bfloat16 G [rows, M] (rows ldg apart), in a buffer from
 // the cache, a zero after each row of odd `rows`: on the threads by blocks of G's columns.
 at::Tensor bf16_transposed(int64_t rows, int64_t M, const at::BFloat16* G, int64_t ldg);
+// The same for float32 G, each value rounded to bfloat16 (to nearest even) on the way.
+at::Tensor bf16_transposed(int64_t rows, int64_t M, const float* G, int64_t ldg);
 
 // C[M, N] = A^T @ B (accumulate: C += ...) for A [K, M] and B [K, N] as stored, through
 // libtorch's BLAS: the weight gradients of large problems. Threads take blocks of C's rows
