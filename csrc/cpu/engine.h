@@ -238,7 +238,7 @@ inline bool bf16_weight_grads(const Problem& p, const BackwardArgs& a) {
 // took 0.80-0.86x torch.nn's time forward and backward; with its weights packed at batch 128
 // (each read by one product) and its weight gradients transposed back, 0.75-0.77x (AMD EPYC).
 // With AMX tiles, from kTilePackedBackwardRows rows on, the backward packs its weights instead
-// and runs dh and dX on the tiles (the gate gradients rounded once all the same): bfloat16
+// and runs dh and dX on the tiles (its gate gradients rounded to bfloat16 the same): bfloat16
 // cells at H=256 forward and backward, read as stored -> packed (three alternations):
 // LSTMCell batch 64 745-765 -> 647-665 us, 128 1101-1128 -> 899-910, 32 560 -> 528-554,
 // GRUCell batch 64 603-604 -> 526-543, LSTMCell(512) at batch 128 3.56-3.63 -> 2.11-2.30 ms;
