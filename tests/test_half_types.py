@@ -204,10 +204,9 @@ def test_bf16_cell_step_gradients_whichever_are_asked_for(name, batch):
     and, at more than 4 rows (its forward packs the weights from 96 rows, or from 16 with AMX
     tiles; its backward reads them as stored, but packs them too from 32 with AMX tiles),
     rounds its gate gradients once for dh, dX and both weight gradients: each gradient comes
-    in its
-    tensor's dtype with the same bits whichever others are asked for (weights alone, the
-    input alone, the state alone, all), and the weights' are those of float32 weights of the
-    same values to bfloat16 rounding of each product's operands (2% of their norm)."""
+    in its tensor's dtype with the same bits whichever others are asked for (weights alone,
+    the input alone, the state alone, all), and the weights' are those of float32 weights of
+    the same values to bfloat16 rounding of each product's operands (2% of their norm)."""
     seed("bf16 step grads", name, batch)
     cell = getattr(rnn_fused, name)(37, 35).to(torch.bfloat16)
     x = torch.randn(batch, 37).bfloat16()
