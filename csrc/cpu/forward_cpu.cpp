@@ -426,12 +426,38 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
           return own_rows ? own_rows_tile(k_tile, first_block, p.batch, own_block, n, H)
                           : tile_at(k_tile, n, H, by_units);
         };
+        // Where the sums of all of this thread's tiles fit gate_sums at once (a few rows in two
+        // tiles or more), their products run back to back and the cell math after them all: the
+        // same bits, bf16 forward T=100 H=256, three alternations (Intel Xeon with AMX): B=2
+        // 0.47-0.48 -> 0.45 ms, B=4 0.61-0.62 -> 0.59-0.60, B=8 1.08-1.09 -> 1.00-1.03, GRU B=16
+        // 1.14-1.16 -> 1.06-1.07, LSTM T=200 B=16 H=128 1.14-1.20 -> 1.10-1.11. At a batch of 1 the
+        // tile after tile order was faster (0.376-0.379 ms against 0.388-0.389).
+        int64_t thread_rows = 0;
+        for (int64_t k_tile = t_begin; amx_gates && k_tile < t_end; ++k_tile)
+          thread_rows += tile_of(k_tile).rows;
+        const bool products_first =
+            amx_gates && t_end - t_begin > 1 && thread_rows <= kAmxGateRows && n >= 2;
+        if constexpr (std::is_same_v<T, float>) {
+          for (int64_t k_tile = t_begin, at = 0; products_first && k_tile < t_end; ++k_tile) {
+            const Tile tl = tile_of(k_tile);
+            if (tl.rows == 0) continue;
+            gate_tiles.products(tl.rows, h_bf + tl.i0 * ld_bf, ld_bf, w_hh_t.panels(), Cell::kGates,
+                                tl.u0 / Panels::kPanel, gate_sums + at * kSumsRow);
+            at += tl.rows;
+          }
+        }
+        int64_t sums_at = 0;  // products_first: where the next tile's sums are
         for (int64_t k_tile = t_begin; k_tile < t_end; ++k_tile) {
           const Tile tl = tile_of(k_tile);
           if (tl.rows == 0) continue;
           if constexpr (std::is_same_v<T, float>) {
+            if (products_first) {
+              forward_rows(tl.i0, tl.i0 + tl.rows, tl.u0, tl.u1, gate_sums + sums_at * kSumsRow);
+              sums_at += tl.rows;
+            }
             // In blocks of up to kAmxGateRows rows, each block's cell math reading its sums.
-            for (int64_t i0 = tl.i0; amx_gates && i0 < tl.i0 + tl.rows; i0 += kAmxGateRows) {
+            for (int64_t i0 = tl.i0; amx_gates && !products_first && i0 < tl.i0 + tl.rows;
+                 i0 += kAmxGateRows) {
               const int64_t rows = std::min(kAmxGateRows, tl.i0 + tl.rows - i0);
               gate_tiles.products(rows, h_bf + i0 * ld_bf, ld_bf, w_hh_t.panels(), Cell::kGates,
                                   tl.u0 / Panels::kPanel, gate_sums);
