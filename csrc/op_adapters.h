@@ -25,7 +25,8 @@ ForwardResult forward_adapter(std::string_view mode, const at::Tensor& input, co
                               const OptTensor& zoneout, const OptTensor& layer_norm) {
   const LayerArgs a{mode, input, hx,          cx,      w_ih,    w_hh,      b_ih,
                     b_hh, w_hr,  batch_sizes, reverse, zoneout, layer_norm};
-  const Problem p = make_problem(a);
+  Problem p = make_problem(a);
+  p.inference = !train;
   // Copying the arguments costs a short call a quarter of a microsecond: only when needed.
   return a.is_contiguous() ? Engine(p, a, train) : Engine(p, a.contiguous(), train);
 }

@@ -133,6 +133,9 @@ struct Problem {
   bool zoneout;     // LayerArgs::zoneout given
   bool layer_norm;  // LayerArgs::layer_norm given
   bool bfloat16;    // the call's dtype is bfloat16
+  // A forward that keeps nothing for a backward (set by the forward's adapters): the CPU
+  // engine may choose its path differently (small_problem).
+  bool inference = false;
   // Inline for a few steps: a cell's call allocates nothing here.
   c10::SmallVector<int64_t, 4> batch_sizes;  // per step
   c10::SmallVector<int64_t, 4> offsets;      // first row of each step

@@ -129,6 +129,33 @@ def test_bf16_gate_tiles_no_worse_than_twice_torch_nn(cell, batch):
     _assert_rule(half_layer_errors(cell, {}, torch.bfloat16, "cpu", 6, batch, H=64))
 
 
+@pytest.mark.skipif(not rnn_fused._C.cpu_bf16_tiles(), reason="this CPU has no AMX-BF16 tiles")
+@pytest.mark.parametrize(
+    ("cell", "steps", "batch"),
+    [("LSTM", 8, 1), ("GRU", 4, 1), ("LSTM", 3, 2), ("RNN_TANH", 12, 1)],
+)
+def test_short_bf16_inference_packs_its_weights(cell, steps, batch):
+    """Short bfloat16 calls under no_grad whose weights are large enough (a MiB: hidden 256)
+    pack them, where the same call in training reads them as stored (engine.h,
+    small_bf16_inference): other bits, both under the rule against float64."""
+    seed("short inference", cell, steps, batch)
+    cls = {"LSTM": nn.LSTM, "GRU": nn.GRU}.get(cell, nn.RNN)
+    kw = {"nonlinearity": "tanh"} if cell.startswith("RNN") else {}
+    theirs = cls(256, 256, **kw).bfloat16()
+    ours = rnn_fused.replace_rnns(cls(256, 256, **kw)).bfloat16()
+    ours.load_state_dict(theirs.state_dict())
+    exact = cls(256, 256, **kw).double()
+    exact.load_state_dict({k: v.double() for k, v in theirs.state_dict().items()})
+    x = torch.randn(steps, batch, 256).bfloat16()
+    with torch.no_grad():
+        inferred, expected, torch_nn = ours(x), exact(x.double()), theirs(x)
+    trained = ours(x.clone().requires_grad_())
+    flat = [_flat(r) for r in (inferred, expected, torch_nn, trained)]
+    _assert_rule([(rel_err(a, e), rel_err(t, e)) for a, e, t in zip(*flat[:3], strict=True)])
+    _assert_rule([(rel_err(a, e), rel_err(t, e)) for a, e, t in zip(flat[3], *flat[1:3])])
+    assert not torch.equal(flat[0][0], flat[3][0].detach()), "no_grad and training: one path"
+
+
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
 @pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
 def test_cell_no_worse_than_twice_torch_nn(name, dtype):

@@ -52,11 +52,33 @@ constexpr int64_t kTilePackedStepRows = 16;
 inline bool packs_bf16_step(const Problem& p) {
   return p.rows >= kBf16PackedStepRows || (p.batch >= kTilePackedStepRows && bf16_tiles_allowed());
 }
+// Under no_grad (Problem::inference), with AMX tiles (the kind measured: the other keeps the
+// rule above until measured), they pack sooner still, with no backward to pay for: from
+// 3 rows, and rows times the bytes of the bfloat16 weights of at least 2.5 MiB; weights over
+// 1.5 MiB (packed beyond L2) from 6 rows. bfloat16 forward at B=1, read as stored -> packed,
+// in us (Intel Xeon with AMX): LSTM H=256 T=3 48 -> 46, T=4 61 -> 48, T=8 111 -> 61, T=16 213
+// -> 90; GRU H=256 T=4 50 -> 40, T=16 168 -> 69; RNN H=256 T=8 48 -> 45, T=16 85 -> 54-73,
+// T=4 28 -> 41 (so not there); LSTM H=128 T=8 50 -> 52, T=16 90 -> 62; LSTM H=512 T=4 197
+// -> 260-288, T=6 290 -> 277, T=16 728 -> 368-484; GRU H=512 T=6 211 -> 194-203; B=2 LSTM
+// H=256 T=3 85 -> 47. In training read as stored stays faster up to 16 rows (forward and
+// backward, LSTM H=256 T=8 510-521 -> 645, T=16 707-721 -> 713-714; RNN T=16 270 -> 321-326).
+constexpr int64_t kSmallBf16InferenceRows = 2;
+constexpr int64_t kPackedInferenceBytes = 5 << 19;  // 2.5 MiB
+constexpr int64_t kL2PackedWeightBytes = 3 << 19;   // 1.5 MiB
+constexpr int64_t kLargeWeightInferenceRows = 6;
+inline bool small_bf16_inference(const Problem& p) {
+  const int64_t weight_bytes =
+      2 * (p.gate_width() * (p.input_size + p.out_size) + (p.proj ? p.out_size * p.hidden : 0));
+  return p.rows <= kSmallBf16InferenceRows || p.rows * weight_bytes < kPackedInferenceBytes ||
+         (weight_bytes > kL2PackedWeightBytes && p.rows < kLargeWeightInferenceRows);
+}
 inline bool bf16_dot_products(const Problem& p);  // below, with the other half-type choices
 inline bool small_problem(const Problem& p) {
   if (bf16_dot_products(p)) {
-    return p.rows <= kSmallBf16ProblemRows ||
-           (p.steps <= kSmallProblemSteps && !packs_bf16_step(p));
+    if (p.steps <= kSmallProblemSteps)
+      return p.rows <= kSmallBf16ProblemRows || !packs_bf16_step(p);
+    return p.inference && bf16_tiles_allowed() ? small_bf16_inference(p)
+                                               : p.rows <= kSmallBf16ProblemRows;
   }
   return p.rows <= kSmallProblemRows || p.steps <= kSmallProblemSteps;
 }

@@ -110,7 +110,8 @@ BackwardResult backward_cpu(const Problem& p, const BackwardArgs& a) {
 }  // namespace
 
 LayerResult layer_without_graph(const LayerArgs& a, bool output_wanted) {
-  const Problem p = make_problem(a);
+  Problem p = make_problem(a);
+  p.inference = true;
   const ForwardWants wants{/*workspace=*/false, output_wanted};
   auto [output, h_n, c_n, saved, h_prev] = a.is_contiguous()
                                                ? forward_wanting(p, a, false, wants)
