@@ -150,10 +150,13 @@ def test_short_bf16_inference_packs_its_weights(cell, steps, batch):
     with torch.no_grad():
         inferred, expected, torch_nn = ours(x), exact(x.double()), theirs(x)
     trained = ours(x.clone().requires_grad_())
-    flat = [_flat(r) for r in (inferred, expected, torch_nn, trained)]
-    _assert_rule([(rel_err(a, e), rel_err(t, e)) for a, e, t in zip(*flat[:3], strict=True)])
-    _assert_rule([(rel_err(a, e), rel_err(t, e)) for a, e, t in zip(flat[3], *flat[1:3])])
-    assert not torch.equal(flat[0][0], flat[3][0].detach()), "no_grad and training: one path"
+    got, exact_out, torch_out, trained_out = (
+        _flat(r) for r in (inferred, expected, torch_nn, trained)
+    )
+    for ours_out in (got, trained_out):
+        pairs = zip(ours_out, exact_out, torch_out, strict=True)
+        _assert_rule([(rel_err(a, e), rel_err(t, e)) for a, e, t in pairs])
+    assert not torch.equal(got[0], trained_out[0].detach()), "no_grad and training: one path"
 
 
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
