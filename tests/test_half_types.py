@@ -131,6 +131,65 @@ def test_bf16_gate_tiles_no_worse_than_twice_torch_nn(cell, batch):
 
 @pytest.mark.skipif(not rnn_fused._C.cpu_bf16_tiles(), reason="this CPU has no AMX-BF16 tiles")
 @pytest.mark.parametrize(
+    ("mode", "batch", "input_size", "hidden"),
+    [("LSTM", 64, 64, 96), ("GRU", 24, 32, 256), ("RNN_TANH", 40, 64, 64), ("LSTM", 33, 96, 160)],
+)
+def test_bf16_step_reads_weights_as_stored_on_tiles(mode, batch, input_size, hidden, monkeypatch):
+    """A bfloat16 step of 17 rows or more on AMX tiles reads its weights as stored, the tiles
+    taking W's rows as they are (products W x^T, sums transposed back: amx_gates.cpp
+    rows_times_w), where RNN_FUSED_STORED_TILES=0 packs them: the same bits, outputs and
+    every gradient. Hidden 96 and 160 leave a last unit block of 32; batch 33 and 40 a last
+    block of rows under 16."""
+    seed("stored tiles", mode, batch, hidden)
+    gates = rnn_fused.ops.GATES[mode]
+    x = torch.randn(1, batch, input_size).bfloat16()
+    w_ih = (torch.randn(gates * hidden, input_size) / 6).bfloat16()
+    w_hh = (torch.randn(gates * hidden, hidden) / 12).bfloat16()
+    b_ih, b_hh = (
+        (torch.randn(gates * hidden) / 4).bfloat16(),
+        (torch.randn(gates * hidden) / 4).bfloat16(),
+    )
+    h0 = torch.randn(1, batch, hidden).bfloat16()
+    grad = torch.randn(1, batch, hidden).bfloat16()
+
+    def outputs_and_grads() -> list[torch.Tensor]:
+        leaves = [t.clone().requires_grad_() for t in (x, w_ih, w_hh, b_ih, b_hh, h0)]
+        out = rnn_fused.rnn_layer(mode, *leaves[:5], leaves[5][0])[0]
+        return [out, *torch.autograd.grad(out, leaves, grad)]
+
+    stored = outputs_and_grads()
+    monkeypatch.setenv("RNN_FUSED_STORED_TILES", "0")
+    packed = outputs_and_grads()
+    for a, b in zip(stored, packed, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not rnn_fused._C.cpu_bf16_tiles(), reason="this CPU has no AMX-BF16 tiles")
+@pytest.mark.parametrize(("name", "batch"), [("LSTMCell", 2), ("GRUCell", 8), ("RNNCell", 16)])
+def test_small_bf16_cell_under_no_grad_on_tiles(name, batch):
+    """Under no_grad a bfloat16 cell of hidden 256 takes the tiles from 2 rows, its weights
+    read as stored (engine.h, stored_tiles_inference_step): against float64 under the rule."""
+    seed("stored tiles no_grad", name, batch)
+    theirs = getattr(nn, name)(256, 256).bfloat16()
+    ours = getattr(rnn_fused, name).from_torch(theirs)
+    exact = getattr(nn, name)(256, 256).double()
+    exact.load_state_dict({k: v.double() for k, v in theirs.state_dict().items()})
+    x, h = torch.randn(batch, 256).bfloat16(), torch.randn(batch, 256).bfloat16()
+    state = (h, torch.randn(batch, 256).bfloat16()) if name == "LSTMCell" else h
+    exact_state = tuple(s.double() for s in state) if name == "LSTMCell" else h.double()
+    with torch.no_grad():
+        results = [
+            m(a, st)
+            for m, a, st in ((ours, x, state), (exact, x.double(), exact_state), (theirs, x, state))
+        ]
+    got, expected, torch_out = (_flat(r) for r in results)
+    _assert_rule(
+        [(rel_err(a, e), rel_err(t, e)) for a, e, t in zip(got, expected, torch_out, strict=True)]
+    )
+
+
+@pytest.mark.skipif(not rnn_fused._C.cpu_bf16_tiles(), reason="this CPU has no AMX-BF16 tiles")
+@pytest.mark.parametrize(
     ("cell", "steps", "batch"),
     [("LSTM", 8, 1), ("GRU", 4, 1), ("LSTM", 3, 2), ("RNN_TANH", 12, 1)],
 )

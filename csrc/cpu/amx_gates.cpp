@@ -5,12 +5,15 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #if defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
 
 #include "bf16_dot.h"
+#include "register_transposes.h"
 
 namespace rnn_fused::cpu {
 namespace {
@@ -69,6 +72,19 @@ RF_AMX_TARGET void configure_tiles(int64_t rows) {
   _tile_loadconfig(&config);
 }
 
+// rows_times_w's: all eight tiles of 16 rows by 64 bytes. 0-3: the sums of 2 x 2 blocks of 16
+// columns of C (rows of W) by 16 rows of A; 4-5: W's rows of the two column blocks, 32 values
+// of k each; 6-7: A's pairs for the two row blocks.
+RF_AMX_TARGET void configure_square_tiles() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = 16;
+    config.bytes_per_row[t] = 64;
+  }
+  asm volatile("" : : "r"(&config) : "memory");  // see configure_tiles
+  _tile_loadconfig(&config);
+}
+
 RF_AMX_TARGET void release_tiles() { _tile_release(); }
 
 }  // namespace
@@ -82,6 +98,14 @@ void AmxGateTiles::release() {
 RF_AMX_TARGET void AmxGateTiles::products(int64_t rows, const at::BFloat16* A, int64_t lda,
                                           const Panels& W, int64_t gates, int64_t j, float* out) {
   TORCH_INTERNAL_ASSERT(rows > 0 && rows <= kAmxGateRows);
+  if (W.as_stored) {
+    take_rows(rows, W.K, A, lda);
+    const int64_t width = std::min(kAmxGateUnits, W.group - j * kAmxGateUnits);
+    for (int64_t g = 0; g < gates; ++g)
+      rows_times_w(W.panel<at::BFloat16>(g, j), W.K, width, out + g * kAmxGateUnits,
+                   gates * kAmxGateUnits);
+    return;
+  }
   if (rows != configured_rows_) {
     // ATen's brgemm keeps its tile configuration per thread: released first, so that its next
     // call configures the tiles again.
@@ -126,7 +150,92 @@ RF_AMX_TARGET void AmxGateTiles::products(int64_t rows, const at::BFloat16* A, i
     }
   }
 }
+#if defined(CPU_CAPABILITY_AVX512)
+bool amx_stored_rows_usable() {
+  const char* env = std::getenv("RNN_FUSED_STORED_TILES");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  return bf16_tiles_allowed() && tiles_permitted();
+}
+
+void AmxGateTiles::take_rows(int64_t rows, int64_t K, const at::BFloat16* A, int64_t lda) {
+  TORCH_INTERNAL_ASSERT(rows > 0 && rows <= kAmxGateRows && K % 32 == 0 && lda % 2 == 0);
+  const int64_t pairs = K / 2;
+  if (static_cast<int64_t>(pairs_.size()) < pairs * kAmxGateRows)
+    pairs_.resize(pairs * kAmxGateRows);
+  // A's rows as 32-bit words (a pair of values each), 16 x 16 blocks of them transposed.
+  const auto* words = reinterpret_cast<const float*>(A);
+  auto* to = reinterpret_cast<float*>(pairs_.data());
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, rows - r0));
+    for (int64_t p0 = 0; p0 < pairs; p0 += 16)
+      transpose_block(words + r0 * (lda / 2) + p0, lda / 2, n, 16, to + p0 * kAmxGateRows + r0,
+                      kAmxGateRows);
+  }
+  taken_rows_ = rows;
+  taken_k_ = K;
+}
+
+RF_AMX_TARGET void AmxGateTiles::rows_times_w(const at::BFloat16* W, int64_t ldw, int64_t width,
+                                              float* C, int64_t ldc) {
+  const int64_t rows = taken_rows_, K = taken_k_;
+  TORCH_INTERNAL_ASSERT(rows > 0 && width > 0 && width <= kAmxGateUnits && width % 16 == 0);
+  if (configured_rows_ != kSquare) {
+    if (configured_rows_ == 0) bf16_tiles_take();
+    configure_square_tiles();
+    configured_rows_ = kSquare;
+  }
+  const bool second = rows > 16;
+  const auto* w = reinterpret_cast<const char*>(W);
+  const auto* pairs = reinterpret_cast<const char*>(pairs_.data());
+  const int64_t w_stride = ldw * 2;
+  constexpr int64_t kPairRow = kAmxGateRows * 4;  // one pair of values of 32 rows of A
+  alignas(64) float sums[4][16 * 16];             // [column of C][row of A] per tile
+  for (int64_t c0 = 0; c0 < width; c0 += 32) {
+    const bool two = c0 + 16 < width;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k = 0; k < K; k += 32) {
+      const char* p = pairs + k / 2 * kPairRow;
+      _tile_loadd(6, p, kPairRow);
+      _tile_loadd(4, w + c0 * w_stride + k * 2, w_stride);
+      _tile_dpbf16ps(0, 4, 6);
+      if (second) {
+        _tile_loadd(7, p + 64, kPairRow);
+        _tile_dpbf16ps(1, 4, 7);
+      }
+      if (two) {
+        _tile_loadd(5, w + (c0 + 16) * w_stride + k * 2, w_stride);
+        _tile_dpbf16ps(2, 5, 6);
+        if (second) _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    _tile_stored(0, sums[0], 64);
+    _tile_stored(1, sums[1], 64);
+    _tile_stored(2, sums[2], 64);
+    _tile_stored(3, sums[3], 64);
+    for (int t = 0; t < 4; ++t) {
+      const int64_t r0 = t % 2 * 16, c = c0 + t / 2 * 16;
+      if (r0 < rows && c < width)
+        transpose_block(sums[t], 16, 16, static_cast<int>(std::min<int64_t>(16, rows - r0)),
+                        C + r0 * ldc + c, ldc);
+    }
+  }
+}
 #else
+bool amx_stored_rows_usable() { return false; }
+void AmxGateTiles::take_rows(int64_t, int64_t, const at::BFloat16*, int64_t) {
+  TORCH_INTERNAL_ASSERT(false, "W read as stored on the tiles needs an AVX-512 build");
+}
+void AmxGateTiles::rows_times_w(const at::BFloat16*, int64_t, int64_t, float*, int64_t) {}
+#endif
+#else
+bool amx_stored_rows_usable() { return false; }
+void AmxGateTiles::take_rows(int64_t, int64_t, const at::BFloat16*, int64_t) {
+  TORCH_INTERNAL_ASSERT(false, "AMX tile products without an x86-64 GCC or Clang build");
+}
+void AmxGateTiles::rows_times_w(const at::BFloat16*, int64_t, int64_t, float*, int64_t) {}
 void AmxGateTiles::release() {}
 void AmxGateTiles::products(int64_t, const at::BFloat16*, int64_t, const Panels&, int64_t, int64_t,
                             float*) {

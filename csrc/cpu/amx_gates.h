@@ -8,6 +8,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "gemm.h"
 
@@ -39,12 +40,31 @@ class AmxGateTiles {
   // panels' zeros): out holds `rows` rows of gates * kAmxGateUnits values. A's rows are lda
   // apart. The sums are those of ATen's brgemm on the same panel: K in steps of 32, each a
   // tile product added to the tile of sums. Runs on the calling thread.
+  // W as stored (Panels::as_stored): take_rows(A), then rows_times_w for each gate.
   void products(int64_t rows, const at::BFloat16* A, int64_t lda, const Panels& W, int64_t gates,
                 int64_t j, float* out);
+
+  // Rows [0, rows) of A (bfloat16, 1 to kAmxGateRows rows lda apart, lda even, K a multiple
+  // of 32) packed as pairs of values for rows_times_w, until the next take_rows.
+  void take_rows(int64_t rows, int64_t K, const at::BFloat16* A, int64_t lda);
+  // C[r, c] = sum over k of A[r, k] W[c, k] for the taken rows r and c < width (a multiple of
+  // 16, at most kAmxGateUnits): W a bfloat16 matrix as stored, rows ldw apart. The tiles read
+  // W's rows as they are, in products W A^T, and the sums go back to C transposed: the sums
+  // of products() on W packed, bit for bit (a tile product's sums do not depend on which
+  // operand is which). C's rows ldc apart.
+  void rows_times_w(const at::BFloat16* W, int64_t ldw, int64_t width, float* C, int64_t ldc);
   void release();
 
  private:
-  int64_t configured_rows_ = 0;  // 0: the tiles are not ours
+  int64_t configured_rows_ = 0;  // 0: the tiles are not ours; kSquare: rows_times_w's
+  static constexpr int64_t kSquare = -1;
+  int64_t taken_rows_ = 0, taken_k_ = 0;
+  std::vector<uint32_t> pairs_;  // the taken rows' pairs, [K / 2, kAmxGateRows]
 };
+
+// Whether rows_times_w can run: an AVX-512 build (its transposes), AMX tiles allowed
+// (bf16_tiles_allowed) and granted by the system; RNN_FUSED_STORED_TILES=0 turns it off (read
+// at each call: the tests compare both).
+bool amx_stored_rows_usable();
 
 }  // namespace rnn_fused::cpu

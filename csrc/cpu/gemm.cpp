@@ -16,6 +16,7 @@
 #include <climits>
 #include <type_traits>
 
+#include "amx_gates.h"
 #include "avx512_sums.h"
 #include "tile_gemm.h"
 #include "workspace.h"
@@ -635,12 +636,42 @@ void one_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, in
   }
 }
 
+// C = A @ B for B = W^T with W as stored (Panels::as_stored), on AMX tiles: blocks of
+// kAmxGateRows rows of A by panels (kPanel rows of W), split over the threads with the panels
+// of a row block together, so that each thread packs a block's rows once for all its panels.
+void stored_rows_matmul(int64_t M, const at::BFloat16* A, int64_t lda, const Panels& B, float* C,
+                        int64_t ldc) {
+  const int64_t groups = B.N / B.group, nb = groups * B.per_group;
+  const int64_t mb = (M + kAmxGateRows - 1) / kAmxGateRows;
+  const PanelColumns columns{B.group, B.per_group};
+  split_over_threads(mb * nb, std::min(M, kAmxGateRows) * Panels::kPanel * B.K,
+                     [&](int64_t begin, int64_t end) {
+                       AmxGateTiles tiles;
+                       int64_t taken = -1;
+                       for (int64_t blk = begin; blk < end; ++blk) {
+                         const int64_t rb = blk / nb, jb = columns.in_unit_order(blk % nb, groups);
+                         const int64_t i = rb * kAmxGateRows, g = jb / B.per_group;
+                         const int64_t j = jb % B.per_group * Panels::kPanel;
+                         if (rb != taken)
+                           tiles.take_rows(std::min(kAmxGateRows, M - i), B.K, A + i * lda, lda);
+                         taken = rb;
+                         tiles.rows_times_w(B.panel<at::BFloat16>(g, jb % B.per_group), B.K,
+                                            std::min(Panels::kPanel, B.group - j),
+                                            C + i * ldc + g * B.group + j, ldc);
+                       }
+                     });
+}
+
 // C (+)= A @ B on bfloat16 panels, A in bfloat16 with its rows in pairs (lda even), into
 // float32 C or (not accumulated, no tiles) bfloat16 C: blocks of rows and panels split over
 // threads.
 template <class Out>
 void bf16_rows_matmul(int64_t M, const at::BFloat16* A, int64_t lda, const Panels& B, Out* C,
                       int64_t ldc, bool accumulate) {
+  if (B.as_stored) {
+    TORCH_INTERNAL_ASSERT((std::is_same_v<Out, float>) && !accumulate);
+    if constexpr (std::is_same_v<Out, float>) return stored_rows_matmul(M, A, lda, B, C, ldc);
+  }
   const int64_t K = B.K;
   const int64_t groups = B.N / B.group, mb = (M + kBlockM - 1) / kBlockM, nb = groups * B.per_group;
   const PanelColumns columns{B.group, B.per_group};

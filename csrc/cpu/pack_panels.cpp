@@ -249,4 +249,15 @@ Panels pack_panels(const at::Tensor& b, int64_t group, bool bf16) {
   return panels;
 }
 
+Panels stored_rows_for_tiles(const at::Tensor& w, int64_t group) {
+  const int64_t N = w.size(0), K = w.size(1);
+  group = group > 0 ? group : N;
+  TORCH_INTERNAL_ASSERT(w.scalar_type() == at::kBFloat16 && w.is_contiguous() && N % group == 0 &&
+                        group % 16 == 0 && K % 32 == 0);
+  Panels panels{w, K, N, group, (group + Panels::kPanel - 1) / Panels::kPanel};
+  panels.tiles = true;
+  panels.as_stored = true;
+  return panels;
+}
+
 }  // namespace rnn_fused::cpu

@@ -26,12 +26,16 @@ struct Panels {
   int64_t K = 0, N = 0, group = 0, per_group = 0;
   bool tiles = false;     // bfloat16 products on AMX tiles where rows allow (bf16_tiles_allowed)
   bool streamed = false;  // float32 panels beyond L2: gemm.cpp's streamed_panel reads them
+  // Not packed: data is a bfloat16 W [N, K] as stored (B = W^T), whose rows the AMX kernels
+  // of amx_gates.h read as they are (stored_rows_for_tiles); a panel is kPanel rows of W.
+  bool as_stored = false;
 
   bool bf16() const { return data.defined() && data.scalar_type() == at::kBFloat16; }
   // Values of one panel: K rows, or K rounded up to even for bfloat16.
   int64_t panel_size() const { return (bf16() ? (K + 1) / 2 * 2 : K) * kPanel; }
   template <class T>
   const T* panel(int64_t g, int64_t j) const {
+    if (as_stored) return data.data_ptr<T>() + (g * group + j * kPanel) * K;
     return data.data_ptr<T>() + (g * per_group + j) * panel_size();
   }
 };
@@ -41,6 +45,11 @@ static_assert(Panels::kPanel == kBf16Panel, "one panel width for both layouts");
 // b: [K, N] with any strides (a transposed view is fine); group must divide N (default N).
 // bf16: bfloat16 panels of b's values rounded to nearest even.
 Panels pack_panels(const at::Tensor& b, int64_t group = 0, bool bf16 = false);
+
+// A bfloat16 w [N, K] (contiguous) as the Panels of B = w^T without packing (Panels::as_stored),
+// for products on AMX tiles that read its rows as they are (amx_gates.h): group (0: N) a
+// multiple of 16, K of 32.
+Panels stored_rows_for_tiles(const at::Tensor& w, int64_t group = 0);
 
 // Where panel `panel` (numbered group by group) starts among b's columns, and how many it
 // holds (a group's last may be narrower): for the packings (pack_panels.cpp) and

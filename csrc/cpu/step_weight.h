@@ -27,15 +27,20 @@ class StepWeight {
   // Unpacked, a weight in a half type (a small problem's: weights_as_stored) is read as
   // stored where its products take at most kHalfWeightRows rows (`rows`: the most they
   // take) or run on the dot products, and converted to T once otherwise.
+  // tiles_as_stored: with pack, W (bfloat16, contiguous; B = W^T) is not packed but read as
+  // stored by the AMX kernels (stored_rows_for_tiles).
   StepWeight(const at::Tensor& w, bool transpose, bool pack, int64_t group = 0, bool bf16 = false,
-             int64_t rows = 0)
+             int64_t rows = 0, bool tiles_as_stored = false)
       : diagonal_(w.dim() == 1),
         ld_(diagonal_ ? 1 : w.size(1)),
         transpose_(transpose),
         K_(diagonal_ || transpose ? w.size(-1) : w.size(0)),
         N_(diagonal_ || transpose ? w.size(0) : w.size(1)) {
     constexpr at::ScalarType kDtype = c10::CppTypeToScalarType<T>::value;
-    if (pack && !diagonal_) {
+    if (pack && !diagonal_ && tiles_as_stored) {
+      TORCH_INTERNAL_ASSERT(transpose && bf16);
+      panels_ = stored_rows_for_tiles(w, group);
+    } else if (pack && !diagonal_) {
       panels_ = pack_panels(transpose ? w.t() : w, group, bf16);
     } else if (w.scalar_type() == kDtype) {
       w_ = w.data_ptr<T>();
