@@ -73,22 +73,30 @@ inline bool small_bf16_inference(const Problem& p) {
   return p.rows <= kSmallBf16InferenceRows || p.rows * weight_bytes < kPackedInferenceBytes ||
          (weight_bytes > kL2PackedWeightBytes && p.rows < kLargeWeightInferenceRows);
 }
-// A bfloat16 step on AMX tiles may read its weights as stored (stored_rows_for_tiles), the
-// tiles taking W's rows as they are: no packing, which made it pay from few rows. Its shapes:
-// K of both products a multiple of 32, the hidden size of 16; no projection, LayerNorm or
-// element-wise recurrence. (run_forward checks the weights too: bfloat16, contiguous.)
+// A bfloat16 call of up to kStoredTilesMaxSteps steps on AMX tiles reads its weights as stored
+// (stored_rows_for_tiles), the tiles taking W's rows as they are: no packing, which made it pay
+// from few rows. Its shapes: K of both products a multiple of 32, the hidden size of 16; no
+// projection, LayerNorm or element-wise recurrence. (run_forward checks the weights too:
+// bfloat16, contiguous.) Longer calls repay the packing: bf16 forward, packed -> as stored
+// (us, Intel Xeon with AMX): LSTM H=256 B=1 T=3 47-48 -> 29, T=8 64-66 -> 51, T=16 89-91 ->
+// 86, T=32 138-140 -> 155-161, T=100 392-395 -> 514-538; B=64 T=8 465-471 -> 419, T=32
+// 1505-1515 -> 1538-1592; LSTM H=512 B=8 T=32 986-1036 -> 1381-1407.
+constexpr int64_t kStoredTilesMaxSteps = 8;
 inline bool stored_tiles_fit(const Problem& p) {
-  return p.steps == 1 && p.input_size % 32 == 0 && p.out_size % 32 == 0 && p.hidden % 16 == 0 &&
-         !p.proj && !p.layer_norm && !p.elementwise && amx_stored_rows_usable();
+  return p.steps <= kStoredTilesMaxSteps && p.input_size % 32 == 0 && p.out_size % 32 == 0 &&
+         p.hidden % 16 == 0 && !p.proj && !p.layer_norm && !p.elementwise &&
+         amx_stored_rows_usable();
 }
-// Under no_grad, such a step takes the tiles from 2 rows once rows times its weights' bytes
-// reach 512 KiB. Cells under no_grad, read as stored on the dot products -> on the tiles, us a
-// call (Intel Xeon with AMX): LSTMCell(256) B=2 33.4-33.9 -> 19.7-19.8, B=4 55.6-56.0 ->
-// 21.0-21.9, B=16 105-106 -> 32.7-35.2; GRUCell(256) B=4 44 -> 18, B=16 83-85 -> 27-29;
-// RNNCell(256) B=2 16.1 -> 13.9, B=16 40-41 -> 18.5; LSTMCell(512) B=2 105-117 -> 73-75, B=16 367
+// Under no_grad, such a call takes the tiles from 2 rows once rows times its weights' bytes
+// reach 512 KiB (before small_bf16_inference's rule). Cells under no_grad, read as stored on
+// the dot products -> on the tiles, us a call (Intel Xeon with AMX): LSTMCell(256) B=2 33.4-33.9
+// -> 19.7-19.8, B=4 55.6-56.0 -> 21.0-21.9, B=16 105-106 -> 32.7-35.2; GRUCell(256) B=4 44 -> 18,
+// B=16 83-85 -> 27-29; RNNCell(256) B=2 16.1 -> 13.9, B=16 40-41 -> 18.5; LSTMCell(512) B=2 105-117
+// -> 73-75, B=16 367
 // -> 99-101; LSTMCell(64) B=8 17.3-17.5 -> 14.1-14.2, B=16 26-27 -> 16; slower: B=1 LSTMCell(512)
 // 64-67 -> 69-73, RNNCell(256) 11.8 -> 13.7, LSTMCell(64) B=2 10.4 -> 13.0, LSTMCell(32) B=8
-// 10.6 -> 11.9.
+// 10.6 -> 11.9. Sequences (from the dot products as stored, or packed): RNN H=256 T=8 B=1 45
+// -> 27, GRU T=3 39 -> 24, LSTM T=3 B=4 150 -> 32-36, LSTM H=512 T=6 B=1 295 -> 186-190.
 constexpr int64_t kStoredTilesMinRows = 2;
 constexpr int64_t kStoredTilesMinBytes = 512 << 10;
 inline bool stored_tiles_inference_step(const Problem& p) {
@@ -99,7 +107,7 @@ inline bool stored_tiles_inference_step(const Problem& p) {
 inline bool bf16_dot_products(const Problem& p);  // below, with the other half-type choices
 inline bool small_problem(const Problem& p) {
   if (bf16_dot_products(p)) {
-    if (p.steps <= kSmallProblemSteps && stored_tiles_inference_step(p)) return false;
+    if (stored_tiles_inference_step(p)) return false;
     if (p.steps <= kSmallProblemSteps)
       return p.rows <= kSmallBf16ProblemRows || !packs_bf16_step(p);
     return p.inference && bf16_tiles_allowed() ? small_bf16_inference(p)
