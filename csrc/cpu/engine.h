@@ -89,14 +89,14 @@ inline bool stored_tiles_fit(const Problem& p) {
 }
 // Under no_grad, such a call takes the tiles from 2 rows once rows times its weights' bytes
 // reach 512 KiB (before small_bf16_inference's rule). Cells under no_grad, read as stored on
-// the dot products -> on the tiles, us a call (Intel Xeon with AMX): LSTMCell(256) B=2 33.4-33.9
-// -> 19.7-19.8, B=4 55.6-56.0 -> 21.0-21.9, B=16 105-106 -> 32.7-35.2; GRUCell(256) B=4 44 -> 18,
-// B=16 83-85 -> 27-29; RNNCell(256) B=2 16.1 -> 13.9, B=16 40-41 -> 18.5; LSTMCell(512) B=2 105-117
-// -> 73-75, B=16 367
-// -> 99-101; LSTMCell(64) B=8 17.3-17.5 -> 14.1-14.2, B=16 26-27 -> 16; slower: B=1 LSTMCell(512)
-// 64-67 -> 69-73, RNNCell(256) 11.8 -> 13.7, LSTMCell(64) B=2 10.4 -> 13.0, LSTMCell(32) B=8
-// 10.6 -> 11.9. Sequences (from the dot products as stored, or packed): RNN H=256 T=8 B=1 45
-// -> 27, GRU T=3 39 -> 24, LSTM T=3 B=4 150 -> 32-36, LSTM H=512 T=6 B=1 295 -> 186-190.
+// the dot products -> on the tiles, us a call (Intel Xeon with AMX): LSTMCell(256) B=2
+// 33.4-33.9 -> 19.7-19.8, B=4 55.6-56.0 -> 21.0-21.9, B=16 105-106 -> 32.7-35.2; GRUCell(256)
+// B=4 44 -> 18, B=16 83-85 -> 27-29; RNNCell(256) B=2 16.1 -> 13.9, B=16 40-41 -> 18.5;
+// LSTMCell(512) B=2 105-117 -> 73-75, B=16 367 -> 99-101; LSTMCell(64) B=8 17.3-17.5 ->
+// 14.1-14.2, B=16 26-27 -> 16; slower: B=1 LSTMCell(512) 64-67 -> 69-73, RNNCell(256) 11.8 ->
+// 13.7, LSTMCell(64) B=2 10.4 -> 13.0, LSTMCell(32) B=8 10.6 -> 11.9. Sequences (from the dot
+// products as stored, or packed): RNN H=256 T=8 B=1 45 -> 27, GRU T=3 39 -> 24, LSTM T=3 B=4
+// 150 -> 32-36, LSTM H=512 T=6 B=1 295 -> 186-190.
 constexpr int64_t kStoredTilesMinRows = 2;
 constexpr int64_t kStoredTilesMinBytes = 512 << 10;
 inline bool stored_tiles_inference_step(const Problem& p) {

@@ -124,9 +124,10 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
   // H=512 (by units) (Intel Xeon with AMX).
   const bool ih_bf16 = bf16_dots || dots == Bf16Dots::kInput;
   const int64_t ih_group = ih_bf16 && p.batch < kOwnRowsMinBatch ? H : 0;
-  // A bfloat16 call of one step on AMX tiles reads both weights as stored (stored_rows_for_tiles),
-  // its products on the tiles as W x^T and W h^T, sums transposed back: the same bits as on the
-  // weights packed, without the packing, which took about a quarter of a cell's call at batch 64.
+  // A short bfloat16 call on AMX tiles (stored_tiles_fit) reads both weights as stored
+  // (stored_rows_for_tiles), its products on the tiles as W x^T and W h^T, sums transposed back:
+  // the same bits as on the weights packed, without the packing, which took about a quarter of
+  // a cell's call at batch 64.
   const bool tiles_as_stored = std::is_same_v<T, float> && bf16 && pack && stored_tiles_fit(p) &&
                                weights_fit_stored_tiles(w_ih, w_hh);
   const StepWeight<T> w_ih_t(w_ih, /*transpose=*/true, pack, ih_group, ih_bf16, max_rows(chunks),
