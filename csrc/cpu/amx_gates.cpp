@@ -150,7 +150,16 @@ RF_AMX_TARGET void AmxGateTiles::products(int64_t rows, const at::BFloat16* A, i
     }
   }
 }
-#if defined(CPU_CAPABILITY_AVX512)
+#else
+void AmxGateTiles::release() {}
+void AmxGateTiles::products(int64_t, const at::BFloat16*, int64_t, const Panels&, int64_t, int64_t,
+                            float*) {
+  TORCH_INTERNAL_ASSERT(false, "AMX tile products without an x86-64 GCC or Clang build");
+}
+#endif
+
+// W read as stored (rows_times_w) needs AVX-512 for its transposes as well.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(CPU_CAPABILITY_AVX512)
 bool amx_stored_rows_usable() {
   const char* env = std::getenv("RNN_FUSED_STORED_TILES");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
@@ -226,21 +235,9 @@ RF_AMX_TARGET void AmxGateTiles::rows_times_w(const at::BFloat16* W, int64_t ldw
 #else
 bool amx_stored_rows_usable() { return false; }
 void AmxGateTiles::take_rows(int64_t, int64_t, const at::BFloat16*, int64_t) {
-  TORCH_INTERNAL_ASSERT(false, "W read as stored on the tiles needs an AVX-512 build");
+  TORCH_INTERNAL_ASSERT(false, "W read as stored on the tiles needs an x86-64 AVX-512 build");
 }
 void AmxGateTiles::rows_times_w(const at::BFloat16*, int64_t, int64_t, float*, int64_t) {}
-#endif
-#else
-bool amx_stored_rows_usable() { return false; }
-void AmxGateTiles::take_rows(int64_t, int64_t, const at::BFloat16*, int64_t) {
-  TORCH_INTERNAL_ASSERT(false, "AMX tile products without an x86-64 GCC or Clang build");
-}
-void AmxGateTiles::rows_times_w(const at::BFloat16*, int64_t, int64_t, float*, int64_t) {}
-void AmxGateTiles::release() {}
-void AmxGateTiles::products(int64_t, const at::BFloat16*, int64_t, const Panels&, int64_t, int64_t,
-                            float*) {
-  TORCH_INTERNAL_ASSERT(false, "AMX tile products without an x86-64 GCC or Clang build");
-}
 #endif
 
 }  // namespace rnn_fused::cpu

@@ -63,13 +63,16 @@ inline bool packs_bf16_step(const Problem& p) {
 // -> 260-288, T=6 290 -> 277, T=16 728 -> 368-484; GRU H=512 T=6 211 -> 194-203; B=2 LSTM
 // H=256 T=3 85 -> 47. In training read as stored stays faster up to 16 rows (forward and
 // backward, LSTM H=256 T=8 510-521 -> 645, T=16 707-721 -> 713-714; RNN T=16 270 -> 321-326).
+// The bytes of a call's weights in bfloat16 (W_ih, W_hh and a projection's W_hr).
+inline int64_t bf16_weight_bytes(const Problem& p) {
+  return 2 * (p.gate_width() * (p.input_size + p.out_size) + (p.proj ? p.out_size * p.hidden : 0));
+}
 constexpr int64_t kSmallBf16InferenceRows = 2;
 constexpr int64_t kPackedInferenceBytes = 5 << 19;  // 2.5 MiB
 constexpr int64_t kL2PackedWeightBytes = 3 << 19;   // 1.5 MiB
 constexpr int64_t kLargeWeightInferenceRows = 6;
 inline bool small_bf16_inference(const Problem& p) {
-  const int64_t weight_bytes =
-      2 * (p.gate_width() * (p.input_size + p.out_size) + (p.proj ? p.out_size * p.hidden : 0));
+  const int64_t weight_bytes = bf16_weight_bytes(p);
   return p.rows <= kSmallBf16InferenceRows || p.rows * weight_bytes < kPackedInferenceBytes ||
          (weight_bytes > kL2PackedWeightBytes && p.rows < kLargeWeightInferenceRows);
 }
@@ -100,9 +103,8 @@ inline bool stored_tiles_fit(const Problem& p) {
 constexpr int64_t kStoredTilesMinRows = 2;
 constexpr int64_t kStoredTilesMinBytes = 512 << 10;
 inline bool stored_tiles_inference_step(const Problem& p) {
-  const int64_t weight_bytes = 2 * p.gate_width() * (p.input_size + p.out_size);
   return p.inference && p.rows >= kStoredTilesMinRows &&
-         p.rows * weight_bytes >= kStoredTilesMinBytes && stored_tiles_fit(p);
+         p.rows * bf16_weight_bytes(p) >= kStoredTilesMinBytes && stored_tiles_fit(p);
 }
 inline bool bf16_dot_products(const Problem& p);  // below, with the other half-type choices
 inline bool small_problem(const Problem& p) {
