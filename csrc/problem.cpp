@@ -19,11 +19,29 @@ void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected
               ", got ", shape_str(t.sizes()));
 }
 
-void check_like(const at::Tensor& t, const char* name, const at::Tensor& input) {
-  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "rnn_fused: ", name,
-              " must have the dtype of input (", input.scalar_type(), "), got ", t.scalar_type());
+// t in the dtype of `like` (named like_name) and on the input's device.
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& input,
+                const at::Tensor& like, const char* like_name) {
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "rnn_fused: ", name,
+              " must have the dtype of ", like_name, " (", like.scalar_type(), "), got ",
+              t.scalar_type());
   TORCH_CHECK(t.device() == input.device(), "rnn_fused: ", name,
               " must be on the device of input (", input.device(), "), got ", t.device());
+}
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& input) {
+  check_like(t, name, input, input, "input");
+}
+
+// w_ih's dtype, which the other parameters share: the input's, or a half type with a float32
+// input on the CPU (LayerArgs).
+void check_params_dtype(const at::Tensor& w_ih, const at::Tensor& input) {
+  const at::ScalarType w = w_ih.scalar_type(), x = input.scalar_type();
+  const bool half_params = x == at::kFloat && (w == at::kBFloat16 || w == at::kHalf);
+  TORCH_CHECK(w == x || (half_params && input.is_cpu()), "rnn_fused: w_ih must have the dtype of ",
+              "input (", x, ") or, with a float32 input on the CPU, bfloat16 or float16, got ", w,
+              " with a ", x, " input on ", input.device());
+  TORCH_CHECK(w_ih.device() == input.device(), "rnn_fused: w_ih must be on the device of input (",
+              input.device(), "), got ", w_ih.device());
 }
 
 // The workspace in workspace_dtype, or in the input's dtype (the CUDA engine's, which the
@@ -194,7 +212,7 @@ Problem make_problem(const LayerArgs& a) {
   p.reverse = reverse;
   p.proj = w_hr.has_value();
   p.has_bias = b_ih.has_value();
-  p.bfloat16 = input.scalar_type() == at::kBFloat16;
+  p.bfloat16 = w_ih.scalar_type() == at::kBFloat16;
   TORCH_CHECK(b_ih.has_value() == b_hh.has_value(),
               "rnn_fused: b_ih and b_hh must be given together, got b_ih ",
               b_ih.has_value() ? "given" : "None", " and b_hh ",
@@ -220,10 +238,10 @@ Problem make_problem(const LayerArgs& a) {
                 "rnn_fused: w_hr must have shape [proj_size, ", p.hidden, "], got ",
                 shape_str(w_hr->sizes()));
     p.out_size = w_hr->size(0);
-    check_like(*w_hr, "w_hr", input);
   }
-  check_like(w_ih, "w_ih", input);
-  check_like(w_hh, "w_hh", input);
+  check_params_dtype(w_ih, input);
+  if (p.proj) check_like(*w_hr, "w_hr", input, w_ih, "w_ih");
+  check_like(w_hh, "w_hh", input, w_ih, "w_ih");
   p.elementwise = w_hh.dim() == 1;
   if (p.elementwise) {
     TORCH_CHECK(p.kind == CellKind::RNN_TANH || p.kind == CellKind::RNN_RELU,
@@ -235,8 +253,8 @@ Problem make_problem(const LayerArgs& a) {
     check_shape(w_hh, "w_hh", {p.gate_width(), p.out_size});
   }
   if (p.has_bias) {
-    check_like(*b_ih, "b_ih", input);
-    check_like(*b_hh, "b_hh", input);
+    check_like(*b_ih, "b_ih", input, w_ih, "w_ih");
+    check_like(*b_hh, "b_hh", input, w_ih, "w_ih");
     check_shape(*b_ih, "b_ih", {p.gate_width()});
     check_shape(*b_hh, "b_hh", {p.gate_width()});
   }

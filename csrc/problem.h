@@ -41,6 +41,11 @@ struct LayerArgs {
   at::Tensor w_ih, w_hh;  // torch.nn's weights of the layer, gates stacked in its order
   OptTensor b_ih, b_hh;   // given together or not at all
   OptTensor w_hr;         // LSTM projection [H_out, H]
+  // The parameters (weights and biases) have the input's dtype, or on the CPU all one half
+  // type with a float32 input: what torch.nn's layers run under CPU autocast. The products then
+  // round their operands to that type (as the half type's own calls do), and the rest, the
+  // results and the gradients of input and states are float32; the parameters' gradients come
+  // in their type.
   // (w_hh may be a vector [H] for the RNN modes: IndRNN's element-wise weight, Problem::
   // elementwise.)
   OptTensor batch_sizes;  // int64 CPU [T] for packed input
@@ -132,7 +137,7 @@ struct Problem {
   bool elementwise;
   bool zoneout;     // LayerArgs::zoneout given
   bool layer_norm;  // LayerArgs::layer_norm given
-  bool bfloat16;    // the call's dtype is bfloat16
+  bool bfloat16;    // the products are bfloat16's: the parameters' dtype (LayerArgs)
   // A forward that keeps nothing for a backward (set by the forward's adapters): the CPU
   // engine may choose its path differently (small_problem).
   bool inference = false;
@@ -152,7 +157,8 @@ std::string_view mode_name(CellKind kind);
 int64_t gates_of(CellKind kind);
 
 // Validates a layer call and describes it. Every error names the argument, the expected and
-// the actual value. Every engine runs float32, float64, float16 and bfloat16.
+// the actual value. Every engine runs float32, float64, float16 and bfloat16; half-type
+// parameters with a float32 input, the CPU engine only.
 Problem make_problem(const LayerArgs& a);
 // Validates the backward's arguments against the problem of its forward.
 Problem make_problem(const BackwardArgs& a);

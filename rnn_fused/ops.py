@@ -97,14 +97,18 @@ def _sizes(mode: str, w_ih: Tensor, w_hr: Tensor | None) -> tuple[int, int]:
     return hidden, (w_hr.shape[0] if w_hr is not None else hidden)
 
 
-def _check_like(input: Tensor, **tensors: Tensor | None) -> None:
-    """The kernels' dtype and device checks (csrc/problem.cpp), for the fake kernels."""
+def _check_like(
+    input: Tensor, like: Tensor | None = None, like_name: str = "input", **tensors: Tensor | None
+) -> None:
+    """The kernels' dtype and device checks (csrc/problem.cpp), for the fake kernels: each of
+    `tensors` in the dtype of `like` (the input when None) and on the input's device."""
+    dtype = (input if like is None else like).dtype
     for name, t in tensors.items():
         if t is None:
             continue
-        if t.dtype != input.dtype:
+        if t.dtype != dtype:
             raise RuntimeError(
-                f"rnn_fused: {name} must have the dtype of input ({input.dtype}), got {t.dtype}"
+                f"rnn_fused: {name} must have the dtype of {like_name} ({dtype}), got {t.dtype}"
             )
         if t.device != input.device:
             raise RuntimeError(
@@ -112,11 +116,28 @@ def _check_like(input: Tensor, **tensors: Tensor | None) -> None:
             )
 
 
+def _check_params(input: Tensor, w_ih: Tensor, **others: Tensor | None) -> None:
+    """The kernels' checks of the parameters (csrc/problem.cpp, check_params_dtype): w_ih in
+    the input's dtype, or a half type with a float32 input on the CPU; the others in w_ih's."""
+    x, w = input.dtype, w_ih.dtype
+    half = x == torch.float32 and w in (torch.bfloat16, torch.float16)
+    if w != x and not (half and input.device.type == "cpu"):
+        raise RuntimeError(
+            f"rnn_fused: w_ih must have the dtype of input ({x}) or, with a float32 input on the "
+            f"CPU, bfloat16 or float16, got {w} with a {x} input on {input.device}"
+        )
+    if w_ih.device != input.device:
+        raise RuntimeError(
+            f"rnn_fused: w_ih must be on the device of input ({input.device}), got {w_ih.device}"
+        )
+    _check_like(input, w_ih, "w_ih", **others)
+
+
 def _layer_outputs(call: LayerCall) -> tuple[Tensor, Tensor, Tensor, int, int]:
     """Fake output, h_n and c_n of a layer call, with its rows and hidden size."""
     c = call
-    _check_like(c.input, hx=c.hx, cx=c.cx, w_ih=c.w_ih, w_hh=c.w_hh, b_ih=c.b_ih, b_hh=c.b_hh)
-    _check_like(c.input, w_hr=c.w_hr, zoneout=c.zoneout, layer_norm=c.layer_norm)
+    _check_params(c.input, c.w_ih, w_hh=c.w_hh, b_ih=c.b_ih, b_hh=c.b_hh, w_hr=c.w_hr)
+    _check_like(c.input, hx=c.hx, cx=c.cx, zoneout=c.zoneout, layer_norm=c.layer_norm)
     hidden, out_size = _sizes(c.mode, c.w_ih, c.w_hr)
     if c.batch_sizes is None and c.input.dim() == 2:  # one step [B, I]
         rows = batch = c.input.shape[0]
@@ -176,9 +197,8 @@ def _forward_fake(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
 @torch.library.register_fake("rnn_fused::backward")
 def _backward_fake(*args) -> tuple[Tensor, ...]:
     c = BackwardCall(*args)
-    _check_like(
-        c.input, w_ih=c.w_ih, w_hh=c.w_hh, w_hr=c.w_hr, zoneout=c.zoneout, layer_norm=c.layer_norm
-    )
+    _check_params(c.input, c.w_ih, w_hh=c.w_hh, w_hr=c.w_hr)
+    _check_like(c.input, zoneout=c.zoneout, layer_norm=c.layer_norm)
     # As check_workspace in csrc/problem.cpp: workspace_dtype, or the input's dtype.
     workspace = _C.workspace_dtype(str(c.input.device), c.input.dtype)
     for name, t in (("saved", c.saved), ("h_prev", c.h_prev)):
@@ -195,18 +215,19 @@ def _backward_fake(*args) -> tuple[Tensor, ...]:
     gate_width = c.w_ih.shape[0]
     ln_size = c.layer_norm.shape[0] if c.layer_norm is not None else 0
 
-    def new(wanted: bool, *shape) -> Tensor:
-        return c.input.new_empty(*shape) if wanted else c.input.new_empty(0)
+    def new(wanted: bool, *shape, like: Tensor = c.input) -> Tensor:
+        return like.new_empty(*shape) if wanted else like.new_empty(0)
 
+    # The parameters' gradients in their dtype (w_ih's), the others in the input's.
     return (
         new(need_input, c.input.shape),
         new(need_state, batch, out_size),
         new(need_state and c.mode == "LSTM", batch, hidden),
-        new(need_weights, c.w_ih.shape),
-        new(need_weights, c.w_hh.shape),
-        new(need_weights, gate_width),
-        new(need_weights, gate_width),
-        new(need_weights and c.w_hr is not None, (out_size, hidden)),
+        new(need_weights, c.w_ih.shape, like=c.w_ih),
+        new(need_weights, c.w_hh.shape, like=c.w_ih),
+        new(need_weights, gate_width, like=c.w_ih),
+        new(need_weights, gate_width, like=c.w_ih),
+        new(need_weights and c.w_hr is not None, (out_size, hidden), like=c.w_ih),
         new(need_weights and c.layer_norm is not None, ln_size),
     )
 
@@ -239,16 +260,22 @@ def _reference_grads(*args) -> list[Tensor]:
     wanted = [t for t in tensors if t is not None and t.requires_grad]
     found: tuple[Tensor | None, ...] = ()
     with torch.enable_grad():
+        # Half-type parameters of a float32 call (LayerCall) in float32: the values its products
+        # read.
+        w_ih, w_hh, b_ih, b_hh, w_hr = (
+            None if t is None else t.to(c.input.dtype)
+            for t in (c.w_ih, c.w_hh, c.b_ih, c.b_hh, c.w_hr)
+        )
         outputs = reference.rnn_layer(
             c.mode,
             c.input,
-            c.w_ih,
-            c.w_hh,
-            c.b_ih,
-            c.b_hh,
+            w_ih,
+            w_hh,
+            b_ih,
+            b_hh,
             c.hx,
             c.cx,
-            w_hr=c.w_hr,
+            w_hr=w_hr,
             batch_sizes=c.batch_sizes,
             reverse=c.reverse,
             zoneout=c.zoneout,
@@ -302,7 +329,10 @@ def rnn_layer(
         input: [T, B, I], packed rows [N, I] when `batch_sizes` is given, or one step [B, I]
             (then output is [B, H_out]), or an unbatched step [I] (with states [H_out] and
             [H], and results without their batch dimension).
-        w_ih, w_hh, b_ih, b_hh: torch.nn's weights of the layer (gates stacked in its order).
+        w_ih, w_hh, b_ih, b_hh: torch.nn's weights of the layer (gates stacked in its order),
+            in the input's dtype, or on the CPU (with w_hr) all in bfloat16 or float16 with a
+            float32 input: products in that dtype, the rest and the results in float32, as
+            torch.nn's LSTMCell and GRU run under CPU autocast.
         hx: initial hidden state [B, H_out] (zeros when None).
         cx: initial cell state [B, H] (LSTM only; zeros when None).
         w_hr: LSTM projection [proj_size, H].
@@ -459,13 +489,17 @@ def _under_autocast(call: LayerCall, cell: bool) -> tuple[Tensor, Tensor, Tensor
         return None
     low = torch.get_autocast_dtype(device)
     low_h, low_c = (True, True) if device != "cpu" else _cpu_autocast_results(call, cell)
-    tensors = call[1:9]  # input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr
+    # The parameters cast as autocast casts them for torch.nn's products: once per autocast
+    # region (torch's cache), not at every step of a loop inside it.
+    params = _C.autocast_casts(list(call[4:9]), low)
     if low_h and low_c:
-        cast = [None if t is None else t.to(low) for t in tensors]
+        cast = [None if t is None else t.to(low) for t in call[1:4]] + params
     else:
-        # Float32 math on the operands rounded to the autocast dtype: the products see what
-        # torch.nn's see; the states stay float32, as in its cell math.
-        cast = [t if t is None or i in (1, 2) else t.to(low).float() for i, t in enumerate(tensors)]
+        # A float32 input rounded to the autocast dtype: the operator's products run in the
+        # parameters' dtype, and the states, the cell math and the results stay float32, as
+        # torch.nn's.
+        states = [None if t is None else t.float() for t in (call.hx, call.cx)]
+        cast = [call.input.to(low).float(), *states, *params]
     zoneout, ln = (None if t is None else t.to(cast[0].dtype) for t in call[11:13])
     with torch.autocast(device, enabled=False):
         output, h_n, c_n = rnn_layer(

@@ -454,3 +454,14 @@ def test_persistent_launches_of_the_gpu_check_fit_an_h200(kernels, mode, dtype, 
         assert cluster == (blocks <= 16)
         if dtype != torch.float64:  # float64 rows are for accuracy, not for the GPU check
             assert shared <= SHARED_BYTES, (rows, hidden, shared)
+
+
+def test_engine_refuses_half_parameters_with_a_float32_input(kernels):
+    """Half-type parameters with a float32 input (CPU autocast's call) are the CPU engine's
+    alone: the CUDA engine names the dtypes instead of reading the weights as float32."""
+    seed("half parameters refused")
+    layer = make_layer("GRU", 5, 9, dtype=torch.bfloat16)
+    x = rand(4, 3, 5, dtype=torch.float32).detach()
+    weights = [t.detach() for t in (layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh)]
+    with pytest.raises(RuntimeError, match="CUDA engine needs parameters of the input's dtype"):
+        kernels.forward("GRU", x, None, None, *weights, None, None, False, True, None, None)

@@ -85,11 +85,8 @@ def _detached(a):
     return a.detach() if isinstance(a, torch.Tensor) else a
 
 
-@pytest.mark.parametrize(("mode", "case"), CASES)
-@pytest.mark.parametrize("mask", [(True, True, True), (True, False, False), (False, True, True)])
-def test_opcheck_backward(mode, case, mask):
-    seed(mode, case, mask)
-    args = _forward_args(mode, case)
+def _backward_args(args: tuple, mask: tuple[bool, bool, bool]) -> tuple:
+    """backward's arguments after forward on layer's arguments `args`, in training."""
     with torch.no_grad():
         out, h_n, c_n, saved, h_prev = torch.ops.rnn_fused.forward(*args[:11], True, *args[11:])
     mode, x, _h0, _c0, w_ih, w_hh, _b_ih, _b_hh, w_hr, batch_sizes, reverse = args[:11]
@@ -111,5 +108,32 @@ def test_opcheck_backward(mode, case, mask):
         list(mask),
         *args[11:],
     )
-    bwd_args = tuple(_detached(a) for a in bwd_args)
-    torch.library.opcheck(torch.ops.rnn_fused.backward.default, bwd_args)
+    return tuple(_detached(a) for a in bwd_args)
+
+
+@pytest.mark.parametrize(("mode", "case"), CASES)
+@pytest.mark.parametrize("mask", [(True, True, True), (True, False, False), (False, True, True)])
+def test_opcheck_backward(mode, case, mask):
+    seed(mode, case, mask)
+    torch.library.opcheck(
+        torch.ops.rnn_fused.backward.default, _backward_args(_forward_args(mode, case), mask)
+    )
+
+
+@pytest.mark.parametrize(
+    ("mode", "case"), [(m, c) for m, c in CASES if c in ("padded", "packed", "one-step", "proj")]
+)
+def test_opcheck_half_parameters(mode, case):
+    """A float32 call with bfloat16 parameters (what LSTMCell and GRU run under CPU autocast):
+    results in float32, the parameters' gradients in bfloat16, through all three operators."""
+    seed(mode, case, "half parameters")
+    args = tuple(
+        a.detach().bfloat16().requires_grad_() if 4 <= i <= 8 and a is not None else a
+        for i, a in enumerate(_forward_args(mode, case, torch.float32))
+    )
+    torch.library.opcheck(torch.ops.rnn_fused.layer.default, args)
+    detached = tuple(_detached(a) for a in args)
+    torch.library.opcheck(torch.ops.rnn_fused.forward.default, (*detached[:11], True))
+    torch.library.opcheck(
+        torch.ops.rnn_fused.backward.default, _backward_args(detached, (True, True, True))
+    )

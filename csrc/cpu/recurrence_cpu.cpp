@@ -33,12 +33,6 @@ at::Tensor converted(const at::Tensor& t, at::ScalarType dtype) {
   return !t.defined() || t.scalar_type() == dtype ? t : converted_copy(t, dtype);
 }
 
-template <class Result>
-Result rounded(Result r, at::ScalarType dtype) {
-  std::apply([&](auto&... t) { ((t = converted(t, dtype)), ...); }, r);
-  return r;
-}
-
 // The forward's results rounded, but its workspace kept in float32 (workspace_dtype).
 ForwardResult rounded_forward(ForwardResult r, at::ScalarType dtype) {
   for (at::Tensor* t : {&std::get<0>(r), &std::get<1>(r), &std::get<2>(r)})
@@ -46,14 +40,25 @@ ForwardResult rounded_forward(ForwardResult r, at::ScalarType dtype) {
   return r;
 }
 
+// The gradients rounded to the dtypes of what they are of: the input's and the states' (and the
+// LayerNorm gains') to `dtype`, the parameters' to `params`.
+BackwardResult rounded_backward(BackwardResult r, at::ScalarType dtype, at::ScalarType params) {
+  auto& [input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, layer_norm] = r;
+  for (at::Tensor* t : {&input, &hx, &cx, &layer_norm}) *t = converted(*t, dtype);
+  for (at::Tensor* t : {&w_ih, &w_hh, &b_ih, &b_hh, &w_hr}) *t = converted(*t, params);
+  return r;
+}
+
+// Half-type products: a half-type call's, or a float32 call's with half-type parameters
+// (LayerArgs), whose results stay float32.
 ForwardResult forward_wanting(const Problem& p, const LayerArgs& a, bool train,
                               ForwardWants wants) {
   const at::ScalarType dtype = a.input.scalar_type();
-  if (!half_type(dtype)) return forward_native(p, a, train, Bf16Dots::kNone, wants);
+  if (!half_type(a.w_ih.scalar_type())) return forward_native(p, a, train, Bf16Dots::kNone, wants);
   const Bf16Dots dots = bf16_products(p)         ? Bf16Dots::kAll
                         : bf16_input_products(p) ? Bf16Dots::kInput
                                                  : Bf16Dots::kNone;
-  wants.half_output = dtype;
+  if (half_type(dtype)) wants.half_output = dtype;
   // bf16 products leave the weights they read in bfloat16 until packed, and the input when
   // its rows split into pairs (even I), for the input projection to read as it is: its
   // float32 copy and rounding back cost 6-10% of an LSTM's forward at T=100 B=64 H=512 (AMD
@@ -77,8 +82,8 @@ ForwardResult forward_cpu(const Problem& p, const LayerArgs& a, bool train) {
 }
 
 BackwardResult backward_wanting(const Problem& p, const BackwardArgs& a, bool only_asked) {
-  const at::ScalarType dtype = a.layer.input.scalar_type();
-  if (!half_type(dtype)) return backward_native(p, a, false, only_asked);
+  const at::ScalarType dtype = a.layer.input.scalar_type(), params = a.layer.w_ih.scalar_type();
+  if (!half_type(params)) return backward_native(p, a, false, only_asked);
   const bool bf16 = bf16_backward_products(p);
   // Left out: the gradients of h_n and c_n, which backward_native converts as it copies them,
   // and the initial states, which the backward does not read.
@@ -99,7 +104,7 @@ BackwardResult backward_wanting(const Problem& p, const BackwardArgs& a, bool on
   f.grad_c_n = a.grad_c_n;
   f.layer.hx = a.layer.hx;
   f.layer.cx = a.layer.cx;
-  return rounded(backward_native(p, f, bf16, only_asked), dtype);
+  return rounded_backward(backward_native(p, f, bf16, only_asked), dtype, params);
 }
 
 // The `backward` operator's engine.

@@ -229,8 +229,17 @@ inline LayerArgs with_diagonal_w_hh(const LayerArgs& a) {
   return d;
 }
 
+// Half-type parameters with a float32 input are the CPU engine's alone: make_problem refuses
+// them on a device, and the emulation of the tests runs this engine on CPU tensors.
+inline void check_params_in_input_dtype(const LayerArgs& a) {
+  TORCH_CHECK(a.w_ih.scalar_type() == a.input.scalar_type(),
+              "rnn_fused: the CUDA engine needs parameters of the input's dtype (",
+              a.input.scalar_type(), "), got w_ih of ", a.w_ih.scalar_type());
+}
+
 template <class Dev>
 ForwardResult forward_engine(Dev& dev, const Problem& p, const LayerArgs& a, bool train) {
+  check_params_in_input_dtype(a);
   if (p.elementwise) {
     const LayerArgs d = with_diagonal_w_hh(a);
     return forward_engine(dev, make_problem(d), d, train);
@@ -395,6 +404,7 @@ void run_backward(Dev& dev, const Problem& p, bool fused, bool persistent, bool 
 // input, the weights and the biases (as a.mask asks) as products and sums over all rows.
 template <class Dev>
 BackwardResult backward_engine(Dev& dev, const Problem& p, const BackwardArgs& a) {
+  check_params_in_input_dtype(a.layer);
   if (p.elementwise) {
     BackwardArgs d = a;
     d.layer = with_diagonal_w_hh(a.layer);
