@@ -2,7 +2,8 @@
 costs (Python, dispatch, allocation, threads) dominate. Cells and a T=1 layer call at batch
 1, under no_grad and with forward + backward, in float32 and in bfloat16 (both sides in
 bfloat16); an LSTMCell without states and unbatched, and GRU and RNN layers of one step;
-bfloat16 cells at batch 64, whose weights are read once per call (not packed);
+bfloat16 cells at batch 64, whose weights are read once per call (not packed); float32
+cells under CPU autocast (bfloat16), each call an autocast region of its own;
 the bare operator against torch.mm of the same product, and a client: a model
 stepping two LSTMCells through a sequence in a Python loop (float64, batch 97), trained
 with LBFGS and then predicting under no_grad.
@@ -74,6 +75,12 @@ def cases() -> list[tuple[str, str, Callable[[object], Callable[[], object]]]]:
         for grad in (False, True):
             make = _cell_maker(cell, 256, grad, torch.bfloat16, batch=64)
             rows.append((f"{cell} B=64 H=256 bf16", _kind(grad), make))
+    # float32 cells under torch.autocast("cpu", dtype=torch.bfloat16), a region per call: both
+    # sides cast their parameters at every call.
+    for cell, batch in (("LSTMCell", 1), ("GRUCell", 64)):
+        for grad in (False, True):
+            make = _cell_maker(cell, 256, grad, torch.float32, batch=batch, autocast=True)
+            rows.append((f"{cell} B={batch} H=256 autocast", _kind(grad), make))
     # The other forms torch.nn takes, float32 at H=32: a cell without states or unbatched,
     # and the other layers of one step.
     for form in ("no states", "unbatched"):
@@ -92,10 +99,17 @@ def _kind(grad: bool) -> str:
 
 
 def _cell_maker(
-    cell: str, H: int, grad: bool, dtype: torch.dtype, batch: int = 1, form: str = "states"
+    cell: str,
+    H: int,
+    grad: bool,
+    dtype: torch.dtype,
+    batch: int = 1,
+    form: str = "states",
+    autocast: bool = False,
 ):
     """A cell's call: batched with its states, or (form) batched without states, or
-    unbatched ([H]) with its states."""
+    unbatched ([H]) with its states; under CPU autocast to bfloat16 with `autocast` (the
+    backward outside it, as autocast's guide has it)."""
 
     def make(ns):
         torch.manual_seed(0)
@@ -107,7 +121,14 @@ def _cell_maker(
         h = torch.randn(shape, dtype=dtype)
         state = (h, torch.randn(shape, dtype=dtype)) if cell == "LSTMCell" else h
         args = (x,) if form == "no states" else (x, state)
-        return timed_call(lambda: _first(m(*args)), grad)
+        if not autocast:
+            return timed_call(lambda: _first(m(*args)), grad)
+
+        def under_autocast():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return _first(m(*args))
+
+        return timed_call(under_autocast, grad)
 
     return make
 
