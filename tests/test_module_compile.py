@@ -56,6 +56,29 @@ def test_compile_fullgraph(name):
         assert_close(a, b, "grad")
 
 
+@pytest.mark.parametrize("name", list(MODULES))
+def test_compile_fullgraph_under_autocast(name):
+    """Under CPU autocast the compiled module runs the eager call's casts in its graph: the
+    same dtypes, values and parameter gradients, with no graph break."""
+    seed(name, "autocast")
+    torch._dynamo.reset()
+    module = MODULES[name]()
+    x = _input(name)
+
+    def run(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = _tensors(m(x))
+        return out, torch.autograd.grad(
+            sum(o.float().sum() for o in out), list(module.parameters())
+        )
+
+    eager, g_eager = run(module)
+    compiled, g_comp = run(torch.compile(module, fullgraph=True))
+    assert [o.dtype for o in compiled] == [o.dtype for o in eager]
+    for a, b in zip(compiled + list(g_comp), eager + list(g_eager), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
+
+
 def test_compile_fullgraph_packed():
     torch._dynamo.reset()
     module = rnn_fused.GRU(3, 4, bidirectional=True)
