@@ -6,7 +6,6 @@
 // controls and, for the tests, the tile kernel of small products.
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
-#include <ATen/autocast_mode.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/extension.h>
 
@@ -14,6 +13,7 @@
 #include <tuple>
 #include <vector>
 
+#include "autocast_call.h"
 #include "cpu/bf16_dot.h"
 #include "cpu/tile_gemm.h"
 #include "cpu/workspace.h"
@@ -146,14 +146,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "autocast_casts",
       [](const std::vector<std::optional<at::Tensor>>& tensors, at::ScalarType dtype) {
         std::vector<std::optional<at::Tensor>> cast;
-        for (const auto& t : tensors) {
-          if (!t) {
-            cast.emplace_back();
-            continue;
-          }
-          const at::Tensor c = at::autocast::cached_cast(dtype, *t, t->device().type());
-          cast.emplace_back(c.scalar_type() == dtype ? c : c.to(dtype));
-        }
+        for (const auto& t : tensors) cast.push_back(autocast_param(t, dtype));
         return cast;
       },
       "The tensors in dtype as autocast casts an operator's arguments: a float32 leaf that "

@@ -6,7 +6,6 @@
 // own checks raise RuntimeError through torch's error translation.
 #include "python_doors.h"
 
-#include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -15,6 +14,7 @@
 #include <initializer_list>
 #include <string_view>
 
+#include "autocast_call.h"
 #include "op_adapters.h"
 
 namespace rnn_fused {
@@ -100,17 +100,21 @@ LayerArgs step_args(const Args& in) {
   return a;
 }
 
-// Whether ops.rnn_layer's Python must run the call (the doors then return None): autocast on
-// for the input's device with a float32 tensor to cast (ops._under_autocast), forward-mode AD,
-// or any torch.func transform (the Python tells those that differentiate from vmap). Asked
+// Whether ops.rnn_layer's Python must run the call (the doors then return None): forward-mode
+// AD, or any torch.func transform (the Python tells those that differentiate from vmap). Asked
 // here, not in Python before each door: about 0.3 us less a short call (AMD EPYC).
-bool served_in_python(const LayerArgs& a) {
-  if (at::autocast::is_autocast_enabled(a.input.device().type()) &&
-      (a.input.scalar_type() == at::kFloat || a.w_ih.scalar_type() == at::kFloat)) {
-    return true;
-  }
+bool served_in_python() {
   return forward_ad_level_exists() ||
          c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
+}
+
+// The door's call: under autocast with a float32 tensor to cast, as torch.nn's layers run it
+// (autocast_call.h; in C++, not in ops.py's Python: RNNCell(64) at batch 1 under bfloat16
+// autocast took 38 us that way against torch.nn's 32).
+LayerResult door_call(const LayerArgs& a, bool cell, bool output_wanted) {
+  if (!autocast_pending(a)) return call_layer_without_gil(a, output_wanted);
+  const pybind11::gil_scoped_release no_gil;
+  return layer_under_autocast(a, cell, output_wanted);
 }
 
 // A state as the operator takes it ([B, H]) from a module's [1, B, H]; a RuntimeError for
@@ -138,12 +142,12 @@ PyObject* layer_door(PyObject*, PyObject* const* items, Py_ssize_t count) {
   a.zoneout = in.optional(11, "zoneout");
   a.layer_norm = in.optional(12, "layer_norm");
   const bool stacked = count > 13 && in.flag(13, "stacked");
-  if (served_in_python(a)) Py_RETURN_NONE;
+  if (served_in_python()) Py_RETURN_NONE;
   if (stacked) {
     a.hx = unstacked(a.hx, "hx");
     a.cx = unstacked(a.cx, "cx");
   }
-  auto [output, h_n, c_n] = call_layer_without_gil(a, /*output_wanted=*/true);
+  auto [output, h_n, c_n] = door_call(a, /*cell=*/false, /*output_wanted=*/true);
   if (stacked) {
     h_n = h_n.unsqueeze(0);
     if (parse_mode(a.mode) == CellKind::LSTM) c_n = c_n.unsqueeze(0);
@@ -162,8 +166,8 @@ PyObject* cell_door(PyObject*, PyObject* const* items, Py_ssize_t count) {
   const Args in{"cell", items, count};
   // The input [B, I] as one step, or [I] as an unbatched one (make_problem, as_batch_of_one).
   const LayerArgs a = step_args(in);
-  if (served_in_python(a)) Py_RETURN_NONE;
-  LayerResult r = call_layer_without_gil(a, /*output_wanted=*/false);  // a step's output is h_n
+  if (served_in_python()) Py_RETURN_NONE;
+  LayerResult r = door_call(a, /*cell=*/true, /*output_wanted=*/false);  // a step's output is h_n
   auto& [output, h_n, c_n] = r;
   const bool lstm = parse_mode(a.mode) == CellKind::LSTM;
   return tuple_of({THPVariable_Wrap(std::move(h_n)),
@@ -176,7 +180,7 @@ PyMethodDef kDoors[] = {
      METH_FASTCALL,
      "layer(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, zoneout=None, "
      "layer_norm=None, stacked=False): rnn_fused::layer called through the dispatcher, (output, "
-     "h_n, c_n), or None where ops.rnn_layer runs the call (autocast, torch.func, forward-mode "
+     "h_n, c_n), or None where ops.rnn_layer runs the call (torch.func, forward-mode "
      "AD); stacked: states in and out as [1, B, H]; positional arguments only."},
     {"cell", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&cell_door)), METH_FASTCALL,
      "cell(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh): one step of a cell on input [B, I] "

@@ -372,10 +372,9 @@ def rnn_layer(
 def _layer_in_python(
     call: LayerCall, cell: bool, compiling: bool
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The calls of rnn_layer that _C.layer declines (autocast with a float32 tensor to cast,
-    torch.func transforms, forward-mode AD: reference.py's loop for those that
-    differentiate), and every call under torch.compile, which traces
-    torch.ops.rnn_fused.layer."""
+    """The calls of rnn_layer that _C.layer declines (torch.func transforms, forward-mode AD:
+    reference.py's loop for those that differentiate; under autocast cast first), and every
+    call under torch.compile, which traces torch.ops.rnn_fused.layer."""
     c = call
     if torch._C._is_any_autocast_enabled() and torch.float32 in (c.input.dtype, c.w_ih.dtype):
         if (done := _under_autocast(call, cell, compiling)) is not None:
@@ -460,8 +459,8 @@ def cell_step(
     """One eager step of a cell: rnn_layer on input [B, I] or unbatched [I] (one step;
     states None are zeros), returning (h, c) (c None except for LSTM), by the shortest door
     a step per call can take. None where rnn_layer must run the call instead: tracing by
-    torch.compile, and the calls _C.cell declines as _C.layer does (autocast, torch.func
-    transforms, forward-mode AD)."""
+    torch.compile, and the calls _C.cell declines as _C.layer does (torch.func transforms,
+    forward-mode AD)."""
     if torch.compiler.is_compiling():
         return None
     return _C.cell(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
@@ -485,7 +484,8 @@ def _under_autocast(
 ) -> tuple[Tensor, Tensor, Tensor | None] | None:
     """A float32 call (or one with float32 weights) under autocast, as torch.nn's recurrent
     layers run it: products in the autocast dtype, and results in the dtypes torch.nn's
-    give. None: autocast is off for the call's device."""
+    give. None: autocast is off for the call's device. The calls Python serves; the eager
+    doors run the same rule in C++ (csrc/autocast_call.h)."""
     device = call.input.device.type
     if not torch.is_autocast_enabled(device):
         return None
@@ -508,26 +508,12 @@ def _under_autocast(
         states = [None if t is None else t.float() for t in (call.hx, call.cx)]
         cast = [call.input.to(low).float(), *states, *params]
     zoneout, ln = (None if t is None else t.to(cast[0].dtype) for t in call[11:13])
-
-    def run() -> tuple[Tensor, Tensor, Tensor | None]:
-        return rnn_layer(
+    with torch.autocast(device, enabled=False):
+        output, h_n, c_n = rnn_layer(
             call.mode, cast[0], cast[3], cast[4], cast[5], cast[6], cast[1], cast[2],
             w_hr=cast[7], batch_sizes=call.batch_sizes, reverse=call.reverse, zoneout=zoneout,
             layer_norm=ln,
         )  # fmt: skip
-
-    # The cast call with autocast off, so that the door takes it. In eager mode by the flag
-    # alone: a region of torch.autocast costs more than a small cell's whole call (RNNCell(64)
-    # at batch 1 under bfloat16 autocast, 40 us against torch.nn's 31 with one).
-    if compiling:
-        with torch.autocast(device, enabled=False):
-            output, h_n, c_n = run()
-    else:
-        torch.set_autocast_enabled(device, False)
-        try:
-            output, h_n, c_n = run()
-        finally:
-            torch.set_autocast_enabled(device, True)
     if low_h and not low_c:
         output, h_n = output.to(low), h_n.to(low)
     return output, h_n, c_n
@@ -536,7 +522,8 @@ def _under_autocast(
 def _cpu_autocast_results(call: LayerCall, cell: bool) -> tuple[bool, bool]:
     """Whether (output and h_n, c_n) come out in the autocast dtype from torch.nn's layer or
     cell of the call on the CPU. Its products run in the autocast dtype there, and the rest
-    follows type promotion with the float32 states, except in oneDNN's LSTM."""
+    follows type promotion with the float32 states, except in oneDNN's LSTM. (The eager
+    doors' is csrc/autocast_call.cpp's autocast_results: keep the two alike.)"""
     if call.mode in ("RNN_TANH", "RNN_RELU"):
         return True, True  # h = act(x W + h W): products only
     if call.mode == "GRU":
