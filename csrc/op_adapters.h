@@ -27,6 +27,7 @@ ForwardResult forward_adapter(std::string_view mode, const at::Tensor& input, co
                     b_hh, w_hr,  batch_sizes, reverse, zoneout, layer_norm};
   Problem p = make_problem(a);
   p.inference = !train;
+  p.forward = true;
   // Copying the arguments costs a short call a quarter of a microsecond: only when needed.
   return a.is_contiguous() ? Engine(p, a, train) : Engine(p, a.contiguous(), train);
 }

@@ -141,6 +141,9 @@ struct Problem {
   // A forward that keeps nothing for a backward (set by the forward's adapters): the CPU
   // engine may choose its path differently (small_problem).
   bool inference = false;
+  // The forward's call (set by the forward's adapters; a backward's problem leaves it false):
+  // the CPU engine's forward may take a path its backward does not (stored_tiles_step).
+  bool forward = false;
   // Inline for a few steps: a cell's call allocates nothing here.
   c10::SmallVector<int64_t, 4> batch_sizes;  // per step
   c10::SmallVector<int64_t, 4> offsets;      // first row of each step

@@ -168,7 +168,7 @@ def test_bf16_step_reads_weights_as_stored_on_tiles(mode, batch, input_size, hid
 @pytest.mark.parametrize(("name", "batch"), [("LSTMCell", 2), ("GRUCell", 8), ("RNNCell", 16)])
 def test_small_bf16_cell_under_no_grad_on_tiles(name, batch):
     """Under no_grad a bfloat16 cell of hidden 256 takes the tiles from 2 rows, its weights
-    read as stored (engine.h, stored_tiles_inference_step): against float64 under the rule."""
+    read as stored (engine.h, stored_tiles_step): against float64 under the rule."""
     seed("stored tiles no_grad", name, batch)
     theirs = getattr(nn, name)(256, 256).bfloat16()
     ours = getattr(rnn_fused, name).from_torch(theirs)
@@ -190,13 +190,47 @@ def test_small_bf16_cell_under_no_grad_on_tiles(name, batch):
 
 @pytest.mark.skipif(not rnn_fused._C.cpu_bf16_tiles(), reason="this CPU has no AMX-BF16 tiles")
 @pytest.mark.parametrize(
+    ("name", "steps", "batch"),
+    [("LSTMCell", 0, 12), ("GRUCell", 0, 16), ("RNNCell", 0, 16), ("LSTM", 4, 3)],
+)
+def test_small_bf16_training_forward_on_tiles(name, steps, batch):
+    """In training, a bfloat16 call of up to 16 rows at hidden 256 runs its forward on the
+    tiles as under no_grad (engine.h, stored_tiles_step), its backward on the dot products:
+    the forward's bits those of no_grad, and every gradient under the rule against float64."""
+    seed("stored tiles training", name, steps, batch)
+    theirs = getattr(nn, name)(256, 256).bfloat16()
+    ours = rnn_fused.replace_rnns(getattr(nn, name)(256, 256)).bfloat16()
+    ours.load_state_dict(theirs.state_dict())
+    exact = getattr(nn, name)(256, 256).double()
+    exact.load_state_dict({k: v.double() for k, v in theirs.state_dict().items()})
+    x = torch.randn(*((steps,) if steps else ()), batch, 256).bfloat16()
+    with torch.no_grad():
+        inferred = _flat(ours(x))
+
+    def run(module, inp):
+        inp = inp.clone().requires_grad_()
+        out = _flat(module(inp))
+        loss = sum((o.double() * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in out)
+        return out, list(torch.autograd.grad(loss, [inp, *module.parameters()]))
+
+    (got, got_grads), (want, want_grads), (base, base_grads) = (
+        run(m, a) for m, a in ((ours, x), (exact, x.double()), (theirs, x))
+    )
+    assert torch.equal(got[0].detach(), inferred[0]), "training's forward: the no_grad path"
+    pairs = zip(got + got_grads, want + want_grads, base + base_grads, strict=True)
+    _assert_rule([(rel_err(a, e), rel_err(t, e)) for a, e, t in pairs])
+
+
+@pytest.mark.skipif(not rnn_fused._C.cpu_bf16_tiles(), reason="this CPU has no AMX-BF16 tiles")
+@pytest.mark.parametrize(
     ("cell", "steps", "batch"),
-    [("LSTM", 8, 1), ("GRU", 4, 1), ("LSTM", 3, 2), ("RNN_TANH", 12, 1)],
+    [("LSTM", 12, 1), ("GRU", 10, 1), ("LSTM", 16, 1), ("RNN_TANH", 12, 1)],
 )
 def test_short_bf16_inference_packs_its_weights(cell, steps, batch):
     """Short bfloat16 calls under no_grad whose weights are large enough (a MiB: hidden 256)
     pack them, where the same call in training reads them as stored (engine.h,
-    small_bf16_inference): other bits, both under the rule against float64."""
+    small_bf16_inference; calls of up to 8 steps read them as stored on the tiles either way):
+    other bits, both under the rule against float64."""
     seed("short inference", cell, steps, batch)
     cls = {"LSTM": nn.LSTM, "GRU": nn.GRU}.get(cell, nn.RNN)
     kw = {"nonlinearity": "tanh"} if cell.startswith("RNN") else {}

@@ -90,8 +90,9 @@ inline bool stored_tiles_fit(const Problem& p) {
          p.hidden % 16 == 0 && !p.proj && !p.layer_norm && !p.elementwise &&
          amx_stored_rows_usable();
 }
-// Under no_grad, such a call takes the tiles from 2 rows once rows times its weights' bytes
-// reach 512 KiB (before small_bf16_inference's rule). Cells under no_grad, read as stored on
+// Such a call's forward takes the tiles from 2 rows once rows times its weights' bytes reach
+// 512 KiB (before small_bf16_inference's rule), in training too, where its backward reads the
+// weights as stored (a backward's Problem is not `forward`). Cells under no_grad, read as stored on
 // the dot products -> on the tiles, us a call (Intel Xeon with AMX): LSTMCell(256) B=2
 // 33.4-33.9 -> 19.7-19.8, B=4 55.6-56.0 -> 21.0-21.9, B=16 105-106 -> 32.7-35.2; GRUCell(256)
 // B=4 44 -> 18, B=16 83-85 -> 27-29; RNNCell(256) B=2 16.1 -> 13.9, B=16 40-41 -> 18.5;
@@ -99,17 +100,21 @@ inline bool stored_tiles_fit(const Problem& p) {
 // 14.1-14.2, B=16 26-27 -> 16; slower: B=1 LSTMCell(512) 64-67 -> 69-73, RNNCell(256) 11.8 ->
 // 13.7, LSTMCell(64) B=2 10.4 -> 13.0, LSTMCell(32) B=8 10.6 -> 11.9. Sequences (from the dot
 // products as stored, or packed): RNN H=256 T=8 B=1 45 -> 27, GRU T=3 39 -> 24, LSTM T=3 B=4
-// 150 -> 32-36, LSTM H=512 T=6 B=1 295 -> 186-190.
+// 150 -> 32-36, LSTM H=512 T=6 B=1 295 -> 186-190. Forward and backward, the forward on the
+// dot products -> on the tiles: LSTMCell(256) B=4 384-394 -> 345-357, B=16 472-496 -> 411-429;
+// GRUCell(256) B=16 396-407 -> 341-343; LSTMCell(512) B=16 1330-1352 -> 1058-1065; LSTM T=4
+// B=4 H=256 661-670 -> 498-505; LSTMCell(64) B=16 107 -> 96-99; as fast: LSTMCell(256) B=2
+// 341-353 -> 328-341, LSTM T=2 B=1 368-379 -> 368-370.
 constexpr int64_t kStoredTilesMinRows = 2;
 constexpr int64_t kStoredTilesMinBytes = 512 << 10;
-inline bool stored_tiles_inference_step(const Problem& p) {
-  return p.inference && p.rows >= kStoredTilesMinRows &&
+inline bool stored_tiles_step(const Problem& p) {
+  return p.forward && p.rows >= kStoredTilesMinRows &&
          p.rows * bf16_weight_bytes(p) >= kStoredTilesMinBytes && stored_tiles_fit(p);
 }
 inline bool bf16_dot_products(const Problem& p);  // below, with the other half-type choices
 inline bool small_problem(const Problem& p) {
   if (bf16_dot_products(p)) {
-    if (stored_tiles_inference_step(p)) return false;
+    if (stored_tiles_step(p)) return false;
     if (p.steps <= kSmallProblemSteps)
       return p.rows <= kSmallBf16ProblemRows || !packs_bf16_step(p);
     return p.inference && bf16_tiles_allowed() ? small_bf16_inference(p)

@@ -117,6 +117,7 @@ BackwardResult backward_cpu(const Problem& p, const BackwardArgs& a) {
 LayerResult layer_without_graph(const LayerArgs& a, bool output_wanted) {
   Problem p = make_problem(a);
   p.inference = true;
+  p.forward = true;
   const ForwardWants wants{/*workspace=*/false, output_wanted};
   auto [output, h_n, c_n, saved, h_prev] = a.is_contiguous()
                                                ? forward_wanting(p, a, false, wants)
