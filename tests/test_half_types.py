@@ -361,6 +361,28 @@ def test_bf16_cell_step_gradients_whichever_are_asked_for(name, batch):
         assert rel_err(ours.float(), theirs.double()) < 2e-2
 
 
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_bf16_step_at_batch_1_weight_gradients_are_outer_products(name):
+    """At batch 1 a bfloat16 step's weight gradients are the outer products of its gate
+    gradients (its biases' gradients, the hidden side's apart for GRU) and its input and
+    state, each a product of two bfloat16 values rounded once (gemm.cpp, outer_product): exact
+    in torch's float32 too. Sizes 37 and 35 leave tails after whole vectors."""
+    seed("bf16 outer products", name)
+    cell = getattr(rnn_fused, name)(37, 35).to(torch.bfloat16)
+    x = torch.randn(1, 37).bfloat16()
+    states = [torch.randn(1, 35).bfloat16() for _ in range(2 if name == "LSTMCell" else 1)]
+    out = cell(x, tuple(states) if len(states) == 2 else states[0])
+    out = out if isinstance(out, tuple) else (out,)
+    torch.autograd.backward(out, [torch.randn(1, 35).bfloat16() for _ in out])
+    for w, b, side in (
+        (cell.weight_ih, cell.bias_ih, x),
+        (cell.weight_hh, cell.bias_hh, states[0]),
+    ):
+        assert w.grad.dtype == torch.bfloat16 and b.grad.abs().min() > 0
+        outer = (b.grad.float()[:, None] * side.float()).bfloat16()
+        assert torch.equal(w.grad, outer)
+
+
 def _one_step_and_its_float32(mode: str, dtype: torch.dtype, batch: int, units: int, scale: int):
     """(ours, float32) result pairs of one step of a layer on random values in dtype (37
     inputs, initial states, biases; weights divided by scale), and of the float32 call on

@@ -14,7 +14,10 @@
 
 #include <algorithm>
 #include <climits>
+#include <cmath>
+#include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "amx_gates.h"
 #include "avx512_sums.h"
@@ -819,6 +822,46 @@ void half_weight_product(bool trans, int64_t M, int64_t N, int64_t K, const floa
 
 namespace {
 
+// weight_product_on for one row (a cell's step at batch 1): W (+)= g a^T with a rounded to
+// bfloat16. Each sum is then one product of two bfloat16 values, exact in float32; taken as the
+// tiles and the dot products take it (the pad's +0 added, a product under float32's normal
+// range flushed to +0), it gives their bits, without packing a or running products of K=1.
+// bfloat16 LSTMCell(256) at batch 1, forward and backward: 331-351 -> 222-225 us (Intel Xeon
+// with AMX).
+template <class Out>
+void outer_product(int64_t M, int64_t N, const at::BFloat16* g_t, int64_t ld_g, const float* A,
+                   Out* W, bool accumulate) {
+  using Vec = at::vec::Vectorized<float>;
+  std::vector<float> a(N);
+  for (int64_t j = 0; j < N; ++j) a[j] = static_cast<float>(static_cast<at::BFloat16>(A[j]));
+  const auto times = [](float g, float x) {
+    const float p = g * x + 0.0f;
+    return std::abs(p) < std::numeric_limits<float>::min() ? 0.0f : p;
+  };
+  const auto times_vec = [](const Vec& g, const Vec& x) {
+    const Vec p = g * x + Vec(0.0f);
+    return Vec::blendv(p, Vec(0.0f), p.abs() < Vec(std::numeric_limits<float>::min()));
+  };
+  split_over_threads(M, N, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float g = static_cast<float>(g_t[i * ld_g]);
+      Out* w = W + i * N;
+      int64_t j = 0;
+      if constexpr (std::is_same_v<Out, at::BFloat16>) {
+        TORCH_INTERNAL_ASSERT(!accumulate);
+        for (; j + 2 * Vec::size() <= N; j += 2 * Vec::size()) {
+          const Vec lo = times_vec(Vec(g), Vec::loadu(a.data() + j));
+          const Vec hi = times_vec(Vec(g), Vec::loadu(a.data() + j + Vec::size()));
+          at::vec::convert_float_bfloat16(lo, hi).store(w + j);
+        }
+        for (; j < N; ++j) w[j] = static_cast<at::BFloat16>(times(g, a[j]));
+      } else {
+        for (; j < N; ++j) w[j] = accumulate ? w[j] + times(g, a[j]) : times(g, a[j]);
+      }
+    }
+  });
+}
+
 // bf16_weight_product on G^T rounded, into float32 or bfloat16 W: A's rows in bfloat16 panels
 // (one pass over A, as rounding it alone would be), for the forward's kernel. Read as stored,
 // their pairs interleaved as they were read, the shuffles took a fifth of the dot products'
@@ -831,6 +874,7 @@ void weight_product_on(int64_t M, int64_t N, int64_t rows, const at::BFloat16* g
                        const float* A, int64_t lda, Out* W, bool accumulate) {
   TORCH_INTERNAL_ASSERT(has_bf16_dot());
   if (M == 0 || N == 0) return;
+  if (rows == 1) return outer_product(M, N, g_t, ld_g, A, W, accumulate);
   const at::Tensor a =
       at::from_blob(const_cast<float*>(A), {rows, N}, {lda, 1}, at::TensorOptions(at::kFloat));
   Panels panels = pack_panels(a, /*group=*/0, /*bf16=*/true);
