@@ -67,6 +67,8 @@ def _run(mode, activations, params, kw, grads_out):
 def test_half_parameters_give_the_half_call_before_rounding(
     mode, steps, batch, input_size, hidden, feature, grad, dtype
 ):
+    """The results and (training) every gradient of the float32 call, rounded to the half
+    type, are the half-type call's bit for bit; their dtypes are the contract's."""
     seed("half parameters", mode, steps, batch, feature, grad, dtype)
     activations, params, kw = _call(mode, steps, batch, input_size, hidden, feature, dtype)
     half_results, _ = _run(mode, activations, params, kw, None)
