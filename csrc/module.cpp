@@ -2,7 +2,7 @@
 // registrations (ops.cpp, autograd.cpp, cpu/, cuda/) add the operators to torch.ops.rnn_fused,
 // and gives Python direct doors to rnn_fused::layer (python_doors.cpp: through the dispatcher,
 // without the per-call cost of torch.ops' argument matching), both directions of a layer at
-// once (layer_pair), autocast's cached casts, the cells' layout facts, the CPU workspace cache's
+// once (layer_pair), the cells' layout facts, the CPU workspace cache's
 // controls and, for the tests, the tile kernel of small products.
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -13,7 +13,6 @@
 #include <tuple>
 #include <vector>
 
-#include "autocast_call.h"
 #include "cpu/bf16_dot.h"
 #include "cpu/tile_gemm.h"
 #include "cpu/workspace.h"
@@ -142,15 +141,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return workspace_dtype(c10::Device(device).type(), dtype);
       },
       "The dtype of the forward's workspace (saved, h_prev) for an input on device of dtype.");
-  m.def(
-      "autocast_casts",
-      [](const std::vector<std::optional<at::Tensor>>& tensors, at::ScalarType dtype) {
-        std::vector<std::optional<at::Tensor>> cast;
-        for (const auto& t : tensors) cast.push_back(autocast_param(t, dtype));
-        return cast;
-      },
-      "The tensors in dtype as autocast casts an operator's arguments: a float32 leaf that "
-      "requires grad (a parameter) once per autocast region, in torch's cache.");
   m.def("cpu_bf16_dot", &cpu::has_bf16_dot,
         "Whether bfloat16 products on this CPU run on AVX-512 BF16 dot products.");
   m.def("cpu_bf16_tiles", &cpu::bf16_tiles_allowed,

@@ -377,7 +377,7 @@ def _layer_in_python(
     call under torch.compile, which traces torch.ops.rnn_fused.layer."""
     c = call
     if torch._C._is_any_autocast_enabled() and torch.float32 in (c.input.dtype, c.w_ih.dtype):
-        if (done := _under_autocast(call, cell, compiling)) is not None:
+        if (done := _under_autocast(call, cell)) is not None:
             return done
     if not compiling and _differentiated_by_transform():
         from . import reference
@@ -479,9 +479,7 @@ def _differentiated_by_transform() -> bool:
     return _forward_ad._current_level >= 0
 
 
-def _under_autocast(
-    call: LayerCall, cell: bool, compiling: bool
-) -> tuple[Tensor, Tensor, Tensor | None] | None:
+def _under_autocast(call: LayerCall, cell: bool) -> tuple[Tensor, Tensor, Tensor | None] | None:
     """A float32 call (or one with float32 weights) under autocast, as torch.nn's recurrent
     layers run it: products in the autocast dtype, and results in the dtypes torch.nn's
     give. None: autocast is off for the call's device. The calls Python serves; the eager
@@ -491,14 +489,9 @@ def _under_autocast(
         return None
     low = torch.get_autocast_dtype(device)
     low_h, low_c = (True, True) if device != "cpu" else _cpu_autocast_results(call, cell)
-    # The parameters cast as autocast casts them for torch.nn's products: in eager mode once per
-    # autocast region (torch's cache), not at every step of a loop inside it; a compiled
-    # graph casts them in the graph.
-    params = (
-        [None if t is None else t.to(low) for t in call[4:9]]
-        if compiling
-        else _C.autocast_casts(list(call[4:9]), low)
-    )
+    # The parameters in the autocast dtype (a compiled graph casts them in the graph; the eager
+    # doors take torch's cached cast, once per autocast region).
+    params = [None if t is None else t.to(low) for t in call[4:9]]
     if low_h and low_c:
         cast = [None if t is None else t.to(low) for t in call[1:4]] + params
     else:

@@ -135,15 +135,23 @@ def test_half_parameters_refuse_mixed_dtypes(change, message, fake):
 
 
 def test_autocast_casts_parameters_once_per_region():
-    """Inside one autocast region a parameter is cast once (torch's cache, as torch.nn's are):
-    a loop of cell steps converts its weights at the first step only."""
+    """Inside one autocast region the doors cast a parameter once (torch's cache, as torch.nn's
+    layers do): steps of a cell convert its weights at the first step only, and a new region
+    converts them again."""
     seed("autocast cache")
     cell = rnn_fused.GRUCell(5, 7)
-    cast = lambda: rnn_fused._C.autocast_casts([cell.weight_ih, None], torch.bfloat16)  # noqa: E731
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        first, none = cast()
-        assert none is None and first.dtype == torch.bfloat16
-        assert cast()[0] is first
-        assert torch.equal(first, cell.weight_ih.detach().bfloat16())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert cast()[0] is not first
+    x = torch.randn(3, 5)
+
+    def weight_casts(steps: int) -> int:
+        with torch.profiler.profile(record_shapes=True) as prof:
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                h = None
+                for _ in range(steps):
+                    h = cell(x, h)
+        assert h.dtype == torch.float32
+        return sum(
+            e.name == "aten::_to_copy" and list(e.input_shapes[0]) == [21, 5] for e in prof.events()
+        )
+
+    assert weight_casts(1) == 1
+    assert weight_casts(4) == 1
