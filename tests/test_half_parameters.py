@@ -90,16 +90,28 @@ def test_half_parameters_give_the_half_call_before_rounding(
 
 def test_half_parameters_match_float64_with_the_same_parameters():
     """Against float64 on the same (rounded) parameters, a bfloat16-parameter call's error is
-    that of bfloat16 products: far under a rounding of its results to bfloat16."""
+    no worse than twice torch.nn's own in bfloat16 with those parameters (the half types'
+    accuracy rule). Where the products round the input and the state to bfloat16 at each step
+    (the dot products of CPUs without AMX) it is about torch.nn's, not under one rounding of
+    the results."""
     seed("half parameters float64")
     activations, params, kw = _call("LSTM", 7, 3, 5, 33, "", torch.float32)
     half_params = [None if t is None else t.bfloat16() for t in params]
     exact_params = [None if t is None else t.double() for t in half_params]
     got, _ = _run("LSTM", activations, half_params, kw, None)
     exact, _ = _run("LSTM", [t.double() for t in activations], exact_params, kw, None)
-    for a, e in zip(got, exact, strict=True):
-        err = (a.double() - e).abs().max().item()
-        assert 0 < err < 2e-3, err
+    x, h0, c0 = activations
+    torch_lstm = torch.nn.LSTM(5, 33).bfloat16()
+    with torch.no_grad():
+        for name, value in zip(
+            ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"], half_params, strict=False
+        ):
+            getattr(torch_lstm, name).copy_(value)
+        out, (h_n, c_n) = torch_lstm(x.bfloat16(), (h0.bfloat16()[None], c0.bfloat16()[None]))
+    for a, e, t in zip(got, exact, [out, h_n[0], c_n[0]], strict=True):
+        err, torch_err = ((r.double() - e).abs().max().item() for r in (a, t))
+        assert a.dtype == torch.float32
+        assert 0 < err <= 2 * torch_err, (err, torch_err)
 
 
 @pytest.mark.parametrize(
