@@ -114,11 +114,10 @@ __attribute__((always_inline)) inline void tile(int64_t K, const T* A, int64_t l
 }
 
 // All M rows of C against one block of B's columns (V vectors), in tiles of kRows rows and
-// one tile of the rows left.
+// one tile of the rows left; row i of op(A) starts at A + i * row_stride.
 template <class T, int V, bool kTransA>
-void rows(int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
-          bool accumulate, typename Simd<T>::Mask last) {
-  const int64_t row_stride = kTransA ? 1 : lda;
+void rows(int64_t M, int64_t K, const T* A, int64_t lda, int64_t row_stride, const T* B,
+          int64_t ldb, T* C, int64_t ldc, bool accumulate, typename Simd<T>::Mask last) {
   int64_t i = 0;
   for (; i + kRows <= M; i += kRows) {
     tile<T, kRows, V, kTransA>(K, A + i * row_stride, lda, B, ldb, C + i * ldc, ldc, accumulate,
@@ -157,10 +156,40 @@ void pack_transposed(const T* B, int64_t ldb, int64_t n, int64_t K, T* panel, in
   }
 }
 
+// Sums from which op(A) = A^T is packed first (pack_tiles_of_transposed).
+constexpr int64_t kPackTransposedFromK = 256;
+
+// op(A) = A^T (A [K, M], rows lda apart) as tiles of kRows rows, each [K, kRows] contiguous
+// (tile t's row r, value k at packed[t * kRows * K + k * kRows + r]): the tiles then read one
+// line per few k instead of one line, lda apart, per k, and every column block reads it again
+// (float64 weight gradients, 64 x 512 by K = 2048: a line 4 KiB apart at each k, from L3).
+// float64 RNN T=100 B=64 H=512, forward and backward: 330-351 -> 235-244 ms (AMD EPYC).
+template <class T>
+void pack_tiles_of_transposed(int64_t M, int64_t K, const T* A, int64_t lda, T* packed) {
+  for (int64_t i = 0; i < M; i += kRows) {
+    const int64_t rows = std::min<int64_t>(kRows, M - i);
+    T* tile = packed + i * K;
+    for (int64_t k = 0; k < K; ++k) {
+      const T* a = A + k * lda + i;
+      for (int64_t r = 0; r < rows; ++r) tile[k * kRows + r] = a[r];
+    }
+  }
+}
+
 template <class T, bool kTransA>
 void products(bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
               int64_t ldb, T* C, int64_t ldc, bool accumulate) {
   constexpr int64_t L = Simd<T>::kLanes, kColumns = kVecs * L;
+  int64_t row_stride = kTransA ? 1 : lda;
+  if (kTransA && K >= kPackTransposedFromK) {
+    thread_local std::vector<T> packed_a;
+    const size_t size = static_cast<size_t>((M + kRows - 1) / kRows * kRows * K);
+    if (packed_a.size() < size) packed_a.resize(size);
+    pack_tiles_of_transposed(M, K, A, lda, packed_a.data());
+    A = packed_a.data();
+    lda = kRows;
+    row_stride = K;
+  }
   // One block of B^T's columns at a time, in L1 while every tile of rows reads it.
   thread_local std::vector<T> panel;
   if (trans_b && panel.size() < static_cast<size_t>(K * kColumns)) panel.resize(K * kColumns);
@@ -177,11 +206,11 @@ void products(bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t
     }
     T* c = C + j;
     if (vecs == 3)
-      rows<T, 3, kTransA>(M, K, A, lda, b, ld, c, ldc, accumulate, last);
+      rows<T, 3, kTransA>(M, K, A, lda, row_stride, b, ld, c, ldc, accumulate, last);
     else if (vecs == 2)
-      rows<T, 2, kTransA>(M, K, A, lda, b, ld, c, ldc, accumulate, last);
+      rows<T, 2, kTransA>(M, K, A, lda, row_stride, b, ld, c, ldc, accumulate, last);
     else
-      rows<T, 1, kTransA>(M, K, A, lda, b, ld, c, ldc, accumulate, last);
+      rows<T, 1, kTransA>(M, K, A, lda, row_stride, b, ld, c, ldc, accumulate, last);
   }
 }
 
