@@ -12,7 +12,7 @@
 
 namespace rnn_fused {
 
-// An engine runs one checked call; its tensors are contiguous.
+// An engine runs one checked call; its tensors are dense (is_dense in problem.h).
 using ForwardEngine = ForwardResult (*)(const Problem&, const LayerArgs&, bool train);
 using BackwardEngine = BackwardResult (*)(const Problem&, const BackwardArgs&);
 
@@ -29,10 +29,10 @@ ForwardResult forward_adapter(std::string_view mode, const at::Tensor& input, co
   p.inference = !train;
   p.forward = true;
   // Copying the arguments costs a short call a quarter of a microsecond: only when needed.
-  return a.is_contiguous() ? Engine(p, a, train) : Engine(p, a.contiguous(), train);
+  return a.is_dense() ? Engine(p, a, train) : Engine(p, a.dense(), train);
 }
 
-// rnn_fused::backward on an engine; Empty: see BackwardArgs::contiguous.
+// rnn_fused::backward on an engine; Empty: see BackwardArgs::dense.
 template <BackwardEngine Engine, BackwardArgs::EmptyFn Empty = nullptr>
 BackwardResult backward_adapter(std::string_view mode, const OptTensor& grad_output,
                                 const OptTensor& grad_h_n, const OptTensor& grad_c_n,
@@ -54,7 +54,7 @@ BackwardResult backward_adapter(std::string_view mode, const OptTensor& grad_out
   a.batch = batch;
   a.mask = GradMask{output_mask[0], output_mask[1], output_mask[2]};
   const Problem p = make_problem(a);
-  return a.is_contiguous() ? Engine(p, a) : Engine(p, a.contiguous(Empty));
+  return a.is_dense() ? Engine(p, a) : Engine(p, a.dense(Empty));
 }
 
 // rnn_fused::layer, the public operator: one layer call's (output, h_n, c_n), with autograd.

@@ -91,27 +91,26 @@ bool fill_with_first(at::Tensor& t, const at::Tensor& from) {
 
 }  // namespace
 
-LayerArgs LayerArgs::contiguous() const {
+LayerArgs LayerArgs::dense() const {
   LayerArgs c = *this;
-  c.input = input.contiguous();
-  c.w_ih = w_ih.contiguous();
-  c.w_hh = w_hh.contiguous();
-  c.hx = rnn_fused::contiguous(hx);
-  c.cx = rnn_fused::contiguous(cx);
-  c.b_ih = rnn_fused::contiguous(b_ih);
-  c.b_hh = rnn_fused::contiguous(b_hh);
-  c.w_hr = rnn_fused::contiguous(w_hr);
-  c.zoneout = rnn_fused::contiguous(zoneout);
-  c.layer_norm = rnn_fused::contiguous(layer_norm);
+  c.input = rnn_fused::dense(input);
+  c.w_ih = rnn_fused::dense(w_ih);
+  c.w_hh = rnn_fused::dense(w_hh);
+  c.hx = rnn_fused::dense(hx);
+  c.cx = rnn_fused::dense(cx);
+  c.b_ih = rnn_fused::dense(b_ih);
+  c.b_hh = rnn_fused::dense(b_hh);
+  c.w_hr = rnn_fused::dense(w_hr);
+  c.zoneout = rnn_fused::dense(zoneout);
+  c.layer_norm = rnn_fused::dense(layer_norm);
   return c;
 }
 
-bool LayerArgs::is_contiguous() const {
-  return input.is_contiguous() && w_ih.is_contiguous() && w_hh.is_contiguous() &&
-         rnn_fused::is_contiguous(hx) && rnn_fused::is_contiguous(cx) &&
-         rnn_fused::is_contiguous(b_ih) && rnn_fused::is_contiguous(b_hh) &&
-         rnn_fused::is_contiguous(w_hr) && rnn_fused::is_contiguous(zoneout) &&
-         rnn_fused::is_contiguous(layer_norm);
+bool LayerArgs::is_dense() const {
+  return rnn_fused::is_dense(input) && rnn_fused::is_dense(w_ih) && rnn_fused::is_dense(w_hh) &&
+         rnn_fused::is_dense(hx) && rnn_fused::is_dense(cx) && rnn_fused::is_dense(b_ih) &&
+         rnn_fused::is_dense(b_hh) && rnn_fused::is_dense(w_hr) && rnn_fused::is_dense(zoneout) &&
+         rnn_fused::is_dense(layer_norm);
 }
 
 LayerArgs LayerArgs::to(at::ScalarType dtype, bool weights, bool input_too,
@@ -144,15 +143,15 @@ BackwardArgs BackwardArgs::to(at::ScalarType dtype, bool weights,
   return c;
 }
 
-BackwardArgs BackwardArgs::contiguous(EmptyFn empty) const {
+BackwardArgs BackwardArgs::dense(EmptyFn empty) const {
   BackwardArgs c = *this;
-  c.layer = layer.contiguous();
+  c.layer = layer.dense();
   // A non-contiguous gradient (the expanded ones of `out.sum().backward()`, or a cell's
   // `h.sum().backward()`) copied into memory from `empty` where given, not by Tensor::contiguous:
   // LSTMCell(32)'s forward and backward 101.6 -> 99.2 us a call (AMD EPYC). One value expanded
   // is written out without TensorIterator's copy, which took about 2 us more.
   const auto copied = [&](const OptTensor& g) -> OptTensor {
-    if (empty == nullptr || !g.has_value() || g->is_contiguous()) return rnn_fused::contiguous(g);
+    if (empty == nullptr || !g.has_value() || g->is_contiguous()) return rnn_fused::dense(g);
     at::Tensor t = empty(g->sizes(), g->options());
     if (!one_value(*g) || !fill_with_first(t, *g)) t.copy_(*g);
     return t;
@@ -160,15 +159,14 @@ BackwardArgs BackwardArgs::contiguous(EmptyFn empty) const {
   c.grad_output = copied(grad_output);
   c.grad_h_n = copied(grad_h_n);
   c.grad_c_n = copied(grad_c_n);
-  c.saved = saved.contiguous();
-  c.h_prev = h_prev.contiguous();
+  c.saved = rnn_fused::dense(saved);
+  c.h_prev = rnn_fused::dense(h_prev);
   return c;
 }
 
-bool BackwardArgs::is_contiguous() const {
-  return layer.is_contiguous() && rnn_fused::is_contiguous(grad_output) &&
-         rnn_fused::is_contiguous(grad_h_n) && rnn_fused::is_contiguous(grad_c_n) &&
-         saved.is_contiguous() && h_prev.is_contiguous();
+bool BackwardArgs::is_dense() const {
+  return layer.is_dense() && rnn_fused::is_dense(grad_output) && rnn_fused::is_dense(grad_h_n) &&
+         rnn_fused::is_dense(grad_c_n) && rnn_fused::is_dense(saved) && rnn_fused::is_dense(h_prev);
 }
 
 namespace {

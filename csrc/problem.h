@@ -59,9 +59,10 @@ struct LayerArgs {
   // [2 G H] (GRU) or [2 G H + 2 H] (LSTM). Differentiated.
   OptTensor layer_norm;
 
-  // The same call with every tensor contiguous (what the engines read through pointers).
-  LayerArgs contiguous() const;
-  bool is_contiguous() const;
+  // The same call with every tensor dense (is_dense: what the engines read through
+  // pointers and strides).
+  LayerArgs dense() const;
+  bool is_dense() const;
   // The same call with every floating-point tensor converted to dtype (but the weights w_ih,
   // w_hh and w_hr only if `weights`, and the input only if `input_too`), by `convert` when
   // given (an engine's own conversion), else by Tensor::to.
@@ -88,8 +89,8 @@ struct BackwardArgs {
   // `empty` (when given) allocates the copy of a non-contiguous gradient of the outputs: an
   // engine's own memory for the largest of the copies (the CPU's buffer cache).
   using EmptyFn = at::Tensor (*)(at::IntArrayRef, const at::TensorOptions&);
-  BackwardArgs contiguous(EmptyFn empty = nullptr) const;
-  bool is_contiguous() const;
+  BackwardArgs dense(EmptyFn empty = nullptr) const;
+  bool is_dense() const;
   BackwardArgs to(at::ScalarType dtype, bool weights = true,
                   LayerArgs::ConvertFn convert = nullptr) const;
 };
@@ -177,10 +178,38 @@ const T* ptr_or_null(const OptTensor& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
 }
 
-inline bool is_contiguous(const OptTensor& t) { return !t.has_value() || t->is_contiguous(); }
+// Whether t is contiguous with the strides of a fresh tensor of its sizes. is_contiguous()
+// also holds where a dimension of size 1 has another stride (an input [T, B, 1] made by a
+// transpose), which the kernels that read strides would take for a step between values.
+inline bool is_dense(const at::Tensor& t) {
+  if (!t.is_contiguous()) return false;
+  if (t.numel() == 0) return true;  // nothing is read
+  int64_t expected = 1;
+  for (int64_t d = t.dim() - 1; d >= 0; --d) {
+    if (t.stride(d) != expected) return false;
+    expected *= t.size(d);
+  }
+  return true;
+}
 
-inline OptTensor contiguous(const OptTensor& t) {
-  return t.has_value() ? OptTensor(t->contiguous()) : std::nullopt;
+// t contiguous with those strides: a view of t.contiguous() where only strides of size-1
+// dimensions differ.
+inline at::Tensor dense(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (is_dense(c)) return c;
+  std::vector<int64_t> strides(c.dim());
+  int64_t stride = 1;
+  for (int64_t d = c.dim() - 1; d >= 0; --d) {
+    strides[d] = stride;
+    stride *= c.size(d);
+  }
+  return c.as_strided(c.sizes(), strides);
+}
+
+inline bool is_dense(const OptTensor& t) { return !t.has_value() || is_dense(*t); }
+
+inline OptTensor dense(const OptTensor& t) {
+  return t.has_value() ? OptTensor(dense(*t)) : std::nullopt;
 }
 
 inline at::Tensor to(const at::Tensor& t, at::ScalarType dtype, LayerArgs::ConvertFn convert) {

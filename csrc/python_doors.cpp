@@ -159,7 +159,8 @@ PyObject* layer_door(PyObject*, PyObject* const* items, Py_ssize_t count) {
 
 // _C.cell(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh): one step of a cell on input [B, I]
 // (or unbatched [I], with states [H]) through rnn_fused::layer, (h_n, c_n) with c_n None but
-// for LSTM; states None are zeros. None where ops.rnn_layer must run the call (served_in_python).
+// for LSTM; states None are zeros. None where ops.rnn_layer must run the call (served_in_python)
+// or where the parameters' dtype is not the input's outside autocast (the modules' door).
 PyObject* cell_door(PyObject*, PyObject* const* items, Py_ssize_t count) {
   HANDLE_TH_ERRORS
   check_count("cell", count, 8, 8);
@@ -167,6 +168,10 @@ PyObject* cell_door(PyObject*, PyObject* const* items, Py_ssize_t count) {
   // The input [B, I] as one step, or [I] as an unbatched one (make_problem, as_batch_of_one).
   const LayerArgs a = step_args(in);
   if (served_in_python()) Py_RETURN_NONE;
+  // Parameters of another dtype than the input's outside autocast (the operator takes half-type
+  // ones with a float32 input; torch.nn's cells refuse them): declined, for the module's checks
+  // to raise torch.nn's error.
+  if (a.w_ih.scalar_type() != a.input.scalar_type() && !autocast_pending(a)) Py_RETURN_NONE;
   LayerResult r = door_call(a, /*cell=*/true, /*output_wanted=*/false);  // a step's output is h_n
   auto& [output, h_n, c_n] = r;
   const bool lstm = parse_mode(a.mode) == CellKind::LSTM;
@@ -184,8 +189,9 @@ PyMethodDef kDoors[] = {
      "AD); stacked: states in and out as [1, B, H]; positional arguments only."},
     {"cell", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&cell_door)), METH_FASTCALL,
      "cell(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh): one step of a cell on input [B, I] "
-     "through rnn_fused::layer, (h_n, c_n) with c_n None but for LSTM, or None as layer's; "
-     "positional arguments only."},
+     "through rnn_fused::layer, (h_n, c_n) with c_n None but for LSTM, or None as layer's and "
+     "for parameters of another dtype than the input's outside autocast; positional arguments "
+     "only."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -21,6 +21,8 @@ from .ops import GATES, Direction, both_directions, cell_step, rnn_layer, zoneou
 
 _PARAM_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 _CELL_NAMES = _PARAM_NAMES[:4]
+# The floating dtypes that a float64 LSTM's c_0 may have besides its own (see forward).
+_NARROWER_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # (layer, direction, bias, proj) -> _direction_names: a plain dict, which torch.compile
@@ -539,6 +541,10 @@ class _RNNBase(_Options, _Convertible, nn.Module):
             if is_lstm and c0.size() != (shape[0], batch, self.hidden_size):
                 shape = (shape[0], batch, self.hidden_size)
                 self.check_hidden_size(c0, shape, "Expected hidden[1] size {}, got {}")
+            if is_lstm and data.dtype == torch.float64 and c0.dtype in _NARROWER_FLOATS:
+                # torch.nn's float64 LSTM promotes such a c_0 at its first step: the same
+                # values as converting it first (exactly).
+                c0 = c0.to(torch.float64)
         if not packed and data.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
@@ -574,6 +580,11 @@ class _RNNBase(_Options, _Convertible, nn.Module):
             or torch.compiler.is_compiling()
         ):
             return None
+        _, (w_ih, w_hh, b_ih, b_hh, w_hr) = self._direction_weights(0, 0)
+        # The operator takes half-type parameters with a float32 input; torch.nn's layers
+        # refuse them outside autocast (forward raises their error).
+        if w_ih.dtype is not input.dtype and not torch.is_autocast_enabled(input.device.type):
+            return None
         lstm = self.mode == "LSTM"
         batched = input.dim() == 3
         h0 = c0 = None
@@ -592,7 +603,6 @@ class _RNNBase(_Options, _Convertible, nn.Module):
             x = input.unsqueeze(1)
         else:
             x = input.transpose(0, 1) if self.batch_first else input
-        _, (w_ih, w_hh, b_ih, b_hh, w_hr) = self._direction_weights(0, 0)
         try:
             # Batched: states [1, B, H] in and out (the operator's [B, H] views made in C++;
             # another first size raises); an unbatched call's [1, H] is its batch of one's.
@@ -950,6 +960,11 @@ class _CellBase(_Options, _Convertible, nn.Module):
 
     def _step(self, input: Tensor, h: Tensor, c: Tensor | None):
         w_ih, w_hh, b_ih, b_hh = _weights(self, _CELL_NAMES)
+        if (b_ih is None) != (b_hh is None):
+            # One bias set to None by hand, which torch.nn's cells run without; the operator
+            # takes both or neither: zeros for the missing one.
+            b_ih = torch.zeros_like(b_hh) if b_ih is None else b_ih
+            b_hh = torch.zeros_like(b_ih) if b_hh is None else b_hh
         _, h_n, c_n = rnn_layer(
             self.mode,
             input,

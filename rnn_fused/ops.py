@@ -460,7 +460,8 @@ def cell_step(
     states None are zeros), returning (h, c) (c None except for LSTM), by the shortest door
     a step per call can take. None where rnn_layer must run the call instead: tracing by
     torch.compile, and the calls _C.cell declines as _C.layer does (torch.func transforms,
-    forward-mode AD)."""
+    forward-mode AD); None too for parameters of another dtype than the input's outside
+    autocast, which torch.nn's cells refuse (the caller raises their error)."""
     if torch.compiler.is_compiling():
         return None
     return _C.cell(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh)

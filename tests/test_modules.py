@@ -384,3 +384,79 @@ def test_lstm_cell_c_of_another_dtype_promotes_as_torch_nn(c_dtype: torch.dtype,
     for got, want in zip(results[1], results[0], strict=True):
         assert got.dtype == want.dtype and got.shape == want.shape
         torch.testing.assert_close(got, want)
+
+
+def _odd_unit_strides(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a tensor that is contiguous but whose size-1 dimensions step by other
+    strides (what a transpose of such a dimension gives)."""
+    strides, step = [], 1
+    for d in reversed(range(t.dim())):
+        strides.append(step if t.size(d) != 1 else 5 * step + 3)
+        step *= t.size(d)
+    odd = torch.empty_like(t).as_strided(t.shape, list(reversed(strides)))
+    odd.copy_(t.detach())
+    assert odd.is_contiguous() and (1 not in t.shape or odd.stride() != t.contiguous().stride())
+    return odd.requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cell", list(LAYERS))
+def test_size_one_dimensions_with_other_strides(cell: str, dtype: torch.dtype, batch: int):
+    """A contiguous input, states and weights whose size-1 dimensions (I = 1, and B = 1)
+    carry other strides: the values and gradients of the plain tensors, forward and backward."""
+    seed("unit strides", cell, str(dtype), batch)
+    _, ours = _pair(cell, dtype=dtype, input_size=1, hidden_size=6, bidirectional=True)
+    plain = copy.deepcopy(ours)
+    with torch.no_grad():
+        ours.weight_ih_l0 = nn.Parameter(_odd_unit_strides(ours.weight_ih_l0))
+    x, h = torch.randn(7, batch, 1, dtype=dtype), torch.randn(2, batch, 6, dtype=dtype)
+    states = (h, torch.randn_like(h)) if cell == "LSTM" else h
+
+    def run(module, fn):
+        args = (fn(x).requires_grad_(), _map(states, lambda s: fn(s).requires_grad_()))
+        return _values(module, args, weights)
+
+    weights = [torch.randn_like(t) for t in _flat(plain(x, states))]
+    for got, want in zip(run(ours, _odd_unit_strides), run(plain, torch.clone), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _map(states, fn):
+    return tuple(fn(s) for s in states) if isinstance(states, tuple) else fn(states)
+
+
+@pytest.mark.parametrize("c_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kw", [{}, dict(num_layers=2, bidirectional=True)], ids=["1", "2bi"])
+def test_float64_lstm_promotes_a_narrower_c0_as_torch_nn(c_dtype: torch.dtype, kw: dict):
+    """torch.nn's float64 LSTM takes a c_0 of a narrower floating dtype (promoted at its first
+    step); ours the same: outputs and states in float64, c_0's gradient in its own dtype."""
+    seed("c0 dtype", str(c_dtype), len(kw))
+    theirs, ours = _pair("LSTM", input_size=3, hidden_size=5, **kw)
+    D = 4 if kw else 1
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    h0, c0 = torch.randn(D, 2, 5, dtype=torch.float64), torch.randn(D, 2, 5).to(c_dtype)
+    results = []
+    for model in (theirs, ours):
+        c = c0.clone().requires_grad_()
+        out, (h_n, c_n) = model(x, (h0, c))
+        (out.sum() + c_n.pow(2).sum()).backward()
+        results.append((out, h_n, c_n, c.grad))
+    for got, want in zip(results[1], results[0], strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want)  # float64's tolerance, or c_0's dtype's
+
+
+@pytest.mark.parametrize("missing", ["bias_ih", "bias_hh"])
+@pytest.mark.parametrize("cell", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cell_with_one_bias_removed_runs_as_torch_nn(cell: str, missing: str):
+    """A cell whose bias_ih or bias_hh was set to None by hand: torch.nn runs it without that
+    bias; ours the same values and gradients."""
+    seed("one bias", cell, missing)
+    theirs = getattr(nn, cell)(3, 5, dtype=torch.float64)
+    ours = getattr(rnn_fused, cell).from_torch(theirs)
+    for model in (theirs, ours):
+        setattr(model, missing, None)
+    x, h = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    state = (h, torch.randn_like(h)) if cell == "LSTMCell" else h
+    _compare(theirs, ours, lambda: (x.clone().requires_grad_(), state))

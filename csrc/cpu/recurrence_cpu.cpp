@@ -119,16 +119,16 @@ LayerResult layer_without_graph(const LayerArgs& a, bool output_wanted) {
   p.inference = true;
   p.forward = true;
   const ForwardWants wants{/*workspace=*/false, output_wanted};
-  auto [output, h_n, c_n, saved, h_prev] = a.is_contiguous()
+  auto [output, h_n, c_n, saved, h_prev] = a.is_dense()
                                                ? forward_wanting(p, a, false, wants)
-                                               : forward_wanting(p, a.contiguous(), false, wants);
+                                               : forward_wanting(p, a.dense(), false, wants);
   return {output, h_n, c_n};
 }
 
 BackwardResult backward_without_dispatcher(const BackwardArgs& a) {
   const Problem p = make_problem(a);
-  return a.is_contiguous() ? backward_wanting(p, a, /*only_asked=*/true)
-                           : backward_wanting(p, a.contiguous(buffer_empty), /*only_asked=*/true);
+  return a.is_dense() ? backward_wanting(p, a, /*only_asked=*/true)
+                      : backward_wanting(p, a.dense(buffer_empty), /*only_asked=*/true);
 }
 
 TORCH_LIBRARY_IMPL(rnn_fused, CPU, m) {
