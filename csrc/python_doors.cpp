@@ -127,13 +127,14 @@ OptTensor unstacked(const OptTensor& state, const char* name) {
 }
 
 // _C.layer(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
-// zoneout=None, layer_norm=None, stacked=False): rnn_fused::layer through the dispatcher,
-// (output, h_n, c_n), or None where ops.rnn_layer must run the call (served_in_python).
-// stacked: hx, cx, h_n and c_n (LSTM) as one layer of torch.nn's states, [1, B, H], their
-// views made here (about 0.2 us each against 0.9 from Python, AMD EPYC).
+// zoneout=None, layer_norm=None, stacked=False, cell=False): rnn_fused::layer through the
+// dispatcher, (output, h_n, c_n), or None where ops.rnn_layer must run the call
+// (served_in_python). stacked: hx, cx, h_n and c_n (LSTM) as one layer of torch.nn's states,
+// [1, B, H], their views made here (about 0.2 us each against 0.9 from Python, AMD EPYC).
+// cell: the call is a cell's step, whose results under autocast have a cell's dtypes.
 PyObject* layer_door(PyObject*, PyObject* const* items, Py_ssize_t count) {
   HANDLE_TH_ERRORS
-  check_count("layer", count, 11, 14);  // zoneout, layer_norm and stacked may be left out
+  check_count("layer", count, 11, 15);  // zoneout, layer_norm, stacked, cell may be left out
   const Args in{"layer", items, count};
   LayerArgs a = step_args(in);
   a.w_hr = in.optional(8, "w_hr");
@@ -142,12 +143,13 @@ PyObject* layer_door(PyObject*, PyObject* const* items, Py_ssize_t count) {
   a.zoneout = in.optional(11, "zoneout");
   a.layer_norm = in.optional(12, "layer_norm");
   const bool stacked = count > 13 && in.flag(13, "stacked");
+  const bool cell = count > 14 && in.flag(14, "cell");  // a cell's step: its autocast dtypes
   if (served_in_python()) Py_RETURN_NONE;
   if (stacked) {
     a.hx = unstacked(a.hx, "hx");
     a.cx = unstacked(a.cx, "cx");
   }
-  auto [output, h_n, c_n] = door_call(a, /*cell=*/false, /*output_wanted=*/true);
+  auto [output, h_n, c_n] = door_call(a, cell, /*output_wanted=*/true);
   if (stacked) {
     h_n = h_n.unsqueeze(0);
     if (parse_mode(a.mode) == CellKind::LSTM) c_n = c_n.unsqueeze(0);
@@ -184,9 +186,10 @@ PyMethodDef kDoors[] = {
     {"layer", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&layer_door)),
      METH_FASTCALL,
      "layer(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, zoneout=None, "
-     "layer_norm=None, stacked=False): rnn_fused::layer called through the dispatcher, (output, "
-     "h_n, c_n), or None where ops.rnn_layer runs the call (torch.func, forward-mode "
-     "AD); stacked: states in and out as [1, B, H]; positional arguments only."},
+     "layer_norm=None, stacked=False, cell=False): rnn_fused::layer called through the "
+     "dispatcher, (output, h_n, c_n), or None where ops.rnn_layer runs the call (torch.func, "
+     "forward-mode AD); stacked: states in and out as [1, B, H]; cell: a cell's step (its "
+     "dtypes under autocast); positional arguments only."},
     {"cell", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&cell_door)), METH_FASTCALL,
      "cell(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh): one step of a cell on input [B, I] "
      "through rnn_fused::layer, (h_n, c_n) with c_n None but for LSTM, or None as layer's and "

@@ -373,7 +373,9 @@ class _RNNBase(_Options, _Convertible, nn.Module):
                     "bias_hh": (gate_size,) if bias else None,
                     "weight_hr": (proj_size, hidden_size) if proj_size else None,
                 }
-                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                # Named through the cache here, so that torch.compile's first trace finds it
+                # filled (filling it there made the second call recompile).
+                suffix, _ = _direction_names(layer, direction, bias, proj_size > 0)
                 names = []
                 for base in _PARAM_NAMES:
                     if shapes[base] is not None:
@@ -432,7 +434,7 @@ class _RNNBase(_Options, _Convertible, nn.Module):
     # caller holds it (batch first where the module is), batch_sizes a packed input's.
 
     def check_input(self, input: Tensor, batch_sizes: Tensor | None) -> None:
-        weight_dtype = self.weight_ih_l0.dtype
+        weight_dtype = self._first_weight_dtype()
         if input.dtype != weight_dtype and not torch._C._is_any_autocast_enabled():
             raise ValueError(
                 f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight_dtype}). "
@@ -506,6 +508,8 @@ class _RNNBase(_Options, _Convertible, nn.Module):
         return torch.zeros(shape, dtype=input.dtype, device=input.device)
 
     def forward(self, input, hx=None):
+        if "parametrizations" in self._modules:
+            self._read_parametrized_as_torch_nn()
         if (done := self._fast_forward(input, hx)) is not None:
             return done
         is_lstm = self.mode == "LSTM"
@@ -531,6 +535,10 @@ class _RNNBase(_Options, _Convertible, nn.Module):
         self.check_input(data, batch_sizes)
         h0, c0 = hx if is_lstm else (hx, None)
         if h0 is not None:  # None: no states given, the operator starts from zeros
+            if packed and torch.compiler.is_compiling():
+                # A packed batch is data-dependent to torch.compile: asserted when the graph
+                # runs, which lets the comparisons below be decided while tracing.
+                torch._check(h0.size(1) == batch)
             # Compared here, check_hidden_size called only to raise: the common call pays no
             # method call per state.
             shape = self._state_shape(batch, out_size)
@@ -560,6 +568,32 @@ class _RNNBase(_Options, _Convertible, nn.Module):
             output = output.squeeze(0 if self.batch_first else 1)
             hidden = (h_n.squeeze(1), c_n.squeeze(1)) if is_lstm else h_n.squeeze(1)
         return output, hidden
+
+    def _first_weight_dtype(self) -> torch.dtype:
+        """weight_ih_l0's dtype without evaluating a parametrization of it (torch.nn's check
+        reads the weight its forward already has; see _read_parametrized_as_torch_nn)."""
+        name = "weight_ih_l0"
+        if name in self._parameters:
+            return self._parameters[name].dtype
+        if "parametrizations" in self._modules and name in self.parametrizations:
+            originals = self.parametrizations[name]._parameters  # original, or original0, 1...
+            return next(iter(originals.values())).dtype
+        return getattr(self, name).dtype
+
+    def _read_parametrized_as_torch_nn(self) -> None:
+        """The extra reads of parametrized weights (torch.nn.utils.parametrize) that torch.nn's
+        forward makes before the one it computes with (this forward's own): a parametrization
+        with effects, such as spectral_norm's power iteration in training, then has them as
+        often. torch.nn's forward reads every weight through hasattr and getattr while it
+        looks for the first that changed (a parametrized one: a new tensor at every read, but
+        for an identity), then all of them again that way: the first parametrized weight four
+        times, the others twice."""
+        first = True
+        for name in self._flat_weights_names:
+            if name in self.parametrizations:
+                for _ in range(3 if first else 1):
+                    getattr(self, name)
+                first = False
 
     def _fast_forward(self, input: object, hx: object) -> tuple | None:
         """forward of the common call with no checks of its own: one layer in one direction,

@@ -357,7 +357,7 @@ def rnn_layer(
     # arguments in LayerCall's order (a call per step costs its every microsecond).
     args = (mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, zoneout)
     compiling = torch.compiler.is_compiling()
-    if compiling or (done := _C.layer(*args, layer_norm, stacked_states)) is None:
+    if compiling or (done := _C.layer(*args, layer_norm, stacked_states, cell)) is None:
         if stacked_states:  # the views _C.layer makes in C++
             hx, cx = (None if t is None else t.squeeze(0) for t in (hx, cx))
             args = (mode, input, hx, cx, *args[4:])

@@ -268,7 +268,7 @@ def test_eager_and_dispatcher_doors_agree():
         ("layer", {10: 1}, "rnn_fused._C.layer: argument 10 (reverse) must be a bool, got int"),
         ("layer", {2: 0.5}, "argument 2 (hx) must be a Tensor or None, got float"),
         ("layer", {0: b"LSTM"}, "argument 0 (mode) must be a str, got bytes"),
-        ("layer", {"count": 10}, "rnn_fused._C.layer takes 11 to 14 positional arguments, got 10"),
+        ("layer", {"count": 10}, "rnn_fused._C.layer takes 11 to 15 positional arguments, got 10"),
         ("cell", {2: 0.5}, "_C.cell: argument 2 (hx) must be a Tensor or None, got float"),
         ("cell", {"count": 9}, "rnn_fused._C.cell takes 8 positional arguments, got 9"),
     ],

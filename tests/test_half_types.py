@@ -512,6 +512,30 @@ def _flat(result) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cell_off_the_short_door_under_autocast(name, dtype):
+    """A cell call that leaves the cells' short door under CPU autocast (a parametrized
+    weight; for LSTMCell zoneout and LayerNorm too): the result dtypes of torch.nn's cell, as
+    on the short door, and its values within a half type's rounding."""
+    seed("cell off the door", name, dtype)
+    theirs = getattr(nn, name)(5, 33)
+    ours = getattr(rnn_fused, name).from_torch(theirs)
+    for m in (theirs, ours):
+        nn.utils.parametrizations.weight_norm(m, "weight_hh")
+    x = torch.randn(3, 5)
+    with torch.autocast("cpu", dtype=dtype):
+        want, got = _flat(theirs(x)), _flat(ours(x))
+        others = []
+        if name == "LSTMCell":
+            zoneout = rnn_fused.LSTMCell(5, 33, zoneout=0.2).eval()
+            others = [_flat(zoneout(x)), _flat(rnn_fused.LayerNormLSTMCell(5, 33)(x))]
+    assert [o.dtype for o in got] == [o.dtype for o in want]
+    assert all(rel_err(a, b) < 2e-2 for a, b in zip(got, want, strict=True))
+    for out in others:
+        assert [o.dtype for o in out] == [o.dtype for o in want]
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
 @pytest.mark.parametrize(("name", "kw", "packed"), AUTOCAST_CASES)
 def test_cpu_autocast_like_torch_nn(name, kw, packed, dtype):
     """A float32 module under torch.autocast("cpu"): the dtypes torch.nn's results have, and

@@ -79,14 +79,35 @@ def test_compile_fullgraph_under_autocast(name):
         torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
 
 
-def test_compile_fullgraph_packed():
+@pytest.mark.parametrize("with_states", [False, True], ids=["no states", "states"])
+@pytest.mark.parametrize("name", ["GRU", "LSTM"])
+def test_compile_fullgraph_packed(name: str, with_states: bool):
+    """A packed input, with given states too (whose batch is checked against the packed
+    batch, a value torch.compile only knows when the graph runs)."""
     torch._dynamo.reset()
-    module = rnn_fused.GRU(3, 4, bidirectional=True)
+    module = getattr(rnn_fused, name)(3, 4, bidirectional=True)
     seq = pack_padded_sequence(torch.randn(5, 3, 3), torch.tensor([5, 2, 4]), enforce_sorted=False)
-    eager = _tensors(module(seq))
-    compiled = _tensors(torch.compile(module, fullgraph=True)(seq))
-    for a, b in zip(compiled, eager):
+    h0 = torch.randn(2, 3, 4)
+    states = (h0, torch.randn_like(h0)) if name == "LSTM" else h0
+    args = (seq, states) if with_states else (seq,)
+    eager = _tensors(module(*args))
+    compiled = _tensors(torch.compile(module, fullgraph=True)(*args))
+    for a, b in zip(compiled, eager, strict=True):
         assert_close(a, b, "output")
+
+
+def test_second_call_of_a_fresh_compiled_module_does_not_recompile():
+    """A module compiled before any eager call: its first trace finds the module's names
+    cached (made at construction), so that the second call reuses the graph."""
+    torch._dynamo.reset()
+    rnn_fused.modules._DIRECTION_NAMES.clear()  # as in a fresh process
+    module = rnn_fused.GRU(3, 4, num_layers=3, bidirectional=True)
+    compiled = torch.compile(module, fullgraph=True)
+    x = torch.randn(5, 2, 3)
+    torch._dynamo.utils.counters.clear()
+    for _ in range(3):
+        compiled(x)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.parametrize("name", list(MODULES))

@@ -179,3 +179,60 @@ def test_weight_norm_compiles_without_graph_break():
     x = torch.randn(4, 3, 5, dtype=torch.float64)
     compiled = torch.compile(ours, fullgraph=True)
     assert_close(_loss(compiled(x)), _loss(theirs(x)), "compiled outputs")
+
+
+class _CountedReads(nn.Module):
+    """A parametrization that counts its evaluations (a new tensor each, as any but the
+    identity gives)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        self.reads += 1
+        return w * 1.0
+
+
+@pytest.mark.parametrize(
+    "names",
+    [("weight_hh_l0",), ("weight_ih_l0",), ("weight_hh_l0", "weight_ih_l1_reverse")],
+    ids=["hh", "ih", "two"],
+)
+@pytest.mark.parametrize("layers", [1, 2], ids=["1 layer", "2 bi"])
+def test_parametrized_weights_read_as_often_as_torch_nn(names: tuple[str, ...], layers: int):
+    """torch.nn's forward evaluates a parametrized weight more than once (the first one
+    four times, the others twice): ours as often, so that a parametrization with effects
+    (spectral_norm's power iteration in training) steps as far."""
+    if layers == 1:
+        names = tuple(n for n in names if n.endswith("_l0"))
+    counts = []
+    for lib in (nn, rnn_fused):
+        m = lib.LSTM(3, 4, num_layers=layers, bidirectional=layers == 2)
+        counters = [_CountedReads() for _ in names]
+        for name, counter in zip(names, counters, strict=True):
+            nn.utils.parametrize.register_parametrization(m, name, counter)
+        for counter in counters:
+            counter.reads = 0
+        for _ in range(2):
+            m(torch.randn(5, 2, 3))
+        counts.append([c.reads for c in counters])
+    assert counts[1] == counts[0]
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_spectral_norm_parametrization_in_training(kind: str):
+    """spectral_norm as a parametrization, in training: each read steps its power iteration;
+    three forwards give torch.nn's outputs, gradients and power-iteration vectors."""
+    seed("spectral training", kind)
+    theirs, ours = _pair(kind, lambda cls: cls(5, 7, num_layers=2))
+    for m in (theirs, ours):
+        parametrizations.spectral_norm(m, "weight_hh_l0")
+        parametrizations.spectral_norm(m, "weight_ih_l1")
+    ours.load_state_dict(theirs.state_dict())
+    for _ in range(3):
+        _check_same(theirs, ours, torch.randn(6, 3, 5, dtype=torch.float64))
+    buffers_t, buffers_o = dict(theirs.named_buffers()), dict(ours.named_buffers())
+    assert buffers_o.keys() == buffers_t.keys() and buffers_t
+    for name, b in buffers_t.items():
+        assert_close(buffers_o[name], b, name)
