@@ -6,7 +6,9 @@
 namespace rnn_fused {
 
 bool autocast_pending(const LayerArgs& a) {
-  return at::autocast::is_autocast_enabled(a.input.device().type()) &&
+  // A device without autocast (meta) would raise in is_autocast_enabled.
+  const c10::DeviceType device = a.input.device().type();
+  return at::autocast::is_autocast_available(device) && at::autocast::is_autocast_enabled(device) &&
          (a.input.scalar_type() == at::kFloat || a.w_ih.scalar_type() == at::kFloat);
 }
 

@@ -11,8 +11,8 @@
 
 namespace rnn_fused {
 
-// Whether autocast is on for the call's device and the call has a float32 input or w_ih to
-// cast.
+// Whether autocast is on for the call's device (false on a device without autocast: meta)
+// and the call has a float32 input or w_ih to cast.
 bool autocast_pending(const LayerArgs& a);
 
 // A parameter in dtype as autocast casts an operator's arguments (at::autocast::cached_cast):

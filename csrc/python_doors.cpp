@@ -169,6 +169,8 @@ PyObject* cell_door(PyObject*, PyObject* const* items, Py_ssize_t count) {
   const Args in{"cell", items, count};
   // The input [B, I] as one step, or [I] as an unbatched one (make_problem, as_batch_of_one).
   const LayerArgs a = step_args(in);
+  TORCH_CHECK(a.input.dim() <= 2, "rnn_fused._C.cell: input must be one step, [B, I] or [I], got ",
+              a.input.sizes());
   if (served_in_python()) Py_RETURN_NONE;
   // Parameters of another dtype than the input's outside autocast (the operator takes half-type
   // ones with a float32 input; torch.nn's cells refuse them): declined, for the module's checks

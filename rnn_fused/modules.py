@@ -198,6 +198,8 @@ class _Options:
             if not isinstance(forget_bias, numbers.Real) or isinstance(forget_bias, bool):
                 raise TypeError(f"forget_bias must be a number, got {type(forget_bias).__name__}")
             forget_bias = float(forget_bias)
+            if not math.isfinite(forget_bias):
+                raise ValueError(f"forget_bias must be a finite number, got {forget_bias}")
         for name, value in (("dropconnect", dropconnect), ("zoneout", zoneout)):
             if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value < 1:
                 raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
@@ -614,11 +616,6 @@ class _RNNBase(_Options, _Convertible, nn.Module):
             or torch.compiler.is_compiling()
         ):
             return None
-        _, (w_ih, w_hh, b_ih, b_hh, w_hr) = self._direction_weights(0, 0)
-        # The operator takes half-type parameters with a float32 input; torch.nn's layers
-        # refuse them outside autocast (forward raises their error).
-        if w_ih.dtype is not input.dtype and not torch.is_autocast_enabled(input.device.type):
-            return None
         lstm = self.mode == "LSTM"
         batched = input.dim() == 3
         h0 = c0 = None
@@ -637,6 +634,11 @@ class _RNNBase(_Options, _Convertible, nn.Module):
             x = input.unsqueeze(1)
         else:
             x = input.transpose(0, 1) if self.batch_first else input
+        _, (w_ih, w_hh, b_ih, b_hh, w_hr) = self._direction_weights(0, 0)
+        # The operator takes half-type parameters with a float32 input; torch.nn's layers
+        # refuse them outside autocast (forward raises their error).
+        if w_ih.dtype is not input.dtype and not torch._C._is_any_autocast_enabled():
+            return None
         try:
             # Batched: states [1, B, H] in and out (the operator's [B, H] views made in C++;
             # another first size raises); an unbatched call's [1, H] is its batch of one's.

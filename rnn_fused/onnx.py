@@ -89,17 +89,20 @@ def _emit_layer(emit: Callable[..., Any], ints: Callable[[list[int]], Any], call
     if call["b_ih"] is not None:
         both = [emit("Gather", call[b], rows, axis=0) for b in ("b_ih", "b_hh")]
         bias = emit("Unsqueeze", emit("Concat", *both, axis=0), axis0)
-    h0 = None if call["hx"] is None else emit("Unsqueeze", call["hx"], axis0)
+    # A cell's call gives one step [B, I], or an unbatched one [I] with states [H]: a sequence
+    # of one step (of a batch of one) for ONNX, its states [1, B, H].
+    one_step, unbatched = call["rank"] <= 2, call["rank"] == 1
+    state_axes = ints([0, 1]) if unbatched else axis0
+    h0 = None if call["hx"] is None else emit("Unsqueeze", call["hx"], state_axes)
     attrs: dict[str, Any] = dict(hidden_size=hidden)
     if call["reverse"]:
         attrs["direction"] = "reverse"
-    # A cell's call gives one step [B, I]: a sequence of one for ONNX.
-    x = emit("Unsqueeze", call["input"], axis0) if call["one_step"] else call["input"]
+    x = emit("Unsqueeze", call["input"], state_axes) if one_step else call["input"]
     inputs = [x, onnx_weight(call["w_ih"]), recurrent, bias, None, h0]
     if mode == "LSTM":
-        c0 = None if call["cx"] is None else emit("Unsqueeze", call["cx"], axis0)
+        c0 = None if call["cx"] is None else emit("Unsqueeze", call["cx"], state_axes)
         y, y_h, y_c = emit("LSTM", *inputs, c0, outputs=3, **attrs)
-        c_n = emit("Squeeze", y_c, axis0)
+        c_n = emit("Squeeze", y_c, state_axes)
     else:
         if mode == "GRU":
             attrs["linear_before_reset"] = 1  # torch.nn's n = tanh(W x + b + r * (U h + b_hn))
@@ -108,9 +111,10 @@ def _emit_layer(emit: Callable[..., Any], ints: Callable[[list[int]], Any], call
         y, y_h = emit(_OPERATOR[mode], *inputs, outputs=2, **attrs)
         # The operator's c_n of a cell without one: an empty tensor of the input's dtype.
         c_n = emit("CastLike", emit("ConstantOfShape", ints([0])), call["input"])
-    # Y is [T, directions = 1, B, H] (T = 1 squeezed too for one step); Y_h is [1, B, H].
-    y_axes = ints([0, 1] if call["one_step"] else [1])
-    return emit("Squeeze", y, y_axes), emit("Squeeze", y_h, axis0), c_n
+    # Y is [T, directions = 1, B, H] (T = 1 squeezed too for one step, and B = 1 for an
+    # unbatched one); Y_h is [1, B, H].
+    y_axes = ints([0, 1, 2] if unbatched else [0, 1] if one_step else [1])
+    return emit("Squeeze", y, y_axes), emit("Squeeze", y_h, state_axes), c_n
 
 
 # The torch.export-based exporter (dynamo=True).
@@ -146,7 +150,7 @@ def _layer_onnxscript(
     call = dict(
         mode=mode, input=input, hx=hx, cx=cx, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh,
         reverse=reverse, hidden=int(w_hh.shape[-1]), elementwise=len(w_hh.shape) == 1,
-        one_step=len(input.shape) == 2,
+        rank=len(input.shape),
     )  # fmt: skip
     return _emit_layer(emit, ints, call)
 
@@ -208,7 +212,7 @@ def _layer_torchscript(
         mode=mode, input=input, hx=given(hx), cx=given(cx), w_ih=w_ih, w_hh=w_hh,
         b_ih=given(b_ih), b_hh=given(b_hh), reverse=bool(sh._maybe_get_const(reverse, "b")),
         hidden=w_hh_sizes[-1], elementwise=len(w_hh_sizes) == 1,
-        one_step=sh._get_tensor_rank(input) == 2,
+        rank=sh._get_tensor_rank(input),
     )  # fmt: skip
     return _emit_layer(emit, ints, call)
 

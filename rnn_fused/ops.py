@@ -486,8 +486,8 @@ def _under_autocast(call: LayerCall, cell: bool) -> tuple[Tensor, Tensor, Tensor
     give. None: autocast is off for the call's device. The calls Python serves; the eager
     doors run the same rule in C++ (csrc/autocast_call.h)."""
     device = call.input.device.type
-    if not torch.is_autocast_enabled(device):
-        return None
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        return None  # off, or a device without autocast (meta)
     low = torch.get_autocast_dtype(device)
     low_h, low_c = (True, True) if device != "cpu" else _cpu_autocast_results(call, cell)
     # The parameters in the autocast dtype (a compiled graph casts them in the graph; the eager

@@ -295,6 +295,16 @@ def test_eager_doors_name_a_wrong_argument(door, change, message):
     assert message in str(err.value)
 
 
+def test_cell_door_refuses_a_sequence():
+    """_C.cell takes one step ([B, I] or [I]); a sequence [T, B, I] is refused by name, not
+    run whole."""
+    seed("cell door sequence")
+    layer = make_layer("LSTM", 4, 6, dtype=torch.float32)
+    args = ("LSTM", rand(5, 2, 4, dtype=torch.float32), None, None, *layer.tensors()[:4])
+    with pytest.raises(RuntimeError, match=r"_C.cell: input must be one step, \[B, I\] or \[I\]"):
+        rnn_fused.ops.cell_step(*args)
+
+
 def test_cell_fast_path_keeps_torch_nn_errors():
     """The cells' unchecked fast path falls back to torch.nn's checks and messages."""
     ours, theirs = rnn_fused.LSTMCell(4, 6), torch.nn.LSTMCell(4, 6)

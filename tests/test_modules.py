@@ -460,3 +460,40 @@ def test_cell_with_one_bias_removed_runs_as_torch_nn(cell: str, missing: str):
     x, h = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
     state = (h, torch.randn_like(h)) if cell == "LSTMCell" else h
     _compare(theirs, ours, lambda: (x.clone().requires_grad_(), state))
+
+
+META_CASES = {
+    "LSTM": dict(num_layers=2, bidirectional=True, proj_size=3),
+    "GRU": dict(batch_first=True),
+    "RNN": dict(nonlinearity="relu"),
+    "LSTMCell": {},
+    "GRUCell": {},
+    "RNNCell": {},
+}
+
+
+# zoneout where the module has it: LSTM and GRU without projection, and their cells.
+@pytest.mark.parametrize(
+    ("name", "zoneout"),
+    [(name, False) for name in META_CASES] + [(n, True) for n in ("GRU", "LSTMCell", "GRUCell")],
+)
+def test_meta_forward_gives_torch_nn_shapes(name: str, zoneout: bool):
+    """A module and input on the meta device (shape inference without memory): torch.nn's
+    output shapes, on meta (with zoneout too)."""
+    kw = META_CASES[name]
+    x = torch.randn(3, 4) if name.endswith("Cell") else torch.randn(5, 3, 4)
+    x = x.to("meta")
+    want = _flat(getattr(nn, name)(4, 6, **kw, device="meta")(x))
+    ours_kw = dict(kw, zoneout=0.25) if zoneout else kw
+    got = _flat(getattr(rnn_fused, name)(4, 6, **ours_kw, device="meta")(x))
+    assert [t.shape for t in got] == [t.shape for t in want]
+    assert all(t.is_meta for t in got)
+
+
+@pytest.mark.parametrize("name", ["IndRNN", "LayerNormLSTM", "LayerNormGRU"])
+def test_meta_forward_of_the_variants(name: str):
+    x = torch.randn(5, 3, 4)
+    on_cpu = _flat(getattr(rnn_fused, name)(4, 6, bidirectional=True)(x))
+    on_meta = _flat(getattr(rnn_fused, name)(4, 6, bidirectional=True, device="meta")(x.to("meta")))
+    assert [t.shape for t in on_meta] == [t.shape for t in on_cpu]
+    assert all(t.is_meta for t in on_meta)

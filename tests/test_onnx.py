@@ -110,13 +110,15 @@ def test_given_initial_states_are_inputs(mode: str, exporter: str):
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("batch", [3, None], ids=["batched", "unbatched"])
 @pytest.mark.parametrize("cell", ["LSTMCell", "GRUCell", "RNNCell"])
-def test_cells_export(cell: str, exporter: str):
+def test_cells_export(cell: str, batch: int | None, exporter: str):
     torch.manual_seed(4)
     m = getattr(rnn_fused, cell)(6, 5)
-    h = torch.randn(3, 5)
-    state = (h, torch.randn(3, 5)) if cell == "LSTMCell" else h
-    ops = _check_runs_in_onnxruntime(m, (torch.randn(3, 6), state), exporter)
+    rows = () if batch is None else (batch,)
+    h = torch.randn(*rows, 5)
+    state = (h, torch.randn(*rows, 5)) if cell == "LSTMCell" else h
+    ops = _check_runs_in_onnxruntime(m, (torch.randn(*rows, 6), state), exporter)
     assert cell.removesuffix("Cell") in ops
 
 

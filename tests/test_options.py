@@ -48,6 +48,9 @@ def test_bad_options_are_refused_by_name():
         rnn_fused.LSTM(3, 4, bias=False, forget_bias=1.0)
     with pytest.raises(TypeError, match="forget_bias must be a number, got str"):
         rnn_fused.GRUCell(3, 4, forget_bias="1")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="forget_bias must be a finite number, got"):
+            rnn_fused.LSTM(3, 4, forget_bias=bad)
     for bad in (-0.1, 1.0, True, "0.5"):
         with pytest.raises(ValueError, match=r"dropconnect must be a number in \[0, 1\)"):
             rnn_fused.LSTM(3, 4, dropconnect=bad)

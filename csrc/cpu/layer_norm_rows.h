@@ -152,7 +152,8 @@ void ln_lstm_forward_row(const T* x, const T* hh, const T* b_ih, const T* b_hh, 
                  V::loadu(bias_c + j, w);
     V out = M::sigmoid(pre(3, j, w)) * M::tanh(cn);
     if (keep != nullptr) {
-      out = out + V::loadu(keep + j, w) * (V::loadu(h_prev + j, w) - out);
+      const V k = V::loadu(keep + j, w);  // as pointwise.h's forward_row
+      out = k * V::loadu(h_prev + j, w) + (V(T(1)) - k) * out;
     }
     out.store(h + j, w);
     if (h_copy != nullptr) out.store(h_copy + j, w);

@@ -133,7 +133,9 @@ inline void forward_units(const ForwardRow<T>& r, int64_t H, int64_t j, int n) {
   Cell::forward(x, hh, h_prev, c_prev, h, c, saved);
   if (r.keep != nullptr) {
     if constexpr (!Cell::kUsesPrevH) h_prev = load(r.h_prev + j);
-    h = h + load(r.keep + j) * (h_prev - h);
+    // keep h_prev + (1 - keep) h: a kept unit (keep 1) keeps h_prev's bits.
+    const V keep = load(r.keep + j);
+    h = keep * h_prev + (V(T(1)) - keep) * h;
   }
   if (r.saved != nullptr) store_saved<Cell>(r, saved, H, j, n);
   if constexpr (Cell::kCellState) c.store(r.c + j, n);

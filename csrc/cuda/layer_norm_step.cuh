@@ -151,7 +151,8 @@ __device__ __forceinline__ void lstm_forward_row(const ForwardStep<T, A>& s, int
     A h = M::sigmoid(pre(3, j)) * M::tanh(cn);
     if (s.keep != nullptr) {
       const A hp = static_cast<A>(s.h_prev[i * s.ld_h_prev + j]);
-      h = h + static_cast<A>(s.keep[i * s.ld_state + j]) * (hp - h);
+      const A keep = static_cast<A>(s.keep[i * s.ld_state + j]);
+      h = keep * hp + (A(1) - keep) * h;  // a kept unit keeps h_prev's bits
     }
     store_h(s, i, j, h);
   }

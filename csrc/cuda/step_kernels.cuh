@@ -129,7 +129,8 @@ __device__ __forceinline__ T finish_unit(const ForwardStep<T, A>& s, int64_t i, 
   for (int k = 0; k < Cell::kGates; ++k) hh[k] += in.b_hh[k];
   A h_new(0), c_new(0);
   Cell::forward(in.x, hh, in.h_prev, in.c_prev, h_new, c_new, kept);
-  if (s.keep != nullptr) h_new += in.keep * (in.h_prev - h_new);
+  // keep h_prev + (1 - keep) h: a kept unit (keep 1) keeps h_prev's bits.
+  if (s.keep != nullptr) h_new = in.keep * in.h_prev + (A(1) - in.keep) * h_new;
   if (s.saved != nullptr) {
 #pragma unroll
     for (int k = 0; k < Cell::kSaved; ++k)
