@@ -20,6 +20,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/SmallVector.h>
+#include <c10/util/strides.h>
 
 #include <array>
 #include <optional>
@@ -182,28 +183,15 @@ const T* ptr_or_null(const OptTensor& t) {
 // also holds where a dimension of size 1 has another stride (an input [T, B, 1] made by a
 // transpose), which the kernels that read strides would take for a step between values.
 inline bool is_dense(const at::Tensor& t) {
-  if (!t.is_contiguous()) return false;
-  if (t.numel() == 0) return true;  // nothing is read
-  int64_t expected = 1;
-  for (int64_t d = t.dim() - 1; d >= 0; --d) {
-    if (t.stride(d) != expected) return false;
-    expected *= t.size(d);
-  }
-  return true;
+  return t.is_contiguous() && (t.numel() == 0 ||  // nothing is read
+                               t.strides() == at::IntArrayRef(c10::contiguous_strides(t.sizes())));
 }
 
 // t contiguous with those strides: a view of t.contiguous() where only strides of size-1
 // dimensions differ.
 inline at::Tensor dense(const at::Tensor& t) {
   at::Tensor c = t.contiguous();
-  if (is_dense(c)) return c;
-  std::vector<int64_t> strides(c.dim());
-  int64_t stride = 1;
-  for (int64_t d = c.dim() - 1; d >= 0; --d) {
-    strides[d] = stride;
-    stride *= c.size(d);
-  }
-  return c.as_strided(c.sizes(), strides);
+  return is_dense(c) ? c : c.as_strided(c.sizes(), c10::contiguous_strides(c.sizes()));
 }
 
 inline bool is_dense(const OptTensor& t) { return !t.has_value() || is_dense(*t); }

@@ -14,6 +14,7 @@ from helpers import DEVICES, seed
 from tolerances import assert_close, assert_no_worse
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
+from torch.utils._pytree import tree_map
 
 import rnn_fused
 
@@ -414,16 +415,12 @@ def test_size_one_dimensions_with_other_strides(cell: str, dtype: torch.dtype, b
     states = (h, torch.randn_like(h)) if cell == "LSTM" else h
 
     def run(module, fn):
-        args = (fn(x).requires_grad_(), _map(states, lambda s: fn(s).requires_grad_()))
+        args = (fn(x).requires_grad_(), tree_map(lambda s: fn(s).requires_grad_(), states))
         return _values(module, args, weights)
 
     weights = [torch.randn_like(t) for t in _flat(plain(x, states))]
     for got, want in zip(run(ours, _odd_unit_strides), run(plain, torch.clone), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-
-def _map(states, fn):
-    return tuple(fn(s) for s in states) if isinstance(states, tuple) else fn(states)
 
 
 @pytest.mark.parametrize("c_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
