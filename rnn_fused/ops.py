@@ -304,6 +304,88 @@ _impl = torch.library.Library("rnn_fused", "IMPL")
 _impl.impl("reference_grads", _reference_grads, "CompositeImplicitAutograd")
 
 
+# vmap (torch.func.vmap) of the operators. A layer call whose parameters are the same for
+# every vmapped sample (vmap over inputs or states) runs once, the samples folded into the
+# batch: sample v of batch row b becomes row b * V + v, which keeps a packed sequence's rows
+# in step order with its batch sizes times V. Any other call (an ensemble's stacked
+# parameters; batched gradients into the backward) runs sample by sample, as PyTorch's
+# fallback would, without its warning.
+
+
+def _fold(t: Tensor | None, vmapped: int | None, at: int | None, samples: int) -> Tensor | None:
+    """t's samples (its vmapped dimension, or `samples` copies where it has none) merged
+    into its batch dimension `at`, after each row; at None (an unbatched step): the samples
+    as the batch, a new first dimension."""
+    if t is None:
+        return None
+    if at is None:
+        return t.expand(samples, *t.shape) if vmapped is None else t.movedim(vmapped, 0)
+    if vmapped is None:
+        t = t.unsqueeze(at + 1).expand(*t.shape[: at + 1], samples, *t.shape[at + 1 :])
+    else:
+        t = t.movedim(vmapped, at + 1)
+    return t.flatten(at, at + 1)
+
+
+def _sample_by_sample(op, samples: int, in_dims: tuple, args: tuple) -> tuple:
+    """op on each vmapped sample of args, its results stacked (vmapped dimension 0)."""
+    if samples == 0:
+        raise ValueError(f"rnn_fused: vmap of {op} over 0 samples is not supported here")
+    each = [
+        op(*(a if d is None else a.select(d, v) for a, d in zip(args, in_dims)))
+        for v in range(samples)
+    ]
+    results = tuple(torch.stack(r) for r in zip(*each))
+    return results, (0,) * len(results)
+
+
+def _layer_vmap(info, in_dims: tuple, *args) -> tuple:
+    call, dims, samples = LayerCall(*args), LayerCall(*in_dims), info.batch_size
+    own = (dims.w_ih, dims.w_hh, dims.b_ih, dims.b_hh, dims.w_hr, dims.layer_norm)
+    if any(d is not None for d in (*own, dims.batch_sizes)):
+        return _sample_by_sample(_ops.layer, samples, in_dims, args)
+    packed = call.batch_sizes is not None
+    # The input's batch dimension ([T, B, I], packed rows [N, I], a step [B, I]), None for an
+    # unbatched step [I]; zoneout's is the same (shaped like the output), the states' 0.
+    dim = call.input.dim() - (dims.input is not None)
+    at = 0 if packed or dim == 2 else (1 if dim == 3 else None)
+    state_at = None if at is None else 0
+    if packed and samples == 0:
+        raise ValueError("rnn_fused: vmap over 0 samples of a packed input is not supported")
+    output, h_n, c_n = _ops.layer(
+        call.mode,
+        _fold(call.input, dims.input, at, samples),
+        _fold(call.hx, dims.hx, state_at, samples),
+        _fold(call.cx, dims.cx, state_at, samples),
+        call.w_ih, call.w_hh, call.b_ih, call.b_hh, call.w_hr,
+        call.batch_sizes * samples if packed else None,
+        call.reverse,
+        _fold(call.zoneout, dims.zoneout, at, samples),
+        call.layer_norm,
+    )  # fmt: skip
+    c_dim = 0 if call.mode == "LSTM" else None  # else an empty tensor, the same for all
+    if at is None:
+        return (output, h_n, c_n), (0, 0, c_dim)
+    # The unfolded input's size at `at` is the output's; the states' batch is the same
+    # unless packed (then the first step's).
+    rows = call.input.shape[at + int(dims.input is not None and dims.input <= at)]
+    batch = h_n.shape[0] // samples if packed else rows
+    output = output.unflatten(at, (rows, samples))
+    h_n = h_n.unflatten(0, (batch, samples))
+    if c_dim is not None:
+        c_n, c_dim = c_n.unflatten(0, (batch, samples)), 1
+    return (output, h_n, c_n), (at + 1, 1, c_dim)
+
+
+def _backward_vmap(info, in_dims: tuple, *args) -> tuple:
+    # Each sample's parameter gradients are its own: no fold.
+    return _sample_by_sample(_ops.backward, info.batch_size, in_dims, args)
+
+
+torch.library.register_vmap("rnn_fused::layer", _layer_vmap)
+torch.library.register_vmap("rnn_fused::backward", _backward_vmap)
+
+
 def rnn_layer(
     mode: str,
     input: Tensor,

@@ -1,7 +1,7 @@
 """Forward-mode AD and torch.func through the layers and cells, against torch.nn with the same
 weights and against finite differences, in float64. Under a differentiating transform the
 layers run reference.py's loop (ops.py, _differentiated_by_transform); vmap keeps the
-fused operator."""
+fused operator (tests/test_vmap.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.autograd.forward_ad as fwAD
 from helpers import seed
 from tolerances import assert_close
 from torch import nn
-from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vmap
+from torch.func import functional_call, grad, jacfwd, jacrev, jvp
 
 import rnn_fused
 
@@ -91,15 +91,6 @@ def test_grad_jacrev_jacfwd_match_torch_nn(name, kw):
     assert got.keys() == want.keys()
     for k in want:
         assert_close(got[k], want[k], f"grad of {k}")
-
-
-def test_vmap_matches_a_loop_of_torch_nn():
-    """torch.nn's GRU has no batching rule (vmap raises); ours runs the operator per item."""
-    seed("vmap")
-    ours, theirs = _pair("GRU", dict(num_layers=2))
-    xs = torch.randn(3, 5, 2, 3, dtype=torch.float64)
-    looped = torch.stack([theirs(x)[0] for x in xs])
-    assert_close(vmap(lambda a: ours(a)[0])(xs), looped, "vmap")
 
 
 @pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
