@@ -32,17 +32,19 @@ template <>
 struct MathOps<float> {
   RF_HD static float sigmoid(float x) { return 1.0f / (1.0f + ::expf(-x)); }
   RF_HD static float tanh(float x) { return ::tanhf(x); }
-  RF_HD static float relu(float x) { return x > 0.0f ? x : 0.0f; }
-  // 1 where y > 0 else 0: the derivative of relu, read from its output.
-  RF_HD static float positive(float y) { return y > 0.0f ? 1.0f : 0.0f; }
+  // NaN stays NaN, as in torch.relu.
+  RF_HD static float relu(float x) { return x <= 0.0f ? 0.0f : x; }
+  // 0 where y <= 0 else 1: the derivative of relu, read from its output. 1 for a NaN y, as
+  // torch's relu backward, which passes the gradient through a NaN unit.
+  RF_HD static float positive(float y) { return y <= 0.0f ? 0.0f : 1.0f; }
 };
 
 template <>
 struct MathOps<double> {
   RF_HD static double sigmoid(double x) { return 1.0 / (1.0 + ::exp(-x)); }
   RF_HD static double tanh(double x) { return ::tanh(x); }
-  RF_HD static double relu(double x) { return x > 0.0 ? x : 0.0; }
-  RF_HD static double positive(double y) { return y > 0.0 ? 1.0 : 0.0; }
+  RF_HD static double relu(double x) { return x <= 0.0 ? 0.0 : x; }
+  RF_HD static double positive(double y) { return y <= 0.0 ? 0.0 : 1.0; }
 };
 
 // Every cell declares:

@@ -119,3 +119,29 @@ def test_sigmoid_limits(dtype: torch.dtype):
 def test_activation_keeps_nan(activation: str, dtype: torch.dtype):
     # (A NaN spreads to every unit through the product with the identity: one NaN alone.)
     assert torch.isnan(kernel(torch.tensor([float("nan")], dtype=dtype), activation, 51)).all()
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.bfloat16])
+@pytest.mark.parametrize("units", [5, 51])
+def test_relu_keeps_nan_and_passes_its_gradient(dtype: torch.dtype, units: int):
+    """torch.relu keeps a NaN, and its backward passes the gradient through a NaN unit (its
+    test is `output <= 0`): a ReLU RNN with NaN among its inputs gives torch.nn's outputs
+    and gradients, NaN where torch.nn's are."""
+    torch.manual_seed(units)
+    theirs = torch.nn.RNN(3, units, nonlinearity="relu", num_layers=2).to(dtype)
+    ours = rnn_fused.RNN.from_torch(theirs)
+    # One step, batch 128 (a bfloat16 call of that many rows takes its packed products).
+    x = torch.randn(1, 128, 3, dtype=dtype)
+    x[0, ::7, 0] = float("nan")
+    grads = []
+    for module in (theirs, ours):
+        module.zero_grad()
+        xs = x.clone().requires_grad_()
+        out = module(xs)[0]
+        out.backward(torch.ones_like(out))
+        grads.append((out, xs.grad, *(p.grad for p in module.parameters())))
+    for want, got in zip(*grads, strict=True):
+        if dtype == torch.bfloat16:  # sums in another order: the same NaN (the accuracy
+            assert torch.equal(got.isnan(), want.isnan())  # is test_half_types.py's)
+        else:
+            torch.testing.assert_close(got, want, equal_nan=True)

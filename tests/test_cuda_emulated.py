@@ -170,6 +170,32 @@ def test_fused_backward_step(kernels, mode, rows_gemm, n, H, dtype):
     assert torch.equal(dh[rows:], dh_in[rows:]), "rows past both must stay untouched"
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_relu_step_keeps_nan_and_passes_its_gradient(kernels, dtype):
+    """A NaN pre-activation: relu keeps it, and the backward passes the gradient through
+    it, as torch.relu's (cell_math.h, MathOps: relu and positive)."""
+    seed("relu-nan", dtype)
+    n, H = 3, 33
+    x = torch.randn(n, H, dtype=dtype)
+    x[:, ::5] = NAN
+    b = torch.zeros(H, dtype=dtype)
+    empty = torch.empty(0, dtype=dtype)
+    saved, h, h_state, h_next = (torch.full((n, H), 1.0, dtype=dtype) for _ in range(4))
+    w_hh = torch.randn(H, H, dtype=dtype)
+    kernels.forward_step("RNN_RELU", torch.zeros(n, H, dtype=dtype), w_hh, x, b, b, empty,
+                         saved, h, h_state, h_next, n, 8)  # fmt: skip
+    torch.testing.assert_close(h, x.relu(), equal_nan=True)
+    leaf = x.clone().requires_grad_()
+    grad_out = torch.randn(n, H, dtype=dtype)
+    (want,) = torch.autograd.grad(leaf.relu(), leaf, grad_out)
+    assert want.isfinite().all()
+    dx = torch.full((n, H), NAN, dtype=dtype)
+    dh = torch.zeros(n + 2, H, dtype=dtype)
+    kernels.backward_step("RNN_RELU", n, torch.empty(0, H, dtype=dtype), w_hh, dh, grad_out,
+                          empty, saved, torch.zeros(n, H, dtype=dtype), dx, empty)  # fmt: skip
+    torch.testing.assert_close(dx, want)
+
+
 FEATURES = [
     "plain", "nobias", "noh0", "reverse", "packed", "packed-reverse", "one-step", "proj", "indrnn",
     "zoneout", "zoneout-packed-reverse", "layernorm", "layernorm-nobias-packed-reverse",
