@@ -3,11 +3,15 @@
 // runs the `backward` operator for the gradients autograd asks for; any other call runs
 // `forward` keeping nothing.
 //
-// Saved for the backward: what the backward operator reads (input, w_ih, w_hh, w_hr, the
-// workspace, the zoneout weights, the layer_norm gains), with autograd's check that none was
-// changed in place. The states and biases are read only by a double backward (create_graph=True),
-// which differentiates the plain time loop of reference.py (rnn_fused::reference_grads, in Python):
-// they are kept aside with their versions, and only that path reads and checks them.
+// Saved for the backward: what the backward operator reads (w_hr, the workspace, the zoneout
+// weights, the layer_norm gains; the input where W_ih's gradient is wanted, w_ih where the
+// input's is, w_hh where a gradient goes back a step or to the initial states), with
+// autograd's check that none was changed in place, as torch.nn's layers save what their
+// backward reads. The rest of the input, weights, states and biases is read only by a double
+// backward (create_graph=True), which differentiates the plain time loop of reference.py
+// (rnn_fused::reference_grads, in Python): kept aside with their versions, and only that path
+// checks them. (The backward operator takes the aside input and weights too, for their
+// shapes: the values go only into gradients nobody asked for.)
 #include <torch/autograd.h>
 #include <torch/library.h>
 #include <torch/version.h>
@@ -27,11 +31,13 @@ using torch::autograd::variable_list;
 // The differentiable inputs of a layer call in the operator's order, which is also the
 // order of the gradients the node's backward returns (after one for the LayerArgs).
 enum Slot { kInput, kHx, kCx, kWIh, kWHh, kBIh, kBHh, kWHr, kLayerNorm, kSlots };
-// The slots only a double backward reads, and their names in saved_data (the tensor's, and
-// its version's when saved).
-constexpr std::array<Slot, 4> kAsideSlots{kHx, kCx, kBIh, kBHh};
-constexpr std::array<const char*, 4> kAsideNames{"hx", "cx", "b_ih", "b_hh"};
-constexpr std::array<const char*, 4> kAsideVersions{"hx_version", "cx_version", "b_ih_version",
+// The slots a single backward may not read (the states and biases never), and their names in
+// saved_data (the tensor's, and its version's), where they are kept when it does not.
+constexpr std::array<Slot, 7> kAsideSlots{kInput, kWIh, kWHh, kHx, kCx, kBIh, kBHh};
+constexpr std::array<const char*, 7> kAsideNames{"input", "w_ih", "w_hh", "hx",
+                                                 "cx",    "b_ih", "b_hh"};
+constexpr std::array<const char*, 7> kAsideVersions{"input_version", "w_ih_version", "w_hh_version",
+                                                    "hx_version",    "cx_version",   "b_ih_version",
                                                     "b_hh_version"};
 // saved_data["flags"]: a bit per present slot, this one for reverse, and the mode (its
 // CellKind) from kModeShift on: a string there cost an allocation at every call.
@@ -40,6 +46,26 @@ constexpr int kModeShift = 17;
 
 std::array<OptTensor, kSlots> slots_of(const LayerArgs& a) {
   return {a.input, a.hx, a.cx, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.w_hr, a.layer_norm};
+}
+
+// Whether the call is one step: a packed batch of one, a [B, I] or [I] input (a cell's
+// step), or a [1, B, I] one.
+bool one_step(const LayerArgs& a) {
+  if (a.batch_sizes.has_value()) return a.batch_sizes->sym_size(0) == 1;
+  return a.input.dim() <= 2 || a.input.sym_size(0) == 1;
+}
+
+// Which of the input, w_ih and w_hh a single backward of a's call reads for a gradient that
+// may be asked for (false for the other slots): the input for W_ih's gradient, W_ih for the
+// input's, W_hh to carry a gradient back a step (over one step, only to the initial states).
+// What requires no gradient at the forward never gets one.
+std::array<bool, kSlots> backward_reads(const LayerArgs& a) {
+  const auto wants = [](const OptTensor& t) { return t.has_value() && t->requires_grad(); };
+  std::array<bool, kSlots> read{};
+  read[kInput] = a.w_ih.requires_grad();
+  read[kWIh] = a.input.requires_grad();
+  read[kWHh] = !one_step(a) || wants(a.hx) || wants(a.cx);
+  return read;
 }
 
 struct LayerFunction : public torch::autograd::Function<LayerFunction> {
@@ -53,7 +79,11 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     auto [output, h_n, c_n, saved, h_prev] = unbatched
                                                  ? call_forward(as_batch_of_one(a), /*train=*/true)
                                                  : call_forward(a, /*train=*/true);
-    ctx->save_for_backward({a.input, a.w_ih, a.w_hh, a.w_hr.value_or(at::Tensor()), saved, h_prev,
+    const auto slots = slots_of(a);
+    const std::array<bool, kSlots> read = backward_reads(a);
+    const auto if_read = [&](int k) { return read[k] ? slots[k].value() : at::Tensor(); };
+    ctx->save_for_backward({if_read(kInput), if_read(kWIh), if_read(kWHh),
+                            a.w_hr.value_or(at::Tensor()), saved, h_prev,
                             a.zoneout.value_or(at::Tensor()), a.layer_norm.value_or(at::Tensor())});
     // Few entries: each costs a string key and a hash-map node at every call (room for all
     // made at once). The batch is kept for packed input only; else it is the input's (batch_of).
@@ -65,7 +95,6 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     }
     int64_t flags = int64_t(parse_mode(a.mode)) << kModeShift;
     if (a.reverse) flags |= kReverseFlag;  // with a bit per present slot
-    const auto slots = slots_of(a);
     for (int k = 0; k < kSlots; ++k) flags |= int64_t(slots[k].has_value()) << k;
     data["flags"] = flags;
     // Each present aside slot in entries of its own, not in lists: compiled autograd swaps
@@ -73,7 +102,9 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     // its graph as itself, an error), and lifts top-level integers as inputs where a list's
     // would key its cache (a bias's version moves at every optimizer step).
     for (size_t k = 0; k < kAsideSlots.size(); ++k) {
-      if (const OptTensor& t = slots[kAsideSlots[k]]) {
+      const Slot slot = kAsideSlots[k];
+      if (read[slot]) continue;  // saved above
+      if (const OptTensor& t = slots[slot]) {
         data[kAsideNames[k]] = *t;
         data[kAsideVersions[k]] = int64_t(t->_version());
       }
@@ -90,9 +121,13 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     const std::string_view mode = mode_name(CellKind(flags >> kModeShift));
     LayerArgs a;
     a.mode = mode;
-    a.input = s[0];
-    a.w_ih = s[1];
-    a.w_hh = s[2];
+    // Saved, or kept aside (not read for a gradient asked for: see the forward).
+    const auto saved_or_aside = [&](int k, const char* name) {
+      return s[k].defined() ? s[k] : data[name].toTensor();
+    };
+    a.input = saved_or_aside(0, "input");
+    a.w_ih = saved_or_aside(1, "w_ih");
+    a.w_hh = saved_or_aside(2, "w_hh");
     a.w_hr = s[3].defined() ? OptTensor(s[3]) : std::nullopt;
     a.zoneout = s[6].defined() ? OptTensor(s[6]) : std::nullopt;
     a.layer_norm = s[7].defined() ? OptTensor(s[7]) : std::nullopt;
@@ -158,20 +193,13 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     return input.dim() == 3 ? input.sym_size(1) : input.dim() == 2 ? input.sym_size(0) : 1;
   }
 
-  // Whether the call is one step: a packed batch of one, a [B, I] or [I] input (a cell's
-  // step), or a [1, B, I] one.
-  static bool one_step(const LayerArgs& a) {
-    if (a.batch_sizes.has_value()) return a.batch_sizes->sym_size(0) == 1;
-    return a.input.dim() <= 2 || a.input.sym_size(0) == 1;
-  }
-
   // Differentiable gradients of every slot from reference.py's loop.
   static std::array<at::Tensor, kSlots> reference_grads(AutogradContext* ctx, LayerArgs a,
                                                         const OptTensor& grad_output,
                                                         const OptTensor& grad_h_n,
                                                         const OptTensor& grad_c_n) {
     auto& data = ctx->saved_data;
-    std::array<OptTensor, 4> aside;
+    std::array<OptTensor, kAsideSlots.size()> aside;
     for (size_t k = 0; k < kAsideSlots.size(); ++k) {
       const auto kept = data.find(kAsideNames[k]);
       if (kept == data.end()) continue;
@@ -181,7 +209,9 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
                   " was modified by an inplace operation between the forward and a double "
                   "backward (create_graph=True), which reads it again");
     }
-    std::tie(a.hx, a.cx, a.b_ih, a.b_hh) = std::tie(aside[0], aside[1], aside[2], aside[3]);
+    // The input and weights are a's already (saved or aside); the states and biases come
+    // from aside only.
+    std::tie(a.hx, a.cx, a.b_ih, a.b_hh) = std::tie(aside[3], aside[4], aside[5], aside[6]);
     // An unbatched step as a batch of one on views that autograd records: the gradients are
     // differentiable through them to the caller's tensors.
     if (unbatched_step(a)) a = as_batch_of_one(a);

@@ -46,6 +46,58 @@ def test_double_backward_refuses_a_bias_changed_in_place():
         torch.autograd.grad(out.sum(), [x], create_graph=True)
 
 
+# (module, changed in place, input shape, h0 given, input requires grad, weights frozen):
+# torch.nn's backward reads the input for W_ih's gradient, W_ih for the input's and W_hh to go
+# back a step, and refuses a change of those only; the operator's backward saves the same.
+IN_PLACE_CASES = [
+    ("LSTM", "weight_ih_l0", (5, 2, 3), False, False, False),  # (an optimizer step between)
+    ("GRU", "weight_ih_l0", (5, 2, 3), True, True, False),  # refused: dx reads W_ih
+    ("RNN", "weight_hh_l0", (1, 2, 3), False, True, False),  # one step, no state gradient
+    ("RNN", "weight_hh_l0", (1, 2, 3), True, True, False),  # refused: dh0 reads W_hh
+    ("GRU", "weight_hh_l0", (4, 2, 3), False, False, False),  # refused: steps read W_hh
+    ("LSTMCell", "weight_hh", (2, 3), False, False, False),
+    ("GRUCell", "weight_ih", (3,), True, False, False),
+    ("RNNCell", "weight_hh", (2, 3), True, True, False),
+    ("LSTM", "input", (5, 2, 3), False, True, True),  # frozen weights: nothing reads x
+    ("GRU", "input", (5, 2, 3), False, True, False),  # refused: W_ih's gradient reads x
+]
+
+
+@pytest.mark.parametrize(("name", "changed", "shape", "h0", "x_grad", "frozen"), IN_PLACE_CASES)
+def test_changed_in_place_before_the_backward_as_torch_nn(name, changed, shape, h0, x_grad, frozen):
+    """A weight or input changed in place between the forward and the backward: refused
+    where torch.nn's backward reads it, else the gradients of the forward's values."""
+    seed("in place", name, changed, shape)
+    theirs = getattr(torch.nn, name)(3, 4).double()
+    ours = getattr(rnn_fused, name)(3, 4).double()  # parameters of its own (each is changed)
+    ours.load_state_dict(theirs.state_dict())
+    x0 = torch.randn(shape, dtype=DT)
+    batch = shape[:-1] if "Cell" in name else (1, *shape[1:-1])
+    state = torch.randn(*batch, 4, dtype=DT)
+    results = []
+    for module in (theirs, ours):
+        module.requires_grad_(not frozen).zero_grad()
+        x = x0.clone().requires_grad_(x_grad)
+        hx = state.clone().requires_grad_() if h0 else None
+        out = module(x) if hx is None else module(x, hx)
+        out = out[0] if isinstance(out, tuple) else out
+        with torch.no_grad():
+            (x if changed == "input" else getattr(module, changed)).add_(0.5)
+        try:
+            out.sum().backward()
+        except RuntimeError as err:
+            assert "modified by an inplace operation" in str(err)
+            results.append(None)
+            continue
+        results.append([t.grad for t in (x, hx, *module.parameters()) if t is not None])
+    want, got = results
+    assert (got is None) == (want is None), f"torch.nn {'refused' if want is None else 'ran'}"
+    for g, w in zip(got or [], want or [], strict=True):
+        assert (g is None) == (w is None)
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("wanted", ["input", "weights", "state"])
 def test_only_the_gradients_asked_for(wanted):
     """Gradients of one kind of input only: equal to reference.py's, the others absent."""
