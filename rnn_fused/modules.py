@@ -17,7 +17,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .ops import GATES, Direction, both_directions, cell_step, rnn_layer, zoneout_mask
+from .ops import (
+    GATES,
+    Direction,
+    both_directions,
+    cell_step,
+    rnn_layer,
+    served_by_rnn_layer,
+    zoneout_mask,
+)
 
 _PARAM_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 _CELL_NAMES = _PARAM_NAMES[:4]
@@ -1024,10 +1032,15 @@ class _CellBase(_Options, _Convertible, nn.Module):
         or a weight is not in _parameters (_weights)."""
         if input.dim() not in (1, 2) or self.zoneout or self._layer_norm:
             return None
+        drops = self.dropconnect and self.training
+        if drops and served_by_rnn_layer():
+            # _step draws the mask, once: a mask drawn here would be drawn again there, and a
+            # seed would not repeat the eager run.
+            return None
         p = self._parameters  # not self.weight_ih: nn.Module's __getattr__ costs a call
         try:
             w_ih, w_hh = p["weight_ih"], p["weight_hh"]
-            if self.dropconnect:
+            if drops:
                 w_hh = self._recurrent_weight(w_hh)
             return cell_step(self.mode, input, h, c, w_ih, w_hh, p["bias_ih"], p["bias_hh"])
         except (RuntimeError, TypeError, KeyError):  # KeyError: a weight moved out (_weights)

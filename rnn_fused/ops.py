@@ -31,6 +31,7 @@ GATES = {mode: _C.gates(mode) for mode in MODES}
 
 _ops = torch.ops.rnn_fused
 _peek_interpreter = torch._C._functorch.peek_interpreter_stack
+_interpreter_stack = torch._C._functorch.get_interpreter_stack
 _VMAP = torch._C._functorch.TransformType.Vmap
 
 
@@ -327,16 +328,29 @@ def _fold(t: Tensor | None, vmapped: int | None, at: int | None, samples: int) -
     return t.flatten(at, at + 1)
 
 
+def _sample(args: tuple, in_dims: tuple, v: int) -> tuple:
+    """The arguments of vmapped sample v. (A list argument's in_dims entry is a list.)"""
+    return tuple(a.select(d, v) if isinstance(d, int) else a for a, d in zip(args, in_dims))
+
+
 def _sample_by_sample(op, samples: int, in_dims: tuple, args: tuple) -> tuple:
     """op on each vmapped sample of args, its results stacked (vmapped dimension 0)."""
     if samples == 0:
         raise ValueError(f"rnn_fused: vmap of {op} over 0 samples is not supported here")
-    each = [
-        op(*(a if d is None else a.select(d, v) for a, d in zip(args, in_dims)))
-        for v in range(samples)
-    ]
+    each = [op(*_sample(args, in_dims, v)) for v in range(samples)]
+    if isinstance(each[0], Tensor):
+        return torch.stack(each), 0
     results = tuple(torch.stack(r) for r in zip(*each))
     return results, (0,) * len(results)
+
+
+def _first_sample_error(args: tuple, in_dims: tuple) -> RuntimeError | None:
+    """The error the first vmapped sample's own call of rnn_fused::layer raises, if any."""
+    try:
+        _ops.layer(*_sample(args, in_dims, 0))
+    except RuntimeError as err:
+        return err
+    return None
 
 
 def _layer_vmap(info, in_dims: tuple, *args) -> tuple:
@@ -352,17 +366,24 @@ def _layer_vmap(info, in_dims: tuple, *args) -> tuple:
     state_at = None if at is None else 0
     if packed and samples == 0:
         raise ValueError("rnn_fused: vmap over 0 samples of a packed input is not supported")
-    output, h_n, c_n = _ops.layer(
-        call.mode,
-        _fold(call.input, dims.input, at, samples),
-        _fold(call.hx, dims.hx, state_at, samples),
-        _fold(call.cx, dims.cx, state_at, samples),
-        call.w_ih, call.w_hh, call.b_ih, call.b_hh, call.w_hr,
-        call.batch_sizes * samples if packed else None,
-        call.reverse,
-        _fold(call.zoneout, dims.zoneout, at, samples),
-        call.layer_norm,
-    )  # fmt: skip
+    try:
+        output, h_n, c_n = _ops.layer(
+            call.mode,
+            _fold(call.input, dims.input, at, samples),
+            _fold(call.hx, dims.hx, state_at, samples),
+            _fold(call.cx, dims.cx, state_at, samples),
+            call.w_ih, call.w_hh, call.b_ih, call.b_hh, call.w_hr,
+            call.batch_sizes * samples if packed else None,
+            call.reverse,
+            _fold(call.zoneout, dims.zoneout, at, samples),
+            call.layer_norm,
+        )  # fmt: skip
+    except (RuntimeError, IndexError):
+        # Bad arguments: the error of the first sample's own call, as an eager call's (the
+        # folded sizes would mislead).
+        if samples == 0 or (error := _first_sample_error(args, in_dims)) is None:
+            raise
+        raise error from None
     c_dim = 0 if call.mode == "LSTM" else None  # else an empty tensor, the same for all
     if at is None:
         return (output, h_n, c_n), (0, 0, c_dim)
@@ -382,8 +403,14 @@ def _backward_vmap(info, in_dims: tuple, *args) -> tuple:
     return _sample_by_sample(_ops.backward, info.batch_size, in_dims, args)
 
 
+def _zoneout_mask_vmap(info, in_dims: tuple, *args) -> tuple:
+    # A seed per sample (vmap's randomness="different"): a mask from each.
+    return _sample_by_sample(_ops.zoneout_mask, info.batch_size, in_dims, args)
+
+
 torch.library.register_vmap("rnn_fused::layer", _layer_vmap)
 torch.library.register_vmap("rnn_fused::backward", _backward_vmap)
+torch.library.register_vmap("rnn_fused::zoneout_mask", _zoneout_mask_vmap)
 
 
 def rnn_layer(
@@ -549,16 +576,26 @@ def cell_step(
     return _C.cell(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
 
 
+def served_by_rnn_layer() -> bool:
+    """Whether cell_step declines every call now (torch.compile, torch.func transforms,
+    forward-mode AD: as _C.cell's test), for a caller with work to do only if it serves."""
+    return (
+        torch.compiler.is_compiling()
+        or _peek_interpreter() is not None
+        or _forward_ad._current_level >= 0
+    )
+
+
 def _differentiated_by_transform() -> bool:
     """Whether forward-mode AD or a torch.func transform that differentiates (grad, vjp,
     jacrev, jvp, jacfwd, hessian) is active. The operator's autograd (a C++ autograd
     function) serves neither, so such calls run reference.py's time loop instead: the same
     recurrence in PyTorch operators, which have forward-mode and torch.func formulas, so
     tangents and gradients are exact (unfused, and as slow as an unfused layer). vmap alone
-    keeps the operator."""
-    interpreter = _peek_interpreter()
-    if interpreter is not None and interpreter.key() != _VMAP:
-        return True
+    keeps the operator; vmap inside grad does not (every level of the stack is asked)."""
+    if _peek_interpreter() is not None:
+        if any(level.key() != _VMAP for level in _interpreter_stack()):
+            return True
     return _forward_ad._current_level >= 0
 
 

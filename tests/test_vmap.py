@@ -10,7 +10,7 @@ import torch
 from helpers import seed
 from tolerances import assert_close
 from torch import nn
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import functional_call, grad, jacrev, stack_module_state, vmap
 
 import rnn_fused
 
@@ -221,3 +221,61 @@ def test_vmap_under_compile():
     vmapped = vmap(lambda a: ours(a)[0])
     compiled = torch.compile(lambda x: vmapped(x), fullgraph=True, backend="eager")
     _assert_all_close(compiled(xs), _loop(lambda a: theirs(a)[0], xs), "compiled")
+
+
+@pytest.mark.parametrize("name", ["GRU", "LSTMCell"])
+def test_gradients_of_a_vmapped_call(name):
+    """grad and jacrev of a function that vmaps a module (the differentiating transform
+    outside vmap: reference.py's loop runs, as under grad alone)."""
+    seed("grad of vmap", name)
+    theirs = getattr(nn, name)(3, 5).double()
+    ours = getattr(rnn_fused, name).from_torch(theirs)
+    xs = torch.randn(2, *((4,) if name == "GRU" else ()), 2, 3, dtype=F64)
+
+    def run(module):
+        return lambda a: module(a)[0]
+
+    got = grad(lambda x: vmap(run(ours))(x).square().sum())(xs)
+    leaf = xs.clone().requires_grad_()
+    want = torch.autograd.grad(_loop(run(theirs), leaf).square().sum(), leaf)[0]
+    assert_close(got, want, "grad of vmap")
+    got = jacrev(lambda x: vmap(run(ours))(x))(xs)
+    want = torch.autograd.functional.jacobian(lambda x: _loop(run(theirs), x), xs)
+    assert_close(got, want, "jacrev of vmap")
+
+
+def test_bad_arguments_raise_the_samples_error():
+    """An error names one sample's sizes, as the eager call's, not the folded ones."""
+    x = torch.randn(5, 2, 3, dtype=F64)
+    w_ih, w_hh = torch.randn(12, 3, dtype=F64), torch.randn(12, 4, dtype=F64)
+    hs, zs = torch.rand(3, 3, 4, dtype=F64), torch.rand(2, 4, dtype=F64)
+    with pytest.raises(RuntimeError, match=r"hx must have shape \[2, 4\], got \[3, 4\]"):
+        vmap(lambda h: rnn_fused.rnn_layer("GRU", x, w_ih, w_hh, hx=h)[0])(hs)
+    with pytest.raises(RuntimeError, match=r"zoneout must have shape \[5, 2, 4\], got \[4\]"):
+        vmap(lambda z: rnn_fused.rnn_layer("GRU", x, w_ih, w_hh, zoneout=z)[0])(zs)
+
+
+@pytest.mark.parametrize("name", ["GRU-zoneout", "GRUCell-dropconnect"])
+def test_random_masks_under_vmap(name, capfd):
+    """Training masks under vmap: "same" draws the eager call's (a seed repeats the run;
+    the cell draws its DropConnect mask once), "different" a zoneout mask per sample (a seed
+    each), with no fallback warning."""
+    if name == "GRU-zoneout":
+        module, shape = rnn_fused.GRU(3, 5, zoneout=0.3), (4, 2, 3)
+    else:
+        module, shape = rnn_fused.GRUCell(3, 5, dropconnect=0.4), (2, 3)
+    module = module.double().train()
+    xs = torch.randn(3, *shape, dtype=F64)
+    h = torch.randn(*shape[:-1], 5, dtype=F64)  # (W_hh's mask acts on a state that is not 0)
+
+    def run(a):
+        return module(a, h) if name == "GRUCell-dropconnect" else module(a)[0]
+
+    torch.manual_seed(11)
+    same = vmap(run, randomness="same")(xs)
+    torch.manual_seed(11)
+    assert_close(same[0], run(xs[0]), "the eager call's mask")
+    different = vmap(run, randomness="different")(xs[:1].expand_as(xs))
+    if name == "GRU-zoneout":  # (DropConnect's mask is dropout's of the shared W_hh)
+        assert not torch.equal(different[0], different[1]), "a mask per sample"
+    assert "batching rule" not in capfd.readouterr().err
