@@ -3,9 +3,10 @@
 // runs the `backward` operator for the gradients autograd asks for; any other call runs
 // `forward` keeping nothing.
 //
-// Saved for the backward: what the backward operator reads (w_hr, the workspace, the zoneout
+// Saved for the backward: what the backward operator reads (the workspace, the zoneout
 // weights, the layer_norm gains; the input where W_ih's gradient is wanted, w_ih where the
-// input's is, w_hh where a gradient goes back a step or to the initial states), with
+// input's is, w_hh where a gradient goes back a step or to h_0, w_hr unless it alone wants
+// a gradient over one step), with
 // autograd's check that none was changed in place, as torch.nn's layers save what their
 // backward reads. The rest of the input, weights, states and biases is read only by a double
 // backward (create_graph=True), which differentiates the plain time loop of reference.py
@@ -33,12 +34,12 @@ using torch::autograd::variable_list;
 enum Slot { kInput, kHx, kCx, kWIh, kWHh, kBIh, kBHh, kWHr, kLayerNorm, kSlots };
 // The slots a single backward may not read (the states and biases never), and their names in
 // saved_data (the tensor's, and its version's), where they are kept when it does not.
-constexpr std::array<Slot, 7> kAsideSlots{kInput, kWIh, kWHh, kHx, kCx, kBIh, kBHh};
-constexpr std::array<const char*, 7> kAsideNames{"input", "w_ih", "w_hh", "hx",
-                                                 "cx",    "b_ih", "b_hh"};
-constexpr std::array<const char*, 7> kAsideVersions{"input_version", "w_ih_version", "w_hh_version",
-                                                    "hx_version",    "cx_version",   "b_ih_version",
-                                                    "b_hh_version"};
+constexpr std::array<Slot, 8> kAsideSlots{kInput, kWIh, kWHh, kWHr, kHx, kCx, kBIh, kBHh};
+constexpr std::array<const char*, 8> kAsideNames{"input", "w_ih", "w_hh", "w_hr",
+                                                 "hx",    "cx",   "b_ih", "b_hh"};
+constexpr std::array<const char*, 8> kAsideVersions{"input_version", "w_ih_version", "w_hh_version",
+                                                    "w_hr_version",  "hx_version",   "cx_version",
+                                                    "b_ih_version",  "b_hh_version"};
 // saved_data["flags"]: a bit per present slot, this one for reverse, and the mode (its
 // CellKind) from kModeShift on: a string there cost an allocation at every call.
 constexpr int64_t kReverseFlag = int64_t(1) << 16;
@@ -55,16 +56,30 @@ bool one_step(const LayerArgs& a) {
   return a.input.dim() <= 2 || a.input.sym_size(0) == 1;
 }
 
-// Which of the input, w_ih and w_hh a single backward of a's call reads for a gradient that
-// may be asked for (false for the other slots): the input for W_ih's gradient, W_ih for the
-// input's, W_hh to carry a gradient back a step (over one step, only to the initial states).
-// What requires no gradient at the forward never gets one.
+bool wants_grad(const OptTensor& t) { return t.has_value() && t->requires_grad(); }
+
+// Whether the call is one step in which only W_hr wants a gradient: then c_n depends on
+// nothing that does (torch.nn's c_n needs no gradient), and W_hr's gradient reads h, not W_hr.
+bool only_projection_wanted(const LayerArgs& a) {
+  if (!wants_grad(a.w_hr) || !one_step(a)) return false;
+  const auto slots = slots_of(a);
+  for (int k = 0; k < kSlots; ++k) {
+    if (k != kWHr && wants_grad(slots[k])) return false;
+  }
+  return true;
+}
+
+// Which of the input and weights a single backward of a's call reads for a gradient that may
+// be asked for (false for the other slots): the input for W_ih's gradient, W_ih for the
+// input's, W_hh to carry a gradient back a step (over one step, only to h_0: c_0's does not
+// read it), W_hr unless only_projection_wanted. What requires no gradient at the forward
+// never gets one.
 std::array<bool, kSlots> backward_reads(const LayerArgs& a) {
-  const auto wants = [](const OptTensor& t) { return t.has_value() && t->requires_grad(); };
   std::array<bool, kSlots> read{};
   read[kInput] = a.w_ih.requires_grad();
   read[kWIh] = a.input.requires_grad();
-  read[kWHh] = !one_step(a) || wants(a.hx) || wants(a.cx);
+  read[kWHh] = !one_step(a) || wants_grad(a.hx);
+  read[kWHr] = a.w_hr.has_value() && !only_projection_wanted(a);
   return read;
 }
 
@@ -82,9 +97,9 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     const auto slots = slots_of(a);
     const std::array<bool, kSlots> read = backward_reads(a);
     const auto if_read = [&](int k) { return read[k] ? slots[k].value() : at::Tensor(); };
-    ctx->save_for_backward({if_read(kInput), if_read(kWIh), if_read(kWHh),
-                            a.w_hr.value_or(at::Tensor()), saved, h_prev,
-                            a.zoneout.value_or(at::Tensor()), a.layer_norm.value_or(at::Tensor())});
+    ctx->save_for_backward({if_read(kInput), if_read(kWIh), if_read(kWHh), if_read(kWHr), saved,
+                            h_prev, a.zoneout.value_or(at::Tensor()),
+                            a.layer_norm.value_or(at::Tensor())});
     // Few entries: each costs a string key and a hash-map node at every call (room for all
     // made at once). The batch is kept for packed input only; else it is the input's (batch_of).
     auto& data = ctx->saved_data;
@@ -111,6 +126,7 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     }
     ctx->set_materialize_grads(false);  // unused outputs' gradients stay undefined, unfilled
     if (unbatched) std::tie(output, h_n, c_n) = as_unbatched({output, h_n, c_n});
+    if (only_projection_wanted(a)) ctx->mark_non_differentiable({c_n});
     return {output, h_n, c_n};
   }
 
@@ -128,7 +144,10 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     a.input = saved_or_aside(0, "input");
     a.w_ih = saved_or_aside(1, "w_ih");
     a.w_hh = saved_or_aside(2, "w_hh");
-    a.w_hr = s[3].defined() ? OptTensor(s[3]) : std::nullopt;
+    const auto w_hr_aside = data.find("w_hr");
+    a.w_hr = s[3].defined()             ? OptTensor(s[3])
+             : w_hr_aside != data.end() ? OptTensor(w_hr_aside->second.toTensor())
+                                        : std::nullopt;
     a.zoneout = s[6].defined() ? OptTensor(s[6]) : std::nullopt;
     a.layer_norm = s[7].defined() ? OptTensor(s[7]) : std::nullopt;
     const auto packed = data.find("batch_sizes");
@@ -211,7 +230,7 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     }
     // The input and weights are a's already (saved or aside); the states and biases come
     // from aside only.
-    std::tie(a.hx, a.cx, a.b_ih, a.b_hh) = std::tie(aside[3], aside[4], aside[5], aside[6]);
+    std::tie(a.hx, a.cx, a.b_ih, a.b_hh) = std::tie(aside[4], aside[5], aside[6], aside[7]);
     // An unbatched step as a batch of one on views that autograd records: the gradients are
     // differentiable through them to the caller's tensors.
     if (unbatched_step(a)) a = as_batch_of_one(a);

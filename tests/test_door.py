@@ -46,51 +46,79 @@ def test_double_backward_refuses_a_bias_changed_in_place():
         torch.autograd.grad(out.sum(), [x], create_graph=True)
 
 
-# (module, changed in place, input shape, h0 given, input requires grad, weights frozen):
-# torch.nn's backward reads the input for W_ih's gradient, W_ih for the input's and W_hh to go
-# back a step, and refuses a change of those only; the operator's backward saves the same.
+# A tensor changed in place between the forward and the backward. torch.nn's backward reads
+# the input for W_ih's gradient, W_ih for the input's, W_hh to go back a step or to h_0, W_hr
+# where anything but W_hr wants a gradient, and refuses a change of those only; the
+# operator's backward saves the same. Fields: the module, what is changed, the input's shape,
+# the states given (their gradients wanted: "h", "c"), whether the input wants a gradient,
+# the parameters that do ("all", "none" or one name), the loss's outputs; kw of the module.
 IN_PLACE_CASES = [
-    ("LSTM", "weight_ih_l0", (5, 2, 3), False, False, False),  # (an optimizer step between)
-    ("GRU", "weight_ih_l0", (5, 2, 3), True, True, False),  # refused: dx reads W_ih
-    ("RNN", "weight_hh_l0", (1, 2, 3), False, True, False),  # one step, no state gradient
-    ("RNN", "weight_hh_l0", (1, 2, 3), True, True, False),  # refused: dh0 reads W_hh
-    ("GRU", "weight_hh_l0", (4, 2, 3), False, False, False),  # refused: steps read W_hh
-    ("LSTMCell", "weight_hh", (2, 3), False, False, False),
-    ("GRUCell", "weight_ih", (3,), True, False, False),
-    ("RNNCell", "weight_hh", (2, 3), True, True, False),
-    ("LSTM", "input", (5, 2, 3), False, True, True),  # frozen weights: nothing reads x
-    ("GRU", "input", (5, 2, 3), False, True, False),  # refused: W_ih's gradient reads x
+    ("LSTM", "weight_ih_l0", (5, 2, 3), "", False, "all", "out", {}),  # an optimizer step
+    ("GRU", "weight_ih_l0", (5, 2, 3), "h", True, "all", "out", {}),  # refused: dx reads W_ih
+    ("RNN", "weight_hh_l0", (1, 2, 3), "", True, "all", "out", {}),  # one step, no dh_0
+    ("RNN", "weight_hh_l0", (1, 2, 3), "h", True, "all", "out", {}),  # refused: dh_0 reads W_hh
+    ("LSTM", "weight_hh_l0", (1, 2, 3), "c", False, "all", "out+c", {}),  # dc_0 does not
+    ("GRU", "weight_hh_l0", (4, 2, 3), "", False, "all", "out", {}),  # refused: steps read W_hh
+    ("LSTMCell", "weight_hh", (2, 3), "", False, "all", "out", {}),
+    ("LSTMCell", "weight_hh", (2, 3), "c", False, "all", "out+c", {}),
+    ("GRUCell", "weight_ih", (3,), "h", False, "all", "out", {}),
+    ("RNNCell", "weight_hh", (2, 3), "h", True, "all", "out", {}),  # refused
+    ("LSTM", "input", (5, 2, 3), "", True, "none", "out", {}),  # frozen weights: x unread
+    ("GRU", "input", (5, 2, 3), "", True, "all", "out", {}),  # refused: W_ih's gradient reads x
+    ("LSTM", "weight_hr_l0", (1, 2, 3), "", False, "weight_hr_l0", "out", {"proj_size": 2}),
+    ("LSTM", "weight_hr_l0", (1, 2, 3), "", False, "weight_hr_l0", "out+c", {"proj_size": 2}),
+    ("LSTM", "weight_hr_l0", (2, 2, 3), "", False, "weight_hr_l0", "out", {"proj_size": 2}),
+    ("LSTM", "weight_hr_l0", (1, 2, 3), "", True, "all", "out", {"proj_size": 2}),  # refused
 ]
 
 
-@pytest.mark.parametrize(("name", "changed", "shape", "h0", "x_grad", "frozen"), IN_PLACE_CASES)
-def test_changed_in_place_before_the_backward_as_torch_nn(name, changed, shape, h0, x_grad, frozen):
+@pytest.mark.parametrize(
+    ("name", "changed", "shape", "states", "x_grad", "trains", "loss", "kw"), IN_PLACE_CASES
+)
+def test_changed_in_place_before_the_backward_as_torch_nn(
+    name, changed, shape, states, x_grad, trains, loss, kw
+):
     """A weight or input changed in place between the forward and the backward: refused
-    where torch.nn's backward reads it, else the gradients of the forward's values."""
-    seed("in place", name, changed, shape)
-    theirs = getattr(torch.nn, name)(3, 4).double()
-    ours = getattr(rnn_fused, name)(3, 4).double()  # parameters of its own (each is changed)
+    where torch.nn's backward reads it, else the gradients of the forward's values; the
+    outputs want gradients where torch.nn's do."""
+    seed("in place", name, changed, shape, states, trains)
+    theirs = getattr(torch.nn, name)(3, 4, **kw).double()
+    ours = getattr(rnn_fused, name)(3, 4, **kw).double()  # parameters of its own (each changes)
     ours.load_state_dict(theirs.state_dict())
     x0 = torch.randn(shape, dtype=DT)
     batch = shape[:-1] if "Cell" in name else (1, *shape[1:-1])
-    state = torch.randn(*batch, 4, dtype=DT)
+    h00 = torch.randn(*batch, kw.get("proj_size", 4), dtype=DT)
+    c00 = torch.randn(*batch, 4, dtype=DT)
     results = []
     for module in (theirs, ours):
-        module.requires_grad_(not frozen).zero_grad()
+        for param_name, p in module.named_parameters():
+            p.requires_grad_(trains == "all" or param_name == trains)
+        module.zero_grad()
         x = x0.clone().requires_grad_(x_grad)
-        hx = state.clone().requires_grad_() if h0 else None
-        out = module(x) if hx is None else module(x, hx)
-        out = out[0] if isinstance(out, tuple) else out
+        h0 = h00.clone().requires_grad_("h" in states)
+        c0 = c00.clone().requires_grad_("c" in states)
+        given = () if not states else ((h0, c0),) if name.startswith("LSTM") else (h0,)
+        out = module(x, *given)
+        if name in ("LSTMCell",):
+            out, c_n = out
+        elif name.startswith("LSTM"):
+            out, (_, c_n) = out
+        else:
+            out = out[0] if isinstance(out, tuple) else out
         with torch.no_grad():
             (x if changed == "input" else getattr(module, changed)).add_(0.5)
+        wanted = [out.requires_grad] + ([c_n.requires_grad] if "c" in loss else [])
+        total = out.sum() + (c_n.sum() if "c" in loss and c_n.requires_grad else 0)
         try:
-            out.sum().backward()
+            total.backward()
         except RuntimeError as err:
             assert "modified by an inplace operation" in str(err)
-            results.append(None)
+            results.append((wanted, None))
             continue
-        results.append([t.grad for t in (x, hx, *module.parameters()) if t is not None])
-    want, got = results
+        leaves = [x, *((h0, c0) if states else ()), *module.parameters()]
+        results.append((wanted, [t.grad for t in leaves]))
+    (want_flags, want), (got_flags, got) = results
+    assert got_flags == want_flags, "which outputs want a gradient"
     assert (got is None) == (want is None), f"torch.nn {'refused' if want is None else 'ran'}"
     for g, w in zip(got or [], want or [], strict=True):
         assert (g is None) == (w is None)
