@@ -3,16 +3,14 @@
 // runs the `backward` operator for the gradients autograd asks for; any other call runs
 // `forward` keeping nothing.
 //
-// Saved for the backward: what the backward operator reads (the workspace, the zoneout
-// weights, the layer_norm gains; the input where W_ih's gradient is wanted, w_ih where the
-// input's is, w_hh where a gradient goes back a step or to h_0, w_hr unless it alone wants
-// a gradient over one step), with
-// autograd's check that none was changed in place, as torch.nn's layers save what their
-// backward reads. The rest of the input, weights, states and biases is read only by a double
-// backward (create_graph=True), which differentiates the plain time loop of reference.py
-// (rnn_fused::reference_grads, in Python): kept aside with their versions, and only that path
-// checks them. (The backward operator takes the aside input and weights too, for their
-// shapes: the values go only into gradients nobody asked for.)
+// Saved for the backward, with autograd's check that none was changed in place: what the
+// backward operator reads for the gradients that may be asked for (backward_reads), as
+// torch.nn's graph saves what its backward reads. The rest of the input, weights, states and
+// biases is read only by a double backward (create_graph=True), which differentiates the
+// plain time loop of reference.py (rnn_fused::reference_grads, in Python): kept aside with
+// their versions, and only that path checks them. (The backward operator takes the aside
+// input and weights too, for their shapes: their values go only into gradients nobody asked
+// for.)
 #include <torch/autograd.h>
 #include <torch/library.h>
 #include <torch/version.h>
