@@ -465,7 +465,7 @@ class _RNNBase(_Options, _Convertible, nn.Module):
 
     def _batch_of(self, input: Tensor, batch_sizes: Tensor | None) -> int:
         if batch_sizes is not None:
-            return int(batch_sizes[0])
+            return batch_sizes[0].item()
         return input.size(0 if self.batch_first else 1)
 
     def get_expected_hidden_size(
@@ -527,7 +527,7 @@ class _RNNBase(_Options, _Convertible, nn.Module):
         packed = isinstance(input, PackedSequence)
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
-            batch = int(batch_sizes[0])
+            batch = batch_sizes[0].item()  # (int() would specialize it in non-strict export)
             is_batched = True
         else:
             data, batch_sizes, sorted_indices, unsorted_indices = input, None, None, None

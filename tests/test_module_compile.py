@@ -122,6 +122,24 @@ def test_export(name):
         assert_close(a, b, "output")
 
 
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non-strict"])
+@pytest.mark.parametrize("with_states", [False, True], ids=["no-h0", "h0"])
+def test_export_packed(strict, with_states):
+    """A PackedSequence through torch.export, both modes (torch.nn's layers export in
+    neither): the batch is read with .item(), which non-strict export keeps symbolic."""
+    seed("export packed", strict, with_states)
+    theirs = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+    ours = rnn_fused.LSTM.from_torch(theirs)
+    lengths = torch.tensor([5, 3, 2])
+    x = pack_padded_sequence(torch.randn(5, 3, 3), lengths, enforce_sorted=False)
+    states = ((torch.randn(4, 3, 4), torch.randn(4, 3, 4)),) if with_states else ()
+    program = torch.export.export(ours, (x, *states), strict=strict)
+    got, want = program.module()(x, *states), theirs(x, *states)
+    assert_close(got[0].data, want[0].data, "output")
+    for a, b in zip(got[1], want[1]):
+        assert_close(a, b, "state")
+
+
 @pytest.mark.parametrize("name", ["LSTM", "GRU", "LSTMCell"])
 def test_compiled_autograd_over_optimizer_steps(name):
     """Compiled autograd (torch.compile of the backward) runs the layers' backward: the
