@@ -70,14 +70,14 @@ bool only_projection_wanted(const LayerArgs& a) {
 // Which of the input and weights a single backward of a's call reads for a gradient that may
 // be asked for (false for the other slots): the input for W_ih's gradient, W_ih for the
 // input's, W_hh to carry a gradient back a step (over one step, only to h_0: c_0's does not
-// read it), W_hr unless only_projection_wanted. What requires no gradient at the forward
-// never gets one.
-std::array<bool, kSlots> backward_reads(const LayerArgs& a) {
+// read it), W_hr unless only_projection_wanted (projection_only). What requires no gradient
+// at the forward never gets one.
+std::array<bool, kSlots> backward_reads(const LayerArgs& a, bool projection_only) {
   std::array<bool, kSlots> read{};
   read[kInput] = a.w_ih.requires_grad();
   read[kWIh] = a.input.requires_grad();
   read[kWHh] = !one_step(a) || wants_grad(a.hx);
-  read[kWHr] = a.w_hr.has_value() && !only_projection_wanted(a);
+  read[kWHr] = a.w_hr.has_value() && !projection_only;
   return read;
 }
 
@@ -93,7 +93,8 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
                                                  ? call_forward(as_batch_of_one(a), /*train=*/true)
                                                  : call_forward(a, /*train=*/true);
     const auto slots = slots_of(a);
-    const std::array<bool, kSlots> read = backward_reads(a);
+    const bool projection_only = only_projection_wanted(a);
+    const std::array<bool, kSlots> read = backward_reads(a, projection_only);
     const auto if_read = [&](int k) { return read[k] ? slots[k].value() : at::Tensor(); };
     ctx->save_for_backward({if_read(kInput), if_read(kWIh), if_read(kWHh), if_read(kWHr), saved,
                             h_prev, a.zoneout.value_or(at::Tensor()),
@@ -124,7 +125,7 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     }
     ctx->set_materialize_grads(false);  // unused outputs' gradients stay undefined, unfilled
     if (unbatched) std::tie(output, h_n, c_n) = as_unbatched({output, h_n, c_n});
-    if (only_projection_wanted(a)) ctx->mark_non_differentiable({c_n});
+    if (projection_only) ctx->mark_non_differentiable({c_n});
     return {output, h_n, c_n};
   }
 
@@ -136,16 +137,15 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     LayerArgs a;
     a.mode = mode;
     // Saved, or kept aside (not read for a gradient asked for: see the forward).
-    const auto saved_or_aside = [&](int k, const char* name) {
-      return s[k].defined() ? s[k] : data[name].toTensor();
+    const auto saved_or_aside = [&](int k, const char* name) -> OptTensor {
+      if (s[k].defined()) return s[k];
+      const auto kept = data.find(name);
+      return kept != data.end() ? OptTensor(kept->second.toTensor()) : std::nullopt;
     };
-    a.input = saved_or_aside(0, "input");
-    a.w_ih = saved_or_aside(1, "w_ih");
-    a.w_hh = saved_or_aside(2, "w_hh");
-    const auto w_hr_aside = data.find("w_hr");
-    a.w_hr = s[3].defined()             ? OptTensor(s[3])
-             : w_hr_aside != data.end() ? OptTensor(w_hr_aside->second.toTensor())
-                                        : std::nullopt;
+    a.input = *saved_or_aside(0, "input");
+    a.w_ih = *saved_or_aside(1, "w_ih");
+    a.w_hh = *saved_or_aside(2, "w_hh");
+    a.w_hr = saved_or_aside(3, "w_hr");  // none without a projection
     a.zoneout = s[6].defined() ? OptTensor(s[6]) : std::nullopt;
     a.layer_norm = s[7].defined() ? OptTensor(s[7]) : std::nullopt;
     const auto packed = data.find("batch_sizes");

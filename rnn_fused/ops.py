@@ -15,7 +15,6 @@ from typing import NamedTuple
 import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
-from torch._functorch.autograd_function import VmapInfo as _VmapInfo
 from torch._functorch.pyfunctorch import (
     retrieve_current_functorch_interpreter as _current_interpreter,
 )
@@ -360,8 +359,10 @@ def _first_sample_error(args: tuple, in_dims: tuple) -> RuntimeError | None:
     return None
 
 
-def _layer_vmap(info, in_dims: tuple, *args) -> tuple:
-    call, dims, samples = LayerCall(*args), LayerCall(*in_dims), info.batch_size
+def _layer_vmap(samples: int, in_dims: tuple, args: tuple) -> tuple:
+    """The batching rule of rnn_fused::layer over `samples` samples (see above): results and
+    their vmapped dimensions."""
+    call, dims = LayerCall(*args), LayerCall(*in_dims)
     own = (dims.w_ih, dims.w_hh, dims.b_ih, dims.b_hh, dims.w_hr, dims.layer_norm)
     if any(d is not None for d in (*own, dims.batch_sizes)):
         return _sample_by_sample(_ops.layer, samples, in_dims, args)
@@ -417,7 +418,8 @@ def _zoneout_mask_vmap(info, in_dims: tuple, *args) -> tuple:
 
 def _layer_batched(*args) -> tuple[Tensor, Tensor, Tensor]:
     """rnn_fused::layer's kernel at vmap's key (FuncTorchBatched): _layer_vmap on the
-    tensors of the current vmap level, as torch.library.register_vmap runs a rule, without
+    tensors of the current vmap level, as torch.library.register_vmap runs a rule (vmap's
+    randomness does not matter to it: the operator draws nothing), without
     its wrapper's passes of pytree over the 13 arguments (about 150 us a call, most of a
     short call's; AMD EPYC)."""
     interpreter = _current_interpreter()
@@ -430,8 +432,7 @@ def _layer_batched(*args) -> tuple[Tensor, Tensor, Tensor]:
     with torch._C._ExcludeDispatchKeyGuard(_BATCHED_KEY):
         if all(d is None for d in in_dims):  # nothing of this level's
             return _ops.layer(*unwrapped)
-        info = _VmapInfo(interpreter.batch_size(), interpreter.randomness())
-        results, out_dims = _layer_vmap(info, tuple(in_dims), *unwrapped)
+        results, out_dims = _layer_vmap(interpreter.batch_size(), tuple(in_dims), unwrapped)
     return tuple(r if d is None else _add_batch_dim(r, d, level) for r, d in zip(results, out_dims))
 
 
