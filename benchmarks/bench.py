@@ -17,7 +17,8 @@ ours with torch.backends.cuda.matmul.allow_tf32), and ours with each CUDA path f
 On the CPU, a full run (not --quick, --only or --shape) goes on with the per-call rows
 (benchmarks/per_call.py, per_call.csv) and the variant rows (benchmarks/variants.py:
 IndRNN, DropConnect, zoneout and the LayerNorm cells against plain PyTorch loops, eager and
-compiled, variants.csv).
+compiled, variants.csv) and the torch.func rows (benchmarks/func_transforms.py: grad and
+per-sample gradients, func_transforms.csv).
 
     python benchmarks/bench.py [--device cpu|cuda] [--rounds N] [--csv PATH]
                                [--markdown PATH] [--quick] [--only T,B,I,H ...]
@@ -47,7 +48,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import rnn_fused
-from benchmarks import per_call, variants
+from benchmarks import func_transforms, per_call, variants
 from benchmarks.chart import write_chart
 
 CELLS = ("LSTM", "GRU", "RNN")
@@ -414,6 +415,8 @@ def main() -> None:
         write_rows(calls, Path(args.csv).with_name("per_call.csv"))
         if not args.quick:
             write_rows(variants.run(args.rounds), Path(args.csv).with_name("variants.csv"))
+            transforms = func_transforms.run(args.rounds)
+            write_rows(transforms, Path(args.csv).with_name("func_transforms.csv"))
     if failed:
         sys.exit(f"failed rows: {', '.join(failed)}")
 

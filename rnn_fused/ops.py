@@ -36,6 +36,10 @@ _ops = torch.ops.rnn_fused
 _peek_interpreter = torch._C._functorch.peek_interpreter_stack
 _interpreter_stack = torch._C._functorch.get_interpreter_stack
 _VMAP = torch._C._functorch.TransformType.Vmap
+_GRAD = torch._C._functorch.TransformType.Grad
+_GradInterpreter = torch._C._functorch.CGradInterpreterPtr
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_get_unwrapped = torch._C._functorch.get_unwrapped
 _unwrap_batched = torch._C._functorch._unwrap_batched
 _add_batch_dim = torch._C._functorch._add_batch_dim
 _BATCHED_KEY = torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchBatched)
@@ -350,22 +354,28 @@ def _sample_by_sample(op, samples: int, in_dims: tuple, args: tuple) -> tuple:
     return results, (0,) * len(results)
 
 
-def _first_sample_error(args: tuple, in_dims: tuple) -> RuntimeError | None:
-    """The error the first vmapped sample's own call of rnn_fused::layer raises, if any."""
+def _first_sample_error(op, args: tuple, in_dims: tuple) -> RuntimeError | None:
+    """The error the first vmapped sample's own call of op raises, if any."""
     try:
-        _ops.layer(*_sample(args, in_dims, 0))
+        op(*_sample(args, in_dims, 0))
     except RuntimeError as err:
         return err
     return None
 
 
-def _layer_vmap(samples: int, in_dims: tuple, args: tuple) -> tuple:
-    """The batching rule of rnn_fused::layer over `samples` samples (see above): results and
-    their vmapped dimensions."""
+def _layer_vmap(op, samples: int, in_dims: tuple, args: tuple) -> tuple:
+    """The batching rule of rnn_fused::layer, or of rnn_fused::forward (op), over `samples`
+    samples (see above): results and their vmapped dimensions. forward's workspace (saved and
+    h_prev) comes back as [rows, samples, width]: each sample's rows in its own call's order."""
+    train = op is _ops.forward
+    if train:  # forward's arguments are layer's with `train` after `reverse`
+        args, in_dims = args[:11] + args[12:], in_dims[:11] + in_dims[12:]
     call, dims = LayerCall(*args), LayerCall(*in_dims)
     own = (dims.w_ih, dims.w_hh, dims.b_ih, dims.b_hh, dims.w_hr, dims.layer_norm)
     if any(d is not None for d in (*own, dims.batch_sizes)):
-        return _sample_by_sample(_ops.layer, samples, in_dims, args)
+        if train:
+            args, in_dims = (*args[:11], True, *args[11:]), (*in_dims[:11], None, *in_dims[11:])
+        return _sample_by_sample(op, samples, in_dims, args)
     packed = call.batch_sizes is not None
     # The input's batch dimension ([T, B, I], packed rows [N, I], a step [B, I]), None for an
     # unbatched step [I]; zoneout's is the same (shaped like the output), the states' 0.
@@ -375,7 +385,7 @@ def _layer_vmap(samples: int, in_dims: tuple, args: tuple) -> tuple:
     if packed and samples == 0:
         raise ValueError("rnn_fused: vmap over 0 samples of a packed input is not supported")
     try:
-        output, h_n, c_n = _ops.layer(
+        folded = [
             call.mode,
             _fold(call.input, dims.input, at, samples),
             _fold(call.hx, dims.hx, state_at, samples),
@@ -385,16 +395,21 @@ def _layer_vmap(samples: int, in_dims: tuple, args: tuple) -> tuple:
             call.reverse,
             _fold(call.zoneout, dims.zoneout, at, samples),
             call.layer_norm,
-        )  # fmt: skip
+        ]  # fmt: skip
+        if train:
+            folded.insert(11, True)
+        output, h_n, c_n, *workspace = op(*folded)
     except (RuntimeError, IndexError):
         # Bad arguments: the error of the first sample's own call, as an eager call's (the
         # folded sizes would mislead).
-        if samples == 0 or (error := _first_sample_error(args, in_dims)) is None:
+        if samples == 0 or (error := _first_sample_error(op, args, in_dims)) is None:
             raise
         raise error from None
+    # The workspace's rows are the folded input's, sample v of row r at r * samples + v.
+    workspace = [w.unflatten(0, (w.shape[0] // max(samples, 1), samples)) for w in workspace]
     c_dim = 0 if call.mode == "LSTM" else None  # else an empty tensor, the same for all
     if at is None:
-        return (output, h_n, c_n), (0, 0, c_dim)
+        return (output, h_n, c_n, *workspace), (0, 0, c_dim, *(1,) * len(workspace))
     # The unfolded input's size at `at` is the output's; the states' batch is the same
     # unless packed (then the first step's).
     rows = call.input.shape[at + int(dims.input is not None and dims.input <= at)]
@@ -403,7 +418,7 @@ def _layer_vmap(samples: int, in_dims: tuple, args: tuple) -> tuple:
     h_n = h_n.unflatten(0, (batch, samples))
     if c_dim is not None:
         c_n, c_dim = c_n.unflatten(0, (batch, samples)), 1
-    return (output, h_n, c_n), (at + 1, 1, c_dim)
+    return (output, h_n, c_n, *workspace), (at + 1, 1, c_dim, *(1,) * len(workspace))
 
 
 def _backward_vmap(info, in_dims: tuple, *args) -> tuple:
@@ -416,27 +431,34 @@ def _zoneout_mask_vmap(info, in_dims: tuple, *args) -> tuple:
     return _sample_by_sample(_ops.zoneout_mask, info.batch_size, in_dims, args)
 
 
-def _layer_batched(*args) -> tuple[Tensor, Tensor, Tensor]:
-    """rnn_fused::layer's kernel at vmap's key (FuncTorchBatched): _layer_vmap on the
-    tensors of the current vmap level, as torch.library.register_vmap runs a rule (vmap's
-    randomness does not matter to it: the operator draws nothing), without
-    its wrapper's passes of pytree over the 13 arguments (about 150 us a call, most of a
-    short call's; AMD EPYC)."""
-    interpreter = _current_interpreter()
-    level = interpreter.level()
-    unwrapped, in_dims = [], []
-    for a in args:
-        a, d = _unwrap_batched(a, level) if isinstance(a, Tensor) else (a, None)
-        unwrapped.append(a)
-        in_dims.append(d)
-    with torch._C._ExcludeDispatchKeyGuard(_BATCHED_KEY):
-        if all(d is None for d in in_dims):  # nothing of this level's
-            return _ops.layer(*unwrapped)
-        results, out_dims = _layer_vmap(interpreter.batch_size(), tuple(in_dims), unwrapped)
-    return tuple(r if d is None else _add_batch_dim(r, d, level) for r, d in zip(results, out_dims))
+def _batched(op):
+    """The kernel of op (rnn_fused::layer or forward) at vmap's key (FuncTorchBatched):
+    _layer_vmap on the tensors of the current vmap level, as torch.library.register_vmap runs
+    a rule (vmap's randomness does not matter to it: the operator draws nothing), without its
+    wrapper's passes of pytree over the arguments (about 150 us a call, most of a short
+    call's; AMD EPYC)."""
+
+    def kernel(*args) -> tuple[Tensor, ...]:
+        interpreter = _current_interpreter()
+        level = interpreter.level()
+        unwrapped, in_dims = [], []
+        for a in args:
+            a, d = _unwrap_batched(a, level) if isinstance(a, Tensor) else (a, None)
+            unwrapped.append(a)
+            in_dims.append(d)
+        with torch._C._ExcludeDispatchKeyGuard(_BATCHED_KEY):
+            if all(d is None for d in in_dims):  # nothing of this level's
+                return op(*unwrapped)
+            results, out_dims = _layer_vmap(op, interpreter.batch_size(), tuple(in_dims), unwrapped)
+        return tuple(
+            r if d is None else _add_batch_dim(r, d, level) for r, d in zip(results, out_dims)
+        )
+
+    return kernel
 
 
-_impl.impl("layer", _layer_batched, "FuncTorchBatched")
+_impl.impl("layer", _batched(_ops.layer), "FuncTorchBatched")
+_impl.impl("forward", _batched(_ops.forward), "FuncTorchBatched")
 torch.library.register_vmap("rnn_fused::backward", _backward_vmap)
 torch.library.register_vmap("rnn_fused::zoneout_mask", _zoneout_mask_vmap)
 
@@ -510,13 +532,15 @@ def _layer_in_python(
     call: LayerCall, cell: bool, compiling: bool
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The calls of rnn_layer that _C.layer declines (torch.func transforms, forward-mode AD:
-    reference.py's loop for those that differentiate; under autocast cast first), and every
-    call under torch.compile, which traces torch.ops.rnn_fused.layer."""
+    _FusedLayer or reference.py's loop for those that differentiate; under autocast cast
+    first), and every call under torch.compile, which traces torch.ops.rnn_fused.layer."""
     c = call
     if torch._C._is_any_autocast_enabled() and torch.float32 in (c.input.dtype, c.w_ih.dtype):
         if (done := _under_autocast(call, cell)) is not None:
             return done
     if not compiling and _differentiated_by_transform():
+        if _fused_differentiation(call):
+            return _fused_layer(call)
         from . import reference
 
         return reference.rnn_layer(
@@ -617,14 +641,109 @@ def served_by_rnn_layer() -> bool:
 def _differentiated_by_transform() -> bool:
     """Whether forward-mode AD or a torch.func transform that differentiates (grad, vjp,
     jacrev, jvp, jacfwd, hessian) is active. The operator's autograd (a C++ autograd
-    function) serves neither, so such calls run reference.py's time loop instead: the same
-    recurrence in PyTorch operators, which have forward-mode and torch.func formulas, so
-    tangents and gradients are exact (unfused, and as slow as an unfused layer). vmap alone
-    keeps the operator; vmap inside grad does not (every level of the stack is asked)."""
+    function) serves neither, so such calls run _FusedLayer where _fused_differentiation
+    allows, else reference.py's time loop: the same recurrence in PyTorch operators, which
+    have forward-mode and torch.func formulas, so tangents and gradients are exact (unfused,
+    and as slow as an unfused layer). vmap alone keeps the operator; vmap inside grad does
+    not (every level of the stack is asked)."""
     if _peek_interpreter() is not None:
         if any(level.key() != _VMAP for level in _interpreter_stack()):
             return True
     return _forward_ad._current_level >= 0
+
+
+def _fused_differentiation(call: LayerCall) -> bool:
+    """Whether a call that a torch.func transform differentiates can run the fused operators
+    (_FusedLayer): one reverse-mode level (grad, vjp, jacrev) among any vmaps, and no graph
+    for autograd outside the transforms. _FusedLayer's backward runs the backward operator,
+    which has no derivative of its own: a forward-mode level (jvp, jacfwd), a second
+    reverse-mode one (hessian by jacrev of jacrev) or a graph beneath the transforms (their
+    inputs requiring grad outside them) would differentiate it again, so those calls run
+    reference.py's loop."""
+    if _forward_ad._current_level >= 0:
+        return False
+    differentiating = [level for level in _interpreter_stack() if level.key() != _VMAP]
+    if len(differentiating) != 1 or differentiating[0].key() != _GRAD:
+        return False
+    if not _GradInterpreter(differentiating[0]).prevGradMode():
+        return True
+    return not any(_beneath_transforms(t).requires_grad for t in call if isinstance(t, Tensor))
+
+
+def _beneath_transforms(t: Tensor) -> Tensor:
+    """t without the wrappers of torch.func's levels: the tensor autograd outside them sees."""
+    while _is_functorch_wrapped(t):
+        t = _get_unwrapped(t)
+    return t
+
+
+def _fused_layer(call: LayerCall) -> tuple[Tensor, Tensor, Tensor]:
+    """rnn_fused::layer's results from _FusedLayer (an unbatched step as a batch of one)."""
+    if call.input.dim() == 1:
+        row = [None if t is None else t.unsqueeze(0) for t in (call.input, call.hx, call.cx)]
+        zoneout = None if call.zoneout is None else call.zoneout.unsqueeze(0)
+        output, h_n, c_n = _fused_layer(
+            call._replace(input=row[0], hx=row[1], cx=row[2], zoneout=zoneout)
+        )
+        return output.squeeze(0), h_n.squeeze(0), (c_n.squeeze(0) if call.mode == "LSTM" else c_n)
+    output, h_n, c_n, _, _ = _FusedLayer.apply(*call)
+    return output, h_n, c_n
+
+
+class _FusedLayer(torch.autograd.Function):
+    """rnn_fused::layer as a Python autograd function over the forward and backward
+    operators, for torch.func's reverse-mode transforms (grad, vjp, jacrev), which the C++
+    autograd function cannot serve and this one can: its vmap rule is generated from the
+    operators' own (forward folds shared-parameter samples into its batch, the backward runs
+    sample by sample), so per-sample gradients, vmap(grad(...)), run fused too. The
+    arguments are LayerCall's; the results are forward's (the workspace not
+    differentiable). See _fused_differentiation for the calls it serves."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args: object) -> tuple[Tensor, ...]:
+        c = LayerCall(*args)
+        return _ops.forward(*c[:11], True, c.zoneout, c.layer_norm)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: tuple) -> None:
+        c = LayerCall(*inputs)
+        h_n, saved, h_prev = output[1], output[3], output[4]
+        ctx.save_for_backward(
+            c.input, c.w_ih, c.w_hh, c.w_hr, c.batch_sizes, saved, h_prev, c.zoneout, c.layer_norm
+        )
+        ctx.mode, ctx.reverse, ctx.batch = c.mode, c.reverse, h_n.shape[0]
+        ctx.mark_non_differentiable(saved, h_prev)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_h_n, grad_c_n, *_workspace) -> tuple:
+        input, w_ih, w_hh, w_hr, batch_sizes, saved, h_prev, zoneout, ln = ctx.saved_tensors
+        need = ctx.needs_input_grad  # per LayerCall field
+        mask = [need[1], need[2] or need[3], any(need[4:9]) or need[12]]
+        grads = _ops.backward(
+            ctx.mode, grad_output, grad_h_n, grad_c_n if ctx.mode == "LSTM" else None, input,
+            w_ih, w_hh, w_hr, batch_sizes, ctx.reverse, saved, h_prev, ctx.batch, mask,
+            zoneout, ln,
+        )  # fmt: skip
+        result: list[Tensor | None] = [None] * len(need)
+        for slot, grad in zip(_GRADIENT_SLOTS, grads):
+            result[slot] = grad if need[slot] else None
+        # As the C++ node: over one step, W_hr reaches c_n through no path, so without an
+        # incoming gradient for the output or h_n its gradient is None, not zeros.
+        one_step = (
+            len(batch_sizes) == 1
+            if batch_sizes is not None
+            else input.dim() == 2 or len(input) == 1
+        )
+        if grad_output is None and grad_h_n is None and one_step:
+            result[8] = None
+        return tuple(result)
+
+
+# The LayerCall fields of rnn_fused::backward's gradients, in its order.
+_GRADIENT_SLOTS = (1, 2, 3, 4, 5, 6, 7, 8, 12)
 
 
 def _under_autocast(call: LayerCall, cell: bool) -> tuple[Tensor, Tensor, Tensor | None] | None:

@@ -1,7 +1,8 @@
 """Forward-mode AD and torch.func through the layers and cells, against torch.nn with the same
-weights and against finite differences, in float64. Under a differentiating transform the
-layers run reference.py's loop (ops.py, _differentiated_by_transform); vmap keeps the
-fused operator (tests/test_vmap.py)."""
+weights and against finite differences, in float64. Under forward mode the layers run
+reference.py's loop, under grad and jacrev the fused operators (ops.py,
+_fused_differentiation; tests/test_func_fused.py); vmap keeps the fused operator
+(tests/test_vmap.py)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,217 @@
+"""torch.func's reverse-mode transforms (grad, vjp, jacrev, and vmap over them: per-sample
+gradients) on the fused operators (ops.py, _FusedLayer), against torch.nn with the same
+weights in float64; and the calls that must run reference.py's loop instead (a second
+differentiation: hessian, forward mode, a graph outside the transforms), still right."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import seed
+from tolerances import assert_close
+from torch import nn
+from torch.func import functional_call, grad, jacrev, vjp, vmap
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import rnn_fused
+from rnn_fused import reference
+
+F64 = torch.float64
+LAYERS = [
+    ("LSTM", dict()),
+    ("LSTM", dict(proj_size=2, num_layers=2)),
+    ("GRU", dict(bidirectional=True, batch_first=True)),
+    ("RNN", dict(nonlinearity="relu", num_layers=2, bias=False)),
+    ("RNN", dict(nonlinearity="tanh", bidirectional=True)),
+]
+LAYER_IDS = ["LSTM", "LSTM-proj-2", "GRU-bi-batch_first", "RNN-relu-2", "RNN-tanh-bi"]
+
+
+def _pair(name: str, kw: dict, input_size: int = 3, hidden: int = 5):
+    theirs = getattr(nn, name)(input_size, hidden, **kw).double()
+    ours = getattr(rnn_fused, name)(input_size, hidden, **kw).double()
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def _params(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in module.named_parameters()}
+
+
+@pytest.fixture
+def no_reference_loop(monkeypatch):
+    """Fails a test whose calls run reference.py's loop: they must run fused."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("reference.py's loop ran where the fused operators should")
+
+    monkeypatch.setattr(reference, "rnn_layer", refuse)
+
+
+def _states(name: str, kw: dict, batch: int) -> tuple[torch.Tensor, ...]:
+    layers = kw.get("num_layers", 1) * (2 if kw.get("bidirectional") else 1)
+    h0 = torch.randn(layers, batch, kw.get("proj_size") or 5, dtype=F64)
+    return (h0, torch.randn(layers, batch, 5, dtype=F64)) if name == "LSTM" else (h0,)
+
+
+@pytest.mark.parametrize(("name", "kw"), LAYERS, ids=LAYER_IDS)
+def test_grad_of_parameters_input_and_states(name, kw, no_reference_loop):
+    seed("func fused grad", name, kw)
+    ours, theirs = _pair(name, kw)
+    x = (
+        torch.randn(3, 7, 3, dtype=F64)
+        if kw.get("batch_first")
+        else torch.randn(7, 3, 3, dtype=F64)
+    )
+    states = _states(name, kw, 3)
+
+    def loss(p, x, states, module):
+        hx = states if name == "LSTM" else states[0]
+        output, h_n = functional_call(module, p, (x, hx))
+        if name == "LSTM":  # (h_n, c_n)
+            return output.sin().sum() + h_n[0].pow(2).sum() + h_n[1].tanh().sum()
+        return output.sin().sum() + h_n.pow(2).sum()
+
+    got = grad(loss, argnums=(0, 1, 2))(_params(ours), x, states, ours)
+    want = grad(loss, argnums=(0, 1, 2))(_params(theirs), x, states, theirs)
+    for k in want[0]:
+        assert_close(got[0][k], want[0][k], f"grad of {k}")
+    assert_close(got[1], want[1], "grad of the input")
+    for g, w in zip(got[2], want[2]):
+        assert_close(g, w, "grad of a state")
+
+
+@pytest.mark.parametrize(("name", "kw"), LAYERS, ids=LAYER_IDS)
+def test_per_sample_gradients(name, kw, no_reference_loop):
+    """vmap(grad(...)) over the batch: the forward folds the samples into one call."""
+    seed("func fused per-sample", name, kw)
+    ours, theirs = _pair(name, kw)
+    dim = 0 if kw.get("batch_first") else 1
+    x = torch.randn(5, 6, 3, dtype=F64)
+    target = torch.randn(x.shape[dim], dtype=F64)
+
+    def loss(p, x, target, module):
+        output = functional_call(module, p, (x.unsqueeze(dim),))[0]
+        return (output.mean() - target).pow(2)
+
+    got = vmap(grad(loss), in_dims=(None, dim, 0, None))(_params(ours), x, target, ours)
+    params = _params(theirs)
+    for b in range(x.shape[dim]):
+        want = grad(loss)(params, x.select(dim, b), target[b], theirs)
+        for k in want:
+            assert got[k][b].abs().max() > 0 or want[k].abs().max() == 0
+            assert_close(got[k][b], want[k], f"sample {b}'s grad of {k}")
+
+
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+def test_grad_of_packed_input(enforce_sorted, no_reference_loop):
+    """Of the parameters, against torch.nn's eager autograd: torch.nn's layers refuse packed
+    input under torch.func, and pack_padded_sequence has no gradient there."""
+    seed("func fused packed", enforce_sorted)
+    ours, theirs = _pair("LSTM", dict(num_layers=2))
+    lengths = torch.tensor([6, 4, 1]) if enforce_sorted else torch.tensor([2, 6, 5])
+    packed = pack_padded_sequence(
+        torch.randn(6, 3, 3, dtype=F64), lengths, enforce_sorted=enforce_sorted
+    )
+
+    def loss(p, module):
+        output, (h_n, c_n) = functional_call(module, p, (packed,))
+        return output.data.tanh().sum() + (h_n * c_n).sum()
+
+    got = grad(loss)(_params(ours), ours)
+    names, params = zip(*theirs.named_parameters())
+    want = torch.autograd.grad(loss(dict(zip(names, params)), theirs), params)
+    for k, w in zip(names, want):
+        assert_close(got[k], w, f"grad of {k}")
+
+
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+def test_cells_stepped_in_a_loop(name, batched, no_reference_loop):
+    seed("func fused cell", name, batched)
+    theirs = getattr(nn, name)(3, 4).double()
+    ours = getattr(rnn_fused, name)(3, 4).double()
+    ours.load_state_dict(theirs.state_dict())
+    xs = torch.randn(5, 2, 3, dtype=F64) if batched else torch.randn(5, 3, dtype=F64)
+
+    def loss(p, xs, module):
+        state = None
+        for x in xs:
+            state = functional_call(module, p, (x, state))
+        h = state[0] if name == "LSTMCell" else state
+        return h.pow(2).sum()
+
+    got = grad(loss, argnums=(0, 1))(_params(ours), xs, ours)
+    want = grad(loss, argnums=(0, 1))(_params(theirs), xs, theirs)
+    for k in want[0]:
+        assert_close(got[0][k], want[0][k], f"grad of {k}")
+    assert_close(got[1], want[1], "grad of the inputs")
+
+
+def test_vjp_and_jacrev_of_the_parameters(no_reference_loop):
+    seed("func fused vjp")
+    ours, theirs = _pair("GRU", dict(num_layers=2))
+    x = torch.randn(4, 2, 3, dtype=F64)
+
+    def last(p, module):
+        return functional_call(module, p, (x,))[1]
+
+    h_ours, pull_ours = vjp(lambda p: last(p, ours), _params(ours))
+    h_theirs, pull_theirs = vjp(lambda p: last(p, theirs), _params(theirs))
+    assert_close(h_ours, h_theirs, "h_n")
+    v = torch.randn_like(h_theirs)
+    got, want = pull_ours(v)[0], pull_theirs(v)[0]
+    for k in want:
+        assert_close(got[k], want[k], f"vjp of {k}")
+    got = jacrev(lambda p: last(p, ours))(_params(ours))
+    want = jacrev(lambda p: last(p, theirs))(_params(theirs))
+    for k in want:
+        assert got[k].shape == want[k].shape
+        assert_close(got[k], want[k], f"jacobian of {k}")
+
+
+@pytest.mark.parametrize("module", ["LayerNormLSTM", "LayerNormGRU", "zoneout"])
+def test_grad_of_the_extensions_as_eager_autograd(module, no_reference_loop):
+    """LayerNorm cells and zoneout (in eval: the probability's weights), which torch.nn lacks,
+    against the same module's eager autograd (the C++ autograd function)."""
+    seed("func fused extensions", module)
+    if module == "zoneout":
+        layer = rnn_fused.LSTM(3, 5, zoneout=0.3).double().eval()
+    else:
+        layer = getattr(rnn_fused, module)(3, 5).double()
+    x = torch.randn(6, 2, 3, dtype=F64)
+
+    def loss(p, x):
+        return functional_call(layer, p, (x,))[0].pow(2).sum()
+
+    got = grad(loss, argnums=(0, 1))(_params(layer), x)
+    x_eager = x.clone().requires_grad_()
+    loss(dict(layer.named_parameters()), x_eager).backward()
+    for k, p in layer.named_parameters():
+        assert_close(got[0][k], p.grad, f"grad of {k}")
+    assert_close(got[1], x_eager.grad, "grad of the input")
+
+
+def test_second_differentiations_run_the_reference_loop():
+    """hessian (jacrev of jacrev), grad of jvp-based jacfwd and a graph outside the transform
+    differentiate the gradients again: they must stay right (reference.py's loop)."""
+    seed("func fused second")
+    ours, theirs = _pair("LSTM", dict())
+    x = torch.randn(3, 1, 3, dtype=F64)
+
+    def f(x, module):
+        return functional_call(module, _params(module), (x,))[0].pow(2).sum()
+
+    got = torch.func.hessian(f)(x, ours)
+    want = torch.func.hessian(f)(x, theirs)
+    assert got.abs().max() > 0
+    assert_close(got, want, "hessian")
+    # Parameters that require grad outside the transform: its gradients are differentiable.
+    grads = []
+    for module in (ours, theirs):
+        params = dict(module.named_parameters())
+        g = grad(lambda p, m: functional_call(m, p, (x,))[0].pow(2).sum())(params, module)
+        outer = sum(v.pow(2).sum() for v in g.values())
+        grads.append(torch.autograd.grad(outer, list(params.values())))
+    for g, w in zip(*grads):
+        assert_close(g, w, "gradient of a gradient's norm")
