@@ -108,3 +108,27 @@ def test_cell_jvp_matches_torch_nn(name):
     _, want = jvp(first(theirs), (x,), (v,))
     assert got.abs().max() > 0
     assert_close(got, want, "cell tangent")
+
+
+@pytest.mark.parametrize("module", ["IndRNN", "LayerNormLSTM", "LayerNormGRU", "zoneout"])
+def test_extension_jvp_matches_finite_differences(module):
+    """The modules torch.nn lacks under forward mode (their biases, gains, IndRNN's vector
+    W_hh and zoneout's weights enter element-wise: ops.py gives them zero tangents)."""
+    seed("extension jvp", module)
+    if module == "zoneout":
+        layer = rnn_fused.GRU(3, 5, zoneout=0.3, bidirectional=True).double().eval()
+    else:
+        layer = getattr(rnn_fused, module)(3, 5, num_layers=2).double()
+    x, v = torch.randn(6, 2, 3, dtype=torch.float64), torch.randn(6, 2, 3, dtype=torch.float64)
+    h0 = torch.randn(
+        layer.num_layers * (2 if layer.bidirectional else 1), 2, 5, dtype=torch.float64
+    )
+    state = (h0, torch.randn_like(h0)) if module == "LayerNormLSTM" else h0
+
+    def f(a):
+        return layer(a, state)[0]
+
+    _, tangent = jvp(f, (x,), (v,))
+    assert tangent.abs().max() > 0
+    fd = _central_difference(f, x, v)
+    assert (tangent - fd).abs().max() < 1e-7 * max(1.0, fd.abs().max().item())
