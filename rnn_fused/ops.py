@@ -37,9 +37,6 @@ _peek_interpreter = torch._C._functorch.peek_interpreter_stack
 _interpreter_stack = torch._C._functorch.get_interpreter_stack
 _VMAP = torch._C._functorch.TransformType.Vmap
 _GRAD = torch._C._functorch.TransformType.Grad
-_GradInterpreter = torch._C._functorch.CGradInterpreterPtr
-_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-_get_unwrapped = torch._C._functorch.get_unwrapped
 _unwrap_batched = torch._C._functorch._unwrap_batched
 _add_batch_dim = torch._C._functorch._add_batch_dim
 _BATCHED_KEY = torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchBatched)
@@ -539,7 +536,7 @@ def _layer_in_python(
         if (done := _under_autocast(call, cell)) is not None:
             return done
     if not compiling and _differentiated_by_transform():
-        if _fused_differentiation(call):
+        if _fused_differentiation():
             return _fused_layer(call)
         from . import reference
 
@@ -678,29 +675,14 @@ def _differentiated_by_transform() -> bool:
     return _forward_ad._current_level >= 0
 
 
-def _fused_differentiation(call: LayerCall) -> bool:
+def _fused_differentiation() -> bool:
     """Whether a call that a torch.func transform differentiates can run the fused operators
-    (_FusedLayer): one reverse-mode level (grad, vjp, jacrev) among any vmaps, and no graph
-    for autograd outside the transforms. _FusedLayer's backward runs the backward operator,
-    which has no derivative of its own: a forward-mode level (jvp, jacfwd), a second
-    reverse-mode one (hessian by jacrev of jacrev) or a graph beneath the transforms (their
-    inputs requiring grad outside them) would differentiate it again, so those calls run
-    reference.py's loop."""
+    (_FusedLayer): reverse-mode levels (grad, vjp, jacrev) and vmaps only. Forward mode (jvp,
+    jacfwd, forward-mode AD) needs a forward-mode formula, which _FusedLayer has not: those
+    calls run reference.py's loop."""
     if _forward_ad._current_level >= 0:
         return False
-    differentiating = [level for level in _interpreter_stack() if level.key() != _VMAP]
-    if len(differentiating) != 1 or differentiating[0].key() != _GRAD:
-        return False
-    if not _GradInterpreter(differentiating[0]).prevGradMode():
-        return True
-    return not any(_beneath_transforms(t).requires_grad for t in call if isinstance(t, Tensor))
-
-
-def _beneath_transforms(t: Tensor) -> Tensor:
-    """t without the wrappers of torch.func's levels: the tensor autograd outside them sees."""
-    while _is_functorch_wrapped(t):
-        t = _get_unwrapped(t)
-    return t
+    return all(level.key() in (_VMAP, _GRAD) for level in _interpreter_stack())
 
 
 def _fused_layer(call: LayerCall) -> tuple[Tensor, Tensor, Tensor]:
@@ -723,7 +705,7 @@ class _FusedLayer(torch.autograd.Function):
     operators' own (forward folds shared-parameter samples into its batch, the backward runs
     sample by sample), so per-sample gradients, vmap(grad(...)), run fused too. The
     arguments are LayerCall's; the results are forward's (the workspace not
-    differentiable). See _fused_differentiation for the calls it serves."""
+    differentiable). Its gradients come from _FusedGradients, differentiable again."""
 
     generate_vmap_rule = True
 
@@ -736,39 +718,133 @@ class _FusedLayer(torch.autograd.Function):
     def setup_context(ctx, inputs: tuple, output: tuple) -> None:
         c = LayerCall(*inputs)
         h_n, saved, h_prev = output[1], output[3], output[4]
-        ctx.save_for_backward(
-            c.input, c.w_ih, c.w_hh, c.w_hr, c.batch_sizes, saved, h_prev, c.zoneout, c.layer_norm
-        )
+        ctx.save_for_backward(*(c[k] for k in _TENSOR_FIELDS), saved, h_prev)
         ctx.mode, ctx.reverse, ctx.batch = c.mode, c.reverse, h_n.shape[0]
         ctx.mark_non_differentiable(saved, h_prev)
         ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n, *_workspace) -> tuple:
-        input, w_ih, w_hh, w_hr, batch_sizes, saved, h_prev, zoneout, ln = ctx.saved_tensors
+        *tensors, saved, h_prev = ctx.saved_tensors
+        call = _call_of(ctx.mode, ctx.reverse, tensors)
         need = ctx.needs_input_grad  # per LayerCall field
-        mask = [need[1], need[2] or need[3], any(need[4:9]) or need[12]]
-        grads = _ops.backward(
-            ctx.mode, grad_output, grad_h_n, grad_c_n if ctx.mode == "LSTM" else None, input,
-            w_ih, w_hh, w_hr, batch_sizes, ctx.reverse, saved, h_prev, ctx.batch, mask,
-            zoneout, ln,
-        )  # fmt: skip
+        mask = (need[1], need[2] or need[3], any(need[4:9]) or need[12])
+        if ctx.mode != "LSTM":
+            grad_c_n = None
+        grads = _FusedGradients.apply(
+            ctx.batch, mask, *call, grad_output, grad_h_n, grad_c_n, saved, h_prev
+        )
         result: list[Tensor | None] = [None] * len(need)
         for slot, grad in zip(_GRADIENT_SLOTS, grads):
             result[slot] = grad if need[slot] else None
         # As the C++ node: over one step, W_hr reaches c_n through no path, so without an
         # incoming gradient for the output or h_n its gradient is None, not zeros.
-        one_step = (
-            len(batch_sizes) == 1
-            if batch_sizes is not None
-            else input.dim() == 2 or len(input) == 1
-        )
-        if grad_output is None and grad_h_n is None and one_step:
+        if grad_output is None and grad_h_n is None and _one_step(call):
             result[8] = None
         return tuple(result)
 
 
-# The LayerCall fields of rnn_fused::backward's gradients, in its order.
+class _FusedGradients(torch.autograd.Function):
+    """_FusedLayer's gradients (rnn_fused::backward's, for _GRADIENT_SLOTS) from the fused
+    backward operator. Differentiating them again (a double backward, a gradient penalty
+    inside torch.func.grad, jacrev of jacrev, an incoming gradient that requires grad) runs
+    reference.py's loop: the backward is the vector-Jacobian product of _reference_vjp's
+    gradients, taken by torch.func.vjp, which composes with every transform around it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(batch: int, mask: tuple[bool, bool, bool], *args: object) -> tuple[Tensor, ...]:
+        c, (grad_output, grad_h_n, grad_c_n, saved, h_prev) = LayerCall(*args[:13]), args[13:]
+        return _ops.backward(
+            c.mode, grad_output, grad_h_n, grad_c_n, c.input, c.w_ih, c.w_hh, c.w_hr,
+            c.batch_sizes, c.reverse, saved, h_prev, batch, list(mask), c.zoneout, c.layer_norm,
+        )  # fmt: skip
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: tuple) -> None:
+        call, incoming = LayerCall(*inputs[2:15]), inputs[15:18]
+        ctx.mode, ctx.reverse = call.mode, call.reverse
+        ctx.save_for_backward(*(call[k] for k in _TENSOR_FIELDS), *incoming)
+        ctx.set_materialize_grads(False)  # a gradient not differentiated again: None
+
+    @staticmethod
+    def backward(ctx, *grad_grads: Tensor | None) -> tuple:
+        *tensors, grad_output, grad_h_n, grad_c_n = ctx.saved_tensors
+        call = _call_of(ctx.mode, ctx.reverse, tensors)
+        # The gradients differentiated (their slots), as functions of the present tensors of
+        # the call and the present incoming gradients.
+        wanted = [slot for slot, gg in zip(_GRADIENT_SLOTS, grad_grads) if gg is not None]
+        wanted = [slot for slot in wanted if call[slot] is not None]
+        slots = [slot for slot in _GRADIENT_SLOTS if call[slot] is not None]
+        given = (grad_output, grad_h_n, grad_c_n)
+        incoming = [k for k, g in enumerate(given) if g is not None]
+
+        def gradients(*primals: Tensor) -> tuple[Tensor, ...]:
+            c = call._replace(**{LayerCall._fields[s]: t for s, t in zip(slots, primals)})
+            g: list[Tensor | None] = [None, None, None]
+            for k, t in zip(incoming, primals[len(slots) :]):
+                g[k] = t
+            found = _reference_vjp(c, *g)
+            return tuple(found[slot] for slot in wanted)
+
+        result: list[Tensor | None] = [None] * (2 + len(LayerCall._fields) + 5)
+        if not wanted:
+            return tuple(result)
+        primals = [call[s] for s in slots] + [given[k] for k in incoming]
+        _, pull = torch.func.vjp(gradients, *primals)
+        by_slot = dict(zip(_GRADIENT_SLOTS, grad_grads))
+        found = pull(tuple(by_slot[slot] for slot in wanted))
+        for s, g in zip(slots, found):
+            result[2 + s] = g
+        for k, g in zip(incoming, found[len(slots) :]):
+            result[2 + len(LayerCall._fields) + k] = g
+        return tuple(result)
+
+
+def _reference_vjp(
+    call: LayerCall, grad_output: Tensor | None, grad_h_n: Tensor | None, grad_c_n: Tensor | None
+) -> dict[int, Tensor]:
+    """The gradients of call's present differentiable tensors (by LayerCall field) for the
+    incoming ones (None: zeros), from reference.py's loop by torch.func.vjp. Half-type
+    parameters of a float32 call read as float32 (LayerCall)."""
+    from . import reference
+
+    slots = [slot for slot in _GRADIENT_SLOTS if call[slot] is not None]
+
+    def layer(*primals: Tensor) -> tuple[Tensor, ...]:
+        c = call._replace(**{LayerCall._fields[s]: t for s, t in zip(slots, primals)})
+        w_ih, w_hh, b_ih, b_hh, w_hr = (
+            None if t is None else t.to(c.input.dtype)
+            for t in (c.w_ih, c.w_hh, c.b_ih, c.b_hh, c.w_hr)
+        )
+        output, h_n, c_n = reference.rnn_layer(
+            c.mode, c.input, w_ih, w_hh, b_ih, b_hh, c.hx, c.cx, w_hr=w_hr,
+            batch_sizes=c.batch_sizes, reverse=c.reverse, zoneout=c.zoneout,
+            layer_norm=c.layer_norm,
+        )  # fmt: skip
+        return (output, h_n) if c_n is None else (output, h_n, c_n)
+
+    outputs, pull = torch.func.vjp(layer, *(call[s] for s in slots))
+    given = (grad_output, grad_h_n, grad_c_n)
+    cotangents = tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outputs, given))
+    return dict(zip(slots, pull(cotangents)))
+
+
+def _call_of(mode: str, reverse: bool, tensors: list[Tensor | None]) -> LayerCall:
+    """The LayerCall of mode, reverse and its tensors in _TENSOR_FIELDS' order."""
+    field = dict(zip(_TENSOR_FIELDS, tensors))
+    return LayerCall(mode, *(field[k] for k in range(1, 10)), reverse, field[11], field[12])
+
+
+def _one_step(call: LayerCall) -> bool:
+    if call.batch_sizes is not None:
+        return len(call.batch_sizes) == 1
+    return call.input.dim() == 2 or len(call.input) == 1
+
+
+# LayerCall's tensor fields, and those of rnn_fused::backward's gradients in its order.
+_TENSOR_FIELDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12)
 _GRADIENT_SLOTS = (1, 2, 3, 4, 5, 6, 7, 8, 12)
 
 

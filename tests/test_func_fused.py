@@ -1,7 +1,7 @@
 """torch.func's reverse-mode transforms (grad, vjp, jacrev, and vmap over them: per-sample
 gradients) on the fused operators (ops.py, _FusedLayer), against torch.nn with the same
-weights in float64; and the calls that must run reference.py's loop instead (a second
-differentiation: hessian, forward mode, a graph outside the transforms), still right."""
+weights in float64; their gradients differentiated again (through reference.py's loop:
+_FusedGradients), and forward mode, which runs reference.py's loop, still right."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch.func import functional_call, grad, jacrev, vjp, vmap
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnn_fused
-from rnn_fused import reference
+from rnn_fused import ops, reference
 
 F64 = torch.float64
 LAYERS = [
@@ -192,26 +192,74 @@ def test_grad_of_the_extensions_as_eager_autograd(module, no_reference_loop):
     assert_close(got[1], x_eager.grad, "grad of the input")
 
 
-def test_second_differentiations_run_the_reference_loop():
-    """hessian (jacrev of jacrev), grad of jvp-based jacfwd and a graph outside the transform
-    differentiate the gradients again: they must stay right (reference.py's loop)."""
+def _count_fused_calls(monkeypatch) -> list[int]:
+    """A counter of the calls _FusedLayer serves."""
+    calls = [0]
+    apply = ops._FusedLayer.apply
+
+    def counted(*args):
+        calls[0] += 1
+        return apply(*args)
+
+    monkeypatch.setattr(ops._FusedLayer, "apply", counted)
+    return calls
+
+
+def test_gradients_differentiated_again(monkeypatch):
+    """The fused gradients differentiated again (their backward: reference.py's loop by
+    torch.func.vjp): jacrev of jacrev, parameters requiring grad outside the transform, a
+    double backward inside torch.func.grad, and an incoming gradient requiring grad."""
     seed("func fused second")
-    ours, theirs = _pair("LSTM", dict())
+    calls = _count_fused_calls(monkeypatch)
+    ours, theirs = _pair("LSTM", dict(proj_size=2))
+    x = torch.randn(3, 2, 3, dtype=F64)
+
+    def f(x, module):
+        return functional_call(module, _params(module), (x,))[0].pow(2).sum()
+
+    got, want = (jacrev(jacrev(f))(x, m) for m in (ours, theirs))
+    assert got.abs().max() > 0
+    assert_close(got, want, "jacrev of jacrev")
+    # Parameters that require grad outside the transform: the gradients are differentiable.
+    results = []
+    for module in (ours, theirs):
+        params = dict(module.named_parameters())
+        g = grad(lambda p, m: functional_call(m, p, (x,))[0].pow(2).sum())(params, module)
+        outer = sum(v.pow(2).sum() for v in g.values())
+        results.append(torch.autograd.grad(outer, list(params.values())))
+    for g, w in zip(*results):
+        assert_close(g, w, "gradient of a gradient's norm")
+
+    # A gradient penalty by autograd inside torch.func.grad.
+    def penalty(x, module):
+        out = functional_call(module, _params(module), (x,))[0].pow(2).sum()
+        (gx,) = torch.autograd.grad(out, x, create_graph=True)
+        return gx.pow(2).sum()
+
+    got, want = (grad(penalty)(x, m) for m in (ours, theirs))
+    assert got.abs().max() > 0
+    assert_close(got, want, "grad of an autograd.grad inside")
+    # An incoming gradient that requires grad outside the transform.
+    results = []
+    for module in (ours, theirs):
+        v = torch.randn(3, 2, 2, dtype=F64, generator=torch.Generator().manual_seed(1))
+        v.requires_grad_()
+        _, pull = vjp(lambda p, m=module: functional_call(m, p, (x,))[0], _params(module))
+        outer = sum(g.pow(2).sum() for g in pull(v)[0].values())
+        results.append(torch.autograd.grad(outer, v)[0])
+    assert_close(results[0], results[1], "gradient for the incoming gradient")
+    assert calls[0] >= 4  # each first differentiation ran fused
+
+
+def test_forward_mode_runs_the_reference_loop():
+    """hessian (jacfwd of jacrev) and jvp: forward mode, reference.py's loop, as torch.nn's."""
+    seed("func hessian")
+    ours, theirs = _pair("GRU", dict())
     x = torch.randn(3, 1, 3, dtype=F64)
 
     def f(x, module):
         return functional_call(module, _params(module), (x,))[0].pow(2).sum()
 
-    got = torch.func.hessian(f)(x, ours)
-    want = torch.func.hessian(f)(x, theirs)
+    got, want = (torch.func.hessian(f)(x, m) for m in (ours, theirs))
     assert got.abs().max() > 0
     assert_close(got, want, "hessian")
-    # Parameters that require grad outside the transform: its gradients are differentiable.
-    grads = []
-    for module in (ours, theirs):
-        params = dict(module.named_parameters())
-        g = grad(lambda p, m: functional_call(m, p, (x,))[0].pow(2).sum())(params, module)
-        outer = sum(v.pow(2).sum() for v in g.values())
-        grads.append(torch.autograd.grad(outer, list(params.values())))
-    for g, w in zip(*grads):
-        assert_close(g, w, "gradient of a gradient's norm")
