@@ -130,8 +130,13 @@ def rnn_layer(
         return output[0], h_n[0], (None if c_n is None else c_n[0])
     hidden = w_hh.shape[0] // {"LSTM": 4, "GRU": 3}.get(mode, 1)
     out_size = w_hr.shape[0] if w_hr is not None else hidden
-    if batch_sizes is None and input.dim() == 2:  # one step [B, I]: packed rows of one step
-        batch_sizes = torch.tensor([input.shape[0]])
+    if batch_sizes is None and input.dim() == 2:  # one step [B, I]: a cell's step
+        h = hx if hx is not None else input.new_zeros(input.shape[0], out_size)
+        c = cx if cx is not None or mode != "LSTM" else input.new_zeros(input.shape[0], hidden)
+        h_t, c_t = cell_step(mode, input, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, layer_norm)
+        if zoneout is not None:
+            h_t = zoneout * h + (1 - zoneout) * h_t
+        return h_t, h_t, c_t
     if batch_sizes is None:
         steps = list(input.unbind(0))
         sizes = [input.shape[1]] * input.shape[0]

@@ -127,7 +127,9 @@ def test_grad_of_packed_input(enforce_sorted, no_reference_loop):
 
 @pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
-def test_cells_stepped_in_a_loop(name, batched, no_reference_loop):
+def test_cells_stepped_in_a_loop(name, batched):
+    """One step a call: reference.py's step (cheaper there than functorch's handling of
+    _FusedLayer)."""
     seed("func fused cell", name, batched)
     theirs = getattr(nn, name)(3, 4).double()
     ours = getattr(rnn_fused, name)(3, 4).double()
