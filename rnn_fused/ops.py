@@ -259,52 +259,19 @@ def zoneout_mask(shape: tuple[int, ...], p: float, like: Tensor) -> Tensor:
 
 def _reference_grads(*args) -> list[Tensor]:
     """rnn_fused::reference_grads: gradients of a layer call's tensor inputs that autograd
-    can differentiate again (double backward), from reference.py's loop on the same inputs."""
-    from . import reference
-
+    can differentiate again (double backward), from reference.py's loop on the same inputs
+    (_reference_vjp); zeros for an input that requires no gradient, an empty tensor for an
+    absent one."""
     call, grads_out = LayerCall(*args[:11], *args[14:]), args[11:14]
-    c = call
-    tensors = (c.input, c.hx, c.cx, c.w_ih, c.w_hh, c.b_ih, c.b_hh, c.w_hr, c.layer_norm)
-    wanted = [t for t in tensors if t is not None and t.requires_grad]
-    found: tuple[Tensor | None, ...] = ()
-    with torch.enable_grad():
-        # Half-type parameters of a float32 call (LayerCall) in float32: the values its products
-        # read.
-        w_ih, w_hh, b_ih, b_hh, w_hr = (
-            None if t is None else t.to(c.input.dtype)
-            for t in (c.w_ih, c.w_hh, c.b_ih, c.b_hh, c.w_hr)
-        )
-        outputs = reference.rnn_layer(
-            c.mode,
-            c.input,
-            w_ih,
-            w_hh,
-            b_ih,
-            b_hh,
-            c.hx,
-            c.cx,
-            w_hr=w_hr,
-            batch_sizes=c.batch_sizes,
-            reverse=c.reverse,
-            zoneout=c.zoneout,
-            layer_norm=c.layer_norm,
-        )
-        pairs = [(o, g) for o, g in zip(outputs, grads_out) if o is not None and g is not None]
-        if wanted and pairs:
-            found = torch.autograd.grad(
-                [o for o, _ in pairs],
-                wanted,
-                [g for _, g in pairs],
-                create_graph=True,
-                allow_unused=True,
-            )
-    by_id = {id(t): g for t, g in zip(wanted, found)}
+    found = _reference_vjp(call, *grads_out)
     result = []
-    for t in tensors:
-        g = by_id.get(id(t)) if t is not None else None
-        if g is None:
-            g = torch.empty(0) if t is None else torch.zeros_like(t)
-        result.append(g)
+    for slot in _GRADIENT_SLOTS:
+        t = call[slot]
+        if t is None:
+            result.append(torch.empty(0))
+        else:
+            g = found[slot]
+            result.append(g if t.requires_grad and g is not None else torch.zeros_like(t))
     return result
 
 
