@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import seed
+from helpers import DEVICES, seed
 from tolerances import assert_close
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vjp, vmap
@@ -101,6 +101,32 @@ def test_per_sample_gradients(name, kw, no_reference_loop):
         for k in want:
             assert got[k][b].abs().max() > 0 or want[k].abs().max() == 0
             assert_close(got[k][b], want[k], f"sample {b}'s grad of {k}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["LSTM", "GRU"])
+def test_grad_as_eager_autograd_on_each_device(name, device, no_reference_loop):
+    """grad and per-sample gradients against the same module's eager autograd (the C++
+    node, the same kernels) on the CPU and the GPU."""
+    seed("func fused device", name, device)
+    layer = getattr(rnn_fused, name)(3, 5, num_layers=2).double().to(device)
+    x = torch.randn(6, 4, 3, dtype=F64, device=device)
+
+    def loss(p, x):
+        return functional_call(layer, p, (x,))[0].sin().sum()
+
+    got = grad(loss)(_params(layer), x)
+    per_sample = vmap(grad(loss), in_dims=(None, 1))(_params(layer), x.unsqueeze(2))
+    names, params = zip(*layer.named_parameters())
+    want = torch.autograd.grad(loss(dict(zip(names, params)), x), params)
+    for k, w in zip(names, want):
+        assert_close(got[k], w, f"grad of {k}")
+        assert_close(per_sample[k].sum(0), w, f"per-sample grads of {k}, summed")
+    for b in range(x.shape[1]):
+        column = x[:, b : b + 1]
+        want = torch.autograd.grad(loss(dict(zip(names, params)), column), params)
+        for k, w in zip(names, want):
+            assert_close(per_sample[k][b], w, f"sample {b}'s grad of {k}")
 
 
 @pytest.mark.parametrize("enforce_sorted", [True, False])
