@@ -39,6 +39,7 @@ _VMAP = torch._C._functorch.TransformType.Vmap
 _GRAD = torch._C._functorch.TransformType.Grad
 _unwrap_batched = torch._C._functorch._unwrap_batched
 _add_batch_dim = torch._C._functorch._add_batch_dim
+_is_batched = torch._C._functorch.is_batchedtensor
 _BATCHED_KEY = torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchBatched)
 
 
@@ -522,8 +523,8 @@ def _with_tangent(t: object) -> object:
     one: PyTorch's forward-mode formulas take 100-200 us more for an element-wise operation
     of a dual and a plain tensor (a bias added to a product) than of two duals (about 5 us;
     AMD EPYC). Not for the weight matrices: a zero tangent costs a product with zeros each."""
-    if not isinstance(t, Tensor) or not t.is_floating_point():
-        return t
+    if not isinstance(t, Tensor) or not t.is_floating_point() or _is_batched(t):
+        return t  # (vmap's tensors inside jvp have no rule for unpack_dual: left as they are)
     if _forward_ad.unpack_dual(t).tangent is not None:
         return t
     return _forward_ad.make_dual(t, torch.zeros_like(t))

@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import CELLS, make_layer, make_states, rand, seed
-from tolerances import GRADCHECK
+from tolerances import GRADCHECK, assert_close
 
+import rnn_fused
 from rnn_fused.ops import rnn_layer
 
 # (T, B, I, H). Above 32 rows (T x B) the CPU engine packs its weights; below, it does not.
@@ -102,3 +103,49 @@ def test_gradgradcheck(mode, case):
     else:
         x = rand(3, 2, 3, dtype=dt)
     _check(mode, x, layer, h0, c0, check=torch.autograd.gradgradcheck, **kw)
+
+
+@pytest.mark.parametrize("mode", CELLS)
+def test_gradgradcheck_state_carried_between_calls(mode):
+    """The second call's initial states are the first call's final ones, so they carry a
+    graph of their own: the double backward must not count paths through it twice."""
+    seed("gradgrad carried", mode)
+    dt = torch.float64
+    layer = make_layer(mode, 3, 4, dtype=dt)
+    h0, c0 = make_states(layer, 2, dtype=dt)
+    x = rand(2, 3, 2, 3, dtype=dt)
+
+    def fn(x, h, *rest):
+        c, w = (rest[0], rest[1:]) if c0 is not None else (None, rest)
+        for chunk in x:
+            output, h, c = rnn_layer(mode, chunk, *w, h, c)
+        return (output, h) if c is None else (output, h, c)
+
+    inputs = [x, h0, *([c0] if c0 is not None else []), *layer.tensors()]
+    assert torch.autograd.gradgradcheck(fn, inputs, **GRADCHECK)
+
+
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell", "LSTM", "GRU"])
+def test_double_backward_through_steps_as_torch_nn(name):
+    """Second derivatives of the parameters through a cell stepped three times, or a layer
+    called twice with its state carried over, beside torch.nn's."""
+    seed("double backward steps", name)
+    theirs = getattr(torch.nn, name)(3, 4).double()
+    ours = getattr(rnn_fused, name)(3, 4).double()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 2, 3, dtype=torch.float64)
+    if "Cell" not in name:
+        x = x.unsqueeze(1).expand(3, 2, 2, 3)
+    found = []
+    for module in (ours, theirs):
+        params = list(module.parameters())
+        state = None
+        for step in x:
+            out = module(step) if state is None else module(step, state)
+            state = out if "Cell" in name else out[1]
+        h = state[0] if isinstance(state, tuple) else state
+        g = torch.autograd.grad(h.sin().sum() + h.pow(2).sum(), params, create_graph=True)
+        found.append(torch.autograd.grad(sum(v.pow(2).sum() for v in g), params))
+    for got, want in zip(*found):
+        assert want.abs().max() > 0
+        assert_close(got, want, "second derivative")

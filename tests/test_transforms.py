@@ -12,7 +12,7 @@ import torch.autograd.forward_ad as fwAD
 from helpers import seed
 from tolerances import assert_close
 from torch import nn
-from torch.func import functional_call, grad, jacfwd, jacrev, jvp
+from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vmap
 
 import rnn_fused
 
@@ -132,3 +132,27 @@ def test_extension_jvp_matches_finite_differences(module):
     assert tangent.abs().max() > 0
     fd = _central_difference(f, x, v)
     assert (tangent - fd).abs().max() < 1e-7 * max(1.0, fd.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["GRU", "LSTM", "RNNCell"])
+@pytest.mark.parametrize("order", ["jvp of vmap", "vmap of jvp"])
+def test_jvp_and_vmap_nested_as_a_loop_of_torch_nn(name, order):
+    """Forward mode around vmap and inside it, against torch.nn's jvp of each sample (its
+    layers raise under vmap)."""
+    seed("jvp vmap", name, order)
+    theirs = getattr(nn, name)(3, 5).double()
+    ours = getattr(rnn_fused, name)(3, 5).double()
+    ours.load_state_dict(theirs.state_dict())
+    shape = (4, 2, 3) if "Cell" in name else (4, 6, 2, 3)
+    xs, vs = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+
+    def first(module):
+        return lambda a: (lambda r: r[0] if isinstance(r, tuple) else r)(module(a))
+
+    if order == "jvp of vmap":
+        _, got = jvp(vmap(first(ours)), (xs,), (vs,))
+    else:
+        got = vmap(lambda x, v: jvp(first(ours), (x,), (v,))[1])(xs, vs)
+    want = torch.stack([jvp(first(theirs), (x,), (v,))[1] for x, v in zip(xs, vs)])
+    assert want.abs().max() > 0
+    assert_close(got, want, order)
