@@ -20,6 +20,16 @@ DEVICES = [
     ),
 ]
 
+# torch.nn layer configurations the torch.func tests run (name, keyword arguments), and ids.
+FUNC_LAYERS = [
+    ("LSTM", dict()),
+    ("LSTM", dict(proj_size=2, num_layers=2)),
+    ("GRU", dict(bidirectional=True, batch_first=True)),
+    ("RNN", dict(nonlinearity="relu", num_layers=2, bias=False)),
+    ("RNN", dict(nonlinearity="tanh", bidirectional=True)),
+]
+FUNC_LAYER_IDS = ["LSTM", "LSTM-proj-2", "GRU-bi-batch_first", "RNN-relu-2", "RNN-tanh-bi"]
+
 
 @dataclass
 class Layer:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICES, seed
+from helpers import DEVICES, FUNC_LAYER_IDS, FUNC_LAYERS, seed
 from tolerances import assert_close
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vjp, vmap
@@ -17,14 +17,6 @@ import rnn_fused
 from rnn_fused import ops, reference
 
 F64 = torch.float64
-LAYERS = [
-    ("LSTM", dict()),
-    ("LSTM", dict(proj_size=2, num_layers=2)),
-    ("GRU", dict(bidirectional=True, batch_first=True)),
-    ("RNN", dict(nonlinearity="relu", num_layers=2, bias=False)),
-    ("RNN", dict(nonlinearity="tanh", bidirectional=True)),
-]
-LAYER_IDS = ["LSTM", "LSTM-proj-2", "GRU-bi-batch_first", "RNN-relu-2", "RNN-tanh-bi"]
 
 
 def _pair(name: str, kw: dict, input_size: int = 3, hidden: int = 5):
@@ -54,7 +46,7 @@ def _states(name: str, kw: dict, batch: int) -> tuple[torch.Tensor, ...]:
     return (h0, torch.randn(layers, batch, 5, dtype=F64)) if name == "LSTM" else (h0,)
 
 
-@pytest.mark.parametrize(("name", "kw"), LAYERS, ids=LAYER_IDS)
+@pytest.mark.parametrize(("name", "kw"), FUNC_LAYERS, ids=FUNC_LAYER_IDS)
 def test_grad_of_parameters_input_and_states(name, kw, no_reference_loop):
     seed("func fused grad", name, kw)
     ours, theirs = _pair(name, kw)
@@ -81,7 +73,7 @@ def test_grad_of_parameters_input_and_states(name, kw, no_reference_loop):
         assert_close(g, w, "grad of a state")
 
 
-@pytest.mark.parametrize(("name", "kw"), LAYERS, ids=LAYER_IDS)
+@pytest.mark.parametrize(("name", "kw"), FUNC_LAYERS, ids=FUNC_LAYER_IDS)
 def test_per_sample_gradients(name, kw, no_reference_loop):
     """vmap(grad(...)) over the batch: the forward folds the samples into one call."""
     seed("func fused per-sample", name, kw)

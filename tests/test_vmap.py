@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import seed
+from helpers import FUNC_LAYER_IDS, FUNC_LAYERS, seed
 from tolerances import assert_close
 from torch import nn
 from torch.func import functional_call, grad, jacrev, stack_module_state, vmap
@@ -15,13 +15,6 @@ from torch.func import functional_call, grad, jacrev, stack_module_state, vmap
 import rnn_fused
 
 F64 = torch.float64
-LAYERS = [
-    ("LSTM", dict()),
-    ("LSTM", dict(proj_size=2, num_layers=2)),
-    ("GRU", dict(bidirectional=True, batch_first=True)),
-    ("RNN", dict(nonlinearity="relu", num_layers=2, bias=False)),
-]
-LAYER_IDS = ["LSTM", "LSTM-proj-2", "GRU-bi-batch_first", "RNN-relu-2"]
 
 
 def _pair(name: str, kw: dict, input_size: int = 3, hidden: int = 5):
@@ -45,7 +38,7 @@ def _assert_all_close(got, want, what: str) -> None:
         assert_close(g, w, f"{what} result {k}")
 
 
-@pytest.mark.parametrize(("name", "kw"), LAYERS, ids=LAYER_IDS)
+@pytest.mark.parametrize(("name", "kw"), FUNC_LAYERS, ids=FUNC_LAYER_IDS)
 @pytest.mark.parametrize("unbatched", [False, True], ids=["batched", "unbatched"])
 def test_layer_over_inputs_and_states(name, kw, unbatched):
     seed("vmap layer", name, kw, unbatched)
@@ -154,7 +147,7 @@ def test_ensemble_of_stacked_parameters(name):
     _assert_all_close(vmap(run)(params, buffers), want, "ensemble")
 
 
-@pytest.mark.parametrize(("name", "kw"), LAYERS, ids=LAYER_IDS)
+@pytest.mark.parametrize(("name", "kw"), FUNC_LAYERS, ids=FUNC_LAYER_IDS)
 def test_gradients_through_vmap(name, kw):
     """A backward through a vmapped call gives the loop's gradients, for the inputs and the
     shared weights (summed over the samples), and batched gradients (is_grads_batched) each
