@@ -503,12 +503,12 @@ def _layer_in_python(
     if torch._C._is_any_autocast_enabled() and torch.float32 in (c.input.dtype, c.w_ih.dtype):
         if (done := _under_autocast(call, cell)) is not None:
             return done
-    if not compiling and _differentiated_by_transform():
-        if _fused_differentiation() and not _one_step(call):
+    if _differentiated_in_trace() if compiling else _differentiated_by_transform():
+        if not compiling and _fused_differentiation() and not _one_step(call):
             return _fused_layer(call)
         from . import reference
 
-        if _forward_ad._current_level >= 0:
+        if not compiling and _forward_ad._current_level >= 0:
             c = call = _element_wise_operands_dual(call)
         return reference.rnn_layer(
             c.mode, c.input, c.w_ih, c.w_hh, c.b_ih, c.b_hh, c.hx, c.cx,
@@ -641,6 +641,15 @@ def _differentiated_by_transform() -> bool:
         if any(level.key() != _VMAP for level in _interpreter_stack()):
             return True
     return _forward_ad._current_level >= 0
+
+
+def _differentiated_in_trace() -> bool:
+    """Under torch.compile: whether the innermost torch.func transform differentiates (grad,
+    vjp, jacrev, jvp), which the traced operator's C++ autograd function cannot serve, so the
+    call traces reference.py's loop. (Dynamo traces this question, not the whole stack's.)"""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    return _current_interpreter().key() != _VMAP
 
 
 def _fused_differentiation() -> bool:

@@ -10,7 +10,7 @@ import torch
 from helpers import DEVICES, FUNC_LAYER_IDS, FUNC_LAYERS, seed
 from tolerances import assert_close
 from torch import nn
-from torch.func import functional_call, grad, jacrev, vjp, vmap
+from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnn_fused
@@ -283,3 +283,37 @@ def test_forward_mode_runs_the_reference_loop():
     got, want = (torch.func.hessian(f)(x, m) for m in (ours, theirs))
     assert got.abs().max() > 0
     assert_close(got, want, "hessian")
+
+
+def test_transforms_under_torch_compile():
+    """torch.compile with fullgraph of grad, per-sample gradients and jvp over a layer (the
+    traced call takes reference.py's loop: the operator's C++ autograd function refuses
+    functorch's tensors), against the eager transforms; vmap alone keeps the operator."""
+    seed("func compile")
+    layer = rnn_fused.LSTM(3, 5, num_layers=2).double()
+    p, x = _params(layer), torch.randn(6, 2, 3, dtype=F64)
+    graphs: list[str] = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: list) -> object:
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    def loss(p, x):
+        return functional_call(layer, p, (x,))[0].sin().sum()
+
+    def per_sample(p, x):
+        return vmap(grad(loss), in_dims=(None, 1))(p, x.unsqueeze(2))
+
+    v = torch.randn_like(x)
+
+    def tangent(x):
+        return jvp(lambda a: layer(a)[0], (x,), (v,))[1]
+
+    for f, args in ((lambda p, x: grad(loss)(p, x), (p, x)), (per_sample, (p, x)), (tangent, (x,))):
+        got, want = torch.compile(f, fullgraph=True, backend=backend)(*args), f(*args)
+        for g, w in zip(*(r.values() if isinstance(r, dict) else [r] for r in (got, want))):
+            assert_close(g, w, "compiled transform")
+    xs = torch.randn(4, 6, 2, 3, dtype=F64)
+    got = torch.compile(vmap(lambda a: layer(a)[0]), fullgraph=True, backend=backend)(xs)
+    assert "rnn_fused.layer" in graphs[-1]
+    assert_close(got, vmap(lambda a: layer(a)[0])(xs), "compiled vmap")
