@@ -747,9 +747,9 @@ class _FusedGradients(torch.autograd.Function):
         call = _call_of(ctx.mode, ctx.reverse, tensors)
         # The gradients differentiated (their slots), as functions of the present tensors of
         # the call and the present incoming gradients.
-        wanted = [slot for slot, gg in zip(_GRADIENT_SLOTS, grad_grads) if gg is not None]
-        wanted = [slot for slot in wanted if call[slot] is not None]
+        by_slot = dict(zip(_GRADIENT_SLOTS, grad_grads))
         slots = [slot for slot in _GRADIENT_SLOTS if call[slot] is not None]
+        wanted = [slot for slot in slots if by_slot[slot] is not None]
         given = (grad_output, grad_h_n, grad_c_n)
         incoming = [k for k, g in enumerate(given) if g is not None]
 
@@ -761,12 +761,11 @@ class _FusedGradients(torch.autograd.Function):
             found = _reference_vjp(c, *g)
             return tuple(found[slot] for slot in wanted)
 
-        result: list[Tensor | None] = [None] * (2 + len(LayerCall._fields) + 5)
+        result: list[Tensor | None] = [None] * len(ctx.needs_input_grad)  # per forward argument
         if not wanted:
             return tuple(result)
         primals = [call[s] for s in slots] + [given[k] for k in incoming]
         _, pull = torch.func.vjp(gradients, *primals)
-        by_slot = dict(zip(_GRADIENT_SLOTS, grad_grads))
         found = pull(tuple(by_slot[slot] for slot in wanted))
         for s, g in zip(slots, found):
             result[2 + s] = g
