@@ -18,7 +18,7 @@ On the CPU, a full run (not --quick, --only or --shape) goes on with the per-cal
 (benchmarks/per_call.py, per_call.csv) and the variant rows (benchmarks/variants.py:
 IndRNN, DropConnect, zoneout and the LayerNorm cells against plain PyTorch loops, eager and
 compiled, variants.csv) and the torch.func rows (benchmarks/func_transforms.py: grad,
-per-sample gradients and jvp, func_transforms.csv).
+per-sample gradients, jacrev and jvp, func_transforms.csv).
 
     python benchmarks/bench.py [--device cpu|cuda] [--rounds N] [--csv PATH]
                                [--markdown PATH] [--quick] [--only T,B,I,H ...]

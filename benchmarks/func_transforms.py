@@ -1,11 +1,13 @@
 """torch.func rows of `make bench`: gradients by torch.func.grad and per-sample gradients by
 vmap(grad(...)) over the batch (differential privacy's clipping, influence functions), of
 torch.nn's layer and of ours with the same weights, side by side in interleaved rounds,
-with the parameters detached as torch.func's tutorials pass them, and a jvp (forward mode:
-ours runs reference.py's loop there, not the fused kernels). Times are median ms; speedup =
-torch.nn / rnn_fused. On the CPU torch.nn's GRU and RNN raise under vmap(grad(...)) (an
-in-place update in their unbatched decomposition) and its float32 LSTM under jvp (oneDNN's
-layer has no forward-mode formula): those rows time ours alone.
+with the parameters detached as torch.func's tutorials pass them, the Jacobian of one
+sequence's last output w.r.t. its inputs by jacrev (how far back a step's output reaches),
+and a jvp (forward mode: ours runs reference.py's loop there, not the fused kernels).
+Times are median ms; speedup = torch.nn / rnn_fused. On the CPU torch.nn's GRU and RNN
+raise under vmap(grad(...)) (an in-place update in their unbatched decomposition) and its
+float32 LSTM under jvp (oneDNN's layer has no forward-mode formula): those rows time ours
+alone; its float32 LSTM under jacrev runs through PyTorch's vmap fallback, a loop.
 
     python benchmarks/func_transforms.py [--rounds N]
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import rnn_fused
@@ -38,8 +40,9 @@ def _loss(module: nn.Module) -> Callable[[dict, Tensor], Tensor]:
 
 def _calls(module: nn.Module, x: Tensor) -> dict[str, Callable[[], object]]:
     """The transformed calls of `module` on x [T, B, H]: grad of the parameters, per-sample
-    gradients (a sample: one batch column, [T, 1, H]), and a forward-mode product of the
-    output's Jacobian with a direction of the input (jvp)."""
+    gradients (a sample: one batch column, [T, 1, H]), the Jacobian of the first sequence's
+    last output w.r.t. that sequence (jacrev: H incoming gradients), and a forward-mode
+    product of the output's Jacobian with a direction of the input (jvp)."""
     params = {k: v.detach() for k, v in module.named_parameters()}
     loss = _loss(module)
     direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
@@ -50,6 +53,7 @@ def _calls(module: nn.Module, x: Tensor) -> dict[str, Callable[[], object]]:
     return {
         "grad": lambda: grad(loss)(params, x),
         "per-sample grad": lambda: vmap(grad(one_sample), in_dims=(None, 1))(params, x),
+        "jacrev": lambda: jacrev(lambda a: functional_call(module, params, (a,))[0][-1])(x[:, :1]),
         "jvp": lambda: jvp(lambda a: module(a)[0], (x,), (direction,)),
     }
 

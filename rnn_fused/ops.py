@@ -283,9 +283,10 @@ _impl.impl("reference_grads", _reference_grads, "CompositeImplicitAutograd")
 # vmap (torch.func.vmap) of the operators. A layer call whose parameters are the same for
 # every vmapped sample (vmap over inputs or states) runs once, the samples folded into the
 # batch: sample v of batch row b becomes row b * V + v, which keeps a packed sequence's rows
-# in step order with its batch sizes times V. Any other call (an ensemble's stacked
-# parameters; batched gradients into the backward) runs sample by sample, as PyTorch's
-# fallback would, without its warning.
+# in step order with its batch sizes times V. So does a backward that returns no parameter
+# gradients (jacrev or per-sample gradients of inputs and states). Any other call (an
+# ensemble's stacked parameters; each sample's parameter gradients) runs sample by sample,
+# as PyTorch's fallback would, without its warning.
 
 
 def _fold(t: Tensor | None, vmapped: int | None, at: int | None, samples: int) -> Tensor | None:
@@ -386,9 +387,73 @@ def _layer_vmap(op, samples: int, in_dims: tuple, args: tuple) -> tuple:
     return (output, h_n, c_n, *workspace), (at + 1, 1, c_dim, *(1,) * len(workspace))
 
 
+# The most bytes that _backward_vmap copies to fold: a forward that was not vmapped (jacrev
+# of one call) left one workspace, which the folded rows repeat for each sample; a call per
+# sample reads the one in cache. jacrev of an output step w.r.t. the input, float32 (AMD
+# EPYC): folds copying 0.3-35 MB ran 1.2-2.3x faster than the calls, 44-300 MB from 0.74x
+# (B=16) to 1.5x (B=1), and memory grows with the copy.
+_FOLD_COPY_BYTES = 32 << 20
+
+
+def _fold_copies(call: BackwardCall, dims: BackwardCall, samples: int) -> int:
+    """The bytes _backward_vmap copies to fold call's unbatched per-row tensors."""
+    rows = (call.input, call.saved, call.h_prev, call.zoneout)
+    unbatched = (dims.input, dims.saved, dims.h_prev, dims.zoneout)
+    return samples * sum(
+        t.numel() * t.element_size() for t, d in zip(rows, unbatched) if t is not None and d is None
+    )
+
+
 def _backward_vmap(info, in_dims: tuple, *args) -> tuple:
-    # Each sample's parameter gradients are its own: no fold.
-    return _sample_by_sample(_ops.backward, info.batch_size, in_dims, args)
+    """The batching rule of rnn_fused::backward. Without parameter gradients (jacrev or a
+    vmapped vjp of the input or the states: one incoming gradient a sample) and with shared
+    parameters, the samples fold into the batch as in _layer_vmap, one call; else each
+    sample's parameter gradients are its own, sample by sample."""
+    samples, call, dims = info.batch_size, BackwardCall(*args), BackwardCall(*in_dims)
+    own = (dims.w_ih, dims.w_hh, dims.w_hr, dims.batch_sizes, dims.layer_norm)
+    if (
+        call.output_mask[2]
+        or samples == 0
+        or any(d is not None for d in own)
+        or _fold_copies(call, dims, samples) > _FOLD_COPY_BYTES
+    ):
+        return _sample_by_sample(_ops.backward, samples, in_dims, args)
+    packed = call.batch_sizes is not None
+    dim = call.input.dim() - (dims.input is not None)
+    at = 0 if packed or dim == 2 else (1 if dim == 3 else None)
+    state_at = None if at is None else 0
+    folded = call._replace(
+        grad_output=_fold(call.grad_output, dims.grad_output, at, samples),
+        grad_h_n=_fold(call.grad_h_n, dims.grad_h_n, state_at, samples),
+        grad_c_n=_fold(call.grad_c_n, dims.grad_c_n, state_at, samples),
+        input=_fold(call.input, dims.input, at, samples),
+        batch_sizes=call.batch_sizes * samples if packed else None,
+        # The workspace's rows as the folded forward's: sample v of row r at r * samples + v.
+        saved=_fold(call.saved, dims.saved, 0, samples),
+        h_prev=_fold(call.h_prev, dims.h_prev, 0, samples),
+        batch=call.batch * samples if at is not None else samples,
+        zoneout=_fold(call.zoneout, dims.zoneout, at, samples),
+    )
+    try:
+        grad_input, grad_hx, grad_cx, *params = _ops.backward(*folded)
+    except (RuntimeError, IndexError):
+        if (error := _first_sample_error(_ops.backward, args, in_dims)) is None:
+            raise
+        raise error from None
+
+    def unfold(t: Tensor, asked: bool, at: int | None, rows: int) -> tuple[Tensor, int | None]:
+        if not asked:  # an empty tensor, the same for every sample
+            return t, None
+        return (t, 0) if at is None else (t.unflatten(at, (rows, samples)), at + 1)
+
+    need_input, need_states, _ = call.output_mask
+    rows = 0 if at is None else folded.input.shape[at] // samples
+    results, out_dims = zip(
+        unfold(grad_input, need_input, at, rows),
+        unfold(grad_hx, need_states, state_at, call.batch),
+        unfold(grad_cx, need_states and call.mode == "LSTM", state_at, call.batch),
+    )
+    return (*results, *params), (*out_dims, *(None,) * len(params))
 
 
 def _zoneout_mask_vmap(info, in_dims: tuple, *args) -> tuple:
@@ -675,8 +740,9 @@ class _FusedLayer(torch.autograd.Function):
     """rnn_fused::layer as a Python autograd function over the forward and backward
     operators, for torch.func's reverse-mode transforms (grad, vjp, jacrev), which the C++
     autograd function cannot serve and this one can: its vmap rule is generated from the
-    operators' own (forward folds shared-parameter samples into its batch, the backward runs
-    sample by sample), so per-sample gradients, vmap(grad(...)), run fused too. The
+    operators' own (forward folds shared-parameter samples into its batch, the backward too
+    unless each sample's parameter gradients are asked for), so per-sample gradients,
+    vmap(grad(...)), and jacrev run fused too. The
     arguments are LayerCall's; the results are forward's (the workspace not
     differentiable). Its gradients come from _FusedGradients, differentiable again."""
 

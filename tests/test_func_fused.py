@@ -12,6 +12,7 @@ from tolerances import assert_close
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from torch.nn.utils.rnn import pack_padded_sequence
+from torch.utils._pytree import tree_leaves
 
 import rnn_fused
 from rnn_fused import ops, reference
@@ -93,6 +94,101 @@ def test_per_sample_gradients(name, kw, no_reference_loop):
         for k in want:
             assert got[k][b].abs().max() > 0 or want[k].abs().max() == 0
             assert_close(got[k][b], want[k], f"sample {b}'s grad of {k}")
+
+
+@pytest.fixture
+def folded_backward(monkeypatch):
+    """Fails a test whose vmapped backward runs sample by sample: it must fold."""
+
+    def refuse(op, *args):
+        if op is torch.ops.rnn_fused.backward:
+            raise AssertionError("the vmapped backward ran sample by sample")
+        return unfolded(op, *args)
+
+    unfolded = ops._sample_by_sample
+    monkeypatch.setattr(ops, "_sample_by_sample", refuse)
+
+
+@pytest.mark.parametrize(("name", "kw"), FUNC_LAYERS, ids=FUNC_LAYER_IDS)
+def test_jacobian_of_input_and_states(name, kw, no_reference_loop, folded_backward):
+    """jacrev of every output w.r.t. the input and the initial states: one incoming gradient
+    a sample and no parameter gradients, so the vmapped backward folds them into one call."""
+    seed("func fused jacobian", name, kw)
+    ours, theirs = _pair(name, kw)
+    x = torch.randn((2, 5, 3) if kw.get("batch_first") else (5, 2, 3), dtype=F64)
+    states = _states(name, kw, 2)
+
+    def run(module):
+        def f(x, states):
+            output, h_n = module(x, states if name == "LSTM" else states[0])
+            return (output, *h_n) if name == "LSTM" else (output, h_n)
+
+        return f
+
+    got = jacrev(run(ours), argnums=(0, 1))(x, states)
+    want = jacrev(run(theirs), argnums=(0, 1))(x, states)
+    for k, (g, w) in enumerate(zip(got, want, strict=True)):
+        for j, (g_, w_) in enumerate(zip(tree_leaves(g), tree_leaves(w), strict=True)):
+            assert g_.shape == w_.shape, f"result {k} {j}: {g_.shape} != {w_.shape}"
+            assert_close(g_, w_, f"jacobian {k}, {j}")
+
+
+def test_jacobian_of_the_states_of_a_packed_input(no_reference_loop, folded_backward):
+    """The fold of a packed call: its rows in step order, batch sizes times the samples."""
+    seed("func fused packed jacobian")
+    ours, theirs = _pair("LSTM", dict(num_layers=2, bidirectional=True))
+    packed = pack_padded_sequence(
+        torch.randn(6, 3, 3, dtype=F64), torch.tensor([2, 6, 5]), enforce_sorted=False
+    )
+    states = _states("LSTM", dict(num_layers=2, bidirectional=True), 3)
+
+    def run(module):
+        def f(h0, c0):
+            output, (h_n, c_n) = module(packed, (h0, c0))
+            return output.data, h_n, c_n
+
+        return f
+
+    got = jacrev(run(ours), argnums=(0, 1))(*states)
+    want = torch.autograd.functional.jacobian(run(theirs), states)
+    for k, (g, w) in enumerate(zip(got, want, strict=True)):
+        for j, (g_, w_) in enumerate(zip(g, w, strict=True)):
+            assert_close(g_, w_, f"jacobian {k}, {j}")
+
+
+def test_per_sample_input_gradients(no_reference_loop, folded_backward):
+    """vmap(grad(...)) of the input alone: forward and backward each one folded call."""
+    seed("func fused per-sample input")
+    ours, theirs = _pair("GRU", dict(num_layers=2))
+    xs = torch.randn(4, 5, 2, 3, dtype=F64)
+
+    def loss(x, module):
+        output, h_n = module(x)
+        return output.sin().sum() + h_n.pow(2).sum()
+
+    got = vmap(grad(loss), in_dims=(0, None))(xs, ours)
+    want = torch.stack([grad(loss)(x, theirs) for x in xs])
+    assert_close(got, want, "per-sample input gradients")
+
+
+def test_large_fold_runs_sample_by_sample(monkeypatch):
+    """Where the fold would copy more than _FOLD_COPY_BYTES (one workspace repeated for each
+    sample), the samples run one by one, with the same results."""
+    seed("func fused large fold")
+    ours, theirs = _pair("LSTM", dict())
+    x = torch.randn(4, 2, 3, dtype=F64)
+    want = jacrev(lambda x: theirs(x)[0])(x)
+    calls = []
+    unfolded = ops._sample_by_sample
+
+    def counted(op, *args):
+        calls.append(op)
+        return unfolded(op, *args)
+
+    monkeypatch.setattr(ops, "_sample_by_sample", counted)
+    monkeypatch.setattr(ops, "_FOLD_COPY_BYTES", 0)
+    assert_close(jacrev(lambda x: ours(x)[0])(x), want, "jacobian sample by sample")
+    assert calls == [torch.ops.rnn_fused.backward]
 
 
 @pytest.mark.parametrize("device", DEVICES)
