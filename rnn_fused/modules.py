@@ -566,7 +566,15 @@ class _RNNBase(_Options, _Convertible, nn.Module):
         if not packed and data.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
-        output, h_n, c_n = self._run_layers(data, h0, c0, batch_sizes)
+        if is_lstm and h0 is not None and self._float32_cell_state(data, h0, c0, packed):
+            # torch.nn's bfloat16 LSTM on the CPU (oneDNN's, padded, without projection) takes a
+            # float32 c_0 and returns a float32 c_n. The operator's call of bfloat16 parameters
+            # on a float32 input keeps the cell state in float32 from c_0 and rounds what its
+            # products read to bfloat16, as a bfloat16 call does; output and h_n are rounded.
+            output, h_n, c_n = self._run_layers(data.float(), h0.float(), c0, batch_sizes)
+            output, h_n = output.to(data.dtype), h_n.to(data.dtype)
+        else:
+            output, h_n, c_n = self._run_layers(data, h0, c0, batch_sizes)
 
         hidden = (h_n, c_n) if is_lstm else h_n
         if packed:
@@ -578,6 +586,21 @@ class _RNNBase(_Options, _Convertible, nn.Module):
             output = output.squeeze(0 if self.batch_first else 1)
             hidden = (h_n.squeeze(1), c_n.squeeze(1)) if is_lstm else h_n.squeeze(1)
         return output, hidden
+
+    def _float32_cell_state(self, data: Tensor, h0: Tensor, c0: Tensor, packed: bool) -> bool:
+        """Whether a bfloat16 LSTM call with a float32 c_0 runs as torch.nn's on the CPU,
+        which keeps it float32 (see forward); elsewhere torch.nn raises, and the operator
+        names c_0."""
+        bf16 = torch.bfloat16
+        return (
+            data.dtype == bf16
+            and h0.dtype == bf16
+            and c0.dtype == torch.float32
+            and data.device.type == "cpu"
+            and not packed
+            and not self.proj_size
+            and not torch._C._is_any_autocast_enabled()
+        )
 
     def _first_weight_dtype(self) -> torch.dtype:
         """weight_ih_l0's dtype without evaluating a parametrization of it (torch.nn's check

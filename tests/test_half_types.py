@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from half_cases import HALF_CONFIGS, HALF_TYPES, half_layer_errors, half_type_errors
+from half_cases import (
+    HALF_CONFIGS,
+    HALF_TYPES,
+    half_layer_errors,
+    half_type_errors,
+    outputs_and_grads,
+)
 from helpers import seed
 from tolerances import HALF_SLACK, rel_err
 from torch import nn
@@ -43,6 +49,34 @@ LENGTHS = {
 def test_layer_no_worse_than_twice_torch_nn(cell, kw, dtype, length):
     seed(cell, kw, dtype, length)
     _assert_rule(half_layer_errors(cell, kw, dtype, "cpu", *LENGTHS[length]))
+
+
+@pytest.mark.parametrize("length", ["short", "long", "wide"])
+@pytest.mark.parametrize(
+    "kw",
+    [{}, dict(num_layers=2, bidirectional=True, dropout=0.0), dict(batch_first=True, bias=False)],
+    ids=["1", "2bi", "batch_first"],
+)
+def test_bf16_lstm_with_a_float32_c0_as_torch_nn(kw, length):
+    """torch.nn's bfloat16 LSTM on the CPU (oneDNN's) takes a float32 c_0 and returns a float32
+    c_n, c_0's gradient in float32: ours the same dtypes, under the accuracy rule."""
+    seed("bf16 lstm float32 c0", kw, length)
+    T, B = LENGTHS[length]
+    theirs = nn.LSTM(5, 33, **kw).bfloat16()
+    ours = rnn_fused.LSTM(5, 33, **kw).bfloat16()
+    ours.load_state_dict(theirs.state_dict())
+    exact = nn.LSTM(5, 33, **kw).double()
+    exact.load_state_dict({k: v.double() for k, v in theirs.state_dict().items()})
+    D = 2 * kw["num_layers"] if "num_layers" in kw else 1
+    x = torch.randn((B, T, 5) if kw.get("batch_first") else (T, B, 5)).bfloat16()
+    states = [torch.randn(D, B, 33).bfloat16(), torch.randn(D, B, 33)]
+    weights = [torch.randn(s) for s in ((T, B, 33 * (2 if D > 1 else 1)), (D, B, 33), (D, B, 33))]
+    if kw.get("batch_first"):
+        weights[0] = weights[0].transpose(0, 1)
+    got, want = (outputs_and_grads(m, x, states, weights) for m in (ours, theirs))
+    assert [t.dtype for t in got] == [t.dtype for t in want]
+    assert got[2].dtype == torch.float32 and got[5].dtype == torch.float32  # c_n, c_0's grad
+    _assert_rule(half_type_errors(ours, theirs, exact, x, states))
 
 
 @pytest.mark.skipif(
