@@ -709,12 +709,17 @@ def _differentiated_by_transform() -> bool:
 
 
 def _differentiated_in_trace() -> bool:
-    """Under torch.compile: whether the innermost torch.func transform differentiates (grad,
-    vjp, jacrev, jvp), which the traced operator's C++ autograd function cannot serve, so the
-    call traces reference.py's loop. (Dynamo traces this question, not the whole stack's.)"""
+    """Under torch.compile: whether a torch.func transform that differentiates (grad, vjp,
+    jacrev, jvp) is active, which the traced operator's C++ autograd function cannot serve, so
+    the call traces reference.py's loop. Dynamo cannot trace _interpreter_stack; it traces
+    each level's question, the next level down reached by lowering the current one."""
     if not torch._C._are_functorch_transforms_active():
         return False
-    return _current_interpreter().key() != _VMAP
+    level = _current_interpreter()
+    if level.key() != _VMAP:
+        return True
+    with level.lower():
+        return _differentiated_in_trace()
 
 
 def _fused_differentiation() -> bool:

@@ -382,9 +382,10 @@ def test_forward_mode_runs_the_reference_loop():
 
 
 def test_transforms_under_torch_compile():
-    """torch.compile with fullgraph of grad, per-sample gradients and jvp over a layer (the
-    traced call takes reference.py's loop: the operator's C++ autograd function refuses
-    functorch's tensors), against the eager transforms; vmap alone keeps the operator."""
+    """torch.compile with fullgraph of grad, per-sample gradients, grad of a vmapped call and
+    jvp over a layer (the traced call takes reference.py's loop: the operator's C++ autograd
+    function refuses functorch's tensors), against the eager transforms; vmap alone, nested
+    too, keeps the operator."""
     seed("func compile")
     layer = rnn_fused.LSTM(3, 5, num_layers=2).double()
     p, x = _params(layer), torch.randn(6, 2, 3, dtype=F64)
@@ -405,11 +406,21 @@ def test_transforms_under_torch_compile():
     def tangent(x):
         return jvp(lambda a: layer(a)[0], (x,), (v,))[1]
 
-    for f, args in ((lambda p, x: grad(loss)(p, x), (p, x)), (per_sample, (p, x)), (tangent, (x,))):
+    def of_vmapped(xs):
+        return grad(lambda a: vmap(lambda b: layer(b)[0])(a).sin().sum())(xs)
+
+    xs = torch.randn(4, 6, 2, 3, dtype=F64)
+    for f, args in (
+        (lambda p, x: grad(loss)(p, x), (p, x)),
+        (per_sample, (p, x)),
+        (tangent, (x,)),
+        (of_vmapped, (xs,)),
+    ):
         got, want = torch.compile(f, fullgraph=True, backend=backend)(*args), f(*args)
         for g, w in zip(*(r.values() if isinstance(r, dict) else [r] for r in (got, want))):
             assert_close(g, w, "compiled transform")
-    xs = torch.randn(4, 6, 2, 3, dtype=F64)
-    got = torch.compile(vmap(lambda a: layer(a)[0]), fullgraph=True, backend=backend)(xs)
-    assert "rnn_fused.layer" in graphs[-1]
-    assert_close(got, vmap(lambda a: layer(a)[0])(xs), "compiled vmap")
+    once = vmap(lambda a: layer(a)[0])
+    for f, a in ((once, xs), (vmap(once), xs.unsqueeze(0))):
+        got = torch.compile(f, fullgraph=True, backend=backend)(a)
+        assert "rnn_fused.layer" in graphs[-1]
+        assert_close(got, f(a), "compiled vmap")
