@@ -329,6 +329,14 @@ def _first_sample_error(op, args: tuple, in_dims: tuple) -> RuntimeError | None:
     return None
 
 
+def _batch_dim(input: Tensor, vmapped: int | None, packed: bool) -> int | None:
+    """The batch dimension of a call's unvmapped input ([T, B, I]: 1; packed rows [N, I] or a
+    step [B, I]: 0), None for an unbatched step [I]; its output's and zoneout's are the same,
+    the states' 0."""
+    dim = input.dim() - (vmapped is not None)
+    return 0 if packed or dim == 2 else (1 if dim == 3 else None)
+
+
 def _layer_vmap(op, samples: int, in_dims: tuple, args: tuple) -> tuple:
     """The batching rule of rnn_fused::layer, or of rnn_fused::forward (op), over `samples`
     samples (see above): results and their vmapped dimensions. forward's workspace (saved and
@@ -343,10 +351,7 @@ def _layer_vmap(op, samples: int, in_dims: tuple, args: tuple) -> tuple:
             args, in_dims = (*args[:11], True, *args[11:]), (*in_dims[:11], None, *in_dims[11:])
         return _sample_by_sample(op, samples, in_dims, args)
     packed = call.batch_sizes is not None
-    # The input's batch dimension ([T, B, I], packed rows [N, I], a step [B, I]), None for an
-    # unbatched step [I]; zoneout's is the same (shaped like the output), the states' 0.
-    dim = call.input.dim() - (dims.input is not None)
-    at = 0 if packed or dim == 2 else (1 if dim == 3 else None)
+    at = _batch_dim(call.input, dims.input, packed)
     state_at = None if at is None else 0
     if packed and samples == 0:
         raise ValueError("rnn_fused: vmap over 0 samples of a packed input is not supported")
@@ -419,8 +424,7 @@ def _backward_vmap(info, in_dims: tuple, *args) -> tuple:
     ):
         return _sample_by_sample(_ops.backward, samples, in_dims, args)
     packed = call.batch_sizes is not None
-    dim = call.input.dim() - (dims.input is not None)
-    at = 0 if packed or dim == 2 else (1 if dim == 3 else None)
+    at = _batch_dim(call.input, dims.input, packed)
     state_at = None if at is None else 0
     folded = call._replace(
         grad_output=_fold(call.grad_output, dims.grad_output, at, samples),
