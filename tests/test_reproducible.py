@@ -172,3 +172,42 @@ def test_own_rows_of_a_packed_batch(cls, dtype: torch.dtype):
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     for a, b in zip(double, run(theirs, torch.float64)):
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN], ids=lambda c: c.__name__)
+def test_bf16_reverse_step_of_one_row_without_state_gradients(cls):
+    """bfloat16 training of a reversed packed call whose last step (the backward's final one)
+    has one row, without h_0's gradient: on two threads the tiles compute that row, which
+    must be rounded for the chunk's products like the other steps' rows (they read stale
+    ones: wrong weight and input gradients, at times inf). Calls of another layer leave
+    other values in the buffers between the calls compared, and one thread runs last (its
+    rows rounded right would serve a call after it)."""
+    seed("repro-bf16-last-row", cls.__name__)
+    layer = rnn_fused.replace_rnns(cls(130, 66)).bfloat16()
+    other = rnn_fused.replace_rnns(cls(257, 66, bidirectional=True)).bfloat16()
+    lengths = torch.randint(1, 63, (15,)).sort(descending=True).values
+    # The reverse direction's first step, its last in the backward, of one row; every other
+    # step of two or more (a step of one row elsewhere left the chunk's rows unrounded).
+    lengths[:2] = torch.tensor([64, 63])
+    x, noise = torch.randn(64, 15, 130).bfloat16(), torch.randn(64, 15, 257).bfloat16()
+    packed = nn.utils.rnn.pack_padded_sequence(x, lengths)
+    weights = torch.randn(packed.data.shape[0], 66)
+    w_ih, w_hh, b_ih, b_hh = (p.detach().requires_grad_() for p in layer.parameters())
+    mode = {nn.LSTM: "LSTM", nn.GRU: "GRU", nn.RNN: "RNN_TANH"}[cls]
+
+    def run() -> list[torch.Tensor]:
+        with torch.no_grad():
+            other(noise)
+        xi = packed.data.clone().requires_grad_()
+        out = rnn_fused.rnn_layer(
+            mode, xi, w_ih, w_hh, b_ih, b_hh, batch_sizes=packed.batch_sizes, reverse=True
+        )[0]
+        loss = (out.float() * weights).sum()
+        return list(torch.autograd.grad(loss, [xi, w_ih, w_hh, b_ih, b_hh]))
+
+    doubles = [_on_threads(2, run) for _ in range(4)]
+    single = _on_threads(1, run)  # last: its rounded rows stay in the buffers
+    for double in doubles:
+        for name, a, b in zip(["input", "w_ih", "w_hh", "b_ih", "b_hh"], single, double):
+            assert torch.isfinite(b).all(), f"{name}: non-finite gradient on two threads"
+            assert torch.equal(a, b), f"{name}: one thread and two threads differ"

@@ -400,8 +400,14 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
           // dL/dh_{t-1} = (hidden-side gate gradients) W_hh [+ the direct part the cell wrote].
           // The first step's is the initial state's gradient only: skipped when not asked
           // for (one read of W_hh: LSTMCell(256) at batch 1, forward and backward, 734 and
-          // 654 us a call against 782 and 691 before; Intel Xeon with AMX).
-          if (s == 0 && !a.mask.state) break;
+          // 654 us a call against 782 and 691 before; Intel Xeon with AMX). Rows the tiles
+          // computed are rounded then for the chunk's products, which read every step's rows
+          // rounded while chunk_rounded holds (they read stale ones before: a reversed packed
+          // call's last step of one row on two threads).
+          if (s == 0 && !a.mask.state) {
+            if (round_dg && !rounded && team.id == 0) round_rows(local, 0, n);
+            break;
+          }
           if (rounded) {
             if constexpr (std::is_same_v<T, float>)
               w_hh_b.product(team, n, dg_bf_p + local * ld_dg, ld_dg, dh_p, Hout, accumulate);
