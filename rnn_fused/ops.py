@@ -751,9 +751,9 @@ class _FusedLayer(torch.autograd.Function):
     autograd function cannot serve and this one can: its vmap rule is generated from the
     operators' own (forward folds shared-parameter samples into its batch, the backward too
     unless each sample's parameter gradients are asked for), so per-sample gradients,
-    vmap(grad(...)), and jacrev run fused too. The
-    arguments are LayerCall's; the results are forward's (the workspace not
-    differentiable). Its gradients come from _FusedGradients, differentiable again."""
+    vmap(grad(...)), and jacrev run fused too. The arguments are LayerCall's; the results
+    are forward's (the workspace not differentiable). Its gradients come from
+    _FusedGradients, differentiable again."""
 
     generate_vmap_rule = True
 
