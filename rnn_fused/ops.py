@@ -10,6 +10,7 @@ torch.export trace with) and the differentiable gradients of a double backward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -329,6 +330,17 @@ def _first_sample_error(op, args: tuple, in_dims: tuple) -> RuntimeError | None:
     return None
 
 
+def _run_folded(op, folded: Callable[[], list], samples: int, args: tuple, in_dims: tuple):
+    """op on the arguments that folded() builds. Bad arguments raise the error of the first
+    sample's own call, as an eager call's (the folded sizes would mislead)."""
+    try:
+        return op(*folded())
+    except (RuntimeError, IndexError):
+        if samples == 0 or (error := _first_sample_error(op, args, in_dims)) is None:
+            raise
+        raise error from None
+
+
 def _batch_dim(input: Tensor, vmapped: int | None, packed: bool) -> int | None:
     """The batch dimension of a call's unvmapped input ([T, B, I]: 1; packed rows [N, I] or a
     step [B, I]: 0), None for an unbatched step [I]; its output's and zoneout's are the same,
@@ -355,8 +367,9 @@ def _layer_vmap(op, samples: int, in_dims: tuple, args: tuple) -> tuple:
     state_at = None if at is None else 0
     if packed and samples == 0:
         raise ValueError("rnn_fused: vmap over 0 samples of a packed input is not supported")
-    try:
-        folded = [
+
+    def folded() -> list:
+        return [
             call.mode,
             _fold(call.input, dims.input, at, samples),
             _fold(call.hx, dims.hx, state_at, samples),
@@ -364,18 +377,12 @@ def _layer_vmap(op, samples: int, in_dims: tuple, args: tuple) -> tuple:
             call.w_ih, call.w_hh, call.b_ih, call.b_hh, call.w_hr,
             call.batch_sizes * samples if packed else None,
             call.reverse,
+            *((True,) if train else ()),
             _fold(call.zoneout, dims.zoneout, at, samples),
             call.layer_norm,
         ]  # fmt: skip
-        if train:
-            folded.insert(11, True)
-        output, h_n, c_n, *workspace = op(*folded)
-    except (RuntimeError, IndexError):
-        # Bad arguments: the error of the first sample's own call, as an eager call's (the
-        # folded sizes would mislead).
-        if samples == 0 or (error := _first_sample_error(op, args, in_dims)) is None:
-            raise
-        raise error from None
+
+    output, h_n, c_n, *workspace = _run_folded(op, folded, samples, args, in_dims)
     # The workspace's rows are the folded input's, sample v of row r at r * samples + v.
     workspace = [w.unflatten(0, (w.shape[0] // max(samples, 1), samples)) for w in workspace]
     c_dim = 0 if call.mode == "LSTM" else None  # else an empty tensor, the same for all
@@ -426,36 +433,37 @@ def _backward_vmap(info, in_dims: tuple, *args) -> tuple:
     packed = call.batch_sizes is not None
     at = _batch_dim(call.input, dims.input, packed)
     state_at = None if at is None else 0
-    folded = call._replace(
-        grad_output=_fold(call.grad_output, dims.grad_output, at, samples),
-        grad_h_n=_fold(call.grad_h_n, dims.grad_h_n, state_at, samples),
-        grad_c_n=_fold(call.grad_c_n, dims.grad_c_n, state_at, samples),
-        input=_fold(call.input, dims.input, at, samples),
-        batch_sizes=call.batch_sizes * samples if packed else None,
-        # The workspace's rows as the folded forward's: sample v of row r at r * samples + v.
-        saved=_fold(call.saved, dims.saved, 0, samples),
-        h_prev=_fold(call.h_prev, dims.h_prev, 0, samples),
-        batch=call.batch * samples if at is not None else samples,
-        zoneout=_fold(call.zoneout, dims.zoneout, at, samples),
-    )
-    try:
-        grad_input, grad_hx, grad_cx, *params = _ops.backward(*folded)
-    except (RuntimeError, IndexError):
-        if (error := _first_sample_error(_ops.backward, args, in_dims)) is None:
-            raise
-        raise error from None
 
-    def unfold(t: Tensor, asked: bool, at: int | None, rows: int) -> tuple[Tensor, int | None]:
+    def folded() -> BackwardCall:
+        return call._replace(
+            grad_output=_fold(call.grad_output, dims.grad_output, at, samples),
+            grad_h_n=_fold(call.grad_h_n, dims.grad_h_n, state_at, samples),
+            grad_c_n=_fold(call.grad_c_n, dims.grad_c_n, state_at, samples),
+            input=_fold(call.input, dims.input, at, samples),
+            batch_sizes=call.batch_sizes * samples if packed else None,
+            # The workspace's rows as the folded forward's: sample v of row r at r * V + v.
+            saved=_fold(call.saved, dims.saved, 0, samples),
+            h_prev=_fold(call.h_prev, dims.h_prev, 0, samples),
+            batch=call.batch * samples if at is not None else samples,
+            zoneout=_fold(call.zoneout, dims.zoneout, at, samples),
+        )
+
+    grad_input, grad_hx, grad_cx, *params = _run_folded(
+        _ops.backward, folded, samples, args, in_dims
+    )
+
+    def unfold(t: Tensor, asked: bool, at: int | None) -> tuple[Tensor, int | None]:
         if not asked:  # an empty tensor, the same for every sample
             return t, None
-        return (t, 0) if at is None else (t.unflatten(at, (rows, samples)), at + 1)
+        if at is None:
+            return t, 0
+        return t.unflatten(at, (t.shape[at] // samples, samples)), at + 1
 
     need_input, need_states, _ = call.output_mask
-    rows = 0 if at is None else folded.input.shape[at] // samples
     results, out_dims = zip(
-        unfold(grad_input, need_input, at, rows),
-        unfold(grad_hx, need_states, state_at, call.batch),
-        unfold(grad_cx, need_states and call.mode == "LSTM", state_at, call.batch),
+        unfold(grad_input, need_input, at),
+        unfold(grad_hx, need_states, state_at),
+        unfold(grad_cx, need_states and call.mode == "LSTM", state_at),
     )
     return (*results, *params), (*out_dims, *(None,) * len(params))
 
