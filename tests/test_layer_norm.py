@@ -17,6 +17,13 @@ import rnn_fused
 from rnn_fused import reference
 from rnn_fused.ops import GATES, rnn_layer
 
+HAS_CUDA_KERNELS = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "rnn_fused::forward", "CUDA"
+)
+CUDA_ONLY = pytest.mark.skipif(
+    not HAS_CUDA_KERNELS, reason="needs a CUDA device and rnn_fused's CUDA kernels"
+)
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_ONLY)]
 MODES = ["LSTM", "GRU"]
 SIZES = [(7, 3, 33), (6, 11, 70)]  # a small problem, and one with packed weights and threads
 
@@ -31,6 +38,13 @@ def _gains(mode: str, hidden: int, dtype: torch.dtype = torch.float64) -> torch.
     return g.to(dtype).requires_grad_()
 
 
+def _packed_batch_sizes(steps: int, batch: int) -> torch.Tensor:
+    """A packed sequence's batch sizes: random, non-increasing, the whole batch first."""
+    sizes = torch.tensor(sorted(torch.randint(1, batch + 1, (steps,)).tolist(), reverse=True))
+    sizes[0] = batch
+    return sizes
+
+
 @pytest.mark.parametrize("zoneout", [False, True], ids=["plain", "zoneout"])
 @pytest.mark.parametrize("form", ["padded", "packed", "reverse", "packed-reverse"])
 @pytest.mark.parametrize("size", SIZES, ids=str)
@@ -43,8 +57,7 @@ def test_operator_matches_reference(mode, size, form, zoneout):
     gains = _gains(mode, H)
     batch_sizes = None
     if "packed" in form:
-        batch_sizes = torch.tensor(sorted(torch.randint(1, B + 1, (T,)).tolist(), reverse=True))
-        batch_sizes[0] = B
+        batch_sizes = _packed_batch_sizes(T, B)
         x = rand(int(batch_sizes.sum()), 5, dtype=torch.float64)
     else:
         x = rand(T, B, 5, dtype=torch.float64)
@@ -78,6 +91,34 @@ def test_gradcheck(mode):
     inputs = (x, h0, gains, *layer.tensors())
     assert torch.autograd.gradcheck(f, inputs, **GRADCHECK)
     assert torch.autograd.gradgradcheck(f, inputs, **GRADCHECK), "double backward"
+
+
+@pytest.mark.parametrize("form", ["padded", "packed-reverse"])
+@pytest.mark.parametrize("batch", [3, 40], ids=["small", "threads"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_unit_cell_state_normalises_to_zero(device, dtype, batch, form):
+    """A LayerNorm LSTM of one unit normalises its cell state over that unit: exactly 0 at
+    every step, so the output does not depend on c (nor on the cell gain) and their
+    gradients are exactly 0, the backward's recomputed c_t included."""
+    seed("layer_norm one unit", dtype, batch, form)
+    T = 9
+    layer = make_layer("LSTM", 6, 1, dtype=dtype, device=device)
+    h0, c0 = make_states(layer, batch, dtype=dtype, device=device)
+    gains = _gains("LSTM", 1, dtype).detach().to(device).requires_grad_()
+    batch_sizes = None
+    if "packed" in form:
+        batch_sizes = _packed_batch_sizes(T, batch)
+        x = rand(int(batch_sizes.sum()), 6, dtype=dtype, device=device)
+    else:
+        x = rand(T, batch, 6, dtype=dtype, device=device)
+    kw = dict(batch_sizes=batch_sizes, reverse="reverse" in form, layer_norm=gains)
+    output, h_n, _ = rnn_layer("LSTM", x, *layer.tensors(), h0, c0, **kw)
+    up = [torch.randn_like(output), torch.randn_like(h_n)]
+    g_c0, g_gains = torch.autograd.grad(weighted_sum((output, h_n), up), [c0, gains])
+    assert torch.equal(g_c0, torch.zeros_like(c0))
+    assert g_gains[-2].item() == 0.0, "the cell-state gain's gradient"
+    assert g_gains[-1].item() != 0.0, "the cell-state bias's gradient"
 
 
 def _module_reference(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -188,12 +229,7 @@ def test_errors_name_the_argument():
         rnn_layer("RNN_TANH", x, *rnn.tensors(), layer_norm=torch.ones(8, dtype=torch.float64))
 
 
-HAS_CUDA_KERNELS = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "rnn_fused::forward", "CUDA"
-)
-
-
-@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a CUDA device and rnn_fused's CUDA kernels")
+@CUDA_ONLY
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("name", ["LayerNormLSTM", "LayerNormGRU"])
 def test_cuda_matches_cpu(name, dtype):

@@ -119,6 +119,15 @@ void add_gain_row(const T* v, const T* dy, RowStats<T> s, T* sum, int64_t n) {
   });
 }
 
+// c_t = f c_{t-1} + i g with its rounding spelled out: the backward recomputes c_t twice and
+// normalises it by statistics of one of them, and a compiler free to fuse the products into
+// its adds differently in each place leaves c_t - mean an ulp, not 0, times 1/sqrt(eps) where
+// the row's values are equal (H = 1, say).
+template <class V>
+inline V cell_state(const V& f, const V& c_prev, const V& i, const V& g) {
+  return at::vec::fmadd(f, c_prev, i * g);
+}
+
 // One row of the LayerNorm LSTM's forward, after its pre-activations are normalised: x and
 // hh (4 H each, gates i, f, g, o) get their biases added; c = f c + i g is kept in `c` (the
 // state stays unnormalised) and h = o tanh(gain_c (c - mean) rstd + bias_c), with zoneout's
@@ -144,7 +153,7 @@ void ln_lstm_forward_row(const T* x, const T* hh, const T* b_ih, const T* b_hh, 
       M::sigmoid(pre(3, j, w)).store(saved + 3 * H + j, w);
       c_prev.store(saved + 4 * H + j, w);
     }
-    (f * c_prev + i * g).store(c + j, w);
+    cell_state(f, c_prev, i, g).store(c + j, w);
   });
   const RowStats<T> s = row_stats(c, H);
   over_vectors<T>(H, [&](int64_t j, int w) {
@@ -172,8 +181,8 @@ void ln_lstm_backward_row(const T* dh, const T* dh_extra, const T* keep, T* dc, 
   using M = MathOps<V>;
   const V one(T(1));
   const auto gate = [&](int k, int64_t j, int w) { return V::loadu(saved + k * H + j, w); };
-  const auto cell = [&](int64_t j, int w) {  // c_t = f c_{t-1} + i g, 0 past the row
-    return gate(1, j, w) * gate(4, j, w) + gate(0, j, w) * gate(2, j, w);
+  const auto cell = [&](int64_t j, int w) {  // c_t, 0 past the row
+    return cell_state(gate(1, j, w), gate(4, j, w), gate(0, j, w), gate(2, j, w));
   };
   // The statistics of c_t, recomputed (da's first block holds c_t meanwhile).
   over_vectors<T>(H, [&](int64_t j, int w) { cell(j, w).store(da + j, w); });

@@ -117,6 +117,15 @@ __device__ __forceinline__ void normalize_backward(const T* v, const A* dy, A* d
 // The LayerNorm LSTM's row i after its sides are normalised (s.xg's row and hh): the gates,
 // c = f c + i g kept unnormalised, then h = o tanh(gain_c (c - mean) rstd + bias_c), with
 // zoneout as forward_unit applies it.
+// c_t = f c_{t-1} + i g, one fused multiply-add in every place that computes it (the forward
+// and the backward's two passes): why, at the CPU engine's cell_state (layer_norm_rows.h).
+__device__ __forceinline__ float cell_state(float f, float c_prev, float i, float g) {
+  return ::fmaf(f, c_prev, i * g);
+}
+__device__ __forceinline__ double cell_state(double f, double c_prev, double i, double g) {
+  return ::fma(f, c_prev, i * g);
+}
+
 template <class T, class A>
 __device__ __forceinline__ void lstm_forward_row(const ForwardStep<T, A>& s, int64_t i, const A* hh,
                                                  const T* gain_c) {
@@ -142,7 +151,7 @@ __device__ __forceinline__ void lstm_forward_row(const ForwardStep<T, A>& s, int
       saved[3 * H + j] = static_cast<T>(M::sigmoid(pre(3, j)));
       saved[4 * H + j] = static_cast<T>(c_prev);
     }
-    c[j] = f * c_prev + in * g;
+    c[j] = cell_state(f, c_prev, in, g);
   }
   const Stats<A> sc = row_stats<A>(c, H);
   for (int64_t j = threadIdx.x; j < H; j += kThreads) {
@@ -168,7 +177,9 @@ __device__ __forceinline__ void lstm_backward_row(const BackwardStep<T, A>& s, i
   const int64_t H = s.H;
   const T* saved = s.saved + i * s.ld_saved;
   const auto gate = [&](int k, int64_t j) { return static_cast<A>(saved[k * H + j]); };
-  const auto cell = [&](int64_t j) { return gate(1, j) * gate(4, j) + gate(0, j) * gate(2, j); };
+  const auto cell = [&](int64_t j) {
+    return cell_state(gate(1, j), gate(4, j), gate(0, j), gate(2, j));
+  };
   A* da = s.dx + i * 4 * H;
   for (int64_t j = threadIdx.x; j < H; j += kThreads) da[j] = cell(j);  // c_t, for its stats
   const Stats<A> sc = row_stats<A>(da, H);
