@@ -592,7 +592,19 @@ def _layer_in_python(
             w_hr=c.w_hr, batch_sizes=c.batch_sizes, reverse=c.reverse, zoneout=c.zoneout,
             layer_norm=c.layer_norm,
         )  # fmt: skip
+    if compiling and c.batch_sizes is not None and c.hx is None:
+        call = _with_zero_states(call)
     return _ops.layer(*call)
+
+
+def _with_zero_states(call: LayerCall) -> LayerCall:
+    """A packed call's zero initial states, made explicit: without them the traced operator's
+    batch (the first step's) would be a size of its own, which vmap's rule cannot unfold."""
+    batch = call.batch_sizes[0].item()
+    hidden, out_size = _sizes(call.mode, call.w_ih, call.w_hr)
+    hx = call.input.new_zeros(batch, out_size)
+    cx = call.input.new_zeros(batch, hidden) if call.mode == "LSTM" and call.cx is None else call.cx
+    return call._replace(hx=hx, cx=cx)
 
 
 def _with_tangent(t: object) -> object:

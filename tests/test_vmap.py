@@ -13,6 +13,7 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, stack_module_state, vmap
 
 import rnn_fused
+from rnn_fused import reference
 
 F64 = torch.float64
 
@@ -214,6 +215,26 @@ def test_vmap_under_compile():
     vmapped = vmap(lambda a: ours(a)[0])
     compiled = torch.compile(lambda x: vmapped(x), fullgraph=True, backend="eager")
     _assert_all_close(compiled(xs), _loop(lambda a: theirs(a)[0], xs), "compiled")
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_packed_call_without_states_under_compile(mode):
+    """The functional API's packed call with hx None, vmapped and compiled as one graph (its
+    batch, the first step's, is read from batch_sizes): reference.py's loop's results."""
+    seed("vmap compile packed", mode)
+    gates = 4 if mode == "LSTM" else 3
+    weights = [torch.randn(gates * 5, n, dtype=F64) for n in (3, 5)]
+    weights += [torch.randn(gates * 5, dtype=F64) for _ in range(2)]
+    batch_sizes = torch.tensor([3, 3, 2, 1])
+    xs = torch.randn(4, int(batch_sizes.sum()), 3, dtype=F64)
+
+    def layer(fn):
+        return lambda x, sizes: fn(mode, x, *weights, batch_sizes=sizes)[:2]
+
+    vmapped = vmap(layer(rnn_fused.rnn_layer), in_dims=(0, None))
+    compiled = torch.compile(vmapped, fullgraph=True, backend="eager")
+    want = _loop(lambda x: layer(reference.rnn_layer)(x, batch_sizes), xs)
+    _assert_all_close(compiled(xs, batch_sizes), want, "compiled packed")
 
 
 @pytest.mark.parametrize("name", ["GRU", "LSTMCell"])
