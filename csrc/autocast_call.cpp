@@ -18,16 +18,31 @@ OptTensor autocast_param(const OptTensor& t, at::ScalarType dtype) {
   return cast.scalar_type() == dtype ? cast : cast.to(dtype);
 }
 
+namespace {
+
+// Whether a packed input's steps all have the first step's batch (no sequence ends early).
+// Batch sizes of another kind are refused later, by make_problem.
+bool all_full(const at::Tensor& batch_sizes) {
+  if (!batch_sizes.is_cpu() || batch_sizes.scalar_type() != at::kLong || batch_sizes.dim() != 1 ||
+      batch_sizes.numel() == 0) {
+    return false;
+  }
+  const auto b = batch_sizes.accessor<int64_t, 1>();
+  return b[0] == b[b.size(0) - 1];
+}
+
+}  // namespace
+
 std::pair<bool, bool> autocast_results(const LayerArgs& a, bool cell) {
   if (!a.input.is_cpu()) return {true, true};
   switch (parse_mode(a.mode)) {
     case CellKind::GRU:
       return {false, false};  // h = n + z (h_prev - n), with the float32 h_prev
     case CellKind::LSTM:
-      // A padded layer without projection runs oneDNN's LSTM whole; otherwise c = f c_prev +
-      // i g with the float32 c_prev, h = o tanh(c): float32, and a projection of h is a
-      // product again.
-      if (!cell && !a.batch_sizes && !a.w_hr) return {true, true};
+      // A padded layer without projection runs oneDNN's LSTM whole (so does a packed one
+      // whose sequences all have the first one's length); otherwise c = f c_prev + i g with
+      // the float32 c_prev, h = o tanh(c): float32, and a projection of h is a product again.
+      if (!cell && !a.w_hr && (!a.batch_sizes || all_full(*a.batch_sizes))) return {true, true};
       return {a.w_hr.has_value(), false};
     default:
       return {true, true};  // h = act(x W + h W): products only

@@ -949,6 +949,15 @@ def _under_autocast(call: LayerCall, cell: bool) -> tuple[Tensor, Tensor, Tensor
     return output, h_n, c_n
 
 
+def _all_full(batch_sizes: Tensor) -> bool:
+    """Whether a packed input's steps all have the first step's batch (no sequence ends
+    early). A traced call cannot branch on the sizes' values: it answers no, the general
+    packed case (torch.nn's layers do not compile)."""
+    if torch.compiler.is_compiling():
+        return False
+    return bool(batch_sizes[0] == batch_sizes[-1])
+
+
 def _cpu_autocast_results(call: LayerCall, cell: bool) -> tuple[bool, bool]:
     """Whether (output and h_n, c_n) come out in the autocast dtype from torch.nn's layer or
     cell of the call on the CPU. Its products run in the autocast dtype there, and the rest
@@ -958,8 +967,9 @@ def _cpu_autocast_results(call: LayerCall, cell: bool) -> tuple[bool, bool]:
         return True, True  # h = act(x W + h W): products only
     if call.mode == "GRU":
         return False, False  # h = n + z (h_prev - n), with the float32 h_prev
-    if not cell and call.batch_sizes is None and call.w_hr is None:
-        return True, True  # a padded LSTM layer without projection runs oneDNN's LSTM whole
+    if not cell and call.w_hr is None and (call.batch_sizes is None or _all_full(call.batch_sizes)):
+        return True, True  # a padded LSTM layer without projection runs oneDNN's LSTM whole,
+        # and so does a packed one whose sequences all have the first one's length
     # c = f c_prev + i g with the float32 c_prev, h = o tanh(c): float32; a projection of h is
     # a product again.
     return call.w_hr is not None, False
