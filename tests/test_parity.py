@@ -91,6 +91,17 @@ def test_matches_reference(mode, case, dtype):
         assert_close(a, b, f"grad {i}")
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("hidden", [65, 72, 81, 97, 112, 121, 127])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_small_batch_every_panel_width(mode, dtype, hidden, batch):
+    """Steps of 1 to 4 rows on packed weights (more than 32 rows in all) whose gates end in
+    a panel of every width class: 1 to 63 columns, on each number of SIMD vectors of float32
+    (16 lanes) and float64 (8), forward and backward."""
+    test_matches_reference(mode, dict(T=40, B=batch, I=5, H=hidden), dtype)
+
+
 @pytest.mark.parametrize("path", ["blas", "packed"])
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 def test_both_weight_gradient_paths(mode, path, monkeypatch):
