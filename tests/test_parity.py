@@ -53,6 +53,10 @@ def _input(case: dict, dtype) -> tuple[torch.Tensor, dict]:
         # blocked BLAS, by CPU kind: test_both_weight_gradient_paths runs both).
         dict(T=5, B=7, I=389, H=390),
         dict(T=5, B=7, I=13, H=391, proj=17),  # LSTM's dL/dr too; the others: H alone
+        # Steps of one row against the weights as stored (dot products of 16 float32 rows or
+        # 8 float64 ones, over the threads), widths and sums off their vector sizes.
+        dict(T=3, B=1, I=13, H=67),
+        dict(T=1, B=1, I=300, H=131),
     ],
     ids=[
         "H33",
@@ -64,6 +68,8 @@ def _input(case: dict, dtype) -> tuple[torch.Tensor, dict]:
         "large-packed-rev",
         "wide",
         "wide-proj",
+        "batch1",
+        "batch1-wide",
     ],
 )
 @pytest.mark.parametrize("mode", CELLS)
