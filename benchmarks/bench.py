@@ -78,6 +78,7 @@ CPU_GRID = [
     Shape(100, 1, 256, 256),
     Shape(200, 16, 128, 128),
     Shape(50, 32, 256, 256, 2, True),
+    Shape(64, 3, 33, 513),  # a few rows a step, each gate's last panel of one unit
 ]
 # On CUDA each row names the cells it runs: the project's grids, the DeepBench rows for the
 # cell DeepBench gives them.

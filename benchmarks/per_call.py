@@ -71,6 +71,10 @@ def cases() -> list[tuple[str, str, Callable[[object], Callable[[], object]]]]:
             for grad in (False, True):
                 make = _layer_maker(H, grad, dtype)
                 rows.append((f"LSTM T=1 B=1 H={H}{suffix}", _kind(grad), make))
+    for cell in ("LSTMCell", "GRUCell", "RNNCell"):
+        for grad in (False, True):
+            make = _cell_maker(cell, 256, grad, torch.float64)
+            rows.append((f"{cell} B=1 H=256 fp64", _kind(grad), make))
     for cell in ("LSTMCell", "GRUCell"):
         for grad in (False, True):
             make = _cell_maker(cell, 256, grad, torch.bfloat16, batch=64)
