@@ -592,7 +592,7 @@ def _layer_in_python(
             w_hr=c.w_hr, batch_sizes=c.batch_sizes, reverse=c.reverse, zoneout=c.zoneout,
             layer_norm=c.layer_norm,
         )  # fmt: skip
-    if compiling and c.batch_sizes is not None and c.hx is None:
+    if compiling and c.batch_sizes is not None and c.batch_sizes.numel() > 0 and c.hx is None:
         call = _with_zero_states(call)
     return _ops.layer(*call)
 
@@ -967,9 +967,10 @@ def _cpu_autocast_results(call: LayerCall, cell: bool) -> tuple[bool, bool]:
         return True, True  # h = act(x W + h W): products only
     if call.mode == "GRU":
         return False, False  # h = n + z (h_prev - n), with the float32 h_prev
+    # A padded LSTM layer without projection runs oneDNN's LSTM whole, and so does a packed one
+    # whose sequences all have the first one's length.
     if not cell and call.w_hr is None and (call.batch_sizes is None or _all_full(call.batch_sizes)):
-        return True, True  # a padded LSTM layer without projection runs oneDNN's LSTM whole,
-        # and so does a packed one whose sequences all have the first one's length
+        return True, True
     # c = f c_prev + i g with the float32 c_prev, h = o tanh(c): float32; a projection of h is
     # a product again.
     return call.w_hr is not None, False

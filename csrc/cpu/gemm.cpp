@@ -221,8 +221,9 @@ void brgemm_blocks(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
 
 // C[0:kRows, 0:width] (+)= A[0:kRows, :] @ B[:, 0:width] over kVecs vectors of columns,
 // width <= kVecs vectors, the last one's columns past width written masked. kMaskB: B's rows
-// end at width (read masked too); else they hold whole vectors (a panel's zero padding). The
-// trip counts are constants and the accumulators live in registers.
+// end at width (read masked too); else they hold whole vectors (a panel's zero padding),
+// whose columns past width reach only lanes that are not written. The trip counts are
+// constants and the accumulators live in registers.
 template <class T, int64_t kRows, int64_t kVecs, bool kMaskB>
 void small_rows_block(int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                       int64_t ldc, bool accumulate, int64_t width) {
@@ -264,10 +265,10 @@ void small_rows_block(int64_t K, const T* A, int64_t lda, const T* B, int64_t ld
 }
 
 // small_rows_block on the vectors that width columns take, kVecs at most; padded: B is a
-// panel (rows kPanel apart, zeros past width), read in whole vectors. A gate's last panel
-// ran all of a panel's vectors, those of a panel narrower than kPanel masked in the loop:
-// at H=513 (9 panels a gate, the last of 1 column) an LSTM under no_grad at B=3 ran 0.71x
-// torch.nn's speed, at H=500 0.81x (AMD EPYC, 2 threads).
+// panel (rows kPanel apart, zeros past width), read in whole vectors without masks. A gate's last
+// panel ran all of a panel's vectors, those of a panel narrower than kPanel masked in the loop: at
+// H=513 (9 panels a gate, the last of 1 column) an LSTM under no_grad at B=3 ran 0.71x torch.nn's
+// speed, at H=500 0.81x (AMD EPYC, 2 threads).
 template <class T, int64_t kRows, int64_t kVecs = Panels::kPanel / at::vec::Vectorized<T>::size()>
 void small_rows_width(int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                       int64_t ldc, bool accumulate, int64_t width, bool padded) {
