@@ -1,8 +1,8 @@
 """LayerNorm LSTM and GRU (the operator's layer_norm argument, LayerNormLSTM, LayerNormGRU):
 against reference.py's loop in float64 (values and every gradient, the gains' included;
 padded, packed, reverse, small and packed-weight problems, with zoneout), gradcheck and
-gradgradcheck, the modules against a loop over reference.py's cells, other dtypes, and the
-errors."""
+gradgradcheck, the exact zeros of a one-unit cell state's normalisation, the modules against a
+loop over reference.py's cells, other dtypes, and the errors."""
 
 from __future__ import annotations
 
