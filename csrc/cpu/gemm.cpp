@@ -101,6 +101,30 @@ bool use_brgemm() {
   return ok;
 }
 
+// C[m, n] (+)= A[m, K] @ B[K, n] on brgemm, m <= kBlockM and n <= kBlockN: the sums of each
+// `chain` rows of B (0: kBlockK), then added to C in order (C added last: gemm.h).
+void brgemm_sums(int64_t m, int64_t n, int64_t K, const float* A, int64_t lda, const float* B,
+                 int64_t ldb, float* C, int64_t ldc, bool accumulate, int64_t chain) {
+  alignas(64) float sums[kBlockM * kBlockN];
+  chain = chain > 0 ? chain : kBlockK;
+  for (int64_t k0 = 0; k0 < K; k0 += chain) {
+    const bool first = k0 == 0 && !accumulate;
+    float* out = first ? C : sums;
+    brgemm(m, n, std::min(chain, K - k0), lda, ldb, first ? ldc : kBlockN, false, A + k0,
+           B + k0 * ldb, out);
+    if (first) continue;
+    using V = at::vec::Vectorized<float>;
+    for (int64_t i = 0; i < m; ++i) {
+      float* c = C + i * ldc;
+      const float* block = sums + i * kBlockN;
+      for (int64_t j = 0; j < n; j += V::size()) {
+        const int w = static_cast<int>(std::min<int64_t>(V::size(), n - j));
+        (V::loadu(block + j, w) + V::loadu(c + j, w)).store(c + j, w);
+      }
+    }
+  }
+}
+
 #if defined(CPU_CAPABILITY_AVX512)
 // C[R, 64] accumulators over rows [k0, k1) of a full float32 panel (rows 64 apart), A's R rows
 // lda apart; kPrefetch: `lines` cache lines from pf into L2 at each row (pf advances).
@@ -128,24 +152,26 @@ __attribute__((always_inline)) inline void panel_rows(int64_t k0, int64_t k1, co
   }
 }
 
-// C[R, 64] (+)= A[R, K] @ a full float32 panel, its accumulators in 4R registers; the first
-// rows of the k loop also fetch up to `lines` lines a row of [pf, pf_end) into L2.
+// C[R, 64] (+)= A[R, K] @ a full float32 panel, its accumulators in 4R registers (C added
+// last: gemm.h); the first rows of the k loop also fetch up to `lines` lines a row of
+// [pf, pf_end) into L2.
 template <int R>
 void panel_block(int64_t K, const float* A, int64_t lda, const float* B, float* C, int64_t ldc,
                  bool accumulate, const char*& pf, const char* pf_end, int lines) {
   __m512 c[R][4];
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < 4; ++v) {
-      c[r][v] = accumulate ? _mm512_loadu_ps(C + r * ldc + 16 * v) : _mm512_setzero_ps();
-    }
+    for (int v = 0; v < 4; ++v) c[r][v] = _mm512_setzero_ps();
   }
   const int64_t fetching = std::min<int64_t>(K, (pf_end - pf) / (64 * lines));
   panel_rows<R, true>(0, fetching, A, lda, B, c, pf, lines);
   panel_rows<R, false>(fetching, K, A, lda, B, c, pf, 0);
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, c[r][v]);
+    for (int v = 0; v < 4; ++v) {
+      float* out = C + r * ldc + 16 * v;
+      _mm512_storeu_ps(out, accumulate ? _mm512_add_ps(c[r][v], _mm512_loadu_ps(out)) : c[r][v]);
+    }
   }
 }
 
@@ -190,8 +216,8 @@ void streamed_panel(int64_t M, int64_t K, const float* A, int64_t lda, const flo
 // streamed: panels read by streamed_panel, as in the steps (panel_product): LSTM T=100 B=64
 // H=512 forward 1.03x (median of seven runs, 0.97-1.09; Intel Xeon with AMX).
 void brgemm_blocks(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-                   int64_t ldb, float* C, int64_t ldc, bool accumulate, bool panels,
-                   bool streamed) {
+                   int64_t ldb, float* C, int64_t ldc, bool accumulate, bool panels, bool streamed,
+                   int64_t chain) {
   const int64_t mb = (M + kBlockM - 1) / kBlockM, nb = (N + kBlockN - 1) / kBlockN;
   split_over_threads(mb * nb, std::min(M, kBlockM) * kBlockN * K, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
@@ -210,10 +236,7 @@ void brgemm_blocks(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
         continue;
       }
 #endif
-      for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
-        brgemm(m, n, std::min(kBlockK, K - k0), lda, ld_b, ldc, accumulate || k0 > 0,
-               A + i * lda + k0, b + k0 * ld_b, C + i * ldc + j);
-      }
+      brgemm_sums(m, n, K, A + i * lda, lda, b, ld_b, C + i * ldc + j, ldc, accumulate, chain);
     }
     brgemm_release();
   });
@@ -438,14 +461,18 @@ void row_times_half_b(int64_t N, int64_t K, const float* a, const W* B, int64_t 
     for (int v = 0; v < kVecs; ++v) {
       const int64_t n = std::clamp<int64_t>(N - j - 16 * v, 0, 16);
       lanes[v] = static_cast<__mmask16>((1u << n) - 1u);
-      acc[v] = accumulate ? _mm512_maskz_loadu_ps(lanes[v], c + j + 16 * v) : _mm512_setzero_ps();
+      acc[v] = _mm512_setzero_ps();
     }
     for (int64_t k = 0; k < K; ++k) {
       const __m512 x = _mm512_set1_ps(a[k]);
       for (int v = 0; v < kVecs; ++v)
         acc[v] = _mm512_fmadd_ps(x, load16(B + k * ldb + j + 16 * v, lanes[v]), acc[v]);
     }
-    for (int v = 0; v < kVecs; ++v) _mm512_mask_storeu_ps(c + j + 16 * v, lanes[v], acc[v]);
+    for (int v = 0; v < kVecs; ++v) {
+      float* out = c + j + 16 * v;
+      if (accumulate) acc[v] = _mm512_add_ps(acc[v], _mm512_maskz_loadu_ps(lanes[v], out));
+      _mm512_mask_storeu_ps(out, lanes[v], acc[v]);
+    }
   }
 }
 #endif
@@ -456,9 +483,10 @@ void row_times_b(int64_t N, int64_t K, const T* a, const T* B, int64_t ldb, T* c
   using V = at::vec::Vectorized<T>;
   for (int64_t j = 0; j < N; j += V::size()) {
     const int n = static_cast<int>(std::min<int64_t>(V::size(), N - j));
-    V acc = accumulate ? V::loadu(c + j, n) : V(T(0));
+    V acc(T(0));
     for (int64_t k = 0; k < K; ++k)
       acc = at::vec::fmadd(V(a[k]), V::loadu(B + k * ldb + j, n), acc);
+    if (accumulate) acc = acc + V::loadu(c + j, n);
     acc.store(c + j, n);
   }
 }
@@ -575,6 +603,14 @@ void blas_call(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, cons
   const int la = blas_int(std::max<int64_t>(ldb, 1)), lb = blas_int(std::max<int64_t>(lda, 1));
   const int lc = blas_int(ldc);
   const T one = 1, beta = accumulate ? 1 : 0;
+  if (M == 1 && accumulate) {
+    // C added last (gemm.h): MKL's gemv adding into C (beta = 1) on W as stored doubled
+    // its error (a GRU's dh_0 at batch 1 and H=1024 had 7x torch.nn's float32 error).
+    c10::SmallVector<T, 256> sums(N);
+    blas_call<T>(trans_a, trans_b, 1, N, K, A, lda, B, ldb, sums.data(), N, false);
+    for (int64_t j = 0; j < N; ++j) C[j] += sums[j];
+    return;
+  }
   if (M == 1) {
     // One row (a cell's step at batch 1): a matrix-vector product, which BLAS runs faster
     // than a GEMM of one row. Column-major, B is op(B)^T, an N x K matrix (transposed for
@@ -619,13 +655,14 @@ bool empty_product(int64_t M, int64_t N, int64_t K, T* C, int64_t ldc, bool accu
 // Panels::streamed).
 template <class T>
 void product(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
-             T* C, int64_t ldc, bool accumulate, bool panels, bool streamed = false) {
+             T* C, int64_t ldc, bool accumulate, bool panels, bool streamed = false,
+             int64_t chain = 0) {
   if (empty_product(M, N, K, C, ldc, accumulate)) return;
   if (M <= kSmallRows)
     return matmul_small_rows<T>(M, N, K, A, lda, B, ldb, C, ldc, accumulate, panels);
   if constexpr (std::is_same_v<T, float>) {
     if (use_brgemm())
-      return brgemm_blocks(M, N, K, A, lda, B, ldb, C, ldc, accumulate, panels, streamed);
+      return brgemm_blocks(M, N, K, A, lda, B, ldb, C, ldc, accumulate, panels, streamed, chain);
   }
   if (!panels) return matmul_blas<T>(false, false, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
   // BLAS per panel, the panels split over threads.
@@ -663,10 +700,8 @@ void one_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, in
 #endif
     if (M > kSmallRows && use_brgemm()) {
       for (int64_t i = 0; i < M; i += kBlockM) {
-        for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
-          brgemm(std::min(kBlockM, M - i), width, std::min(kBlockK, K - k0), lda, P, ldc,
-                 accumulate || k0 > 0, A + i * lda + k0, panel + k0 * P, C + i * ldc);
-        }
+        brgemm_sums(std::min(kBlockM, M - i), width, K, A + i * lda, lda, panel, P, C + i * ldc,
+                    ldc, accumulate, 0);
       }
       brgemm_release();
       return;
@@ -961,19 +996,19 @@ at::Tensor bf16_transposed(int64_t rows, int64_t M, const float* G, int64_t ldg)
 
 template <class T>
 void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
-            int64_t ldc, bool accumulate) {
-  product<T>(M, N, K, A, lda, B, ldb, C, ldc, accumulate, /*panels=*/false);
+            int64_t ldc, bool accumulate, int64_t chain) {
+  product<T>(M, N, K, A, lda, B, ldb, C, ldc, accumulate, /*panels=*/false, false, chain);
 }
 
 template <class T>
-void matmul(int64_t M, const T* A, int64_t lda, const Panels& B, T* C, int64_t ldc,
-            bool accumulate) {
+void matmul(int64_t M, const T* A, int64_t lda, const Panels& B, T* C, int64_t ldc, bool accumulate,
+            int64_t chain) {
   if constexpr (std::is_same_v<T, float>) {
     if (B.bf16()) return M == 0 ? void() : bf16_matmul(M, A, lda, B, C, ldc, accumulate);
   }
   TORCH_INTERNAL_ASSERT(B.group == B.N, "a full product needs panels packed in one group");
   product<T>(M, B.N, B.K, A, lda, B.data.data_ptr<T>(), 0, C, ldc, accumulate, /*panels=*/true,
-             B.streamed);
+             B.streamed, chain);
 }
 
 void matmul(int64_t M, const at::BFloat16* A, int64_t lda, const Panels& B, float* C, int64_t ldc,
@@ -1039,8 +1074,8 @@ void blas_at_b(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T
 
 #define RF_INSTANTIATE(T)                                                                         \
   template void matmul<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*,    \
-                          int64_t, bool);                                                         \
-  template void matmul<T>(int64_t, const T*, int64_t, const Panels&, T*, int64_t, bool);          \
+                          int64_t, bool, int64_t);                                                \
+  template void matmul<T>(int64_t, const T*, int64_t, const Panels&, T*, int64_t, bool, int64_t); \
   template void blas_product<T>(bool, bool, int64_t, int64_t, int64_t, const T*, int64_t,         \
                                 const T*, int64_t, T*, int64_t, bool);                            \
   template void panel_product<T>(int64_t, const T*, int64_t, const Panels&, int64_t, int64_t, T*, \

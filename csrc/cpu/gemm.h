@@ -1,6 +1,11 @@
 // Matrix products of the CPU recurrence on row-major raw pointers. Operands are never
 // transposed here; callers pass transposed or packed copies, which are cheap next to the
 // products (weights once per call, activations once per chunk of steps).
+//
+// C added last: a product that accumulates (C += A B) adds C's value to the finished sums of
+// A B, not its sums to C's value. A chain of adds that starts from C rounds each add to C's
+// size: a GRU's dh_{t-1} (its direct part, then W_hh's sums added) had 2x the error of the
+// same sums added to it (MKL's gemv with beta = 1, our kernels that started from C).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -17,9 +22,18 @@ namespace rnn_fused::cpu {
 // C[M, N] = A[M, K] @ B[K, N] (accumulate: C += ...), leading dimensions lda, ldb, ldc.
 // float32 runs oneDNN's JIT micro-kernels (through ATen's brgemm) in cache blocks split
 // over threads where the CPU has AVX-512; float64 and other CPUs use libtorch's BLAS.
+// chain: on brgemm, the k of each sum's chains of fused multiply-adds, whose results are then
+// added in order (0: the kernels' own blocks, 512; kGradientChain for the weight gradients).
 template <class T>
 void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
-            int64_t ldc, bool accumulate);
+            int64_t ldc, bool accumulate, int64_t chain = 0);
+
+// The chains of a weight gradient's sums over a chunk's rows (matmul's chain). The rows of a
+// call in one chain rounded at each of its adds: a GRU's W_hh gradient at T=100 B=64 H=256
+// (6400 rows) had 2.3x torch.nn's float32 error, whose sums run per step; in chains of 512
+// rows 2.3x still, of 128 1.2x. The forward and the data gradients keep chains of 512: of 128
+// they cost 4% of an LSTM's forward and backward at T=100 B=64 H=512 (one thread, AMD EPYC).
+constexpr int64_t kGradientChain = 128;
 
 // Multiply-adds a thread takes at the least before a product is split over threads: below
 // it a parallel region costs more than it saves, and a process that never opens one stays
@@ -110,8 +124,8 @@ void blas_at_b(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T
 // C[M, N] = A[M, K] @ B (accumulate: C += ...), B packed with one group. bfloat16 panels
 // take A rounded to bfloat16 (T is float32 then).
 template <class T>
-void matmul(int64_t M, const T* A, int64_t lda, const Panels& B, T* C, int64_t ldc,
-            bool accumulate);
+void matmul(int64_t M, const T* A, int64_t lda, const Panels& B, T* C, int64_t ldc, bool accumulate,
+            int64_t chain = 0);
 
 // The same for bfloat16 panels on an A already in bfloat16, its rows read in pairs as they
 // are (K and lda even).
