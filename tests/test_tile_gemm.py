@@ -1,6 +1,7 @@
 """The tile kernel of small products (csrc/cpu/tile_gemm.cpp), float32 and float64: every
-value of C is one fused multiply-add chain over k in order, checked bit for bit against that
-chain in exact rational arithmetic, and larger shapes against torch.mm. The recurrences with
+value of C is a sum of fused multiply-add chains over k in order (CHAIN k each, added in
+order), checked bit for bit against those chains in exact rational arithmetic, and larger
+shapes against torch.mm. The recurrences with
 the kernel on and off (_C.cpu_force_tile_kernel): test_parity.py,
 test_both_tile_kernel_settings."""
 
@@ -46,27 +47,38 @@ def _rounded(x: Fraction, dtype) -> float:
     return float(min(ties, key=lambda f: int(np.array(f).view(np.uint32)) & 1))
 
 
+# The k of each chain (tile_gemm.cpp's kChain).
+CHAIN = 128
+
+
 def _fma_chain(row: list[float], column: list[float], start: float, accumulate: bool, dtype):
-    """sum_k row[k] * column[k] as the kernel runs it: one correctly rounded fused multiply-add
-    per k in order from zero, then added to start when accumulating."""
-    acc = 0.0
-    for x, y in zip(row, column):
-        acc = _rounded(Fraction(x) * Fraction(y) + Fraction(acc), dtype)
-    return _rounded(Fraction(acc) + Fraction(start), dtype) if accumulate else acc
+    """sum_k row[k] * column[k] as the kernel runs it: correctly rounded fused multiply-adds in
+    k order from zero, CHAIN of them a chain, each chain's sum added to the ones before it,
+    then the whole added to start when accumulating."""
+    total = None
+    for k0 in range(0, max(len(row), 1), CHAIN):
+        acc = 0.0
+        for x, y in zip(row[k0 : k0 + CHAIN], column[k0 : k0 + CHAIN]):
+            acc = _rounded(Fraction(x) * Fraction(y) + Fraction(acc), dtype)
+        total = acc if total is None else _rounded(Fraction(total) + Fraction(acc), dtype)
+    return _rounded(Fraction(total) + Fraction(start), dtype) if accumulate else total
 
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["set", "accumulate"])
 @pytest.mark.parametrize("trans_b", [False, True], ids=["b", "bT"])
 @pytest.mark.parametrize("trans_a", [False, True], ids=["a", "aT"])
 @pytest.mark.parametrize(
-    "shape", [(13, 50, 11), (5, 19, 8), (2, 2, 1), (7, 68, 19), (7, 5, 1031)], ids=str
+    "shape",
+    [(13, 50, 11), (5, 19, 8), (2, 2, 1), (7, 68, 19), (3, 17, 257), (7, 5, 1031)],
+    ids=str,
 )
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_every_value_is_one_fma_chain_in_k_order(dtype, shape, trans_a, trans_b, accumulate):
+def test_every_value_is_fma_chains_in_k_order(dtype, shape, trans_a, trans_b, accumulate):
     """Tiles of 6 rows and the rows left (1 to 5), blocks of 3 vectors of columns and the
     columns left (1 or 2 vectors, the last partial), B^T packed over whole and partial square
-    blocks, leading dimensions wider than rows, A^T packed into tiles for long sums (K of 1024
-    and more): the exact bits of an FMA chain per value."""
+    blocks, leading dimensions wider than rows, sums of one chain and of several (the last
+    one whole or partial), A^T packed into tiles for long sums (K of 1024 and more): the exact
+    bits of the chains per value."""
     seed(dtype, shape, trans_a, trans_b)
     M, N, K = shape
     a, b, op_a, op_b = _operands(M, N, K, trans_a, trans_b, dtype, pad=3)

@@ -53,6 +53,7 @@ struct Simd<float> {
   static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static void store(Mask m, float* p, V v) { _mm512_mask_storeu_ps(p, m, v); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
 };
 template <>
 struct Simd<double> {
@@ -66,12 +67,20 @@ struct Simd<double> {
   static V fmadd(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
   static V add(V a, V b) { return _mm512_add_pd(a, b); }
   static void store(Mask m, double* p, V v) { _mm512_mask_storeu_pd(p, m, v); }
+  static void store(double* p, V v) { _mm512_storeu_pd(p, v); }
 };
 
 // A tile of C: kRows rows by kVecs vectors, 18 accumulators in registers, each step of k
 // reading 3 vectors of B and broadcasting 6 values of A for 18 multiply-adds.
 constexpr int kRows = 6;
 constexpr int kVecs = 3;
+
+// The k of a tile's chains of fused multiply-adds: each chain's sums are added to those of the
+// chains before it (in memory: the accumulators fill the registers). In one chain over all of
+// K, a GRU of one step at B=16 H=512 had dh_0 at 1.9x torch.nn's float32 error (relative
+// norm against float64), an LSTM 1.8x; in chains of 128 no value of either is over 1.65x.
+// No cost measured (cells at B=16-64, H=256-512, one thread, AMD EPYC).
+constexpr int64_t kChain = 128;
 
 // C[R, V vectors] (+)= op(A)[R, K] @ B[K, V vectors] (B's rows ldb apart; `last`: the lanes of
 // the last vector that are columns of C). A's row r, value k: A[r * lda + k], or A[k * lda + r]
@@ -82,22 +91,37 @@ __attribute__((always_inline)) inline void tile(int64_t K, const T* A, int64_t l
                                                 typename Simd<T>::Mask last) {
   using S = Simd<T>;
   typename S::V c[R][V];
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 3
-    for (int v = 0; v < V; ++v) c[r][v] = S::zero();
+  alignas(64) T earlier[R][V][S::kLanes];  // the sums of the chains before the current one
   const T* a = A;
-  for (int64_t k = 0; k < K; ++k, B += ldb, a += kTransA ? lda : 1) {
-    typename S::V b[V];
+  for (int64_t k0 = 0;; k0 += kChain) {
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r)
 #pragma GCC unroll 3
-    for (int v = 0; v + 1 < V; ++v) b[v] = S::load(B + S::kLanes * v);
-    b[V - 1] = S::load(last, B + S::kLanes * (V - 1));
+      for (int v = 0; v < V; ++v) c[r][v] = S::zero();
+    const int64_t k1 = std::min(K, k0 + kChain);
+    for (int64_t k = k0; k < k1; ++k, B += ldb, a += kTransA ? lda : 1) {
+      typename S::V b[V];
+#pragma GCC unroll 3
+      for (int v = 0; v + 1 < V; ++v) b[v] = S::load(B + S::kLanes * v);
+      b[V - 1] = S::load(last, B + S::kLanes * (V - 1));
+#pragma GCC unroll 6
+      for (int r = 0; r < R; ++r) {
+        const typename S::V x = S::set1(kTransA ? a[r] : a[r * lda]);
+#pragma GCC unroll 3
+        for (int v = 0; v < V; ++v) c[r][v] = S::fmadd(x, b[v], c[r][v]);
+      }
+    }
+    const bool done = k1 == K;
+    if (done && k0 == 0) break;
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r) {
-      const typename S::V x = S::set1(kTransA ? a[r] : a[r * lda]);
 #pragma GCC unroll 3
-      for (int v = 0; v < V; ++v) c[r][v] = S::fmadd(x, b[v], c[r][v]);
+      for (int v = 0; v < V; ++v) {
+        if (k0 > 0) c[r][v] = S::add(S::load(earlier[r][v]), c[r][v]);
+        if (!done) S::store(earlier[r][v], c[r][v]);
+      }
     }
+    if (done) break;
   }
   constexpr auto kAll = static_cast<typename S::Mask>(~0u);
 #pragma GCC unroll 6

@@ -33,9 +33,9 @@ void force_tile_kernel(int mode);
 
 // C[M, N] = op(A) @ op(B) (accumulate: C += ...) on the calling thread, op(X) = X^T when
 // trans_x, all row-major with leading dimensions lda, ldb, ldc (kTileKernel builds only).
-// Every value of C is one chain of fused multiply-adds over k in order (added to C's value
-// last when accumulating), whatever the blocks a caller splits C into: the bits do not
-// depend on the threads. T: float or double.
+// Every value of C is a sum of chains of fused multiply-adds over k in order, 128 k each,
+// added in order (and to C's value last when accumulating), whatever the blocks a caller
+// splits C into: the bits do not depend on the threads. T: float or double.
 template <class T>
 void tile_product_here(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
                        int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate);
