@@ -3,6 +3,8 @@ gradcheck, and the torch.nn.RNN contract it shares (batch_first, states, packed 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -137,6 +139,34 @@ def test_half_types_no_worse_than_twice_the_loop(dtype: torch.dtype):
         return ((a.detach().double() - exact).norm() / exact.norm()).item()
 
     assert err(out) <= 2 * err(same) + 1e-4
+
+
+def test_float32_gradients_no_less_accurate_than_the_loop():
+    """float32 at T=100 B=64: every gradient within twice the error of the plain loop in
+    float32 (both against the module in float64). u's gradient summed its 6400 rows in order
+    had 6x the loop's error (whose sums run per step); pairwise now."""
+    torch.manual_seed(8)
+    m = rnn_fused.IndRNN(33, 256).double()
+    x = torch.randn(100, 64, 33, dtype=torch.float64)
+    h0 = torch.randn(1, 64, 256, dtype=torch.float64)
+    g = torch.randn(100, 64, 256, dtype=torch.float64)
+
+    def grads(module: nn.Module, dtype: torch.dtype, loop: bool) -> tuple:
+        module = module.to(dtype)
+        xs = x.to(dtype).requires_grad_()
+        hs = h0.to(dtype).requires_grad_()
+        out = _reference(module, xs, hs)[0] if loop else module(xs, hs)[0]
+        return torch.autograd.grad(out, [xs, hs, *module.parameters()], g.to(dtype))
+
+    exact = grads(copy.deepcopy(m), torch.float64, False)
+    ours = grads(copy.deepcopy(m), torch.float32, False)
+    loop = grads(copy.deepcopy(m), torch.float32, True)
+
+    def err(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    for a, b, e in zip(ours, loop, exact, strict=True):
+        assert err(a, e) <= 2 * err(b, e), (err(a, e), err(b, e))
 
 
 def test_units_over_threads_packed():

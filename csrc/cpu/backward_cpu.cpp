@@ -30,15 +30,16 @@ constexpr int64_t kBackwardChunkBytes = int64_t(8) << 20;
 constexpr int64_t kLeafRows = 8;
 constexpr int kPairLevels = 48;
 
-// Sums of the columns of rows [0, rows) of m (rows ld apart) into sum, or added to it: the
-// bias gradients of a chunk, in our own loops (a reduction op per chunk costs more than the
-// sums of a short call's few rows). Pairwise: leaves of kLeafRows rows in order, each added
-// to the one before it of its size as a binary counter carries, so that a sum of n rows
-// rounds about log2(n) times where one in row order rounded n times (the bias gradients of a
-// GRU at T=100 B=64 H=256 were 14x torch.nn's float32 error against float64, whose sums run
-// per step). Threads take blocks of columns, so the bits do not depend on their number.
-template <class T>
-void column_sums(int64_t rows, int64_t cols, const T* m, int64_t ld, T* sum, bool add) {
+// Sums over rows [0, rows) of value(i, j) for columns j < cols into sum, or added to it: the
+// bias gradients of a chunk (column_sums), IndRNN's du, in our own loops (a reduction op per
+// chunk costs more than the sums of a short call's few rows). Pairwise: leaves of kLeafRows
+// rows in order, each added to the one before it of its size as a binary counter carries, so
+// that a sum of n rows rounds about log2(n) times where one in row order rounded n times (the
+// bias gradients of a GRU at T=100 B=64 H=256 were 14x torch.nn's float32 error against
+// float64, whose sums run per step). Threads take blocks of columns, so the bits do not
+// depend on their number.
+template <class T, class Value>
+void pairwise_column_sums(int64_t rows, int64_t cols, const Value& value, T* sum, bool add) {
   constexpr int64_t kColumns = 64;
   const int64_t blocks = (cols + kColumns - 1) / kColumns;
   const int64_t grain =
@@ -52,8 +53,7 @@ void column_sums(int64_t rows, int64_t cols, const T* m, int64_t ld, T* sum, boo
       for (int64_t i0 = 0; i0 < rows; i0 += kLeafRows) {
         std::fill(leaf, leaf + n, T(0));
         for (int64_t i = i0; i < std::min(rows, i0 + kLeafRows); ++i) {
-          const T* row = m + i * ld + j0;
-          for (int64_t j = 0; j < n; ++j) leaf[j] += row[j];
+          for (int64_t j = 0; j < n; ++j) leaf[j] += value(i, j0 + j);
         }
         int l = 0;
         for (; filled >> l & 1; ++l) {
@@ -71,6 +71,12 @@ void column_sums(int64_t rows, int64_t cols, const T* m, int64_t ld, T* sum, boo
       for (int64_t j = 0; j < n; ++j) sum[j0 + j] = add ? sum[j0 + j] + leaf[j] : leaf[j];
     }
   });
+}
+
+// The column sums of rows [0, rows) of m (rows ld apart), pairwise.
+template <class T>
+void column_sums(int64_t rows, int64_t cols, const T* m, int64_t ld, T* sum, bool add) {
+  pairwise_column_sums(rows, cols, [&](int64_t i, int64_t j) { return m[i * ld + j]; }, sum, add);
 }
 
 // Whether a backward's weight gradients W (+)= dG^T A (dG: a chunk's gate gradients, A: its
@@ -510,20 +516,12 @@ void run_backward(const Problem& p, bool bf16, const BackwardArgs& a, BackwardBu
                                GH, add);
     }
     if (p.elementwise) {
-      // du: the column sums of dhg * h_prev (u multiplies each unit by its own h only).
-      // Each unit's sum in row order whatever the threads (blocks of units split).
-      T* du = g.grad_w_hh.data_ptr<T>();
-      if (!add) std::fill(du, du + H, T(0));
-      const int64_t blocks = (H + kUnitBlock - 1) / kUnitBlock;
-      const int64_t block_work = kUnitBlock * std::max<int64_t>(rows, 1);
-      at::parallel_for(0, blocks, 1 + kParallelStepWork / block_work, [&](int64_t b0, int64_t b1) {
-        const int64_t j0 = b0 * kUnitBlock, j1 = std::min(H, b1 * kUnitBlock);
-        for (int64_t i = 0; i < rows; ++i) {
-          const T* dhg_row = dhg_p + i * GH;
-          const T* h_row = hprev_p + (rb + i) * Hout;
-          for (int64_t j = j0; j < j1; ++j) du[j] += dhg_row[j] * h_row[j];
-        }
-      });
+      // du: the column sums of dhg * h_prev (u multiplies each unit by its own h only),
+      // pairwise (in row order: 6x reference.py's float32 error at T=100 B=64 H=256).
+      const T* h_rows = hprev_p + rb * Hout;
+      pairwise_column_sums(
+          rows, H, [&](int64_t i, int64_t j) { return dhg_p[i * GH + j] * h_rows[i * Hout + j]; },
+          g.grad_w_hh.data_ptr<T>(), add);
     } else if (blas_grads) {
       weight_product<T>(small, bf16_dots, GH, Hout, rows, dhg_raw_p, GH, hprev_p + rb * Hout, Hout,
                         g.grad_w_hh.data_ptr<T>(), add);
