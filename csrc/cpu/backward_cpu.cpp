@@ -35,9 +35,9 @@ constexpr int kPairLevels = 48;
 // chunk costs more than the sums of a short call's few rows). Pairwise: leaves of kLeafRows
 // rows in order, each added to the one before it of its size as a binary counter carries, so
 // that a sum of n rows rounds about log2(n) times where one in row order rounded n times (the
-// bias gradients of a GRU at T=100 B=64 H=256 were 14x torch.nn's float32 error against
-// float64, whose sums run per step). Threads take blocks of columns, so the bits do not
-// depend on their number.
+// bias gradients of a GRU at T=100 B=64 H=256 had 10.9x torch.nn's float32 error, relative
+// norm against float64, whose sums run per step; 0.5-0.9x now). Threads take blocks of columns,
+// so the bits do not depend on their number.
 template <class T, class Value>
 void pairwise_column_sums(int64_t rows, int64_t cols, const Value& value, T* sum, bool add) {
   constexpr int64_t kColumns = 64;
