@@ -34,9 +34,10 @@ struct MathOps<float> {
   RF_HD static float tanh(float x) { return ::tanhf(x); }
   // NaN stays NaN, as in torch.relu.
   RF_HD static float relu(float x) { return x <= 0.0f ? 0.0f : x; }
-  // 0 where y <= 0 else 1: the derivative of relu, read from its output. 1 for a NaN y, as
-  // torch's relu backward, which passes the gradient through a NaN unit.
-  RF_HD static float positive(float y) { return y <= 0.0f ? 0.0f : 1.0f; }
+  // The gradient g through relu, read from its output y: 0 where y <= 0, else g. Chosen, not
+  // multiplied by the derivative, as torch's relu backward does: an infinite g stays 0 at a
+  // unit that is off (0 * inf is NaN), and g passes through a NaN unit.
+  RF_HD static float relu_gradient(float y, float g) { return y <= 0.0f ? 0.0f : g; }
 };
 
 template <>
@@ -44,7 +45,7 @@ struct MathOps<double> {
   RF_HD static double sigmoid(double x) { return 1.0 / (1.0 + ::exp(-x)); }
   RF_HD static double tanh(double x) { return ::tanh(x); }
   RF_HD static double relu(double x) { return x <= 0.0 ? 0.0 : x; }
-  RF_HD static double positive(double y) { return y <= 0.0 ? 0.0 : 1.0; }
+  RF_HD static double relu_gradient(double y, double g) { return y <= 0.0 ? 0.0 : g; }
 };
 
 // Every cell declares:
@@ -158,7 +159,7 @@ struct RnnCell {
                              V& dh_prev, V& /*dc_prev*/) {
     using M = MathOps<V>;
     const V h = saved[0];
-    dx[0] = kRelu ? dh * M::positive(h) : dh * (V(1) - h * h);
+    dx[0] = kRelu ? M::relu_gradient(h, dh) : dh * (V(1) - h * h);
     dh_prev = V(0);
   }
 };

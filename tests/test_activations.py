@@ -145,3 +145,32 @@ def test_relu_keeps_nan_and_passes_its_gradient(dtype: torch.dtype, units: int):
             assert torch.equal(got.isnan(), want.isnan())  # is test_half_types.py's)
         else:
             torch.testing.assert_close(got, want, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.bfloat16])
+@pytest.mark.parametrize("units", [5, 51])
+def test_relu_unit_that_is_off_stops_an_infinite_gradient(dtype: torch.dtype, units: int):
+    """torch's relu backward chooses the gradient (0 where the output is <= 0) rather than
+    multiplying it by the derivative: an infinite gradient reaching a unit that is off gives
+    0, not 0 * inf = NaN. A ReLU RNN and RNNCell given inf exactly at their units that are
+    off: torch.nn's finite gradients (NaN before)."""
+    torch.manual_seed(units + 1)
+    layer = torch.nn.RNN(3, units, nonlinearity="relu").to(dtype)
+    cell = torch.nn.RNNCell(3, units, nonlinearity="relu").to(dtype)
+    for theirs, ours, x in (
+        (layer, rnn_fused.RNN.from_torch(layer), torch.randn(4, 128, 3, dtype=dtype)),
+        (cell, rnn_fused.RNNCell.from_torch(cell), torch.randn(9, 3, dtype=dtype)),
+    ):
+        grads = []
+        for module in (theirs, ours):
+            module.zero_grad()
+            xs = x.clone().requires_grad_()
+            out = module(xs)
+            out = out[0] if isinstance(out, tuple) else out
+            upstream = torch.where(out <= 0, float("inf"), torch.ones_like(out))
+            out.backward(upstream)
+            grads.append((xs.grad, *(p.grad for p in module.parameters())))
+        for want, got in zip(*grads, strict=True):
+            assert torch.isfinite(want).all() and torch.isfinite(got).all()
+            if dtype != torch.bfloat16:  # (bfloat16's accuracy is test_half_types.py's)
+                torch.testing.assert_close(got, want)

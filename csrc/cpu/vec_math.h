@@ -271,7 +271,9 @@ struct MathOps<Bf16CellVec> {
   C10_ALWAYS_INLINE static V tanh(const V& x) { return tanh_vec<float>(x); }
 #endif
   C10_ALWAYS_INLINE static V relu(const V& x) { return max_keeping_nan<float>(V::Base(0.0f), x); }
-  C10_ALWAYS_INLINE static V positive(const V& y) { return V::Base(1.0f) - y.le(V::Base(0.0f)); }
+  C10_ALWAYS_INLINE static V relu_gradient(const V& y, const V& g) {
+    return V::Base::blendv(g, V::Base(0.0f), y <= V::Base(0.0f));
+  }
 };
 
 template <class T>
@@ -281,8 +283,10 @@ struct MathOps<at::vec::Vectorized<T>> {
   C10_ALWAYS_INLINE static V sigmoid(const V& x) { return sigmoid_vec(x); }
   C10_ALWAYS_INLINE static V tanh(const V& x) { return tanh_vec(x); }
   C10_ALWAYS_INLINE static V relu(const V& x) { return max_keeping_nan(V(T(0)), x); }
-  // 1 for a NaN y, as MathOps<float>::positive.
-  C10_ALWAYS_INLINE static V positive(const V& y) { return V(T(1)) - y.le(V(T(0))); }
+  // As MathOps<float>::relu_gradient: 0 where y <= 0 (false for a NaN y), else g.
+  C10_ALWAYS_INLINE static V relu_gradient(const V& y, const V& g) {
+    return V::blendv(g, V(T(0)), y <= V(T(0)));
+  }
 };
 
 }  // namespace rnn_fused
