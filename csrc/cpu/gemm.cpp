@@ -75,8 +75,10 @@ constexpr int64_t kBlockN = Panels::kPanel;
 constexpr int64_t kBlockK = 512;
 
 // Products with at most this many rows (batches of 1 to 4) are matrix-vector work bound by
-// reading B; a register-blocked loop over B's rows beats a GEMM kernel's set-up there.
+// reading B; a register-blocked loop over B's rows beats a GEMM kernel's set-up there. Its
+// sums run in chains of kSmallRowsChain rows of B, added in order (small_rows_block).
 constexpr int64_t kSmallRows = 4;
+constexpr int64_t kSmallRowsChain = 128;
 
 // ATen's fp32 brgemm (oneDNN micro-kernels) came with torch 2.6, which defines
 // CPUBLAS_BRGEMM_F32F32F32 with it; older builds take the BLAS path.
@@ -257,9 +259,11 @@ void small_rows_block(int64_t K, const T* A, int64_t lda, const T* B, int64_t ld
   // two sets of accumulators over alternate rows of B and add them at the end.
   constexpr int64_t kSets = kRows <= 2 ? 2 : 1;
   Vec acc[kSets][kRows][kVecs];
-  for (int64_t s = 0; s < kSets; ++s)
-    for (int64_t m = 0; m < kRows; ++m)
-      for (int64_t v = 0; v < kVecs; ++v) acc[s][m][v] = Vec(T(0));
+  // The sums of the chains of kSmallRowsChain rows of B before the current one (in memory:
+  // the accumulators and B's vectors fill the registers). In one chain over all of K, steps
+  // of 3-4 rows at H=1024 had 2-2.8x torch.nn's float32 error (an LSTM's dh_0, an RNN's
+  // output), whose BLAS blocks its sums over k.
+  alignas(64) T earlier[kRows][kVecs][Vec::size()];
   const auto step = [&](int64_t k, Vec(&sum)[kRows][kVecs]) {
     const T* b = B + k * ldb;
     Vec bv[kVecs];
@@ -270,13 +274,27 @@ void small_rows_block(int64_t K, const T* A, int64_t lda, const T* B, int64_t ld
       for (int64_t v = 0; v < kVecs; ++v) sum[m][v] = at::vec::fmadd(a, bv[v], sum[m][v]);
     }
   };
-  int64_t k = 0;
-  for (; k + kSets <= K; k += kSets)
-    for (int64_t s = 0; s < kSets; ++s) step(k + s, acc[s]);
-  for (; k < K; ++k) step(k, acc[0]);
-  for (int64_t s = 1; s < kSets; ++s)
-    for (int64_t m = 0; m < kRows; ++m)
-      for (int64_t v = 0; v < kVecs; ++v) acc[0][m][v] = acc[0][m][v] + acc[s][m][v];
+  for (int64_t k0 = 0;; k0 += kSmallRowsChain) {
+    for (int64_t s = 0; s < kSets; ++s)
+      for (int64_t m = 0; m < kRows; ++m)
+        for (int64_t v = 0; v < kVecs; ++v) acc[s][m][v] = Vec(T(0));
+    const int64_t k1 = std::min(K, k0 + kSmallRowsChain);
+    int64_t k = k0;
+    for (; k + kSets <= k1; k += kSets)
+      for (int64_t s = 0; s < kSets; ++s) step(k + s, acc[s]);
+    for (; k < k1; ++k) step(k, acc[0]);
+    for (int64_t s = 1; s < kSets; ++s)
+      for (int64_t m = 0; m < kRows; ++m)
+        for (int64_t v = 0; v < kVecs; ++v) acc[0][m][v] = acc[0][m][v] + acc[s][m][v];
+    if (k0 == 0 && k1 == K) break;
+    for (int64_t m = 0; m < kRows; ++m) {
+      for (int64_t v = 0; v < kVecs; ++v) {
+        if (k0 > 0) acc[0][m][v] = Vec::loadu(earlier[m][v]) + acc[0][m][v];
+        if (k1 < K) acc[0][m][v].store(earlier[m][v]);
+      }
+    }
+    if (k1 == K) break;
+  }
   for (int64_t m = 0; m < kRows; ++m) {
     T* c = C + m * ldc;
     for (int64_t v = 0; v < kVecs; ++v) {
