@@ -4,8 +4,8 @@
 //
 // C added last: a product that accumulates (C += A B) adds C's value to the finished sums of
 // A B, not its sums to C's value. A chain of adds that starts from C rounds each add to C's
-// size: a GRU's dh_{t-1} (its direct part, then W_hh's sums added) had 2x the error of the
-// same sums added to it (MKL's gemv with beta = 1, our kernels that started from C).
+// size: MKL's gemv with beta = 1 had 1.5-2.3x the error of the same sums added to C after,
+// and a GRU's dh_{t-1} (its direct part, then W_hh's sums) 4.7x torch.nn's at batch 1.
 #pragma once
 
 #include <ATen/ATen.h>
