@@ -53,6 +53,22 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e} ({expected.dtype})"
 
 
+def assert_within_twice(
+    ours: list[torch.Tensor],
+    theirs: list[torch.Tensor],
+    exact: list[torch.Tensor],
+    names: list[str],
+) -> None:
+    """Each of ours within twice the error of theirs (another computation in ours' dtype:
+    torch.nn, or reference.py's loop), both against exact (float64 values), with no floor:
+    where our sums run in another order than theirs, ours must not round more."""
+    for what, a, b, e in zip(names, ours, theirs, exact, strict=True):
+        ours_err, theirs_err = rel_err(a, e), rel_err(b, e)
+        assert ours_err <= 2 * theirs_err, (
+            f"{what}: relative error {ours_err:.2e} against float64, the other's {theirs_err:.2e}"
+        )
+
+
 def assert_no_worse(
     ours: list[torch.Tensor],
     theirs: list[torch.Tensor],
