@@ -51,6 +51,16 @@ def test_layer_no_worse_than_twice_torch_nn(cell, kw, dtype, length):
     _assert_rule(half_layer_errors(cell, kw, dtype, "cpu", *LENGTHS[length]))
 
 
+@pytest.mark.parametrize("hidden", [5, 8])
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize(("cell", "kw"), HALF_CONFIGS, ids=[c for c, _ in HALF_CONFIGS])
+def test_rows_of_few_units_no_worse_than_twice_torch_nn(cell, kw, dtype, hidden):
+    """Rows of at most 8 units run their cell math gathered into one long row (pointwise.h,
+    forward_rows_staged), the output written in the half type from there."""
+    seed(cell, kw, dtype, hidden)
+    _assert_rule(half_layer_errors(cell, kw, dtype, "cpu", 6, 40, H=hidden))
+
+
 @pytest.mark.parametrize("length", ["short", "long", "wide"])
 @pytest.mark.parametrize(
     "kw",

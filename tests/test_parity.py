@@ -108,6 +108,23 @@ def test_small_batch_every_panel_width(mode, dtype, hidden, batch):
     test_matches_reference(mode, dict(T=40, B=batch, I=5, H=hidden), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", CELLS)
+def test_rows_of_few_units(mode, dtype):
+    """Rows of at most half a vector's units (8 in float32, 4 in float64) run their cell math
+    gathered into one long row (csrc/cpu/pointwise.h, forward_rows_staged): with and without
+    biases, packed and reversed, projected, and steps of 600 rows taken in several blocks."""
+    for case in [
+        dict(T=9, B=37, I=3, H=3),
+        dict(T=6, B=6, I=4, H=4, packed=[6, 5, 4, 4, 2, 1], reverse=True),
+        dict(T=5, B=19, I=4, H=1, bias=False, h0=False),
+        dict(T=2, B=600, I=5, H=4),
+        dict(T=1, B=300, I=5, H=7),
+        dict(T=5, B=9, I=4, H=8, proj=3),
+    ]:
+        test_matches_reference(mode, case, dtype)
+
+
 @pytest.mark.parametrize("path", ["blas", "packed"])
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 def test_both_weight_gradient_paths(mode, path, monkeypatch):

@@ -16,8 +16,9 @@ from rnn_fused.ops import rnn_layer, zoneout_mask
 
 P = 0.35
 # (steps, batch, hidden): a small problem (rows <= 32: weights read as stored, one thread)
-# and one whose weights are packed and whose steps may split over threads.
-SIZES = [(7, 3, 33), (6, 11, 70)]
+# and one whose weights are packed and whose steps may split over threads; and rows of few
+# units, whose cell math runs gathered into one long row (pointwise.h, forward_rows_staged).
+SIZES = [(7, 3, 33), (6, 11, 70), (5, 37, 4)]
 
 
 def _weights(shape: tuple[int, ...], kind: str) -> torch.Tensor:

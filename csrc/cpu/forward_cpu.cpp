@@ -363,7 +363,8 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
         // hh_block: the hidden-side sums of these rows and units, AmxGateTiles::products' layout.
         const auto forward_rows = [&](int64_t i0, int64_t i1, int64_t u0, int64_t u1,
                                       const T* hh_block = nullptr) {
-          for (int64_t i = i0; i < i1 && ln_p == nullptr; ++i) {
+          if (ln_p != nullptr) return;
+          const auto row_at = [&](int64_t i) {
             ForwardRow<T> row{xg_p + (r0 - ch.row_begin + i) * GH,
                               hh_block == nullptr ? hg_p + i * GH : hh_block + (i - i0) * kSumsRow,
                               b_ih_p,
@@ -385,6 +386,18 @@ void run_forward(const Problem& p, bool train, Bf16Dots dots, const LayerArgs& a
               row.hh_gate_stride = kAmxGateUnits;
               row.hh_unit_offset = u0;
             }
+            return row;
+          };
+          // Rows of few units, staged (a compact hh block's rows are not: they run one by one).
+          const bool stage = hh_block == nullptr && u0 == 0 && u1 == H && i1 - i0 > 1;
+          if constexpr (std::is_same_v<T, float>) {
+            if (bf16 && stage && staged_rows<Bf16CellVec>(H))
+              return forward_rows_staged<CellT, T, Bf16CellVec>(i0, i1, H, row_at);
+          }
+          if (!bf16 && stage && staged_rows<at::vec::Vectorized<T>>(H))
+            return forward_rows_staged<CellT, T, at::vec::Vectorized<T>>(i0, i1, H, row_at);
+          for (int64_t i = i0; i < i1; ++i) {
+            const ForwardRow<T> row = row_at(i);
             // On the bfloat16 products, the cheaper activations of Bf16CellVec.
             if constexpr (std::is_same_v<T, float>) {
               if (bf16) {
