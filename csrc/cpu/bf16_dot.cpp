@@ -73,7 +73,8 @@ RF_BF16_TARGET void round_rows(int64_t M, int64_t width, const float* sums, int6
 // C, or (not accumulated) of bfloat16 C rounded to nearest even. The accumulators stay in
 // registers over all of K: full unrolling keeps them there. V: the vectors that `width`
 // columns take (a gate's last panel, or all of a small layer's: at H=8 an LSTM's panels hold 8
-// columns of 64, and all four vectors a row took 27% of a bfloat16 forward at B=257).
+// columns of 64, and all four vectors took 27% of a bfloat16 forward at T=64 B=257; with
+// staged cell math, 2.13 -> 1.25 ms, one thread, AMD EPYC).
 template <int R, int V, class Out>
 RF_BF16_TARGET void rows_times_panel(int64_t pairs, const uint16_t* A, int64_t lda,
                                      const uint16_t* panel, int64_t width, Out* C, int64_t ldc,
