@@ -425,9 +425,15 @@ void matmul_small_rows(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
   split_over_threads(nb, M * Panels::kPanel * K, [&](int64_t begin, int64_t end) {
     for (int64_t jb = begin; jb < end; ++jb) {
       const int64_t j = jb * Panels::kPanel, width = std::min(Panels::kPanel, N - j);
-      const T* b = panels ? B + jb * K * Panels::kPanel : B + j;
-      const int64_t ld_b = panels ? Panels::kPanel : ldb;
-      small_rows<T>(M, K, A, lda, b, ld_b, C + j, ldc, accumulate, width, panels);
+      if (!panels) {
+        small_rows<T>(M, K, A, lda, B + j, ldb, C + j, ldc, accumulate, width, false);
+        continue;
+      }
+      constexpr int64_t S = panel_stripe<T>();
+      for (int64_t s = 0; s < width; s += S) {
+        small_rows<T>(M, K, A, lda, B + (jb * Panels::kPanel + s) * K, S, C + j + s, ldc,
+                      accumulate, std::min(S, width - s), true);
+      }
     }
   });
 }
@@ -759,6 +765,10 @@ bool empty_product(int64_t M, int64_t N, int64_t K, T* C, int64_t ldc, bool accu
   return true;
 }
 
+template <class T>
+void one_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t width, T* C,
+               int64_t ldc, bool accumulate, const T* next);
+
 // Shared by both forms: B is either row-major with ldb, or panels (ldb unused; streamed:
 // Panels::streamed).
 template <class T>
@@ -773,16 +783,19 @@ void product(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
       return brgemm_blocks(M, N, K, A, lda, B, ldb, C, ldc, accumulate, panels, streamed, chain);
   }
   if (!panels) return matmul_blas<T>(false, false, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
-  // BLAS per panel, the panels split over threads.
-  split_over_threads((N + Panels::kPanel - 1) / Panels::kPanel, M * Panels::kPanel * K,
-                     [&](int64_t begin, int64_t end) {
-                       for (int64_t jb = begin; jb < end; ++jb) {
-                         const int64_t j = jb * Panels::kPanel;
-                         matmul_blas<T>(false, false, M, std::min(Panels::kPanel, N - j), K, A, lda,
-                                        B + jb * K * Panels::kPanel, Panels::kPanel, C + j, ldc,
-                                        accumulate);
-                       }
-                     });
+  // Per panel, the panels split over threads: panels in stripes (panel_stripe) as a step's
+  // panel, whole ones by BLAS.
+  constexpr int64_t P = Panels::kPanel;
+  split_over_threads((N + P - 1) / P, M * P * K, [&](int64_t begin, int64_t end) {
+    for (int64_t jb = begin; jb < end; ++jb) {
+      const int64_t j = jb * P, width = std::min(P, N - j);
+      if constexpr (panel_stripe<T>() < P) {
+        one_panel<T>(M, K, A, lda, B + j * K, width, C + j, ldc, accumulate, nullptr);
+      } else {
+        matmul_blas<T>(false, false, M, width, K, A, lda, B + j * K, P, C + j, ldc, accumulate);
+      }
+    }
+  });
 }
 
 // C[M, width] (+)= A[M, K] @ one float panel (width <= kPanel); `next`, the panel read after
@@ -795,7 +808,7 @@ void one_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, in
   // float64 steps on the tile kernel where it runs: LSTM T=100 B=32 H=128 forward 1.12x,
   // forward and backward 1.09x the loop below (AMD EPYC). float32 steps run as fast on
   // brgemm (0.99-1.02x at T=200 B=16 H=128, T=100 B=64 H=512, T=50 B=32 H=256).
-  if constexpr (std::is_same_v<T, double>) {
+  if constexpr (std::is_same_v<T, double> && panel_stripe<T>() == P) {
     if (M > kSmallRows && tile_kernel_takes(M, width, K)) {
       return tile_product_here<T>(false, false, M, width, K, A, lda, panel, P, C, ldc, accumulate);
     }
@@ -815,9 +828,13 @@ void one_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, in
       return;
     }
   }
-  for (int64_t i = 0; i < M; i += kSmallRows) {
-    small_rows<T>(std::min(kSmallRows, M - i), K, A + i * lda, lda, panel, P, C + i * ldc, ldc,
-                  accumulate, width, /*padded=*/true);
+  // Stripe by stripe (panel_stripe), all the row blocks on one while it is in L1.
+  constexpr int64_t S = panel_stripe<T>();
+  for (int64_t s = 0; s < width; s += S) {
+    for (int64_t i = 0; i < M; i += kSmallRows) {
+      small_rows<T>(std::min(kSmallRows, M - i), K, A + i * lda, lda, panel + s * K, S,
+                    C + i * ldc + s, ldc, accumulate, std::min(S, width - s), /*padded=*/true);
+    }
   }
 }
 

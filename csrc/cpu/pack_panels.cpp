@@ -93,19 +93,24 @@ Panels pack_dense(const at::Tensor& b, int64_t group, int64_t groups, int64_t pe
   AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "rnn_fused_pack_dense", [&] {
     const scalar_t* src = b.data_ptr<scalar_t>();
     scalar_t* dst = data.data_ptr<scalar_t>();
+    constexpr int64_t S = panel_stripe<scalar_t>();
     split_over_threads(groups * per_group, K * P, [&](int64_t begin, int64_t end) {
       for (int64_t q = begin; q < end; ++q) {
         const int64_t panel = columns.in_unit_order(q, groups);
         const int64_t width = columns.width(panel), first = columns.first(panel);
-        scalar_t* to = dst + panel * K * P;
-        if (rows) {
-          for (int64_t k = 0; k < K; ++k)
-            std::memcpy(to + k * P, src + k * ld + first, sizeof(scalar_t) * width);
-        } else {
-          transpose_mxn<scalar_t>(src + first * ld, ld, to, P, width, K);
+        // Stripe by stripe (panel_stripe; one stripe of P columns but for float64 on AVX2).
+        for (int64_t s = 0; s < P; s += S) {
+          const int64_t n = std::clamp<int64_t>(width - s, 0, S), column = first + s;
+          scalar_t* to = dst + panel * K * P + s * K;
+          if (rows) {
+            for (int64_t k = 0; k < K; ++k)
+              std::memcpy(to + k * S, src + k * ld + column, sizeof(scalar_t) * n);
+          } else if (n > 0) {
+            transpose_mxn<scalar_t>(src + column * ld, ld, to, S, n, K);
+          }
+          if (n < S)
+            for (int64_t k = 0; k < K; ++k) std::fill(to + k * S + n, to + k * S + S, 0);
         }
-        if (width < P)
-          for (int64_t k = 0; k < K; ++k) std::fill(to + k * P + width, to + k * P + P, 0);
       }
     });
   });
@@ -254,7 +259,8 @@ Panels pack_panels(const at::Tensor& b, int64_t group, bool bf16) {
   } else {
     at::Tensor grouped = b.reshape({K, groups, group});
     if (per_group * P != group) grouped = at::constant_pad_nd(grouped, {0, per_group * P - group});
-    at::Tensor data = grouped.reshape({K, groups, per_group, P}).permute({1, 2, 0, 3});
+    const int64_t S = b.scalar_type() == at::kDouble ? panel_stripe<double>() : P;
+    at::Tensor data = grouped.reshape({K, groups, per_group, P / S, S}).permute({1, 2, 3, 0, 4});
     panels = {data.contiguous(), K, N, group, per_group};
   }
   panels.streamed =

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "bf16_dot.h"
 
@@ -13,10 +14,10 @@ namespace rnn_fused::cpu {
 
 // A right-hand side used at every step, repacked as column panels. Its N columns form
 // groups of `group` columns (the gates of a weight: i, f, g, o); panel j of group g holds
-// columns g*group + j*kPanel .. + kPanel as a contiguous [K, kPanel] block, zero padded at
-// the end of each group. Read step after step, a panel streams in order and stays in the
-// cache of the thread that owns it (a plain row-major B whose row length is a power of two
-// would thrash cache sets), and one thread can own the same units of every gate.
+// columns g*group + j*kPanel .. + kPanel as a contiguous [K, kPanel] block (in stripes:
+// panel_stripe), zero padded at the end of each group. Read step after step, a panel streams in
+// order and stays in the cache of the thread that owns it (a plain row-major B whose row length is
+// a power of two would thrash cache sets), and one thread can own the same units of every gate.
 //
 // bfloat16 panels (for products on bfloat16 dot products, bf16_dot.h) hold each panel's K
 // rows in pairs: [ceil(K/2), kPanel, 2], an odd last row padded with zeros.
@@ -41,6 +42,23 @@ struct Panels {
 };
 
 static_assert(Panels::kPanel == kBf16Panel, "one panel width for both layouts");
+
+// A float32 or float64 panel is stored as kPanel / panel_stripe<T>() stripes of that many
+// columns, each a contiguous [K, stripe] block. float64 without AVX-512: stripes of 8
+// columns, one cache line a row, which the steps' loop of few rows (gemm.cpp, small_rows)
+// reads one after another; a whole panel's row is 8 lines, of which a block of 2-3 vectors
+// read a piece at every k. 64 x 256 x 1024 in blocks of 4 x 2 vectors ran 46 GFLOP/s on
+// stripes against 35 on whole panels (one thread, AMD EPYC Zen 3, AVX2 only). float32
+// stripes of 16 columns gained nothing there (82 against 83 GFLOP/s); AVX-512's kernels
+// read whole panels.
+template <class T>
+constexpr int64_t panel_stripe() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return Panels::kPanel;
+#else
+  return std::is_same_v<T, double> ? 8 : Panels::kPanel;
+#endif
+}
 
 // b: [K, N] with any strides (a transposed view is fine); group must divide N (default N).
 // bf16: bfloat16 panels of b's values rounded to nearest even.
