@@ -98,7 +98,7 @@ Panels pack_dense(const at::Tensor& b, int64_t group, int64_t groups, int64_t pe
       for (int64_t q = begin; q < end; ++q) {
         const int64_t panel = columns.in_unit_order(q, groups);
         const int64_t width = columns.width(panel), first = columns.first(panel);
-        // Stripe by stripe (panel_stripe; one stripe of P columns but for float64 on AVX2).
+        // Stripe by stripe (panel_stripe: all P columns in one but for float64 without AVX-512).
         for (int64_t s = 0; s < P; s += S) {
           const int64_t n = std::clamp<int64_t>(width - s, 0, S), column = first + s;
           scalar_t* to = dst + panel * K * P + s * K;
