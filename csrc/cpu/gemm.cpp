@@ -416,6 +416,11 @@ void small_rows(int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64
   }
 }
 
+// C[M, width] (+)= A[M, K] @ one panel (defined below).
+template <class T>
+void one_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t width, T* C,
+               int64_t ldc, bool accumulate, const T* next);
+
 // M <= kSmallRows. Threads split the column panels, so a thread reads the same panels of a
 // per-step weight at every step and keeps them in its cache.
 template <class T>
@@ -425,14 +430,10 @@ void matmul_small_rows(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
   split_over_threads(nb, M * Panels::kPanel * K, [&](int64_t begin, int64_t end) {
     for (int64_t jb = begin; jb < end; ++jb) {
       const int64_t j = jb * Panels::kPanel, width = std::min(Panels::kPanel, N - j);
-      if (!panels) {
+      if (panels) {
+        one_panel<T>(M, K, A, lda, B + j * K, width, C + j, ldc, accumulate, nullptr);
+      } else {
         small_rows<T>(M, K, A, lda, B + j, ldb, C + j, ldc, accumulate, width, false);
-        continue;
-      }
-      constexpr int64_t S = panel_stripe<T>();
-      for (int64_t s = 0; s < width; s += S) {
-        small_rows<T>(M, K, A, lda, B + (jb * Panels::kPanel + s) * K, S, C + j + s, ldc,
-                      accumulate, std::min(S, width - s), true);
       }
     }
   });
@@ -764,10 +765,6 @@ bool empty_product(int64_t M, int64_t N, int64_t K, T* C, int64_t ldc, bool accu
     for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, T(0));
   return true;
 }
-
-template <class T>
-void one_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t width, T* C,
-               int64_t ldc, bool accumulate, const T* next);
 
 // Shared by both forms: B is either row-major with ldb, or panels (ldb unused; streamed:
 // Panels::streamed).
