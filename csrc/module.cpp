@@ -35,7 +35,7 @@ namespace {
 // float32 or float64 CPU matrices with contiguous rows, all of one dtype.
 at::Tensor tile_product(const at::Tensor& a, const at::Tensor& b, bool trans_a, bool trans_b,
                         at::Tensor c, bool accumulate) {
-  TORCH_CHECK(rnn_fused::cpu::kTileKernel, "cpu_tile_product needs an AVX-512 build");
+  TORCH_CHECK(rnn_fused::cpu::kTileKernel, "cpu_tile_product needs an AVX-512 or AVX2 build");
   const at::ScalarType dtype = c.scalar_type();
   for (const at::Tensor* t : std::array<const at::Tensor*, 3>{&a, &b, &c}) {
     TORCH_CHECK(t->dim() == 2 && t->scalar_type() == dtype &&

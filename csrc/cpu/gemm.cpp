@@ -710,7 +710,7 @@ void matmul_blas(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, co
 template <class T>
 void blas_call(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
                const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
-  if (tile_kernel_takes(M, N, K))
+  if (tile_kernel_takes(M, N, K, trans_b))
     return tile_product_here<T>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
   // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: pass B first.
   const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
@@ -806,7 +806,7 @@ void one_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, in
   // forward and backward 1.09x the loop below (AMD EPYC). float32 steps run as fast on
   // brgemm (0.99-1.02x at T=200 B=16 H=128, T=100 B=64 H=512, T=50 B=32 H=256).
   if constexpr (std::is_same_v<T, double> && panel_stripe<T>() == P) {
-    if (M > kSmallRows && tile_kernel_takes(M, width, K)) {
+    if (M > kSmallRows && tile_kernel_takes(M, width, K, false)) {
       return tile_product_here<T>(false, false, M, width, K, A, lda, panel, P, C, ldc, accumulate);
     }
   }
